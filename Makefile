@@ -1,0 +1,45 @@
+# fewstep: two commands on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# One thread per process by default in tests: several processes share 2 cores there.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: serve test train bench lint redis clean
+
+$(BIN)/fewstep: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch pinned in the same command: the CPU wheel; unpinned it resolves a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev]"
+	touch $@
+
+install: $(BIN)/fewstep
+
+serve: $(BIN)/fewstep
+	FEWSTEP_HOST=$(HOST) FEWSTEP_PORT=$(PORT) $(BIN)/fewstep serve
+
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server missing: install it (apt-get install redis-server)"; exit 1; fi; }
+
+test: $(BIN)/fewstep redis
+	$(BIN)/python -m pytest -q
+
+train: $(BIN)/fewstep
+	$(BIN)/fewstep train image
+
+bench: $(BIN)/fewstep
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: $(BIN)/fewstep
+	$(BIN)/ruff check fewstep tests bench
+	$(BIN)/mypy fewstep
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

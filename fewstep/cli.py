@@ -1,0 +1,138 @@
+"""The `fewstep` command: serve, worker, train, export, push, rollback, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _threads(n: int | None) -> int:
+    """Thread count from the flag or FEWSTEP_THREADS, exported before torch is imported."""
+    count = n or int(os.environ.get("FEWSTEP_THREADS", "2"))
+    os.environ["FEWSTEP_THREADS"] = str(count)
+    os.environ.setdefault("OMP_NUM_THREADS", str(count))
+    return count
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    if args.host:
+        os.environ["FEWSTEP_HOST"] = args.host
+    if args.port:
+        os.environ["FEWSTEP_PORT"] = str(args.port)
+    import uvicorn
+
+    from fewstep.service.app import create_app
+    from fewstep.service.settings import Settings
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                ws="websockets-sansio")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    threads = _threads(args.threads)
+    if args.what != "image":
+        print(f"fewstep train: `{args.what}` has no trainer yet (the video student arrives with issue 5)",
+              file=sys.stderr)
+        return 2
+    from fewstep.trainer.image import STAGES, ImageRecipe, run
+
+    stages = args.stages.split(",") if args.stages else list(STAGES)
+    recipe = ImageRecipe.quick() if args.quick else ImageRecipe()
+    recipe.seed = args.seed
+    run(stages, Path(args.out), Path(args.docs), recipe, threads)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+
+    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
+    model, version = registry.publish(Path(args.dir), args.model, args.version, promote=args.promote)
+    print(f"published {model}:{version} (promoted: {registry.promoted(model)})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+
+    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
+    version = registry.rollback(args.model, args.to)
+    print(f"{args.model} now points at version {version}")
+    return 0
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    print(f"fewstep {args.command}: not available in this release yet ({PENDING[args.command]})", file=sys.stderr)
+    return 2
+
+
+PENDING = {
+    "worker": "the Redis engine worker arrives with the job queue",
+    "export": "ONNX / INT8 / FP8 export arrives with the exporters",
+    "bench": "run the programs in bench/ directly",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway (settings from FEWSTEP_* variables)")
+    s.add_argument("--host", help="bind address (FEWSTEP_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (FEWSTEP_PORT, default 8000)")
+    s.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS, default 2)")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("train", help="train reference models into checkpoint folders")
+    t.add_argument("what", choices=["image", "video"])
+    t.add_argument("--stages", help="comma-separated subset of classifier,teacher,student,evaluate")
+    t.add_argument("--out", default="checkpoints", help="where checkpoint folders go")
+    t.add_argument("--docs", default="docs", help="where the model card and figures go")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny step counts)")
+    t.set_defaults(func=cmd_train)
+
+    pu = sub.add_parser("push", help="publish a checkpoint folder into the registry")
+    pu.add_argument("dir")
+    pu.add_argument("--model", help="model name (default: the manifest's)")
+    pu.add_argument("--version", help="version (default: the manifest's, or the next free number)")
+    pu.add_argument("--promote", action="store_true", help="point the model at the new version")
+    pu.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
+    pu.set_defaults(func=cmd_push)
+
+    r = sub.add_parser("rollback", help="point a model back at an older version")
+    r.add_argument("model")
+    r.add_argument("--to", help="version to promote (default: the one before the current)")
+    r.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
+    r.set_defaults(func=cmd_rollback)
+
+    for name, why in PENDING.items():
+        q = sub.add_parser(name, help=f"(not yet: {why})")
+        q.add_argument("rest", nargs="*")
+        q.set_defaults(func=cmd_pending)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from fewstep.errors import FewstepError
+
+    try:
+        return int(args.func(args))
+    except FewstepError as e:
+        print(f"fewstep {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

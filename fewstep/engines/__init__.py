@@ -1,0 +1,1 @@
+"""What runs a request: backends, the step-adaptive image engine and the batching scheduler."""

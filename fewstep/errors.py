@@ -1,0 +1,75 @@
+"""Every domain error fewstep raises, in one place.
+
+Errors are split into *recoverable* (the request was wrong, or the system is busy: the
+caller may retry or fix the request; serving goes on) and *fatal* (an artifact or the
+process is broken). The HTTP mapping lives in exactly one function,
+`fewstep.service.errors.http_status`.
+
+This module sits outside the `models → … → service` flow on purpose: it is a leaf that
+every stage may import, and it imports nothing.
+"""
+
+from __future__ import annotations
+
+
+class FewstepError(Exception):
+    """Base class. `recoverable` says whether serving can go on unchanged."""
+
+    recoverable: bool = True
+
+
+class InvalidRequest(FewstepError):
+    """A request value is outside its limit. The message names the limit and the value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def limit_error(field: str, rule: str, given: object) -> InvalidRequest:
+    """The house format for limit violations: "`steps` must be <= 4. Given: 9"."""
+    return InvalidRequest(field, f"`{field}` must be {rule}. Given: {given!r}")
+
+
+class Unauthorized(FewstepError):
+    """Missing or unknown API key."""
+
+
+class NotFound(FewstepError):
+    """An unknown model, version or job."""
+
+
+class Overloaded(FewstepError):
+    """Too much work queued; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(FewstepError):
+    """The service is alive but cannot take this request yet (models loading, queue down)."""
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Cancelled(FewstepError):
+    """The work item was cancelled before it finished."""
+
+
+class GenerationFailed(FewstepError):
+    """The engine raised while running an item that passed validation."""
+
+
+class CheckpointError(FewstepError):
+    """A checkpoint or artifact is refused: bad manifest, hash mismatch, unsafe path, bad shapes."""
+
+    recoverable = False
+
+
+class RegistryError(FewstepError):
+    """A registry name, path or pointer is invalid."""
+
+    recoverable = False

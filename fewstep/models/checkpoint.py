@@ -1,0 +1,117 @@
+"""Checkpoint I/O: safetensors weights plus a `manifest.json` that describes and hashes them.
+
+A checkpoint folder holds exactly one manifest and the weight files it names. Only
+`.safetensors` files are ever read (no pickle anywhere), every file is hashed, and every
+name is a plain file name inside the folder. Anything else is refused with `CheckpointError`.
+
+Manifest (the fields fewstep reads; trainers may add more)::
+
+    {"format": 1, "name": "shapes", "version": "1", "kind": "image" | "image-teacher" | "classifier",
+     "architecture": {"class": "UNet2DConditionModel", "config": {...}},
+     "text_encoder": {"name": "all-MiniLM-L6-v2", "max_tokens": 16, "dim": 384},
+     "schedule": {...}, "native_size": "32x32",
+     "files": {"model.safetensors": {"sha256": "...", "bytes": 123}},
+     "metrics": {...}, "trainer": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON beside `path`, fsync, then rename over it: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `state` as safetensors and the manifest (with file hashes) into `folder`.
+
+    Returns the manifest as written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(weights))
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["files"] = {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The parsed manifest of `folder`; CheckpointError when missing or malformed."""
+    path = folder / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        raise CheckpointError(f"{folder}: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a format-{FORMAT} manifest")
+    for key in ("name", "kind", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest names: safe name, safetensors only, size and sha256."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{folder}: manifest names no files")
+    for name, meta in files.items():
+        if not _FILE_NAME.match(name) or name == MANIFEST:
+            raise CheckpointError(f"{folder}: unsafe file name {name!r} in manifest")
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing or not a regular file")
+        if not name.endswith(".safetensors") and not name.endswith(".onnx"):
+            raise CheckpointError(f"{folder}: {name}: only safetensors weights are accepted")
+        if path.stat().st_size != meta.get("bytes"):
+            raise CheckpointError(f"{folder}: {name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}")
+        if sha256_file(path) != meta.get("sha256"):
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest and weights of a verified checkpoint folder."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    if WEIGHTS not in manifest["files"]:
+        raise CheckpointError(f"{folder}: manifest does not name {WEIGHTS}")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{folder}: cannot read {WEIGHTS} ({e})") from e
+    return manifest, state

@@ -1,0 +1,176 @@
+"""The model registry: a directory of immutable, verified checkpoint versions.
+
+Layout (DESIGN.md §5)::
+
+    <root>/<model>/<version>/manifest.json + weights     one folder per version, never rewritten
+    <root>/<model>/PROMOTED                               {"version": ...}: the version that serves
+
+Publishing copies into a hidden folder beside the target, fsyncs, then renames it into place,
+so a reader sees a whole version or none. Names are validated and every path is resolved and
+required to stay under the root; symlinks are refused (a pushed checkpoint is untrusted input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fewstep.errors import CheckpointError, NotFound, RegistryError
+from fewstep.models.checkpoint import MANIFEST, read_manifest, verify_files, write_json_atomic
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+POINTER = "PROMOTED"
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` if it is a valid model or version name, else RegistryError."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise RegistryError(f"invalid {kind} name {name!r}: use lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _version_key(v: str) -> tuple[int, int | str]:
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+class Registry:
+    """Read and write access to one registry root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _contained(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise RegistryError(f"path {path} escapes the registry root")
+        cur = self.root
+        for p in parts:
+            cur = cur / p
+            if cur.is_symlink():
+                raise RegistryError(f"{cur} is a symlink; the registry refuses links")
+        return resolved
+
+    def model_dir(self, model: str) -> Path:
+        return self._contained(check_name("model", model))
+
+    def version_dir(self, model: str, version: str) -> Path:
+        return self._contained(check_name("model", model), check_name("version", version))
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name) and not p.is_symlink())
+
+    def versions(self, model: str) -> list[str]:
+        d = self.model_dir(model)
+        if not d.is_dir():
+            return []
+        found = [p.name for p in d.iterdir() if p.is_dir() and NAME.match(p.name) and (p / MANIFEST).is_file()]
+        return sorted(found, key=_version_key)
+
+    def promoted(self, model: str) -> str | None:
+        """The promoted version, or None when the model has no pointer."""
+        ptr = self.model_dir(model) / POINTER
+        if not ptr.is_file():
+            return None
+        try:
+            version = json.loads(ptr.read_text())["version"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RegistryError(f"{ptr}: unreadable pointer ({e})") from e
+        return check_name("version", version)
+
+    def manifest(self, model: str, version: str) -> dict[str, Any]:
+        d = self.version_dir(model, version)
+        if not d.is_dir():
+            raise NotFound(f"model {model!r} has no version {version!r}")
+        return read_manifest(d)
+
+    def validate(self, model: str, version: str) -> dict[str, Any]:
+        """Manifest of a version whose files all match their hashes; CheckpointError otherwise."""
+        d = self.version_dir(model, version)
+        m = self.manifest(model, version)
+        verify_files(d, m)
+        return m
+
+    def next_version(self, model: str) -> str:
+        numeric = [int(v) for v in self.versions(model) if v.isdigit()]
+        return str(max(numeric, default=0) + 1)
+
+    def publish(self, src: Path, model: str | None = None, version: str | None = None,
+                promote: bool = False) -> tuple[str, str]:
+        """Copy checkpoint folder `src` in as (model, version); returns them.
+
+        Defaults come from `src/manifest.json`; an existing version is never overwritten (a
+        taken default version moves to the next free number).
+        """
+        src = Path(src)
+        manifest = read_manifest(src)
+        verify_files(src, manifest)
+        model = check_name("model", model or manifest["name"])
+        explicit = version is not None
+        version = check_name("version", version or str(manifest.get("version", "1")))
+        target = self.version_dir(model, version)
+        if target.exists():
+            if explicit:
+                raise RegistryError(f"{model}:{version} already exists; versions are immutable")
+            version = self.next_version(model)
+            target = self.version_dir(model, version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".incoming-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            for name in manifest["files"]:
+                shutil.copyfile(src / name, tmp / name)
+            manifest = {**manifest, "name": model, "version": version}
+            write_json_atomic(tmp / MANIFEST, manifest)
+            for f in tmp.iterdir():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            verify_files(tmp, manifest)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if promote or self.promoted(model) is None:
+            self.promote(model, version)
+        return model, version
+
+    def promote(self, model: str, version: str) -> None:
+        """Point the model at `version` (which must validate)."""
+        self.validate(model, version)
+        write_json_atomic(self.model_dir(model) / POINTER, {"version": version})
+
+    def rollback(self, model: str, to: str | None = None) -> str:
+        """Promote `to`, or the newest version older than the promoted one; returns it."""
+        current = self.promoted(model)
+        versions = self.versions(model)
+        if to is None:
+            older = [v for v in versions if current is None or _version_key(v) < _version_key(current)]
+            if not older:
+                raise NotFound(f"model {model!r} has no version older than {current!r} to roll back to")
+            to = older[-1]
+        self.promote(model, to)
+        return to
+
+    def seed_from(self, checkpoints: Path) -> list[tuple[str, str]]:
+        """Publish every checkpoint folder under `checkpoints` whose model the registry lacks."""
+        added = []
+        if not checkpoints.is_dir():
+            return added
+        for folder in sorted(p for p in checkpoints.iterdir() if (p / MANIFEST).is_file()):
+            try:
+                name = read_manifest(folder)["name"]
+            except CheckpointError:
+                continue
+            if not self.versions(name):
+                added.append(self.publish(folder, promote=True))
+        return added

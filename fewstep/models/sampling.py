@@ -1,0 +1,117 @@
+"""The sampling loops shared by the trainer's evaluation and the engines.
+
+Both run exactly this code, so a number in the model card is a number the server delivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
+from fewstep.models.unet import Denoiser
+
+IMAGE_SHAPE = (3, 32, 32)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:
+    """Step-0 latents, one per seed."""
+    return torch.stack([item_noise(s, 0, shape) for s in seeds])
+
+
+@torch.inference_mode()
+def student_sample_mixed(
+    net: Denoiser,
+    schedule: FewStepSchedule,
+    steps: Sequence[int],
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    seeds: Sequence[int],
+    shape: tuple[int, ...] = IMAGE_SHAPE,
+    on_step: Callable[[int, list[int]], None] | None = None,
+) -> torch.Tensor:
+    """x0 for each item after its own number of student steps, in one shared batch.
+
+    Item i takes `steps[i]` NFE on its own timestep list; an item that has finished leaves
+    the batch, so a batch of 1- and 4-step items costs 1 + 3 × (4-step share) evaluations.
+    Noise depends only on (seed, step), so an item's result does not depend on its
+    neighbours. `on_step(k, active)` runs before step k with the indices still active.
+    """
+    lists = [schedule.timesteps_for(n) for n in steps]
+    x = initial_noise(seeds, shape)
+    out = torch.empty_like(x)
+    for k in range(max(len(ts) for ts in lists)):
+        active = [i for i, ts in enumerate(lists) if k < len(ts)]
+        if on_step is not None:
+            on_step(k, active)
+        idx = torch.tensor(active)
+        xa = x[idx]
+        tt = torch.tensor([lists[i][k] for i in active])
+        v = net(xa, tt, states[idx], mask[idx])
+        x0 = schedule.to_x0(v, xa, tt)
+        for j, i in enumerate(active):
+            if k + 1 == len(lists[i]):
+                out[i] = x0[j]
+            else:
+                fresh = item_noise(seeds[i], k + 1, shape)
+                x[i] = schedule.next_state(x0[j: j + 1], v[j: j + 1], xa[j: j + 1], tt[j: j + 1],
+                                           torch.tensor([lists[i][k + 1]]), fresh[None])[0]
+    return out
+
+
+def student_sample(
+    net: Denoiser,
+    schedule: FewStepSchedule,
+    steps: int,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    seeds: Sequence[int],
+    shape: tuple[int, ...] = IMAGE_SHAPE,
+) -> torch.Tensor:
+    """x0 for each seed after `steps` NFE of the few-step student."""
+    return student_sample_mixed(net, schedule, [steps] * len(seeds), states, mask, seeds, shape)
+
+
+@torch.inference_mode()
+def cfg_flow(
+    net: Denoiser, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+    null_states: torch.Tensor, null_mask: torch.Tensor, guidance: float,
+) -> torch.Tensor:
+    """Classic classifier-free guidance: one batched call over (cond, uncond), 2 NFE per item."""
+    n = x.shape[0]
+    both = net(
+        torch.cat([x, x]), torch.cat([t, t]),
+        torch.cat([states, null_states.expand(n, -1, -1)]), torch.cat([mask, null_mask.expand(n, -1)]),
+    )
+    v_c, v_u = both[:n], both[n:]
+    return v_u + guidance * (v_c - v_u)
+
+
+@torch.inference_mode()
+def teacher_sample(
+    net: Denoiser,
+    sampler: TeacherSampler,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    null_states: torch.Tensor,
+    null_mask: torch.Tensor,
+    x: torch.Tensor,
+    record: Sequence[float] = (),
+) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """Euler on the flow ODE from t=1 (`x` is the noise) to 0, with CFG.
+
+    Returns the final sample and the states at the requested `record` times (which must lie
+    on the sampler's grid).
+    """
+    grid = sampler.grid()
+    keys = {round(t * sampler.steps): t for t in record}
+    recorded: dict[float, torch.Tensor] = {}
+    n = x.shape[0]
+    for i in range(sampler.steps):
+        if i in keys:
+            recorded[keys[i]] = x.clone()
+        t, t_next = grid[i], grid[i + 1]
+        v = cfg_flow(net, x, torch.full((n,), t), states, mask, null_states, null_mask, sampler.guidance)
+        x = x + (t_next - t) * v
+    return x, recorded

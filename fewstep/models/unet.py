@@ -1,0 +1,62 @@
+"""The reference image denoiser: a small text-conditioned diffusers UNet2DConditionModel.
+
+Full-resolution self-attention at 32×32 makes this UNet ~4× slower to train on a CPU
+(research/stack-notes.md), so the 32×32 level is convolution only and cross-attention to
+the prompt happens at 16×16 and 8×8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from fewstep.models.text import ENCODER_DIM
+
+
+def image_unet_config(sample_size: int = 32, width: int = 32) -> dict[str, Any]:
+    """The diffusers config of the reference image UNet (saved verbatim in manifests)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "block_out_channels": [width, width * 2, width * 2],
+        "layers_per_block": 1,
+        "cross_attention_dim": ENCODER_DIM,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+        "class_embed_type": "projection",
+        "projection_class_embeddings_input_dim": ENCODER_DIM,
+    }
+
+
+def build_unet(config: dict[str, Any]) -> UNet2DConditionModel:
+    """A UNet from a manifest config, in eval mode."""
+    return UNet2DConditionModel(**config).eval()
+
+
+def denoise(
+    unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+    timestep_scale: float = 1000.0,
+) -> torch.Tensor:
+    """One network evaluation: flow prediction for states `x` at per-item times `t` (shape (B,))."""
+    pooled = (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    return unet(x, t * timestep_scale, encoder_hidden_states=states, encoder_attention_mask=mask,
+                class_labels=pooled, return_dict=False)[0]
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x, t in [0, 1] per item, token states, mask) → flow prediction: what every backend provides."""
+
+
+def as_denoiser(unet: torch.nn.Module, timestep_scale: float = 1000.0) -> Denoiser:
+    """Wrap a torch UNet as a `Denoiser`."""
+
+    def net(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return denoise(unet, x, t, states, mask, timestep_scale)
+
+    return net

@@ -1,0 +1,1 @@
+"""The FastAPI gateway: REST, settings, limits, errors → HTTP, metrics, the model runtime."""

@@ -1,0 +1,31 @@
+"""API-key authentication: `Authorization: Bearer <key>` on every `/v1/*` route."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fewstep.errors import Unauthorized
+from fewstep.service.settings import Settings
+
+
+class KeyRing:
+    """Checks presented keys in constant time; knows keys only by their SHA-256."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.api_keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def principal(self, authorization: str | None) -> str:
+        """An opaque id of the caller's key (never the key itself); 'anonymous' when auth is off."""
+        if not self.enabled:
+            return "anonymous"
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        digest = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).digest()
+        if not any(hmac.compare_digest(digest, d) for d in self._digests):
+            raise Unauthorized("invalid API key")
+        return digest.hex()[:16]

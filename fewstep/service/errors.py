@@ -1,0 +1,86 @@
+"""Domain errors → HTTP, in exactly one function, and the handlers that use it."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from fewstep.errors import (
+    Cancelled,
+    CheckpointError,
+    FewstepError,
+    GenerationFailed,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RegistryError,
+    Unauthorized,
+)
+
+log = logging.getLogger("fewstep.service")
+
+
+def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
+    """Status code and extra headers for a domain error."""
+    if isinstance(exc, InvalidRequest):
+        return 422, {}
+    if isinstance(exc, Unauthorized):
+        return 401, {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, NotFound):
+        return 404, {}
+    if isinstance(exc, Overloaded):
+        return 429, {"Retry-After": str(max(1, round(exc.retry_after)))}
+    if isinstance(exc, NotReady):
+        return 503, {"Retry-After": str(max(1, round(exc.retry_after)))}
+    if isinstance(exc, Cancelled):
+        return 409, {}
+    if isinstance(exc, GenerationFailed):
+        return 500, {}
+    if isinstance(exc, CheckpointError | RegistryError):
+        return 500, {}
+    return 500, {}
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict[str, object]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_response(exc: FewstepError) -> JSONResponse:
+    status, headers = http_status(exc)
+    if status >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    param = exc.field if isinstance(exc, InvalidRequest) else None
+    return JSONResponse(error_body(str(exc), type(exc).__name__, param), status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: domain errors, request-schema errors, and anything unexpected."""
+
+    async def on_domain(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, FewstepError)
+        return error_response(exc)
+
+    async def on_schema(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           "InvalidRequest", "body"), status_code=422)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        msg = f"`{field}`: {first.get('msg', 'invalid value')}. Given: {first.get('input')!r}"
+        return JSONResponse(error_body(msg, "InvalidRequest", field), status_code=422)
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal error", "InternalError"), status_code=500)
+
+    app.add_exception_handler(FewstepError, on_domain)
+    app.add_exception_handler(RequestValidationError, on_schema)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,166 @@
+"""The in-process model runtime: registry → engines → batchers, and the state `/readyz` reports.
+
+Models load in a background thread so the process answers `/healthz` at once. For each model
+the promoted version is tried first; a version that is refused (bad manifest, hash mismatch,
+wrong shapes, non-finite warm-up) is recorded with its reason and the newest older version
+that loads serves instead, so a bad checkpoint never takes the model down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from fewstep.engines.base import ImageItem, Outcome
+from fewstep.engines.batching import RequestBatcher
+from fewstep.engines.image import ImageEngine
+from fewstep.errors import FewstepError, NotFound, NotReady
+from fewstep.models.registry import Registry
+from fewstep.models.text import TextEncoder
+from fewstep.service.metrics import Metrics
+from fewstep.service.settings import Settings
+
+log = logging.getLogger("fewstep.runtime")
+SERVED_KINDS = ("image",)
+
+
+@dataclass
+class Served:
+    """One model as the gateway knows it."""
+
+    name: str
+    kind: str
+    engine: ImageEngine | None = None
+    batcher: RequestBatcher | None = None
+    version: str | None = None
+    created: int = 0
+    statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+
+class Runtime:
+    """Owns the text encoder, the engines and their batchers."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = Registry(settings.registry)
+        self.models: dict[str, Served] = {}
+        self.encoder: TextEncoder | None = None
+        self.loaded = threading.Event()
+        self.load_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin loading in the background; `ready` turns true when done."""
+        self._thread = threading.Thread(target=self._load_all, name="runtime-load", daemon=True)
+        self._thread.start()
+
+    def _load_all(self) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
+            added = self.registry.seed_from(self.settings.checkpoints)
+            for model, version in added:
+                log.info("registry seeded with %s:%s from %s", model, version, self.settings.checkpoints)
+            self.encoder = TextEncoder()
+            for name in self.registry.models():
+                self._load_model(name)
+            self.metrics.models_ready.set(sum(1 for s in self.models.values() if s.engine is not None))
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model loading failed")
+        finally:
+            self.loaded.set()
+
+    def _load_model(self, name: str) -> None:
+        versions = self.registry.versions(name)
+        if not versions:
+            return
+        promoted = self.registry.promoted(name) or versions[-1]
+        try:
+            kind = self.registry.manifest(name, promoted).get("kind")
+        except FewstepError as e:
+            kind = "image"
+            log.warning("cannot read %s:%s manifest: %s", name, promoted, e)
+        if kind not in SERVED_KINDS:
+            return
+        served = Served(name=name, kind=str(kind))
+        self.models[name] = served
+        older = [v for v in reversed(versions) if v != promoted and versions.index(v) < versions.index(promoted)]
+        for version in [promoted, *older]:
+            try:
+                self.registry.validate(name, version)
+                engine = ImageEngine(self.registry.version_dir(name, version), self.encoder,  # type: ignore[arg-type]
+                                     self.settings.backend, self.settings.precision, version=version)
+                engine.load()
+                engine.warmup()
+            except FewstepError as e:
+                served.statuses[version] = ("refused", str(e))
+                self.metrics.model_refused.labels(name).inc()
+                log.error("refused %s:%s: %s", name, version, e)
+                continue
+            served.engine, served.version = engine, version
+            served.created = int(self.registry.version_dir(name, version).stat().st_mtime)
+            served.statuses[version] = ("serving", None)
+            served.batcher = RequestBatcher(
+                engine, self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0, self.settings.max_queue,
+                on_batch=lambda n, s, m=name: self._observe_batch(m, n, s),
+            )
+            log.info("serving %s:%s on %s/%s", name, version, self.settings.backend, self.settings.precision)
+            break
+        for v in versions:
+            served.statuses.setdefault(v, ("ready", None))
+
+    def _observe_batch(self, model: str, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(model).observe(size)
+        self.metrics.batch_seconds.labels(model).observe(seconds)
+
+    @property
+    def ready(self) -> bool:
+        """Loading finished, nothing failed, and every served model has a working version."""
+        return (
+            self.loaded.is_set() and self.load_error is None
+            and bool(self.models) and all(s.engine is not None for s in self.models.values())
+        )
+
+    def close(self) -> None:
+        for s in self.models.values():
+            if s.batcher is not None:
+                s.batcher.close()
+            if s.engine is not None:
+                s.engine.close()
+
+    # -- requests --------------------------------------------------------------------------
+    def served(self, model: str) -> Served:
+        """The model's serving state, NotReady while loading, NotFound if unknown."""
+        if model not in self.models:
+            if not self.loaded.is_set():
+                raise NotReady("models are still loading")
+            raise NotFound(f"model {model!r} not found; GET /v1/models lists the served models")
+        s = self.models[model]
+        if s.engine is None or s.batcher is None:
+            raise NotReady(f"model {model!r} has no version that loads")
+        return s
+
+    async def generate(self, model: str, items: list[ImageItem]) -> list[Outcome]:
+        """Run items through the model's batcher; raises Overloaded when its queue is full."""
+        s = self.served(model)
+        assert s.batcher is not None
+        futures = s.batcher.submit(items)
+        self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
+        try:
+            return list(await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), self.settings.request_timeout_s))
+        except TimeoutError as e:
+            for f in futures:
+                f.cancel()
+            raise NotReady(f"request took longer than `request_timeout_s` = {self.settings.request_timeout_s}") from e
+        finally:
+            self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
+
+    def wait_loaded(self, timeout: float) -> bool:
+        return self.loaded.wait(timeout)

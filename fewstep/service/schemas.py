@@ -1,0 +1,64 @@
+"""Request and response bodies of the REST API (OpenAI Images shape plus fewstep extensions)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`. Unknown OpenAI fields (quality, style, user) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    prompt: StrictStr
+    n: StrictInt = 1
+    size: StrictStr | None = None
+    response_format: StrictStr = "b64_json"
+    steps: StrictInt | None = Field(None, description="Student steps (NFE), 1-4; default: the model's.")
+    seed: StrictInt | None = Field(None, description="Fixes the image; random when absent, echoed back.")
+    hybrid: StrictBool = Field(False, description="Teacher runs the first step (diversity hybrid).")
+
+
+class ImageDatum(BaseModel):
+    b64_json: str
+    seed: int
+    revised_prompt: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    model: str
+    model_version: str
+    steps: int
+    nfe: int
+    hybrid: bool
+    size: str
+    output_format: str = "png"
+    data: list[ImageDatum]
+
+
+class ModelVersion(BaseModel):
+    version: str
+    status: str
+    reason: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "fewstep"
+    kind: str
+    version: str | None
+    versions: list[ModelVersion]
+    steps: list[int]
+    default_steps: int
+    size: str
+    backend: str
+    precision: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

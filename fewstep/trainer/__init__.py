@@ -1,0 +1,1 @@
+"""The companion training worker: procedural data, teachers, few-step students, evaluation, push."""

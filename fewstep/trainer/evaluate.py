@@ -1,0 +1,258 @@
+"""Evaluation of the image teacher and student, written to `docs/MODEL_CARD.md`.
+
+Metrics (all judged by the attribute classifier, the CLIP-score analogue):
+
+* joint accuracy: shape and colour both as the prompt says, on held-out prompt templates;
+* the same on paraphrases whose words never occur in training;
+* Fréchet distance between classifier features of generated and real images (FID analogue);
+* per-prompt diversity: mean pairwise feature distance over `diversity_seeds` seeds of one
+  prompt, averaged over prompts, also as a ratio to the same statistic on real images;
+* ms per image at batch 64 (NFE × network cost; for orientation, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.models.checkpoint import read_manifest, write_json_atomic
+from fewstep.models.sampling import initial_noise, student_sample, teacher_sample
+from fewstep.models.schedules import FewStepSchedule, TeacherSampler
+from fewstep.models.text import TextEncoder
+from fewstep.models.unet import as_denoiser
+from fewstep.trainer import classifier as clf
+from fewstep.trainer import shapes
+from fewstep.trainer.plots import save_grid
+
+Sampler = Callable[[list[str], list[int]], np.ndarray]
+
+
+@dataclass
+class Row:
+    name: str
+    nfe: int
+    joint: float
+    shape: float
+    colour: float
+    paraphrase: float
+    frechet: float
+    diversity: float
+    ms_per_image: float
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets `a` and `b`."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def mean_pairwise(feats: np.ndarray) -> float:
+    d = np.sqrt(((feats[:, None] - feats[None]) ** 2).sum(-1))
+    n = len(feats)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 128) -> np.ndarray:
+    return np.concatenate([fn(prompts[i: i + chunk], seeds[i: i + chunk]) for i in range(0, len(prompts), chunk)])
+
+
+def evaluate_sampler(
+    name: str, nfe: int, fn: Sampler, judge: clf.AttributeClassifier, real_feats: np.ndarray,
+    per_prompt: int, div_prompts: int, div_seeds: int, real_div: float,
+) -> tuple[Row, np.ndarray]:
+    """Score one sampler; returns its row and the held-out images (for grids)."""
+    held = shapes.eval_prompts()
+    prompts = [p for p, _, _ in held for _ in range(per_prompt)]
+    seeds = [1_000_000 + i for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    images = _batched(fn, prompts, seeds)
+    ms = (time.perf_counter() - t0) * 1000 / len(prompts)
+    s, c, feats = clf.judge(judge, images)
+    ys = np.array([shapes.SHAPES.index(sh) for _, _, sh in held for _ in range(per_prompt)])
+    yc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in held for _ in range(per_prompt)])
+
+    para_prompts = [p for p, _, _ in shapes.PARAPHRASES for _ in range(per_prompt)]
+    pimg = _batched(fn, para_prompts, [2_000_000 + i for i in range(len(para_prompts))])
+    ps, pc, _ = clf.judge(judge, pimg)
+    pys = np.array([shapes.SHAPES.index(sh) for _, _, sh in shapes.PARAPHRASES for _ in range(per_prompt)])
+    pyc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in shapes.PARAPHRASES for _ in range(per_prompt)])
+
+    divs = []
+    for p, _, _ in held[:: max(1, len(held) // div_prompts)][:div_prompts]:
+        dimg = fn([p] * div_seeds, [3_000_000 + i for i in range(div_seeds)])
+        divs.append(mean_pairwise(clf.judge(judge, dimg)[2]))
+    row = Row(
+        name=name, nfe=nfe,
+        joint=float(((s == ys) & (c == yc)).mean()), shape=float((s == ys).mean()), colour=float((c == yc).mean()),
+        paraphrase=float(((ps == pys) & (pc == pyc)).mean()),
+        frechet=frechet(feats, real_feats), diversity=float(np.mean(divs)) / real_div, ms_per_image=ms,
+    )
+    print(f"  {name}: joint {row.joint:.3f} paraphrase {row.paraphrase:.3f} frechet {row.frechet:.2f} "
+          f"diversity {row.diversity:.2f} ({ms:.1f} ms/image)", flush=True)
+    return row, images
+
+
+def real_diversity(judge: clf.AttributeClassifier, seed: int, prompts: int, seeds: int) -> float:
+    """The diversity statistic on real images that share (colour, shape), as the reference scale."""
+    rng = np.random.default_rng([seed, 99])
+    vals = []
+    for k in range(prompts):
+        colour, shape = shapes.COLOUR_NAMES[k % 5], shapes.SHAPES[k % 4]
+        scenes = [s for s in shapes.sample_scenes(rng, seeds * 24) if s.colour == colour and s.shape == shape]
+        while len(scenes) < seeds:
+            scenes += [s for s in shapes.sample_scenes(rng, seeds * 24) if s.colour == colour and s.shape == shape]
+        vals.append(mean_pairwise(clf.judge(judge, shapes.render(scenes[:seeds], rng))[2]))
+    return float(np.mean(vals))
+
+
+def teacher_fn(unet: torch.nn.Module, sampler: TeacherSampler, enc: TextEncoder) -> Sampler:
+    null_s, null_m = enc.encode([""])
+
+    def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        s, m = enc.encode(prompts)
+        x, _ = teacher_sample(as_denoiser(unet), sampler, s, m, null_s, null_m, initial_noise(seeds))
+        return x.clamp(-1, 1).numpy()
+
+    return run
+
+
+def student_fn(unet: torch.nn.Module, schedule: FewStepSchedule, steps: int, enc: TextEncoder) -> Sampler:
+    def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        s, m = enc.encode(prompts)
+        return student_sample(as_denoiser(unet, schedule.timestep_scale), schedule, steps, s, m, seeds).clamp(-1, 1).numpy()
+
+    return run
+
+
+def _table(rows: list[Row], teacher_joint: float) -> str:
+    lines = [
+        "| sampler | NFE | joint acc. | × teacher | shape | colour | paraphrase joint | Fréchet ↓ | diversity (× real) | ms/image (b64) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.nfe} | {r.joint:.3f} | {r.joint / teacher_joint:.2f} | {r.shape:.3f} | {r.colour:.3f} | "
+            f"{r.paraphrase:.3f} | {r.frechet:.2f} | {r.diversity:.2f} | {r.ms_per_image:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder) -> None:
+    from fewstep.trainer.distill import ABLATION_DIR
+    from fewstep.trainer.image import CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, load_classifier, load_unet
+
+    judge = load_classifier(out / CLASSIFIER_DIR)
+    real_acc = clf.real_accuracy(judge, r.seed)
+    xr, _, _ = shapes.batch(r.seed + 271828, 0, 2000)
+    real_feats = clf.judge(judge, xr)[2]
+    real_div = real_diversity(judge, r.seed, r.diversity_prompts, r.diversity_seeds)
+    args = (judge, real_feats, r.eval_images_per_prompt, r.diversity_prompts, r.diversity_seeds, real_div)
+
+    t_manifest, teacher = load_unet(out / TEACHER_DIR)
+    sampler = TeacherSampler.from_dict(t_manifest["sampler"])
+    rows: list[Row] = []
+    grids: dict[str, np.ndarray] = {}
+    row, img = evaluate_sampler(f"teacher, Euler {sampler.steps} steps, CFG {sampler.guidance:g}",
+                                2 * sampler.steps, teacher_fn(teacher, sampler, enc), *args)
+    rows.append(row)
+    grids["teacher"] = img
+    students = [("student", out / STUDENT_DIR)]
+    if ABLATION_DIR.exists():
+        students.insert(0, ("student, ODE regression only (ablation)", ABLATION_DIR))
+    s_metrics: dict[str, Any] = {}
+    for label, folder in students:
+        s_manifest, student = load_unet(folder)
+        schedule = FewStepSchedule.from_dict(s_manifest["schedule"])
+        for steps in schedule.steps:
+            row, img = evaluate_sampler(f"{label}, {steps} step{'s' if steps > 1 else ''}", steps,
+                                        student_fn(student, schedule, steps, enc), *args)
+            rows.append(row)
+            if folder == out / STUDENT_DIR:
+                grids[f"student {steps}"] = img
+                s_metrics[str(steps)] = {"joint": row.joint, "paraphrase": row.paraphrase, "frechet": row.frechet,
+                                         "diversity": row.diversity}
+    teacher_joint = rows[0].joint
+    _update_metrics(out / TEACHER_DIR, {"joint": rows[0].joint, "paraphrase": rows[0].paraphrase,
+                                        "frechet": rows[0].frechet, "diversity": rows[0].diversity})
+    _update_metrics(out / STUDENT_DIR, {"by_steps": s_metrics, "teacher_joint": teacher_joint})
+
+    per = r.eval_images_per_prompt
+    picks = [i * per for i in range(0, len(shapes.eval_prompts()), 5)][:8]
+    order = ["teacher", "student 1", "student 2", "student 3", "student 4"]
+    grid = np.concatenate([grids[k][picks] for k in order if k in grids])
+    save_grid(grid, docs / "samples.png", cols=len(picks), scale=3)
+    _write_card(docs, rows, teacher_joint, real_acc, real_div, r, [shapes.eval_prompts()[i // per][0] for i in picks])
+
+
+def _update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    m = read_manifest(folder)
+    m["metrics"] = {**m.get("metrics", {}), **metrics}
+    write_json_atomic(folder / "manifest.json", m)
+
+
+def _write_card(docs: Path, rows: list[Row], teacher_joint: float, real_acc: dict, real_div: float, r: Any,
+                grid_prompts: list[str]) -> None:
+    card = docs / "MODEL_CARD.md"
+    marker = "<!-- image-eval -->"
+    body = f"""{marker}
+## Image models: `shapes` (student) and `shapes-teacher`
+
+Produced by `make train` (`fewstep train image`, seed {r.seed}); this section is rewritten by its
+`evaluate` stage (`fewstep train image --stages evaluate` re-runs it alone).
+
+**Data.** Procedural 32×32 scenes: one shape (circle, square, triangle, cross) in one of five colours
+(red, green, blue, yellow, purple), radius 6–11 px, anywhere in the frame, on a black, gray or white
+background, with colour jitter. Captions come from {len(shapes.TRAIN_TEMPLATES)} templates with 2–3
+synonyms per word.
+
+**Judge.** An attribute classifier (CNN, two heads) trained on the procedural data; on
+{real_acc['n']} fresh real images it scores shape {real_acc['shape']:.3f}, colour {real_acc['colour']:.3f},
+joint {real_acc['joint']:.3f}.
+
+**Held-out prompts.** Every colour × shape in templates never used in training
+({', '.join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}), {r.eval_images_per_prompt} seeds each
+({len(shapes.eval_prompts()) * r.eval_images_per_prompt} images per row). *Paraphrase joint* uses words never seen in training:
+{', '.join(repr(p) for p, _, _ in shapes.PARAPHRASES)} ({r.eval_images_per_prompt} seeds each).
+
+**Fréchet** is computed on the classifier's {clf.FEATURE_DIM}-d features against 2000 real images.
+**Diversity** is the mean pairwise feature distance over {r.diversity_seeds} seeds of one prompt,
+averaged over {r.diversity_prompts} prompts, divided by the same statistic on real images of one
+colour and shape ({real_div:.3f}); 1.0 means as varied as the data.
+
+{_table(rows, teacher_joint)}
+
+NFE counts network evaluations per image: the teacher's classic CFG costs 2 per step; the student
+has CFG baked in. ms/image is wall time of the evaluation loop at batch 64 on this machine (2 CPU
+cores, shared), for orientation only: `bench/` holds the benchmarks.
+
+Samples (rows: teacher, then the student at 1, 2, 3 and 4 steps; columns: the prompts
+{', '.join(repr(p) for p in grid_prompts)}; same seed per column):
+
+![samples](samples.png)
+
+Training curves: ![teacher loss](teacher_loss.png) ![student loss](student_loss.png)
+
+```json
+{json.dumps([r.__dict__ for r in rows], indent=1)}
+```
+<!-- /image-eval -->
+"""
+    if card.exists() and marker in card.read_text():
+        text = card.read_text()
+        start, end = text.index(marker), text.index("<!-- /image-eval -->") + len("<!-- /image-eval -->")
+        text = text[:start] + body.strip() + text[end:]
+    else:
+        text = "# fewstep model card\n\n" + body
+    card.write_text(text)
