@@ -1,6 +1,6 @@
 # fewstep: two commands on a fresh machine: `make serve` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
@@ -8,7 +8,7 @@ PORT ?= 8000
 # One thread per process by default in tests: several processes share 2 cores there.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: serve test train bench lint redis clean
+.PHONY: install serve test train bench lint redis clean
 
 $(BIN)/fewstep: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }

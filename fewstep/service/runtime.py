@@ -99,7 +99,8 @@ class Runtime:
                 engine.load()
                 engine.warmup()
             except FewstepError as e:
-                served.statuses[version] = ("refused", str(e))
+                # Clients see the reason, not the server's filesystem layout.
+                served.statuses[version] = ("refused", str(e).replace(f"{self.registry.root}/", ""))
                 self.metrics.model_refused.labels(name).inc()
                 log.error("refused %s:%s: %s", name, version, e)
                 continue

@@ -1,0 +1,116 @@
+"""Shared fixtures: free ports, a real `fewstep serve` process, the shipped checkpoints.
+
+Every process a test starts gets one intra-op thread: on a 2-core machine oversubscribed
+OpenMP threads slow everything down by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = Path(os.environ.get("FEWSTEP_TEST_CHECKPOINTS", ROOT / "checkpoints"))
+
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    registry: Path
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, env_extra: dict[str, str] | None = None, wait_ready: bool = True,
+                 checkpoints: Path = CHECKPOINTS) -> Server:
+    """`fewstep serve` in a subprocess on a free port with its own registry under `tmp`."""
+    port = free_port()
+    registry = tmp / "registry"
+    log = tmp / f"server-{port}.log"
+    env = {
+        **os.environ,
+        "FEWSTEP_PORT": str(port),
+        "FEWSTEP_REGISTRY": str(registry),
+        "FEWSTEP_CHECKPOINTS": str(checkpoints),
+        "FEWSTEP_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env_extra or {}),
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp,
+                                stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, registry, log)
+    deadline = time.monotonic() + 120
+    path = "/readyz" if wait_ready else "/healthz"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url + path, timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server not up after 120 s:\n{server.output()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def checkpoints() -> Path:
+    assert (CHECKPOINTS / "shapes" / "manifest.json").is_file(), "run `make train` to produce checkpoints/"
+    return CHECKPOINTS
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("server"))
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def encoder():  # type: ignore[no-untyped-def]
+    from fewstep.models.text import TextEncoder
+
+    return TextEncoder()
+
+
+@pytest.fixture
+def student_copy(tmp_path: Path, checkpoints: Path) -> Path:
+    """A private copy of the shipped student, safe to corrupt."""
+    dst = tmp_path / "shapes"
+    shutil.copytree(checkpoints / "shapes", dst)
+    return dst

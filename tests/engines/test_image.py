@@ -1,0 +1,95 @@
+"""The step-adaptive image engine on the shipped student (torch backend)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.engines.base import Engine, ImageItem, ImageResult
+from fewstep.engines.image import ImageEngine
+from fewstep.errors import CheckpointError, InvalidRequest
+from fewstep.models.checkpoint import sha256_file
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints: Path, encoder) -> ImageEngine:  # type: ignore[no-untyped-def]
+    e = ImageEngine(checkpoints / "shapes", encoder)
+    e.load()
+    e.warmup()
+    return e
+
+
+def _pixels(outcome: object) -> np.ndarray:
+    assert isinstance(outcome, ImageResult), outcome
+    return outcome.pixels.astype(np.int16)
+
+
+def test_satisfies_the_engine_protocol(engine: ImageEngine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.info.steps == [1, 2, 3, 4]
+    assert engine.health()["loaded"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_same_request_same_image_alone_or_among_strangers(engine: ImageEngine, steps: int) -> None:
+    me = ImageItem("a yellow triangle", seed=42, steps=steps)
+    alone = _pixels(engine.run([me])[0])
+    strangers = [ImageItem(f"a blue square {i}", seed=i, steps=1 + i % 4) for i in range(7)]
+    for position in (0, 3, 7):
+        batch = strangers[:position] + [me] + strangers[position:]
+        together = _pixels(engine.run(batch)[position])
+        assert np.abs(together - alone).max() <= 1
+
+
+def test_seed_and_steps_change_the_image(engine: ImageEngine) -> None:
+    a, b, c = engine.run([ImageItem("a red circle", 1, 4), ImageItem("a red circle", 2, 4),
+                          ImageItem("a red circle", 1, 1)])
+    assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
+    assert np.abs(_pixels(a) - _pixels(c)).mean() > 1
+
+
+def test_a_bad_item_fails_alone(engine: ImageEngine) -> None:
+    good, bad = engine.run([ImageItem("a red circle", 1, 2), ImageItem("a red circle", 1, 7)])
+    assert isinstance(good, ImageResult)
+    assert isinstance(bad, InvalidRequest) and "Given: 7" in str(bad)
+
+
+def test_weights_that_do_not_match_their_hash_are_refused(student_copy: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    weights = student_copy / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v + 0.01 for k, v in state.items()}, str(weights))
+    e = ImageEngine(student_copy, encoder)
+    with pytest.raises(CheckpointError, match="sha256"):
+        e.load()
+
+
+def test_weights_with_wrong_shapes_are_refused(student_copy: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    weights = student_copy / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(iter(state))
+    state[name] = torch.zeros(3)
+    _rewrite(student_copy, state)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        ImageEngine(student_copy, encoder).load()
+
+
+def test_nan_weights_are_refused_at_warmup(student_copy: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    state = load_file(str(student_copy / "model.safetensors"))
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    _rewrite(student_copy, state)
+    e = ImageEngine(student_copy, encoder)
+    e.load()
+    with pytest.raises(CheckpointError, match="warm-up"):
+        e.warmup()
+
+
+def _rewrite(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Replace the weights and re-hash them, as a careless (not malicious) trainer would."""
+    weights = folder / "model.safetensors"
+    save_file(state, str(weights))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -1,0 +1,57 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.errors import CheckpointError
+from fewstep.models.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+
+
+def _save(folder: Path) -> dict:
+    return save_checkpoint(folder, {"w": torch.arange(6.0).reshape(2, 3)}, {"name": "m", "kind": "image"})
+
+
+def test_round_trip_hashes_every_file(tmp_path: Path) -> None:
+    manifest = _save(tmp_path / "ck")
+    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    loaded, state = load_checkpoint(tmp_path / "ck")
+    assert loaded == manifest
+    assert torch.equal(state["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_modified_weights_are_refused(tmp_path: Path) -> None:
+    _save(tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_pickle_files_are_never_accepted(tmp_path: Path) -> None:
+    manifest = _save(tmp_path / "ck")
+    (tmp_path / "ck" / "model.pt").write_bytes(b"not a safetensors file")
+    manifest["files"] = {"model.pt": {"sha256": "0" * 64, "bytes": 22}}
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("name", ["../escape.safetensors", "/etc/passwd", "manifest.json", "a/b.safetensors"])
+def test_unsafe_file_names_in_a_manifest_are_refused(tmp_path: Path, name: str) -> None:
+    manifest = _save(tmp_path / "ck")
+    manifest["files"] = {name: {"sha256": "0" * 64, "bytes": 1}}
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_missing_or_malformed_manifest_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no manifest"):
+        read_manifest(tmp_path / "empty")
+    (tmp_path / "empty" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_manifest(tmp_path / "empty")

@@ -1,0 +1,73 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.errors import CheckpointError, NotFound, RegistryError
+from fewstep.models.checkpoint import save_checkpoint
+from fewstep.models.registry import Registry
+
+
+def _checkpoint(folder: Path, name: str = "demo", value: float = 1.0) -> Path:
+    save_checkpoint(folder, {"w": torch.full((2,), value)}, {"name": name, "version": "1", "kind": "image"})
+    return folder
+
+
+def test_publish_promotes_the_first_version_and_never_overwrites(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    assert reg.publish(_checkpoint(tmp_path / "a")) == ("demo", "1")
+    assert reg.promoted("demo") == "1"
+    # The manifest's default version is taken: the next free number is used instead.
+    assert reg.publish(_checkpoint(tmp_path / "b", value=2.0)) == ("demo", "2")
+    assert reg.promoted("demo") == "1"
+    with pytest.raises(RegistryError, match="immutable"):
+        reg.publish(tmp_path / "b", version="2")
+    assert reg.versions("demo") == ["1", "2"]
+    assert not [p for p in (tmp_path / "reg" / "demo").iterdir() if p.name.startswith(".incoming")]
+
+
+def test_promote_and_rollback(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "a"))
+    reg.publish(_checkpoint(tmp_path / "b", value=2.0), promote=True)
+    assert reg.promoted("demo") == "2"
+    assert reg.rollback("demo") == "1"
+    assert reg.promoted("demo") == "1"
+    with pytest.raises(NotFound):
+        reg.rollback("demo")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "UPPER", "-lead", ".hidden", "x" * 65])
+def test_invalid_names_are_refused(tmp_path: Path, name: str) -> None:
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(RegistryError):
+        reg.publish(_checkpoint(tmp_path / "a"), model=name)
+
+
+def test_symlinked_model_folder_is_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", tmp_path / "reg" / "demo")
+    with pytest.raises(RegistryError, match="symlink"):
+        reg.versions("demo")
+
+
+def test_corrupt_version_cannot_be_promoted(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "a"))
+    reg.publish(_checkpoint(tmp_path / "b", value=2.0))
+    (reg.version_dir("demo", "2") / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        reg.promote("demo", "2")
+    assert reg.promoted("demo") == "1"
+
+
+def test_seed_from_publishes_only_missing_models(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    _checkpoint(ck / "one", name="one")
+    _checkpoint(ck / "two", name="two")
+    reg = Registry(tmp_path / "reg")
+    assert sorted(reg.seed_from(ck)) == [("one", "1"), ("two", "1")]
+    assert reg.seed_from(ck) == []

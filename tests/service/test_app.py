@@ -1,0 +1,175 @@
+"""The gateway as clients see it: a real `fewstep serve` process and real HTTP clients."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import Server, start_server, stop_server
+
+GEN = "/v1/images/generations"
+
+
+def _image(b64: str) -> np.ndarray:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert img.format == "PNG"
+    return np.asarray(img.convert("RGB"))
+
+
+def test_health_and_readiness(server: Server) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_models_list_has_the_openai_shape_plus_fewstep_fields(server: Server) -> None:
+    body = httpx.get(server.url + "/v1/models").json()
+    assert body["object"] == "list"
+    (card,) = [m for m in body["data"] if m["id"] == "shapes"]
+    assert card["object"] == "model" and card["owned_by"] == "fewstep" and card["kind"] == "image"
+    assert card["steps"] == [1, 2, 3, 4] and card["size"] == "32x32"
+    assert card["version"] == "1" and card["versions"] == [{"version": "1", "status": "serving", "reason": None}]
+    assert card["backend"] == "torch" and card["precision"] == "fp32"
+    assert isinstance(card["created"], int)
+
+
+def test_generation_returns_pngs_and_echoes_seeds(server: Server) -> None:
+    r = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", "n": 3, "steps": 2,
+                                          "seed": 10}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "shapes" and body["model_version"] == "1"
+    assert body["steps"] == 2 and body["nfe"] == 2 and body["hybrid"] is False
+    assert [d["seed"] for d in body["data"]] == [10, 11, 12]
+    images = [_image(d["b64_json"]) for d in body["data"]]
+    assert all(i.shape == (32, 32, 3) for i in images)
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 1
+
+
+def test_same_seed_gives_the_same_image_across_requests(server: Server) -> None:
+    req = {"model": "shapes", "prompt": "a purple square", "seed": 77, "steps": 4}
+    a = httpx.post(server.url + GEN, json=req, timeout=60).json()["data"][0]
+    b = httpx.post(server.url + GEN, json={**req, "n": 2}, timeout=60).json()["data"][0]
+    assert np.abs(_image(a["b64_json"]).astype(int) - _image(b["b64_json"]).astype(int)).max() <= 1
+
+
+def test_random_seed_is_echoed_and_defaults_apply(server: Server) -> None:
+    body = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a blue cross"}, timeout=60).json()
+    assert isinstance(body["data"][0]["seed"], int)
+    assert body["steps"] == 4 and len(body["data"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("patch", "status", "needle"),
+    [
+        ({"steps": 0}, 422, "`steps` must be between 1 and 4. Given: 0"),
+        ({"steps": 5}, 422, "`steps` must be between 1 and 4. Given: 5"),
+        ({"n": 9}, 422, "`n` must be between 1 and 8. Given: 9"),
+        ({"n": 0}, 422, "`n` must be between 1 and 8. Given: 0"),
+        ({"prompt": "   "}, 422, "`prompt` must be a non-empty string"),
+        ({"prompt": "x" * 501}, 422, "`prompt` must be at most 500 characters long. Given: '501 characters'"),
+        ({"size": "1024x1024"}, 422, "`size` must be '32x32' (the model's native size). Given: '1024x1024'"),
+        ({"response_format": "url"}, 422, "`response_format` must be 'b64_json'. Given: 'url'"),
+        ({"seed": -1}, 422, "`seed` must be between 0 and"),
+        ({"n": "three"}, 422, "`n`: Input should be a valid integer. Given: 'three'"),
+        ({"model": "nope"}, 404, "model 'nope' not found"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(server: Server, patch: dict, status: int,
+                                                               needle: str) -> None:
+    r = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", **patch}, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies_are_refused(server: Server) -> None:
+    r = httpx.post(server.url + GEN, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + GEN, content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "`max_body_bytes` is 65536" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_metrics_count_requests_latency_and_batches(server: Server) -> None:
+    httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 3}, timeout=60)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'fewstep_image_request_seconds_bucket{le="0.5",model="shapes",steps="3"}' in text
+    assert 'fewstep_requests_total{route="/v1/images/generations",status="200"}' in text
+    assert "fewstep_batch_size_count" in text
+    assert "fewstep_models_ready 1.0" in text
+
+
+def test_openai_client_library_talks_to_the_server(server: Server) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert "shapes" in [m.id for m in client.models.list()]
+    result = client.images.generate(model="shapes", prompt="a green triangle", n=2, size="32x32",
+                                    response_format="b64_json", extra_body={"steps": 1, "seed": 3})
+    assert len(result.data) == 2
+    assert _image(result.data[0].b64_json).shape == (32, 32, 3)
+    with pytest.raises(openai.UnprocessableEntityError, match="steps"):
+        client.images.generate(model="shapes", prompt="a green triangle", extra_body={"steps": 9})
+
+
+def test_api_keys_guard_every_v1_route(tmp_path: Path, checkpoints: Path) -> None:
+    s = start_server(tmp_path, {"FEWSTEP_API_KEYS": "k-one, k-two"})
+    try:
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer k-two"}).status_code == 200
+        r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"},
+                       headers={"Authorization": "Bearer k-one"}, timeout=60)
+        assert r.status_code == 200
+        assert "k-one" not in s.output() and "k-two" not in s.output()
+    finally:
+        stop_server(s)
+
+
+def test_a_refused_promoted_version_falls_back_to_the_previous_one(tmp_path: Path, checkpoints: Path) -> None:
+    from fewstep.models.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.seed_from(checkpoints)
+    _, v2 = reg.publish(checkpoints / "shapes", promote=True)
+    (reg.version_dir("shapes", v2) / "model.safetensors").write_bytes(b"corrupted after publishing")
+    s = start_server(tmp_path)
+    try:
+        (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]
+        assert card["version"] == "1"
+        statuses = {v["version"]: v for v in card["versions"]}
+        assert statuses["2"]["status"] == "refused"
+        assert statuses["2"]["reason"].startswith("shapes/2: model.safetensors has 26 bytes")
+        r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"}, timeout=60)
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+    finally:
+        stop_server(s)
+
+
+def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(tmp_path: Path,
+                                                                               checkpoints: Path) -> None:
+    from fewstep.models.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.seed_from(checkpoints)
+    (reg.version_dir("shapes", "1") / "model.safetensors").write_bytes(b"corrupted")
+    s = start_server(tmp_path, wait_ready=False)
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and httpx.get(s.url + "/readyz").json().get("reason") == "loading":
+            time.sleep(0.2)
+        r = httpx.get(s.url + "/readyz")
+        assert r.status_code == 503
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        stop_server(s)

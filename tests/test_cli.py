@@ -1,0 +1,30 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.models.checkpoint import save_checkpoint
+from fewstep.models.registry import Registry
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "train", "export", "push", "rollback", "bench"])
+def test_every_subcommand_has_help(command: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", command, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: fewstep" in r.stdout
+
+
+def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for i, folder in enumerate(("a", "b")):
+        save_checkpoint(tmp_path / folder, {"w": torch.full((2,), float(i))},
+                        {"name": "demo", "version": "1", "kind": "image"})
+    reg = str(tmp_path / "reg")
+    assert main(["push", str(tmp_path / "a"), "--registry", reg]) == 0
+    assert main(["push", str(tmp_path / "b"), "--registry", reg, "--promote"]) == 0
+    assert "published demo:2 (promoted: 2)" in capsys.readouterr().out
+    assert main(["rollback", "demo", "--registry", reg]) == 0
+    assert Registry(tmp_path / "reg").promoted("demo") == "1"
+    assert main(["push", str(tmp_path / "a"), "--registry", reg, "--model", "../x"]) == 1
+    assert "invalid model name" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""A seconds-long smoke run of the whole image training pipeline (`fewstep train image --quick`)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewstep.engines.base import ImageItem, ImageResult
+from fewstep.engines.image import ImageEngine
+from fewstep.models.checkpoint import load_checkpoint
+from fewstep.trainer.image import STAGES, ImageRecipe, run
+
+
+@pytest.mark.slow
+def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    out, docs = tmp_path / "ck", tmp_path / "docs"
+    run(list(STAGES), out, docs, ImageRecipe.quick(), threads=1)
+
+    for name in ("shapes-classifier", "shapes-teacher", "shapes"):
+        manifest, state = load_checkpoint(out / name)
+        assert state and manifest["files"]["model.safetensors"]["sha256"]
+    student = json.loads((out / "shapes" / "manifest.json").read_text())
+    assert student["kind"] == "image"
+    assert sorted(student["schedule"]["timesteps"]) == ["1", "2", "3", "4"]
+    assert set(student["metrics"]["by_steps"]) == {"1", "2", "3", "4"}
+    assert student["teacher"]["sha256"] == json.loads(
+        (out / "shapes-teacher" / "manifest.json").read_text())["files"]["model.safetensors"]["sha256"]
+
+    card = (docs / "MODEL_CARD.md").read_text()
+    assert "| student, 1 step | 1 |" in card and "paraphrase" in card
+    for png in ("samples.png", "teacher_loss.png", "student_loss.png"):
+        assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    engine = ImageEngine(out / "shapes", encoder)
+    engine.load()
+    (result,) = engine.run([ImageItem("a red circle", seed=1, steps=2)])
+    assert isinstance(result, ImageResult) and result.pixels.shape == (32, 32, 3)
+    assert result.pixels.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_training_is_reproducible_by_seed(tmp_path: Path) -> None:
+    recipe = ImageRecipe.quick()
+    run(["classifier"], tmp_path / "a", tmp_path / "docs", recipe, threads=1)
+    run(["classifier"], tmp_path / "b", tmp_path / "docs", recipe, threads=1)
+    _, sa = load_checkpoint(tmp_path / "a" / "shapes-classifier")
+    _, sb = load_checkpoint(tmp_path / "b" / "shapes-classifier")
+    assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
