@@ -30,16 +30,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                ws="websockets-sansio")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+    )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     threads = _threads(args.threads)
     if args.what != "image":
-        print(f"fewstep train: `{args.what}` has no trainer yet (the video student arrives with issue 5)",
-              file=sys.stderr)
+        print(
+            f"fewstep train: `{args.what}` has no trainer yet (the video student arrives with issue 5)", file=sys.stderr
+        )
         return 2
     from fewstep.trainer.image import STAGES, ImageRecipe, run
 

@@ -44,8 +44,9 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(tmp: Path, env_extra: dict[str, str] | None = None, wait_ready: bool = True,
-                 checkpoints: Path = CHECKPOINTS) -> Server:
+def start_server(
+    tmp: Path, env_extra: dict[str, str] | None = None, wait_ready: bool = True, checkpoints: Path = CHECKPOINTS
+) -> Server:
     """`fewstep serve` in a subprocess on a free port with its own registry under `tmp`."""
     port = free_port()
     registry = tmp / "registry"
@@ -60,8 +61,9 @@ def start_server(tmp: Path, env_extra: dict[str, str] | None = None, wait_ready:
         **(env_extra or {}),
     }
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, registry, log)
     deadline = time.monotonic() + 120
     path = "/readyz" if wait_ready else "/healthz"

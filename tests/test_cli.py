@@ -18,8 +18,9 @@ def test_every_subcommand_has_help(command: str) -> None:
 
 def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for i, folder in enumerate(("a", "b")):
-        save_checkpoint(tmp_path / folder, {"w": torch.full((2,), float(i))},
-                        {"name": "demo", "version": "1", "kind": "image"})
+        save_checkpoint(
+            tmp_path / folder, {"w": torch.full((2,), float(i))}, {"name": "demo", "version": "1", "kind": "image"}
+        )
     reg = str(tmp_path / "reg")
     assert main(["push", str(tmp_path / "a"), "--registry", reg]) == 0
     assert main(["push", str(tmp_path / "b"), "--registry", reg, "--promote"]) == 0

@@ -23,7 +23,11 @@ class RequestBatcher:
     """Feeds one engine from a bounded FIFO of items."""
 
     def __init__(
-        self, engine: Engine, max_batch: int, max_wait_s: float, max_queue: int,
+        self,
+        engine: Engine,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -68,7 +72,7 @@ class RequestBatcher:
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            batch = []
+            batch: list[tuple[ImageItem, Future[Outcome]]] = []
             while self._queue and len(batch) < self.max_batch:
                 item, fut = self._queue.popleft()
                 if fut.set_running_or_notify_cancel():  # skip items whose caller went away

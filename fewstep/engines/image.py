@@ -35,7 +35,11 @@ class ImageEngine:
     """Runs the few-step student of one registry version on one backend."""
 
     def __init__(
-        self, folder: Path, encoder: TextEncoder, backend: str = "torch", precision: str = "fp32",
+        self,
+        folder: Path,
+        encoder: TextEncoder,
+        backend: str = "torch",
+        precision: str = "fp32",
         version: str | None = None,
     ) -> None:
         self.folder = folder
@@ -53,9 +57,14 @@ class ImageEngine:
         self.manifest = manifest
         self.shape = (int(manifest["architecture"]["config"].get("in_channels", 3)), h, w)
         self.info = EngineInfo(
-            model=manifest["name"], version=version or str(manifest.get("version", "1")), kind="image",
-            steps=self.schedule.steps, default_steps=self.schedule.default_steps, size=manifest["native_size"],
-            backend=backend, precision=precision,
+            model=manifest["name"],
+            version=version or str(manifest.get("version", "1")),
+            kind="image",
+            steps=self.schedule.steps,
+            default_steps=self.schedule.default_steps,
+            size=manifest["native_size"],
+            backend=backend,
+            precision=precision,
         )
         self._net: Denoiser | None = None
         self._lock = threading.Lock()
@@ -110,15 +119,20 @@ class ImageEngine:
     def _generate(self, items: list[ImageItem]) -> np.ndarray:
         assert self._net is not None
         states, mask = self.encoder.encode([it.prompt for it in items])
-        x0 = student_sample_mixed(self._net, self.schedule, [it.steps for it in items], states, mask,
-                                  [it.seed for it in items], self.shape)
+        x0 = student_sample_mixed(
+            self._net, self.schedule, [it.steps for it in items], states, mask, [it.seed for it in items], self.shape
+        )
         if not torch.isfinite(x0).all():
             raise FloatingPointError("non-finite output")
         return to_pixels(x0)
 
     def health(self) -> dict[str, Any]:
-        return {"loaded": self._net is not None, "batches": self._batches, "last_error": self._last_error,
-                "checked_at": time.time()}
+        return {
+            "loaded": self._net is not None,
+            "batches": self._batches,
+            "last_error": self._last_error,
+            "checked_at": time.time(),
+        }
 
     def close(self) -> None:
         self._net = None

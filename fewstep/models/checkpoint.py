@@ -99,7 +99,9 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
         if not name.endswith(".safetensors") and not name.endswith(".onnx"):
             raise CheckpointError(f"{folder}: {name}: only safetensors weights are accepted")
         if path.stat().st_size != meta.get("bytes"):
-            raise CheckpointError(f"{folder}: {name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}")
+            raise CheckpointError(
+                f"{folder}: {name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
+            )
         if sha256_file(path) != meta.get("sha256"):
             raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
 

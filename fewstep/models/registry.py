@@ -102,8 +102,9 @@ class Registry:
         numeric = [int(v) for v in self.versions(model) if v.isdigit()]
         return str(max(numeric, default=0) + 1)
 
-    def publish(self, src: Path, model: str | None = None, version: str | None = None,
-                promote: bool = False) -> tuple[str, str]:
+    def publish(
+        self, src: Path, model: str | None = None, version: str | None = None, promote: bool = False
+    ) -> tuple[str, str]:
         """Copy checkpoint folder `src` in as (model, version); returns them.
 
         Defaults come from `src/manifest.json`; an existing version is never overwritten (a
@@ -163,7 +164,7 @@ class Registry:
 
     def seed_from(self, checkpoints: Path) -> list[tuple[str, str]]:
         """Publish every checkpoint folder under `checkpoints` whose model the registry lacks."""
-        added = []
+        added: list[tuple[str, str]] = []
         if not checkpoints.is_dir():
             return added
         for folder in sorted(p for p in checkpoints.iterdir() if (p / MANIFEST).is_file()):

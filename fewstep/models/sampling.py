@@ -55,8 +55,14 @@ def student_sample_mixed(
                 out[i] = x0[j]
             else:
                 fresh = item_noise(seeds[i], k + 1, shape)
-                x[i] = schedule.next_state(x0[j: j + 1], v[j: j + 1], xa[j: j + 1], tt[j: j + 1],
-                                           torch.tensor([lists[i][k + 1]]), fresh[None])[0]
+                x[i] = schedule.next_state(
+                    x0[j : j + 1],
+                    v[j : j + 1],
+                    xa[j : j + 1],
+                    tt[j : j + 1],
+                    torch.tensor([lists[i][k + 1]]),
+                    fresh[None],
+                )[0]
     return out
 
 
@@ -75,14 +81,22 @@ def student_sample(
 
 @torch.inference_mode()
 def cfg_flow(
-    net: Denoiser, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-    null_states: torch.Tensor, null_mask: torch.Tensor, guidance: float,
+    net: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    null_states: torch.Tensor,
+    null_mask: torch.Tensor,
+    guidance: float,
 ) -> torch.Tensor:
     """Classic classifier-free guidance: one batched call over (cond, uncond), 2 NFE per item."""
     n = x.shape[0]
     both = net(
-        torch.cat([x, x]), torch.cat([t, t]),
-        torch.cat([states, null_states.expand(n, -1, -1)]), torch.cat([mask, null_mask.expand(n, -1)]),
+        torch.cat([x, x]),
+        torch.cat([t, t]),
+        torch.cat([states, null_states.expand(n, -1, -1)]),
+        torch.cat([mask, null_mask.expand(n, -1)]),
     )
     v_c, v_u = both[:n], both[n:]
     return v_u + guidance * (v_c - v_u)

@@ -86,8 +86,13 @@ class FewStepSchedule:
         return x - t.view(-1, 1, 1, 1) * v
 
     def next_state(
-        self, x0: torch.Tensor, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-        t_next: torch.Tensor, fresh: torch.Tensor,
+        self,
+        x0: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_next: torch.Tensor,
+        fresh: torch.Tensor,
     ) -> torch.Tensor:
         """The state at `t_next` from this step's prediction (re-noise with `fresh`, or ODE)."""
         tn = t_next.view(-1, 1, 1, 1)
@@ -143,10 +148,16 @@ class TeacherSampler:
         return [1.0 - i / self.steps for i in range(self.steps + 1)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "euler-cfg", "steps": self.steps, "guidance": self.guidance,
-                "timestep_scale": self.timestep_scale, "prediction": "flow"}
+        return {
+            "kind": "euler-cfg",
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "timestep_scale": self.timestep_scale,
+            "prediction": "flow",
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherSampler:
-        return cls(steps=int(d["steps"]), guidance=float(d["guidance"]),
-                   timestep_scale=float(d.get("timestep_scale", 1000.0)))
+        return cls(
+            steps=int(d["steps"]), guidance=float(d["guidance"]), timestep_scale=float(d.get("timestep_scale", 1000.0))
+        )

@@ -47,20 +47,18 @@ class TextEncoder:
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and mask for `prompts`, computing only those not cached yet."""
         with self._lock:
-            missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+            found = {p: self._cache[p] for p in prompts if p in self._cache}
+            for p in found:
+                self._cache.move_to_end(p)
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             states, mask = self._encode_uncached(missing)
             with self._lock:
                 for i, p in enumerate(missing):
-                    self._cache[p] = (states[i], mask[i])
-                    self._cache.move_to_end(p)
+                    found[p] = self._cache[p] = (states[i], mask[i])
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        with self._lock:
-            pairs = [self._cache[p] if p in self._cache else None for p in prompts]
-        if any(p is None for p in pairs):  # evicted between the two locks under heavy churn
-            return self._encode_uncached(list(prompts))
-        return torch.stack([p[0] for p in pairs if p]), torch.stack([p[1] for p in pairs if p])
+        return torch.stack([found[p][0] for p in prompts]), torch.stack([found[p][1] for p in prompts])
 
     def token_count(self, prompt: str) -> int:
         """Tokens the prompt takes before truncation (CLS and SEP included)."""

@@ -8,7 +8,7 @@ the prompt happens at 16×16 and 8×8.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -34,19 +34,29 @@ def image_unet_config(sample_size: int = 32, width: int = 32) -> dict[str, Any]:
     }
 
 
-def build_unet(config: dict[str, Any]) -> UNet2DConditionModel:
+def build_unet(config: dict[str, Any]) -> torch.nn.Module:
     """A UNet from a manifest config, in eval mode."""
-    return UNet2DConditionModel(**config).eval()
+    return cast(torch.nn.Module, UNet2DConditionModel(**config)).eval()
 
 
 def denoise(
-    unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
     timestep_scale: float = 1000.0,
 ) -> torch.Tensor:
     """One network evaluation: flow prediction for states `x` at per-item times `t` (shape (B,))."""
     pooled = (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-    return unet(x, t * timestep_scale, encoder_hidden_states=states, encoder_attention_mask=mask,
-                class_labels=pooled, return_dict=False)[0]
+    return unet(
+        x,
+        t * timestep_scale,
+        encoder_hidden_states=states,
+        encoder_attention_mask=mask,
+        class_labels=pooled,
+        return_dict=False,
+    )[0]
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -55,7 +55,9 @@ def build_items(req: ImageGenerationRequest, settings: Settings, runtime: Runtim
     if not req.prompt.strip():
         raise limit_error("prompt", "a non-empty string", req.prompt)
     if len(req.prompt) > settings.max_prompt_chars:
-        raise limit_error("prompt", f"at most {settings.max_prompt_chars} characters long", f"{len(req.prompt)} characters")
+        raise limit_error(
+            "prompt", f"at most {settings.max_prompt_chars} characters long", f"{len(req.prompt)} characters"
+        )
     if not 1 <= req.n <= settings.max_n:
         raise limit_error("n", f"between 1 and {settings.max_n}", req.n)
     if req.size is not None and req.size != info.size:
@@ -164,12 +166,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cards = []
         for s in runtime.models.values():
             info = s.engine.info if s.engine is not None else None
-            cards.append(ModelCard(
-                id=s.name, created=s.created, kind=s.kind, version=s.version,
-                versions=[ModelVersion(version=v, status=st, reason=why) for v, (st, why) in s.statuses.items()],
-                steps=info.steps if info else [], default_steps=info.default_steps if info else 0,
-                size=info.size if info else "", backend=settings.backend, precision=settings.precision,
-            ))
+            cards.append(
+                ModelCard(
+                    id=s.name,
+                    created=s.created,
+                    kind=s.kind,
+                    version=s.version,
+                    versions=[ModelVersion(version=v, status=st, reason=why) for v, (st, why) in s.statuses.items()],
+                    steps=info.steps if info else [],
+                    default_steps=info.default_steps if info else 0,
+                    size=info.size if info else "",
+                    backend=settings.backend,
+                    precision=settings.precision,
+                )
+            )
         return ModelList(data=cards)
 
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
@@ -188,8 +198,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.request_seconds.labels(req.model, str(steps)).observe(time.perf_counter() - t0)
         metrics.images.labels(req.model, str(steps)).inc(len(results))
         return ImageGenerationResponse(
-            created=int(time.time()), model=req.model, model_version=served.engine.info.version, steps=steps,
-            nfe=sum(r.nfe for r in results) // len(results), hybrid=req.hybrid, size=served.engine.info.size,
+            created=int(time.time()),
+            model=req.model,
+            model_version=served.engine.info.version,
+            steps=steps,
+            nfe=sum(r.nfe for r in results) // len(results),
+            hybrid=req.hybrid,
+            size=served.engine.info.size,
             data=[ImageDatum(b64_json=b, seed=r.seed) for b, r in zip(pngs, results, strict=True)],
         )
 

@@ -25,7 +25,7 @@ class KeyRing:
             return "anonymous"
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-        digest = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).digest()
+        digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
         if not any(hmac.compare_digest(digest, d) for d in self._digests):
             raise Unauthorized("invalid API key")
         return digest.hex()[:16]

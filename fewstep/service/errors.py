@@ -70,8 +70,12 @@ def install(app: FastAPI) -> None:
         errs = exc.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                                           "InvalidRequest", "body"), status_code=422)
+            return JSONResponse(
+                error_body(
+                    f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", "InvalidRequest", "body"
+                ),
+                status_code=422,
+            )
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) or "body"
         msg = f"`{field}`: {first.get('msg', 'invalid value')}. Given: {first.get('input')!r}"

@@ -12,19 +12,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("fewstep_requests", "HTTP requests by route and status code.",
-                                ["route", "status"], registry=r)
-        self.request_seconds = Histogram("fewstep_image_request_seconds",
-                                         "Latency of image generation requests, by model and steps.",
-                                         ["model", "steps"], buckets=LATENCY_BUCKETS, registry=r)
-        self.images = Counter("fewstep_images", "Images generated, by model and steps.", ["model", "steps"],
-                              registry=r)
-        self.batch_size = Histogram("fewstep_batch_size", "Items per engine call.", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("fewstep_batch_seconds", "Wall time of one engine call.", ["model"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_waiting = Gauge("fewstep_queue_waiting_items", "Items waiting for an engine.", ["model"],
-                                   registry=r)
+        self.requests = Counter(
+            "fewstep_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "fewstep_image_request_seconds",
+            "Latency of image generation requests, by model and steps.",
+            ["model", "steps"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("fewstep_images", "Images generated, by model and steps.", ["model", "steps"], registry=r)
+        self.batch_size = Histogram(
+            "fewstep_batch_size", "Items per engine call.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "fewstep_batch_seconds", "Wall time of one engine call.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_waiting = Gauge("fewstep_queue_waiting_items", "Items waiting for an engine.", ["model"], registry=r)
         self.models_ready = Gauge("fewstep_models_ready", "Models loaded and serving.", registry=r)
-        self.model_refused = Counter("fewstep_model_versions_refused", "Model versions refused at load.",
-                                     ["model"], registry=r)
+        self.model_refused = Counter(
+            "fewstep_model_versions_refused", "Model versions refused at load.", ["model"], registry=r
+        )

@@ -9,6 +9,7 @@ that loads serves instead, so a bad checkpoint never takes the model down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -94,8 +95,13 @@ class Runtime:
         for version in [promoted, *older]:
             try:
                 self.registry.validate(name, version)
-                engine = ImageEngine(self.registry.version_dir(name, version), self.encoder,  # type: ignore[arg-type]
-                                     self.settings.backend, self.settings.precision, version=version)
+                engine = ImageEngine(
+                    self.registry.version_dir(name, version),
+                    self.encoder,  # type: ignore[arg-type]
+                    self.settings.backend,
+                    self.settings.precision,
+                    version=version,
+                )
                 engine.load()
                 engine.warmup()
             except FewstepError as e:
@@ -108,8 +114,11 @@ class Runtime:
             served.created = int(self.registry.version_dir(name, version).stat().st_mtime)
             served.statuses[version] = ("serving", None)
             served.batcher = RequestBatcher(
-                engine, self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0, self.settings.max_queue,
-                on_batch=lambda n, s, m=name: self._observe_batch(m, n, s),
+                engine,
+                self.settings.max_batch_size,
+                self.settings.batch_wait_ms / 1000.0,
+                self.settings.max_queue,
+                on_batch=functools.partial(self._observe_batch, name),
             )
             log.info("serving %s:%s on %s/%s", name, version, self.settings.backend, self.settings.precision)
             break
@@ -124,8 +133,10 @@ class Runtime:
     def ready(self) -> bool:
         """Loading finished, nothing failed, and every served model has a working version."""
         return (
-            self.loaded.is_set() and self.load_error is None
-            and bool(self.models) and all(s.engine is not None for s in self.models.values())
+            self.loaded.is_set()
+            and self.load_error is None
+            and bool(self.models)
+            and all(s.engine is not None for s in self.models.values())
         )
 
     def close(self) -> None:
@@ -154,8 +165,11 @@ class Runtime:
         futures = s.batcher.submit(items)
         self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
         try:
-            return list(await asyncio.wait_for(
-                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), self.settings.request_timeout_s))
+            return list(
+                await asyncio.wait_for(
+                    asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), self.settings.request_timeout_s
+                )
+            )
         except TimeoutError as e:
             for f in futures:
                 f.cancel()

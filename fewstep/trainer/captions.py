@@ -19,7 +19,7 @@ class CaptionBank:
         self.index = {c: i for i, c in enumerate(caps)}
         states, masks = [], []
         for i in range(0, len(caps), chunk):
-            s, m = encoder._encode_uncached(caps[i: i + chunk])
+            s, m = encoder._encode_uncached(caps[i : i + chunk])
             states.append(s)
             masks.append(m)
         self.states = torch.cat(states)

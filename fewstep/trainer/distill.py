@@ -22,6 +22,7 @@ import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,12 @@ ABLATION_DIR = Path("var/train/shapes-regression-only")
 
 
 def make_pairs(
-    teacher: torch.nn.Module, bank: CaptionBank, sampler: TeacherSampler, seed: int, count: int, chunk: int = 128,
+    teacher: torch.nn.Module,
+    bank: CaptionBank,
+    sampler: TeacherSampler,
+    seed: int,
+    count: int,
+    chunk: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`count` (noise, teacher sample, states, mask) tuples for training captions."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -60,8 +66,13 @@ def make_pairs(
 
 
 def _regression_loss(
-    student: torch.nn.Module, z: torch.Tensor, x0: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-    t: torch.Tensor, g: torch.Generator,
+    student: torch.nn.Module,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    g: torch.Generator,
 ) -> torch.Tensor:
     """MSE between the student's x0 estimate and the teacher sample, at per-item times `t`."""
     eps = torch.randn(x0.shape, generator=g)
@@ -73,7 +84,12 @@ def _regression_loss(
 
 
 def train_student(
-    teacher: torch.nn.Module, pairs: tuple[torch.Tensor, ...], seed: int, steps: int, batch: int, lr: float,
+    teacher: torch.nn.Module,
+    pairs: tuple[torch.Tensor, ...],
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
     log_every: int = 50,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Stage 1: regression on ODE pairs. Half of every batch is t = 1 (the 1-NFE map)."""
@@ -102,14 +118,26 @@ def train_student(
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             el = time.time() - t0
-            print(f"  student step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
-                  f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)", flush=True)
+            print(
+                f"  student step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
+                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)",
+                flush=True,
+            )
     return student.eval(), losses
 
 
 def train_dmd(
-    student: torch.nn.Module, teacher: torch.nn.Module, bank: CaptionBank, pairs: tuple[torch.Tensor, ...],
-    guidance: float, seed: int, steps: int, batch: int, lr: float, reg_weight: float = 0.5, log_every: int = 25,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    bank: CaptionBank,
+    pairs: tuple[torch.Tensor, ...],
+    guidance: float,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    reg_weight: float = 0.5,
+    log_every: int = 25,
 ) -> tuple[torch.nn.Module, dict[str, list[float]]]:
     """Stage 2: distribution matching on the 1-NFE output plus the regression regulariser."""
     z_all, x_all, s_all, m_all = pairs
@@ -135,13 +163,15 @@ def train_dmd(
         tb = t.view(-1, 1, 1, 1)
         xt = (1 - tb) * x_gen.detach() + tb * torch.randn(x_gen.shape, generator=g)
         with torch.no_grad():
-            x0_real = xt - tb * cfg_flow(as_denoiser(teacher), xt, t, states, mask, bank.null_states, bank.null_mask, guidance)
+            x0_real = xt - tb * cfg_flow(
+                as_denoiser(teacher), xt, t, states, mask, bank.null_states, bank.null_mask, guidance
+            )
             x0_fake = xt - tb * denoise(fake, xt, t, states, mask)
             norm = (x_gen - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
             grad = (x0_fake - x0_real) / norm
         loss_dmd = 0.5 * F.mse_loss(x_gen, (x_gen - grad).detach())
         t_reg = torch.ones(batch)
-        t_reg[batch // 2:] = torch.tensor(lower)[torch.randint(0, len(lower), (batch - batch // 2,), generator=g)]
+        t_reg[batch // 2 :] = torch.tensor(lower)[torch.randint(0, len(lower), (batch - batch // 2,), generator=g)]
         loss_reg = _regression_loss(student, z_all[idx], x_all[idx], s_all[idx], m_all[idx], t_reg, g)
         opt_g.zero_grad(set_to_none=True)
         (loss_dmd + reg_weight * loss_reg).backward()
@@ -161,41 +191,53 @@ def train_dmd(
         curves["fake score"].append(loss_fake.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             el = time.time() - t0
-            print(f"  dmd step {step + 1}/{steps} dmd {loss_dmd.item():.4f} reg {loss_reg.item():.4f} "
-                  f"fake {loss_fake.item():.4f} ({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)", flush=True)
+            print(
+                f"  dmd step {step + 1}/{steps} dmd {loss_dmd.item():.4f} reg {loss_reg.item():.4f} "
+                f"fake {loss_fake.item():.4f} ({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)",
+                flush=True,
+            )
     return student.eval(), curves
 
 
-def _student_manifest(teacher_manifest: dict, recipe: object, extra: dict) -> dict:
+def _student_manifest(teacher_manifest: dict, recipe: Any, extra: dict) -> dict:
     schedule = default_student_schedule()
     return {
-        "name": "shapes", "version": "1", "kind": "image",
+        "name": "shapes",
+        "version": "1",
+        "kind": "image",
         "architecture": teacher_manifest["architecture"],
-        "text_encoder": teacher_manifest["text_encoder"], "native_size": teacher_manifest["native_size"],
+        "text_encoder": teacher_manifest["text_encoder"],
+        "native_size": teacher_manifest["native_size"],
         "schedule": schedule.to_dict(),
-        "teacher": {"name": teacher_manifest["name"], "version": teacher_manifest.get("version"),
-                    "sha256": teacher_manifest["files"]["model.safetensors"]["sha256"],
-                    "sampler": teacher_manifest["sampler"]},
-        "trainer": {"recipe": asdict(recipe), **extra},  # type: ignore[call-overload]
+        "teacher": {
+            "name": teacher_manifest["name"],
+            "version": teacher_manifest.get("version"),
+            "sha256": teacher_manifest["files"]["model.safetensors"]["sha256"],
+            "sampler": teacher_manifest["sampler"],
+        },
+        "trainer": {"recipe": asdict(recipe), **extra},
     }
 
 
-def stage_student(r, out: Path, docs: Path, bank: CaptionBank) -> None:  # type: ignore[no-untyped-def]
+def stage_student(r: Any, out: Path, docs: Path, bank: CaptionBank) -> None:
     from fewstep.trainer.image import STUDENT_DIR, TEACHER_DIR, load_unet
 
     t0 = time.time()
     teacher_manifest, teacher = load_unet(out / TEACHER_DIR)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sampler = TeacherSampler(steps=r.pair_sampler_steps, guidance=TeacherSampler.from_dict(teacher_manifest["sampler"]).guidance)
+    sampler = TeacherSampler(
+        steps=r.pair_sampler_steps, guidance=TeacherSampler.from_dict(teacher_manifest["sampler"]).guidance
+    )
     pairs = make_pairs(teacher, bank, sampler, r.seed, r.pair_count)
     student, losses = train_student(teacher, pairs, r.seed, r.student_steps, r.student_batch, r.student_lr)
     curves: dict[str, list[float]] = {"ODE-pair regression": losses}
     extra = {"pairs": r.pair_count, "pair_sampler": sampler.to_dict(), "regression_steps": r.student_steps}
     if r.dmd_steps > 0:
         save_checkpoint(ABLATION_DIR, student.state_dict(), _student_manifest(teacher_manifest, r, extra))
-        student, dmd_curves = train_dmd(student, teacher, bank, pairs, sampler.guidance, r.seed, r.dmd_steps,
-                                        r.student_batch // 2, r.student_lr / 3)
+        student, dmd_curves = train_dmd(
+            student, teacher, bank, pairs, sampler.guidance, r.seed, r.dmd_steps, r.student_batch // 2, r.student_lr / 3
+        )
         curves.update({f"DMD: {k}": v for k, v in dmd_curves.items()})
         extra["dmd_steps"] = r.dmd_steps
     save_curves(curves, docs / "student_loss.png", "image student distillation")

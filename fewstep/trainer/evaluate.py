@@ -65,12 +65,19 @@ def mean_pairwise(feats: np.ndarray) -> float:
 
 
 def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 128) -> np.ndarray:
-    return np.concatenate([fn(prompts[i: i + chunk], seeds[i: i + chunk]) for i in range(0, len(prompts), chunk)])
+    return np.concatenate([fn(prompts[i : i + chunk], seeds[i : i + chunk]) for i in range(0, len(prompts), chunk)])
 
 
 def evaluate_sampler(
-    name: str, nfe: int, fn: Sampler, judge: clf.AttributeClassifier, real_feats: np.ndarray,
-    per_prompt: int, div_prompts: int, div_seeds: int, real_div: float,
+    name: str,
+    nfe: int,
+    fn: Sampler,
+    judge: clf.AttributeClassifier,
+    real_feats: np.ndarray,
+    per_prompt: int,
+    div_prompts: int,
+    div_seeds: int,
+    real_div: float,
 ) -> tuple[Row, np.ndarray]:
     """Score one sampler; returns its row and the held-out images (for grids)."""
     held = shapes.eval_prompts()
@@ -94,13 +101,21 @@ def evaluate_sampler(
         dimg = fn([p] * div_seeds, [3_000_000 + i for i in range(div_seeds)])
         divs.append(mean_pairwise(clf.judge(judge, dimg)[2]))
     row = Row(
-        name=name, nfe=nfe,
-        joint=float(((s == ys) & (c == yc)).mean()), shape=float((s == ys).mean()), colour=float((c == yc).mean()),
+        name=name,
+        nfe=nfe,
+        joint=float(((s == ys) & (c == yc)).mean()),
+        shape=float((s == ys).mean()),
+        colour=float((c == yc).mean()),
         paraphrase=float(((ps == pys) & (pc == pyc)).mean()),
-        frechet=frechet(feats, real_feats), diversity=float(np.mean(divs)) / real_div, ms_per_image=ms,
+        frechet=frechet(feats, real_feats),
+        diversity=float(np.mean(divs)) / real_div,
+        ms_per_image=ms,
     )
-    print(f"  {name}: joint {row.joint:.3f} paraphrase {row.paraphrase:.3f} frechet {row.frechet:.2f} "
-          f"diversity {row.diversity:.2f} ({ms:.1f} ms/image)", flush=True)
+    print(
+        f"  {name}: joint {row.joint:.3f} paraphrase {row.paraphrase:.3f} frechet {row.frechet:.2f} "
+        f"diversity {row.diversity:.2f} ({ms:.1f} ms/image)",
+        flush=True,
+    )
     return row, images
 
 
@@ -131,14 +146,19 @@ def teacher_fn(unet: torch.nn.Module, sampler: TeacherSampler, enc: TextEncoder)
 def student_fn(unet: torch.nn.Module, schedule: FewStepSchedule, steps: int, enc: TextEncoder) -> Sampler:
     def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
         s, m = enc.encode(prompts)
-        return student_sample(as_denoiser(unet, schedule.timestep_scale), schedule, steps, s, m, seeds).clamp(-1, 1).numpy()
+        return (
+            student_sample(as_denoiser(unet, schedule.timestep_scale), schedule, steps, s, m, seeds)
+            .clamp(-1, 1)
+            .numpy()
+        )
 
     return run
 
 
 def _table(rows: list[Row], teacher_joint: float) -> str:
     lines = [
-        "| sampler | NFE | joint acc. | × teacher | shape | colour | paraphrase joint | Fréchet ↓ | diversity (× real) | ms/image (b64) |",
+        "| sampler | NFE | joint acc. | × teacher | shape | colour | paraphrase joint | Fréchet ↓ "
+        "| diversity (× real) | ms/image (b64) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -164,8 +184,12 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder) -> None:
     sampler = TeacherSampler.from_dict(t_manifest["sampler"])
     rows: list[Row] = []
     grids: dict[str, np.ndarray] = {}
-    row, img = evaluate_sampler(f"teacher, Euler {sampler.steps} steps, CFG {sampler.guidance:g}",
-                                2 * sampler.steps, teacher_fn(teacher, sampler, enc), *args)
+    row, img = evaluate_sampler(
+        f"teacher, Euler {sampler.steps} steps, CFG {sampler.guidance:g}",
+        2 * sampler.steps,
+        teacher_fn(teacher, sampler, enc),
+        *args,
+    )
     rows.append(row)
     grids["teacher"] = img
     students = [("student", out / STUDENT_DIR)]
@@ -176,16 +200,31 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder) -> None:
         s_manifest, student = load_unet(folder)
         schedule = FewStepSchedule.from_dict(s_manifest["schedule"])
         for steps in schedule.steps:
-            row, img = evaluate_sampler(f"{label}, {steps} step{'s' if steps > 1 else ''}", steps,
-                                        student_fn(student, schedule, steps, enc), *args)
+            row, img = evaluate_sampler(
+                f"{label}, {steps} step{'s' if steps > 1 else ''}",
+                steps,
+                student_fn(student, schedule, steps, enc),
+                *args,
+            )
             rows.append(row)
             if folder == out / STUDENT_DIR:
                 grids[f"student {steps}"] = img
-                s_metrics[str(steps)] = {"joint": row.joint, "paraphrase": row.paraphrase, "frechet": row.frechet,
-                                         "diversity": row.diversity}
+                s_metrics[str(steps)] = {
+                    "joint": row.joint,
+                    "paraphrase": row.paraphrase,
+                    "frechet": row.frechet,
+                    "diversity": row.diversity,
+                }
     teacher_joint = rows[0].joint
-    _update_metrics(out / TEACHER_DIR, {"joint": rows[0].joint, "paraphrase": rows[0].paraphrase,
-                                        "frechet": rows[0].frechet, "diversity": rows[0].diversity})
+    _update_metrics(
+        out / TEACHER_DIR,
+        {
+            "joint": rows[0].joint,
+            "paraphrase": rows[0].paraphrase,
+            "frechet": rows[0].frechet,
+            "diversity": rows[0].diversity,
+        },
+    )
     _update_metrics(out / STUDENT_DIR, {"by_steps": s_metrics, "teacher_joint": teacher_joint})
 
     per = r.eval_images_per_prompt
@@ -202,8 +241,9 @@ def _update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
     write_json_atomic(folder / "manifest.json", m)
 
 
-def _write_card(docs: Path, rows: list[Row], teacher_joint: float, real_acc: dict, real_div: float, r: Any,
-                grid_prompts: list[str]) -> None:
+def _write_card(
+    docs: Path, rows: list[Row], teacher_joint: float, real_acc: dict, real_div: float, r: Any, grid_prompts: list[str]
+) -> None:
     card = docs / "MODEL_CARD.md"
     marker = "<!-- image-eval -->"
     body = f"""{marker}
@@ -218,13 +258,14 @@ background, with colour jitter. Captions come from {len(shapes.TRAIN_TEMPLATES)}
 synonyms per word.
 
 **Judge.** An attribute classifier (CNN, two heads) trained on the procedural data; on
-{real_acc['n']} fresh real images it scores shape {real_acc['shape']:.3f}, colour {real_acc['colour']:.3f},
-joint {real_acc['joint']:.3f}.
+{real_acc["n"]} fresh real images it scores shape {real_acc["shape"]:.3f}, colour {real_acc["colour"]:.3f},
+joint {real_acc["joint"]:.3f}.
 
 **Held-out prompts.** Every colour × shape in templates never used in training
-({', '.join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}), {r.eval_images_per_prompt} seeds each
-({len(shapes.eval_prompts()) * r.eval_images_per_prompt} images per row). *Paraphrase joint* uses words never seen in training:
-{', '.join(repr(p) for p, _, _ in shapes.PARAPHRASES)} ({r.eval_images_per_prompt} seeds each).
+({", ".join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}), {r.eval_images_per_prompt} seeds each
+({len(shapes.eval_prompts()) * r.eval_images_per_prompt} images per row). *Paraphrase joint* uses words never
+seen in training:
+{", ".join(repr(p) for p, _, _ in shapes.PARAPHRASES)} ({r.eval_images_per_prompt} seeds each).
 
 **Fréchet** is computed on the classifier's {clf.FEATURE_DIM}-d features against 2000 real images.
 **Diversity** is the mean pairwise feature distance over {r.diversity_seeds} seeds of one prompt,
@@ -238,7 +279,7 @@ has CFG baked in. ms/image is wall time of the evaluation loop at batch 64 on th
 cores, shared), for orientation only: `bench/` holds the benchmarks.
 
 Samples (rows: teacher, then the student at 1, 2, 3 and 4 steps; columns: the prompts
-{', '.join(repr(p) for p in grid_prompts)}; same seed per column):
+{", ".join(repr(p) for p in grid_prompts)}; same seed per column):
 
 ![samples](samples.png)
 

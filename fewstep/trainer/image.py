@@ -50,10 +50,21 @@ class ImageRecipe:
 
     @classmethod
     def quick(cls) -> ImageRecipe:
-        return cls(classifier_steps=5, teacher_steps=3, teacher_batch=8, unet_width=16,
-                   sampler={"steps": 2, "guidance": 3.0}, pair_count=16, pair_sampler_steps=12,
-                   student_steps=3, student_batch=8, dmd_steps=0, eval_images_per_prompt=1,
-                   diversity_prompts=2, diversity_seeds=2)
+        return cls(
+            classifier_steps=5,
+            teacher_steps=3,
+            teacher_batch=8,
+            unet_width=16,
+            sampler={"steps": 2, "guidance": 3.0},
+            pair_count=16,
+            pair_sampler_steps=12,
+            student_steps=3,
+            student_batch=8,
+            dmd_steps=0,
+            eval_images_per_prompt=1,
+            diversity_prompts=2,
+            diversity_seeds=2,
+        )
 
 
 def encoder_meta() -> dict[str, Any]:
@@ -79,11 +90,18 @@ def stage_classifier(r: ImageRecipe, out: Path, docs: Path) -> None:
     model = clf.train_classifier(r.seed, r.classifier_steps)
     acc = clf.real_accuracy(model, r.seed)
     print(f"  classifier accuracy on real images: {acc}", flush=True)
-    save_checkpoint(out / CLASSIFIER_DIR, model.state_dict(), {
-        "name": CLASSIFIER_DIR, "version": "1", "kind": "classifier",
-        "architecture": {"class": "AttributeClassifier"},
-        "metrics": {"real": acc}, "trainer": {"recipe": asdict(r), "seconds": round(time.time() - t0, 1)},
-    })
+    save_checkpoint(
+        out / CLASSIFIER_DIR,
+        model.state_dict(),
+        {
+            "name": CLASSIFIER_DIR,
+            "version": "1",
+            "kind": "classifier",
+            "architecture": {"class": "AttributeClassifier"},
+            "metrics": {"real": acc},
+            "trainer": {"recipe": asdict(r), "seconds": round(time.time() - t0, 1)},
+        },
+    )
 
 
 def stage_teacher(r: ImageRecipe, out: Path, docs: Path, bank: CaptionBank) -> None:
@@ -91,13 +109,20 @@ def stage_teacher(r: ImageRecipe, out: Path, docs: Path, bank: CaptionBank) -> N
     config = image_unet_config(width=r.unet_width)
     unet, losses = train_teacher(config, bank, r.seed, r.teacher_steps, r.teacher_batch, r.teacher_lr)
     save_curves({"flow-matching loss": losses}, docs / "teacher_loss.png", "image teacher training")
-    save_checkpoint(out / TEACHER_DIR, unet.state_dict(), {
-        "name": TEACHER_DIR, "version": "1", "kind": "image-teacher",
-        "architecture": {"class": "UNet2DConditionModel", "config": config},
-        "text_encoder": encoder_meta(), "native_size": "32x32",
-        "sampler": TeacherSampler(**r.sampler).to_dict(),
-        "trainer": {"recipe": asdict(r), "seconds": round(time.time() - t0, 1), "final_loss": losses[-1]},
-    })
+    save_checkpoint(
+        out / TEACHER_DIR,
+        unet.state_dict(),
+        {
+            "name": TEACHER_DIR,
+            "version": "1",
+            "kind": "image-teacher",
+            "architecture": {"class": "UNet2DConditionModel", "config": config},
+            "text_encoder": encoder_meta(),
+            "native_size": "32x32",
+            "sampler": TeacherSampler(**r.sampler).to_dict(),
+            "trainer": {"recipe": asdict(r), "seconds": round(time.time() - t0, 1), "final_loss": losses[-1]},
+        },
+    )
 
 
 def run(stages: list[str], out: Path, docs: Path, recipe: ImageRecipe, threads: int) -> None:

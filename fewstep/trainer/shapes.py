@@ -194,6 +194,4 @@ def labels(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_prompts() -> list[tuple[str, str, str]]:
     """Held-out prompts: every (colour, shape) in every held-out template, base words only."""
-    return [
-        (t.format(c=c, s=s), c, s) for t in HELDOUT_TEMPLATES for c in COLOUR_NAMES for s in SHAPES
-    ]
+    return [(t.format(c=c, s=s), c, s) for t in HELDOUT_TEMPLATES for c in COLOUR_NAMES for s in SHAPES]

@@ -34,8 +34,8 @@ class Ema:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
-            e.copy_(b)
+        for mine, theirs in zip(self.module.buffers(), module.buffers(), strict=True):
+            mine.copy_(theirs)
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -47,8 +47,15 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def train_teacher(
-    config: dict, bank: CaptionBank, seed: int, steps: int, batch_size: int = 64, lr: float = 1e-3,
-    drop_prob: float = 0.1, ema_decay: float = 0.999, log_every: int = 50,
+    config: dict,
+    bank: CaptionBank,
+    seed: int,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    drop_prob: float = 0.1,
+    ema_decay: float = 0.999,
+    log_every: int = 50,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train a teacher UNet; returns its EMA copy and the per-step losses."""
     torch.manual_seed(seed)
@@ -80,6 +87,9 @@ def train_teacher(
         if (step + 1) % log_every == 0 or step + 1 == steps:
             el = time.time() - t0
             eta = el / (step + 1) * (steps - step - 1)
-            print(f"  teacher step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
-                  f"({el:.0f}s, eta {eta:.0f}s)", flush=True)
+            print(
+                f"  teacher step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
+                f"({el:.0f}s, eta {eta:.0f}s)",
+                flush=True,
+            )
     return ema.module, losses

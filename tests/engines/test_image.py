@@ -39,14 +39,15 @@ def test_same_request_same_image_alone_or_among_strangers(engine: ImageEngine, s
     alone = _pixels(engine.run([me])[0])
     strangers = [ImageItem(f"a blue square {i}", seed=i, steps=1 + i % 4) for i in range(7)]
     for position in (0, 3, 7):
-        batch = strangers[:position] + [me] + strangers[position:]
+        batch = [*strangers[:position], me, *strangers[position:]]
         together = _pixels(engine.run(batch)[position])
         assert np.abs(together - alone).max() <= 1
 
 
 def test_seed_and_steps_change_the_image(engine: ImageEngine) -> None:
-    a, b, c = engine.run([ImageItem("a red circle", 1, 4), ImageItem("a red circle", 2, 4),
-                          ImageItem("a red circle", 1, 1)])
+    a, b, c = engine.run(
+        [ImageItem("a red circle", 1, 4), ImageItem("a red circle", 2, 4), ImageItem("a red circle", 1, 1)]
+    )
     assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
     assert np.abs(_pixels(a) - _pixels(c)).mean() > 1
 

@@ -39,8 +39,9 @@ def test_models_list_has_the_openai_shape_plus_fewstep_fields(server: Server) ->
 
 
 def test_generation_returns_pngs_and_echoes_seeds(server: Server) -> None:
-    r = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", "n": 3, "steps": 2,
-                                          "seed": 10}, timeout=60)
+    r = httpx.post(
+        server.url + GEN, json={"model": "shapes", "prompt": "a red circle", "n": 3, "steps": 2, "seed": 10}, timeout=60
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "shapes" and body["model_version"] == "1"
@@ -80,8 +81,9 @@ def test_random_seed_is_echoed_and_defaults_apply(server: Server) -> None:
         ({"model": "nope"}, 404, "model 'nope' not found"),
     ],
 )
-def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(server: Server, patch: dict, status: int,
-                                                               needle: str) -> None:
+def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(
+    server: Server, patch: dict, status: int, needle: str
+) -> None:
     r = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", **patch}, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
@@ -108,8 +110,14 @@ def test_openai_client_library_talks_to_the_server(server: Server) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     assert "shapes" in [m.id for m in client.models.list()]
-    result = client.images.generate(model="shapes", prompt="a green triangle", n=2, size="32x32",
-                                    response_format="b64_json", extra_body={"steps": 1, "seed": 3})
+    result = client.images.generate(
+        model="shapes",
+        prompt="a green triangle",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"steps": 1, "seed": 3},
+    )
     assert len(result.data) == 2
     assert _image(result.data[0].b64_json).shape == (32, 32, 3)
     with pytest.raises(openai.UnprocessableEntityError, match="steps"):
@@ -124,8 +132,12 @@ def test_api_keys_guard_every_v1_route(tmp_path: Path, checkpoints: Path) -> Non
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer k-two"}).status_code == 200
-        r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"},
-                       headers={"Authorization": "Bearer k-one"}, timeout=60)
+        r = httpx.post(
+            s.url + GEN,
+            json={"model": "shapes", "prompt": "a red circle"},
+            headers={"Authorization": "Bearer k-one"},
+            timeout=60,
+        )
         assert r.status_code == 200
         assert "k-one" not in s.output() and "k-two" not in s.output()
     finally:
@@ -152,8 +164,9 @@ def test_a_refused_promoted_version_falls_back_to_the_previous_one(tmp_path: Pat
         stop_server(s)
 
 
-def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(tmp_path: Path,
-                                                                               checkpoints: Path) -> None:
+def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(
+    tmp_path: Path, checkpoints: Path
+) -> None:
     from fewstep.models.registry import Registry
 
     reg = Registry(tmp_path / "registry")

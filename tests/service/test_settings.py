@@ -1,13 +1,16 @@
+import inspect
+
 import pytest
 from pydantic import ValidationError
 
+from fewstep.service import settings as settings_module
 from fewstep.service.settings import Settings
 
 
 def test_defaults_are_valid_and_documented() -> None:
     s = Settings(_env_file=None)
     assert s.port == 8000 and s.max_n == 8 and s.redis_url is None and s.api_keys == []
-    source = open(Settings.__module__.replace(".", "/") + ".py").read()  # noqa: SIM115
+    source = inspect.getsource(settings_module)
     for name in Settings.model_fields:
         assert f"    {name}:" in source
         after = source.split(f"    {name}:", 1)[1].split("\n", 2)[1]
@@ -23,10 +26,11 @@ def test_environment_overrides_with_the_prefix(monkeypatch: pytest.MonkeyPatch) 
     assert "a" not in repr(s.api_keys)
 
 
-@pytest.mark.parametrize(("var", "value"), [("FEWSTEP_MAX_N", "0"), ("FEWSTEP_PORT", "70000"),
-                                            ("FEWSTEP_BACKEND", "magic"), ("FEWSTEP_THREADS", "0")])
-def test_invalid_values_fail_at_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch, var: str,
-                                                         value: str) -> None:
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("FEWSTEP_MAX_N", "0"), ("FEWSTEP_PORT", "70000"), ("FEWSTEP_BACKEND", "magic"), ("FEWSTEP_THREADS", "0")],
+)
+def test_invalid_values_fail_at_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(var, value)
     with pytest.raises(ValidationError, match=var.removeprefix("FEWSTEP_").lower()):
         Settings()

@@ -24,8 +24,10 @@ def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: P
     assert student["kind"] == "image"
     assert sorted(student["schedule"]["timesteps"]) == ["1", "2", "3", "4"]
     assert set(student["metrics"]["by_steps"]) == {"1", "2", "3", "4"}
-    assert student["teacher"]["sha256"] == json.loads(
-        (out / "shapes-teacher" / "manifest.json").read_text())["files"]["model.safetensors"]["sha256"]
+    assert (
+        student["teacher"]["sha256"]
+        == json.loads((out / "shapes-teacher" / "manifest.json").read_text())["files"]["model.safetensors"]["sha256"]
+    )
 
     card = (docs / "MODEL_CARD.md").read_text()
     assert "| student, 1 step | 1 |" in card and "paraphrase" in card

@@ -34,8 +34,22 @@ def test_heldout_templates_and_paraphrase_words_never_occur_in_training_captions
         stem = template.split("{")[0].strip()
         assert stem not in joined
     for prompt, _, _ in shapes.PARAPHRASES:
-        for word in ("crimson", "scarlet", "disc", "azure", "emerald", "tile", "cobalt", "golden", "mustard",
-                     "arrowhead", "plum", "mauve", "round shape", "three-sided"):
+        for word in (
+            "crimson",
+            "scarlet",
+            "disc",
+            "azure",
+            "emerald",
+            "tile",
+            "cobalt",
+            "golden",
+            "mustard",
+            "arrowhead",
+            "plum",
+            "mauve",
+            "round shape",
+            "three-sided",
+        ):
             if word in prompt:
                 assert word not in joined
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fewstep.errors import CheckpointError
 from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.unet import Denoiser, as_denoiser, build_unet
