@@ -52,8 +52,11 @@ def main() -> None:
             if base is None:
                 base = per_image
             rows.append((steps, b, statistics.median(times) * 1000, per_image, per_image / base))
-            print(f"steps {steps} batch {b:3d}: {rows[-1][2]:8.1f} ms/batch {per_image:7.2f} ms/image "
-                  f"({per_image / base:.2f}× 1-step batch-1)", flush=True)
+            print(
+                f"steps {steps} batch {b:3d}: {rows[-1][2]:8.1f} ms/batch {per_image:7.2f} ms/image "
+                f"({per_image / base:.2f}× 1-step batch-1)",
+                flush=True,
+            )
     lines = [
         "# Image engine: cost by steps and batch size",
         "",

@@ -7,14 +7,13 @@ blur, so that it judges generations by what they show rather than by pixel-perfe
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fewstep.trainer import shapes
+from fewstep.trainer.progress import Progress
 
 FEATURE_DIM = 64
 
@@ -70,7 +69,7 @@ def train_classifier(seed: int, steps: int, batch_size: int = 128, log_every: in
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    t0 = time.time()
+    progress = Progress("classifier step", steps, log_every)
     for step in range(steps):
         x, scenes, _ = shapes.batch(seed + 7919, step, batch_size)
         ys, yc = (torch.from_numpy(a) for a in shapes.labels(scenes))
@@ -80,8 +79,7 @@ def train_classifier(seed: int, steps: int, batch_size: int = 128, log_every: in
         loss.backward()
         opt.step()
         sched.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"  classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        progress.update(loss=loss.item())
     return model.eval()
 
 

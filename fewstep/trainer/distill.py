@@ -34,9 +34,10 @@ from fewstep.models.unet import as_denoiser, denoise
 from fewstep.trainer import shapes
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.plots import save_curves
+from fewstep.trainer.progress import Progress
 from fewstep.trainer.teacher import cosine_lr
 
-ABLATION_DIR = Path("var/train/shapes-regression-only")
+ABLATION_DIR = "shapes-regression-only"
 
 
 def make_pairs(
@@ -63,6 +64,14 @@ def make_pairs(
         ms.append(mask)
         print(f"  pairs {i + n}/{count} ({time.time() - t0:.0f}s)", flush=True)
     return torch.cat(zs), torch.cat(xs), torch.cat(ss), torch.cat(ms)
+
+
+def _half_at_one(batch: int, lower: list[float], g: torch.Generator) -> torch.Tensor:
+    """Per-item times: the first half at t = 1 (the 1-NFE map), the rest drawn from `lower`."""
+    t = torch.ones(batch)
+    half = batch // 2
+    t[half:] = torch.tensor(lower)[torch.randint(0, len(lower), (batch - half,), generator=g)]
+    return t
 
 
 def _regression_loss(
@@ -102,27 +111,19 @@ def train_student(
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     lower = sorted({t for ts in default_student_schedule().timesteps.values() for t in ts if t < 1.0})
     losses: list[float] = []
-    t0 = time.time()
+    progress = Progress("student step", steps, log_every)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * cosine_lr(step, steps, warmup=min(100, steps // 10 + 1))
         idx = torch.randint(0, len(z_all), (batch,), generator=g)
-        t = torch.ones(batch)
-        half = batch // 2
-        t[half:] = torch.tensor(lower)[torch.randint(0, len(lower), (batch - half,), generator=g)]
+        t = _half_at_one(batch, lower, g)
         loss = _regression_loss(student, z_all[idx], x_all[idx], s_all[idx], m_all[idx], t, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            el = time.time() - t0
-            print(
-                f"  student step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
-                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)",
-                flush=True,
-            )
+        progress.update(loss=losses[-1])
     return student.eval(), losses
 
 
@@ -150,7 +151,7 @@ def train_dmd(
     opt_f = torch.optim.AdamW(fake.parameters(), lr=lr * 2, weight_decay=0.0)
     lower = sorted({t for ts in default_student_schedule().timesteps.values() for t in ts if t < 1.0})
     curves: dict[str, list[float]] = {"dmd": [], "regression": [], "fake score": []}
-    t0 = time.time()
+    progress = Progress("dmd step", steps, log_every)
     for step in range(steps):
         idx = torch.randint(0, len(z_all), (batch,), generator=g)
         _, _, caps = shapes.batch(seed + 4242, step, batch)
@@ -170,8 +171,7 @@ def train_dmd(
             norm = (x_gen - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
             grad = (x0_fake - x0_real) / norm
         loss_dmd = 0.5 * F.mse_loss(x_gen, (x_gen - grad).detach())
-        t_reg = torch.ones(batch)
-        t_reg[batch // 2 :] = torch.tensor(lower)[torch.randint(0, len(lower), (batch - batch // 2,), generator=g)]
+        t_reg = _half_at_one(batch, lower, g)
         loss_reg = _regression_loss(student, z_all[idx], x_all[idx], s_all[idx], m_all[idx], t_reg, g)
         opt_g.zero_grad(set_to_none=True)
         (loss_dmd + reg_weight * loss_reg).backward()
@@ -186,16 +186,10 @@ def train_dmd(
         loss_fake.backward()
         opt_f.step()
 
-        curves["dmd"].append(loss_dmd.item())
-        curves["regression"].append(loss_reg.item())
-        curves["fake score"].append(loss_fake.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            el = time.time() - t0
-            print(
-                f"  dmd step {step + 1}/{steps} dmd {loss_dmd.item():.4f} reg {loss_reg.item():.4f} "
-                f"fake {loss_fake.item():.4f} ({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)",
-                flush=True,
-            )
+        values = {"dmd": loss_dmd.item(), "regression": loss_reg.item(), "fake score": loss_fake.item()}
+        for k, v in values.items():
+            curves[k].append(v)
+        progress.update(**values)
     return student.eval(), curves
 
 
@@ -219,7 +213,7 @@ def _student_manifest(teacher_manifest: dict, recipe: Any, extra: dict) -> dict:
     }
 
 
-def stage_student(r: Any, out: Path, docs: Path, bank: CaptionBank) -> None:
+def stage_student(r: Any, out: Path, docs: Path, bank: CaptionBank, work: Path) -> None:
     from fewstep.trainer.image import STUDENT_DIR, TEACHER_DIR, load_unet
 
     t0 = time.time()
@@ -234,7 +228,7 @@ def stage_student(r: Any, out: Path, docs: Path, bank: CaptionBank) -> None:
     curves: dict[str, list[float]] = {"ODE-pair regression": losses}
     extra = {"pairs": r.pair_count, "pair_sampler": sampler.to_dict(), "regression_steps": r.student_steps}
     if r.dmd_steps > 0:
-        save_checkpoint(ABLATION_DIR, student.state_dict(), _student_manifest(teacher_manifest, r, extra))
+        save_checkpoint(work / ABLATION_DIR, student.state_dict(), _student_manifest(teacher_manifest, r, extra))
         student, dmd_curves = train_dmd(
             student, teacher, bank, pairs, sampler.guidance, r.seed, r.dmd_steps, r.student_batch // 2, r.student_lr / 3
         )

@@ -64,7 +64,7 @@ def mean_pairwise(feats: np.ndarray) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 128) -> np.ndarray:
+def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 64) -> np.ndarray:
     return np.concatenate([fn(prompts[i : i + chunk], seeds[i : i + chunk]) for i in range(0, len(prompts), chunk)])
 
 
@@ -169,7 +169,7 @@ def _table(rows: list[Row], teacher_joint: float) -> str:
     return "\n".join(lines)
 
 
-def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder) -> None:
+def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) -> None:
     from fewstep.trainer.distill import ABLATION_DIR
     from fewstep.trainer.image import CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, load_classifier, load_unet
 
@@ -193,8 +193,8 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder) -> None:
     rows.append(row)
     grids["teacher"] = img
     students = [("student", out / STUDENT_DIR)]
-    if ABLATION_DIR.exists():
-        students.insert(0, ("student, ODE regression only (ablation)", ABLATION_DIR))
+    if r.dmd_steps > 0 and (work / ABLATION_DIR).exists():
+        students.insert(0, ("student, ODE regression only (ablation)", work / ABLATION_DIR))
     s_metrics: dict[str, Any] = {}
     for label, folder in students:
         s_manifest, student = load_unet(folder)

@@ -39,12 +39,12 @@ class ImageRecipe:
     unet_width: int = 32
     sampler: dict[str, Any] = field(default_factory=lambda: {"steps": 25, "guidance": 3.0})
     pair_count: int = 3072
-    pair_sampler_steps: int = 12
-    student_steps: int = 1500
+    pair_sampler_steps: int = 16
+    student_steps: int = 1200
     student_batch: int = 64
     student_lr: float = 3e-4
-    dmd_steps: int = 0
-    eval_images_per_prompt: int = 8
+    dmd_steps: int = 300
+    eval_images_per_prompt: int = 16
     diversity_prompts: int = 8
     diversity_seeds: int = 32
 
@@ -60,7 +60,7 @@ class ImageRecipe:
             pair_sampler_steps=12,
             student_steps=3,
             student_batch=8,
-            dmd_steps=0,
+            dmd_steps=2,
             eval_images_per_prompt=1,
             diversity_prompts=2,
             diversity_seeds=2,
@@ -125,8 +125,10 @@ def stage_teacher(r: ImageRecipe, out: Path, docs: Path, bank: CaptionBank) -> N
     )
 
 
-def run(stages: list[str], out: Path, docs: Path, recipe: ImageRecipe, threads: int) -> None:
-    """Run the named stages in order."""
+def run(
+    stages: list[str], out: Path, docs: Path, recipe: ImageRecipe, threads: int, work: Path = Path("var/train")
+) -> None:
+    """Run the named stages in order. `work` keeps intermediate checkpoints (the ablation)."""
     torch.set_num_threads(threads)
     encoder = TextEncoder()
     bank: CaptionBank | None = None
@@ -142,11 +144,11 @@ def run(stages: list[str], out: Path, docs: Path, recipe: ImageRecipe, threads: 
             from fewstep.trainer.distill import stage_student
 
             bank = bank or CaptionBank(encoder)
-            stage_student(recipe, out, docs, bank)
+            stage_student(recipe, out, docs, bank, work)
         elif stage == "evaluate":
             from fewstep.trainer.evaluate import stage_evaluate
 
-            stage_evaluate(recipe, out, docs, encoder)
+            stage_evaluate(recipe, out, docs, encoder, work)
         else:
             raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
         print(f"[train image] stage {stage} done in {time.time() - t0:.0f}s", flush=True)

@@ -8,7 +8,6 @@ saved and sampled.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from fewstep.models.unet import build_unet, denoise
 from fewstep.trainer import shapes
 from fewstep.trainer.captions import CaptionBank
+from fewstep.trainer.progress import Progress
 
 
 class Ema:
@@ -64,7 +64,7 @@ def train_teacher(
     ema = Ema(unet, ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     losses: list[float] = []
-    t0 = time.time()
+    progress = Progress("teacher step", steps, log_every)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * cosine_lr(step, steps, warmup=min(200, steps // 10 + 1))
@@ -84,12 +84,5 @@ def train_teacher(
         opt.step()
         ema.update(unet)
         losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            el = time.time() - t0
-            eta = el / (step + 1) * (steps - step - 1)
-            print(
-                f"  teacher step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
-                f"({el:.0f}s, eta {eta:.0f}s)",
-                flush=True,
-            )
+        progress.update(loss=losses[-1])
     return ema.module, losses

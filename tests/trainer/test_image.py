@@ -15,7 +15,7 @@ from fewstep.trainer.image import STAGES, ImageRecipe, run
 @pytest.mark.slow
 def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     out, docs = tmp_path / "ck", tmp_path / "docs"
-    run(list(STAGES), out, docs, ImageRecipe.quick(), threads=1)
+    run(list(STAGES), out, docs, ImageRecipe.quick(), threads=1, work=tmp_path / "work")
 
     for name in ("shapes-classifier", "shapes-teacher", "shapes"):
         manifest, state = load_checkpoint(out / name)
@@ -31,6 +31,7 @@ def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: P
 
     card = (docs / "MODEL_CARD.md").read_text()
     assert "| student, 1 step | 1 |" in card and "paraphrase" in card
+    assert "| student, ODE regression only (ablation), 1 step | 1 |" in card
     for png in ("samples.png", "teacher_loss.png", "student_loss.png"):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -44,8 +45,8 @@ def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: P
 @pytest.mark.slow
 def test_training_is_reproducible_by_seed(tmp_path: Path) -> None:
     recipe = ImageRecipe.quick()
-    run(["classifier"], tmp_path / "a", tmp_path / "docs", recipe, threads=1)
-    run(["classifier"], tmp_path / "b", tmp_path / "docs", recipe, threads=1)
+    run(["classifier"], tmp_path / "a", tmp_path / "docs", recipe, threads=1, work=tmp_path)
+    run(["classifier"], tmp_path / "b", tmp_path / "docs", recipe, threads=1, work=tmp_path)
     _, sa = load_checkpoint(tmp_path / "a" / "shapes-classifier")
     _, sb = load_checkpoint(tmp_path / "b" / "shapes-classifier")
     assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
