@@ -4,6 +4,11 @@ The timestep lists and the re-noise rule come from the checkpoint's manifest. A 
 step counts: items leave the running batch as they finish (`student_sample_mixed`). Every
 noise draw is derived from (seed, step), so an item's image is the same whatever else is in
 its batch (DESIGN.md §3).
+
+With a teacher loaded beside the student, an item may ask for the diversity-distillation
+hybrid: the teacher (with its own classic CFG) takes the first step of the item's timestep
+list, the student the rest. `steps` keeps its meaning: it picks the same timestep list as
+without the hybrid, so a hybrid item costs 2 teacher NFE + (steps - 1) student NFE.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from fewstep.engines.backends import load_backend
 from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import student_sample_mixed
-from fewstep.models.schedules import MAX_SEED, FewStepSchedule
+from fewstep.models.sampling import HybridTeacher, student_sample_mixed
+from fewstep.models.schedules import MAX_SEED, FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
 
@@ -41,8 +46,10 @@ class ImageEngine:
         backend: str = "torch",
         precision: str = "fp32",
         version: str | None = None,
+        teacher_folder: Path | None = None,
     ) -> None:
         self.folder = folder
+        self.teacher_folder = teacher_folder
         self.encoder = encoder
         self.backend = backend
         self.precision = precision
@@ -65,17 +72,46 @@ class ImageEngine:
             size=manifest["native_size"],
             backend=backend,
             precision=precision,
+            extra={"hybrid": teacher_folder is not None},
         )
         self._net: Denoiser | None = None
+        self._teacher: HybridTeacher | None = None
         self._lock = threading.Lock()
         self._batches = 0
         self._last_error: str | None = None
 
     def load(self) -> None:
         self._net = load_backend(self.backend, self.folder, self.manifest, self.precision)
+        if self.teacher_folder is not None:
+            self._teacher = self._load_teacher(self.teacher_folder)
+
+    def _load_teacher(self, folder: Path) -> HybridTeacher:
+        manifest = read_manifest(folder)
+        if manifest.get("kind") != "image-teacher":
+            raise CheckpointError(f"{folder}: kind {manifest.get('kind')!r} is not an image teacher")
+        if manifest["architecture"]["config"].get("in_channels") != self.shape[0]:
+            raise CheckpointError(f"{folder}: teacher and student latents differ in channels")
+        try:
+            sampler = TeacherSampler.from_dict(manifest["sampler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{folder}: manifest has no valid sampler ({e})") from e
+        null_states, null_mask = self.encoder.encode([""])
+        net = load_backend(self.backend, folder, manifest, self.precision)
+        return HybridTeacher(net=net, guidance=sampler.guidance, null_states=null_states, null_mask=null_mask)
+
+    @property
+    def hybrid_available(self) -> bool:
+        return self.teacher_folder is not None
+
+    def nfe(self, item: ImageItem) -> int:
+        """Network evaluations an item costs: its steps, plus one for the teacher's CFG if hybrid."""
+        return item.steps + (HybridTeacher.NFE_PER_STEP - 1 if item.hybrid else 0)
 
     def warmup(self) -> None:
-        results = self.run([ImageItem("warm-up", seed=0, steps=n) for n in self.schedule.steps])
+        items = [ImageItem("warm-up", seed=0, steps=n) for n in self.schedule.steps]
+        if self.hybrid_available:
+            items += [ImageItem("warm-up", seed=0, steps=n, hybrid=True) for n in self.schedule.steps if n > 1]
+        results = self.run(items)
         for r in results:
             if isinstance(r, FewstepError):
                 raise CheckpointError(f"{self.folder}: warm-up failed: {r}")
@@ -88,7 +124,12 @@ class ImageEngine:
         if not 0 <= item.seed <= MAX_SEED:
             raise limit_error("seed", f"between 0 and {MAX_SEED}", item.seed)
         if item.hybrid:
-            raise InvalidRequest("hybrid", "`hybrid` is not available for this model yet. Given: true")
+            if not self.hybrid_available:
+                raise InvalidRequest("hybrid", "`hybrid` needs the model's teacher, which is not loaded. Given: true")
+            if item.steps < 2:
+                raise limit_error(
+                    "steps", f"between 2 and {max(self.schedule.steps)} when `hybrid` is true", item.steps
+                )
 
     def run(self, items: list[ImageItem]) -> list[Outcome]:
         if self._net is None:
@@ -112,7 +153,7 @@ class ImageEngine:
                 else:
                     for j, i in enumerate(good):
                         it = items[i]
-                        outcomes[i] = ImageResult(pixels=pixels[j], seed=it.seed, steps=it.steps, nfe=it.steps)
+                        outcomes[i] = ImageResult(pixels=pixels[j], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
                 self._batches += 1
         return [o for o in outcomes if o is not None]
 
@@ -120,7 +161,15 @@ class ImageEngine:
         assert self._net is not None
         states, mask = self.encoder.encode([it.prompt for it in items])
         x0 = student_sample_mixed(
-            self._net, self.schedule, [it.steps for it in items], states, mask, [it.seed for it in items], self.shape
+            self._net,
+            self.schedule,
+            [it.steps for it in items],
+            states,
+            mask,
+            [it.seed for it in items],
+            self.shape,
+            hybrid=[it.hybrid for it in items],
+            teacher=self._teacher,
         )
         if not torch.isfinite(x0).all():
             raise FloatingPointError("non-finite output")
@@ -136,3 +185,4 @@ class ImageEngine:
 
     def close(self) -> None:
         self._net = None
+        self._teacher = None

@@ -98,6 +98,14 @@ class Registry:
         verify_files(d, m)
         return m
 
+    def find(self, model: str, sha256: str, file: str = "model.safetensors") -> str | None:
+        """The newest version of `model` whose `file` has this sha256 (manifest record), if any."""
+        for version in reversed(self.versions(model)):
+            meta = self.manifest(model, version)["files"].get(file, {})
+            if meta.get("sha256") == sha256:
+                return version
+        return None
+
     def next_version(self, model: str) -> str:
         numeric = [int(v) for v in self.versions(model) if v.isdigit()]
         return str(max(numeric, default=0) + 1)

@@ -6,6 +6,7 @@ Both run exactly this code, so a number in the model card is a number the server
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,18 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) ->
     return torch.stack([item_noise(s, 0, shape) for s in seeds])
 
 
+@dataclass(frozen=True)
+class HybridTeacher:
+    """The base model that takes the first step of hybrid items, with its own classic CFG."""
+
+    net: Denoiser
+    guidance: float
+    null_states: torch.Tensor
+    null_mask: torch.Tensor
+
+    NFE_PER_STEP = 2  # classic CFG: a conditional and an unconditional evaluation
+
+
 @torch.inference_mode()
 def student_sample_mixed(
     net: Denoiser,
@@ -30,25 +43,53 @@ def student_sample_mixed(
     seeds: Sequence[int],
     shape: tuple[int, ...] = IMAGE_SHAPE,
     on_step: Callable[[int, list[int]], None] | None = None,
+    hybrid: Sequence[bool] | None = None,
+    teacher: HybridTeacher | None = None,
 ) -> torch.Tensor:
-    """x0 for each item after its own number of student steps, in one shared batch.
+    """x0 for each item after its own number of steps, in one shared batch.
 
-    Item i takes `steps[i]` NFE on its own timestep list; an item that has finished leaves
-    the batch, so a batch of 1- and 4-step items costs 1 + 3 × (4-step share) evaluations.
-    Noise depends only on (seed, step), so an item's result does not depend on its
-    neighbours. `on_step(k, active)` runs before step k with the indices still active.
+    Item i walks the `steps[i]`-step timestep list of the schedule; an item that has finished
+    leaves the batch, so a batch of 1- and 4-step items costs 1 + 3 × (4-step share)
+    evaluations. Noise depends only on (seed, step), so an item's result does not depend on
+    its neighbours. `on_step(k, active)` runs before step k with the indices still active.
+
+    Hybrid items (diversity distillation) take their first step with `teacher` (classic
+    CFG) instead of the student, at the same timestep; the schedule's update rule then moves
+    them to the next timestep and the student finishes, so they need at least 2 steps.
     """
     lists = [schedule.timesteps_for(n) for n in steps]
+    hybrid = list(hybrid) if hybrid is not None else [False] * len(steps)
+    if any(hybrid) and teacher is None:
+        raise ValueError("hybrid items need a teacher")
+    if any(h and len(ts) < 2 for h, ts in zip(hybrid, lists, strict=True)):
+        raise ValueError("hybrid items need at least 2 steps")
     x = initial_noise(seeds, shape)
     out = torch.empty_like(x)
     for k in range(max(len(ts) for ts in lists)):
         active = [i for i, ts in enumerate(lists) if k < len(ts)]
         if on_step is not None:
             on_step(k, active)
-        idx = torch.tensor(active)
-        xa = x[idx]
+        xa = x[active]
         tt = torch.tensor([lists[i][k] for i in active])
-        v = net(xa, tt, states[idx], mask[idx])
+        v = torch.empty_like(xa)
+        by_teacher = [j for j, i in enumerate(active) if k == 0 and hybrid[i]]
+        by_student = [j for j in range(len(active)) if j not in set(by_teacher)]
+        if by_student:
+            rows = [active[j] for j in by_student]
+            v[by_student] = net(xa[by_student], tt[by_student], states[rows], mask[rows])
+        if by_teacher:
+            assert teacher is not None
+            rows = [active[j] for j in by_teacher]
+            v[by_teacher] = cfg_flow(
+                teacher.net,
+                xa[by_teacher],
+                tt[by_teacher],
+                states[rows],
+                mask[rows],
+                teacher.null_states,
+                teacher.null_mask,
+                teacher.guidance,
+            )
         x0 = schedule.to_x0(v, xa, tt)
         for j, i in enumerate(active):
             if k + 1 == len(lists[i]):

@@ -178,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     size=info.size if info else "",
                     backend=settings.backend,
                     precision=settings.precision,
+                    hybrid=bool(info and info.extra.get("hybrid")),
                 )
             )
         return ModelList(data=cards)

@@ -13,6 +13,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fewstep.engines.base import ImageItem, Outcome
 from fewstep.engines.batching import RequestBatcher
@@ -94,13 +95,14 @@ class Runtime:
         older = [v for v in reversed(versions) if v != promoted and versions.index(v) < versions.index(promoted)]
         for version in [promoted, *older]:
             try:
-                self.registry.validate(name, version)
+                manifest = self.registry.validate(name, version)
                 engine = ImageEngine(
                     self.registry.version_dir(name, version),
                     self.encoder,  # type: ignore[arg-type]
                     self.settings.backend,
                     self.settings.precision,
                     version=version,
+                    teacher_folder=self._teacher_folder(name, manifest),
                 )
                 engine.load()
                 engine.warmup()
@@ -124,6 +126,30 @@ class Runtime:
             break
         for v in versions:
             served.statuses.setdefault(v, ("ready", None))
+
+    def _teacher_folder(self, name: str, manifest: dict) -> Path | None:
+        """The registry folder of the exact teacher the student was distilled from, if present and intact.
+
+        Without it the student still serves; only `hybrid` requests are refused.
+        """
+        ref = manifest.get("teacher") or {}
+        try:
+            version = self.registry.find(ref["name"], ref["sha256"])
+            if version is None:
+                log.warning(
+                    "%s: teacher %s (sha256 %s…) is not in the registry; hybrid disabled",
+                    name,
+                    ref["name"],
+                    ref["sha256"][:12],
+                )
+                return None
+            self.registry.validate(ref["name"], version)
+            return self.registry.version_dir(ref["name"], version)
+        except (KeyError, TypeError):
+            return None
+        except FewstepError as e:
+            log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
+            return None
 
     def _observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.metrics.batch_size.labels(model).observe(size)

@@ -57,6 +57,7 @@ class ModelCard(BaseModel):
     size: str
     backend: str
     precision: str
+    hybrid: bool = Field(False, description="Whether `hybrid: true` requests are served (teacher loaded).")
 
 
 class ModelList(BaseModel):

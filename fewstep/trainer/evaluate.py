@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fewstep.models.checkpoint import read_manifest, write_json_atomic
-from fewstep.models.sampling import initial_noise, student_sample, teacher_sample
+from fewstep.models.sampling import HybridTeacher, initial_noise, student_sample_mixed, teacher_sample
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import as_denoiser
@@ -143,14 +143,18 @@ def teacher_fn(unet: torch.nn.Module, sampler: TeacherSampler, enc: TextEncoder)
     return run
 
 
-def student_fn(unet: torch.nn.Module, schedule: FewStepSchedule, steps: int, enc: TextEncoder) -> Sampler:
+def student_fn(
+    unet: torch.nn.Module, schedule: FewStepSchedule, steps: int, enc: TextEncoder, teacher: HybridTeacher | None = None
+) -> Sampler:
+    """The student at `steps`; with `teacher`, the hybrid (teacher takes the first step)."""
+    net = as_denoiser(unet, schedule.timestep_scale)
+
     def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
         s, m = enc.encode(prompts)
-        return (
-            student_sample(as_denoiser(unet, schedule.timestep_scale), schedule, steps, s, m, seeds)
-            .clamp(-1, 1)
-            .numpy()
+        x0 = student_sample_mixed(
+            net, schedule, [steps] * len(seeds), s, m, seeds, hybrid=[teacher is not None] * len(seeds), teacher=teacher
         )
+        return x0.clamp(-1, 1).numpy()
 
     return run
 
@@ -215,6 +219,29 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) 
                     "frechet": row.frechet,
                     "diversity": row.diversity,
                 }
+    s_manifest, student = load_unet(out / STUDENT_DIR)
+    schedule = FewStepSchedule.from_dict(s_manifest["schedule"])
+    null_s, null_m = enc.encode([""])
+    hybrid_teacher = HybridTeacher(as_denoiser(teacher), sampler.guidance, null_s, null_m)
+    h_metrics: dict[str, Any] = {}
+    for steps in [n for n in schedule.steps if n > 1]:
+        row, img = evaluate_sampler(
+            f"hybrid: teacher step 1 + student, {steps} steps",
+            steps + HybridTeacher.NFE_PER_STEP - 1,
+            student_fn(student, schedule, steps, enc, hybrid_teacher),
+            *args,
+        )
+        rows.append(row)
+        h_metrics[str(steps)] = {"joint": row.joint, "frechet": row.frechet, "diversity": row.diversity}
+    _seed_grids(
+        docs,
+        enc,
+        {
+            "teacher": teacher_fn(teacher, sampler, enc),
+            "student": student_fn(student, schedule, 4, enc),
+            "hybrid": student_fn(student, schedule, 4, enc, hybrid_teacher),
+        },
+    )
     teacher_joint = rows[0].joint
     _update_metrics(
         out / TEACHER_DIR,
@@ -225,7 +252,9 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) 
             "diversity": rows[0].diversity,
         },
     )
-    _update_metrics(out / STUDENT_DIR, {"by_steps": s_metrics, "teacher_joint": teacher_joint})
+    _update_metrics(
+        out / STUDENT_DIR, {"by_steps": s_metrics, "hybrid_by_steps": h_metrics, "teacher_joint": teacher_joint}
+    )
 
     per = r.eval_images_per_prompt
     picks = [i * per for i in range(0, len(shapes.eval_prompts()), 5)][:8]
@@ -233,6 +262,17 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) 
     grid = np.concatenate([grids[k][picks] for k in order if k in grids])
     save_grid(grid, docs / "samples.png", cols=len(picks), scale=3)
     _write_card(docs, rows, teacher_joint, real_acc, real_div, r, [shapes.eval_prompts()[i // per][0] for i in picks])
+
+
+SEED_GRID_PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a purple cross")
+
+
+def _seed_grids(docs: Path, enc: TextEncoder, samplers: dict[str, Sampler], seeds: int = 8) -> None:
+    """One PNG per sampling mode: a row per prompt, the same `seeds` seeds in every row and mode."""
+    for mode, fn in samplers.items():
+        prompts = [p for p in SEED_GRID_PROMPTS for _ in range(seeds)]
+        images = fn(prompts, [4_000_000 + i for _ in SEED_GRID_PROMPTS for i in range(seeds)])
+        save_grid(images, docs / f"seeds_{mode}.png", cols=seeds, scale=3)
 
 
 def _update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
@@ -277,6 +317,14 @@ colour and shape ({real_div:.3f}); 1.0 means as varied as the data.
 NFE counts network evaluations per image: the teacher's classic CFG costs 2 per step; the student
 has CFG baked in. ms/image is wall time of the evaluation loop at batch 64 on this machine (2 CPU
 cores, shared), for orientation only: `bench/` holds the benchmarks.
+
+**Hybrid** rows are the diversity-distillation hybrid (`"hybrid": true`): the teacher, with its own
+CFG, takes the first step of the student's k-step timestep list (t = 1), the schedule's re-noise
+moves its prediction to the next timestep, and the student runs the remaining k − 1 steps
+(NFE = 2 + (k − 1)). Seed grids, one per mode (rows: {", ".join(repr(p) for p in SEED_GRID_PROMPTS)};
+the same 8 seeds in every row and mode; student and hybrid at 4 steps):
+teacher ![teacher seeds](seeds_teacher.png) student ![student seeds](seeds_student.png)
+hybrid ![hybrid seeds](seeds_hybrid.png)
 
 Samples (rows: teacher, then the student at 1, 2, 3 and 4 steps; columns: the prompts
 {", ".join(repr(p) for p in grid_prompts)}; same seed per column):

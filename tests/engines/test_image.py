@@ -94,3 +94,39 @@ def _rewrite(folder: Path, state: dict[str, torch.Tensor]) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["model.safetensors"] = {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def hybrid_engine(checkpoints: Path, encoder) -> ImageEngine:  # type: ignore[no-untyped-def]
+    e = ImageEngine(checkpoints / "shapes", encoder, teacher_folder=checkpoints / "shapes-teacher")
+    e.load()
+    e.warmup()
+    return e
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_hybrid_is_deterministic_whatever_shares_its_batch(hybrid_engine: ImageEngine, steps: int) -> None:
+    me = ImageItem("a green circle", seed=9, steps=steps, hybrid=True)
+    alone = _pixels(hybrid_engine.run([me])[0])
+    strangers = [
+        ImageItem(f"a red cross {i}", seed=i, steps=1 + i % 4, hybrid=i % 2 == 1 and i % 4 > 0) for i in range(6)
+    ]
+    for position in (0, 6):
+        batch = [*strangers[:position], me, *strangers[position:]]
+        assert np.abs(_pixels(hybrid_engine.run(batch)[position]) - alone).max() <= 1
+
+
+def test_hybrid_changes_the_image_and_costs_the_teachers_cfg(hybrid_engine: ImageEngine) -> None:
+    plain, hybrid = hybrid_engine.run([ImageItem("a blue triangle", 5, 3), ImageItem("a blue triangle", 5, 3, True)])
+    assert isinstance(plain, ImageResult) and isinstance(hybrid, ImageResult)
+    assert plain.nfe == 3 and hybrid.nfe == 4
+    assert np.abs(_pixels(plain) - _pixels(hybrid)).mean() > 1
+    assert hybrid_engine.info.extra["hybrid"] is True
+
+
+def test_hybrid_needs_two_steps_and_a_teacher(hybrid_engine: ImageEngine, engine: ImageEngine) -> None:
+    (one_step,) = hybrid_engine.run([ImageItem("a red circle", 1, 1, hybrid=True)])
+    assert isinstance(one_step, InvalidRequest)
+    assert "`steps` must be between 2 and 4 when `hybrid` is true. Given: 1" in str(one_step)
+    (no_teacher,) = engine.run([ImageItem("a red circle", 1, 2, hybrid=True)])
+    assert isinstance(no_teacher, InvalidRequest) and "teacher" in str(no_teacher)

@@ -35,6 +35,7 @@ def test_models_list_has_the_openai_shape_plus_fewstep_fields(server: Server) ->
     assert card["steps"] == [1, 2, 3, 4] and card["size"] == "32x32"
     assert card["version"] == "1" and card["versions"] == [{"version": "1", "status": "serving", "reason": None}]
     assert card["backend"] == "torch" and card["precision"] == "fp32"
+    assert card["hybrid"] is True
     assert isinstance(card["created"], int)
 
 
@@ -57,6 +58,18 @@ def test_same_seed_gives_the_same_image_across_requests(server: Server) -> None:
     a = httpx.post(server.url + GEN, json=req, timeout=60).json()["data"][0]
     b = httpx.post(server.url + GEN, json={**req, "n": 2}, timeout=60).json()["data"][0]
     assert np.abs(_image(a["b64_json"]).astype(int) - _image(b["b64_json"]).astype(int)).max() <= 1
+
+
+def test_hybrid_requests_report_the_teachers_extra_nfe(server: Server) -> None:
+    req = {"model": "shapes", "prompt": "a yellow square", "seed": 5, "steps": 2}
+    plain = httpx.post(server.url + GEN, json=req, timeout=60).json()
+    hybrid = httpx.post(server.url + GEN, json={**req, "hybrid": True}, timeout=60).json()
+    assert plain["nfe"] == 2 and plain["hybrid"] is False
+    assert hybrid["nfe"] == 3 and hybrid["hybrid"] is True
+    a, b = (_image(r["data"][0]["b64_json"]).astype(int) for r in (plain, hybrid))
+    assert np.abs(a - b).mean() > 1
+    r = httpx.post(server.url + GEN, json={**req, "steps": 1, "hybrid": True}, timeout=60)
+    assert r.status_code == 422 and "when `hybrid` is true. Given: 1" in r.json()["error"]["message"]
 
 
 def test_random_seed_is_echoed_and_defaults_apply(server: Server) -> None:

@@ -32,7 +32,16 @@ def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: P
     card = (docs / "MODEL_CARD.md").read_text()
     assert "| student, 1 step | 1 |" in card and "paraphrase" in card
     assert "| student, ODE regression only (ablation), 1 step | 1 |" in card
-    for png in ("samples.png", "teacher_loss.png", "student_loss.png"):
+    assert "| hybrid: teacher step 1 + student, 4 steps | 5 |" in card
+    assert set(student["metrics"]["hybrid_by_steps"]) == {"2", "3", "4"}
+    for png in (
+        "samples.png",
+        "teacher_loss.png",
+        "student_loss.png",
+        "seeds_teacher.png",
+        "seeds_student.png",
+        "seeds_hybrid.png",
+    ):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     engine = ImageEngine(out / "shapes", encoder)
