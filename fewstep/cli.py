@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -76,6 +77,34 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from fewstep.exporters.onnx import export_onnx
+    from fewstep.models.registry import Registry
+    from fewstep.models.text import TextEncoder
+    from fewstep.service.settings import Settings
+
+    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
+    model, _, version = args.target.partition(":")
+    version = version or registry.promoted(model) or ""
+    if not version:
+        print(f"fewstep export: model {model!r} has no versions in {registry.root}", file=sys.stderr)
+        return 1
+    manifest = registry.validate(model, version)
+    targets = [(model, version)]
+    teacher = manifest.get("teacher") or {}
+    if teacher.get("name") and (tv := registry.find(teacher["name"], teacher["sha256"])):
+        targets.append((teacher["name"], tv))
+    encoder = TextEncoder()
+    for name, ver in targets:
+        art = export_onnx(registry.version_dir(name, ver), encoder)
+        print(
+            f"exported {name}:{ver} → {art['artifact']} (opset {art['opset']}, {art['bytes']} bytes), "
+            f"parity {json.dumps(art['parity'])}"
+        )
+    return 0
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
     print(f"fewstep {args.command}: not available in this release yet ({PENDING[args.command]})", file=sys.stderr)
     return 2
@@ -83,7 +112,6 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 PENDING = {
     "worker": "the Redis engine worker arrives with the job queue",
-    "export": "ONNX / INT8 / FP8 export arrives with the exporters",
     "bench": "run the programs in bench/ directly",
 }
 
@@ -121,6 +149,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--to", help="version to promote (default: the one before the current)")
     r.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     r.set_defaults(func=cmd_rollback)
+
+    e = sub.add_parser("export", help="write ONNX artifacts into a registry version (fp32; INT8/FP8 to come)")
+    e.add_argument("target", help="MODEL[:VERSION] (default version: the promoted one)")
+    e.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_export)
 
     for name, why in PENDING.items():
         q = sub.add_parser(name, help=f"(not yet: {why})")

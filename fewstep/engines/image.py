@@ -25,15 +25,10 @@ from fewstep.engines.backends import load_backend
 from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import HybridTeacher, student_sample_mixed
+from fewstep.models.sampling import HybridTeacher, student_sample_mixed, to_pixels
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
-
-
-def to_pixels(x0: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding half up."""
-    return ((x0.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class ImageEngine:

@@ -8,12 +8,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
 from fewstep.models.unet import Denoiser
 
 IMAGE_SHAPE = (3, 32, 32)
+
+
+def to_pixels(x0: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding half up."""
+    return ((x0.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:

@@ -199,3 +199,30 @@ def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(
         assert r.status_code == 503 and "Retry-After" in r.headers
     finally:
         stop_server(s)
+
+
+def test_onnxruntime_backend_serves_exported_versions_and_refuses_unexported_ones(
+    tmp_path: Path,
+    checkpoints: Path,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    from fewstep.exporters.onnx import export_onnx
+    from fewstep.models.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.seed_from(checkpoints)
+    _, v2 = reg.publish(checkpoints / "shapes", promote=True)  # version 2 is never exported
+    export_onnx(reg.version_dir("shapes", "1"), encoder)
+    export_onnx(reg.version_dir("shapes-teacher", "1"), encoder)
+    s = start_server(tmp_path, {"FEWSTEP_BACKEND": "onnxruntime"})
+    try:
+        (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]
+        assert card["backend"] == "onnxruntime" and card["version"] == "1" and card["hybrid"] is True
+        statuses = {v["version"]: v for v in card["versions"]}
+        assert statuses[v2]["status"] == "refused" and "fewstep export" in statuses[v2]["reason"]
+        r = httpx.post(
+            s.url + GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 2, "hybrid": True}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["nfe"] == 3
+    finally:
+        stop_server(s)
