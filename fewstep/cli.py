@@ -80,6 +80,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     _threads(args.threads)
     from fewstep.exporters.onnx import export_onnx
+    from fewstep.exporters.quantize import quantize
     from fewstep.models.registry import Registry
     from fewstep.models.text import TextEncoder
     from fewstep.service.settings import Settings
@@ -96,12 +97,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     if teacher.get("name") and (tv := registry.find(teacher["name"], teacher["sha256"])):
         targets.append((teacher["name"], tv))
     encoder = TextEncoder()
+    judge = None
+    if args.judge and (jv := registry.promoted(args.judge)):
+        from fewstep.trainer.image import load_classifier
+
+        judge = load_classifier(registry.version_dir(args.judge, jv))
+    precisions = [p for p in args.precisions.split(",") if p != "fp32"]
     for name, ver in targets:
-        art = export_onnx(registry.version_dir(name, ver), encoder)
+        folder = registry.version_dir(name, ver)
+        art = export_onnx(folder, encoder)
         print(
             f"exported {name}:{ver} → {art['artifact']} (opset {art['opset']}, {art['bytes']} bytes), "
             f"parity {json.dumps(art['parity'])}"
         )
+        for precision in precisions:
+            q = quantize(folder, precision, encoder, judge)
+            print(
+                f"quantized {name}:{ver} → {q['artifact']} ({q['bytes']} bytes), gate {json.dumps(q['gate'])}, "
+                f"quality {json.dumps(q['quality'])}"
+            )
     return 0
 
 
@@ -150,10 +164,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     r.set_defaults(func=cmd_rollback)
 
-    e = sub.add_parser("export", help="write ONNX artifacts into a registry version (fp32; INT8/FP8 to come)")
+    e = sub.add_parser("export", help="write ONNX FP32, INT8 and FP8 artifacts into a registry version")
     e.add_argument("target", help="MODEL[:VERSION] (default version: the promoted one)")
     e.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     e.add_argument("--threads", type=int)
+    e.add_argument(
+        "--precisions",
+        default="fp32,int8,int8-dynamic,fp8",
+        help="comma-separated artifacts to write (fp32 is always written)",
+    )
+    e.add_argument(
+        "--judge",
+        default="shapes-classifier",
+        help="registry model of the attribute classifier used by the quality gate ('' to skip)",
+    )
     e.set_defaults(func=cmd_export)
 
     for name, why in PENDING.items():

@@ -71,6 +71,7 @@ class ImageEngine:
         )
         self._net: Denoiser | None = None
         self._teacher: HybridTeacher | None = None
+        self.teacher_error: str | None = None
         self._lock = threading.Lock()
         self._batches = 0
         self._last_error: str | None = None
@@ -78,7 +79,13 @@ class ImageEngine:
     def load(self) -> None:
         self._net = load_backend(self.backend, self.folder, self.manifest, self.precision)
         if self.teacher_folder is not None:
-            self._teacher = self._load_teacher(self.teacher_folder)
+            try:
+                self._teacher = self._load_teacher(self.teacher_folder)
+            except CheckpointError as e:
+                # The student serves on; only hybrid requests are refused (with this reason).
+                self.teacher_error = str(e)
+                self.teacher_folder = None
+                self.info.extra["hybrid"] = False
 
     def _load_teacher(self, folder: Path) -> HybridTeacher:
         manifest = read_manifest(folder)
@@ -120,7 +127,10 @@ class ImageEngine:
             raise limit_error("seed", f"between 0 and {MAX_SEED}", item.seed)
         if item.hybrid:
             if not self.hybrid_available:
-                raise InvalidRequest("hybrid", "`hybrid` needs the model's teacher, which is not loaded. Given: true")
+                why = f" ({self.teacher_error})" if self.teacher_error else ""
+                raise InvalidRequest(
+                    "hybrid", f"`hybrid` needs the model's teacher, which is not loaded{why}. Given: true"
+                )
             if item.steps < 2:
                 raise limit_error(
                     "steps", f"between 2 and {max(self.schedule.steps)} when `hybrid` is true", item.steps

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v: str) -> str:
+        if v not in ("fp32", "int8", "int8-dynamic", "fp8"):
+            raise ValueError(f"FEWSTEP_PRECISION must be fp32, int8, int8-dynamic or fp8. Given: {v!r}")
+        return v
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:

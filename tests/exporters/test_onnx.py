@@ -13,19 +13,10 @@ import pytest
 from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
 from fewstep.errors import CheckpointError
-from fewstep.exporters.onnx import MIN_PSNR_DB, export_onnx
+from fewstep.exporters.onnx import MIN_PSNR_DB
 from fewstep.exporters.ort import choose_providers
 from fewstep.models.checkpoint import sha256_file
 from fewstep.models.registry import Registry
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path, encoder) -> Registry:  # type: ignore[no-untyped-def]
-    reg = Registry(tmp_path_factory.mktemp("onnx") / "registry")
-    reg.seed_from(checkpoints)
-    export_onnx(reg.version_dir("shapes", "1"), encoder)
-    export_onnx(reg.version_dir("shapes-teacher", "1"), encoder)
-    return reg
 
 
 def _copy(reg: Registry, tmp_path: Path) -> Path:

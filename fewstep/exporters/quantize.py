@@ -1,0 +1,256 @@
+"""INT8 and FP8 quantization of an exported ONNX denoiser, step-aware calibrated and quality-gated.
+
+Precisions (each an artifact `model.<precision>.onnx` + `.json` beside `model.fp32.onnx`):
+
+* `int8`: static QDQ, per-channel symmetric INT8 weights and symmetric INT8 activations
+  (the form TensorRT consumes), Conv/MatMul/Gemm, MinMax ranges;
+* `int8-dynamic`: dynamic INT8 on MatMul/Gemm only; on a CPU the variant that is both accurate
+  and faster (research/stack-notes.md). Its activation ranges come from the whole batch, which
+  breaks batch invariance: the backend runs it one item per call to keep the determinism contract;
+* `fp8`: static QDQ in E4M3FN (Distribution calibration; Softmax left out, ORT cannot range it).
+  On a CPU it runs only as emulation, to measure its quality; TensorRT runs the same graph on
+  Hopper GPUs.
+
+Calibration is step-aware: the inputs are recorded from real denoising trajectories of *every*
+step schedule the student serves (1–4 NFE), so every timestep it will see is in the set. A
+teacher is calibrated on its first-step inputs with CFG, the only way the hybrid uses it.
+
+The quality gate: a student artifact is judged by the attribute classifier at every step count
+on held-out prompts, against the FP32 artifact on the same seeds; it passes when its joint
+accuracy is within `GATE_POINTS` of FP32's everywhere. A failed gate is recorded in the manifest
+and the onnxruntime backend refuses the artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.errors import CheckpointError
+from fewstep.exporters.onnx import artifact_name, describe, psnr
+from fewstep.exporters.ort import session_denoiser
+from fewstep.models.checkpoint import read_manifest, sha256_file, write_json_atomic
+from fewstep.models.sampling import cfg_flow, student_sample_mixed, to_pixels
+from fewstep.models.schedules import FewStepSchedule, TeacherSampler
+from fewstep.models.text import TextEncoder
+from fewstep.models.unet import Denoiser
+
+QUANTIZED = ("int8", "int8-dynamic", "fp8")
+GATE_POINTS = 0.02
+CALIBRATION_PROMPTS = (
+    "a red circle",
+    "a green square on a black background",
+    "a large blue triangle",
+    "a yellow cross",
+    "a purple dot in the top left",
+    "a small sapphire box",
+    "lemon pyramid",
+    "a picture of a violet plus",
+)
+
+
+def _recording(net: Denoiser, feeds: list[dict[str, np.ndarray]]) -> Denoiser:
+    def rec(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        feeds.append(
+            {"x": x.numpy().copy(), "t": t.numpy().copy(), "states": states.numpy().copy(), "mask": mask.numpy().copy()}
+        )
+        return net(x, t, states, mask)
+
+    return rec
+
+
+def calibration_feeds(
+    folder: Path, manifest: dict[str, Any], encoder: TextEncoder, seeds_per_prompt: int = 2
+) -> list[dict[str, np.ndarray]]:
+    """Real denoiser inputs: every step of every schedule (student) or the CFG first step (teacher)."""
+    fp32 = session_denoiser(folder / artifact_name("fp32"), providers=["CPUExecutionProvider"])
+    prompts = [p for p in CALIBRATION_PROMPTS for _ in range(seeds_per_prompt)]
+    seeds = [7_000_000 + i for i in range(len(prompts))]
+    states, mask = encoder.encode(prompts)
+    feeds: list[dict[str, np.ndarray]] = []
+    if manifest.get("kind") == "image":
+        schedule = FewStepSchedule.from_dict(manifest["schedule"])
+        for steps in schedule.steps:
+            student_sample_mixed(_recording(fp32, feeds), schedule, [steps] * len(seeds), states, mask, seeds)
+    else:
+        sampler = TeacherSampler.from_dict(manifest["sampler"])
+        null_s, null_m = encoder.encode([""])
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn((len(seeds), 3, 32, 32), generator=g)
+        cfg_flow(_recording(fp32, feeds), x, torch.ones(len(seeds)), states, mask, null_s, null_m, sampler.guidance)
+    return feeds
+
+
+@contextlib.contextmanager
+def _inside(path: Path) -> Iterator[None]:
+    """The quantization tools drop temporary files into the working directory: keep them in `path`."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, np.ndarray]], tmp: Path) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with _inside(tmp):
+        pre = tmp / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if precision == "int8-dynamic":
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        elif precision == "int8":
+            quantize_static(
+                str(pre),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
+        elif precision == "fp8":
+            quantize_static(
+                str(pre),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=False,
+                activation_type=QuantType.QFLOAT8E4M3FN,
+                weight_type=QuantType.QFLOAT8E4M3FN,
+                calibrate_method=CalibrationMethod.Distribution,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            )
+        else:
+            raise ValueError(f"unknown precision {precision!r}; choose from {QUANTIZED}")
+
+
+def quantize(
+    folder: Path, precision: str, encoder: TextEncoder, judge: torch.nn.Module | None = None, gate_seeds: int = 4
+) -> dict[str, Any]:
+    """Write `model.<precision>.onnx` (+ manifest with calibration, PSNR and gate) into `folder`."""
+    manifest = read_manifest(folder)
+    fp32 = describe(folder, "fp32")
+    feeds = calibration_feeds(folder, manifest, encoder)
+    target = folder / artifact_name(precision)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        out = tmp / target.name
+        _quantize_file(folder / artifact_name("fp32"), out, precision, feeds, tmp)
+        net = session_denoiser(out, providers=["CPUExecutionProvider"])
+        ref = session_denoiser(folder / artifact_name("fp32"), providers=["CPUExecutionProvider"])
+        if manifest.get("kind") == "image":
+            quality = _student_quality(manifest, ref, net, encoder, judge, gate_seeds)
+        else:
+            quality = _teacher_quality(ref, net, feeds)
+        os.replace(out, target)
+    art = {
+        **{k: fp32[k] for k in ("format", "input_order", "inputs", "outputs", "opset", "source")},
+        "artifact": target.name,
+        "precision": precision,
+        # Dynamic quantization takes activation ranges from the whole batch, so an item's
+        # output depends on its neighbours; serving it must go item by item.
+        "batch_invariant": precision != "int8-dynamic",
+        "derived_from": {"artifact": fp32["artifact"], "sha256": fp32["sha256"]},
+        "calibration": {
+            "inputs": len(feeds),
+            "prompts": len(CALIBRATION_PROMPTS),
+            "step_aware": manifest.get("kind") == "image",
+        },
+        "sha256": sha256_file(target),
+        "bytes": target.stat().st_size,
+        **quality,
+    }
+    write_json_atomic(folder / (target.name + ".json"), art)
+    return art
+
+
+def _student_quality(
+    manifest: dict[str, Any],
+    ref: Denoiser,
+    net: Denoiser,
+    encoder: TextEncoder,
+    judge: torch.nn.Module | None,
+    gate_seeds: int,
+) -> dict[str, Any]:
+    from fewstep.trainer import shapes
+    from fewstep.trainer.classifier import judge as classify
+
+    schedule = FewStepSchedule.from_dict(manifest["schedule"])
+    held = shapes.eval_prompts()
+    prompts = [p for p, _, _ in held for _ in range(gate_seeds)]
+    seeds = [8_000_000 + i for i in range(len(prompts))]
+    ys = np.array([shapes.SHAPES.index(s) for _, _, s in held for _ in range(gate_seeds)])
+    yc = np.array([shapes.COLOUR_NAMES.index(c) for _, c, _ in held for _ in range(gate_seeds)])
+    states, mask = encoder.encode(prompts)
+    by_steps: dict[str, dict[str, float | None]] = {}
+    passed = True
+    for steps in schedule.steps:
+        a = student_sample_mixed(ref, schedule, [steps] * len(seeds), states, mask, seeds)
+        b = student_sample_mixed(net, schedule, [steps] * len(seeds), states, mask, seeds)
+        db = psnr(to_pixels(a), to_pixels(b))
+        row: dict[str, float | None] = {"psnr_db_vs_fp32": None if np.isinf(db) else round(db, 2)}
+        if judge is not None:
+            accs = []
+            for x in (a, b):
+                s, c, _ = classify(judge, x.clamp(-1, 1).numpy())  # type: ignore[arg-type]
+                accs.append(float(((s == ys) & (c == yc)).mean()))
+            row.update({"joint_fp32": accs[0], "joint": accs[1]})
+            passed = passed and accs[1] >= accs[0] - GATE_POINTS
+        by_steps[str(steps)] = row
+    if judge is None:
+        return {
+            "quality": {"by_steps": by_steps, "images": len(seeds)},
+            "gate": {"passed": False, "reason": "no judge given: quality not measured"},
+        }
+    return {
+        "quality": {"by_steps": by_steps, "images": len(seeds)},
+        "gate": {"passed": passed, "rule": f"joint accuracy >= FP32's - {GATE_POINTS} at every step count"},
+    }
+
+
+def _teacher_quality(ref: Denoiser, net: Denoiser, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    errs = []
+    for f in feeds:
+        args = [torch.from_numpy(f[k]) for k in ("x", "t", "states", "mask")]
+        a, b = ref(*args), net(*args)
+        errs.append(float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt().clamp(min=1e-8)))
+    rel = float(np.mean(errs))
+    return {
+        "quality": {"relative_rms_error_vs_fp32": rel},
+        "gate": {"passed": rel <= 0.1, "rule": "relative RMS error of the first-step prediction <= 0.1"},
+    }
+
+
+def require_gate(folder: Path, precision: str) -> dict[str, Any]:
+    """The artifact manifest, if its quality gate passed; CheckpointError otherwise."""
+    art = describe(folder, precision)
+    if precision != "fp32" and not art.get("gate", {}).get("passed"):
+        raise CheckpointError(f"{folder.name}: {precision} artifact failed its quality gate ({art.get('gate')})")
+    return art
