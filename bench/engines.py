@@ -1,0 +1,177 @@
+"""Backends and precisions side by side: per-image latency and quality, in one run.
+
+Exports the shipped student into a scratch registry (ONNX FP32, INT8 static QDQ, INT8 dynamic,
+FP8 QDQ, each quality-gated), then times whole engine calls for torch eager and every ONNX
+Runtime artifact at batch 1 and 8 and at 1, 2 and 4 NFE. Quality columns come from the
+artifacts' manifests (same held-out prompts and seeds for every precision). Writes
+docs/benchmarks/engines.md. Read ratios, not absolute times: these machines are shared.
+
+    .venv/bin/python bench/engines.py [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = (
+    ("torch", "fp32"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+    ("onnxruntime", "int8-dynamic"),
+    ("onnxruntime", "fp8"),
+)
+
+
+def median_ms(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def op_profile(path: Path, threads: int, batch: int = 8, calls: int = 10) -> dict[str, float]:
+    """Share of ONNX Runtime kernel time by op type, from its built-in profiler."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / f"profile-{path.stem}")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((batch, 3, 32, 32), dtype=np.float32),
+        "t": np.full((batch,), 0.5, dtype=np.float32),
+        "states": rng.standard_normal((batch, 16, 384), dtype=np.float32),
+        "mask": np.ones((batch, 16), dtype=np.float32),
+    }
+    for _ in range(calls):
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + float(e.get("dur", 0))
+    total = sum(by_op.values()) or 1.0
+    return {op: d / total for op, d in sorted(by_op.items(), key=lambda kv: -kv[1])} | {"_total_us": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/engines.md"))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    from fewstep.engines.base import ImageItem
+    from fewstep.engines.image import ImageEngine
+    from fewstep.exporters.onnx import describe, export_onnx
+    from fewstep.exporters.quantize import QUANTIZED, quantize
+    from fewstep.models.registry import Registry
+    from fewstep.models.text import TextEncoder
+    from fewstep.trainer.image import load_classifier
+
+    torch.set_num_threads(args.threads)
+    encoder = TextEncoder()
+    judge = load_classifier(ROOT / "checkpoints" / "shapes-classifier")
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = Registry(Path(tmp) / "registry")
+        reg.seed_from(ROOT / "checkpoints")
+        folder = reg.version_dir("shapes", "1")
+        t0 = time.time()
+        export_onnx(folder, encoder)
+        for precision in QUANTIZED:
+            quantize(folder, precision, encoder, judge)
+        print(f"exported and quantized in {time.time() - t0:.0f}s", flush=True)
+        arts = {p: describe(folder, p) for p in ("fp32", *QUANTIZED)}
+        profiles = {p: op_profile(folder / f"model.{p}.onnx", args.threads) for p in ("fp32", "int8", "int8-dynamic")}
+        results: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
+        for backend, precision in VARIANTS:
+            engine = ImageEngine(folder, encoder, backend=backend, precision=precision)
+            engine.load()
+            engine.warmup()
+            timings = {}
+            for batch in (1, 8):
+                for steps in (1, 2, 4):
+                    items = [ImageItem(f"a red circle {i % 4}", seed=i, steps=steps) for i in range(batch)]
+                    reps = max(2, args.repeats // 2) if precision == "fp8" else args.repeats
+                    timings[(batch, steps)] = median_ms(partial(engine.run, items), reps) / batch
+            results[(backend, precision)] = timings
+            print(
+                f"{backend}/{precision}: " + ", ".join(f"b{b} s{s} {v:.1f} ms/img" for (b, s), v in timings.items()),
+                flush=True,
+            )
+    base = results[("torch", "fp32")]
+    fp32 = results[("onnxruntime", "fp32")]
+    lines = [
+        "# Engines: torch eager vs ONNX Runtime FP32 / INT8 / FP8 (CPU)",
+        "",
+        f"`python bench/engines.py --repeats {args.repeats} --threads {args.threads}` on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}; model `shapes` v1. Per-image latency = median "
+        "engine call / batch. *× torch* > 1 means faster than torch eager at the same batch and NFE. FP8 runs "
+        "as QDQ emulation on a CPU (quality measured here, speed only on Hopper GPUs).",
+        "",
+        "| backend / precision | batch | NFE | ms / image | × torch | × ORT FP32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (backend, precision), timings in results.items():
+        for (b, s), v in timings.items():
+            lines.append(
+                f"| {backend} / {precision} | {b} | {s} | {v:.2f} | {base[(b, s)] / v:.2f} | {fp32[(b, s)] / v:.2f} |"
+            )
+    lines += [
+        "",
+        "Quality of each artifact (from its manifest: 160 held-out prompt images per step count, same seeds "
+        "for every precision; joint = shape and colour both right, judged by the attribute classifier; PSNR "
+        "against the ONNX FP32 images; FP32's PSNR is against torch, blank = identical pixels):",
+        "",
+        "| precision | gate | " + " | ".join(f"joint @{s} / PSNR dB" for s in (1, 2, 3, 4)) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    parity = arts["fp32"]["parity"]["by_steps"]
+    lines.append("| fp32 | parity ≥ 45 dB | " + " | ".join(f"— / {parity[str(s)] or ''}" for s in (1, 2, 3, 4)) + " |")
+    for p in QUANTIZED:
+        q = arts[p]["quality"]["by_steps"]
+        cells = [
+            f"{q[str(s)]['joint']:.3f} (fp32 {q[str(s)]['joint_fp32']:.3f}) / {q[str(s)]['psnr_db_vs_fp32'] or ''}"
+            for s in (1, 2, 3, 4)
+        ]
+        lines.append(f"| {p} | {'passed' if arts[p]['gate']['passed'] else 'FAILED'} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Where the time goes (ONNX Runtime profiler, batch 8, 10 calls, share of kernel time by op type; "
+        "top 6 per precision; total kernel time relative to FP32 in the header):",
+        "",
+    ]
+    fp32_total = profiles["fp32"]["_total_us"]
+    for p, prof in profiles.items():
+        ops = [(op, share) for op, share in prof.items() if op != "_total_us"][:6]
+        lines.append(
+            f"* **{p}** ({prof['_total_us'] / fp32_total:.2f} × FP32 kernel time): "
+            + ", ".join(f"{op} {share:.0%}" for op, share in ops)
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
