@@ -21,6 +21,9 @@ import httpx
 import pytest
 import torch
 
+from fewstep.exporters.onnx import export_onnx
+from fewstep.models.registry import Registry
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = Path(os.environ.get("FEWSTEP_TEST_CHECKPOINTS", ROOT / "checkpoints"))
 
@@ -116,3 +119,12 @@ def student_copy(tmp_path: Path, checkpoints: Path) -> Path:
     dst = tmp_path / "shapes"
     shutil.copytree(checkpoints / "shapes", dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path, encoder) -> Registry:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path_factory.mktemp("onnx") / "registry")
+    reg.seed_from(checkpoints)
+    export_onnx(reg.version_dir("shapes", "1"), encoder)
+    export_onnx(reg.version_dir("shapes-teacher", "1"), encoder)
+    return reg

@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _known_precision(cls, v: str) -> str:
-        if v not in ("fp32", "int8", "int8-dynamic", "fp8"):
-            raise ValueError(f"FEWSTEP_PRECISION must be fp32, int8, int8-dynamic or fp8. Given: {v!r}")
+        if v not in ("fp32", "fp16", "int8", "int8-dynamic", "fp8"):
+            raise ValueError(f"FEWSTEP_PRECISION must be fp32, fp16, int8, int8-dynamic or fp8. Given: {v!r}")
         return v
 
     @field_validator("backend")

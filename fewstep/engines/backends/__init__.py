@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.engines.backends.onnxruntime import OnnxRuntimeBackend
+from fewstep.engines.backends.tensorrt import TensorRTBackend
 from fewstep.engines.backends.torch import TorchBackend
 from fewstep.errors import InvalidRequest
 from fewstep.models.unet import Denoiser
@@ -16,6 +17,7 @@ BackendFactory = Callable[[Path, dict[str, Any], str], Denoiser]
 BACKENDS: dict[str, BackendFactory] = {
     "torch": TorchBackend.load,
     "onnxruntime": OnnxRuntimeBackend.load,
+    "tensorrt": TensorRTBackend.load,
 }
 
 

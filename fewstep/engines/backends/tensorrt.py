@@ -1,0 +1,171 @@
+"""The native TensorRT backend (GPU hosts): engines built from the ONNX artifacts and cached.
+
+* FP16 is built from `model.fp32.onnx` with the FP16 flag; INT8 and FP8 from the QDQ graphs
+  (`model.int8.onnx`, `model.fp8.onnx`), whose scales TensorRT takes as they are.
+* Engines are cached under `FEWSTEP_TRT_CACHE` (default `var/trt-cache`) by a key over
+  (artifact sha256, GPU name, TensorRT version, shape profiles): a new GPU kind, TensorRT
+  release or artifact builds anew; nothing else does.
+* Shape profiles cover batch ranges; a call uses the smallest profile whose range holds its
+  batch, and a batch above every profile is split.
+
+Verified on CPU: cache keys, profile selection and the refusal when no GPU is present
+(tests/engines/test_tensorrt.py). The build and run path needs a CUDA GPU: its test is marked
+`gpu` and skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.errors import CheckpointError
+from fewstep.exporters.onnx import INPUTS, artifact_name
+from fewstep.exporters.quantize import require_gate
+from fewstep.models.checkpoint import sha256_file
+from fewstep.models.unet import Denoiser
+
+ARTIFACT_FOR = {"fp16": "fp32", "fp32": "fp32", "int8": "int8", "fp8": "fp8"}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """A TensorRT optimisation profile over the batch axis (min ≤ opt ≤ max)."""
+
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+    def holds(self, batch: int) -> bool:
+        return self.min_batch <= batch <= self.max_batch
+
+
+DEFAULT_PROFILES = (ShapeProfile(1, 1, 1), ShapeProfile(2, 8, 16), ShapeProfile(17, 32, 64))
+
+
+def select_profile(batch: int, profiles: tuple[ShapeProfile, ...] = DEFAULT_PROFILES) -> int:
+    """Index of the narrowest profile that holds `batch`; ValueError when none does (split the batch)."""
+    fits = [i for i, p in enumerate(profiles) if p.holds(batch)]
+    if not fits:
+        raise ValueError(f"batch {batch} exceeds every profile (max {max(p.max_batch for p in profiles)})")
+    return min(fits, key=lambda i: profiles[i].max_batch - profiles[i].min_batch)
+
+
+def cache_key(
+    artifact_sha256: str,
+    gpu: str,
+    trt_version: str,
+    precision: str,
+    profiles: tuple[ShapeProfile, ...] = DEFAULT_PROFILES,
+) -> str:
+    """Engine cache key: everything that makes a built engine invalid when it changes."""
+    blob = json.dumps(
+        {
+            "artifact": artifact_sha256,
+            "gpu": gpu,
+            "tensorrt": trt_version,
+            "precision": precision,
+            "profiles": [p.__dict__ for p in profiles],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def split_batches(batch: int, profiles: tuple[ShapeProfile, ...] = DEFAULT_PROFILES) -> list[tuple[int, int]]:
+    """(start, stop) slices of a batch such that each fits a profile."""
+    cap = max(p.max_batch for p in profiles)
+    return [(i, min(i + cap, batch)) for i in range(0, batch, cap)]
+
+
+class TensorRTBackend:
+    PRECISIONS = tuple(ARTIFACT_FOR)
+
+    @staticmethod
+    def load(folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
+        if precision not in ARTIFACT_FOR:
+            raise CheckpointError(f"tensorrt backend serves {tuple(ARTIFACT_FOR)}, not {precision!r}")
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise CheckpointError("tensorrt backend needs the `tensorrt` package (pip install 'fewstep[gpu]')") from e
+        if not torch.cuda.is_available():
+            raise CheckpointError("tensorrt backend needs a CUDA GPU; none is visible")
+        source = ARTIFACT_FOR[precision]
+        art = require_gate(folder, source)
+        onnx_path = folder / artifact_name(source)
+        if sha256_file(onnx_path) != art["sha256"]:
+            raise CheckpointError(f"{folder.name}: {onnx_path.name} does not match the sha256 in its manifest")
+        gpu = torch.cuda.get_device_name(0)
+        key = cache_key(art["sha256"], gpu, trt.__version__, precision)
+        cache = Path(os.environ.get("FEWSTEP_TRT_CACHE", "var/trt-cache"))
+        plan = cache / f"{key}.plan"
+        if not plan.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            data = _build(trt, onnx_path, precision, art)
+            tmp = plan.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, plan)
+        return _runner(trt, plan.read_bytes())
+
+
+def _build(trt: Any, onnx_path: Path, precision: str, art: dict[str, Any]) -> bytes:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CheckpointError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "fp8":
+        config.set_flag(trt.BuilderFlag.FP8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    for prof in DEFAULT_PROFILES:
+        p = builder.create_optimization_profile()
+        for name in INPUTS:
+            tail = [d for d in art["inputs"][name]["shape"][1:]]
+            p.set_shape(name, [prof.min_batch, *tail], [prof.opt_batch, *tail], [prof.max_batch, *tail])
+        config.add_optimization_profile(p)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CheckpointError(f"TensorRT failed to build an engine from {onnx_path.name}")
+    return bytes(serialized)
+
+
+def _runner(trt: Any, plan: bytes) -> Denoiser:
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan)
+    contexts = [engine.create_execution_context() for _ in DEFAULT_PROFILES]
+    stream = torch.cuda.Stream()
+    for i, ctx in enumerate(contexts):
+        ctx.set_optimization_profile_async(i, stream.cuda_stream)
+
+    def run_slice(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx = contexts[select_profile(x.shape[0])]
+        feeds = {"x": x, "t": t, "states": states, "mask": mask}
+        dev = {k: v.to("cuda", torch.float32).contiguous() for k, v in feeds.items()}
+        out = torch.empty_like(dev["x"])
+        for name, tensor in dev.items():
+            ctx.set_input_shape(name, tuple(tensor.shape))
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        ctx.set_tensor_address("v", out.data_ptr())
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return out.cpu()
+
+    def net(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run_slice(x[a:b], t[a:b], states[a:b], mask[a:b]) for a, b in split_batches(len(x))])
+
+    return net
