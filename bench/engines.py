@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+
+from _timing import median_ms  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
@@ -29,16 +29,6 @@ VARIANTS = (
     ("onnxruntime", "int8-dynamic"),
     ("onnxruntime", "fp8"),
 )
-
-
-def median_ms(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def op_profile(path: Path, threads: int, batch: int = 8, calls: int = 10) -> dict[str, float]:

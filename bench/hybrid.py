@@ -13,23 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from _timing import median_ms  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:

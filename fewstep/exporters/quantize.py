@@ -122,30 +122,31 @@ def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, n
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         if precision == "int8-dynamic":
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        elif precision == "int8":
+        elif precision in ("int8", "fp8"):
+            static: dict[str, dict[str, Any]] = {
+                # Symmetric INT8 on both sides: the form TensorRT consumes.
+                "int8": {
+                    "per_channel": True,
+                    "activation_type": QuantType.QInt8,
+                    "weight_type": QuantType.QInt8,
+                    "calibrate_method": CalibrationMethod.MinMax,
+                    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True},
+                },
+                # MinMax raises for FP8 in ORT; Distribution is its supported calibrator.
+                "fp8": {
+                    "per_channel": False,
+                    "activation_type": QuantType.QFLOAT8E4M3FN,
+                    "weight_type": QuantType.QFLOAT8E4M3FN,
+                    "calibrate_method": CalibrationMethod.Distribution,
+                },
+            }
             quantize_static(
                 str(pre),
                 str(dst),
                 Reader(),
                 quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-            )
-        elif precision == "fp8":
-            quantize_static(
-                str(pre),
-                str(dst),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=False,
-                activation_type=QuantType.QFLOAT8E4M3FN,
-                weight_type=QuantType.QFLOAT8E4M3FN,
-                calibrate_method=CalibrationMethod.Distribution,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                **static[precision],
             )
         else:
             raise ValueError(f"unknown precision {precision!r}; choose from {QUANTIZED}")
