@@ -113,19 +113,6 @@ def student_sample_mixed(
     return out
 
 
-def student_sample(
-    net: Denoiser,
-    schedule: FewStepSchedule,
-    steps: int,
-    states: torch.Tensor,
-    mask: torch.Tensor,
-    seeds: Sequence[int],
-    shape: tuple[int, ...] = IMAGE_SHAPE,
-) -> torch.Tensor:
-    """x0 for each seed after `steps` NFE of the few-step student."""
-    return student_sample_mixed(net, schedule, [steps] * len(seeds), states, mask, seeds, shape)
-
-
 @torch.inference_mode()
 def cfg_flow(
     net: Denoiser,

@@ -17,7 +17,7 @@ Between steps the student *re-noises* (DMD2 / Self-Forcing): the next state is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -141,7 +141,6 @@ class TeacherSampler:
     steps: int = 25
     guidance: float = 3.0
     timestep_scale: float = 1000.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def grid(self) -> list[float]:
         """t values from 1 to 0 (steps + 1 points)."""

@@ -59,7 +59,3 @@ class TextEncoder:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return torch.stack([found[p][0] for p in prompts]), torch.stack([found[p][1] for p in prompts])
-
-    def token_count(self, prompt: str) -> int:
-        """Tokens the prompt takes before truncation (CLS and SEP included)."""
-        return len(self.tokenizer(prompt)["input_ids"])

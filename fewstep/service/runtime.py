@@ -202,6 +202,3 @@ class Runtime:
             raise NotReady(f"request took longer than `request_timeout_s` = {self.settings.request_timeout_s}") from e
         finally:
             self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
-
-    def wait_loaded(self, timeout: float) -> bool:
-        return self.loaded.wait(timeout)

@@ -50,8 +50,6 @@ class Settings(BaseSettings):
     """Most items waiting per model; beyond it requests get 429 with Retry-After."""
     request_timeout_s: float = Field(120.0, gt=0.0)
     """A synchronous request that waits longer than this fails with 503."""
-    max_job_requests: int = Field(256, ge=1)
-    """Most requests in one batch job."""
 
     log_level: str = "info"
     """Python logging level of the gateway."""
