@@ -55,6 +55,10 @@ class NotReady(FewstepError):
         self.retry_after = retry_after
 
 
+class Conflict(FewstepError):
+    """The request contradicts stored state (an `Idempotency-Key` reused with a different body)."""
+
+
 class Cancelled(FewstepError):
     """The work item was cancelled before it finished."""
 

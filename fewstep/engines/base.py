@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fewstep.errors import FewstepError
+from fewstep.models.sampling import StopCheck
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,12 @@ class Engine(Protocol):
     def warmup(self) -> None:
         """Run every step count once so that the first request pays no first-call costs."""
 
-    def run(self, items: list[ImageItem]) -> list[Outcome]:
-        """One result or one error per item, in order."""
+    def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
+        """One result or one error per item, in order.
+
+        `stop(k, active)` is asked at every step boundary which of the active items (indices
+        into `items`) to drop; those come back as `Cancelled`.
+        """
 
     def health(self) -> dict[str, Any]:
         """Liveness details: loaded, batches run, last error."""

@@ -23,9 +23,9 @@ import torch
 
 from fewstep.engines.backends import load_backend
 from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome
-from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
+from fewstep.errors import Cancelled, CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import HybridTeacher, student_sample_mixed, to_pixels
+from fewstep.models.sampling import HybridTeacher, StopCheck, student_sample_mixed, to_pixels
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
@@ -136,7 +136,7 @@ class ImageEngine:
                     "steps", f"between 2 and {max(self.schedule.steps)} when `hybrid` is true", item.steps
                 )
 
-    def run(self, items: list[ImageItem]) -> list[Outcome]:
+    def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
         if self._net is None:
             raise RuntimeError("ImageEngine.run called before load()")
         outcomes: list[Outcome | None] = [None] * len(items)
@@ -149,8 +149,17 @@ class ImageEngine:
                 outcomes[i] = e
         if good:
             with self._lock:
+                stopped: dict[int, int] = {}
+
+                def local_stop(k: int, active: list[int]) -> list[int]:
+                    assert stop is not None
+                    drop = set(stop(k, [good[j] for j in active]))
+                    hit = [j for j in active if good[j] in drop]
+                    stopped.update((good[j], k) for j in hit)
+                    return hit
+
                 try:
-                    pixels = self._generate([items[i] for i in good])
+                    pixels = self._generate([items[i] for i in good], local_stop if stop is not None else None)
                 except Exception as e:  # an engine fault fails this batch, never the process
                     self._last_error = f"{type(e).__name__}: {e}"
                     for i in good:
@@ -158,11 +167,14 @@ class ImageEngine:
                 else:
                     for j, i in enumerate(good):
                         it = items[i]
-                        outcomes[i] = ImageResult(pixels=pixels[j], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
+                        if i in stopped:
+                            outcomes[i] = Cancelled(f"cancelled before step {stopped[i] + 1} of {it.steps}")
+                        else:
+                            outcomes[i] = ImageResult(pixels=pixels[j], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
                 self._batches += 1
         return [o for o in outcomes if o is not None]
 
-    def _generate(self, items: list[ImageItem]) -> np.ndarray:
+    def _generate(self, items: list[ImageItem], stop: StopCheck | None) -> np.ndarray:
         assert self._net is not None
         states, mask = self.encoder.encode([it.prompt for it in items])
         x0 = student_sample_mixed(
@@ -175,6 +187,7 @@ class ImageEngine:
             self.shape,
             hybrid=[it.hybrid for it in items],
             teacher=self._teacher,
+            stop=stop,
         )
         if not torch.isfinite(x0).all():
             raise FloatingPointError("non-finite output")

@@ -5,7 +5,7 @@ Both run exactly this code, so a number in the model card is a number the server
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,8 @@ from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
 from fewstep.models.unet import Denoiser
 
 IMAGE_SHAPE = (3, 32, 32)
+StopCheck = Callable[[int, list[int]], Collection[int]]
+"""`stop(k, active)` → the active item indices to drop before step k."""
 
 
 def to_pixels(x0: torch.Tensor) -> np.ndarray:
@@ -51,6 +53,7 @@ def student_sample_mixed(
     on_step: Callable[[int, list[int]], None] | None = None,
     hybrid: Sequence[bool] | None = None,
     teacher: HybridTeacher | None = None,
+    stop: StopCheck | None = None,
 ) -> torch.Tensor:
     """x0 for each item after its own number of steps, in one shared batch.
 
@@ -62,6 +65,9 @@ def student_sample_mixed(
     Hybrid items (diversity distillation) take their first step with `teacher` (classic
     CFG) instead of the student, at the same timestep; the schedule's update rule then moves
     them to the next timestep and the student finishes, so they need at least 2 steps.
+
+    `stop(k, active)`, when given, runs at every step boundary before step k and returns the
+    items to drop (cancelled work): they leave the batch at once and their output stays zero.
     """
     lists = [schedule.timesteps_for(n) for n in steps]
     hybrid = list(hybrid) if hybrid is not None else [False] * len(steps)
@@ -70,9 +76,15 @@ def student_sample_mixed(
     if any(h and len(ts) < 2 for h, ts in zip(hybrid, lists, strict=True)):
         raise ValueError("hybrid items need at least 2 steps")
     x = initial_noise(seeds, shape)
-    out = torch.empty_like(x)
+    out = torch.zeros_like(x)
+    stopped: set[int] = set()
     for k in range(max(len(ts) for ts in lists)):
-        active = [i for i, ts in enumerate(lists) if k < len(ts)]
+        active = [i for i, ts in enumerate(lists) if k < len(ts) and i not in stopped]
+        if stop is not None and active:
+            stopped |= set(stop(k, active)) & set(active)
+            active = [i for i in active if i not in stopped]
+        if not active:
+            break
         if on_step is not None:
             on_step(k, active)
         xa = x[active]

@@ -1,79 +1,121 @@
-"""The FastAPI application: health, metrics, models and image generation.
+"""The FastAPI gateway: health, metrics, models, image generation and batch jobs.
 
-`create_app(settings)` builds an app around a `Runtime`; uvicorn serves it (`fewstep serve`).
+`create_app(settings)` builds an app around a `Runtime` (what is served) and a `JobQueue`
+(how work reaches engines); uvicorn serves it (`fewstep serve`). All generation goes through
+the queue: a synchronous request is a small job on the interactive lane that the handler
+waits for. With the embedded queue the gateway runs its own worker threads; with Redis,
+`fewstep worker` processes do, and this process only validates, queues and waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
+import functools
+import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from PIL import Image
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fewstep.engines.base import ImageItem, ImageResult
-from fewstep.errors import FewstepError, limit_error
+from fewstep.engines.base import ImageItem
+from fewstep.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, limit_error
 from fewstep.models.schedules import MAX_SEED
 from fewstep.service import errors
 from fewstep.service.auth import KeyRing
-from fewstep.service.metrics import Metrics
+from fewstep.service.metrics import Metrics, QueueCollector
+from fewstep.service.queue import open_queue
+from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
+from fewstep.service.queue.keys import BATCH, INTERACTIVE, SYNC_RESULT_TTL_S
 from fewstep.service.runtime import Runtime
 from fewstep.service.schemas import (
     ImageDatum,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    Job,
+    JobCreateRequest,
+    JobError,
+    JobRequestItem,
+    JobResult,
+    JobResults,
     ModelCard,
     ModelList,
     ModelVersion,
 )
 from fewstep.service.settings import Settings
+from fewstep.service.worker import Worker
 
 log = logging.getLogger("fewstep.service")
 RESPONSE_FORMATS = ("b64_json",)
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+T = TypeVar("T")
 
 
-def encode_png(pixels: Any) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def build_items(
+    req: ImageGenerationRequest | JobRequestItem, model: str, settings: Settings, runtime: Runtime, where: str = ""
+) -> list[ImageItem]:
+    """Validate one image request against the settings and the model; one item per image.
 
-
-def build_items(req: ImageGenerationRequest, settings: Settings, runtime: Runtime) -> list[ImageItem]:
-    """Validate a request against the settings and the model; one item per image."""
-    served = runtime.served(req.model)
+    `where` prefixes field names in messages ("requests[3]." inside a job).
+    """
+    served = runtime.served(model)
     assert served.engine is not None
     info = served.engine.info
+
+    def limit(name: str, rule: str, given: object) -> InvalidRequest:
+        return limit_error(where + name, rule, given)
+
     if not req.prompt.strip():
-        raise limit_error("prompt", "a non-empty string", req.prompt)
+        raise limit("prompt", "a non-empty string", req.prompt)
     if len(req.prompt) > settings.max_prompt_chars:
-        raise limit_error(
-            "prompt", f"at most {settings.max_prompt_chars} characters long", f"{len(req.prompt)} characters"
-        )
+        raise limit("prompt", f"at most {settings.max_prompt_chars} characters long", f"{len(req.prompt)} characters")
     if not 1 <= req.n <= settings.max_n:
-        raise limit_error("n", f"between 1 and {settings.max_n}", req.n)
+        raise limit("n", f"between 1 and {settings.max_n}", req.n)
     if req.size is not None and req.size != info.size:
-        raise limit_error("size", f"{info.size!r} (the model's native size)", req.size)
+        raise limit("size", f"{info.size!r} (the model's native size)", req.size)
     if req.response_format not in RESPONSE_FORMATS:
-        raise limit_error("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
+        raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
     steps = info.default_steps if req.steps is None else req.steps
     if steps not in info.steps:
-        raise limit_error("steps", f"between {min(info.steps)} and {max(info.steps)}", steps)
+        raise limit("steps", f"between {min(info.steps)} and {max(info.steps)}", steps)
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - settings.max_n:
-        raise limit_error("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
+        raise limit("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
     base = req.seed if req.seed is not None else secrets.randbelow(1 << 31)
     items = [ImageItem(prompt=req.prompt, seed=base + i, steps=steps, hybrid=req.hybrid) for i in range(req.n)]
     for it in items:
-        served.engine.validate(it)
+        try:
+            served.engine.validate(it)
+        except InvalidRequest as e:
+            raise InvalidRequest(where + e.field, str(e).replace(f"`{e.field}`", f"`{where}{e.field}`")) from e
     return items
+
+
+def job_view(st: JobStatus) -> Job:
+    return Job(
+        id=st.id,
+        status=st.status,
+        model=st.model,
+        total=st.total,
+        done=st.done,
+        failed=st.failed,
+        cancelled=st.cancelled,
+        created=st.created,
+        started=st.started,
+        finished=st.finished,
+    )
+
+
+def sse(event: str, data: dict[str, Any], cursor: str | None = None) -> str:
+    """One Server-Sent Event; `id` lets a client resume with `Last-Event-ID`."""
+    head = f"id: {cursor}\n" if cursor else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 class BodyLimit:
@@ -120,19 +162,38 @@ class _TooLarge(Exception):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    runtime = Runtime(settings, metrics)
+    queue = open_queue(settings)
+    metrics.registry.register(QueueCollector(queue.stats))
+    workers: list[Worker] = []
+
+    def start_workers() -> None:
+        for _ in range(settings.embedded_workers):
+            w = Worker(queue, runtime.engine_for, settings, metrics)
+            w.start()
+            workers.append(w)
+
+    runtime = Runtime(settings, metrics, run_engines=settings.embedded_workers > 0, on_loaded=start_workers)
     keys = KeyRing(settings)
     if not keys.enabled:
         log.warning("FEWSTEP_API_KEYS is not set: the API accepts requests without authentication")
+    # Blocking queue waits (sync requests, SSE) get their own threads, not the default pool's few.
+    waits = ThreadPoolExecutor(max_workers=128, thread_name_prefix="queue-wait")
+
+    async def call(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(waits, functools.partial(fn, *args))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime.start()
         yield
+        for w in workers:
+            await asyncio.to_thread(w.stop)
+        queue.close()
+        waits.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="fewstep", version="0.1.0", lifespan=lifespan)
-    app.state.settings, app.state.runtime, app.state.metrics = settings, runtime, metrics
+    app.state.settings, app.state.runtime, app.state.metrics, app.state.queue = settings, runtime, metrics, queue
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
@@ -152,14 +213,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        if runtime.ready:
-            return JSONResponse({"status": "ready"})
-        reason = runtime.load_error or ("loading" if not runtime.loaded.is_set() else "a model has no working version")
-        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        if not runtime.ready:
+            reason = runtime.load_error or (
+                "loading" if not runtime.loaded.is_set() else "a model has no working version"
+            )
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        try:
+            await call(queue.ping)
+        except NotReady as e:
+            return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await call(generate_latest, metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(_: str = Depends(principal)) -> ModelList:
@@ -183,30 +251,146 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return ModelList(data=cards)
 
+    async def wait_settled(job_id: str, timeout: float) -> bool:
+        """Wait for a job's end event; False on timeout."""
+        deadline = time.monotonic() + timeout
+        cursor = "0"
+        while (left := deadline - time.monotonic()) > 0:
+            events = await call(queue.events, job_id, cursor, min(left, 1.0))
+            if events:
+                cursor = events[-1].cursor
+                if any(e.kind == "end" for e in events):
+                    return True
+        return False
+
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
-    async def generate_images(req: ImageGenerationRequest, _: str = Depends(principal)) -> ImageGenerationResponse:
+    async def generate_images(req: ImageGenerationRequest, owner: str = Depends(principal)) -> ImageGenerationResponse:
         t0 = time.perf_counter()
-        items = build_items(req, settings, runtime)
-        outcomes = await runtime.generate(req.model, items)
-        for o in outcomes:
-            if isinstance(o, FewstepError):
-                raise o
-        results = [o for o in outcomes if isinstance(o, ImageResult)]
-        pngs = await asyncio.to_thread(lambda: [encode_png(r.pixels) for r in results])
-        served = runtime.served(req.model)
-        assert served.engine is not None
+        items = build_items(req, req.model, settings, runtime)
+        ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
+        job = await call(queue.submit, JobSpec(owner, req.model, items, INTERACTIVE, ttl))
+        if not await wait_settled(job.id, settings.request_timeout_s):
+            await call(queue.cancel, job.id, owner)
+            raise NotReady(f"request took longer than `request_timeout_s` = {settings.request_timeout_s}")
+        results = await call(queue.results, job.id, owner)
+        for r in results:
+            if r.outcome == "cancelled":
+                raise Cancelled(r.error or "cancelled")
+            if r.outcome != "ok":
+                raise GenerationFailed(r.error or "generation failed")
         steps = items[0].steps
         metrics.request_seconds.labels(req.model, str(steps)).observe(time.perf_counter() - t0)
         metrics.images.labels(req.model, str(steps)).inc(len(results))
+        served = runtime.served(req.model)
+        assert served.engine is not None
         return ImageGenerationResponse(
             created=int(time.time()),
             model=req.model,
-            model_version=served.engine.info.version,
+            model_version=results[0].model_version or "",
             steps=steps,
             nfe=sum(r.nfe for r in results) // len(results),
             hybrid=req.hybrid,
             size=served.engine.info.size,
-            data=[ImageDatum(b64_json=b, seed=r.seed) for b, r in zip(pngs, results, strict=True)],
+            data=[ImageDatum(b64_json=r.b64_json or "", seed=r.seed) for r in results],
         )
+
+    @app.post("/v1/jobs", status_code=202, response_model=Job)
+    async def create_job(
+        body: JobCreateRequest,
+        owner: str = Depends(principal),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+    ) -> Job:
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise limit_error("Idempotency-Key", "1 to 255 printable ASCII characters", idempotency_key[:300])
+        if not 1 <= len(body.requests) <= settings.max_job_items:
+            raise limit_error("requests", f"a list of 1 to {settings.max_job_items} requests", len(body.requests))
+        items: list[ImageItem] = []
+        origin: list[int] = []
+        for i, r in enumerate(body.requests):
+            made = build_items(r, body.model, settings, runtime, where=f"requests[{i}].")
+            items += made
+            origin += [i] * len(made)
+            if len(items) > settings.max_job_items:
+                raise limit_error("requests", f"at most {settings.max_job_items} images in all", f"{len(items)}+")
+        spec = JobSpec(
+            owner=owner,
+            model=body.model,
+            items=items,
+            lane=BATCH,
+            ttl_s=settings.result_ttl_s,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint(body.model, [r.model_dump() for r in body.requests]),
+            requests=origin,
+        )
+        return job_view(await call(queue.submit, spec))
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job)
+    async def get_job(job_id: str, owner: str = Depends(principal)) -> Job:
+        return job_view(await call(queue.status, job_id, owner))
+
+    @app.delete("/v1/jobs/{job_id}", response_model=Job)
+    async def cancel_job(job_id: str, owner: str = Depends(principal)) -> Job:
+        return job_view(await call(queue.cancel, job_id, owner))
+
+    @app.get("/v1/jobs/{job_id}/results", response_model=JobResults)
+    async def job_results(job_id: str, owner: str = Depends(principal)) -> JobResults:
+        status = await call(queue.status, job_id, owner)
+        results = await call(queue.results, job_id, owner)
+        return JobResults(
+            status=status.status,
+            data=[
+                JobResult(
+                    index=r.index,
+                    request=r.request,
+                    b64_json=r.b64_json or "",
+                    seed=r.seed,
+                    steps=r.steps,
+                    nfe=r.nfe,
+                    model_version=r.model_version,
+                )
+                for r in results
+                if r.outcome == "ok"
+            ],
+            errors=[
+                JobError(index=r.index, request=r.request, outcome=r.outcome, message=r.error)
+                for r in results
+                if r.outcome != "ok"
+            ],
+        )
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(
+        job_id: str,
+        owner: str = Depends(principal),
+        last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    ) -> StreamingResponse:
+        first = await call(queue.status, job_id, owner)
+
+        async def stream() -> AsyncIterator[str]:
+            yield sse("status", job_view(first).model_dump())
+            cursor = last_event_id or "0"
+            quiet_since = time.monotonic()
+            while True:
+                events = await call(queue.events, job_id, cursor, 1.0)
+                if not events:
+                    if time.monotonic() - quiet_since >= settings.sse_keepalive_s:
+                        quiet_since = time.monotonic()
+                        yield ": keep-alive\n\n"
+                    continue
+                quiet_since = time.monotonic()
+                st = await call(queue.status, job_id, owner)
+                counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
+                for e in events:
+                    cursor = e.cursor
+                    if e.kind == "item":
+                        yield sse("item", {"index": e.index, "outcome": e.outcome, **counts}, e.cursor)
+                    elif e.kind == "cancel":
+                        yield sse("cancel", counts, e.cursor)
+                    else:
+                        yield sse("end", job_view(st).model_dump(), e.cursor)
+                        return
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     return app

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from fewstep.errors import (
     Cancelled,
     CheckpointError,
+    Conflict,
     FewstepError,
     GenerationFailed,
     InvalidRequest,
@@ -36,7 +37,7 @@ def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
         return 429, {"Retry-After": str(max(1, round(exc.retry_after)))}
     if isinstance(exc, NotReady):
         return 503, {"Retry-After": str(max(1, round(exc.retry_after)))}
-    if isinstance(exc, Cancelled):
+    if isinstance(exc, Cancelled | Conflict):
         return 409, {}
     if isinstance(exc, GenerationFailed):
         return 500, {}

@@ -1,8 +1,18 @@
-"""Prometheus metrics of the gateway. One registry per app, so tests can run several apps."""
+"""Prometheus metrics of gateways and workers. One registry per process part, so tests can run several.
+
+Queue-wide numbers (depth, oldest item, in flight, reclaims, retries, dead letters, live
+workers) are read from the queue at scrape time by `QueueCollector`, so any gateway reports
+the state of the whole Redis queue, whichever worker changed it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from fewstep.service.queue.base import QueueStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -29,8 +39,50 @@ class Metrics:
         self.batch_seconds = Histogram(
             "fewstep_batch_seconds", "Wall time of one engine call.", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_waiting = Gauge("fewstep_queue_waiting_items", "Items waiting for an engine.", ["model"], registry=r)
+        self.worker_items = Counter(
+            "fewstep_worker_items",
+            "Items finished by this process's workers, by outcome (duplicate: a redelivered item's result was "
+            "already written).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "fewstep_job_seconds",
+            "From submission to the last item's result, for jobs and synchronous requests.",
+            buckets=(*LATENCY_BUCKETS, 120.0, 300.0, 900.0, 3600.0),
+            registry=r,
+        )
         self.models_ready = Gauge("fewstep_models_ready", "Models loaded and serving.", registry=r)
         self.model_refused = Counter(
             "fewstep_model_versions_refused", "Model versions refused at load.", ["model"], registry=r
         )
+
+
+class QueueCollector:
+    """Reads `stats()` from a job queue at scrape time; `fewstep_queue_up` 0 when it cannot."""
+
+    def __init__(self, stats: Callable[[], QueueStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("fewstep_queue_up", "1 when the job queue answered this scrape.")
+        try:
+            st = self.stats()
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("fewstep_queue_depth", "Items queued or running, by lane.", labels=["lane"])
+        for lane, n in st.depth.items():
+            depth.add_metric([lane], n)
+        yield depth
+        yield GaugeMetricFamily(
+            "fewstep_queue_oldest_age_seconds", "Age of the oldest item not yet finished.", value=st.oldest_age_s
+        )
+        yield GaugeMetricFamily("fewstep_queue_in_flight", "Items handed to a worker.", value=st.in_flight)
+        yield GaugeMetricFamily("fewstep_queue_workers", "Workers with a recent heartbeat.", value=st.workers)
+        yield CounterMetricFamily("fewstep_queue_reclaims", "Items taken back from idle workers.", value=st.reclaims)
+        yield CounterMetricFamily("fewstep_queue_retries", "Reclaimed items run again.", value=st.retries)
+        yield CounterMetricFamily("fewstep_queue_dead_letters", "Items moved to the dead-letter stream.", value=st.dead)

@@ -1,22 +1,23 @@
-"""The in-process model runtime: registry → engines → batchers, and the state `/readyz` reports.
+"""The model runtime: registry → engines, and the state `/readyz` and `/v1/models` report.
 
 Models load in a background thread so the process answers `/healthz` at once. For each model
 the promoted version is tried first; a version that is refused (bad manifest, hash mismatch,
 wrong shapes, non-finite warm-up) is recorded with its reason and the newest older version
 that loads serves instead, so a bad checkpoint never takes the model down.
+
+A process that runs engines (a worker, or a gateway with embedded workers) loads and warms
+the weights. A gateway that only queues work (Redis mode) reads manifests only: enough to
+validate requests (steps, size, hybrid) without holding weights.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fewstep.engines.base import ImageItem, Outcome
-from fewstep.engines.batching import RequestBatcher
 from fewstep.engines.image import ImageEngine
 from fewstep.errors import FewstepError, NotFound, NotReady
 from fewstep.models.registry import Registry
@@ -35,18 +36,25 @@ class Served:
     name: str
     kind: str
     engine: ImageEngine | None = None
-    batcher: RequestBatcher | None = None
     version: str | None = None
     created: int = 0
     statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 class Runtime:
-    """Owns the text encoder, the engines and their batchers."""
+    """Owns the text encoder and the engines. `run_engines=False`: manifests only, nothing runs here."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        run_engines: bool = True,
+        on_loaded: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.run_engines = run_engines
+        self.on_loaded = on_loaded
         self.registry = Registry(settings.registry)
         self.models: dict[str, Served] = {}
         self.encoder: TextEncoder | None = None
@@ -77,6 +85,12 @@ class Runtime:
             log.exception("model loading failed")
         finally:
             self.loaded.set()
+        if self.on_loaded is not None and self.load_error is None:
+            self.on_loaded()
+
+    def load(self) -> None:
+        """Load in the calling thread (a worker process has nothing to answer meanwhile)."""
+        self._load_all()
 
     def _load_model(self, name: str) -> None:
         versions = self.registry.versions(name)
@@ -104,8 +118,9 @@ class Runtime:
                     version=version,
                     teacher_folder=self._teacher_folder(name, manifest),
                 )
-                engine.load()
-                engine.warmup()
+                if self.run_engines:
+                    engine.load()
+                    engine.warmup()
             except FewstepError as e:
                 # Clients see the reason, not the server's filesystem layout.
                 served.statuses[version] = ("refused", str(e).replace(f"{self.registry.root}/", ""))
@@ -115,14 +130,14 @@ class Runtime:
             served.engine, served.version = engine, version
             served.created = int(self.registry.version_dir(name, version).stat().st_mtime)
             served.statuses[version] = ("serving", None)
-            served.batcher = RequestBatcher(
-                engine,
-                self.settings.max_batch_size,
-                self.settings.batch_wait_ms / 1000.0,
-                self.settings.max_queue,
-                on_batch=functools.partial(self._observe_batch, name),
+            log.info(
+                "%s %s:%s on %s/%s",
+                "serving" if self.run_engines else "routing",
+                name,
+                version,
+                self.settings.backend,
+                self.settings.precision,
             )
-            log.info("serving %s:%s on %s/%s", name, version, self.settings.backend, self.settings.precision)
             break
         for v in versions:
             served.statuses.setdefault(v, ("ready", None))
@@ -151,10 +166,6 @@ class Runtime:
             log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
             return None
 
-    def _observe_batch(self, model: str, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(model).observe(size)
-        self.metrics.batch_seconds.labels(model).observe(seconds)
-
     @property
     def ready(self) -> bool:
         """Loading finished, nothing failed, and every served model has a working version."""
@@ -167,8 +178,6 @@ class Runtime:
 
     def close(self) -> None:
         for s in self.models.values():
-            if s.batcher is not None:
-                s.batcher.close()
             if s.engine is not None:
                 s.engine.close()
 
@@ -180,25 +189,12 @@ class Runtime:
                 raise NotReady("models are still loading")
             raise NotFound(f"model {model!r} not found; GET /v1/models lists the served models")
         s = self.models[model]
-        if s.engine is None or s.batcher is None:
+        if s.engine is None:
             raise NotReady(f"model {model!r} has no version that loads")
         return s
 
-    async def generate(self, model: str, items: list[ImageItem]) -> list[Outcome]:
-        """Run items through the model's batcher; raises Overloaded when its queue is full."""
-        s = self.served(model)
-        assert s.batcher is not None
-        futures = s.batcher.submit(items)
-        self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
-        try:
-            return list(
-                await asyncio.wait_for(
-                    asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), self.settings.request_timeout_s
-                )
-            )
-        except TimeoutError as e:
-            for f in futures:
-                f.cancel()
-            raise NotReady(f"request took longer than `request_timeout_s` = {self.settings.request_timeout_s}") from e
-        finally:
-            self.metrics.queue_waiting.labels(model).set(s.batcher.waiting)
+    def engine_for(self, model: str) -> ImageEngine:
+        """The loaded engine of a model, for workers."""
+        engine = self.served(model).engine
+        assert engine is not None
+        return engine

@@ -63,3 +63,68 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class JobRequestItem(BaseModel):
+    """One request of a batch job: an image request without `model`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    n: StrictInt = 1
+    size: StrictStr | None = None
+    response_format: StrictStr = "b64_json"
+    steps: StrictInt | None = None
+    seed: StrictInt | None = None
+    hybrid: StrictBool = False
+
+
+class JobCreateRequest(BaseModel):
+    """`POST /v1/jobs`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    requests: list[JobRequestItem]
+
+
+class Job(BaseModel):
+    """`GET /v1/jobs/{id}`. `total` counts images (a request with `n` = 3 adds 3)."""
+
+    id: str
+    object: str = "job"
+    status: str
+    model: str
+    total: int
+    done: int
+    failed: int
+    cancelled: int
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+
+class JobResult(BaseModel):
+    index: int
+    request: int
+    b64_json: str
+    seed: int
+    steps: int
+    nfe: int
+    model_version: str | None
+
+
+class JobError(BaseModel):
+    index: int
+    request: int
+    outcome: str
+    message: str | None
+
+
+class JobResults(BaseModel):
+    """`GET /v1/jobs/{id}/results`: images finished so far; failed and cancelled items in `errors`."""
+
+    object: str = "list"
+    status: str
+    data: list[JobResult]
+    errors: list[JobError]

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from fewstep.service.queue import keys
 
 
 class Settings(BaseSettings):
@@ -47,9 +49,28 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
     """How long a lone item waits for company before running alone."""
     max_queue: int = Field(256, ge=1)
-    """Most items waiting per model; beyond it requests get 429 with Retry-After."""
+    """Most items of synchronous requests queued or running; beyond it requests get 429 with Retry-After."""
     request_timeout_s: float = Field(120.0, gt=0.0)
-    """A synchronous request that waits longer than this fails with 503."""
+    """A synchronous request that waits longer than this fails with 503 (its items are cancelled)."""
+
+    max_job_items: int = Field(1000, ge=1, le=100_000)
+    """Most requests one batch job may carry."""
+    max_job_queue: int = Field(10_000, ge=1)
+    """Most batch-job items queued or running; beyond it `POST /v1/jobs` gets 429 with Retry-After."""
+    result_ttl_s: int = Field(keys.RESULT_TTL_S, ge=60)
+    """How long a job and its results are kept after their last update."""
+    redis_prefix: str = Field("fewstep", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Prefix of every Redis key, so that several deployments may share one Redis."""
+    embedded_workers: int = Field(1, ge=0, le=64)
+    """Engine worker threads inside the gateway. Default: 1 with the embedded queue, 0 with Redis."""
+    claim_idle_s: float = Field(keys.CLAIM_IDLE_S, gt=0.0)
+    """An item in flight this long without a heartbeat is taken back from its worker."""
+    heartbeat_s: float = Field(keys.HEARTBEAT_S, gt=0.0)
+    """How often workers refresh their in-flight items; must be well under `claim_idle_s`."""
+    max_deliveries: int = Field(keys.MAX_DELIVERIES, ge=1, le=100)
+    """An item handed out this many times without a result goes to the dead-letter stream."""
+    sse_keepalive_s: float = Field(15.0, gt=0.0)
+    """Idle interval after which the job event stream sends a comment, so proxies keep it open."""
 
     log_level: str = "info"
     """Python logging level of the gateway."""
@@ -60,6 +81,17 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _queue_defaults(self) -> Settings:
+        if "embedded_workers" not in self.model_fields_set and self.redis_url is not None:
+            self.embedded_workers = 0  # with Redis, `fewstep worker` processes do the work
+        if self.heartbeat_s * 2 > self.claim_idle_s:
+            raise ValueError(
+                f"FEWSTEP_HEARTBEAT_S must be at most half of FEWSTEP_CLAIM_IDLE_S ({self.claim_idle_s}). "
+                f"Given: {self.heartbeat_s}"
+            )
+        return self
 
     @field_validator("precision")
     @classmethod

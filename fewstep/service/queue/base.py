@@ -1,0 +1,247 @@
+"""The `JobQueue` protocol and the records that cross it.
+
+Two implementations keep one set of semantics (tests/service/queue/test_conformance.py runs
+against both):
+
+* `EmbeddedQueue`: in-process, the default, for one machine and for development;
+* `RedisQueue`: Redis Streams with one consumer group, for gateways and workers that scale apart.
+
+Semantics (the same for both):
+
+* A job is N items. The gateway `submit`s it; workers `claim` items, run them and `finish` each
+  with one `ItemResult`. Delivery is **at least once**: an item whose worker died is taken back
+  by `reclaim` once idle past a timeout, so the engine may run an item twice, but a result is
+  written **once** per (job, item): later writes are ignored.
+* Workers `heartbeat` their in-flight items so that long items are not taken back.
+* An item delivered `max_deliveries` times without a result goes to the dead-letter record
+  (written before the item is acknowledged) and its job reports that item failed.
+* `submit` is atomic: either all N items are queued or none, and a full lane raises `Overloaded`.
+  The same owner and `Idempotency-Key` return the job the key first created.
+* `cancel` marks the job; workers skip its queued items and stop running ones at the next
+  denoising step (`cancelled` is what they ask).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+from fewstep.engines.base import ImageItem
+from fewstep.errors import Conflict
+
+Outcome = Literal["ok", "failed", "cancelled"]
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the gateway submits. `fingerprint` identifies the body for idempotency checks."""
+
+    owner: str
+    model: str
+    items: list[ImageItem]
+    lane: str
+    ttl_s: int
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    requests: list[int] | None = None
+    """Which request of the body each item came from (a request with `n` > 1 makes n items)."""
+
+    def request_of(self, index: int) -> int:
+        return self.requests[index] if self.requests is not None else 0
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One item of one job, as a worker receives it."""
+
+    job_id: str
+    index: int
+    model: str
+    item: ImageItem
+    request: int = 0
+
+    def encode(self) -> str:
+        return json.dumps({"model": self.model, "request": self.request, **asdict(self.item)}, sort_keys=True)
+
+    @classmethod
+    def decode(cls, job_id: str, index: int, payload: str) -> WorkItem:
+        d = json.loads(payload)
+        item = ImageItem(prompt=d["prompt"], seed=int(d["seed"]), steps=int(d["steps"]), hybrid=bool(d["hybrid"]))
+        return cls(job_id=job_id, index=index, model=d["model"], item=item, request=int(d.get("request", 0)))
+
+
+@dataclass
+class Delivery:
+    """A work item handed to one worker. `deliveries` counts handings, this one included."""
+
+    entry_id: str
+    lane: str
+    work: WorkItem
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The one result of one item. `b64_json` is the PNG for `ok`; `error` says why otherwise."""
+
+    index: int
+    outcome: Outcome
+    seed: int
+    request: int = 0
+    steps: int = 0
+    nfe: int = 0
+    model_version: str | None = None
+    b64_json: str | None = None
+    error: str | None = None
+    finished_at: float = field(default_factory=time.time)
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def decode(cls, payload: str | bytes) -> ItemResult:
+        return cls(**json.loads(payload))
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job as `GET /v1/jobs/{id}` reports it."""
+
+    id: str
+    status: JobState
+    model: str
+    total: int
+    done: int
+    failed: int
+    cancelled: int
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Every item has its result (ok, failed or cancelled)."""
+        return self.done + self.failed + self.cancelled >= self.total
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One progress event. `cursor` resumes the event stream after this event."""
+
+    cursor: str
+    kind: Literal["item", "cancel", "end"]
+    index: int | None = None
+    outcome: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Queue-wide numbers for `/metrics`."""
+
+    depth: dict[str, int]
+    in_flight: int
+    oldest_age_s: float
+    dead: int
+    reclaims: int
+    retries: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What `finish` did: whether it wrote the result, and the job's age if that result completed it."""
+
+    wrote: bool
+    job_seconds: float | None = None
+
+
+def job_state(cancel_requested: bool, started: bool, total: int, done: int, failed: int, cancelled: int) -> JobState:
+    """The one rule both queues use to name a job's state from its counters."""
+    if cancel_requested:
+        return "cancelled"
+    if done + failed + cancelled >= total:
+        return "failed" if failed else "succeeded"
+    if started or done or failed:
+        return "running"
+    return "queued"
+
+
+def valid_job_id(job_id: str) -> bool:
+    """Job ids are server-made url-safe tokens; anything else is unknown, not a key to look up."""
+    return bool(_JOB_ID.fullmatch(job_id))
+
+
+def fingerprint(model: str, requests: list[dict]) -> str:
+    """A stable digest of a job body, to tell a retried submission from a different one."""
+    body = json.dumps({"model": model, "requests": requests}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def key_digest(idempotency_key: str) -> str:
+    """Idempotency keys are client strings: store a digest, never the raw value, under a key name."""
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
+def idempotency_conflict(key: str) -> Conflict:
+    return Conflict(f"`Idempotency-Key` {key!r} was already used with a different body")
+
+
+class JobQueue(Protocol):
+    """The queue between gateways (submit, observe, cancel) and workers (claim, finish)."""
+
+    # -- gateway side ------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> JobStatus:
+        """Queue all items atomically, or return the job an idempotency key already made.
+
+        Raises `Overloaded` when the lane is full, `Conflict` when the key names another body,
+        `NotReady` when the queue is unreachable.
+        """
+
+    def status(self, job_id: str, owner: str) -> JobStatus:
+        """The job's counters; `NotFound` when it does not exist or belongs to another owner."""
+
+    def results(self, job_id: str, owner: str) -> list[ItemResult]:
+        """Results written so far, by index."""
+
+    def cancel(self, job_id: str, owner: str) -> JobStatus:
+        """Mark the job cancelled; idempotent."""
+
+    def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
+        """Events after `cursor` ("0" for all), waiting up to `block_s` for the first one."""
+
+    def stats(self) -> QueueStats:
+        """Depth per lane, items in flight, oldest item's age, dead letters, reclaims, workers."""
+
+    def ping(self) -> None:
+        """Raise `NotReady` if the queue cannot be reached."""
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        """Dead-lettered items: job, index, item, deliveries, reason."""
+
+    # -- worker side -------------------------------------------------------------------------
+    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
+        """Up to `max_items` new items, interactive lane first.
+
+        Waits up to `block_s` for the first item, then up to `gather_s` for company.
+        """
+
+    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
+        """Take over items idle longer than `min_idle_s`; dead-letter those past `max_deliveries`."""
+
+    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
+        """Reset the idle time of items still running, and mark the worker alive."""
+
+    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+        """Write the item's result (once: later writes are ignored) and acknowledge it."""
+
+    def cancelled(self, job_ids: set[str]) -> set[str]:
+        """Which of these jobs have been cancelled (or have expired)."""
+
+    def close(self) -> None:
+        """Release connections; pending waits end."""

@@ -1,0 +1,299 @@
+"""The embedded job queue: the `JobQueue` semantics in one process, with no Redis.
+
+The default when `FEWSTEP_REDIS_URL` is unset. Workers are threads of the gateway process, so
+a crash loses the whole process (and the queue with it): the embedded queue is for one machine
+and for development. Its reclaim, heartbeat and dead-letter paths exist so that it keeps the
+same contract as the Redis queue, which the conformance suite checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fewstep.errors import NotFound, Overloaded
+from fewstep.service.queue.base import (
+    Delivery,
+    Finished,
+    ItemResult,
+    JobEvent,
+    JobSpec,
+    JobStatus,
+    QueueStats,
+    WorkItem,
+    idempotency_conflict,
+    job_state,
+    key_digest,
+    valid_job_id,
+)
+from fewstep.service.queue.keys import IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    id: str
+    created: float
+    expires: float
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    results: dict[int, ItemResult] = field(default_factory=dict)
+    events: list[JobEvent] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for r in self.results.values() if r.outcome == outcome)
+
+    def status(self) -> JobStatus:
+        done, failed, cancelled = self.count("ok"), self.count("failed"), self.count("cancelled")
+        total = len(self.spec.items)
+        return JobStatus(
+            id=self.id,
+            status=job_state(self.cancel_requested, self.started is not None, total, done, failed, cancelled),
+            model=self.spec.model,
+            total=total,
+            done=done,
+            failed=failed,
+            cancelled=cancelled,
+            created=self.created,
+            started=self.started,
+            finished=self.finished,
+        )
+
+
+@dataclass
+class _Entry:
+    delivery: Delivery
+    consumer: str | None = None
+    touched: float = 0.0
+
+
+class EmbeddedQueue:
+    """In-process `JobQueue`. Thread-safe; `claim` and `events` block on one condition variable."""
+
+    def __init__(self, max_depth: dict[str, int]) -> None:
+        self.max_depth = max_depth
+        self._cv = threading.Condition()
+        self._jobs: dict[str, _Job] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
+        self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self._dead: list[tuple[Delivery, str]] = []
+        self._workers: dict[str, float] = {}
+        self._ids = itertools.count(1)
+        self._events = itertools.count(1)
+        self._reclaims = self._retries = 0
+        self._closed = False
+        self._purged = 0.0
+
+    # -- gateway side ------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> JobStatus:
+        with self._cv:
+            now = time.time()
+            self._purge(now)
+            if spec.idempotency_key is not None:
+                known = self._idempotency.get((spec.owner, key_digest(spec.idempotency_key)))
+                if known is not None and known[2] > now and known[0] in self._jobs:
+                    if known[1] != spec.fingerprint:
+                        raise idempotency_conflict(spec.idempotency_key)
+                    return self._jobs[known[0]].status()
+            depth = self._depth(spec.lane)
+            limit = self.max_depth[spec.lane]
+            if depth + len(spec.items) > limit:
+                raise Overloaded(
+                    f"queue full: {depth} {spec.lane} items queued, {len(spec.items)} more would pass the limit of "
+                    f"{limit}",
+                    retry_after=2.0,
+                )
+            job = _Job(spec=spec, id=secrets.token_urlsafe(16), created=now, expires=now + spec.ttl_s)
+            self._jobs[job.id] = job
+            for index, item in enumerate(spec.items):
+                entry_id = str(next(self._ids))
+                work = WorkItem(job_id=job.id, index=index, model=spec.model, item=item, request=spec.request_of(index))
+                self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work))
+                self._waiting[spec.lane].append(entry_id)
+            if spec.idempotency_key is not None:
+                digest = key_digest(spec.idempotency_key)
+                self._idempotency[(spec.owner, digest)] = (job.id, spec.fingerprint, now + IDEMPOTENCY_TTL_S)
+            self._cv.notify_all()
+            return job.status()
+
+    def _depth(self, lane: str) -> int:
+        return sum(1 for e in self._entries.values() if e.delivery.lane == lane)
+
+    def _job(self, job_id: str, owner: str | None) -> _Job:
+        job = self._jobs.get(job_id) if valid_job_id(job_id) else None
+        if job is None or job.expires < time.time() or (owner is not None and job.spec.owner != owner):
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    def status(self, job_id: str, owner: str) -> JobStatus:
+        with self._cv:
+            return self._job(job_id, owner).status()
+
+    def results(self, job_id: str, owner: str) -> list[ItemResult]:
+        with self._cv:
+            job = self._job(job_id, owner)
+            return [job.results[i] for i in sorted(job.results)]
+
+    def cancel(self, job_id: str, owner: str) -> JobStatus:
+        with self._cv:
+            job = self._job(job_id, owner)
+            if not job.cancel_requested and not job.status().settled:
+                job.cancel_requested = True
+                self._event(job, "cancel")
+            return job.status()
+
+    def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
+        after = int(cursor or 0)
+        deadline = time.monotonic() + block_s
+        with self._cv:
+            while True:
+                job = self._job(job_id, None)
+                fresh = [e for e in job.events if int(e.cursor) > after]
+                left = deadline - time.monotonic()
+                if fresh or left <= 0 or self._closed:
+                    return fresh
+                self._cv.wait(left)
+
+    def stats(self) -> QueueStats:
+        with self._cv:
+            now = time.monotonic()
+            flying = [e for e in self._entries.values() if e.consumer is not None]
+            return QueueStats(
+                depth={lane: self._depth(lane) for lane in LANES},
+                in_flight=len(flying),
+                oldest_age_s=max((now - e.touched for e in flying), default=0.0),
+                dead=len(self._dead),
+                reclaims=self._reclaims,
+                retries=self._retries,
+                workers=sum(1 for t in self._workers.values() if now - t < WORKER_TTL_S),
+            )
+
+    def ping(self) -> None:
+        return None
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        with self._cv:
+            return [
+                {
+                    "job": d.work.job_id,
+                    "index": str(d.work.index),
+                    "item": d.work.encode(),
+                    "deliveries": str(d.deliveries - 1),
+                    "reason": reason,
+                }
+                for d, reason in self._dead
+            ]
+
+    # -- worker side -------------------------------------------------------------------------
+    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
+        deadline = time.monotonic() + block_s
+        with self._cv:
+            self._workers[consumer] = time.monotonic()
+            while not any(self._waiting.values()) and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cv.wait(left)
+            gather_end = time.monotonic() + gather_s
+            while sum(map(len, self._waiting.values())) < max_items and not self._closed:
+                left = gather_end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            taken: list[Delivery] = []
+            for lane in LANES:  # interactive first
+                queue = self._waiting[lane]
+                while queue and len(taken) < max_items:
+                    entry = self._entries[queue.popleft()]
+                    entry.consumer, entry.touched = consumer, time.monotonic()
+                    job = self._jobs.get(entry.delivery.work.job_id)
+                    if job is not None and job.started is None:
+                        job.started = time.time()
+                    taken.append(entry.delivery)
+            return taken
+
+    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
+        with self._cv:
+            now = time.monotonic()
+            idle = [e for e in self._entries.values() if e.consumer is not None and now - e.touched >= min_idle_s]
+            taken: list[Delivery] = []
+            for entry in idle[:max_items]:
+                entry.delivery.deliveries += 1
+                self._reclaims += 1
+                if entry.delivery.deliveries > max_deliveries:
+                    reason = f"delivered {entry.delivery.deliveries - 1} times without a result (`max_deliveries`)"
+                    self._dead.append((entry.delivery, reason))
+                    self._finish(
+                        entry.delivery,
+                        ItemResult(
+                            index=entry.delivery.work.index,
+                            outcome="failed",
+                            seed=entry.delivery.work.item.seed,
+                            request=entry.delivery.work.request,
+                            error=reason,
+                        ),
+                    )
+                    continue
+                self._retries += 1
+                entry.consumer, entry.touched = consumer, now
+                taken.append(entry.delivery)
+            return taken
+
+    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
+        with self._cv:
+            now = time.monotonic()
+            self._workers[consumer] = now
+            for d in deliveries:
+                entry = self._entries.get(d.entry_id)
+                if entry is not None and entry.consumer == consumer:
+                    entry.touched = now
+
+    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+        with self._cv:
+            return self._finish(delivery, result)
+
+    def _finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+        self._entries.pop(delivery.entry_id, None)
+        job = self._jobs.get(delivery.work.job_id)
+        if job is None or result.index in job.results:
+            return Finished(wrote=False)
+        job.results[result.index] = result
+        job.expires = time.time() + job.spec.ttl_s
+        self._event(job, "item", result.index, result.outcome)
+        if len(job.results) < len(job.spec.items):
+            return Finished(wrote=True)
+        job.finished = time.time()
+        self._event(job, "end")
+        return Finished(wrote=True, job_seconds=job.finished - job.created)
+
+    def _event(self, job: _Job, kind: str, index: int | None = None, outcome: str | None = None) -> None:
+        job.events.append(JobEvent(cursor=str(next(self._events)), kind=kind, index=index, outcome=outcome))  # type: ignore[arg-type]
+        self._cv.notify_all()
+
+    def cancelled(self, job_ids: set[str]) -> set[str]:
+        with self._cv:
+            now = time.time()
+            return {
+                j for j in job_ids if (job := self._jobs.get(j)) is None or job.cancel_requested or job.expires < now
+            }
+
+    def _purge(self, now: float) -> None:
+        """Forget expired jobs and keys; runs at most once a second, under the lock."""
+        if now - self._purged < 1.0:
+            return
+        self._purged = now
+        for job_id in [j for j, job in self._jobs.items() if job.expires < now]:
+            del self._jobs[job_id]
+        for k in [k for k, v in self._idempotency.items() if v[2] < now]:
+            del self._idempotency[k]
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()

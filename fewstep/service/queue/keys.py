@@ -1,0 +1,76 @@
+"""Every Redis key, stream name and TTL default of the job queue, in one place (arq's rule).
+
+Nothing else in fewstep spells a Redis key. The TTL defaults below are what the settings
+fields of the same names start from; operators change them through `FEWSTEP_*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RESULT_TTL_S = 24 * 3600
+"""How long a job, its results and its events live after their last write."""
+SYNC_RESULT_TTL_S = 300
+"""How long the items of a synchronous `/v1/images/generations` request live: the gateway reads them at once."""
+IDEMPOTENCY_TTL_S = 24 * 3600
+"""How long an `Idempotency-Key` keeps pointing at its job."""
+CLAIM_IDLE_S = 30.0
+"""An item in flight this long without a heartbeat is taken back from its worker (XAUTOCLAIM)."""
+HEARTBEAT_S = 5.0
+"""How often a worker refreshes its in-flight items and its presence key."""
+WORKER_TTL_S = 3 * HEARTBEAT_S
+"""A worker whose presence key is older than this no longer counts as alive."""
+MAX_DELIVERIES = 3
+"""An item delivered this many times without a result goes to the dead-letter stream."""
+
+INTERACTIVE = "interactive"
+BATCH = "batch"
+LANES = (INTERACTIVE, BATCH)
+"""Synchronous requests go to the interactive lane, jobs to the batch lane; workers drain interactive first."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key layout under one prefix (`FEWSTEP_REDIS_PREFIX`, default "fewstep")."""
+
+    prefix: str = "fewstep"
+
+    def lane(self, lane: str) -> str:
+        """Stream of work items of one lane: fields job, index, item (JSON)."""
+        return f"{self.prefix}:items:{lane}"
+
+    @property
+    def group(self) -> str:
+        """The one consumer group every worker joins, on every lane."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: items that exhausted their deliveries, with the reason."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def stats(self) -> str:
+        """Hash of queue-wide counters (reclaims, retries, dead, submitted)."""
+        return f"{self.prefix}:stats"
+
+    def job(self, job_id: str) -> str:
+        """Hash: owner, model, total, counters, status timestamps."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def results(self, job_id: str) -> str:
+        """Hash: item index → result JSON, written once (HSETNX)."""
+        return f"{self.prefix}:job:{job_id}:results"
+
+    def events(self, job_id: str) -> str:
+        """Stream of progress events of one job, read by SSE clients and synchronous waiters."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def idempotency(self, owner: str, key_digest: str) -> str:
+        """String: the job an owner's `Idempotency-Key` created, with the body's fingerprint."""
+        return f"{self.prefix}:idem:{owner}:{key_digest}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker name → time of its last heartbeat (alive within WORKER_TTL_S)."""
+        return f"{self.prefix}:workers"

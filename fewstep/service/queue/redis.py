@@ -1,0 +1,418 @@
+"""The Redis job queue: Redis Streams, one consumer group, at-least-once, results written once.
+
+Layout (all names in `keys.py`): one stream per lane holds work items; every worker reads
+them through one consumer group, so an item stays in the group's pending list until its
+worker acknowledges it. Acknowledged entries are deleted (XACK does not delete). Writes that
+must not interleave (submit with its idempotency key and depth check; a result with its
+counters, events and acknowledgement) are Lua scripts, so they are atomic across any number
+of gateways and workers.
+
+Connection loss is `NotReady` to callers; redis-py reconnects on the next command, so
+gateways and workers ride out a Redis restart without being restarted themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+
+from fewstep.errors import NotFound, NotReady, Overloaded
+from fewstep.service.queue.base import (
+    Delivery,
+    Finished,
+    ItemResult,
+    JobEvent,
+    JobSpec,
+    JobStatus,
+    QueueStats,
+    WorkItem,
+    idempotency_conflict,
+    job_state,
+    key_digest,
+    valid_job_id,
+)
+from fewstep.service.queue.keys import IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# KEYS: lane stream, job hash, idempotency key, stats hash.
+# ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane, items...
+SUBMIT = """
+if ARGV[6] == '1' then
+  local known = redis.call('GET', KEYS[3])
+  if known then return {'existing', known} end
+end
+local n = tonumber(ARGV[7])
+local depth = redis.call('XLEN', KEYS[1])
+if depth + n > tonumber(ARGV[3]) then return {'full', tostring(depth)} end
+redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
+           'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+for i = 1, n do
+  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[11 + i])
+end
+if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[5]) end
+redis.call('HINCRBY', KEYS[4], 'submitted', n)
+return {'created', ARGV[1]}
+"""
+
+# KEYS: job hash, results hash, events stream, lane stream.
+# ARGV: index, result JSON, outcome, now, entry id, group.
+FINISH = """
+local wrote = 0
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  wrote = 1
+  local field = ARGV[3]
+  if field == 'ok' then field = 'done' end
+  redis.call('HINCRBY', KEYS[1], field, 1)
+  local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled', 'ttl')
+  redis.call('XADD', KEYS[3], '*', 'kind', 'item', 'index', ARGV[1], 'outcome', ARGV[3])
+  if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
+    redis.call('HSET', KEYS[1], 'finished', ARGV[4])
+    redis.call('XADD', KEYS[3], '*', 'kind', 'end')
+    wrote = redis.call('HGET', KEYS[1], 'created')
+  end
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], c[5]) end
+end
+redis.call('XACK', KEYS[4], ARGV[6], ARGV[5])
+redis.call('XDEL', KEYS[4], ARGV[5])
+return wrote
+"""
+
+# KEYS: job hash, events stream. ARGV: now.
+CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled', 'cancel', 'ttl')
+if c[5] == '1' or tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', 1, 'cancel_at', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'kind', 'cancel')
+redis.call('EXPIRE', KEYS[2], c[6])
+return 1
+"""
+
+
+def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
+    """Connection trouble becomes NotReady (503 / worker back-off) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise NotReady(f"job queue unreachable: {type(e).__name__}", retry_after=2.0) from e
+
+    return wrapper
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisQueue:
+    """`JobQueue` on Redis Streams. One instance per process; thread-safe (redis-py pools connections)."""
+
+    def __init__(self, url: str, max_depth: dict[str, int], prefix: str = "fewstep") -> None:
+        self.keys = Keys(prefix)
+        self.max_depth = max_depth
+        # socket_timeout bounds every call; blocking reads ask for less than this.
+        # redis-py's reply types are unions of every RESP shape; replies are parsed below instead.
+        self.r: Any = redis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5, health_check_interval=10)
+        self._submit = self.r.register_script(SUBMIT)
+        self._finish = self.r.register_script(FINISH)
+        self._cancel = self.r.register_script(CANCEL)
+        self._groups_ready = False
+
+    # -- gateway side ------------------------------------------------------------------------
+    @_reachable
+    def submit(self, spec: JobSpec) -> JobStatus:
+        job_id = secrets.token_urlsafe(16)
+        has_key = spec.idempotency_key is not None
+        idem = self.keys.idempotency(spec.owner, key_digest(spec.idempotency_key or ""))
+        payloads = [WorkItem(job_id, i, spec.model, it, spec.request_of(i)).encode() for i, it in enumerate(spec.items)]
+        args: list[str | int | float] = [
+            job_id,
+            spec.fingerprint,
+            self.max_depth[spec.lane],
+            spec.ttl_s,
+            IDEMPOTENCY_TTL_S,
+        ]
+        args += ["1" if has_key else "0", len(payloads), time.time(), spec.owner, spec.model, spec.lane, *payloads]
+        keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats]
+        verdict, value = self._submit(keys=keys, args=args)
+        verdict, value = _s(verdict), _s(value)
+        if verdict == "full":
+            raise Overloaded(
+                f"queue full: {value} {spec.lane} items queued, {len(payloads)} more would pass the limit of "
+                f"{self.max_depth[spec.lane]}",
+                retry_after=2.0,
+            )
+        if verdict == "existing":
+            known_id, _, known_fp = value.partition("|")
+            if known_fp != spec.fingerprint:
+                assert spec.idempotency_key is not None
+                raise idempotency_conflict(spec.idempotency_key)
+            try:
+                return self.status(known_id, spec.owner)
+            except NotFound:  # the job expired before its key: the key no longer holds
+                self.r.delete(idem)
+                return self.submit(spec)
+        return self.status(job_id, spec.owner)
+
+    def _hash(self, job_id: str, owner: str | None) -> dict[str, str]:
+        raw = self.r.hgetall(self.keys.job(job_id)) if valid_job_id(job_id) else {}
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        if not h or (owner is not None and h.get("owner") != owner):
+            raise NotFound(f"job {job_id!r} not found")
+        return h
+
+    @staticmethod
+    def _status(job_id: str, h: dict[str, str]) -> JobStatus:
+        total, done, failed, cancelled = (int(h[k]) for k in ("total", "done", "failed", "cancelled"))
+        return JobStatus(
+            id=job_id,
+            status=job_state(h.get("cancel") == "1", "started" in h, total, done, failed, cancelled),
+            model=h["model"],
+            total=total,
+            done=done,
+            failed=failed,
+            cancelled=cancelled,
+            created=float(h["created"]),
+            started=float(h["started"]) if "started" in h else None,
+            finished=float(h["finished"]) if "finished" in h else None,
+        )
+
+    @_reachable
+    def status(self, job_id: str, owner: str) -> JobStatus:
+        return self._status(job_id, self._hash(job_id, owner))
+
+    @_reachable
+    def results(self, job_id: str, owner: str) -> list[ItemResult]:
+        self._hash(job_id, owner)
+        raw = self.r.hgetall(self.keys.results(job_id))
+        out = [ItemResult.decode(v) for v in raw.values()]
+        return sorted(out, key=lambda r: r.index)
+
+    @_reachable
+    def cancel(self, job_id: str, owner: str) -> JobStatus:
+        self._hash(job_id, owner)
+        self._cancel(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=[time.time()])
+        return self.status(job_id, owner)
+
+    @_reachable
+    def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
+        block_ms = max(1, int(min(block_s, 10.0) * 1000))
+        reply = self.r.xread({self.keys.events(job_id): cursor or "0"}, count=256, block=block_ms)
+        out: list[JobEvent] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                f = {_s(k): _s(v) for k, v in fields.items()}
+                out.append(
+                    JobEvent(
+                        cursor=_s(entry_id),
+                        kind=f["kind"],  # type: ignore[arg-type]  # written only by our scripts
+                        index=int(f["index"]) if "index" in f else None,
+                        outcome=f.get("outcome"),
+                    )
+                )
+        return out
+
+    @_reachable
+    def stats(self) -> QueueStats:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for lane in LANES:
+            pipe.xlen(self.keys.lane(lane))
+            pipe.xrange(self.keys.lane(lane), count=1)
+        pipe.xlen(self.keys.dead)
+        pipe.hgetall(self.keys.stats)
+        pipe.zcount(self.keys.workers, now - WORKER_TTL_S, "+inf")
+        replies = pipe.execute()
+        depth: dict[str, int] = {}
+        oldest = 0.0
+        for i, lane in enumerate(LANES):
+            depth[lane] = int(replies[2 * i])
+            head = replies[2 * i + 1]
+            if head:
+                oldest = max(oldest, now - int(_s(head[0][0]).split("-")[0]) / 1000.0)
+        counters = {_s(k): int(v) for k, v in replies[-2].items()}
+        in_flight = 0
+        for lane in LANES:
+            with contextlib.suppress(redis.ResponseError):  # no group yet: no worker ever started
+                in_flight += int(self.r.xpending(self.keys.lane(lane), self.keys.group)["pending"])
+        return QueueStats(
+            depth=depth,
+            in_flight=in_flight,
+            oldest_age_s=oldest,
+            dead=int(replies[-3]),
+            reclaims=counters.get("reclaims", 0),
+            retries=counters.get("retries", 0),
+            workers=int(replies[-1]),
+        )
+
+    @_reachable
+    def ping(self) -> None:
+        self.r.ping()
+
+    @_reachable
+    def dead_letters(self) -> list[dict[str, str]]:
+        return [{_s(k): _s(v) for k, v in f.items()} for _, f in self.r.xrange(self.keys.dead)]
+
+    # -- worker side -------------------------------------------------------------------------
+    def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for lane in LANES:
+            try:
+                self.r.xgroup_create(self.keys.lane(lane), self.keys.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._groups_ready = True
+
+    def _read(self, consumer: str, streams: dict[str, str], count: int, block_ms: int | None) -> list[Delivery]:
+        try:
+            reply = self.r.xreadgroup(self.keys.group, consumer, streams, count=count, block=block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._groups_ready = False  # Redis lost its data (no AOF): make the group again
+            self._ensure_groups()
+            return []
+        out: list[Delivery] = []
+        for stream, entries in reply or []:
+            lane = _s(stream).rsplit(":", 1)[-1]
+            for entry_id, fields in entries:
+                out.append(self._delivery(lane, entry_id, fields, 1))
+        return out
+
+    @staticmethod
+    def _delivery(lane: str, entry_id: Any, fields: dict, deliveries: int) -> Delivery:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        return Delivery(
+            entry_id=_s(entry_id),
+            lane=lane,
+            work=WorkItem.decode(f["job"], int(f["index"]), f["item"]),
+            deliveries=deliveries,
+        )
+
+    @_reachable
+    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
+        self._ensure_groups()
+        self._alive(consumer)
+        taken = self._fill(consumer, [], max_items)
+        if not taken:
+            lanes = {self.keys.lane(lane): ">" for lane in LANES}
+            taken = self._read(consumer, lanes, 1, max(1, int(min(block_s, 10.0) * 1000)))
+            if taken and gather_s > 0 and len(taken) < max_items:
+                time.sleep(gather_s)
+            taken = self._fill(consumer, taken, max_items)
+        started = {d.work.job_id for d in taken}
+        if started:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in started:
+                pipe.hsetnx(self.keys.job(job_id), "started", time.time())
+            pipe.execute()
+        return taken
+
+    def _fill(self, consumer: str, taken: list[Delivery], max_items: int) -> list[Delivery]:
+        """Top up a batch without blocking, interactive lane first."""
+        for lane in LANES:
+            room = max_items - len(taken)
+            if room <= 0:
+                break
+            taken += self._read(consumer, {self.keys.lane(lane): ">"}, room, None)
+        return taken
+
+    @_reachable
+    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
+        self._ensure_groups()
+        taken: list[Delivery] = []
+        for lane in LANES:
+            stream = self.keys.lane(lane)
+            reply = self.r.xautoclaim(stream, self.keys.group, consumer, int(min_idle_s * 1000), "0-0", count=max_items)
+            claimed = [(i, f) for i, f in reply[1] if f]
+            if not claimed:
+                continue
+            pipe = self.r.pipeline(transaction=False)
+            for entry_id, _ in claimed:
+                pipe.xpending_range(stream, self.keys.group, min=entry_id, max=entry_id, count=1)
+            counts = [int(p[0]["times_delivered"]) if p else 1 for p in pipe.execute()]
+            self.r.hincrby(self.keys.stats, "reclaims", len(claimed))
+            for (entry_id, fields), times in zip(claimed, counts, strict=True):
+                d = self._delivery(lane, entry_id, fields, times)
+                if times > max_deliveries:
+                    self._dead_letter(d, f"delivered {times - 1} times without a result (`max_deliveries`)")
+                else:
+                    self.r.hincrby(self.keys.stats, "retries", 1)
+                    taken.append(d)
+        return taken
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        """DLQ first, then the failed result and the ack: a crash in between duplicates, never loses."""
+        self.r.xadd(
+            self.keys.dead,
+            {
+                "job": d.work.job_id,
+                "index": d.work.index,
+                "item": d.work.encode(),
+                "deliveries": d.deliveries - 1,
+                "reason": reason,
+                "at": time.time(),
+            },
+        )
+        self.r.hincrby(self.keys.stats, "dead", 1)
+        failed = ItemResult(
+            index=d.work.index, outcome="failed", seed=d.work.item.seed, request=d.work.request, error=reason
+        )
+        self.finish(d, failed)
+
+    def _alive(self, consumer: str) -> None:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers, {consumer: now})
+        pipe.zremrangebyscore(self.keys.workers, "-inf", now - 10 * WORKER_TTL_S)
+        pipe.execute()
+
+    @_reachable
+    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
+        self._alive(consumer)
+        for lane in LANES:
+            ids = [d.entry_id for d in deliveries if d.lane == lane]
+            if not ids:
+                continue
+            stream = self.keys.lane(lane)
+            # Only entries still ours: one taken over by another worker stays with it.
+            mine = self.r.xpending_range(stream, self.keys.group, min="-", max="+", count=10_000, consumername=consumer)
+            still = sorted({_s(p["message_id"]) for p in mine} & set(ids))
+            if still:
+                self.r.xclaim(stream, self.keys.group, consumer, 0, still, justid=True)
+
+    @_reachable
+    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+        job_id = delivery.work.job_id
+        k = self.keys
+        reply = self._finish(
+            keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane)],
+            args=[result.index, result.encode(), result.outcome, time.time(), delivery.entry_id, self.keys.group],
+        )
+        if isinstance(reply, bytes | str):  # this result completed the job; the reply is its creation time
+            return Finished(wrote=True, job_seconds=time.time() - float(_s(reply)))
+        return Finished(wrote=bool(reply))
+
+    @_reachable
+    def cancelled(self, job_ids: set[str]) -> set[str]:
+        ordered = sorted(job_ids)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ordered:
+            pipe.hget(self.keys.job(job_id), "cancel")
+        return {j for j, flag in zip(ordered, pipe.execute(), strict=True) if flag is None or _s(flag) == "1"}
+
+    def close(self) -> None:
+        self.r.close()

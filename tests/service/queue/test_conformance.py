@@ -1,0 +1,187 @@
+"""One conformance suite for every `JobQueue`: the embedded queue and Redis Streams (real redis-server).
+
+Each Redis test gets its own key prefix, so tests share one server without seeing each other.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fewstep.engines.base import ImageItem
+from fewstep.errors import Conflict, NotFound, Overloaded
+from fewstep.service.queue.base import ItemResult, JobQueue, JobSpec
+from fewstep.service.queue.embedded import EmbeddedQueue
+from fewstep.service.queue.keys import BATCH, INTERACTIVE
+from fewstep.service.queue.redis import RedisQueue
+
+DEPTH = {INTERACTIVE: 8, BATCH: 20}
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def queue(request: pytest.FixtureRequest) -> Iterator[JobQueue]:
+    if request.param == "embedded":
+        q: JobQueue = EmbeddedQueue(DEPTH)
+    else:
+        server = request.getfixturevalue("redis_server")
+        q = RedisQueue(server.url, DEPTH, prefix=f"t{secrets.token_hex(4)}")
+    yield q
+    q.close()
+
+
+def spec(n: int, lane: str = BATCH, owner: str = "alice", key: str | None = None, fp: str = "body") -> JobSpec:
+    items = [ImageItem(prompt=f"a red circle {i}", seed=i, steps=1 + i % 4) for i in range(n)]
+    return JobSpec(owner, "shapes", items, lane, ttl_s=600, idempotency_key=key, fingerprint=fp)
+
+
+def ok(index: int, seed: int) -> ItemResult:
+    return ItemResult(index=index, outcome="ok", seed=seed, steps=1, nfe=1, b64_json="png")
+
+
+def test_submit_claim_finish_round_trip(queue: JobQueue) -> None:
+    job = queue.submit(spec(3))
+    assert (job.status, job.total, job.done) == ("queued", 3, 0)
+    taken = queue.claim("w1", 10, 1.0, 0.0)
+    assert [d.work.index for d in taken] == [0, 1, 2]
+    assert taken[1].work.item == ImageItem(prompt="a red circle 1", seed=1, steps=2)
+    assert queue.status(job.id, "alice").status == "running"
+    for d in taken:
+        assert queue.finish(d, ok(d.work.index, d.work.item.seed)).wrote
+    st = queue.status(job.id, "alice")
+    assert (st.status, st.done, st.finished is not None) == ("succeeded", 3, True)
+    assert [r.index for r in queue.results(job.id, "alice")] == [0, 1, 2]
+    kinds = [e.kind for e in queue.events(job.id, "0", 0.1)]
+    assert kinds == ["item", "item", "item", "end"]
+    assert queue.stats().depth[BATCH] == 0  # acknowledged entries are gone
+
+
+def test_a_result_is_written_once_whatever_the_redeliveries(queue: JobQueue) -> None:
+    job = queue.submit(spec(1))
+    [d] = queue.claim("w1", 1, 1.0, 0.0)
+    first = queue.finish(d, ok(0, 0))
+    again = queue.finish(d, ItemResult(index=0, outcome="failed", seed=0, error="late duplicate"))
+    assert first.wrote and first.job_seconds is not None
+    assert not again.wrote
+    st = queue.status(job.id, "alice")
+    assert (st.done, st.failed) == (1, 0)
+    assert [r.outcome for r in queue.results(job.id, "alice")] == ["ok"]
+
+
+def test_jobs_are_visible_only_to_their_owner(queue: JobQueue) -> None:
+    job = queue.submit(spec(1))
+    for call in (queue.status, queue.results, queue.cancel):
+        with pytest.raises(NotFound):
+            call(job.id, "mallory")
+    with pytest.raises(NotFound):
+        queue.status("../../etc/passwd", "alice")
+
+
+def test_idempotency_key_returns_the_same_job_also_when_concurrent(queue: JobQueue) -> None:
+    first = queue.submit(spec(2, key="k1"))
+    assert queue.submit(spec(2, key="k1")).id == first.id
+    assert queue.submit(spec(2, key="k1", owner="bob")).id != first.id  # keys are per owner
+    with pytest.raises(Conflict):
+        queue.submit(spec(2, key="k1", fp="another body"))
+    ids: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def go() -> None:
+        barrier.wait()
+        ids.append(queue.submit(spec(1, key="k2")).id)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 8 and len(set(ids)) == 1
+    assert queue.stats().depth[BATCH] == 2 + 2 + 1
+
+
+def test_full_lane_refuses_whole_jobs_and_recovers(queue: JobQueue) -> None:
+    queue.submit(spec(6, lane=INTERACTIVE))
+    with pytest.raises(Overloaded) as e:
+        queue.submit(spec(3, lane=INTERACTIVE))
+    assert "limit of 8" in str(e.value) and e.value.retry_after > 0
+    assert queue.stats().depth[INTERACTIVE] == 6  # nothing of the refused job was queued
+    queue.submit(spec(20, lane=BATCH))  # lanes are limited apart
+    for d in queue.claim("w1", 6, 1.0, 0.0):
+        queue.finish(d, ok(d.work.index, 0))
+    queue.submit(spec(3, lane=INTERACTIVE))
+
+
+def test_interactive_items_are_claimed_before_batch_items(queue: JobQueue) -> None:
+    queue.submit(spec(3, lane=BATCH))
+    sync = queue.submit(spec(2, lane=INTERACTIVE))
+    taken = queue.claim("w1", 3, 1.0, 0.0)
+    assert [d.work.job_id for d in taken[:2]] == [sync.id, sync.id]
+    assert taken[2].lane == BATCH
+
+
+def test_idle_items_are_reclaimed_unless_heartbeaten(queue: JobQueue) -> None:
+    job = queue.submit(spec(2))
+    a, b = queue.claim("dead", 2, 1.0, 0.0)
+    time.sleep(0.3)
+    queue.heartbeat("dead", [a])  # `a` is still being worked on; `b`'s worker died
+    taken = queue.reclaim("rescuer", 0.25, 3, 10)
+    assert [(d.work.index, d.deliveries) for d in taken] == [(1, 2)]
+    assert queue.finish(taken[0], ok(1, 1)).wrote
+    assert queue.finish(a, ok(0, 0)).wrote
+    assert queue.status(job.id, "alice").status == "succeeded"
+    assert queue.stats().reclaims >= 1
+
+
+def test_poison_items_go_to_the_dead_letter_record_after_the_cap(queue: JobQueue) -> None:
+    job = queue.submit(spec(2))
+    poison, good = queue.claim("w0", 2, 1.0, 0.0)
+    queue.finish(good, ok(1, 1))
+    for attempt in range(2, 4):  # deliveries 2 and 3 are handed out; each worker "dies"
+        time.sleep(0.15)
+        [d] = queue.reclaim(f"w{attempt}", 0.1, 3, 10)
+        assert (d.work.index, d.deliveries) == (0, attempt)
+    time.sleep(0.15)
+    assert queue.reclaim("w4", 0.1, 3, 10) == []  # the 4th delivery would pass the cap
+    st = queue.status(job.id, "alice")
+    assert (st.status, st.done, st.failed) == ("failed", 1, 1)
+    [err] = [r for r in queue.results(job.id, "alice") if r.outcome == "failed"]
+    assert err.index == 0 and "max_deliveries" in (err.error or "")
+    assert queue.stats().dead == 1
+    [dead] = queue.dead_letters()
+    assert (dead["job"], dead["index"], dead["deliveries"]) == (job.id, "0", "3")
+
+
+def test_cancel_marks_the_job_and_workers_can_see_it(queue: JobQueue) -> None:
+    job = queue.submit(spec(3))
+    other = queue.submit(spec(1))
+    st = queue.cancel(job.id, "alice")
+    assert st.status == "cancelled"
+    assert queue.cancelled({job.id, other.id}) == {job.id}
+    assert queue.cancel(job.id, "alice").status == "cancelled"  # idempotent
+    kinds = [e.kind for e in queue.events(job.id, "0", 0.1)]
+    assert kinds == ["cancel"]
+
+
+def test_events_wait_for_progress_and_resume_from_a_cursor(queue: JobQueue) -> None:
+    job = queue.submit(spec(2))
+    [d0, d1] = queue.claim("w1", 2, 1.0, 0.0)
+    t0 = time.monotonic()
+    assert queue.events(job.id, "0", 0.2) == []
+    assert time.monotonic() - t0 >= 0.15
+    threading.Timer(0.1, lambda: queue.finish(d0, ok(0, 0))).start()
+    [first] = queue.events(job.id, "0", 5.0)
+    assert (first.kind, first.index, first.outcome) == ("item", 0, "ok")
+    queue.finish(d1, ok(1, 1))
+    assert [e.kind for e in queue.events(job.id, first.cursor, 0.1)] == ["item", "end"]
+
+
+def test_stats_report_depth_in_flight_and_workers(queue: JobQueue) -> None:
+    queue.submit(spec(4))
+    queue.claim("w1", 1, 1.0, 0.0)
+    time.sleep(0.05)
+    st = queue.stats()
+    assert st.depth[BATCH] == 4 and st.in_flight == 1 and st.workers == 1
+    assert st.oldest_age_s >= 0.04
