@@ -83,6 +83,42 @@ def start_server(
     raise RuntimeError(f"server not up after 120 s:\n{server.output()}")
 
 
+@dataclass
+class WorkerProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_worker(
+    tmp: Path, env: dict[str, str], name: str, engine: str = "noop", step_ms: float = 0.0, script: str | None = None
+) -> WorkerProc:
+    """`fewstep worker` (or a test script standing in for it) in a subprocess, one thread."""
+    log = tmp / f"worker-{name}-{time.monotonic_ns()}.log"
+    full = {**os.environ, "FEWSTEP_THREADS": "1", "OMP_NUM_THREADS": "1", **env}
+    if script is None:
+        cmd = [sys.executable, "-m", "fewstep.cli", "worker", "--engine", engine, "--name", name]
+        cmd += ["--noop-step-ms", str(step_ms)]
+    else:
+        cmd = [sys.executable, "-P", script, name, str(step_ms)]  # -P: its folder must not shadow stdlib `queue`
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=full, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
+    return WorkerProc(name, proc, log)
+
+
+def stop_worker(w: WorkerProc) -> None:
+    if w.proc.poll() is None:
+        w.proc.send_signal(signal.SIGTERM)
+        try:
+            w.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+
+
 def stop_server(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)

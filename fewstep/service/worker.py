@@ -87,6 +87,10 @@ class Worker:
         self._threads.append(hb)
         self._loop()
 
+    def request_stop(self) -> None:
+        """Ask the loop to end after the batch in hand (safe from a signal handler)."""
+        self._stopping.set()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the batch in hand, then stop claiming. Unfinished items are reclaimed by others."""
         self._stopping.set()
