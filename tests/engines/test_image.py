@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.engines.base import Engine, ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
-from fewstep.errors import CheckpointError, InvalidRequest
+from fewstep.errors import Cancelled, CheckpointError, InvalidRequest
 from fewstep.models.checkpoint import sha256_file
 
 
@@ -130,3 +130,18 @@ def test_hybrid_needs_two_steps_and_a_teacher(hybrid_engine: ImageEngine, engine
     assert "`steps` must be between 2 and 4 when `hybrid` is true. Given: 1" in str(one_step)
     (no_teacher,) = engine.run([ImageItem("a red circle", 1, 2, hybrid=True)])
     assert isinstance(no_teacher, InvalidRequest) and "teacher" in str(no_teacher)
+
+
+def test_stopped_items_leave_the_batch_at_the_step_boundary(engine: ImageEngine) -> None:
+    items = [ImageItem("a red circle", seed=1, steps=4), ImageItem("a blue square", seed=2, steps=4)]
+    calls: list[tuple[int, list[int]]] = []
+
+    def stop(k: int, active: list[int]) -> list[int]:
+        calls.append((k, list(active)))
+        return [0] if k == 2 else []
+
+    out = engine.run(items, stop)
+    assert isinstance(out[0], Cancelled) and str(out[0]) == "cancelled before step 3 of 4"
+    assert calls == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1]), (3, [1])]  # item 0 ran 2 of its 4 steps
+    alone = engine.run([items[1]])[0]
+    assert np.array_equal(_pixels(out[1]), _pixels(alone))  # its neighbour is unaffected

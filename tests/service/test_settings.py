@@ -28,9 +28,26 @@ def test_environment_overrides_with_the_prefix(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("FEWSTEP_MAX_N", "0"), ("FEWSTEP_PORT", "70000"), ("FEWSTEP_BACKEND", "magic"), ("FEWSTEP_THREADS", "0")],
+    [
+        ("FEWSTEP_MAX_N", "0"),
+        ("FEWSTEP_PORT", "70000"),
+        ("FEWSTEP_BACKEND", "magic"),
+        ("FEWSTEP_THREADS", "0"),
+        ("FEWSTEP_MAX_JOB_ITEMS", "0"),
+        ("FEWSTEP_MAX_DELIVERIES", "0"),
+        ("FEWSTEP_REDIS_PREFIX", "a b"),
+        ("FEWSTEP_HEARTBEAT_S", "20"),
+    ],
 )
 def test_invalid_values_fail_at_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(var, value)
     with pytest.raises(ValidationError, match=var.removeprefix("FEWSTEP_").lower()):
         Settings()
+
+
+def test_redis_mode_moves_engines_out_of_the_gateway_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().embedded_workers == 1
+    monkeypatch.setenv("FEWSTEP_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert Settings().embedded_workers == 0
+    monkeypatch.setenv("FEWSTEP_EMBEDDED_WORKERS", "2")
+    assert Settings().embedded_workers == 2
