@@ -21,7 +21,8 @@ BOB = {"Authorization": "Bearer k-bob"}
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("jobs"), {"FEWSTEP_API_KEYS": "k-alice,k-bob", "FEWSTEP_MAX_JOB_ITEMS": "12"})
+    env = {"FEWSTEP_API_KEYS": "k-alice,k-bob", "FEWSTEP_MAX_JOB_ITEMS": "12"}
+    s = start_server(tmp_path_factory.mktemp("jobs"), env)
     yield s
     stop_server(s)
 
@@ -65,7 +66,8 @@ def test_jobs_are_visible_only_to_the_key_that_made_them(keyed: Server) -> None:
 
 def test_bad_jobs_get_4xx_naming_the_limit_and_the_value(keyed: Server) -> None:
     r = _submit(keyed, [{"prompt": "ok"}, {"prompt": "a red circle", "steps": 9}])
-    assert r.status_code == 422 and r.json()["error"]["message"] == "`requests[1].steps` must be between 1 and 4. Given: 9"
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == "`requests[1].steps` must be between 1 and 4. Given: 9"
     r = _submit(keyed, [])
     assert r.status_code == 422 and "`requests` must be a list of 1 to 12 requests. Given: 0" in r.text
     r = _submit(keyed, [{"prompt": "a", "n": 8}, {"prompt": "b", "n": 8}])

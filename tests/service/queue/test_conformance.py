@@ -124,7 +124,7 @@ def test_interactive_items_are_claimed_before_batch_items(queue: JobQueue) -> No
 
 def test_idle_items_are_reclaimed_unless_heartbeaten(queue: JobQueue) -> None:
     job = queue.submit(spec(2))
-    a, b = queue.claim("dead", 2, 1.0, 0.0)
+    a, _b = queue.claim("dead", 2, 1.0, 0.0)
     time.sleep(0.3)
     queue.heartbeat("dead", [a])  # `a` is still being worked on; `b`'s worker died
     taken = queue.reclaim("rescuer", 0.25, 3, 10)
@@ -137,7 +137,7 @@ def test_idle_items_are_reclaimed_unless_heartbeaten(queue: JobQueue) -> None:
 
 def test_poison_items_go_to_the_dead_letter_record_after_the_cap(queue: JobQueue) -> None:
     job = queue.submit(spec(2))
-    poison, good = queue.claim("w0", 2, 1.0, 0.0)
+    _poison, good = queue.claim("w0", 2, 1.0, 0.0)
     queue.finish(good, ok(1, 1))
     for attempt in range(2, 4):  # deliveries 2 and 3 are handed out; each worker "dies"
         time.sleep(0.15)
