@@ -126,21 +126,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
     from fewstep.service.settings import Settings
-    from fewstep.service.worker import EngineLookup, Worker
+    from fewstep.service.worker import EngineLookup, Worker, engine_lookup
 
+    if args.engine:
+        os.environ["FEWSTEP_ENGINE"] = args.engine
+    if args.noop_step_ms is not None:
+        os.environ["FEWSTEP_NOOP_STEP_MS"] = str(args.noop_step_ms)
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.redis_url is None:
         print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
         return 2
     metrics = Metrics()
-    engine_for: EngineLookup
-    if args.engine == "noop":
-        from fewstep.engines.noop import NoopEngine
-
-        noop = NoopEngine(step_s=args.noop_step_ms / 1000.0)
-        engine_for = lambda _model: noop  # noqa: E731  (every model name → the no-op engine)
-    else:
+    loaded: EngineLookup | None = None
+    if settings.engine == "image":
         from fewstep.service.runtime import Runtime
 
         runtime = Runtime(settings, metrics)
@@ -148,12 +147,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if not runtime.ready:
             print(f"fewstep worker: no model loads ({runtime.load_error or 'see the log'})", file=sys.stderr)
             return 1
-        engine_for = runtime.engine_for
+        loaded = runtime.engine_for
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
-    worker = Worker(open_queue(settings), engine_for, settings, metrics, name=args.name)
+    worker = Worker(open_queue(settings), engine_lookup(settings, loaded), settings, metrics, name=args.name)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     logging.getLogger("fewstep.worker").info("worker %s consuming %s", worker.name, settings.redis_prefix)
@@ -222,8 +221,8 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     w = sub.add_parser("worker", help="run an engine worker on the Redis queue (FEWSTEP_REDIS_URL)")
-    w.add_argument("--engine", choices=["image", "noop"], default="image", help="noop: no network (benchmarks)")
-    w.add_argument("--noop-step-ms", type=float, default=0.0, help="wall time per step of the noop engine")
+    w.add_argument("--engine", choices=["image", "noop"], help="FEWSTEP_ENGINE; noop: no network (benchmarks)")
+    w.add_argument("--noop-step-ms", type=float, help="FEWSTEP_NOOP_STEP_MS: wall time per step of the noop engine")
     w.add_argument("--name", help="consumer name (default: host-pid-random, unique per start)")
     w.add_argument("--metrics-port", type=int, default=0, help="serve this worker's /metrics on this port")
     w.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS, default 2)")

@@ -50,7 +50,7 @@ from fewstep.service.schemas import (
     ModelVersion,
 )
 from fewstep.service.settings import Settings
-from fewstep.service.worker import Worker
+from fewstep.service.worker import Worker, engine_lookup
 
 log = logging.getLogger("fewstep.service")
 RESPONSE_FORMATS = ("b64_json",)
@@ -168,11 +168,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def start_workers() -> None:
         for _ in range(settings.embedded_workers):
-            w = Worker(queue, runtime.engine_for, settings, metrics)
+            w = Worker(queue, engine_lookup(settings, runtime.engine_for), settings, metrics)
             w.start()
             workers.append(w)
 
-    runtime = Runtime(settings, metrics, run_engines=settings.embedded_workers > 0, on_loaded=start_workers)
+    run_engines = settings.embedded_workers > 0 and settings.engine == "image"
+    runtime = Runtime(settings, metrics, run_engines=run_engines, on_loaded=start_workers)
     keys = KeyRing(settings)
     if not keys.enabled:
         log.warning("FEWSTEP_API_KEYS is not set: the API accepts requests without authentication")

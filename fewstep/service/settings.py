@@ -7,7 +7,7 @@ validated at start-up, so a bad environment fails fast with the variable's name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     """Registry root (a volume on Kubernetes)."""
     checkpoints: Path = Path("checkpoints")
     """Shipped checkpoints that seed an empty registry on start."""
+    engine: Literal["image", "noop"] = "image"
+    """What workers run: the registry's image models, or `noop` (no network: measures the serving plumbing)."""
+    noop_step_ms: float = Field(0.0, ge=0.0, le=60_000.0)
+    """Wall time per denoising step of the `noop` engine."""
     backend: str = "torch"
     """Engine backend for every model (torch; onnxruntime and tensorrt come with the exporters)."""
     precision: str = "fp32"

@@ -46,6 +46,17 @@ def encode_png(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def engine_lookup(settings: Settings, loaded: EngineLookup | None) -> EngineLookup:
+    """The engines workers run: the runtime's loaded models, or one no-op engine for every name."""
+    if settings.engine == "image":
+        assert loaded is not None, "the image engine needs a loaded runtime"
+        return loaded
+    from fewstep.engines.noop import NoopEngine
+
+    noop = NoopEngine(step_s=settings.noop_step_ms / 1000.0)
+    return lambda _model: noop
+
+
 def worker_name() -> str:
     """Unique per process start: a restarted worker never inherits a dead one's entries by name."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"

@@ -1,0 +1,57 @@
+"""`deploy/local.sh` starts redis-server, a gateway and two workers that serve, and stops them all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import CHECKPOINTS, ROOT, free_port
+
+
+def test_local_stack_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
+    port, redis_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "BIN": str(Path(shutil.which("fewstep") or ROOT / ".venv/bin/fewstep").parent),
+        "PORT": str(port),
+        "REDIS_PORT": str(redis_port),
+        "STATE": str(tmp_path / "state"),
+        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(CHECKPOINTS),
+        "FEWSTEP_THREADS": "1",
+    }
+    proc = subprocess.Popen(["bash", str(ROOT / "deploy/local.sh")], env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, "stack not ready"
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        job = httpx.post(url + "/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "a red circle", "n": 4}]})
+        assert job.status_code == 202
+        deadline = time.monotonic() + 120
+        while (st := httpx.get(f"{url}/v1/jobs/{job.json()['id']}").json())["finished"] is None:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["status"] == "succeeded" and st["done"] == 4
+        workers = [
+            line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("fewstep_queue_workers")
+        ]
+        assert workers == ["fewstep_queue_workers 2.0"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+    time.sleep(0.5)
+    for p in (port, redis_port):  # nothing left listening
+        assert subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{p}"], capture_output=True).returncode != 0
