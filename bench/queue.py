@@ -72,8 +72,9 @@ class Stack:
         if cfg.workers:
             redis_port = free_port()
             (tmp / "redis").mkdir()
-            redis = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port)]
-            self._spawn([*redis, "--dir", str(tmp / "redis"), "--appendonly", "yes", "--save", ""], env, tmp / "redis.log")
+            server = shutil.which("redis-server") or "redis-server"
+            redis = [server, "--port", str(redis_port), "--dir", str(tmp / "redis"), "--appendonly", "yes"]
+            self._spawn([*redis, "--save", ""], env, tmp / "redis.log")
             env["FEWSTEP_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             time.sleep(0.5)
         self._spawn([*FEWSTEP, "serve"], env, tmp / "gateway.log")
