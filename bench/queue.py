@@ -67,6 +67,7 @@ class Stack:
             "FEWSTEP_ENGINE": cfg.engine,
             "FEWSTEP_MAX_JOB_ITEMS": "100000",
             "FEWSTEP_MAX_JOB_QUEUE": "100000",
+            "FEWSTEP_MAX_BODY_BYTES": str(16 * 1024 * 1024),
             "FEWSTEP_LOG_LEVEL": "warning",
         }
         if cfg.workers:
@@ -103,7 +104,9 @@ class Stack:
     def job_items_per_s(self, n: int, steps: int) -> float:
         reqs = [{"prompt": "a red circle", "steps": steps, "seed": i} for i in range(n)]
         t0 = time.perf_counter()
-        job = self.http.post(self.url + "/v1/jobs", json={"model": "shapes", "requests": reqs}).json()
+        r = self.http.post(self.url + "/v1/jobs", json={"model": "shapes", "requests": reqs})
+        assert r.status_code == 202, r.text
+        job = r.json()
         while True:
             st = self.http.get(f"{self.url}/v1/jobs/{job['id']}").json()
             if st["finished"] is not None:
