@@ -37,7 +37,7 @@ class ImageEngine:
     def __init__(
         self,
         folder: Path,
-        encoder: TextEncoder,
+        encoder: TextEncoder | None,
         backend: str = "torch",
         precision: str = "fp32",
         version: str | None = None,
@@ -77,6 +77,8 @@ class ImageEngine:
         self._last_error: str | None = None
 
     def load(self) -> None:
+        if self.encoder is None:
+            raise CheckpointError(f"{self.folder}: an engine that runs needs a text encoder")
         self._net = load_backend(self.backend, self.folder, self.manifest, self.precision)
         if self.teacher_folder is not None:
             try:
@@ -97,6 +99,7 @@ class ImageEngine:
             sampler = TeacherSampler.from_dict(manifest["sampler"])
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{folder}: manifest has no valid sampler ({e})") from e
+        assert self.encoder is not None
         null_states, null_mask = self.encoder.encode([""])
         net = load_backend(self.backend, folder, manifest, self.precision)
         return HybridTeacher(net=net, guidance=sampler.guidance, null_states=null_states, null_mask=null_mask)
@@ -176,6 +179,7 @@ class ImageEngine:
 
     def _generate(self, items: list[ImageItem], stop: StopCheck | None) -> np.ndarray:
         assert self._net is not None
+        assert self.encoder is not None
         states, mask = self.encoder.encode([it.prompt for it in items])
         x0 = student_sample_mixed(
             self._net,

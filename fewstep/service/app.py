@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fewstep.engines.base import ImageItem
-from fewstep.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, limit_error
+from fewstep.errors import Cancelled, FewstepError, GenerationFailed, InvalidRequest, NotReady, limit_error
 from fewstep.models.schedules import MAX_SEED
 from fewstep.service import errors
 from fewstep.service.auth import KeyRing
@@ -372,7 +372,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cursor = last_event_id or "0"
             quiet_since = time.monotonic()
             while True:
-                events = await call(queue.events, job_id, cursor, 1.0)
+                try:
+                    events = await call(queue.events, job_id, cursor, 1.0)
+                except FewstepError as gone:  # the job expired or the queue went away mid-stream
+                    yield sse("error", {"message": str(gone)})
+                    return
                 if not events:
                     if time.monotonic() - quiet_since >= settings.sse_keepalive_s:
                         quiet_since = time.monotonic()
@@ -381,14 +385,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 quiet_since = time.monotonic()
                 st = await call(queue.status, job_id, owner)
                 counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
-                for e in events:
-                    cursor = e.cursor
-                    if e.kind == "item":
-                        yield sse("item", {"index": e.index, "outcome": e.outcome, **counts}, e.cursor)
-                    elif e.kind == "cancel":
-                        yield sse("cancel", counts, e.cursor)
+                for ev in events:
+                    cursor = ev.cursor
+                    if ev.kind == "item":
+                        yield sse("item", {"index": ev.index, "outcome": ev.outcome, **counts}, ev.cursor)
+                    elif ev.kind == "cancel":
+                        yield sse("cancel", counts, ev.cursor)
                     else:
-                        yield sse("end", job_view(st).model_dump(), e.cursor)
+                        yield sse("end", job_view(st).model_dump(), ev.cursor)
                         return
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -76,7 +76,7 @@ class Runtime:
             added = self.registry.seed_from(self.settings.checkpoints)
             for model, version in added:
                 log.info("registry seeded with %s:%s from %s", model, version, self.settings.checkpoints)
-            self.encoder = TextEncoder()
+            self.encoder = TextEncoder() if self.run_engines else None  # validation needs no text encoder
             for name in self.registry.models():
                 self._load_model(name)
             self.metrics.models_ready.set(sum(1 for s in self.models.values() if s.engine is not None))
@@ -112,7 +112,7 @@ class Runtime:
                 manifest = self.registry.validate(name, version)
                 engine = ImageEngine(
                     self.registry.version_dir(name, version),
-                    self.encoder,  # type: ignore[arg-type]
+                    self.encoder,
                     self.settings.backend,
                     self.settings.precision,
                     version=version,

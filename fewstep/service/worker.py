@@ -31,7 +31,7 @@ from PIL import Image
 from fewstep.engines.base import Engine, ImageResult, Outcome
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
-from fewstep.service.queue.base import Delivery, Finished, ItemResult, JobQueue
+from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.worker")
@@ -139,10 +139,10 @@ class Worker:
         try:
             gone = self.queue.cancelled({d.work.job_id for d in deliveries})
             by_model: dict[str, list[Delivery]] = defaultdict(list)
+            skipped = Cancelled("job cancelled before the item started")
+            self._finish([(d, self._result(d, skipped, None)) for d in deliveries if d.work.job_id in gone])
             for d in deliveries:
-                if d.work.job_id in gone:
-                    self._finish(d, self._result(d, Cancelled("job cancelled before the item started"), None))
-                else:
+                if d.work.job_id not in gone:
                     by_model[d.work.model].append(d)
             for model, group in by_model.items():
                 self._run(model, group)
@@ -157,8 +157,7 @@ class Worker:
             self._warn(f"cannot serve {model!r} here ({e}); its items go back to the queue")
             return
         except FewstepError as e:
-            for d in group:
-                self._finish(d, self._result(d, e, None))
+            self._finish([(d, self._result(d, e, None)) for d in group])
             return
         t0 = time.perf_counter()
         try:
@@ -169,8 +168,8 @@ class Worker:
         if self.metrics is not None:
             self.metrics.batch_size.labels(model).observe(len(group))
             self.metrics.batch_seconds.labels(model).observe(time.perf_counter() - t0)
-        for d, outcome in zip(group, outcomes, strict=True):
-            self._finish(d, self._result(d, outcome, engine.info.version))
+        version = engine.info.version
+        self._finish([(d, self._result(d, o, version)) for d, o in zip(group, outcomes, strict=True)])
 
     def _stop_check(self, group: list[Delivery]) -> Callable[[int, list[int]], list[int]]:
         def stop(k: int, active: list[int]) -> list[int]:
@@ -208,21 +207,24 @@ class Worker:
             error=str(outcome),
         )
 
-    def _finish(self, d: Delivery, result: ItemResult) -> None:
-        """Write the result, retrying while the queue is away: the work is done and must not be lost."""
+    def _finish(self, done: list[tuple[Delivery, ItemResult]]) -> None:
+        """Write the results, retrying while the queue is away: the work is done and must not be lost."""
+        if not done:
+            return
         backoff = 0.1
         while True:
             try:
-                done: Finished = self.queue.finish(d, result)
+                written = self.queue.finish(done)
                 break
             except NotReady as e:
-                self._warn(f"cannot write result of {d.work.job_id}:{d.work.index}, retrying: {e}")
+                self._warn(f"cannot write {len(done)} results, retrying: {e}")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         if self.metrics is not None:
-            self.metrics.worker_items.labels(result.outcome if done.wrote else "duplicate").inc()
-            if done.job_seconds is not None:
-                self.metrics.job_seconds.observe(done.job_seconds)
+            for (_, result), w in zip(done, written, strict=True):
+                self.metrics.worker_items.labels(result.outcome if w.wrote else "duplicate").inc()
+                if w.job_seconds is not None:
+                    self.metrics.job_seconds.observe(w.job_seconds)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_s):

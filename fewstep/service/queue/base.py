@@ -237,8 +237,12 @@ class JobQueue(Protocol):
     def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
         """Reset the idle time of items still running, and mark the worker alive."""
 
-    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
-        """Write the item's result (once: later writes are ignored) and acknowledge it."""
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
+        """Write each item's result (once: later writes are ignored) and acknowledge it.
+
+        Each item is atomic on its own; the batch is one round trip, not one transaction, so
+        retrying a batch after a partial failure is safe.
+        """
 
     def cancelled(self, job_ids: set[str]) -> set[str]:
         """Which of these jobs have been cancelled (or have expired)."""

@@ -81,6 +81,7 @@ class EmbeddedQueue:
         self._jobs: dict[str, _Job] = {}
         self._entries: dict[str, _Entry] = {}
         self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
+        self._lane_items = dict.fromkeys(LANES, 0)
         self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._dead: list[tuple[Delivery, str]] = []
         self._workers: dict[str, float] = {}
@@ -116,6 +117,7 @@ class EmbeddedQueue:
                 work = WorkItem(job_id=job.id, index=index, model=spec.model, item=item, request=spec.request_of(index))
                 self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work))
                 self._waiting[spec.lane].append(entry_id)
+            self._lane_items[spec.lane] += len(spec.items)
             if spec.idempotency_key is not None:
                 digest = key_digest(spec.idempotency_key)
                 self._idempotency[(spec.owner, digest)] = (job.id, spec.fingerprint, now + IDEMPOTENCY_TTL_S)
@@ -123,7 +125,7 @@ class EmbeddedQueue:
             return job.status()
 
     def _depth(self, lane: str) -> int:
-        return sum(1 for e in self._entries.values() if e.delivery.lane == lane)
+        return self._lane_items[lane]
 
     def _job(self, job_id: str, owner: str | None) -> _Job:
         job = self._jobs.get(job_id) if valid_job_id(job_id) else None
@@ -254,12 +256,13 @@ class EmbeddedQueue:
                 if entry is not None and entry.consumer == consumer:
                     entry.touched = now
 
-    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
         with self._cv:
-            return self._finish(delivery, result)
+            return [self._finish(d, r) for d, r in done]
 
     def _finish(self, delivery: Delivery, result: ItemResult) -> Finished:
-        self._entries.pop(delivery.entry_id, None)
+        if self._entries.pop(delivery.entry_id, None) is not None:
+            self._lane_items[delivery.lane] -= 1
         job = self._jobs.get(delivery.work.job_id)
         if job is None or result.index in job.results:
             return Finished(wrote=False)

@@ -371,7 +371,7 @@ class RedisQueue:
         failed = ItemResult(
             index=d.work.index, outcome="failed", seed=d.work.item.seed, request=d.work.request, error=reason
         )
-        self.finish(d, failed)
+        self.finish([(d, failed)])
 
     def _alive(self, consumer: str) -> None:
         now = time.time()
@@ -395,16 +395,23 @@ class RedisQueue:
                 self.r.xclaim(stream, self.keys.group, consumer, 0, still, justid=True)
 
     @_reachable
-    def finish(self, delivery: Delivery, result: ItemResult) -> Finished:
-        job_id = delivery.work.job_id
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
         k = self.keys
-        reply = self._finish(
-            keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane)],
-            args=[result.index, result.encode(), result.outcome, time.time(), delivery.entry_id, self.keys.group],
-        )
-        if isinstance(reply, bytes | str):  # this result completed the job; the reply is its creation time
-            return Finished(wrote=True, job_seconds=time.time() - float(_s(reply)))
-        return Finished(wrote=bool(reply))
+        pipe = self.r.pipeline(transaction=False)  # one round trip for the batch; each script is atomic
+        for delivery, result in done:
+            job_id = delivery.work.job_id
+            self._finish(
+                keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane)],
+                args=[result.index, result.encode(), result.outcome, time.time(), delivery.entry_id, k.group],
+                client=pipe,
+            )
+        out = []
+        for reply in pipe.execute():
+            if isinstance(reply, bytes | str):  # this result completed the job; the reply is its creation time
+                out.append(Finished(wrote=True, job_seconds=time.time() - float(_s(reply))))
+            else:
+                out.append(Finished(wrote=bool(reply)))
+        return out
 
     @_reachable
     def cancelled(self, job_ids: set[str]) -> set[str]:

@@ -50,7 +50,7 @@ def test_submit_claim_finish_round_trip(queue: JobQueue) -> None:
     assert taken[1].work.item == ImageItem(prompt="a red circle 1", seed=1, steps=2)
     assert queue.status(job.id, "alice").status == "running"
     for d in taken:
-        assert queue.finish(d, ok(d.work.index, d.work.item.seed)).wrote
+        assert queue.finish([(d, ok(d.work.index, d.work.item.seed))])[0].wrote
     st = queue.status(job.id, "alice")
     assert (st.status, st.done, st.finished is not None) == ("succeeded", 3, True)
     assert [r.index for r in queue.results(job.id, "alice")] == [0, 1, 2]
@@ -62,13 +62,22 @@ def test_submit_claim_finish_round_trip(queue: JobQueue) -> None:
 def test_a_result_is_written_once_whatever_the_redeliveries(queue: JobQueue) -> None:
     job = queue.submit(spec(1))
     [d] = queue.claim("w1", 1, 1.0, 0.0)
-    first = queue.finish(d, ok(0, 0))
-    again = queue.finish(d, ItemResult(index=0, outcome="failed", seed=0, error="late duplicate"))
+    first = queue.finish([(d, ok(0, 0))])[0]
+    again = queue.finish([(d, ItemResult(index=0, outcome="failed", seed=0, error="late duplicate"))])[0]
     assert first.wrote and first.job_seconds is not None
     assert not again.wrote
     st = queue.status(job.id, "alice")
     assert (st.done, st.failed) == (1, 0)
     assert [r.outcome for r in queue.results(job.id, "alice")] == ["ok"]
+
+
+def test_a_batch_of_results_is_written_item_by_item(queue: JobQueue) -> None:
+    job = queue.submit(spec(2))
+    d0, d1 = queue.claim("w1", 2, 1.0, 0.0)
+    done = queue.finish([(d0, ok(0, 0)), (d0, ok(0, 0)), (d1, ok(1, 1))])
+    assert [f.wrote for f in done] == [True, False, True]
+    assert done[0].job_seconds is None and done[2].job_seconds is not None  # the last one completed the job
+    assert queue.status(job.id, "alice").done == 2
 
 
 def test_jobs_are_visible_only_to_their_owner(queue: JobQueue) -> None:
@@ -110,7 +119,7 @@ def test_full_lane_refuses_whole_jobs_and_recovers(queue: JobQueue) -> None:
     assert queue.stats().depth[INTERACTIVE] == 6  # nothing of the refused job was queued
     queue.submit(spec(20, lane=BATCH))  # lanes are limited apart
     for d in queue.claim("w1", 6, 1.0, 0.0):
-        queue.finish(d, ok(d.work.index, 0))
+        queue.finish([(d, ok(d.work.index, 0))])
     queue.submit(spec(3, lane=INTERACTIVE))
 
 
@@ -129,8 +138,8 @@ def test_idle_items_are_reclaimed_unless_heartbeaten(queue: JobQueue) -> None:
     queue.heartbeat("dead", [a])  # `a` is still being worked on; `b`'s worker died
     taken = queue.reclaim("rescuer", 0.25, 3, 10)
     assert [(d.work.index, d.deliveries) for d in taken] == [(1, 2)]
-    assert queue.finish(taken[0], ok(1, 1)).wrote
-    assert queue.finish(a, ok(0, 0)).wrote
+    assert queue.finish([(taken[0], ok(1, 1))])[0].wrote
+    assert queue.finish([(a, ok(0, 0))])[0].wrote
     assert queue.status(job.id, "alice").status == "succeeded"
     assert queue.stats().reclaims >= 1
 
@@ -138,7 +147,7 @@ def test_idle_items_are_reclaimed_unless_heartbeaten(queue: JobQueue) -> None:
 def test_poison_items_go_to_the_dead_letter_record_after_the_cap(queue: JobQueue) -> None:
     job = queue.submit(spec(2))
     _poison, good = queue.claim("w0", 2, 1.0, 0.0)
-    queue.finish(good, ok(1, 1))
+    queue.finish([(good, ok(1, 1))])
     for attempt in range(2, 4):  # deliveries 2 and 3 are handed out; each worker "dies"
         time.sleep(0.15)
         [d] = queue.reclaim(f"w{attempt}", 0.1, 3, 10)
@@ -171,10 +180,10 @@ def test_events_wait_for_progress_and_resume_from_a_cursor(queue: JobQueue) -> N
     t0 = time.monotonic()
     assert queue.events(job.id, "0", 0.2) == []
     assert time.monotonic() - t0 >= 0.15
-    threading.Timer(0.1, lambda: queue.finish(d0, ok(0, 0))).start()
+    threading.Timer(0.1, lambda: queue.finish([(d0, ok(0, 0))])).start()
     [first] = queue.events(job.id, "0", 5.0)
     assert (first.kind, first.index, first.outcome) == ("item", 0, "ok")
-    queue.finish(d1, ok(1, 1))
+    queue.finish([(d1, ok(1, 1))])
     assert [e.kind for e in queue.events(job.id, first.cursor, 0.1)] == ["item", "end"]
 
 
