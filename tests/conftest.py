@@ -109,24 +109,23 @@ def start_worker(
     return WorkerProc(name, proc, log)
 
 
-def stop_worker(w: WorkerProc) -> None:
-    if w.proc.poll() is None:
-        w.proc.send_signal(signal.SIGTERM)
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM (graceful shutdown), SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            w.proc.wait(timeout=20)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            w.proc.kill()
-            w.proc.wait()
+            proc.kill()
+            proc.wait()
+
+
+def stop_worker(w: WorkerProc) -> None:
+    terminate(w.proc)
 
 
 def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+    terminate(server.proc)
 
 
 class RedisServer:

@@ -10,6 +10,7 @@ waits for. With the embedded queue the gateway runs its own worker threads; with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -98,18 +99,7 @@ def build_items(
 
 
 def job_view(st: JobStatus) -> Job:
-    return Job(
-        id=st.id,
-        status=st.status,
-        model=st.model,
-        total=st.total,
-        done=st.done,
-        failed=st.failed,
-        cancelled=st.cancelled,
-        created=st.created,
-        started=st.started,
-        finished=st.finished,
-    )
+    return Job(**dataclasses.asdict(st))
 
 
 def sse(event: str, data: dict[str, Any], cursor: str | None = None) -> str:
