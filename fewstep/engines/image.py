@@ -1,9 +1,10 @@
 """The step-adaptive image engine: one student artifact serves 1, 2, 3 and 4 NFE.
 
-The timestep lists and the re-noise rule come from the checkpoint's manifest. A batch may mix
-step counts: items leave the running batch as they finish (`student_sample_mixed`). Every
-noise draw is derived from (seed, step), so an item's image is the same whatever else is in
-its batch (DESIGN.md §3).
+The timestep lists and the re-noise rule come from the checkpoint's manifest. The engine is a
+`Stepper`: `begin` turns items into trajectories and `advance` runs one network evaluation
+for any mix of them, each at its own step, so the step-level scheduler can let items join
+and leave a running batch at step boundaries. Every noise draw is derived from (seed, step),
+so an item's image is the same whatever else is in its batch (DESIGN.md §3).
 
 With a teacher loaded beside the student, an item may ask for the diversity-distillation
 hybrid: the teacher (with its own classic CFG) takes the first step of the item's timestep
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 from fewstep.engines.backends import load_backend
-from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome
-from fewstep.errors import Cancelled, CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
+from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest, limit_error
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import HybridTeacher, StopCheck, student_sample_mixed, to_pixels
+from fewstep.models.sampling import HybridTeacher, advance, start_trajectory, to_pixels
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
@@ -73,7 +74,7 @@ class ImageEngine:
         self._teacher: HybridTeacher | None = None
         self.teacher_error: str | None = None
         self._lock = threading.Lock()
-        self._batches = 0
+        self._steps = 0
         self._last_error: str | None = None
 
     def load(self) -> None:
@@ -140,67 +141,59 @@ class ImageEngine:
                 )
 
     def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
-        if self._net is None:
-            raise RuntimeError("ImageEngine.run called before load()")
-        outcomes: list[Outcome | None] = [None] * len(items)
-        good: list[int] = []
-        for i, item in enumerate(items):
+        return run_to_completion(self, items, stop)
+
+    def begin(self, items: list[ImageItem]) -> list[Slot]:
+        if self._net is None or self.encoder is None:
+            raise RuntimeError("ImageEngine.begin called before load()")
+        slots = [Slot(item=it) for it in items]
+        good: list[Slot] = []
+        for slot in slots:
             try:
-                self.validate(item)
-                good.append(i)
+                self.validate(slot.item)
+                good.append(slot)
             except FewstepError as e:
-                outcomes[i] = e
+                slot.outcome = e
         if good:
-            with self._lock:
-                stopped: dict[int, int] = {}
+            states, mask = self.encoder.encode([s.item.prompt for s in good])
+            for i, slot in enumerate(good):
+                it = slot.item
+                slot.state = start_trajectory(
+                    self.schedule, it.steps, it.seed, states[i], mask[i], self.shape, it.hybrid
+                )
+        return slots
 
-                def local_stop(k: int, active: list[int]) -> list[int]:
-                    assert stop is not None
-                    drop = set(stop(k, [good[j] for j in active]))
-                    hit = [j for j in active if good[j] in drop]
-                    stopped.update((good[j], k) for j in hit)
-                    return hit
-
-                try:
-                    pixels = self._generate([items[i] for i in good], local_stop if stop is not None else None)
-                except Exception as e:  # an engine fault fails this batch, never the process
-                    self._last_error = f"{type(e).__name__}: {e}"
-                    for i in good:
-                        outcomes[i] = GenerationFailed(f"generation failed: {type(e).__name__}")
-                else:
-                    for j, i in enumerate(good):
-                        it = items[i]
-                        if i in stopped:
-                            outcomes[i] = Cancelled(f"cancelled before step {stopped[i] + 1} of {it.steps}")
-                        else:
-                            outcomes[i] = ImageResult(pixels=pixels[j], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
-                self._batches += 1
-        return [o for o in outcomes if o is not None]
-
-    def _generate(self, items: list[ImageItem], stop: StopCheck | None) -> np.ndarray:
+    def advance(self, slots: list[Slot]) -> None:
+        live = [s for s in slots if not s.done]
+        if not live:
+            return
         assert self._net is not None
-        assert self.encoder is not None
-        states, mask = self.encoder.encode([it.prompt for it in items])
-        x0 = student_sample_mixed(
-            self._net,
-            self.schedule,
-            [it.steps for it in items],
-            states,
-            mask,
-            [it.seed for it in items],
-            self.shape,
-            hybrid=[it.hybrid for it in items],
-            teacher=self._teacher,
-            stop=stop,
-        )
-        if not torch.isfinite(x0).all():
-            raise FloatingPointError("non-finite output")
-        return to_pixels(x0)
+        with self._lock:
+            try:
+                advance(self._net, self.schedule, [s.state for s in live], self._teacher)
+            except Exception as e:  # an engine fault fails these items, never the process
+                self._last_error = f"{type(e).__name__}: {e}"
+                for s in live:
+                    s.outcome = GenerationFailed(f"generation failed: {type(e).__name__}")
+                return
+            finally:
+                self._steps += 1
+        for s in live:
+            s.steps_run += 1
+            x0 = s.state.x0
+            if x0 is None:
+                continue
+            if not torch.isfinite(x0).all():
+                s.outcome = GenerationFailed("generation failed: non-finite output")
+            else:
+                it = s.item
+                s.outcome = ImageResult(pixels=to_pixels(x0[None])[0], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
+            s.state = None  # free the tensors as soon as the item is done
 
     def health(self) -> dict[str, Any]:
         return {
             "loaded": self._net is not None,
-            "batches": self._batches,
+            "steps": self._steps,
             "last_error": self._last_error,
             "checked_at": time.time(),
         }

@@ -2,8 +2,8 @@
 
 `bench/queue.py` uses it to measure what the queue, the workers and the gateway cost by
 themselves, and the queue tests use it where the test is about delivery, not about images.
-It honours every part of the contract a real engine does (steps, per-step stop checks, one
-outcome per item) and takes `step_s` of wall time per denoising step.
+It honours every part of the contract a real engine does (a `Stepper`: steps, per-step stop
+checks, one outcome per item) and takes `step_s` of wall time per batched denoising step.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome
-from fewstep.errors import Cancelled, FewstepError, limit_error
-from fewstep.models.sampling import StopCheck
+from fewstep.engines.base import EngineInfo, ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.errors import FewstepError, limit_error
 
 
 class NoopEngine:
@@ -35,7 +34,7 @@ class NoopEngine:
             backend="noop",
             precision="none",
         )
-        self._batches = 0
+        self._steps = 0
 
     def load(self) -> None:
         return None
@@ -51,32 +50,36 @@ class NoopEngine:
         return item.steps
 
     def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(items)
-        for i, item in enumerate(items):
+        return run_to_completion(self, items, stop)
+
+    def begin(self, items: list[ImageItem]) -> list[Slot]:
+        slots = [Slot(item=it) for it in items]
+        for slot in slots:
             try:
-                self.validate(item)
+                self.validate(slot.item)
             except FewstepError as e:
-                outcomes[i] = e
-        live = [i for i, o in enumerate(outcomes) if o is None]
-        for k in range(max((items[i].steps for i in live), default=0)):
-            active = [i for i in live if k < items[i].steps and outcomes[i] is None]
-            for i in stop(k, active) if stop is not None else ():
-                outcomes[i] = Cancelled(f"cancelled before step {k + 1} of {items[i].steps}")
-            if self.step_s:
-                time.sleep(self.step_s)
-        for i in live:
-            if outcomes[i] is None:
-                it = items[i]
-                outcomes[i] = ImageResult(pixels=self._pixels(it), seed=it.seed, steps=it.steps, nfe=it.steps)
-        self._batches += 1
-        return [o for o in outcomes if o is not None]
+                slot.outcome = e
+        return slots
+
+    def advance(self, slots: list[Slot]) -> None:
+        live = [s for s in slots if not s.done]
+        if not live:
+            return
+        if self.step_s:
+            time.sleep(self.step_s)  # one "network evaluation" for the whole batch
+        self._steps += 1
+        for s in live:
+            s.steps_run += 1
+            if s.steps_run == s.item.steps:
+                it = s.item
+                s.outcome = ImageResult(pixels=self._pixels(it), seed=it.seed, steps=it.steps, nfe=it.steps)
 
     def _pixels(self, item: ImageItem) -> np.ndarray:
         rgb = hashlib.sha256(f"{item.prompt}|{item.seed}".encode()).digest()[:3]
         return np.broadcast_to(np.frombuffer(rgb, dtype=np.uint8), (self.size, self.size, 3)).copy()
 
     def health(self) -> dict[str, Any]:
-        return {"loaded": True, "batches": self._batches, "last_error": None, "checked_at": time.time()}
+        return {"loaded": True, "steps": self._steps, "last_error": None, "checked_at": time.time()}
 
     def close(self) -> None:
         return None

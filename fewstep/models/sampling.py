@@ -5,7 +5,7 @@ Both run exactly this code, so a number in the model card is a number the server
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +15,6 @@ from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
 from fewstep.models.unet import Denoiser
 
 IMAGE_SHAPE = (3, 32, 32)
-StopCheck = Callable[[int, list[int]], Collection[int]]
-"""`stop(k, active)` → the active item indices to drop before step k."""
 
 
 def to_pixels(x0: torch.Tensor) -> np.ndarray:
@@ -41,7 +39,90 @@ class HybridTeacher:
     NFE_PER_STEP = 2  # classic CFG: a conditional and an unconditional evaluation
 
 
+@dataclass(eq=False)
+class Trajectory:
+    """One item's walk down its own timestep list. `advance` moves it one step; `x0` is set at the end."""
+
+    seed: int
+    timesteps: list[float]
+    states: torch.Tensor
+    mask: torch.Tensor
+    x: torch.Tensor
+    hybrid: bool = False
+    k: int = 0
+    x0: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.k >= len(self.timesteps)
+
+
+def start_trajectory(
+    schedule: FewStepSchedule,
+    steps: int,
+    seed: int,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    shape: tuple[int, ...] = IMAGE_SHAPE,
+    hybrid: bool = False,
+) -> Trajectory:
+    """A trajectory at step 0: the `steps`-step timestep list and the seed's step-0 noise."""
+    timesteps = schedule.timesteps_for(steps)
+    if hybrid and len(timesteps) < 2:
+        raise ValueError("hybrid items need at least 2 steps")
+    return Trajectory(seed, timesteps, states, mask, item_noise(seed, 0, shape), hybrid)
+
+
 @torch.inference_mode()
+def advance(
+    net: Denoiser, schedule: FewStepSchedule, trajs: Sequence[Trajectory], teacher: HybridTeacher | None = None
+) -> None:
+    """One network evaluation for every trajectory, each at its own step of its own list.
+
+    This is the unit of step-level batching: trajectories may be at different steps (and
+    timesteps) in the same batch. The next state of each is computed from its own prediction
+    and its own (seed, step) noise, so it does not depend on its neighbours. Hybrid
+    trajectories (diversity distillation) take their first step with `teacher` (classic CFG).
+    """
+    x = torch.stack([t.x for t in trajs])
+    tt = torch.tensor([t.timesteps[t.k] for t in trajs])
+    states = torch.stack([t.states for t in trajs])
+    mask = torch.stack([t.mask for t in trajs])
+    v = torch.empty_like(x)
+    by_teacher = [j for j, t in enumerate(trajs) if t.k == 0 and t.hybrid]
+    by_student = [j for j in range(len(trajs)) if j not in set(by_teacher)]
+    if by_student:
+        v[by_student] = net(x[by_student], tt[by_student], states[by_student], mask[by_student])
+    if by_teacher:
+        if teacher is None:
+            raise ValueError("hybrid items need a teacher")
+        v[by_teacher] = cfg_flow(
+            teacher.net,
+            x[by_teacher],
+            tt[by_teacher],
+            states[by_teacher],
+            mask[by_teacher],
+            teacher.null_states,
+            teacher.null_mask,
+            teacher.guidance,
+        )
+    x0 = schedule.to_x0(v, x, tt)
+    for j, t in enumerate(trajs):
+        if t.k + 1 == len(t.timesteps):
+            t.x0 = x0[j]
+        else:
+            fresh = item_noise(t.seed, t.k + 1, t.x.shape)
+            t.x = schedule.next_state(
+                x0[j : j + 1],
+                v[j : j + 1],
+                x[j : j + 1],
+                tt[j : j + 1],
+                torch.tensor([t.timesteps[t.k + 1]]),
+                fresh[None],
+            )[0]
+        t.k += 1
+
+
 def student_sample_mixed(
     net: Denoiser,
     schedule: FewStepSchedule,
@@ -53,76 +134,28 @@ def student_sample_mixed(
     on_step: Callable[[int, list[int]], None] | None = None,
     hybrid: Sequence[bool] | None = None,
     teacher: HybridTeacher | None = None,
-    stop: StopCheck | None = None,
 ) -> torch.Tensor:
-    """x0 for each item after its own number of steps, in one shared batch.
+    """x0 for each item after its own number of steps, all starting together in one batch.
 
     Item i walks the `steps[i]`-step timestep list of the schedule; an item that has finished
     leaves the batch, so a batch of 1- and 4-step items costs 1 + 3 × (4-step share)
-    evaluations. Noise depends only on (seed, step), so an item's result does not depend on
-    its neighbours. `on_step(k, active)` runs before step k with the indices still active.
-
-    Hybrid items (diversity distillation) take their first step with `teacher` (classic
-    CFG) instead of the student, at the same timestep; the schedule's update rule then moves
-    them to the next timestep and the student finishes, so they need at least 2 steps.
-
-    `stop(k, active)`, when given, runs at every step boundary before step k and returns the
-    items to drop (cancelled work): they leave the batch at once and their output stays zero.
+    evaluations. `on_step(k, active)` runs before step k with the indices still active.
+    Hybrid items need `teacher` and at least 2 steps (see `advance`).
     """
-    lists = [schedule.timesteps_for(n) for n in steps]
-    hybrid = list(hybrid) if hybrid is not None else [False] * len(steps)
-    if any(hybrid) and teacher is None:
+    flags = list(hybrid) if hybrid is not None else [False] * len(steps)
+    if any(flags) and teacher is None:
         raise ValueError("hybrid items need a teacher")
-    if any(h and len(ts) < 2 for h, ts in zip(hybrid, lists, strict=True)):
-        raise ValueError("hybrid items need at least 2 steps")
-    x = initial_noise(seeds, shape)
-    out = torch.zeros_like(x)
-    stopped: set[int] = set()
-    for k in range(max(len(ts) for ts in lists)):
-        active = [i for i, ts in enumerate(lists) if k < len(ts) and i not in stopped]
-        if stop is not None and active:
-            stopped |= set(stop(k, active)) & set(active)
-            active = [i for i in active if i not in stopped]
-        if not active:
-            break
+    trajs = [
+        start_trajectory(schedule, n, seed, states[i], mask[i], shape, h)
+        for i, (n, seed, h) in enumerate(zip(steps, seeds, flags, strict=True))
+    ]
+    k = 0
+    while active := [i for i, t in enumerate(trajs) if not t.done]:
         if on_step is not None:
             on_step(k, active)
-        xa = x[active]
-        tt = torch.tensor([lists[i][k] for i in active])
-        v = torch.empty_like(xa)
-        by_teacher = [j for j, i in enumerate(active) if k == 0 and hybrid[i]]
-        by_student = [j for j in range(len(active)) if j not in set(by_teacher)]
-        if by_student:
-            rows = [active[j] for j in by_student]
-            v[by_student] = net(xa[by_student], tt[by_student], states[rows], mask[rows])
-        if by_teacher:
-            assert teacher is not None
-            rows = [active[j] for j in by_teacher]
-            v[by_teacher] = cfg_flow(
-                teacher.net,
-                xa[by_teacher],
-                tt[by_teacher],
-                states[rows],
-                mask[rows],
-                teacher.null_states,
-                teacher.null_mask,
-                teacher.guidance,
-            )
-        x0 = schedule.to_x0(v, xa, tt)
-        for j, i in enumerate(active):
-            if k + 1 == len(lists[i]):
-                out[i] = x0[j]
-            else:
-                fresh = item_noise(seeds[i], k + 1, shape)
-                x[i] = schedule.next_state(
-                    x0[j : j + 1],
-                    v[j : j + 1],
-                    xa[j : j + 1],
-                    tt[j : j + 1],
-                    torch.tensor([lists[i][k + 1]]),
-                    fresh[None],
-                )[0]
-    return out
+        advance(net, schedule, [trajs[i] for i in active], teacher)
+        k += 1
+    return torch.stack([t.x0 for t in trajs if t.x0 is not None])
 
 
 @torch.inference_mode()

@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from fewstep.engines.base import ImageItem, Outcome
+from fewstep.engines.base import ImageItem, Outcome, StopCheck
 from fewstep.engines.noop import NoopEngine
-from fewstep.models.sampling import StopCheck
 from fewstep.service.queue import open_queue
 from fewstep.service.settings import Settings
 from fewstep.service.worker import Worker
