@@ -34,10 +34,25 @@ class Metrics:
         )
         self.images = Counter("fewstep_images", "Images generated, by model and steps.", ["model", "steps"], registry=r)
         self.batch_size = Histogram(
-            "fewstep_batch_size", "Items per engine call.", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "fewstep_batch_size",
+            "Running-batch occupancy: items in one denoising step (network evaluation).",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_seconds = Histogram(
-            "fewstep_batch_seconds", "Wall time of one engine call.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "fewstep_step_seconds",
+            "Wall time of one batched denoising step.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_step_wait = Histogram(
+            "fewstep_first_step_wait_seconds",
+            "From queued to the item's first denoising step.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.worker_items = Counter(
             "fewstep_worker_items",

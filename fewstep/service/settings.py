@@ -49,9 +49,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     """Largest request body; bigger bodies get 413 before they are read."""
     max_batch_size: int = Field(16, ge=1, le=1024)
-    """Most items one engine call runs."""
+    """Most items in one worker's running batch (one network evaluation)."""
     batch_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
-    """How long a lone item waits for company before running alone."""
+    """How long a lone item waits for company when nothing is running (never when a batch runs)."""
+    batching: Literal["step", "request", "none"] = "step"
+    """step: items join and leave the running batch at step boundaries; request: whole batches; none: one by one."""
     max_queue: int = Field(256, ge=1)
     """Most items of synchronous requests queued or running; beyond it requests get 429 with Retry-After."""
     request_timeout_s: float = Field(120.0, gt=0.0)

@@ -3,13 +3,16 @@
 The same loop runs as threads inside the gateway (embedded queue) and as `fewstep worker`
 processes on the Redis queue, where many workers on many machines share one consumer group.
 
-Each turn a worker first takes back items that a dead worker left idle (`reclaim`): such an
-item may be the one that killed it, so it runs **alone** and cannot take healthy neighbours
-down with it a second time; past `max_deliveries` the queue dead-letters it. Then it claims
-up to `max_batch_size` new items, interactive lane first, and runs them, asking the queue at
-every denoising step which jobs were cancelled. A heartbeat thread keeps its in-flight items
-from being reclaimed while they run. A result that cannot be written (Redis away) is retried
-until it is: work done is not thrown away.
+The worker is the queue side of a `StepScheduler` (engines/scheduler.py): at every step
+boundary the scheduler asks it for items to fill free slots (`take`), which running items
+were cancelled (`dropped`), and hands it the outcomes of finished items (`done`). With the
+default `FEWSTEP_BATCHING=step`, items join and leave the running batch at step boundaries.
+
+Before claiming new items a worker takes back items that a dead worker left idle
+(`reclaim`): such an item may be the one that killed it, so it runs **alone** and cannot take
+healthy neighbours down with it a second time; past `max_deliveries` the queue dead-letters
+it. A heartbeat thread keeps the running batch's items from being reclaimed. A result that
+cannot be written (Redis away) is retried until it is: work done is not thrown away.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import secrets
 import socket
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from PIL import Image
 
-from fewstep.engines.base import Engine, ImageResult, Outcome
+from fewstep.engines.base import Engine, ImageResult, Outcome, Stepper
+from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
@@ -57,6 +60,27 @@ def engine_lookup(settings: Settings, loaded: EngineLookup | None) -> EngineLook
     return lambda _model: noop
 
 
+def observer(metrics: Metrics | None) -> Observer:
+    """Scheduler hooks → Prometheus: occupancy and time of each step, wait before the first step."""
+    if metrics is None:
+        return Observer()
+
+    def step(model: str, occupancy: int, seconds: float) -> None:
+        metrics.batch_size.labels(model).observe(occupancy)
+        metrics.batch_seconds.labels(model).observe(seconds)
+
+    def waited(model: str, seconds: float) -> None:
+        metrics.first_step_wait.labels(model).observe(seconds)
+
+    return Observer(step=step, waited=waited)
+
+
+def as_stepper(engine: Engine) -> Stepper:
+    if not isinstance(engine, Stepper):
+        raise GenerationFailed(f"engine {engine.info.model!r} cannot be stepped (no begin/advance)")
+    return engine
+
+
 def worker_name() -> str:
     """Unique per process start: a restarted worker never inherits a dead one's entries by name."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -79,6 +103,14 @@ class Worker:
         self.metrics = metrics
         self.name = name or worker_name()
         self._flight: list[Delivery] = []
+        self._next_reclaim = 0.0
+        self.scheduler = StepScheduler(
+            lambda model: as_stepper(engine_for(model)),
+            settings.max_batch_size,
+            settings.batch_wait_ms / 1000.0,
+            settings.batching,
+            observer(metrics),
+        )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_warning = 0.0
@@ -111,20 +143,11 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
-        s = self.settings
-        next_reclaim = 0.0
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + s.claim_idle_s / 2
-                    for d in self.queue.reclaim(self.name, s.claim_idle_s, s.max_deliveries, s.max_batch_size):
-                        w = d.work
-                        log.warning("retrying %s item %d (delivery %d), alone", w.job_id, w.index, d.deliveries)
-                        self._process([d])
-                batch = self.queue.claim(self.name, s.max_batch_size, 0.5, s.batch_wait_ms / 1000.0)
-                if batch:
-                    self._process(batch)
+                self.scheduler.tick(self, idle_wait_s=0.5)
+                self._flight = [t for t in self.scheduler.tickets if isinstance(t, Delivery)]
                 backoff = 0.1
             except NotReady as e:
                 self._warn(f"queue unavailable, retrying in {backoff:.1f} s: {e}")
@@ -133,53 +156,90 @@ class Worker:
             except Exception:  # a bug here must not end the worker: log it and go on
                 log.exception("worker loop error")
                 self._stopping.wait(1.0)
+        deadline = time.monotonic() + 60.0
+        while self.scheduler.running and time.monotonic() < deadline:  # stopping: finish what runs, admit nothing
+            try:
+                self.scheduler.tick(self, idle_wait_s=0.0, admit=False)
+            except Exception:  # what is left unfinished is reclaimed by other workers
+                log.exception("worker drain error")
+                time.sleep(0.5)
+        self._flight = []
 
-    def _process(self, deliveries: list[Delivery]) -> None:
-        self._flight = list(deliveries)
-        try:
-            gone = self.queue.cancelled({d.work.job_id for d in deliveries})
-            by_model: dict[str, list[Delivery]] = defaultdict(list)
-            skipped = Cancelled("job cancelled before the item started")
-            self._finish([(d, self._result(d, skipped, None)) for d in deliveries if d.work.job_id in gone])
-            for d in deliveries:
-                if d.work.job_id not in gone:
-                    by_model[d.work.model].append(d)
-            for model, group in by_model.items():
-                self._run(model, group)
-        finally:
-            self._flight = []
+    # -- WorkSource: what the scheduler asks of the queue ----------------------------------
+    def take(self, n: int, wait_s: float, gather_s: float) -> list[Admission]:
+        """Items to start: reclaimed ones are run alone first, then new ones are claimed."""
+        s = self.settings
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + s.claim_idle_s / 2
+            for d in self.queue.reclaim(self.name, s.claim_idle_s, s.max_deliveries, s.max_batch_size):
+                w = d.work
+                log.warning("retrying %s item %d (delivery %d), alone", w.job_id, w.index, d.deliveries)
+                self._run_alone(d)
+        deliveries = self.queue.claim(self.name, n, wait_s, gather_s)
+        if not deliveries:
+            return []
+        gone = self.queue.cancelled({d.work.job_id for d in deliveries})
+        skipped = Cancelled("job cancelled before the item started")
+        self._finish([(d, self._result(d, skipped, None)) for d in deliveries if d.work.job_id in gone])
+        admitted: list[Admission] = []
+        unknown: list[tuple[Delivery, ItemResult]] = []
+        for d in deliveries:
+            if d.work.job_id in gone:
+                continue
+            try:
+                self.engine_for(d.work.model)
+            except NotReady as e:
+                # Not loaded on this worker: leave it unacknowledged so that another worker takes it.
+                self._warn(f"cannot serve {d.work.model!r} here ({e}); its items go back to the queue")
+                continue
+            except FewstepError as e:
+                unknown.append((d, self._result(d, e, None)))
+                continue
+            admitted.append(Admission(d, d.work.model, d.work.item, d.queued_at))
+        self._finish(unknown)
+        return admitted
 
-    def _run(self, model: str, group: list[Delivery]) -> None:
+    def dropped(self, tickets: list[Hashable]) -> set[Hashable]:
+        jobs = {t.work.job_id for t in tickets if isinstance(t, Delivery)}
         try:
-            engine = self.engine_for(model)
-        except NotReady as e:
-            # Not loaded on this worker: leave the items unacknowledged so another worker takes them.
-            self._warn(f"cannot serve {model!r} here ({e}); its items go back to the queue")
+            gone = self.queue.cancelled(jobs) if jobs else set()
+        except NotReady:
+            return set()  # keep running; the next boundary asks again
+        return {t for t in tickets if isinstance(t, Delivery) and t.work.job_id in gone}
+
+    def done(self, results: list[tuple[Admission, Outcome]]) -> None:
+        out = []
+        for a, outcome in results:
+            assert isinstance(a.ticket, Delivery)
+            out.append((a.ticket, self._result(a.ticket, outcome, self._version(a.model))))
+        self._finish(out)
+
+    def _version(self, model: str) -> str | None:
+        try:
+            return self.engine_for(model).info.version
+        except FewstepError:
+            return None
+
+    def _run_alone(self, d: Delivery) -> None:
+        """A reclaimed item may be the one that killed its last worker: it gets a batch of its own."""
+        self._flight = [*self._flight, d]
+        try:
+            engine = self.engine_for(d.work.model)
+            outcome = engine.run([d.work.item], self._stop_check(d))[0]
+        except NotReady:
             return
         except FewstepError as e:
-            self._finish([(d, self._result(d, e, None)) for d in group])
-            return
-        t0 = time.perf_counter()
-        try:
-            outcomes = engine.run([d.work.item for d in group], self._stop_check(group))
-        except Exception as e:  # the engine broke its contract: fail this batch, keep serving
-            log.exception("engine error on %s", model)
-            outcomes = [GenerationFailed(f"engine error: {type(e).__name__}") for _ in group]
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(model).observe(len(group))
-            self.metrics.batch_seconds.labels(model).observe(time.perf_counter() - t0)
-        version = engine.info.version
-        self._finish([(d, self._result(d, o, version)) for d, o in zip(group, outcomes, strict=True)])
+            outcome = e
+        except Exception as e:
+            log.exception("engine error on %s", d.work.model)
+            outcome = GenerationFailed(f"engine error: {type(e).__name__}")
+        finally:
+            self._flight = [x for x in self._flight if x is not d]
+        self._finish([(d, self._result(d, outcome, self._version(d.work.model)))])
 
-    def _stop_check(self, group: list[Delivery]) -> Callable[[int, list[int]], list[int]]:
+    def _stop_check(self, d: Delivery) -> Callable[[int, list[int]], list[int]]:
         def stop(k: int, active: list[int]) -> list[int]:
-            if k == 0:
-                return []  # checked just before the batch started
-            try:
-                gone = self.queue.cancelled({group[i].work.job_id for i in active})
-            except NotReady:
-                return []
-            return [i for i in active if group[i].work.job_id in gone]
+            return list(active) if k > 0 and self.dropped([d]) else []
 
         return stop
 

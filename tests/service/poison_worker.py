@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fewstep.engines.base import ImageItem, Outcome, StopCheck
+from fewstep.engines.base import Slot
 from fewstep.engines.noop import NoopEngine
 from fewstep.service.queue import open_queue
 from fewstep.service.settings import Settings
@@ -17,10 +17,10 @@ from fewstep.service.worker import Worker
 
 
 class PoisonedEngine(NoopEngine):
-    def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
-        if any("poison" in it.prompt for it in items):
+    def advance(self, slots: list[Slot]) -> None:
+        if any("poison" in s.item.prompt for s in slots):
             os._exit(86)
-        return super().run(items, stop)
+        super().advance(slots)
 
 
 if __name__ == "__main__":

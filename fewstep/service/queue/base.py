@@ -76,7 +76,7 @@ class WorkItem:
         return cls(job_id=job_id, index=index, model=d["model"], item=item, request=int(d.get("request", 0)))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler uses deliveries as tickets
 class Delivery:
     """A work item handed to one worker. `deliveries` counts handings, this one included."""
 
@@ -84,6 +84,8 @@ class Delivery:
     lane: str
     work: WorkItem
     deliveries: int = 1
+    queued_at: float = 0.0
+    """Wall-clock time the item was queued (for wait-time metrics)."""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class EmbeddedQueue:
             for index, item in enumerate(spec.items):
                 entry_id = str(next(self._ids))
                 work = WorkItem(job_id=job.id, index=index, model=spec.model, item=item, request=spec.request_of(index))
-                self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work))
+                self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work, queued_at=now))
                 self._waiting[spec.lane].append(entry_id)
             self._lane_items[spec.lane] += len(spec.items)
             if spec.idempotency_key is not None:

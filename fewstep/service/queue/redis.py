@@ -300,6 +300,7 @@ class RedisQueue:
             lane=lane,
             work=WorkItem.decode(f["job"], int(f["index"]), f["item"]),
             deliveries=deliveries,
+            queued_at=int(_s(entry_id).split("-")[0]) / 1000.0,  # stream ids start with the ms of XADD
         )
 
     @_reachable
@@ -307,7 +308,7 @@ class RedisQueue:
         self._ensure_groups()
         self._alive(consumer)
         taken = self._fill(consumer, [], max_items)
-        if not taken:
+        if not taken and block_s > 0:
             lanes = {self.keys.lane(lane): ">" for lane in LANES}
             taken = self._read(consumer, lanes, 1, max(1, int(min(block_s, 10.0) * 1000)))
             if taken and gather_s > 0 and len(taken) < max_items:
