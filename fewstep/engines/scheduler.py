@@ -4,10 +4,10 @@ A few-step student makes the denoising step the natural unit of work, as the tok
 LLM server. The scheduler keeps a running batch of slots, each at its own step of its own
 schedule (1–4 NFE, hybrid or not). Every `tick` is one step boundary:
 
-1. **admit**: fill free slots from the source, oldest first, up to `max_batch`. With nothing
+1. **drop**: slots the source says are cancelled leave now, before spending another step;
+2. **admit**: fill free slots from the source, oldest first, up to `max_batch`. With nothing
    running it waits for work, then up to `max_wait_s` for company; with a batch running it
-   never waits: newcomers join at the next boundary;
-2. **drop**: slots the source says are cancelled leave now, before spending another step;
+   never waits: newcomers join at this boundary;
 3. **advance**: one network evaluation per model for all its running slots;
 4. **retire**: finished slots leave and their outcomes go back to the source.
 
@@ -107,12 +107,13 @@ class StepScheduler:
         return [r.admission.ticket for r in self.running]
 
     def tick(self, source: WorkSource, idle_wait_s: float, admit: bool = True) -> None:
-        """One step boundary: admit, drop, advance, retire. Blocks up to `idle_wait_s` when idle."""
+        """One step boundary: drop, admit, advance, retire. Blocks up to `idle_wait_s` when idle."""
+        if self.running:
+            self._drop(source)  # first, so that a freed slot is refilled at this same boundary
         if admit:
             self._admit(source, idle_wait_s)
         if not self.running:
             return
-        self._drop(source)
         finished: list[_Running] = []
         for model, group in self._by_model().items():
             engine = self.engine_for(model)
