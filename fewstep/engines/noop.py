@@ -1,6 +1,6 @@
 """A no-op engine: the `Engine` contract with no network, for measuring the plumbing around it.
 
-`bench/queue.py` uses it to measure what the queue, the workers and the gateway cost by
+`bench/jobqueue.py` uses it to measure what the queue, the workers and the gateway cost by
 themselves, and the queue tests use it where the test is about delivery, not about images.
 It honours every part of the contract a real engine does (a `Stepper`: steps, per-step stop
 checks, one outcome per item) and takes `step_s` of wall time per batched denoising step.

@@ -9,9 +9,10 @@ engine (what the plumbing costs by itself) and with the real student, on the sam
 * sync p50: median latency of a synchronous one-image `POST /v1/images/generations`.
 
 Ratios are against the embedded path with the same engine. Writes docs/benchmarks/queue.md
-and queue.png.
+and queue.png. (Not named queue.py: in bench/ that name would shadow the standard library's
+`queue` module for every other benchmark script.)
 
-    .venv/bin/python bench/queue.py [--repeats 3] [--noop-items 2000] [--student-items 400]
+    .venv/bin/python bench/jobqueue.py [--repeats 3] [--noop-items 2000] [--student-items 400]
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def main() -> None:
     lines = [
         "# Job queue throughput: gateway + Redis + workers vs the embedded path",
         "",
-        f"Command: `python bench/queue.py --repeats {args.repeats} --noop-items {args.noop_items} "
+        f"Command: `python bench/jobqueue.py --repeats {args.repeats} --noop-items {args.noop_items} "
         f"--student-items {args.student_items} --steps {args.steps}`. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, shared; every process one intra-op thread; "
         f"{args.steps} steps per image; batches up to the default `max_batch_size` (16).",
