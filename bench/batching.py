@@ -65,7 +65,6 @@ def load(engine, policy: str, concurrency: int, seconds: float, warmup: float, m
     sched = StepScheduler(
         lambda _m: engine, max_batch, max_wait_s, policy, Observer(step=lambda _m, n, _s: occupancy.append(n))
     )
-    stop = threading.Event()
     t_start = time.perf_counter()
     t_measure = t_start + warmup
     t_end = t_measure + seconds
@@ -83,19 +82,13 @@ def load(engine, policy: str, concurrency: int, seconds: float, warmup: float, m
             assert isinstance(out, ImageResult), out
             done.append((steps, t1, t1 - t0))
 
-    def scheduler() -> None:
-        while not stop.is_set():
-            sched.tick(source, idle_wait_s=0.05)
-
-    st = threading.Thread(target=scheduler, daemon=True)
-    st.start()
     clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
     for c in clients:
         c.start()
-    for c in clients:
-        c.join()
-    stop.set()
-    st.join()
+    # The scheduler runs in the thread that loaded the engine (as in the gateway and the worker):
+    # a second thread running torch would get a second OpenMP team and throttled spin-waits.
+    while any(c.is_alive() for c in clients):
+        sched.tick(source, idle_wait_s=0.05)
     window = [(s, lat) for s, t1, lat in done if t_measure <= t1 <= t_end]
     lat: dict[int, list[float]] = {s: [x for k, x in window if k == s] for s in (1, 2, 3, 4)}
     return len(window) / seconds, lat, statistics.mean(occupancy) if occupancy else 0.0
@@ -107,7 +100,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="request-level batch window")
+    ap.add_argument("--step-wait-ms", type=float, default=0.0, help="step-level lone-item wait (the default setting)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/batching.md"))
@@ -135,7 +129,8 @@ def main() -> None:
     rows: dict[tuple[str, int], tuple[float, dict[int, list[float]], float]] = {}
     for c in concurrencies:
         for policy in policies:
-            rate, lat, occ = load(engine, policy, c, args.seconds, args.warmup, args.max_batch, args.max_wait_ms / 1000)
+            wait = (args.step_wait_ms if policy == "step" else args.max_wait_ms) / 1000
+            rate, lat, occ = load(engine, policy, c, args.seconds, args.warmup, args.max_batch, wait)
             rows[(policy, c)] = (rate, lat, occ)
             p99 = {s: percentile(v, 99) * 1000 for s, v in lat.items()}
             print(
@@ -148,11 +143,13 @@ def main() -> None:
         "# Step-level continuous batching vs request-level batching vs none",
         "",
         f"Command: `python bench/batching.py --seconds {args.seconds} --threads {args.threads} "
-        f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms}`. "
+        f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms} --step-wait-ms {args.step_wait_ms}`. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, shared. Engine: the shipped student, "
         f"torch fp32, {args.threads} threads, in process. Workload: closed loop, C clients, one image "
         f"per request, steps uniform in 1–4, {len(PROMPTS)} prompts. {args.seconds:.0f} s measured per row "
-        f"after {args.warmup:.1f} s of warm-up.",
+        f"after {args.warmup:.1f} s of warm-up. Batch window for a lone item when nothing runs: "
+        f"{args.max_wait_ms:g} ms for request-level, {args.step_wait_ms:g} ms for step-level (its default: "
+        "latecomers join at the next step boundary instead).",
         "",
         "## The physics: the engine alone, full batches of the same mix",
         "",

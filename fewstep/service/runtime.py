@@ -86,7 +86,7 @@ class Runtime:
         finally:
             self.loaded.set()
         if self.on_loaded is not None and self.load_error is None:
-            self.on_loaded()
+            self.on_loaded()  # may run for the life of the process (the gateway's first worker)
 
     def load(self) -> None:
         """Load in the calling thread (a worker process has nothing to answer meanwhile)."""

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     """Largest request body; bigger bodies get 413 before they are read."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     """Most items in one worker's running batch (one network evaluation)."""
-    batch_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
-    """How long a lone item waits for company when nothing is running (never when a batch runs)."""
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0)
+    """How long a lone item waits for company when nothing runs (step-level: latecomers join at the next step)."""
     batching: Literal["step", "request", "none"] = "step"
     """step: items join and leave the running batch at step boundaries; request: whole batches; none: one by one."""
     max_queue: int = Field(256, ge=1)
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("fewstep", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every Redis key, so that several deployments may share one Redis."""
     embedded_workers: int = Field(1, ge=0, le=64)
-    """Engine worker threads inside the gateway. Default: 1 with the embedded queue, 0 with Redis."""
+    """Engine worker threads inside the gateway (1 with the embedded queue, 0 with Redis); more share one engine."""
     claim_idle_s: float = Field(keys.CLAIM_IDLE_S, gt=0.0)
     """An item in flight this long without a heartbeat is taken back from its worker."""
     heartbeat_s: float = Field(keys.HEARTBEAT_S, gt=0.0)

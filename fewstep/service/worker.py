@@ -127,7 +127,7 @@ class Worker:
         """Run in the calling thread until `stop()` (the `fewstep worker` process)."""
         hb = threading.Thread(target=self._heartbeat, name=f"worker-heartbeat-{self.name}", daemon=True)
         hb.start()
-        self._threads.append(hb)
+        self._threads += [hb, threading.current_thread()]  # so that `stop` from elsewhere waits for the loop
         self._loop()
 
     def request_stop(self) -> None:
