@@ -55,15 +55,29 @@ def ideal(engine, batch: int, repeats: int) -> float:  # type: ignore[no-untyped
     return batch / statistics.mean(per_steps)
 
 
-def load(engine, policy: str, concurrency: int, seconds: float, warmup: float, max_batch: int, max_wait_s: float):  # type: ignore[no-untyped-def]
-    """Closed-loop clients against a scheduler thread; (images/s, {steps: [latency s]}, mean occupancy)."""
+def load(
+    engine,
+    policy: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    max_batch: int,
+    max_wait_s: float,
+    join_wait: float = 0.0,
+):  # type: ignore[no-untyped-def]
+    """Closed-loop client threads against the scheduler (this thread); (images/s, {steps: [latency s]}, occupancy)."""
     from fewstep.engines.base import ImageItem, ImageResult
     from fewstep.engines.scheduler import LocalSource, Observer, StepScheduler
 
     source = LocalSource(max_queue=4096)
     occupancy: list[int] = []
     sched = StepScheduler(
-        lambda _m: engine, max_batch, max_wait_s, policy, Observer(step=lambda _m, n, _s: occupancy.append(n))
+        lambda _m: engine,
+        max_batch,
+        max_wait_s,
+        policy,
+        Observer(step=lambda _m, n, _s: occupancy.append(n)),
+        join_wait=join_wait,
     )
     t_start = time.perf_counter()
     t_measure = t_start + warmup
@@ -102,6 +116,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="request-level batch window")
     ap.add_argument("--step-wait-ms", type=float, default=0.0, help="step-level lone-item wait (the default setting)")
+    ap.add_argument(
+        "--join-wait", type=float, default=0.05, help="step-level wait for newcomers after items left, × last step time"
+    )
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per ideal measurement")
     ap.add_argument("--rounds", type=int, default=2, help="load runs per (policy, concurrency)")
@@ -133,7 +150,8 @@ def main() -> None:
             measured.append((ideal(engine, 1, args.repeats), ideal(engine, args.max_batch, args.repeats)))
             for policy in policies:
                 wait = (args.step_wait_ms if policy == "step" else args.max_wait_ms) / 1000
-                runs[policy].append(load(engine, policy, c, args.seconds, args.warmup, args.max_batch, wait))
+                join = args.join_wait if policy == "step" else 0.0
+                runs[policy].append(load(engine, policy, c, args.seconds, args.warmup, args.max_batch, wait, join))
         ideals[c] = (statistics.median(m[0] for m in measured), statistics.median(m[1] for m in measured))
         print(f"c={c:3d} ideal images/s: batch 1 {ideals[c][0]:.1f}, batch {args.max_batch} {ideals[c][1]:.1f}")
         for policy in policies:
@@ -155,14 +173,16 @@ def main() -> None:
         "# Step-level continuous batching vs request-level batching vs none",
         "",
         f"Command: `python bench/batching.py --seconds {args.seconds} --threads {args.threads} "
-        f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms} --step-wait-ms {args.step_wait_ms}`. "
+        f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms} --step-wait-ms {args.step_wait_ms} "
+        f"--join-wait {args.join_wait}`. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, shared. Engine: the shipped student, "
         f"torch fp32, {args.threads} threads, in process. Workload: closed loop, C clients, one image "
         f"per request, steps uniform in 1–4, {len(PROMPTS)} prompts. {args.seconds:.0f} s measured per run "
         f"after {args.warmup:.1f} s of warm-up, {args.rounds} runs per row (median images/s, pooled latency "
         "samples). Batch window for a lone item when nothing runs: "
         f"{args.max_wait_ms:g} ms for request-level, {args.step_wait_ms:g} ms for step-level (its default: "
-        "latecomers join at the next step boundary instead).",
+        "latecomers join at the next step boundary instead). After items leave a running batch, "
+        f"step-level waits up to {args.join_wait:g} × the last step's time for newcomers (the default setting).",
         "",
         "## The physics: the engine alone, full batches of the same mix",
         "",

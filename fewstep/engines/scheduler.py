@@ -6,8 +6,9 @@ schedule (1–4 NFE, hybrid or not). Every `tick` is one step boundary:
 
 1. **drop**: slots the source says are cancelled leave now, before spending another step;
 2. **admit**: fill free slots from the source, oldest first, up to `max_batch`. With nothing
-   running it waits for work, then up to `max_wait_s` for company; with a batch running it
-   never waits: newcomers join at this boundary;
+   running it waits for work, then up to `max_wait_s` for company. With a batch running it
+   waits at most `join_wait` × the last step's time, and only when items just left (their
+   clients may be sending the next request); then newcomers join at this boundary;
 3. **advance**: one network evaluation per model for all its running slots;
 4. **retire**: finished slots leave and their outcomes go back to the source.
 
@@ -91,6 +92,7 @@ class StepScheduler:
         max_wait_s: float,
         policy: Policy = "step",
         observer: Observer | None = None,
+        join_wait: float = 0.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}. Given: {policy!r}")
@@ -99,7 +101,10 @@ class StepScheduler:
         self.max_wait_s = max_wait_s
         self.policy = policy
         self.observer = observer or Observer()
+        self.join_wait = join_wait
         self.running: list[_Running] = []
+        self._retired = 0
+        self._last_step_s = 0.0
 
     @property
     def tickets(self) -> list[Hashable]:
@@ -129,8 +134,9 @@ class StepScheduler:
             except Exception as e:  # the engine broke its contract: fail these items, keep serving
                 for r in group:
                     r.slot.outcome = GenerationFailed(f"engine error: {type(e).__name__}")
+            self._last_step_s = time.perf_counter() - t0
             if self.observer.step is not None:
-                self.observer.step(model, len(group), time.perf_counter() - t0)
+                self.observer.step(model, len(group), self._last_step_s)
             finished += [r for r in group if r.slot.done]
         self._retire(source, finished)
 
@@ -140,7 +146,13 @@ class StepScheduler:
         if free <= 0:
             return
         if self.running:
-            new = source.take(free, 0.0, 0.0)
+            # Items just left: their clients may be about to send the next request. Waiting a
+            # small fraction of a step for them fills the batch; otherwise they would wait a
+            # whole step for the next boundary.
+            wait = self.join_wait * self._last_step_s if self._retired else 0.0
+            new = source.take(min(free, self._retired) if wait else free, wait, wait)
+            if wait and len(new) < free:
+                new += source.take(free - len(new), 0.0, 0.0)
         else:
             new = source.take(free, idle_wait_s, self.max_wait_s if self.policy != "none" else 0.0)
         if not new:
@@ -177,6 +189,7 @@ class StepScheduler:
         return groups
 
     def _retire(self, source: WorkSource, finished: list[_Running]) -> None:
+        self._retired = len(finished)
         if not finished:
             return
         leaving = set(map(id, finished))

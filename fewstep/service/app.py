@@ -253,26 +253,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return ModelList(data=cards)
 
-    async def wait_settled(job_id: str, timeout: float) -> bool:
-        """Wait for a job's end event; False on timeout."""
+    async def wait_settled(job_id: str, timeout: float, request: Request) -> str:
+        """Wait for a job's end event: "done", "timeout", or "gone" (the client disconnected)."""
         deadline = time.monotonic() + timeout
         cursor = "0"
         while (left := deadline - time.monotonic()) > 0:
-            events = await call(queue.events, job_id, cursor, min(left, 1.0))
+            events = await call(queue.events, job_id, cursor, min(left, 0.25))
             if events:
                 cursor = events[-1].cursor
                 if any(e.kind == "end" for e in events):
-                    return True
-        return False
+                    return "done"
+            if await request.is_disconnected():
+                return "gone"
+        return "timeout"
 
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
-    async def generate_images(req: ImageGenerationRequest, owner: str = Depends(principal)) -> ImageGenerationResponse:
+    async def generate_images(
+        req: ImageGenerationRequest, request: Request, owner: str = Depends(principal)
+    ) -> ImageGenerationResponse:
         t0 = time.perf_counter()
         items = build_items(req, req.model, settings, runtime)
         ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
         job = await call(queue.submit, JobSpec(owner, req.model, items, INTERACTIVE, ttl))
-        if not await wait_settled(job.id, settings.request_timeout_s):
-            await call(queue.cancel, job.id, owner)
+        outcome = await wait_settled(job.id, settings.request_timeout_s, request)
+        if outcome != "done":
+            await call(queue.cancel, job.id, owner)  # its items leave the running batch at the next step
+            if outcome == "gone":
+                raise Cancelled("the client disconnected")
             raise NotReady(f"request took longer than `request_timeout_s` = {settings.request_timeout_s}")
         results = await call(queue.results, job.id, owner)
         for r in results:

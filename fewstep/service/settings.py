@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     """Most items in one worker's running batch (one network evaluation)."""
     batch_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0)
     """How long a lone item waits for company when nothing runs (step-level: latecomers join at the next step)."""
+    join_wait: float = Field(0.05, ge=0.0, le=1.0)
+    """After items leave a running batch, wait up to this fraction of a step for newcomers to join it."""
     batching: Literal["step", "request", "none"] = "step"
     """step: items join and leave the running batch at step boundaries; request: whole batches; none: one by one."""
     max_queue: int = Field(256, ge=1)

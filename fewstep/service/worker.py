@@ -110,6 +110,7 @@ class Worker:
             settings.batch_wait_ms / 1000.0,
             settings.batching,
             observer(metrics),
+            join_wait=settings.join_wait,
         )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []

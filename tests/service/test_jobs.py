@@ -134,3 +134,22 @@ def test_delete_cancels_a_queued_job(keyed: Server) -> None:
     metrics = httpx.get(keyed.url + "/metrics").text
     assert 'fewstep_queue_depth{lane="batch"}' in metrics and "fewstep_queue_up 1.0" in metrics
     assert 'fewstep_worker_items_total{outcome="cancelled"}' in metrics
+
+
+def test_a_client_that_disconnects_frees_its_slot_at_the_next_step(tmp_path: Path, checkpoints: Path) -> None:
+    """About the gateway and the worker, not images: the no-op engine at 300 ms per step."""
+    s = start_server(tmp_path, {"FEWSTEP_ENGINE": "noop", "FEWSTEP_NOOP_STEP_MS": "300"})
+    try:
+        body = {"model": "shapes", "prompt": "a red circle", "steps": 4, "n": 2}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/images/generations", json=body, timeout=0.5)  # gives up after ~1.5 steps
+        gone = time.monotonic()
+        deadline = gone + 10
+        while 'fewstep_worker_items_total{outcome="cancelled"} 2.0' not in httpx.get(s.url + "/metrics").text:
+            assert time.monotonic() < deadline, s.output()[-2000:]
+            time.sleep(0.05)
+        assert time.monotonic() - gone < 1.2  # detection (≤ 0.25 s) + the step in flight (0.3 s) + slack
+        ok = httpx.post(s.url + "/v1/images/generations", json={**body, "steps": 1}, timeout=10)
+        assert ok.status_code == 200
+    finally:
+        stop_server(s)
