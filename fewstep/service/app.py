@@ -144,6 +144,36 @@ class BodyLimit:
         await resp(scope, receive, send)
 
 
+class CountRequests:
+    """ASGI middleware: count responses by route template and status.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects
+    from handlers, and a synchronous request must see its client leave to cancel its work.
+    """
+
+    def __init__(self, app: Any, counter: Any) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int) -> None:
         self.size = size
@@ -163,11 +193,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         machine with no spare cores make libgomp throttle its spin-waits, which slowed
         inference 1.5–2.4× here. Loading and serving in one thread keeps one team.
         """
-        made = [Worker(queue, engine_lookup(settings, runtime.engine_for), settings, metrics)]
-        made += [
-            Worker(queue, engine_lookup(settings, runtime.engine_for), settings, metrics)
-            for _ in range(1, settings.embedded_workers)
-        ]
+        lookup = engine_lookup(settings, runtime.engine_for)
+        made = [Worker(queue, lookup, settings, metrics) for _ in range(settings.embedded_workers)]
+        if not made:
+            return
         workers.extend(made)
         for w in made[1:]:
             w.start()
@@ -199,12 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, counter=metrics.requests)
 
     def principal(request: Request) -> str:
         return keys.principal(request.headers.get("authorization"))

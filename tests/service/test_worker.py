@@ -87,6 +87,13 @@ class Stack:
         except redis.ResponseError:  # no worker has made the group yet
             return 0
 
+    def wait_workers(self, n: int, timeout: float = 60.0) -> None:
+        """Until n workers have reported in (each imports torch and loads before its first claim)."""
+        deadline = time.monotonic() + timeout
+        while f"fewstep_queue_workers {n:.1f}" not in httpx.get(self.gateway.url + "/metrics").text.splitlines():
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.1)
+
     def logs(self) -> str:
         return "\n".join(f"--- {w.name}\n{w.output()[-3000:]}" for w in self.workers) + self.gateway.output()[-3000:]
 
@@ -118,9 +125,10 @@ def stack(tmp_path: Path, redis_server: RedisServer, checkpoints: Path) -> Itera
 
 
 def test_kill_9_of_a_worker_mid_job_loses_nothing(stack: Stack) -> None:
-    victim = stack.worker("victim", step_ms=40)
-    stack.worker("survivor", step_ms=40)
-    job = stack.post_job(40)
+    victim = stack.worker("victim", step_ms=100)
+    stack.worker("survivor", step_ms=100)
+    stack.wait_workers(2)
+    job = stack.post_job(40)  # 40 items × 4 steps, 4 at a time on each worker: about 2 s
     deadline = time.monotonic() + 30
     while stack.pending("victim") == 0:  # kill it while it holds items
         assert time.monotonic() < deadline, stack.logs()
@@ -222,6 +230,7 @@ def test_cancelling_a_running_job_stops_it_within_a_step_and_frees_the_workers(s
     step = 0.15
     stack.worker("c1", step_ms=step * 1000)
     stack.worker("c2", step_ms=step * 1000)
+    stack.wait_workers(2)
     job = stack.post_job(40)  # 10 batches of 4 items × 4 steps: about 3 s on two workers
     stack.wait(job["id"], lambda st: st["done"] >= 1)
     while stack.pending("c1") + stack.pending("c2") == 0:
