@@ -6,6 +6,7 @@ The Redis path of the same API, with real workers, is in test_worker.py.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,11 @@ def test_a_job_runs_to_completion_with_results_per_image(keyed: Server) -> None:
     assert [(d["index"], d["request"]) for d in res["data"]] == [(0, 0), (1, 0), (2, 1)]
     assert [d["seed"] for d in res["data"][:2]] == [3, 4] and res["data"][0]["steps"] == 2
     assert res["data"][2]["steps"] == 4 and res["errors"] == []
+    metrics = httpx.get(keyed.url + "/metrics").text
+    waited = re.search(r'^fewstep_first_step_wait_seconds_count\{model="shapes"\} (\S+)', metrics, re.M)
+    occupancy = re.search(r'^fewstep_batch_size_sum\{model="shapes"\} (\S+)', metrics, re.M)
+    assert waited and float(waited.group(1)) >= 3  # every image's wait before its first step
+    assert occupancy and float(occupancy.group(1)) >= 2 + 2 + 4  # item-steps run: 2 × 2 steps + 1 × 4 steps
 
 
 def test_jobs_are_visible_only_to_the_key_that_made_them(keyed: Server) -> None:
