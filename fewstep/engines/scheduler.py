@@ -9,7 +9,9 @@ schedule (1–4 NFE, hybrid or not). Every `tick` is one step boundary:
    running it waits for work, then up to `max_wait_s` for company. With a batch running it
    waits at most `join_wait` × the last step's time, and only when items just left (their
    clients may be sending the next request); then newcomers join at this boundary;
-3. **advance**: one network evaluation per model for all its running slots;
+3. **advance**: one network evaluation per engine for all its running slots (a slot stays
+   with the engine that began it, so a newly loaded model version never finishes an old
+   version's trajectory);
 4. **retire**: finished slots leave and their outcomes go back to the source.
 
 Policies (`FEWSTEP_BATCHING`), the same loop with another admission rule, so that the
@@ -79,6 +81,7 @@ class Observer:
 class _Running:
     admission: Admission
     slot: Slot
+    engine: Stepper | None  # the engine that began the slot advances it to the end, even if a newer version arrives
     started: bool = False
 
 
@@ -120,8 +123,7 @@ class StepScheduler:
         if not self.running:
             return
         finished: list[_Running] = []
-        for model, group in self._by_model().items():
-            engine = self.engine_for(model)
+        for (model, engine), group in self._by_engine().items():
             now = time.time()
             for r in group:
                 if not r.started:
@@ -162,15 +164,17 @@ class StepScheduler:
         for a in new:
             by_model.setdefault(a.model, []).append(a)
         for model, admissions in by_model.items():
+            engine: Stepper | None = None
             try:
-                slots = self.engine_for(model).begin([a.item for a in admissions])
+                engine = self.engine_for(model)
+                slots = engine.begin([a.item for a in admissions])
             except FewstepError as e:
                 slots = [Slot(item=a.item, outcome=e) for a in admissions]
             except Exception as e:
                 failed = GenerationFailed(f"engine error: {type(e).__name__}")
                 slots = [Slot(item=a.item, outcome=failed) for a in admissions]
             for a, slot in zip(admissions, slots, strict=True):
-                (done if slot.done else self.running).append(_Running(a, slot))
+                (done if slot.done else self.running).append(_Running(a, slot, engine))
         self._retire(source, done)
 
     def _drop(self, source: WorkSource) -> None:
@@ -182,10 +186,11 @@ class StepScheduler:
             r.slot.outcome = cancelled(r.slot)
         self._retire(source, stopped)
 
-    def _by_model(self) -> dict[str, list[_Running]]:
-        groups: dict[str, list[_Running]] = {}
+    def _by_engine(self) -> dict[tuple[str, Stepper], list[_Running]]:
+        groups: dict[tuple[str, Stepper], list[_Running]] = {}
         for r in self.running:
-            groups.setdefault(r.admission.model, []).append(r)
+            assert r.engine is not None  # running slots were begun by an engine
+            groups.setdefault((r.admission.model, r.engine), []).append(r)
         return groups
 
     def _retire(self, source: WorkSource, finished: list[_Running]) -> None:

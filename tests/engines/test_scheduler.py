@@ -170,3 +170,16 @@ def test_invalid_items_fail_alone_and_a_lone_item_waits_for_company(torch_engine
     assert isinstance(first[0].future.result(), InvalidRequest)
     assert isinstance(first[1].future.result(), ImageResult)
     assert sizes == [2] and time.monotonic() - t0 >= 0.25  # waited for the late one, ran both in one step
+
+
+def test_a_slot_finishes_on_the_engine_that_began_it_when_a_new_version_arrives() -> None:
+    old, new = NoopEngine(), NoopEngine()
+    current = [old]
+    source = LocalSource(64)
+    sched = StepScheduler(lambda _m: current[0], max_batch=4, max_wait_s=0.0)
+    [first] = source.submit("m", [ImageItem("first", seed=0, steps=4)])
+    sched.tick(source, idle_wait_s=0.0)
+    current[0] = new  # a hot swap between two step boundaries
+    [second] = source.submit("m", [ImageItem("second", seed=1, steps=2)])
+    drive(sched, source, [first, second])
+    assert old.health()["steps"] == 4 and new.health()["steps"] == 2  # never mixed within a trajectory
