@@ -87,7 +87,7 @@ def worker_name() -> str:
 
 
 class Worker:
-    """One claim → run → finish loop plus its heartbeat thread."""
+    """The queue side of one `StepScheduler` (claim, check cancellations, finish), plus its heartbeat thread."""
 
     def __init__(
         self,
@@ -132,11 +132,11 @@ class Worker:
         self._loop()
 
     def request_stop(self) -> None:
-        """Ask the loop to end after the batch in hand (safe from a signal handler)."""
+        """Ask the loop to stop admitting and end once the running batch is done (safe from a signal handler)."""
         self._stopping.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand, then stop claiming. Unfinished items are reclaimed by others."""
+        """Stop admitting, finish the running batch (up to 60 s), and wait; anything left is reclaimed by others."""
         self._stopping.set()
         for t in self._threads:
             if t is not threading.current_thread():
