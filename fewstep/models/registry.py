@@ -12,6 +12,7 @@ required to stay under the root; symlinks are refused (a pushed checkpoint is un
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -124,34 +125,51 @@ class Registry:
         model = check_name("model", model or manifest["name"])
         explicit = version is not None
         version = check_name("version", version or str(manifest.get("version", "1")))
-        target = self.version_dir(model, version)
-        if target.exists():
+        for _ in range(100):  # another publisher may take the same default number at the same moment
+            target = self.version_dir(model, version)
+            if target.exists():
+                if explicit:
+                    raise RegistryError(f"{model}:{version} already exists; versions are immutable")
+                version = self.next_version(model)
+                continue
+            if self._place(src, manifest, model, version):
+                break
             if explicit:
                 raise RegistryError(f"{model}:{version} already exists; versions are immutable")
-            version = self.next_version(model)
-            target = self.version_dir(model, version)
+        else:
+            raise RegistryError(f"{model}: no free version number after 100 tries")
+        if promote or self.promoted(model) is None:
+            self.promote(model, version)
+        return model, version
+
+    def _place(self, src: Path, manifest: dict[str, Any], model: str, version: str) -> bool:
+        """Copy aside, fsync, verify, rename into place. False if the version appeared meanwhile."""
+        target = self.version_dir(model, version)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             for name in manifest["files"]:
                 shutil.copyfile(src / name, tmp / name)
-            manifest = {**manifest, "name": model, "version": version}
-            write_json_atomic(tmp / MANIFEST, manifest)
+            placed = {**manifest, "name": model, "version": version}
+            write_json_atomic(tmp / MANIFEST, placed)
             for f in tmp.iterdir():
                 fd = os.open(f, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            verify_files(tmp, manifest)
+            verify_files(tmp, placed)
             os.rename(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a concurrent publisher won the name
+                return False
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if promote or self.promoted(model) is None:
-            self.promote(model, version)
-        return model, version
+        return True
 
     def promote(self, model: str, version: str) -> None:
         """Point the model at `version` (which must validate)."""
@@ -180,6 +198,15 @@ class Registry:
                 name = read_manifest(folder)["name"]
             except CheckpointError:
                 continue
-            if not self.versions(name):
-                added.append(self.publish(folder, promote=True))
+            if self.versions(name):
+                continue
+            # Gateway and workers may start together on an empty registry and seed it at once:
+            # the same checkpoint already placed by another process counts as seeded.
+            version = str(read_manifest(folder).get("version", "1"))
+            try:
+                added.append(self.publish(folder, version=version, promote=True))
+            except RegistryError:
+                weights = read_manifest(folder)["files"].get("model.safetensors", {}).get("sha256", "")
+                if self.find(name, weights) is None:
+                    raise
         return added

@@ -71,3 +71,29 @@ def test_seed_from_publishes_only_missing_models(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     assert sorted(reg.seed_from(ck)) == [("one", "1"), ("two", "1")]
     assert reg.seed_from(ck) == []
+
+
+def test_concurrent_seeding_and_publishing_never_collide(tmp_path: Path) -> None:
+    """Gateway and workers start together on an empty registry (deploy/local.sh, Kubernetes)."""
+    import multiprocessing as mp
+
+    seeds = tmp_path / "checkpoints"
+    _checkpoint(seeds / "demo")
+    root = tmp_path / "reg"
+    ctx = mp.get_context("fork")
+    with ctx.Pool(6) as pool:
+        outcomes = pool.starmap(_seed, [(root, seeds)] * 6)
+    assert Registry(root).versions("demo") == ["1"] and sum(len(o) for o in outcomes) == 1
+    pushes = [_checkpoint(tmp_path / f"push-{i}", value=float(i)) for i in range(6)]  # torch stays in the parent
+    with ctx.Pool(6) as pool:  # concurrent default-numbered pushes each get their own version
+        placed = pool.starmap(_publish, [(root, src) for src in pushes])
+    assert sorted(v for _, v in placed) == ["2", "3", "4", "5", "6", "7"]
+    assert not [p for p in (root / "demo").iterdir() if p.name.startswith(".incoming")]
+
+
+def _seed(root: Path, seeds: Path) -> list[tuple[str, str]]:
+    return Registry(root).seed_from(seeds)
+
+
+def _publish(root: Path, src: Path) -> tuple[str, str]:
+    return Registry(root).publish(src)
