@@ -33,6 +33,8 @@ class ImageResult:
     seed: int
     steps: int
     nfe: int
+    version: str | None = None
+    """The model version that made it (the engine that began the item, across a hot swap)."""
 
 
 @dataclass(frozen=True)

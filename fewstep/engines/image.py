@@ -187,7 +187,8 @@ class ImageEngine:
                 s.outcome = GenerationFailed("generation failed: non-finite output")
             else:
                 it = s.item
-                s.outcome = ImageResult(pixels=to_pixels(x0[None])[0], seed=it.seed, steps=it.steps, nfe=self.nfe(it))
+                px = to_pixels(x0[None])[0]
+                s.outcome = ImageResult(px, it.seed, it.steps, self.nfe(it), self.info.version)
             s.state = None  # free the tensors as soon as the item is done
 
     def health(self) -> dict[str, Any]:

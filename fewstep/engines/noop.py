@@ -72,7 +72,7 @@ class NoopEngine:
             s.steps_run += 1
             if s.steps_run == s.item.steps:
                 it = s.item
-                s.outcome = ImageResult(pixels=self._pixels(it), seed=it.seed, steps=it.steps, nfe=it.steps)
+                s.outcome = ImageResult(self._pixels(it), it.seed, it.steps, it.steps, self.info.version)
 
     def _pixels(self, item: ImageItem) -> np.ndarray:
         rgb = hashlib.sha256(f"{item.prompt}|{item.seed}".encode()).digest()[:3]

@@ -181,7 +181,7 @@ class Worker:
             return []
         gone = self.queue.cancelled({d.work.job_id for d in deliveries})
         skipped = Cancelled("job cancelled before the item started")
-        self._finish([(d, self._result(d, skipped, None)) for d in deliveries if d.work.job_id in gone])
+        self._finish([(d, self._result(d, skipped)) for d in deliveries if d.work.job_id in gone])
         admitted: list[Admission] = []
         unknown: list[tuple[Delivery, ItemResult]] = []
         for d in deliveries:
@@ -194,7 +194,7 @@ class Worker:
                 self._warn(f"cannot serve {d.work.model!r} here ({e}); its items go back to the queue")
                 continue
             except FewstepError as e:
-                unknown.append((d, self._result(d, e, None)))
+                unknown.append((d, self._result(d, e)))
                 continue
             admitted.append(Admission(d, d.work.model, d.work.item, d.queued_at))
         self._finish(unknown)
@@ -212,14 +212,8 @@ class Worker:
         out = []
         for a, outcome in results:
             assert isinstance(a.ticket, Delivery)
-            out.append((a.ticket, self._result(a.ticket, outcome, self._version(a.model))))
+            out.append((a.ticket, self._result(a.ticket, outcome)))
         self._finish(out)
-
-    def _version(self, model: str) -> str | None:
-        try:
-            return self.engine_for(model).info.version
-        except FewstepError:
-            return None
 
     def _run_alone(self, d: Delivery) -> None:
         """A reclaimed item may be the one that killed its last worker: it gets a batch of its own."""
@@ -236,7 +230,7 @@ class Worker:
             outcome = GenerationFailed(f"engine error: {type(e).__name__}")
         finally:
             self._flight = [x for x in self._flight if x is not d]
-        self._finish([(d, self._result(d, outcome, self._version(d.work.model)))])
+        self._finish([(d, self._result(d, outcome))])
 
     def _stop_check(self, d: Delivery) -> Callable[[int, list[int]], list[int]]:
         def stop(k: int, active: list[int]) -> list[int]:
@@ -245,7 +239,7 @@ class Worker:
         return stop
 
     @staticmethod
-    def _result(d: Delivery, outcome: Outcome, version: str | None) -> ItemResult:
+    def _result(d: Delivery, outcome: Outcome) -> ItemResult:
         w = d.work
         if isinstance(outcome, ImageResult):
             return ItemResult(
@@ -255,7 +249,7 @@ class Worker:
                 request=w.request,
                 steps=outcome.steps,
                 nfe=outcome.nfe,
-                model_version=version,
+                model_version=outcome.version,
                 b64_json=encode_png(outcome.pixels),
             )
         return ItemResult(
@@ -264,7 +258,6 @@ class Worker:
             seed=w.item.seed,
             request=w.request,
             steps=w.item.steps,
-            model_version=version,
             error=str(outcome),
         )
 

@@ -126,6 +126,21 @@ class JobStatus:
     started: float | None = None
     finished: float | None = None
 
+    @classmethod
+    def of(
+        cls,
+        job_id: str,
+        model: str,
+        counts: tuple[int, int, int, int],
+        times: tuple[float, float | None, float | None],
+        cancel_requested: bool,
+    ) -> JobStatus:
+        """The record from (total, done, failed, cancelled) and (created, started, finished); the state is derived."""
+        total, done, failed, cancelled = counts
+        created, started, finished = times
+        state = job_state(cancel_requested, started is not None, total, done, failed, cancelled)
+        return cls(job_id, state, model, total, done, failed, cancelled, created, started, finished)
+
     @property
     def settled(self) -> bool:
         """Every item has its result (ok, failed or cancelled)."""

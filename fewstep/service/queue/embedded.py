@@ -26,7 +26,6 @@ from fewstep.service.queue.base import (
     QueueStats,
     WorkItem,
     idempotency_conflict,
-    job_state,
     key_digest,
     valid_job_id,
 )
@@ -49,20 +48,9 @@ class _Job:
         return sum(1 for r in self.results.values() if r.outcome == outcome)
 
     def status(self) -> JobStatus:
-        done, failed, cancelled = self.count("ok"), self.count("failed"), self.count("cancelled")
-        total = len(self.spec.items)
-        return JobStatus(
-            id=self.id,
-            status=job_state(self.cancel_requested, self.started is not None, total, done, failed, cancelled),
-            model=self.spec.model,
-            total=total,
-            done=done,
-            failed=failed,
-            cancelled=cancelled,
-            created=self.created,
-            started=self.started,
-            finished=self.finished,
-        )
+        counts = (len(self.spec.items), self.count("ok"), self.count("failed"), self.count("cancelled"))
+        times = (self.created, self.started, self.finished)
+        return JobStatus.of(self.id, self.spec.model, counts, times, self.cancel_requested)
 
 
 @dataclass

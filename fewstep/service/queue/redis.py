@@ -33,7 +33,6 @@ from fewstep.service.queue.base import (
     QueueStats,
     WorkItem,
     idempotency_conflict,
-    job_state,
     key_digest,
     valid_job_id,
 )
@@ -174,18 +173,10 @@ class RedisQueue:
 
     @staticmethod
     def _status(job_id: str, h: dict[str, str]) -> JobStatus:
-        total, done, failed, cancelled = (int(h[k]) for k in ("total", "done", "failed", "cancelled"))
-        return JobStatus(
-            id=job_id,
-            status=job_state(h.get("cancel") == "1", "started" in h, total, done, failed, cancelled),
-            model=h["model"],
-            total=total,
-            done=done,
-            failed=failed,
-            cancelled=cancelled,
-            created=float(h["created"]),
-            started=float(h["started"]) if "started" in h else None,
-            finished=float(h["finished"]) if "finished" in h else None,
+        counts = (int(h["total"]), int(h["done"]), int(h["failed"]), int(h["cancelled"]))
+        started, finished = (float(h[k]) if k in h else None for k in ("started", "finished"))
+        return JobStatus.of(
+            job_id, h["model"], counts, (float(h["created"]), started, finished), h.get("cancel") == "1"
         )
 
     @_reachable
