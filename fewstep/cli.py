@@ -60,20 +60,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from fewstep.models.registry import Registry
     from fewstep.service.settings import Settings
+    from fewstep.service.watch import announce
 
-    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
+    settings = Settings()
+    registry = Registry(Path(args.registry) if args.registry else settings.registry)
     model, version = registry.publish(Path(args.dir), args.model, args.version, promote=args.promote)
-    print(f"published {model}:{version} (promoted: {registry.promoted(model)})")
+    promoted = registry.promoted(model)
+    heard = announce(settings, model, version, "push") if promoted == version else 0
+    print(f"published {model}:{version} (promoted: {promoted}; announced to {heard} subscribers)")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from fewstep.models.registry import Registry
     from fewstep.service.settings import Settings
+    from fewstep.service.watch import announce
 
-    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
-    version = registry.rollback(args.model, args.to)
-    print(f"{args.model} now points at version {version}")
+    settings = Settings()
+    registry = Registry(Path(args.registry) if args.registry else settings.registry)
+    version = registry.rollback(args.model, args.to, f"{settings.backend}-{settings.precision}")
+    heard = announce(settings, args.model, version, "rollback")
+    print(f"{args.model} now points at version {version} (announced to {heard} subscribers)")
     return 0
 
 
@@ -122,11 +129,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     _threads(args.threads)
     import signal
+    import threading
+    from collections.abc import Callable
 
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
     from fewstep.service.settings import Settings
-    from fewstep.service.worker import EngineLookup, Worker, engine_lookup
+    from fewstep.service.worker import EngineLookup, Worker, engine_lookup, worker_name
 
     if args.engine:
         os.environ["FEWSTEP_ENGINE"] = args.engine
@@ -138,21 +147,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
         return 2
     metrics = Metrics()
+    name = args.name or worker_name()
     loaded: EngineLookup | None = None
+    route: EngineLookup | None = None
+    maintain: Callable[[], None] | None = None
+    finished = None
     if settings.engine == "image":
         from fewstep.service.runtime import Runtime
+        from fewstep.service.watch import subscribe
 
-        runtime = Runtime(settings, metrics)
+        runtime = Runtime(settings, metrics, loader=name)
         runtime.load()
         if not runtime.ready:
             print(f"fewstep worker: no model loads ({runtime.load_error or 'see the log'})", file=sys.stderr)
             return 1
-        loaded = runtime.engine_for
+        loaded, route, finished = runtime.engine_for, runtime.route, runtime.record
+        subscribe(settings, runtime.nudged, threading.Event())
+
+        def maintain() -> None:
+            runtime.maintain(worker.scheduler.engines)
+
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
-    worker = Worker(open_queue(settings), engine_lookup(settings, loaded), settings, metrics, name=args.name)
+    worker = Worker(
+        open_queue(settings),
+        engine_lookup(settings, loaded),
+        settings,
+        metrics,
+        name=name,
+        route=route,
+        maintain=maintain,
+        finished=finished,
+    )
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     logging.getLogger("fewstep.worker").info("worker %s consuming %s", worker.name, settings.redis_prefix)
@@ -194,7 +222,12 @@ def parser() -> argparse.ArgumentParser:
     pu.add_argument("dir")
     pu.add_argument("--model", help="model name (default: the manifest's)")
     pu.add_argument("--version", help="version (default: the manifest's, or the next free number)")
-    pu.add_argument("--promote", action="store_true", help="point the model at the new version")
+    pu.add_argument(
+        "--promote",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="point the model at the new version, so serving processes gate and swap to it (default: yes)",
+    )
     pu.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     pu.set_defaults(func=cmd_push)
 

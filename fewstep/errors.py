@@ -35,6 +35,10 @@ class Unauthorized(FewstepError):
     """Missing or unknown API key."""
 
 
+class Forbidden(FewstepError):
+    """A valid caller asked for something its key does not allow (admin routes)."""
+
+
 class NotFound(FewstepError):
     """An unknown model, version or job."""
 

@@ -23,9 +23,11 @@ def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         )
     reg = str(tmp_path / "reg")
     assert main(["push", str(tmp_path / "a"), "--registry", reg]) == 0
-    assert main(["push", str(tmp_path / "b"), "--registry", reg, "--promote"]) == 0
-    assert "published demo:2 (promoted: 2)" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "b"), "--registry", reg, "--no-promote"]) == 0
+    assert "published demo:2 (promoted: 1;" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "b"), "--registry", reg]) == 0  # the default promotes
+    assert "published demo:3 (promoted: 3;" in capsys.readouterr().out
     assert main(["rollback", "demo", "--registry", reg]) == 0
-    assert Registry(tmp_path / "reg").promoted("demo") == "1"
+    assert Registry(tmp_path / "reg").promoted("demo") == "2"
     assert main(["push", str(tmp_path / "a"), "--registry", reg, "--model", "../x"]) == 1
     assert "invalid model name" in capsys.readouterr().err

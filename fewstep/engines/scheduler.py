@@ -71,10 +71,12 @@ class WorkSource(Protocol):
 
 @dataclass
 class Observer:
-    """Metric hooks, all optional: occupancy and time of every step, and each item's wait before its first."""
+    """Hooks, all optional: occupancy and time of every step, each item's wait before its first, and
+    each item's outcome with the engine that ran it (a canary's live error rate)."""
 
     step: Callable[[str, int, float], None] | None = None
     waited: Callable[[str, float], None] | None = None
+    finished: Callable[[str, Stepper | None, Outcome], None] | None = None
 
 
 @dataclass(eq=False)
@@ -108,6 +110,11 @@ class StepScheduler:
         self.running: list[_Running] = []
         self._retired = 0
         self._last_step_s = 0.0
+
+    @property
+    def engines(self) -> list[Stepper]:
+        """Engines that running items hold: a replaced model version is not closed while listed here."""
+        return [r.engine for r in self.running if r.engine is not None]
 
     @property
     def tickets(self) -> list[Hashable]:
@@ -164,17 +171,27 @@ class StepScheduler:
         for a in new:
             by_model.setdefault(a.model, []).append(a)
         for model, admissions in by_model.items():
-            engine: Stepper | None = None
-            try:
-                engine = self.engine_for(model)
-                slots = engine.begin([a.item for a in admissions])
-            except FewstepError as e:
-                slots = [Slot(item=a.item, outcome=e) for a in admissions]
-            except Exception as e:
-                failed = GenerationFailed(f"engine error: {type(e).__name__}")
-                slots = [Slot(item=a.item, outcome=failed) for a in admissions]
-            for a, slot in zip(admissions, slots, strict=True):
-                (done if slot.done else self.running).append(_Running(a, slot, engine))
+            # Each item asks for its engine: during a canary, items of one model start on two versions.
+            by_engine: dict[int, tuple[Stepper | None, list[Admission]]] = {}
+            for a in admissions:
+                engine: Stepper | None = None
+                try:
+                    engine = self.engine_for(model)
+                except FewstepError as e:
+                    done.append(_Running(a, Slot(item=a.item, outcome=e), None))
+                    continue
+                by_engine.setdefault(id(engine), (engine, []))[1].append(a)
+            for engine, group in by_engine.values():
+                assert engine is not None
+                try:
+                    slots = engine.begin([a.item for a in group])
+                except FewstepError as e:
+                    slots = [Slot(item=a.item, outcome=e) for a in group]
+                except Exception as e:
+                    failed = GenerationFailed(f"engine error: {type(e).__name__}")
+                    slots = [Slot(item=a.item, outcome=failed) for a in group]
+                for a, slot in zip(group, slots, strict=True):
+                    (done if slot.done else self.running).append(_Running(a, slot, engine))
         self._retire(source, done)
 
     def _drop(self, source: WorkSource) -> None:
@@ -199,6 +216,10 @@ class StepScheduler:
             return
         leaving = set(map(id, finished))
         self.running = [r for r in self.running if id(r) not in leaving]
+        if self.observer.finished is not None:
+            for r in finished:
+                if r.slot.outcome is not None:
+                    self.observer.finished(r.admission.model, r.engine, r.slot.outcome)
         source.done([(r.admission, r.slot.outcome) for r in finished if r.slot.outcome is not None])
 
 

@@ -32,6 +32,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+"""Formats that may execute code when loaded: a folder holding one is refused without opening it."""
 
 
 def sha256_file(path: Path) -> str:
@@ -90,6 +92,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{folder}: manifest names no files")
+    refuse_pickles(folder)
     for name, meta in files.items():
         if not _FILE_NAME.match(name) or name == MANIFEST:
             raise CheckpointError(f"{folder}: unsafe file name {name!r} in manifest")
@@ -104,6 +107,21 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
             )
         if sha256_file(path) != meta.get("sha256"):
             raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """CheckpointError if `folder` holds a pickle-format file, named or not; such files are never opened.
+
+    A stray `model.bin` beside good safetensors is how unsafe weights end up loaded by the next
+    tool that looks for them, so the whole folder is refused.
+    """
+    if not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if found:
+        raise CheckpointError(
+            f"{folder}: holds {', '.join(found)}: pickle-format files are refused unread (safetensors only)"
+        )
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

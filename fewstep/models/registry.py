@@ -3,7 +3,9 @@
 Layout (DESIGN.md §5)::
 
     <root>/<model>/<version>/manifest.json + weights     one folder per version, never rewritten
-    <root>/<model>/PROMOTED                               {"version": ...}: the version that serves
+    <root>/<model>/PROMOTED                               {"version": ...}: the version that should serve
+    <root>/<model>/.gate/<version>.json                   the serving gate's verdict on a version
+    <root>/<model>/.gate/<version>.loading.<worker>       a load in progress (left behind by a crash)
 
 Publishing copies into a hidden folder beside the target, fsyncs, then renames it into place,
 so a reader sees a whole version or none. Names are validated and every path is resolved and
@@ -26,6 +28,8 @@ from fewstep.models.checkpoint import MANIFEST, read_manifest, verify_files, wri
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 POINTER = "PROMOTED"
+GATE_DIR = ".gate"
+_LOADER = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -176,17 +180,76 @@ class Registry:
         self.validate(model, version)
         write_json_atomic(self.model_dir(model) / POINTER, {"version": version})
 
-    def rollback(self, model: str, to: str | None = None) -> str:
-        """Promote `to`, or the newest version older than the promoted one; returns it."""
+    def rollback(self, model: str, to: str | None = None, flavour: str = "torch-fp32") -> str:
+        """Promote `to`, or the newest version older than the promoted one that the gate did not refuse."""
         current = self.promoted(model)
         versions = self.versions(model)
         if to is None:
-            older = [v for v in versions if current is None or _version_key(v) < _version_key(current)]
+            older = [
+                v
+                for v in versions
+                if (current is None or _version_key(v) < _version_key(current)) and not self.refused(model, v, flavour)
+            ]
             if not older:
-                raise NotFound(f"model {model!r} has no version older than {current!r} to roll back to")
+                raise NotFound(f"model {model!r} has no unrefused version older than {current!r} to roll back to")
             to = older[-1]
+        elif (why := self.refused(model, check_name("version", to), flavour)) is not None:
+            raise RegistryError(f"{model}:{to} was refused by the serving gate ({why}); push a new version instead")
         self.promote(model, to)
         return to
+
+    # -- the serving gate's records ----------------------------------------------------------
+    # Verdicts are kept per flavour ("torch-fp32", "onnxruntime-int8", ...): a version may serve
+    # on one backend and not yet on another (its ONNX artifacts are exported later).
+    def _gate_dir(self, model: str) -> Path:
+        return self.model_dir(model) / GATE_DIR
+
+    def _verdict_path(self, model: str, version: str, flavour: str) -> Path:
+        if not NAME.match(flavour):
+            raise RegistryError(f"invalid flavour {flavour!r}")
+        return self._gate_dir(model) / f"{check_name('version', version)}@{flavour}.json"
+
+    def verdict(self, model: str, version: str, flavour: str) -> dict[str, Any] | None:
+        """The gate's recorded verdict on a version ({"passed": bool, "reason", "metrics", ...}), if any."""
+        path = self._verdict_path(model, version, flavour)
+        if not path.is_file() or path.is_symlink():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # a torn or foreign file is no verdict: the version is gated again
+        return data if isinstance(data, dict) and isinstance(data.get("passed"), bool) else None
+
+    def record_verdict(self, model: str, version: str, flavour: str, verdict: dict[str, Any]) -> None:
+        """Keep the gate's verdict, so that every process (and every restart) agrees without re-judging."""
+        path = self._verdict_path(model, version, flavour)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, verdict)
+
+    def refused(self, model: str, version: str, flavour: str) -> str | None:
+        """The reason the gate refused this version, or None."""
+        v = self.verdict(model, version, flavour)
+        return None if v is None or v["passed"] else str(v.get("reason") or "refused")
+
+    def begin_load(self, model: str, version: str, loader: str) -> Path:
+        """Mark that `loader` is loading a version; `end_load` removes the mark. A crash leaves it behind."""
+        d = self._gate_dir(model)
+        d.mkdir(parents=True, exist_ok=True)
+        mark = d / f"{check_name('version', version)}.loading.{_LOADER.sub('_', loader)[:80]}"
+        mark.write_text("")
+        return mark
+
+    @staticmethod
+    def end_load(mark: Path) -> None:
+        mark.unlink(missing_ok=True)
+
+    def unfinished_loads(self, model: str, version: str) -> int:
+        """Loads of a version that have not ended: in progress now, or cut short by their process dying."""
+        d = self._gate_dir(model)
+        if not d.is_dir():
+            return 0
+        prefix = f"{check_name('version', version)}.loading."
+        return sum(1 for p in d.iterdir() if p.name.startswith(prefix))
 
     def seed_from(self, checkpoints: Path) -> list[tuple[str, str]]:
         """Publish every checkpoint folder under `checkpoints` whose model the registry lacks."""

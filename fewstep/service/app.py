@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fewstep.engines.base import ImageItem
-from fewstep.errors import Cancelled, FewstepError, GenerationFailed, InvalidRequest, NotReady, limit_error
+from fewstep.errors import (
+    Cancelled,
+    CheckpointError,
+    Conflict,
+    FewstepError,
+    GenerationFailed,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    RegistryError,
+    limit_error,
+)
+from fewstep.models.registry import check_name
 from fewstep.models.schedules import MAX_SEED
 from fewstep.service import errors
-from fewstep.service.auth import KeyRing
+from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.queue import open_queue
 from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
@@ -49,9 +62,12 @@ from fewstep.service.schemas import (
     ModelCard,
     ModelList,
     ModelVersion,
+    RollbackRequest,
+    RollbackResponse,
 )
 from fewstep.service.settings import Settings
-from fewstep.service.worker import Worker, engine_lookup
+from fewstep.service.watch import announce, subscribe
+from fewstep.service.worker import Worker, engine_lookup, worker_name
 
 log = logging.getLogger("fewstep.service")
 RESPONSE_FORMATS = ("b64_json",)
@@ -193,18 +209,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         machine with no spare cores make libgomp throttle its spin-waits, which slowed
         inference 1.5–2.4× here. Loading and serving in one thread keeps one team.
         """
-        lookup = engine_lookup(settings, runtime.engine_for)
-        made = [Worker(queue, lookup, settings, metrics) for _ in range(settings.embedded_workers)]
-        if not made:
+        if not settings.embedded_workers:
+            runtime.watch_forever(stopping)  # nothing runs here: just follow the registry
             return
+        lookup = engine_lookup(settings, runtime.engine_for)
+        route = engine_lookup(settings, runtime.route)
+
+        def maintain() -> None:
+            runtime.maintain([e for w in workers for e in w.scheduler.engines])
+
+        made = [
+            Worker(
+                queue, lookup, settings, metrics, route=route, maintain=None if i else maintain, finished=runtime.record
+            )
+            for i in range(settings.embedded_workers)
+        ]
         workers.extend(made)
         for w in made[1:]:
             w.start()
-        made[0].run()
+        made[0].run()  # the first worker also follows the registry, between its steps
 
     run_engines = settings.embedded_workers > 0 and settings.engine == "image"
-    runtime = Runtime(settings, metrics, run_engines=run_engines, on_loaded=start_workers)
+    runtime = Runtime(settings, metrics, run_engines=run_engines, on_loaded=start_workers, loader=worker_name())
+    stopping = threading.Event()
     keys = KeyRing(settings)
+    admins = AdminKeys(settings)
     if not keys.enabled:
         log.warning("FEWSTEP_API_KEYS is not set: the API accepts requests without authentication")
     # Blocking queue waits (sync requests, SSE) get their own threads, not the default pool's few.
@@ -216,7 +245,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        subscribe(settings, runtime.nudged, stopping)
         yield
+        stopping.set()
         for w in workers:
             await asyncio.to_thread(w.stop)
         queue.close()
@@ -390,6 +421,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if r.outcome != "ok"
             ],
         )
+
+    @app.post("/v1/admin/models/{model}/rollback", response_model=RollbackResponse)
+    async def rollback(
+        model: str, body: RollbackRequest | None = None, authorization: str | None = Header(None)
+    ) -> RollbackResponse:
+        """Point `model` at an older version (default: the newest older one the gate did not refuse)."""
+        admins.require(authorization)
+        to = body.to if body is not None else None
+        try:
+            check_name("model", model)
+            if to is not None:
+                check_name("version", to)
+        except RegistryError as e:
+            raise InvalidRequest("to" if to is not None and "version" in str(e) else "model", str(e)) from e
+        if model not in runtime.registry.models():
+            raise NotFound(f"model {model!r} not found in the registry")
+        previous = runtime.registry.promoted(model)
+        try:
+            version = await call(runtime.registry.rollback, model, to, runtime.flavour)
+        except (RegistryError, CheckpointError) as e:
+            raise Conflict(str(e).replace(f"{runtime.registry.root}/", "")) from e
+        log.warning("admin rollback: %s %s → %s", model, previous, version)
+        await call(announce, settings, model, version, "rollback")
+        runtime.nudged.set()
+        return RollbackResponse(model=model, version=version, previous=previous)
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fewstep.errors import Unauthorized
+from fewstep.errors import Forbidden, Unauthorized
 from fewstep.service.settings import Settings
 
 
@@ -29,3 +29,19 @@ class KeyRing:
         if not any(hmac.compare_digest(digest, d) for d in self._digests):
             raise Unauthorized("invalid API key")
         return digest.hex()[:16]
+
+
+class AdminKeys:
+    """Keys of the admin routes (`FEWSTEP_ADMIN_KEYS`), known by SHA-256. None set: every admin call is refused."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.admin_keys]
+
+    def require(self, authorization: str | None) -> None:
+        if not self._digests:
+            raise Forbidden("admin routes are disabled: set FEWSTEP_ADMIN_KEYS")
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("missing admin key: send `Authorization: Bearer <admin key>`")
+        digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
+        if not any(hmac.compare_digest(digest, d) for d in self._digests):
+            raise Forbidden("this key may not use the admin routes")

@@ -13,6 +13,7 @@ from fewstep.errors import (
     CheckpointError,
     Conflict,
     FewstepError,
+    Forbidden,
     GenerationFailed,
     InvalidRequest,
     NotFound,
@@ -31,6 +32,8 @@ def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
         return 422, {}
     if isinstance(exc, Unauthorized):
         return 401, {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, Forbidden):
+        return 403, {}
     if isinstance(exc, NotFound):
         return 404, {}
     if isinstance(exc, Overloaded):

@@ -69,7 +69,20 @@ class Metrics:
         )
         self.models_ready = Gauge("fewstep_models_ready", "Models loaded and serving.", registry=r)
         self.model_refused = Counter(
-            "fewstep_model_versions_refused", "Model versions refused at load.", ["model"], registry=r
+            "fewstep_model_versions_refused",
+            "Model versions (or pointers) refused by loading, the serving gate or a canary.",
+            ["model"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "fewstep_model_swaps", "Times a new version took over a model's new items.", ["model"], registry=r
+        )
+        self.model_load_seconds = Histogram(
+            "fewstep_model_load_seconds",
+            "Loading, warming up and gating one model version.",
+            ["model"],
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
 
 

@@ -1,27 +1,46 @@
-"""The model runtime: registry → engines, and the state `/readyz` and `/v1/models` report.
+"""The model runtime: registry → engines, version changes while serving, and what `/v1/models` reports.
 
-Models load in a background thread so the process answers `/healthz` at once. For each model
-the promoted version is tried first; a version that is refused (bad manifest, hash mismatch,
-wrong shapes, non-finite warm-up) is recorded with its reason and the newest older version
-that loads serves instead, so a bad checkpoint never takes the model down.
+Models load in a background thread so the process answers `/healthz` at once. After that the
+serving thread calls `maintain()` between step boundaries, which follows the registry:
 
-A process that runs engines (a worker, or a gateway with embedded workers) loads and warms
-the weights. A gateway that only queues work (Redis mode) reads manifests only: enough to
-validate requests (steps, size, hybrid) without holding weights.
+- **Watch.** Each model's `PROMOTED` pointer is read every `FEWSTEP_WATCH_INTERVAL_S` (a file
+  watch that works on any shared volume); with Redis, a push announcement wakes it at once.
+- **Gate.** A new version loads *beside* the serving one and must pass the serving gate
+  (service/gate.py: hashes, safetensors only, shapes, finite probes, probe accuracy within
+  tolerance of the serving version). A refusal is logged, counted, kept in the registry and
+  shown by `/v1/models`; the serving version carries on.
+- **Swap.** A version that passes takes new items at once, or first a canary share of them
+  (`FEWSTEP_CANARY_FRACTION`) until it has served `FEWSTEP_CANARY_ITEMS` with an error rate
+  under `FEWSTEP_CANARY_MAX_ERROR_RATE`. Items already running finish on the engine that began
+  them (the scheduler binds slots to engines); the old engine is closed once none uses it.
+- **Crashes while loading.** A load leaves a mark in the registry until it ends. A process that
+  dies mid-load leaves its mark behind; at start a process serves the newest version the gate
+  passed first and only then tries the new one, and a version with `FEWSTEP_MAX_LOAD_ATTEMPTS`
+  unfinished loads is refused.
+
+Loading and swapping run in the serving thread on purpose: one OpenMP team per process (see
+`create_app`), and a swap never races a step. Other threads read the `Served` fields, which
+are replaced whole.
+
+A gateway that only queues work (Redis mode) reads manifests only and takes the gate's
+verdicts from the registry: it never loads weights.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fewstep.engines.base import Outcome
 from fewstep.engines.image import ImageEngine
-from fewstep.errors import FewstepError, NotFound, NotReady
+from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, NotFound, NotReady, RegistryError
 from fewstep.models.registry import Registry
 from fewstep.models.text import TextEncoder
+from fewstep.service.gate import Gate, Verdict
 from fewstep.service.metrics import Metrics
 from fewstep.service.settings import Settings
 
@@ -30,15 +49,32 @@ SERVED_KINDS = ("image",)
 
 
 @dataclass
+class Canary:
+    """A gated version taking a share of new items until its live error rate has been seen."""
+
+    engine: ImageEngine
+    version: str
+    accuracy: float | None
+    ok: int = 0
+    failed: int = 0
+
+
+@dataclass
 class Served:
-    """One model as the gateway knows it."""
+    """One model as this process serves it."""
 
     name: str
     kind: str
     engine: ImageEngine | None = None
     version: str | None = None
     created: int = 0
+    accuracy: float | None = None
+    """The serving version's probe accuracy: the reference the next version is gated against."""
+    canary: Canary | None = None
     statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    pointer: str | None = None
+    """The `PROMOTED` version this process last acted on."""
+    credit: float = 0.0
 
 
 class Runtime:
@@ -50,16 +86,25 @@ class Runtime:
         metrics: Metrics,
         run_engines: bool = True,
         on_loaded: Callable[[], None] | None = None,
+        loader: str = "gateway",
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.run_engines = run_engines
         self.on_loaded = on_loaded
+        self.loader = loader
         self.registry = Registry(settings.registry)
+        self.flavour = f"{settings.backend}-{settings.precision}"
+        self.gate = Gate(self.registry, settings)
         self.models: dict[str, Served] = {}
         self.encoder: TextEncoder | None = None
         self.loaded = threading.Event()
         self.load_error: str | None = None
+        self.nudged = threading.Event()
+        """Set by a push announcement: `maintain` looks at the registry without waiting for the interval."""
+        self._next_look = 0.0
+        self._retiring: list[tuple[str, str, ImageEngine]] = []
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -78,12 +123,13 @@ class Runtime:
                 log.info("registry seeded with %s:%s from %s", model, version, self.settings.checkpoints)
             self.encoder = TextEncoder() if self.run_engines else None  # validation needs no text encoder
             for name in self.registry.models():
-                self._load_model(name)
-            self.metrics.models_ready.set(sum(1 for s in self.models.values() if s.engine is not None))
+                self._start_model(name)
+            self._count_ready()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("model loading failed")
         finally:
+            self._next_look = time.monotonic() + self.settings.watch_interval_s
             self.loaded.set()
         if self.on_loaded is not None and self.load_error is None:
             self.on_loaded()  # may run for the life of the process (the gateway's first worker)
@@ -92,11 +138,22 @@ class Runtime:
         """Load in the calling thread (a worker process has nothing to answer meanwhile)."""
         self._load_all()
 
-    def _load_model(self, name: str) -> None:
+    def _pointer(self, name: str) -> str | None:
+        try:
+            return self.registry.promoted(name)
+        except RegistryError as e:
+            self._refuse_pointer(name, e)
+            return None
+
+    def _refuse_pointer(self, name: str, e: FewstepError) -> None:
+        self.metrics.model_refused.labels(name).inc()
+        log.error("refused the pointer of %s: %s", name, e)
+
+    def _start_model(self, name: str) -> None:
         versions = self.registry.versions(name)
         if not versions:
             return
-        promoted = self.registry.promoted(name) or versions[-1]
+        promoted = self._pointer(name) or versions[-1]
         try:
             kind = self.registry.manifest(name, promoted).get("kind")
         except FewstepError as e:
@@ -104,43 +161,252 @@ class Runtime:
             log.warning("cannot read %s:%s manifest: %s", name, promoted, e)
         if kind not in SERVED_KINDS:
             return
-        served = Served(name=name, kind=str(kind))
+        served = Served(name=name, kind=str(kind), pointer=promoted)
         self.models[name] = served
-        older = [v for v in reversed(versions) if v != promoted and versions.index(v) < versions.index(promoted)]
-        for version in [promoted, *older]:
+        upto = versions[: versions.index(promoted) + 1] if promoted in versions else versions
+        older = [v for v in reversed(upto) if v != promoted]
+        passed = [v for v in older if self._passed(name, v)]
+        if self.run_engines and passed and not self._passed(name, promoted):
+            # The promoted version is new to the gate (or its last load crashed): serve the newest
+            # known-good one first; `maintain` then tries the promoted one beside it.
+            order = [*passed, *(v for v in older if v not in passed)]
+        else:
+            order = [promoted, *older]
+        for version in order:
             try:
-                manifest = self.registry.validate(name, version)
-                engine = ImageEngine(
-                    self.registry.version_dir(name, version),
-                    self.encoder,
-                    self.settings.backend,
-                    self.settings.precision,
-                    version=version,
-                    teacher_folder=self._teacher_folder(name, manifest),
-                )
-                if self.run_engines:
-                    engine.load()
-                    engine.warmup()
+                engine, accuracy = self._candidate(served, version)
             except FewstepError as e:
-                # Clients see the reason, not the server's filesystem layout.
-                served.statuses[version] = ("refused", str(e).replace(f"{self.registry.root}/", ""))
-                self.metrics.model_refused.labels(name).inc()
-                log.error("refused %s:%s: %s", name, version, e)
+                self._refused(served, version, e)
                 continue
-            served.engine, served.version = engine, version
-            served.created = int(self.registry.version_dir(name, version).stat().st_mtime)
-            served.statuses[version] = ("serving", None)
+            self._serve(served, version, engine, accuracy)
+            break
+        if order[0] != promoted:
+            served.pointer = served.version  # so that `follow` tries the promoted version next
+        for v in versions:
+            served.statuses.setdefault(v, self._recorded_status(name, v))
+
+    def _passed(self, name: str, version: str) -> bool:
+        v = self.registry.verdict(name, version, self.flavour)
+        return bool(v and v["passed"])
+
+    def _recorded_status(self, name: str, version: str) -> tuple[str, str | None]:
+        why = self.registry.refused(name, version, self.flavour)
+        return ("refused", why) if why is not None else ("ready", None)
+
+    def _candidate(self, served: Served, version: str) -> tuple[ImageEngine, float | None]:
+        """A loaded, warmed and gated engine of `version`, or the FewstepError that refuses it."""
+        name = served.name
+        if (why := self.registry.refused(name, version, self.flavour)) is not None:
+            raise CheckpointError(why)
+        manifest = self.registry.validate(name, version)
+        engine = ImageEngine(
+            self.registry.version_dir(name, version),
+            self.encoder,
+            self.settings.backend,
+            self.settings.precision,
+            version=version,
+            teacher_folder=self._teacher_folder(name, manifest),
+        )
+        if not self.run_engines:
+            return engine, None
+        recorded = self.registry.verdict(name, version, self.flavour)
+        if recorded is None and self.registry.unfinished_loads(name, version) >= self.settings.max_load_attempts:
+            why = f"{self.settings.max_load_attempts} loads of it never finished (their process died while loading)"
+            self._record(name, version, Verdict(False, why))
+            raise CheckpointError(why)
+        mark = self.registry.begin_load(name, version, self.loader)
+        t0 = time.perf_counter()
+        try:
+            try:
+                engine.load()
+                engine.warmup()
+            except CheckpointError as e:
+                self._record(name, version, Verdict(False, str(e).replace(f"{self.registry.root}/", "")))
+                raise
+            if recorded is not None:
+                verdict = Verdict(True, None, recorded.get("metrics") or {})
+            else:
+                reference, against = served.accuracy, served.version
+                if served.engine is not None and reference is None:
+                    reference, _ = self.gate.accuracy(served.engine)
+                    served.accuracy = reference
+                verdict = self.gate.check(engine, reference, against)
+                self._record(name, version, verdict)
+            if not verdict.passed:
+                raise CheckpointError(verdict.reason or "refused by the gate")
+        except BaseException:
+            engine.close()
+            raise
+        finally:
+            self.registry.end_load(mark)
+        self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - t0)
+        return engine, verdict.metrics.get("joint_accuracy")
+
+    def _record(self, name: str, version: str, verdict: Verdict) -> None:
+        try:
+            self.registry.record_verdict(name, version, self.flavour, verdict.record(self.flavour))
+        except (OSError, RegistryError) as e:  # a read-only registry still gates, it just cannot remember
+            log.warning("cannot record the verdict on %s:%s: %s", name, version, e)
+
+    def _refused(self, served: Served, version: str, e: FewstepError) -> None:
+        # Clients see the reason, not the server's filesystem layout.
+        served.statuses[version] = ("refused", str(e).replace(f"{self.registry.root}/", ""))
+        self.metrics.model_refused.labels(served.name).inc()
+        log.error("refused %s:%s: %s", served.name, version, e)
+
+    def _serve(self, served: Served, version: str, engine: ImageEngine, accuracy: float | None) -> None:
+        """Make `engine` take every new item of the model; the previous one drains, then closes."""
+        old, old_version = served.engine, served.version
+        served.engine, served.version, served.accuracy = engine, version, accuracy
+        served.created = int(self.registry.version_dir(served.name, version).stat().st_mtime)
+        served.statuses[version] = ("serving", None)
+        if old is not None and old is not engine:
+            assert old_version is not None
+            served.statuses[old_version] = self._recorded_status(served.name, old_version)
+            self._retiring.append((served.name, old_version, old))
+            self.metrics.model_swaps.labels(served.name).inc()
+            log.info("%s: version %s serves new items; %s drains", served.name, version, old_version)
+        else:
             log.info(
                 "%s %s:%s on %s/%s",
                 "serving" if self.run_engines else "routing",
-                name,
+                served.name,
                 version,
                 self.settings.backend,
                 self.settings.precision,
             )
-            break
-        for v in versions:
-            served.statuses.setdefault(v, ("ready", None))
+        self._count_ready()
+
+    def _count_ready(self) -> None:
+        self.metrics.models_ready.set(sum(1 for s in self.models.values() if s.engine is not None))
+
+    # -- following the registry ------------------------------------------------------------
+    def maintain(self, in_use: Collection[object] = ()) -> None:
+        """Between steps: follow pointer changes, settle canaries, close drained engines.
+
+        `in_use`: engines that running items still hold (they are not closed yet).
+        """
+        if self.loaded.is_set() and self.load_error is None:
+            now = time.monotonic()
+            if self.nudged.is_set() or now >= self._next_look:
+                self.nudged.clear()
+                self._next_look = now + self.settings.watch_interval_s
+                for name in self.registry.models():
+                    try:
+                        self.follow(name)
+                    except Exception:  # the registry is shared input: a surprise there must not stop serving
+                        log.exception("following %s failed", name)
+            for served in list(self.models.values()):
+                self._settle_canary(served)
+        self._close_drained(in_use)
+
+    def follow(self, name: str) -> None:
+        """Bring one model in line with its pointer (no-op when it already is)."""
+        served = self.models.get(name)
+        if served is None:
+            if self.registry.versions(name):
+                self._start_model(name)  # a model pushed after start
+            return
+        target = self._pointer(name)
+        for v in self.registry.versions(name):
+            st = served.statuses.get(v)
+            if st is None or st[0] == "ready":  # another process may have judged it since
+                served.statuses[v] = self._recorded_status(name, v)
+        if target is None or target == served.pointer:
+            return
+        if not self.run_engines and target != served.version:
+            # This process routes and does not judge: it follows once the workers' gate has spoken.
+            verdict = self.registry.verdict(name, target, self.flavour)
+            if verdict is None:
+                return
+            if not verdict["passed"]:
+                served.pointer = target
+                served.statuses[target] = ("refused", verdict.get("reason"))
+                return
+        served.pointer = target
+        if target == served.version:
+            self._drop_canary(served, "the pointer moved back to the serving version")
+            return
+        if served.canary is not None:
+            if served.canary.version == target:
+                return
+            self._drop_canary(served, f"the pointer moved on to {target}")
+        try:
+            engine, accuracy = self._candidate(served, target)
+        except NotFound as e:
+            self._refuse_pointer(name, e)
+            return
+        except FewstepError as e:
+            self._refused(served, target, e)
+            return
+        if not self.run_engines or self.settings.canary_fraction == 0.0 or served.engine is None:
+            self._serve(served, target, engine, accuracy)
+            return
+        served.canary = Canary(engine, target, accuracy)
+        served.statuses[target] = ("canary", None)
+        log.info(
+            "%s: version %s is a canary for %.0f%% of new items", name, target, 100 * self.settings.canary_fraction
+        )
+
+    def _settle_canary(self, served: Served) -> None:
+        c = served.canary
+        if c is None:
+            return
+        seen = c.ok + c.failed
+        if seen < self.settings.canary_items:
+            return
+        rate = c.failed / seen
+        served.canary = None
+        if rate > self.settings.canary_max_error_rate:
+            why = (
+                f"canary error rate {rate:.3f} ({c.failed} of {seen} items failed) is above "
+                f"`canary_max_error_rate` = {self.settings.canary_max_error_rate}"
+            )
+            self._record(served.name, c.version, Verdict(False, why))
+            self._refused(served, c.version, CheckpointError(why))
+            self._retiring.append((served.name, c.version, c.engine))
+            return
+        log.info("%s: canary %s served %d items, %d failed: promoted", served.name, c.version, seen, c.failed)
+        self._serve(served, c.version, c.engine, c.accuracy)
+
+    def _drop_canary(self, served: Served, why: str) -> None:
+        c = served.canary
+        if c is None:
+            return
+        served.canary = None
+        served.statuses[c.version] = self._recorded_status(served.name, c.version)
+        self._retiring.append((served.name, c.version, c.engine))
+        log.info("%s: canary %s withdrawn (%s)", served.name, c.version, why)
+
+    def _close_drained(self, in_use: Collection[object]) -> None:
+        busy = {id(e) for e in in_use}
+        keep = []
+        for name, version, engine in self._retiring:
+            if id(engine) in busy:
+                keep.append((name, version, engine))
+                continue
+            engine.close()
+            log.info("%s: version %s drained and unloaded", name, version)
+        self._retiring = keep
+
+    def record(self, model: str, engine: object, outcome: Outcome) -> None:
+        """Count a finished item against a canary (its live error rate decides its promotion)."""
+        served = self.models.get(model)
+        c = served.canary if served is not None else None
+        if c is None or c.engine is not engine:
+            return
+        with self._lock:
+            if isinstance(outcome, GenerationFailed):
+                c.failed += 1
+            elif not isinstance(outcome, FewstepError):
+                c.ok += 1
+
+    def watch_forever(self, stop: threading.Event) -> None:
+        """For a process with no serving thread (the Redis-mode gateway): follow the registry until `stop`."""
+        self.loaded.wait()
+        while not stop.is_set():
+            self.maintain()
+            self.nudged.wait(self.settings.watch_interval_s)
 
     def _teacher_folder(self, name: str, manifest: dict) -> Path | None:
         """The registry folder of the exact teacher the student was distilled from, if present and intact.
@@ -180,6 +446,8 @@ class Runtime:
         for s in self.models.values():
             if s.engine is not None:
                 s.engine.close()
+            if s.canary is not None:
+                s.canary.engine.close()
 
     # -- requests --------------------------------------------------------------------------
     def served(self, model: str) -> Served:
@@ -194,7 +462,21 @@ class Runtime:
         return s
 
     def engine_for(self, model: str) -> ImageEngine:
-        """The loaded engine of a model, for workers."""
+        """The serving version's engine (NotFound / NotReady as `served`)."""
         engine = self.served(model).engine
+        assert engine is not None
+        return engine
+
+    def route(self, model: str) -> ImageEngine:
+        """The engine a new item of `model` starts on: the serving version, or the canary for its share."""
+        s = self.served(model)
+        engine = s.engine
+        c = s.canary
+        if c is not None:
+            with self._lock:
+                s.credit += self.settings.canary_fraction
+                if s.credit >= 1.0:
+                    s.credit -= 1.0
+                    engine = c.engine
         assert engine is not None
         return engine

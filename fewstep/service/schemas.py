@@ -44,6 +44,20 @@ class ModelVersion(BaseModel):
     reason: str | None = None
 
 
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str | None = None
+    """Version to make current; default the newest older one the serving gate did not refuse."""
+
+
+class RollbackResponse(BaseModel):
+    model: str
+    version: str
+    """The version the model now points at."""
+    previous: str | None
+
+
 class ModelCard(BaseModel):
     id: str
     object: str = "model"

@@ -80,10 +80,29 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(15.0, gt=0.0)
     """Idle interval after which the job event stream sends a comment, so proxies keep it open."""
 
+    watch_interval_s: float = Field(1.0, gt=0.0, le=3600.0)
+    """How often serving processes read the registry's pointers (Redis announcements wake them at once)."""
+    gate_judge: str = "shapes-classifier"
+    """Registry model of the attribute classifier that judges probe images ('' skips the accuracy check)."""
+    gate_probe_seeds: int = Field(3, ge=1, le=64)
+    """Seeds per (colour, shape) probe prompt: 20 prompts × this many images per gate."""
+    gate_tolerance: float = Field(0.10, ge=0.0, le=1.0)
+    """A new version is refused when its probe joint accuracy is this far below the serving version's."""
+    max_load_attempts: int = Field(3, ge=1, le=100)
+    """A version whose load was cut short (its process died) this many times is refused."""
+    canary_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of new items a gated version serves before it takes all traffic (0: swap at once)."""
+    canary_items: int = Field(50, ge=1)
+    """Items a canary serves before it is promoted (or refused on its error rate)."""
+    canary_max_error_rate: float = Field(0.02, ge=0.0, le=1.0)
+    """A canary whose failed-item rate is above this is refused and the serving version keeps all traffic."""
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Keys for `/v1/admin/*` (rollback). Unset: the admin routes answer 403 (they are never open)."""
+
     log_level: str = "info"
     """Python logging level of the gateway."""
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):

@@ -40,6 +40,8 @@ from fewstep.service.settings import Settings
 log = logging.getLogger("fewstep.worker")
 EngineLookup = Callable[[str], Engine]
 """model name → its loaded engine; raises NotFound (unknown model) or NotReady (not loaded here)."""
+Finished = Callable[[str, object, Outcome], None]
+"""(model, engine, outcome) of every item the scheduler retires."""
 
 
 def encode_png(pixels: np.ndarray) -> str:
@@ -60,10 +62,11 @@ def engine_lookup(settings: Settings, loaded: EngineLookup | None) -> EngineLook
     return lambda _model: noop
 
 
-def observer(metrics: Metrics | None) -> Observer:
-    """Scheduler hooks → Prometheus: occupancy and time of each step, wait before the first step."""
+def observer(metrics: Metrics | None, finished: Finished | None = None) -> Observer:
+    """Scheduler hooks → Prometheus (occupancy and time of each step, wait before the first step),
+    and `finished` (each item's outcome and engine: a canary's live error rate)."""
     if metrics is None:
-        return Observer()
+        return Observer(finished=finished)
 
     def step(model: str, occupancy: int, seconds: float) -> None:
         metrics.batch_size.labels(model).observe(occupancy)
@@ -72,7 +75,7 @@ def observer(metrics: Metrics | None) -> Observer:
     def waited(model: str, seconds: float) -> None:
         metrics.first_step_wait.labels(model).observe(seconds)
 
-    return Observer(step=step, waited=waited)
+    return Observer(step=step, waited=waited, finished=finished)
 
 
 def as_stepper(engine: Engine) -> Stepper:
@@ -96,20 +99,29 @@ class Worker:
         settings: Settings,
         metrics: Metrics | None = None,
         name: str | None = None,
+        route: EngineLookup | None = None,
+        maintain: Callable[[], None] | None = None,
+        finished: Finished | None = None,
     ) -> None:
+        """`engine_for`: the serving engine of a model; `route`: the engine a new item starts on
+        (the serving one or a canary; default `engine_for`); `maintain`: called between step
+        boundaries, in this worker's thread (the runtime follows the registry there);
+        `finished`: told each retired item's engine and outcome."""
         self.queue = queue
         self.engine_for = engine_for
         self.settings = settings
         self.metrics = metrics
         self.name = name or worker_name()
+        self.maintain = maintain
         self._flight: list[Delivery] = []
         self._next_reclaim = 0.0
+        pick = route or engine_for
         self.scheduler = StepScheduler(
-            lambda model: as_stepper(engine_for(model)),
+            lambda model: as_stepper(pick(model)),
             settings.max_batch_size,
             settings.batch_wait_ms / 1000.0,
             settings.batching,
-            observer(metrics),
+            observer(metrics, finished),
             join_wait=settings.join_wait,
         )
         self._stopping = threading.Event()
@@ -149,6 +161,8 @@ class Worker:
             try:
                 self.scheduler.tick(self, idle_wait_s=0.5)
                 self._flight = [t for t in self.scheduler.tickets if isinstance(t, Delivery)]
+                if self.maintain is not None:
+                    self.maintain()
                 backoff = 0.1
             except NotReady as e:
                 self._warn(f"queue unavailable, retrying in {backoff:.1f} s: {e}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,12 @@ def ort_engine(exported: Registry, encoder) -> ImageEngine:  # type: ignore[no-u
     e = ImageEngine(exported.version_dir("shapes", "1"), encoder, backend="onnxruntime", precision="fp32")
     e.load()
     return e
+
+
+def one_engine() -> Callable[[str], NoopEngine]:
+    """A lookup that returns the same engine every time, as a runtime does between version swaps."""
+    engine = NoopEngine()
+    return lambda _model: engine
 
 
 def drive(sched: StepScheduler, source: LocalSource, tickets: list[LocalTicket], limit: int = 100) -> int:
@@ -98,7 +105,7 @@ def test_hybrid_items_are_deterministic_in_a_mixed_running_batch(torch_engine: I
 
 def test_a_one_step_item_joins_a_running_batch_and_leaves_first() -> None:
     source = LocalSource(64)
-    sched = StepScheduler(lambda _m: NoopEngine(), max_batch=4, max_wait_s=0.0)
+    sched = StepScheduler(one_engine(), max_batch=4, max_wait_s=0.0)
     [long] = source.submit("m", [ImageItem("long", seed=0, steps=4)])
     sched.tick(source, idle_wait_s=0.0)
     [short] = source.submit("m", [ImageItem("short", seed=1, steps=1)])
@@ -109,7 +116,7 @@ def test_a_one_step_item_joins_a_running_batch_and_leaves_first() -> None:
 
 def test_request_level_policy_admits_only_into_an_empty_batch() -> None:
     source = LocalSource(64)
-    sched = StepScheduler(lambda _m: NoopEngine(), max_batch=4, max_wait_s=0.0, policy="request")
+    sched = StepScheduler(one_engine(), max_batch=4, max_wait_s=0.0, policy="request")
     [long] = source.submit("m", [ImageItem("long", seed=0, steps=4)])
     sched.tick(source, idle_wait_s=0.0)
     [short] = source.submit("m", [ImageItem("short", seed=1, steps=1)])
@@ -123,7 +130,7 @@ def test_no_batching_runs_one_item_at_a_time() -> None:
     seen: list[int] = []
     source = LocalSource(64)
     obs = Observer(step=lambda _m, n, _s: seen.append(n))
-    sched = StepScheduler(lambda _m: NoopEngine(), max_batch=16, max_wait_s=0.0, policy="none", observer=obs)
+    sched = StepScheduler(one_engine(), max_batch=16, max_wait_s=0.0, policy="none", observer=obs)
     tickets = source.submit("m", [ImageItem("x", seed=i, steps=2) for i in range(3)])
     drive(sched, source, tickets)
     assert seen == [1] * 6
@@ -133,7 +140,7 @@ def test_running_batch_never_exceeds_max_batch_and_admits_oldest_first() -> None
     occupancy: list[int] = []
     source = LocalSource(64)
     obs = Observer(step=lambda _m, n, _s: occupancy.append(n))
-    sched = StepScheduler(lambda _m: NoopEngine(), max_batch=3, max_wait_s=0.0, observer=obs)
+    sched = StepScheduler(one_engine(), max_batch=3, max_wait_s=0.0, observer=obs)
     tickets = source.submit("m", [ImageItem("x", seed=i, steps=1 + i % 2) for i in range(10)])
     order: list[int] = []
     for t in tickets:
@@ -146,7 +153,7 @@ def test_running_batch_never_exceeds_max_batch_and_admits_oldest_first() -> None
 
 def test_cancelled_items_leave_at_the_next_boundary_and_free_their_slot() -> None:
     source = LocalSource(64)
-    sched = StepScheduler(lambda _m: NoopEngine(), max_batch=2, max_wait_s=0.0)
+    sched = StepScheduler(one_engine(), max_batch=2, max_wait_s=0.0)
     a, b, c = source.submit("m", [ImageItem("x", seed=i, steps=4) for i in range(3)])
     sched.tick(source, idle_wait_s=0.0)
     a.cancel.set()

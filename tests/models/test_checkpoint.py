@@ -35,7 +35,15 @@ def test_pickle_files_are_never_accepted(tmp_path: Path) -> None:
     (tmp_path / "ck" / "model.pt").write_bytes(b"not a safetensors file")
     manifest["files"] = {"model.pt": {"sha256": "0" * 64, "bytes": 22}}
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="only safetensors"):
+    with pytest.raises(CheckpointError, match="pickle-format files are refused unread"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_a_pickle_beside_good_weights_refuses_the_folder_unread(tmp_path: Path) -> None:
+    _save(tmp_path / "ck")
+    # Not even a valid pickle: were it opened, the error would say so, not "refused unread".
+    (tmp_path / "ck" / "extra.bin").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="holds extra.bin: pickle-format files are refused unread"):
         load_checkpoint(tmp_path / "ck")
 
 

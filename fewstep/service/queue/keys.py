@@ -74,3 +74,8 @@ class Keys:
     def workers(self) -> str:
         """Sorted set: worker name → time of its last heartbeat (alive within WORKER_TTL_S)."""
         return f"{self.prefix}:workers"
+
+    @property
+    def registry_channel(self) -> str:
+        """Pub/sub channel on which pushes and rollbacks are announced to gateways and workers."""
+        return f"{self.prefix}:registry"
