@@ -149,7 +149,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics = Metrics()
     name = args.name or worker_name()
     loaded: EngineLookup | None = None
-    route: EngineLookup | None = None
+    route = None
     maintain: Callable[[], None] | None = None
     finished = None
     if settings.engine == "image":

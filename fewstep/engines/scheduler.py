@@ -98,10 +98,14 @@ class StepScheduler:
         policy: Policy = "step",
         observer: Observer | None = None,
         join_wait: float = 0.0,
+        route: Callable[[Admission], Stepper] | None = None,
     ) -> None:
+        """`engine_for(model)` gives the engine new items start on; `route(admission)`, when given,
+        replaces it per item (a canary version takes some jobs' items)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}. Given: {policy!r}")
         self.engine_for = engine_for
+        self.route = route
         self.max_batch = 1 if policy == "none" else max_batch
         self.max_wait_s = max_wait_s
         self.policy = policy
@@ -176,7 +180,7 @@ class StepScheduler:
             for a in admissions:
                 engine: Stepper | None = None
                 try:
-                    engine = self.engine_for(model)
+                    engine = self.route(a) if self.route is not None else self.engine_for(model)
                 except FewstepError as e:
                     done.append(_Running(a, Slot(item=a.item, outcome=e), None))
                     continue

@@ -213,7 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.watch_forever(stopping)  # nothing runs here: just follow the registry
             return
         lookup = engine_lookup(settings, runtime.engine_for)
-        route = engine_lookup(settings, runtime.route)
+        route = runtime.route if settings.engine == "image" else None
 
         def maintain() -> None:
             runtime.maintain([e for w in workers for e in w.scheduler.engines])

@@ -28,6 +28,7 @@ verdicts from the registry: it never loads weights.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -74,7 +75,6 @@ class Served:
     statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     pointer: str | None = None
     """The `PROMOTED` version this process last acted on."""
-    credit: float = 0.0
 
 
 class Runtime:
@@ -104,6 +104,7 @@ class Runtime:
         """Set by a push announcement: `maintain` looks at the registry without waiting for the interval."""
         self._next_look = 0.0
         self._retiring: list[tuple[str, str, ImageEngine]] = []
+        self._bad_pointers: dict[str, str] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -140,12 +141,17 @@ class Runtime:
 
     def _pointer(self, name: str) -> str | None:
         try:
-            return self.registry.promoted(name)
+            version = self.registry.promoted(name)
         except RegistryError as e:
             self._refuse_pointer(name, e)
             return None
+        self._bad_pointers.pop(name, None)
+        return version
 
     def _refuse_pointer(self, name: str, e: FewstepError) -> None:
+        if self._bad_pointers.get(name) == str(e):
+            return  # counted and logged when first seen, not at every look
+        self._bad_pointers[name] = str(e)
         self.metrics.model_refused.labels(name).inc()
         log.error("refused the pointer of %s: %s", name, e)
 
@@ -467,16 +473,20 @@ class Runtime:
         assert engine is not None
         return engine
 
-    def route(self, model: str) -> ImageEngine:
-        """The engine a new item of `model` starts on: the serving version, or the canary for its share."""
+    def route(self, model: str, job: str) -> ImageEngine:
+        """The engine a new item of `job` starts on: the canary for its share of jobs, else the serving one.
+
+        Chosen from a hash of the job id, so all items of a job (and every retry) meet one version.
+        """
         s = self.served(model)
         engine = s.engine
         c = s.canary
-        if c is not None:
-            with self._lock:
-                s.credit += self.settings.canary_fraction
-                if s.credit >= 1.0:
-                    s.credit -= 1.0
-                    engine = c.engine
+        if c is not None and _share(job) < self.settings.canary_fraction:
+            engine = c.engine
         assert engine is not None
         return engine
+
+
+def _share(key: str) -> float:
+    """A stable number in [0, 1) for `key`."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64

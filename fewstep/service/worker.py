@@ -40,6 +40,8 @@ from fewstep.service.settings import Settings
 log = logging.getLogger("fewstep.worker")
 EngineLookup = Callable[[str], Engine]
 """model name → its loaded engine; raises NotFound (unknown model) or NotReady (not loaded here)."""
+Router = Callable[[str, str], Engine]
+"""(model, job id) → the engine a new item starts on: every item of one job gets the same version."""
 Finished = Callable[[str, object, Outcome], None]
 """(model, engine, outcome) of every item the scheduler retires."""
 
@@ -78,6 +80,10 @@ def observer(metrics: Metrics | None, finished: Finished | None = None) -> Obser
     return Observer(step=step, waited=waited, finished=finished)
 
 
+def _job_of(a: Admission) -> str:
+    return a.ticket.work.job_id if isinstance(a.ticket, Delivery) else ""
+
+
 def as_stepper(engine: Engine) -> Stepper:
     if not isinstance(engine, Stepper):
         raise GenerationFailed(f"engine {engine.info.model!r} cannot be stepped (no begin/advance)")
@@ -99,11 +105,11 @@ class Worker:
         settings: Settings,
         metrics: Metrics | None = None,
         name: str | None = None,
-        route: EngineLookup | None = None,
+        route: Router | None = None,
         maintain: Callable[[], None] | None = None,
         finished: Finished | None = None,
     ) -> None:
-        """`engine_for`: the serving engine of a model; `route`: the engine a new item starts on
+        """`engine_for`: the serving engine of a model; `route`: the engine a job's new item starts on
         (the serving one or a canary; default `engine_for`); `maintain`: called between step
         boundaries, in this worker's thread (the runtime follows the registry there);
         `finished`: told each retired item's engine and outcome."""
@@ -115,14 +121,14 @@ class Worker:
         self.maintain = maintain
         self._flight: list[Delivery] = []
         self._next_reclaim = 0.0
-        pick = route or engine_for
         self.scheduler = StepScheduler(
-            lambda model: as_stepper(pick(model)),
+            lambda model: as_stepper(engine_for(model)),
             settings.max_batch_size,
             settings.batch_wait_ms / 1000.0,
             settings.batching,
             observer(metrics, finished),
             join_wait=settings.join_wait,
+            route=None if route is None else lambda a: as_stepper(route(a.model, _job_of(a))),
         )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
