@@ -43,7 +43,7 @@ def test_a_pickle_beside_good_weights_refuses_the_folder_unread(tmp_path: Path) 
     _save(tmp_path / "ck")
     # Not even a valid pickle: were it opened, the error would say so, not "refused unread".
     (tmp_path / "ck" / "extra.bin").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(CheckpointError, match="holds extra.bin: pickle-format files are refused unread"):
+    with pytest.raises(CheckpointError, match=r"holds extra\.bin: pickle-format files are refused unread"):
         load_checkpoint(tmp_path / "ck")
 
 
