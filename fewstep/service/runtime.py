@@ -44,6 +44,7 @@ from fewstep.models.text import TextEncoder
 from fewstep.service.gate import Gate, Verdict
 from fewstep.service.metrics import Metrics
 from fewstep.service.settings import Settings
+from fewstep.service.watch import announce
 
 log = logging.getLogger("fewstep.runtime")
 SERVED_KINDS = ("image",)
@@ -253,6 +254,8 @@ class Runtime:
             self.registry.record_verdict(name, version, self.flavour, verdict.record(self.flavour))
         except (OSError, RegistryError) as e:  # a read-only registry still gates, it just cannot remember
             log.warning("cannot record the verdict on %s:%s: %s", name, version, e)
+            return
+        announce(self.settings, name, version, "passed" if verdict.passed else "refused")  # gateways report it
 
     def _refused(self, served: Served, version: str, e: FewstepError) -> None:
         # Clients see the reason, not the server's filesystem layout.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from PIL import Image
 from fewstep.cli import main
 from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import RedisServer, Server, start_server, start_worker, stop_server, stop_worker
 from tests.service import versions as v
 
 MODEL = "shapes"
@@ -244,3 +246,49 @@ def test_a_canary_takes_a_share_of_jobs_then_is_promoted(tmp_path: Path, checkpo
         assert {generate(server, seed=s, steps=1)["model_version"] for s in range(300, 306)} == {"2"}
     finally:
         stop_server(server)
+
+
+# -- a worker killed while loading -------------------------------------------------------------
+CRASHER = str(Path(__file__).with_name("crash_on_load_worker.py"))
+
+
+def test_a_worker_killed_while_loading_a_new_version_restarts_serving_the_old(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    checkpoints: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    prefix = f"t{secrets.token_hex(4)}"
+    env = {
+        "FEWSTEP_REDIS_URL": redis_server.url,
+        "FEWSTEP_REDIS_PREFIX": prefix,
+        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(checkpoints),
+        "FEWSTEP_GATE_PROBE_SEEDS": "1",
+        "FEWSTEP_MAX_LOAD_ATTEMPTS": "1",
+        # No pointer polling to speak of: only the Redis announcements can make them look.
+        "FEWSTEP_WATCH_INTERVAL_S": "600",
+        "FEWSTEP_TEST_CRASH_VERSION": "2",
+    }
+    gateway = start_server(tmp_path, env)
+    workers = [start_worker(tmp_path, env, "loader", script=CRASHER)]
+    try:
+        assert generate(gateway)["model_version"] == "1"
+        for key in ("FEWSTEP_REDIS_URL", "FEWSTEP_REDIS_PREFIX"):
+            monkeypatch.setenv(key, env[key])
+        good = v.variant(checkpoints / MODEL, tmp_path / "good", v.jitter(0.05, seed=3))
+        assert main(["push", str(good), "--registry", env["FEWSTEP_REGISTRY"], "--version", "2"]) == 0
+        assert "announced to 2 subscribers" in capsys.readouterr().out  # the gateway and the worker
+        assert workers[0].proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-load
+
+        workers.append(start_worker(tmp_path, env, "loader-restarted", script=CRASHER))
+        assert generate(gateway)["model_version"] == "1"
+        why = wait_status(gateway, "2", "refused", timeout=60)
+        assert why is not None and "loads of it never finished" in why
+        assert generate(gateway, seed=8)["model_version"] == "1"
+        assert workers[1].proc.poll() is None, workers[1].output()[-3000:]
+    finally:
+        for w in workers:
+            stop_worker(w)
+        stop_server(gateway)
