@@ -54,6 +54,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = ImageRecipe.quick() if args.quick else ImageRecipe()
     recipe.seed = args.seed
     run(stages, Path(args.out), Path(args.docs), recipe, threads)
+    if args.push:
+        from fewstep.trainer.image import CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR
+
+        # Judge and teacher first: a serving process gates the student with the one and needs the other.
+        for folder in (CLASSIFIER_DIR, TEACHER_DIR, STUDENT_DIR):
+            if (Path(args.out) / folder / "manifest.json").is_file():
+                _push(Path(args.out) / folder, args.registry)
+    return 0
+
+
+def _push(folder: Path, registry_root: str | None, model: str | None = None, version: str | None = None) -> str:
+    """Publish and promote a checkpoint folder, then announce it; returns the version."""
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+    from fewstep.service.watch import announce
+
+    settings = Settings()
+    registry = Registry(Path(registry_root) if registry_root else settings.registry)
+    model, version = registry.publish(folder, model, version, promote=True)
+    heard = announce(settings, model, version, "push")
+    print(f"published {model}:{version} (promoted: {version}; announced to {heard} subscribers)", flush=True)
+    return version
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    threads = _threads(args.threads)
+    import torch
+
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+    from fewstep.trainer.companion import CompanionRecipe, run_trainer
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = Registry(Path(args.registry) if args.registry else Settings().registry)
+    recipe = CompanionRecipe(
+        pairs=args.pairs,
+        pair_sampler_steps=args.pair_sampler_steps,
+        steps=args.steps,
+        minutes=args.minutes,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    run_trainer(
+        registry,
+        args.model,
+        recipe,
+        args.rounds,
+        lambda folder: _push(folder, args.registry, args.model),
+        Path(args.work),
+    )
     return 0
 
 
@@ -216,7 +268,24 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int)
     t.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny step counts)")
+    t.add_argument("--push", action="store_true", help="publish and promote the results into the registry")
+    t.add_argument("--registry", help="registry root for --push (FEWSTEP_REGISTRY)")
     t.set_defaults(func=cmd_train)
+
+    tr = sub.add_parser("trainer", help="companion training worker: fine-tune the promoted student, push each round")
+    tr.add_argument("--model", default="shapes", help="student model in the registry")
+    tr.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until interrupted)")
+    tr.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round (push every N steps)")
+    tr.add_argument("--minutes", type=float, default=10.0, help="most minutes of training per round")
+    tr.add_argument("--pairs", type=int, default=256, help="fresh teacher ODE pairs per round")
+    tr.add_argument("--pair-sampler-steps", type=int, default=16, help="teacher sampler steps per pair")
+    tr.add_argument("--batch", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-5)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--work", default="var/trainer", help="where round checkpoints are written before the push")
+    tr.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
+    tr.add_argument("--threads", type=int)
+    tr.set_defaults(func=cmd_trainer)
 
     pu = sub.add_parser("push", help="publish a checkpoint folder into the registry")
     pu.add_argument("dir")

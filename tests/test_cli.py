@@ -10,7 +10,7 @@ from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.registry import Registry
 
 
-@pytest.mark.parametrize("command", ["serve", "worker", "train", "export", "push", "rollback", "bench"])
+@pytest.mark.parametrize("command", ["serve", "worker", "train", "export", "push", "rollback", "bench", "trainer"])
 def test_every_subcommand_has_help(command: str) -> None:
     r = subprocess.run([sys.executable, "-m", "fewstep.cli", command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: fewstep" in r.stdout

@@ -100,12 +100,17 @@ def train_student(
     batch: int,
     lr: float,
     log_every: int = 50,
+    init: torch.nn.Module | None = None,
+    deadline: float | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """Stage 1: regression on ODE pairs. Half of every batch is t = 1 (the 1-NFE map)."""
+    """Stage 1: regression on ODE pairs. Half of every batch is t = 1 (the 1-NFE map).
+
+    Starts from a copy of `init` (default: the teacher); stops early at `deadline` (time.monotonic()).
+    """
     z_all, x_all, s_all, m_all = pairs
     g = torch.Generator().manual_seed(seed + 2)
     torch.manual_seed(seed + 2)
-    student = copy.deepcopy(teacher).train()
+    student = copy.deepcopy(init if init is not None else teacher).train()
     for p in student.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
@@ -124,6 +129,8 @@ def train_student(
         opt.step()
         losses.append(loss.item())
         progress.update(loss=losses[-1])
+        if deadline is not None and time.monotonic() >= deadline:
+            break
     return student.eval(), losses
 
 
