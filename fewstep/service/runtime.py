@@ -18,9 +18,10 @@ serving thread calls `maintain()` between step boundaries, which follows the reg
   passed first and only then tries the new one, and a version with `FEWSTEP_MAX_LOAD_ATTEMPTS`
   unfinished loads is refused.
 
-Loading and swapping run in the serving thread on purpose: one OpenMP team per process (see
-`create_app`), and a swap never races a step. Other threads read the `Served` fields, which
-are replaced whole.
+A new version loads, warms up and is gated in a loader thread while the serving thread keeps
+stepping (both share the cores for those seconds: measured in bench/hotswap.py); the serving
+thread adopts the result in `maintain`, so a swap never races a step. Other threads read the
+`Served` fields, which are replaced whole. The first load at start runs in the serving thread.
 
 A gateway that only queues work (Redis mode) reads manifests only and takes the gate's
 verdicts from the registry: it never loads weights.
@@ -33,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +108,8 @@ class Runtime:
         self._next_look = 0.0
         self._retiring: list[tuple[str, str, ImageEngine]] = []
         self._bad_pointers: dict[str, str] = {}
+        self._loading: dict[str, tuple[str, Future[tuple[ImageEngine, float | None]]]] = {}
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -305,6 +309,7 @@ class Runtime:
                         self.follow(name)
                     except Exception:  # the registry is shared input: a surprise there must not stop serving
                         log.exception("following %s failed", name)
+            self._collect()
             for served in list(self.models.values()):
                 self._settle_canary(served)
         self._close_drained(in_use)
@@ -321,8 +326,8 @@ class Runtime:
             st = served.statuses.get(v)
             if st is None or st[0] == "ready":  # another process may have judged it since
                 served.statuses[v] = self._recorded_status(name, v)
-        if target is None or target == served.pointer:
-            return
+        if target is None or target == served.pointer or name in self._loading:
+            return  # a pointer that moves during a load is followed once that load ends
         if not self.run_engines and target != served.version:
             # This process routes and does not judge: it follows once the workers' gate has spoken.
             verdict = self.registry.verdict(name, target, self.flavour)
@@ -340,21 +345,52 @@ class Runtime:
             if served.canary.version == target:
                 return
             self._drop_canary(served, f"the pointer moved on to {target}")
-        try:
-            engine, accuracy = self._candidate(served, target)
-        except NotFound as e:
-            self._refuse_pointer(name, e)
+        if not self.run_engines:
+            self._adopt(served, target, *self._candidate(served, target))
             return
-        except FewstepError as e:
-            self._refused(served, target, e)
-            return
+        # Load, warm up and gate beside the serving version, off the serving thread: steps go on
+        # meanwhile (sharing the cores), and `maintain` adopts the result at a step boundary.
+        self._loading[name] = (target, self._loader.submit(self._candidate, served, target))
+
+    def _collect(self) -> None:
+        """Adopt (or refuse) the versions whose background load has ended."""
+        for name, (target, future) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[name]
+            served = self.models[name]
+            try:
+                engine, accuracy = future.result()
+            except NotFound as e:
+                served.statuses.pop(target, None)
+                self._refuse_pointer(name, e)
+                continue
+            except FewstepError as e:
+                self._refused(served, target, e)
+                continue
+            except Exception as e:  # a loader bug must not take serving down: the version just does not serve
+                log.exception("loading %s:%s failed", name, target)
+                self._refused(served, target, CheckpointError(f"load failed: {type(e).__name__}: {e}"))
+                continue
+            if self._pointer(name) != target:
+                engine.close()  # superseded while it loaded: the next look follows the new pointer
+                served.statuses[target] = self._recorded_status(name, target)
+                served.pointer = None
+                continue
+            self._adopt(served, target, engine, accuracy)
+
+    def _adopt(self, served: Served, target: str, engine: ImageEngine, accuracy: float | None) -> None:
+        """A version that passed the gate: all new items at once, or a canary share first."""
         if not self.run_engines or self.settings.canary_fraction == 0.0 or served.engine is None:
             self._serve(served, target, engine, accuracy)
             return
         served.canary = Canary(engine, target, accuracy)
         served.statuses[target] = ("canary", None)
         log.info(
-            "%s: version %s is a canary for %.0f%% of new items", name, target, 100 * self.settings.canary_fraction
+            "%s: version %s is a canary for %.0f%% of new items",
+            served.name,
+            target,
+            100 * self.settings.canary_fraction,
         )
 
     def _settle_canary(self, served: Served) -> None:
@@ -452,6 +488,7 @@ class Runtime:
         )
 
     def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
         for s in self.models.values():
             if s.engine is not None:
                 s.engine.close()
