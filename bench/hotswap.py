@@ -225,10 +225,16 @@ def report(run: dict, args: argparse.Namespace, train_s: float, tmp: Path) -> No
         )
     lines += [
         "",
-        "The new version loads, warms up and passes the gate in the worker's thread, between two step "
-        "boundaries, so the running batch pauses for that long once per switch (the `max` column); "
-        "nothing fails and no response mixes versions. A rollback re-loads a version the gate has "
-        "already passed, so it skips the probe accuracy check.",
+        f"`fewstep push` itself (a new Python process: imports, hashing, copy, fsync, rename) took "
+        f"{run['pushed'] - push_at:.2f} s of the switch time; the rest is the serving process noticing the "
+        "pointer (≤ 1 s watch interval), loading, warming up and gating the version.",
+        "",
+        "The new version loads, warms up and passes the gate (60 probe images judged by the attribute "
+        "classifier) in a loader thread while the serving thread keeps stepping; the two share the "
+        "cores for those seconds, which is the latency bump in the push window. The serving thread "
+        "adopts the version at a step boundary: no request fails and no client sees the old version "
+        "after the new one. A rollback re-loads a version the gate has already passed, so it skips "
+        "the probes' accuracy check.",
     ]
     if failed:
         lines += ["", "Failures:", "", *[f"- {r.error}" for r in failed[:20]]]
