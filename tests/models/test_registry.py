@@ -97,3 +97,30 @@ def _seed(root: Path, seeds: Path) -> list[tuple[str, str]]:
 
 def _publish(root: Path, src: Path) -> tuple[str, str]:
     return Registry(root).publish(src)
+
+
+def test_verdicts_are_kept_per_flavour_and_rollback_skips_refused_versions(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    for i in range(3):
+        reg.publish(_checkpoint(tmp_path / f"c{i}", value=float(i)), promote=True)
+    assert reg.promoted("demo") == "3" and reg.verdict("demo", "2", "torch-fp32") is None
+    reg.record_verdict("demo", "2", "torch-fp32", {"passed": False, "reason": "quality regression"})
+    assert reg.refused("demo", "2", "torch-fp32") == "quality regression"
+    assert reg.refused("demo", "2", "onnxruntime-int8") is None  # judged on one backend only
+    assert "2" in reg.versions("demo") and ".gate" not in reg.versions("demo")
+    assert reg.rollback("demo") == "1"  # 2 was refused: skipped
+    with pytest.raises(RegistryError, match="refused by the serving gate"):
+        reg.rollback("demo", to="2")
+    with pytest.raises(RegistryError, match="invalid flavour"):
+        reg.verdict("demo", "1", "../x")
+
+
+def test_unfinished_loads_count_marks_left_by_processes_that_died(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "c"))
+    first = reg.begin_load("demo", "1", "host-1/../x")  # a loader name never escapes the folder
+    assert first.parent == reg.model_dir("demo") / ".gate"
+    reg.end_load(reg.begin_load("demo", "1", "host-2"))
+    assert reg.unfinished_loads("demo", "1") == 1
+    reg.end_load(first)
+    assert reg.unfinished_loads("demo", "1") == 0
