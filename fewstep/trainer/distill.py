@@ -138,7 +138,7 @@ def train_dmd(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     bank: CaptionBank,
-    pairs: tuple[torch.Tensor, ...],
+    pairs: tuple[torch.Tensor, ...] | None,
     guidance: float,
     seed: int,
     steps: int,
@@ -147,8 +147,12 @@ def train_dmd(
     reg_weight: float = 0.5,
     log_every: int = 25,
 ) -> tuple[torch.nn.Module, dict[str, list[float]]]:
-    """Stage 2: distribution matching on the 1-NFE output plus the regression regulariser."""
-    z_all, x_all, s_all, m_all = pairs
+    """Stage 2: distribution matching on the 1-NFE output plus the regression regulariser.
+
+    `reg_weight=0` is pure DMD (mode-seeking, no anchor to the teacher's pairs; `pairs` may be None).
+    """
+    if pairs is None and reg_weight > 0:
+        raise ValueError("the regression regulariser needs ODE pairs")
     g = torch.Generator().manual_seed(seed + 3)
     student = student.train()
     fake = copy.deepcopy(teacher).train()
@@ -160,7 +164,8 @@ def train_dmd(
     curves: dict[str, list[float]] = {"dmd": [], "regression": [], "fake score": []}
     progress = Progress("dmd step", steps, log_every)
     for step in range(steps):
-        idx = torch.randint(0, len(z_all), (batch,), generator=g)
+        # Drawn first, as it always was, so that `make train` keeps reproducing the shipped student.
+        idx = torch.randint(0, len(pairs[0]), (batch,), generator=g) if pairs is not None else None
         _, _, caps = shapes.batch(seed + 4242, step, batch)
         states, mask = bank.lookup(caps)
         z = torch.randn((batch, 3, 32, 32), generator=g)
@@ -178,8 +183,12 @@ def train_dmd(
             norm = (x_gen - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
             grad = (x0_fake - x0_real) / norm
         loss_dmd = 0.5 * F.mse_loss(x_gen, (x_gen - grad).detach())
-        t_reg = _half_at_one(batch, lower, g)
-        loss_reg = _regression_loss(student, z_all[idx], x_all[idx], s_all[idx], m_all[idx], t_reg, g)
+        if pairs is not None and idx is not None and reg_weight > 0:
+            z_all, x_all, s_all, m_all = pairs
+            t_reg = _half_at_one(batch, lower, g)
+            loss_reg = _regression_loss(student, z_all[idx], x_all[idx], s_all[idx], m_all[idx], t_reg, g)
+        else:
+            loss_reg = torch.zeros(())
         opt_g.zero_grad(set_to_none=True)
         (loss_dmd + reg_weight * loss_reg).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
