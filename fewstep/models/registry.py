@@ -181,8 +181,14 @@ class Registry:
         write_json_atomic(self.model_dir(model) / POINTER, {"version": version})
 
     def rollback(self, model: str, to: str | None = None, flavour: str = "torch-fp32") -> str:
-        """Promote `to`, or the newest version older than the promoted one that the gate did not refuse."""
-        current = self.promoted(model)
+        """Promote `to`, or the newest version older than the promoted one that the gate did not refuse.
+
+        An unreadable pointer counts as none (then the newest unrefused version): rollback repairs it.
+        """
+        try:
+            current = self.promoted(model)
+        except RegistryError:
+            current = None
         versions = self.versions(model)
         if to is None:
             older = [

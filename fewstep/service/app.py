@@ -437,7 +437,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InvalidRequest("to" if to is not None and "version" in str(e) else "model", str(e)) from e
         if model not in runtime.registry.models():
             raise NotFound(f"model {model!r} not found in the registry")
-        previous = runtime.registry.promoted(model)
+        try:
+            previous = runtime.registry.promoted(model)
+        except RegistryError:
+            previous = None  # a broken pointer: the rollback repairs it
         try:
             version = await call(runtime.registry.rollback, model, to, runtime.flavour)
         except (RegistryError, CheckpointError) as e:

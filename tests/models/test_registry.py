@@ -124,3 +124,13 @@ def test_unfinished_loads_count_marks_left_by_processes_that_died(tmp_path: Path
     assert reg.unfinished_loads("demo", "1") == 1
     reg.end_load(first)
     assert reg.unfinished_loads("demo", "1") == 0
+
+
+def test_rollback_repairs_an_unreadable_pointer(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "a"))
+    reg.publish(_checkpoint(tmp_path / "b", value=2.0), promote=True)
+    (reg.model_dir("demo") / "PROMOTED").write_text('{"version": "../../etc"}')
+    with pytest.raises(RegistryError):
+        reg.promoted("demo")
+    assert reg.rollback("demo") == "2" and reg.promoted("demo") == "2"
