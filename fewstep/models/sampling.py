@@ -88,14 +88,20 @@ def advance(
     tt = torch.tensor([t.timesteps[t.k] for t in trajs])
     states = torch.stack([t.states for t in trajs])
     mask = torch.stack([t.mask for t in trajs])
-    v = torch.empty_like(x)
     by_teacher = [j for j, t in enumerate(trajs) if t.k == 0 and t.hybrid]
-    by_student = [j for j in range(len(trajs)) if j not in set(by_teacher)]
-    if by_student:
+    if by_teacher and teacher is None:
+        raise ValueError("hybrid items need a teacher")
+    if not by_teacher:
+        v = net(x, tt, states, mask)  # the common case: no gather/scatter
+    elif len(by_teacher) == len(trajs):
+        assert teacher is not None
+        v = cfg_flow(teacher.net, x, tt, states, mask, teacher.null_states, teacher.null_mask, teacher.guidance)
+    else:
+        assert teacher is not None
+        taken = set(by_teacher)
+        by_student = [j for j in range(len(trajs)) if j not in taken]
+        v = torch.empty_like(x)
         v[by_student] = net(x[by_student], tt[by_student], states[by_student], mask[by_student])
-    if by_teacher:
-        if teacher is None:
-            raise ValueError("hybrid items need a teacher")
         v[by_teacher] = cfg_flow(
             teacher.net,
             x[by_teacher],
