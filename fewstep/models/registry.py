@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,11 @@ class Registry:
         return None if v is None or v["passed"] else str(v.get("reason") or "refused")
 
     def begin_load(self, model: str, version: str, loader: str) -> Path:
-        """Mark that `loader` is loading a version; `end_load` removes the mark. A crash leaves it behind."""
+        """Mark that `loader` is loading a version; `end_load` removes the mark. A crash leaves it behind.
+
+        The loader keeps the mark fresh (`touch_load`) while it loads, so that others can tell a
+        load in progress from one whose process died (`load_marks`).
+        """
         d = self._gate_dir(model)
         d.mkdir(parents=True, exist_ok=True)
         mark = d / f"{check_name('version', version)}.loading.{_LOADER.sub('_', loader)[:80]}"
@@ -246,16 +251,30 @@ class Registry:
         return mark
 
     @staticmethod
+    def touch_load(mark: Path) -> None:
+        mark.touch(exist_ok=True)
+
+    @staticmethod
     def end_load(mark: Path) -> None:
         mark.unlink(missing_ok=True)
 
-    def unfinished_loads(self, model: str, version: str) -> int:
-        """Loads of a version that have not ended: in progress now, or cut short by their process dying."""
+    def load_marks(self, model: str, version: str, stale_s: float) -> tuple[int, int]:
+        """(dead, live): loads of a version whose mark is older than `stale_s` (their process died while
+        loading), and loads in progress now."""
         d = self._gate_dir(model)
         if not d.is_dir():
-            return 0
+            return 0, 0
         prefix = f"{check_name('version', version)}.loading."
-        return sum(1 for p in d.iterdir() if p.name.startswith(prefix))
+        now = time.time()
+        ages = []
+        for p in d.iterdir():
+            if p.name.startswith(prefix):
+                try:
+                    ages.append(now - p.stat().st_mtime)
+                except FileNotFoundError:  # its load just ended
+                    continue
+        dead = sum(1 for a in ages if a > stale_s)
+        return dead, len(ages) - dead
 
     def seed_from(self, checkpoints: Path) -> list[tuple[str, str]]:
         """Publish every checkpoint folder under `checkpoints` whose model the registry lacks."""

@@ -13,10 +13,11 @@ serving thread calls `maintain()` between step boundaries, which follows the reg
   (`FEWSTEP_CANARY_FRACTION`) until it has served `FEWSTEP_CANARY_ITEMS` with an error rate
   under `FEWSTEP_CANARY_MAX_ERROR_RATE`. Items already running finish on the engine that began
   them (the scheduler binds slots to engines); the old engine is closed once none uses it.
-- **Crashes while loading.** A load leaves a mark in the registry until it ends. A process that
-  dies mid-load leaves its mark behind; at start a process serves the newest version the gate
-  passed first and only then tries the new one, and a version with `FEWSTEP_MAX_LOAD_ATTEMPTS`
-  unfinished loads is refused.
+- **Crashes while loading.** A load keeps a mark in the registry fresh until it ends. A process
+  that dies mid-load leaves a mark that goes stale; at start a process serves the newest version
+  the gate passed first and only then tries the new one, and a version with
+  `FEWSTEP_MAX_LOAD_ATTEMPTS` stale marks is refused. While another process's mark is fresh, a
+  process waits for that load's verdict instead of gating the same version at the same time.
 
 A new version loads, warms up and is gated in a loader thread while the serving thread keeps
 stepping (both share the cores for those seconds: measured in bench/hotswap.py); the serving
@@ -50,6 +51,9 @@ from fewstep.service.watch import announce
 
 log = logging.getLogger("fewstep.runtime")
 SERVED_KINDS = ("image",)
+MARK_TOUCH_S = 1.0
+MARK_STALE_S = 5.0
+"""A load mark untouched this long belongs to a process that died while loading."""
 
 
 @dataclass
@@ -204,8 +208,13 @@ class Runtime:
         why = self.registry.refused(name, version, self.flavour)
         return ("refused", why) if why is not None else ("ready", None)
 
-    def _candidate(self, served: Served, version: str) -> tuple[ImageEngine, float | None]:
-        """A loaded, warmed and gated engine of `version`, or the FewstepError that refuses it."""
+    def _candidate(
+        self, served: Served, version: str, wait_for_others: bool = False
+    ) -> tuple[ImageEngine, float | None]:
+        """A loaded, warmed and gated engine of `version`, or the FewstepError that refuses it.
+
+        `wait_for_others`: raise `_Busy` instead of loading while another process loads it.
+        """
         name = served.name
         if (why := self.registry.refused(name, version, self.flavour)) is not None:
             raise CheckpointError(why)
@@ -221,11 +230,17 @@ class Runtime:
         if not self.run_engines:
             return engine, None
         recorded = self.registry.verdict(name, version, self.flavour)
-        if recorded is None and self.registry.unfinished_loads(name, version) >= self.settings.max_load_attempts:
-            why = f"{self.settings.max_load_attempts} loads of it never finished (their process died while loading)"
-            self._record(name, version, Verdict(False, why))
-            raise CheckpointError(why)
+        if recorded is None:
+            dead, live = self.registry.load_marks(name, version, MARK_STALE_S)
+            if dead >= self.settings.max_load_attempts:
+                why = f"{dead} loads of it never finished (their process died while loading)"
+                self._record(name, version, Verdict(False, why))
+                raise CheckpointError(why)
+            if live and wait_for_others:
+                # Another process is loading it now: its verdict (or its death) decides, not a race.
+                raise _Busy(f"{live} other loads of {name}:{version} in progress")
         mark = self.registry.begin_load(name, version, self.loader)
+        fresh = _Freshener(self.registry, mark)
         t0 = time.perf_counter()
         try:
             try:
@@ -249,6 +264,7 @@ class Runtime:
             engine.close()
             raise
         finally:
+            fresh.stop()
             self.registry.end_load(mark)
         self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - t0)
         return engine, verdict.metrics.get("joint_accuracy")
@@ -350,7 +366,7 @@ class Runtime:
             return
         # Load, warm up and gate beside the serving version, off the serving thread: steps go on
         # meanwhile (sharing the cores), and `maintain` adopts the result at a step boundary.
-        self._loading[name] = (target, self._loader.submit(self._candidate, served, target))
+        self._loading[name] = (target, self._loader.submit(self._candidate, served, target, True))
 
     def _collect(self) -> None:
         """Adopt (or refuse) the versions whose background load has ended."""
@@ -361,6 +377,10 @@ class Runtime:
             served = self.models[name]
             try:
                 engine, accuracy = future.result()
+            except _Busy:
+                served.pointer = None  # look again shortly: by then it has a verdict, or its loader is dead
+                self._next_look = min(self._next_look, time.monotonic() + MARK_TOUCH_S)
+                continue
             except NotFound as e:
                 served.statuses.pop(target, None)
                 self._refuse_pointer(name, e)
@@ -525,6 +545,30 @@ class Runtime:
             engine = c.engine
         assert engine is not None
         return engine
+
+
+class _Busy(Exception):
+    """Another process is loading this version now."""
+
+
+class _Freshener:
+    """Touches a load mark every MARK_TOUCH_S until stopped, so that others see the load is alive."""
+
+    def __init__(self, registry: Registry, mark: Path) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(registry, mark), name="load-mark", daemon=True)
+        self._thread.start()
+
+    def _run(self, registry: Registry, mark: Path) -> None:
+        while not self._done.wait(MARK_TOUCH_S):
+            try:
+                registry.touch_load(mark)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _share(key: str) -> float:

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -115,15 +116,20 @@ def test_verdicts_are_kept_per_flavour_and_rollback_skips_refused_versions(tmp_p
         reg.verdict("demo", "1", "../x")
 
 
-def test_unfinished_loads_count_marks_left_by_processes_that_died(tmp_path: Path) -> None:
+def test_load_marks_tell_dead_loads_from_live_ones(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     reg.publish(_checkpoint(tmp_path / "c"))
-    first = reg.begin_load("demo", "1", "host-1/../x")  # a loader name never escapes the folder
-    assert first.parent == reg.model_dir("demo") / ".gate"
-    reg.end_load(reg.begin_load("demo", "1", "host-2"))
-    assert reg.unfinished_loads("demo", "1") == 1
-    reg.end_load(first)
-    assert reg.unfinished_loads("demo", "1") == 0
+    dead = reg.begin_load("demo", "1", "host-1/../x")  # a loader name never escapes the folder
+    assert dead.parent == reg.model_dir("demo") / ".gate"
+    os.utime(dead, (time.time() - 60, time.time() - 60))  # its process died a minute ago
+    live = reg.begin_load("demo", "1", "host-2")
+    reg.end_load(reg.begin_load("demo", "1", "host-3"))  # a load that ended leaves nothing
+    assert reg.load_marks("demo", "1", stale_s=5.0) == (1, 1)
+    reg.touch_load(dead)  # a loader that is alive keeps its mark fresh
+    assert reg.load_marks("demo", "1", stale_s=5.0) == (0, 2)
+    reg.end_load(dead)
+    reg.end_load(live)
+    assert reg.load_marks("demo", "1", stale_s=5.0) == (0, 0)
 
 
 def test_rollback_repairs_an_unreadable_pointer(tmp_path: Path) -> None:
