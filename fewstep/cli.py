@@ -64,17 +64,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _push(folder: Path, registry_root: str | None, model: str | None = None, version: str | None = None) -> str:
-    """Publish and promote a checkpoint folder, then announce it; returns the version."""
+def _push(
+    folder: Path, registry_root: str | None, model: str | None = None, version: str | None = None, promote: bool = True
+) -> str:
+    """Publish a checkpoint folder (and promote it), announce it when it is promoted; returns the version."""
     from fewstep.models.registry import Registry
     from fewstep.service.settings import Settings
     from fewstep.service.watch import announce
 
     settings = Settings()
     registry = Registry(Path(registry_root) if registry_root else settings.registry)
-    model, version = registry.publish(folder, model, version, promote=True)
-    heard = announce(settings, model, version, "push")
-    print(f"published {model}:{version} (promoted: {version}; announced to {heard} subscribers)", flush=True)
+    model, version = registry.publish(folder, model, version, promote=promote)
+    promoted = registry.promoted(model)
+    heard = announce(settings, model, version, "push") if promoted == version else 0
+    print(f"published {model}:{version} (promoted: {promoted}; announced to {heard} subscribers)", flush=True)
     return version
 
 
@@ -110,16 +113,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from fewstep.models.registry import Registry
-    from fewstep.service.settings import Settings
-    from fewstep.service.watch import announce
-
-    settings = Settings()
-    registry = Registry(Path(args.registry) if args.registry else settings.registry)
-    model, version = registry.publish(Path(args.dir), args.model, args.version, promote=args.promote)
-    promoted = registry.promoted(model)
-    heard = announce(settings, model, version, "push") if promoted == version else 0
-    print(f"published {model}:{version} (promoted: {promoted}; announced to {heard} subscribers)")
+    _push(Path(args.dir), args.registry, args.model, args.version, args.promote)
     return 0
 
 
