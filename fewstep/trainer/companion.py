@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.errors import NotFound
+from fewstep.errors import FewstepError, NotFound
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.registry import Registry
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
@@ -142,14 +142,26 @@ def run_trainer(
     rounds: int,
     push: Callable[[Path], str],
     work: Path = Path("var/trainer"),
+    retry_s: float = 30.0,
 ) -> list[str]:
-    """Train and push `rounds` rounds (0: until interrupted); returns the versions pushed."""
+    """Train and push `rounds` rounds (0: until interrupted); returns the versions pushed.
+
+    Run forever, a round that fails (the registry briefly unreachable, a version mid-rollback) is
+    logged and tried again after `retry_s`; with a round count, the first failure is raised.
+    """
     encoder = TextEncoder()
     pushed: list[str] = []
     k = 0
     while rounds == 0 or k < rounds:
-        folder = train_round(registry, model, recipe, encoder, k, work)
-        version = push(folder)
+        try:
+            folder = train_round(registry, model, recipe, encoder, k, work)
+            version = push(folder)
+        except (FewstepError, OSError):
+            if rounds:
+                raise
+            log.exception("round %d failed; trying again in %.0f s", k, retry_s)
+            time.sleep(retry_s)
+            continue
         pushed.append(version)
         log.info("round %d pushed %s:%s", k, model, version)
         k += 1
