@@ -112,6 +112,7 @@ class Runtime:
         self._next_look = 0.0
         self._retiring: list[tuple[str, str, ImageEngine]] = []
         self._bad_pointers: dict[str, str] = {}
+        self._unserved: set[str] = set()
         self._loading: dict[str, tuple[str, Future[tuple[ImageEngine, float | None]]]] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._lock = threading.Lock()
@@ -175,6 +176,7 @@ class Runtime:
             kind = "image"
             log.warning("cannot read %s:%s manifest: %s", name, promoted, e)
         if kind not in SERVED_KINDS:
+            self._unserved.add(name)  # a judge or a teacher: read by others, never served by itself
             return
         served = Served(name=name, kind=str(kind), pointer=promoted)
         self.models[name] = served
@@ -317,12 +319,15 @@ class Runtime:
         """
         if self.loaded.is_set() and self.load_error is None:
             now = time.monotonic()
-            if self.nudged.is_set() or now >= self._next_look:
+            nudged = self.nudged.is_set()
+            if nudged or now >= self._next_look:
                 self.nudged.clear()
                 self._next_look = now + self.settings.watch_interval_s
                 for name in self.registry.models():
+                    if name in self._unserved:
+                        continue
                     try:
-                        self.follow(name)
+                        self.follow(name, recheck=nudged)
                     except Exception:  # the registry is shared input: a surprise there must not stop serving
                         log.exception("following %s failed", name)
             self._collect()
@@ -330,8 +335,12 @@ class Runtime:
                 self._settle_canary(served)
         self._close_drained(in_use)
 
-    def follow(self, name: str) -> None:
-        """Bring one model in line with its pointer (no-op when it already is)."""
+    def follow(self, name: str, recheck: bool = False) -> None:
+        """Bring one model in line with its pointer (no-op when it already is).
+
+        `recheck`: also re-read the recorded verdicts of versions shown as ready (another process
+        announced one); otherwise only new versions' records are read, to keep each look cheap.
+        """
         served = self.models.get(name)
         if served is None:
             if self.registry.versions(name):
@@ -340,7 +349,7 @@ class Runtime:
         target = self._pointer(name)
         for v in self.registry.versions(name):
             st = served.statuses.get(v)
-            if st is None or st[0] == "ready":  # another process may have judged it since
+            if st is None or (recheck and st[0] == "ready"):
                 served.statuses[v] = self._recorded_status(name, v)
         if target is None or target == served.pointer or name in self._loading:
             return  # a pointer that moves during a load is followed once that load ends
