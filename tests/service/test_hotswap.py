@@ -14,7 +14,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -102,6 +102,14 @@ def test_a_push_the_gate_refuses_never_serves(live: Server, checkpoints: Path, t
     assert generate(live)["model_version"] == "1"
     verdict = json.loads((live.registry / MODEL / ".gate" / f"{kind}@torch-fp32.json").read_text())
     assert verdict["passed"] is False and reason in verdict["reason"]
+    # A refused version cannot be brought back by a rollback either.
+    r = httpx.post(
+        live.url + f"/v1/admin/models/{MODEL}/rollback",
+        json={"to": kind},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert r.status_code == 409 and "refused by the serving gate" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))
@@ -158,23 +166,24 @@ def _reference(folder: Path, encoder: object, version: str) -> dict[int, np.ndar
     return out
 
 
-def test_push_under_load_switches_over_with_no_failed_request(
-    live: Server, checkpoints: Path, tmp_path: Path, encoder: object
-) -> None:
-    v.point(live.registry, MODEL, "1")
-    good = v.variant(checkpoints / MODEL, tmp_path / "good", v.jitter(0.05, seed=1))
-    refs = {"1": _reference(checkpoints / MODEL, encoder, "1"), "good": _reference(good, encoder, "good")}
-    assert any(np.abs(refs["1"][i].astype(int) - refs["good"][i]).max() > 8 for i in range(CLIENTS))
+def under_load(
+    url: str, refs: dict[str, dict[int, np.ndarray]], during: Callable[[], float], before_s: float = 4.0
+) -> tuple[dict[int, list[str]], list[str], float]:
+    """CLIENTS closed-loop clients for `before_s`, then `during()` (its result is returned), then 4 s more.
 
+    Each client sends one fixed (prompt, seed, steps) again and again; every response must come
+    from a version in `refs` and carry exactly that version's image (within 1). Returns each
+    client's versions in order and the failures.
+    """
     stop = threading.Event()
-    seen: dict[int, list[tuple[float, str]]] = {i: [] for i in range(CLIENTS)}
+    seen: dict[int, list[str]] = {i: [] for i in range(CLIENTS)}
     failures: list[str] = []
 
     def client(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"a {['red', 'blue'][i % 2]} square", "seed": 100 + i, "steps": 1 + i % 4}
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
-                body = {"model": MODEL, "prompt": f"a {['red', 'blue'][i % 2]} square", "seed": 100 + i}
-                r = http.post(live.url + "/v1/images/generations", json={**body, "steps": 1 + i % 4})
+                r = http.post(url + "/v1/images/generations", json=body)
                 if r.status_code != 200:
                     failures.append(f"{r.status_code} {r.text[:200]}")
                     continue
@@ -185,24 +194,40 @@ def test_push_under_load_switches_over_with_no_failed_request(
                     failures.append(f"unknown version {version!r}")
                 elif np.abs(pixels(out["data"][0]["b64_json"]).astype(int) - ref[i]).max() > 1:
                     failures.append(f"client {i}: image differs from version {version}'s")
-                seen[i].append((time.monotonic(), version))
+                seen[i].append(version)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
         t.start()
-    time.sleep(4.0)
-    pushed_at = time.monotonic()
-    assert main(["push", str(good), "--registry", str(live.registry), "--version", "good"]) == 0
-    wait_status(live, "good", "serving", timeout=30)
-    swapped_in = time.monotonic() - pushed_at
-    time.sleep(4.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        time.sleep(before_s)
+        result = during()
+        time.sleep(4.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return seen, failures, result
+
+
+def test_push_under_load_switches_over_with_no_failed_request(
+    live: Server, checkpoints: Path, tmp_path: Path, encoder: object
+) -> None:
+    v.point(live.registry, MODEL, "1")
+    good = v.variant(checkpoints / MODEL, tmp_path / "good", v.jitter(0.05, seed=1))
+    refs = {"1": _reference(checkpoints / MODEL, encoder, "1"), "good": _reference(good, encoder, "good")}
+    assert any(np.abs(refs["1"][i].astype(int) - refs["good"][i]).max() > 8 for i in range(CLIENTS))
+
+    def push() -> float:
+        pushed_at = time.monotonic()
+        assert main(["push", str(good), "--registry", str(live.registry), "--version", "good"]) == 0
+        wait_status(live, "good", "serving", timeout=30)
+        return time.monotonic() - pushed_at
+
+    seen, failures, swapped_in = under_load(live.url, refs, push)
 
     assert failures == []
-    for i, got in seen.items():
-        order = [ver for _, ver in got]
+    for i, order in seen.items():
         assert order[0] == "1" and order[-1] == "good", (i, order)
         first_new = order.index("good")
         assert set(order[first_new:]) == {"good"}, f"client {i} went back to the old version: {order}"
@@ -216,8 +241,6 @@ def test_push_under_load_switches_over_with_no_failed_request(
     assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 403
     bad = httpx.post(url, json={"to": "../1"}, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
     assert bad.status_code == 422 and "invalid version name" in bad.json()["error"]["message"]
-    refused = httpx.post(url, json={"to": "nan"}, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-    assert refused.status_code == 409 and "refused by the serving gate" in refused.json()["error"]["message"]
     t0 = time.monotonic()
     r = httpx.post(url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
     assert r.status_code == 200, r.text
@@ -288,6 +311,52 @@ def test_a_worker_killed_while_loading_a_new_version_restarts_serving_the_old(
         assert why is not None and "loads of it never finished" in why
         assert generate(gateway, seed=8)["model_version"] == "1"
         assert workers[1].proc.poll() is None, workers[1].output()[-3000:]
+    finally:
+        for w in workers:
+            stop_worker(w)
+        stop_server(gateway)
+
+
+def test_push_under_load_through_redis_with_two_workers(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    checkpoints: Path,
+    encoder: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The distributed case: each worker gates and swaps on its own; the gateway follows their verdicts."""
+    prefix = f"t{secrets.token_hex(4)}"
+    env = {
+        "FEWSTEP_REDIS_URL": redis_server.url,
+        "FEWSTEP_REDIS_PREFIX": prefix,
+        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(checkpoints),
+        "FEWSTEP_GATE_PROBE_SEEDS": "1",
+    }
+    gateway = start_server(tmp_path, env)
+    workers = [start_worker(tmp_path, env, f"w{i}", engine="image") for i in range(2)]
+    try:
+        for i in range(2):  # both workers up and serving (each request lands on whichever claims it)
+            assert generate(gateway, seed=i)["model_version"] == "1"
+        good = v.variant(checkpoints / MODEL, tmp_path / "good", v.jitter(0.05, seed=6))
+        refs = {"1": _reference(checkpoints / MODEL, encoder, "1"), "2": _reference(good, encoder, "2")}
+        for key in ("FEWSTEP_REDIS_URL", "FEWSTEP_REDIS_PREFIX"):
+            monkeypatch.setenv(key, env[key])
+
+        def push() -> float:
+            t0 = time.monotonic()
+            assert main(["push", str(good), "--registry", env["FEWSTEP_REGISTRY"], "--version", "2"]) == 0
+            wait_status(gateway, "2", "serving", timeout=60)  # the gateway follows once a worker's gate passed it
+            return time.monotonic() - t0
+
+        seen, failures, _ = under_load(gateway.url, refs, push, before_s=3.0)
+        assert failures == []
+        assert all(order[0] == "1" and order[-1] == "2" for order in seen.values()), seen
+        verdict = json.loads((tmp_path / "registry" / MODEL / ".gate" / "2@torch-fp32.json").read_text())
+        assert verdict["passed"] is True
+        assert all(w.proc.poll() is None for w in workers)
+        for w in workers:  # each worker swapped on its own and unloaded version 1 once drained
+            assert "shapes: version 2 serves new items; 1 drains" in w.output(), w.output()[-2000:]
     finally:
         for w in workers:
             stop_worker(w)
