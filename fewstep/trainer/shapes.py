@@ -117,7 +117,7 @@ def sample_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
     return scenes
 
 
-def _coverage(scene: Scene) -> np.ndarray:
+def coverage(scene: Scene) -> np.ndarray:
     """Fraction of each pixel covered by the shape, (32, 32) in [0, 1]."""
     n = SIZE * _SUPER
     coords = (np.arange(n) + 0.5) / _SUPER
@@ -142,7 +142,7 @@ def render(scenes: list[Scene], rng: np.random.Generator) -> np.ndarray:
     for i, s in enumerate(scenes):
         fg = np.clip(np.array(COLOURS[s.colour]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
         bg = np.clip(np.array(BACKGROUNDS[s.background]) + rng.uniform(-0.04, 0.04, 3), 0, 1)
-        a = _coverage(s)[None]
+        a = coverage(s)[None]
         out[i] = (a * fg[:, None, None] + (1 - a) * bg[:, None, None]) * 2.0 - 1.0
     return out
 
