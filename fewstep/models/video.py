@@ -1,0 +1,294 @@
+"""A causal video denoiser with a bounded key/value cache: the network of the streaming video models.
+
+A frame is cut into patches (tokens). Every layer lets a frame's tokens attend to:
+- the prompt's tokens, whose keys and values are computed once per prompt (`text_kv`);
+- the clean tokens of earlier frames that are still visible: the first `sink` frames (the
+  attention sink) and the last `window` frames;
+- the frame's own tokens.
+
+**Inference is frame by frame** (`denoise` then `write`). `denoise` reads the cache and
+never changes it, so a frame can take 1–4 denoising steps. `write` runs one more forward on the
+finished clean frame and stores its keys and values in the cache. The cache has a static shape,
+`sink + window` slots, preallocated: per-frame cost is flat for a stream of any length. The shape
+is fixed for ONNX too.
+
+**Training is parallel** (`forward_parallel`): a clean stream and a noisy stream of the same
+clip are processed at once, under masks that give every frame exactly what it would see at
+inference. This is teacher forcing. Run on the model's own outputs as the clean stream, it is the
+self-forcing rollout. `tests/models/test_video.py` checks that both paths give the same output.
+
+Order in time comes from a learned bias per head on each key's *age* (own frame 0, the previous
+frames 1 … window, sink frames one shared bucket). A bias, unlike a position embedding stored
+in the cached keys, stays right as the window rolls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Sizes of the network and of its cache."""
+
+    size: int = 16
+    channels: int = 3
+    patch: int = 4
+    dim: int = 64
+    heads: int = 4
+    layers: int = 3
+    text_dim: int = 384
+    sink: int = 1
+    window: int = 8
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per frame."""
+        return (self.size // self.patch) ** 2
+
+    @property
+    def ages(self) -> int:
+        """Age buckets: own frame, 1 … window frames back, sink."""
+        return self.window + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class KVCache:
+    """Clean frames' keys and values for `batch` streams: (layers, batch, heads, slots, tokens, head_dim).
+
+    Slot i < sink holds frame i; later frames go round the `window` slots after them.
+    `frame_of[b, slot]` is the frame index held (-1: empty); `written[b]` counts frames written.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    frame_of: torch.Tensor
+    written: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: VideoConfig, batch: int) -> KVCache:
+        shape = (cfg.layers, batch, cfg.heads, cfg.sink + cfg.window, cfg.tokens, cfg.dim // cfg.heads)
+        return cls(
+            torch.zeros(shape),
+            torch.zeros(shape),
+            torch.full((batch, cfg.sink + cfg.window), -1, dtype=torch.long),
+            torch.zeros(batch, dtype=torch.long),
+        )
+
+
+@dataclass
+class TextKV:
+    """The prompt's keys and values per layer, and its padding mask: computed once per prompt."""
+
+    k: torch.Tensor  # (layers, batch, heads, text_tokens, head_dim)
+    v: torch.Tensor
+    mask: torch.Tensor  # (batch, text_tokens) bool
+
+
+def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * 1000.0 * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _per_token(temb: torch.Tensor) -> torch.Tensor:
+    return temb[:, None] if temb.dim() == 2 else temb
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: VideoConfig) -> None:
+        super().__init__()
+        self.heads, self.dh = cfg.heads, cfg.dim // cfg.heads
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.text_kv = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim))
+        self.modulation = nn.Linear(cfg.dim, 4 * cfg.dim)  # shift/scale of both norms from the timestep
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) → (B, heads, N, dh)."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.dh).transpose(1, 2)
+
+    def project(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of frame tokens `x` (B, N, dim) at timestep embedding `temb`:
+        (B, dim) for one frame, or (B, N, dim) per token (a whole clip at per-frame times)."""
+        shift1, scale1, _, _ = self.modulation(_per_token(temb)).chunk(4, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        return self.split(q), self.split(k), self.split(v)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Residual update of `x` from the attention output (B, heads, N, dh)."""
+        b, _, n, _ = attended.shape
+        x = x + self.out(attended.transpose(1, 2).reshape(b, n, -1))
+        _, _, shift2, scale2 = self.modulation(_per_token(temb)).chunk(4, dim=-1)
+        return x + self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class VideoDenoiser(nn.Module):
+    """Predicts the flow velocity of a frame at time t, given the prompt and the visible clean frames."""
+
+    def __init__(self, cfg: VideoConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        pd = cfg.channels * cfg.patch * cfg.patch
+        self.patch_in = nn.Linear(pd, cfg.dim)
+        self.patch_out = nn.Linear(cfg.dim, pd)
+        self.pos = nn.Parameter(torch.randn(cfg.tokens, cfg.dim) * 0.02)
+        self.text_in = nn.Linear(cfg.text_dim, cfg.dim)
+        self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
+        self.age_bias = nn.Parameter(torch.zeros(cfg.layers, cfg.heads, cfg.ages))
+        nn.init.zeros_(self.patch_out.weight)
+        nn.init.zeros_(self.patch_out.bias)
+
+    # -- shared pieces ---------------------------------------------------------------------
+    @property
+    def _layers(self) -> list[_Block]:
+        return [cast(_Block, b) for b in self.blocks]
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, tokens, dim)."""
+        c, p = self.cfg.channels, self.cfg.patch
+        b, _, h, w = x.shape
+        patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return self.patch_in(patches) + self.pos
+
+    def _pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        c, p, s = self.cfg.channels, self.cfg.patch, self.cfg.size
+        b = tokens.shape[0]
+        g = s // p
+        patches = self.patch_out(tokens).view(b, g, g, c, p, p)
+        return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, s, s)
+
+    def _temb(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time(_timestep_embedding(t, self.cfg.dim))
+
+    def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV:
+        """Keys and values of the prompt in every layer: (B, text_tokens, text_dim) → TextKV."""
+        h = self.text_in(states)
+        ks, vs = [], []
+        for block in self._layers:
+            k, v = block.text_kv(h).chunk(2, dim=-1)
+            ks.append(block.split(k))
+            vs.append(block.split(v))
+        return TextKV(torch.stack(ks), torch.stack(vs), mask.bool())
+
+    def _age_bucket(self, age: torch.Tensor, is_sink: torch.Tensor) -> torch.Tensor:
+        """Bias index of a key `age` frames old: 0 own frame, 1 … window, window + 1 for an earlier sink frame."""
+        far = is_sink & (age > 0)
+        return torch.where(far, torch.full_like(age, self.cfg.window + 1), age.clamp(0, self.cfg.window))
+
+    # -- inference: one frame at a time ----------------------------------------------------
+    def _cached_bias(self, cache: KVCache, layer: int) -> torch.Tensor:
+        """(B, heads, 1, slots × tokens) additive bias of the cached keys for the next frame: age or -inf."""
+        cfg = self.cfg
+        frame = cache.written[:, None]  # the frame being made
+        held = cache.frame_of
+        is_sink = held < cfg.sink
+        visible = (held >= 0) & (is_sink | (frame - held <= cfg.window))
+        bucket = self._age_bucket(frame - held, is_sink)
+        bias = self.age_bias[layer][:, bucket].permute(1, 0, 2)  # (B, heads, slots)
+        bias = bias.masked_fill(~visible[:, None], float("-inf"))
+        return bias.repeat_interleave(cfg.tokens, dim=-1)[:, :, None]
+
+    def _step(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        cfg = self.cfg
+        b = x.shape[0]
+        h = self._tokens(x)
+        temb = self._temb(t)
+        own: list[tuple[torch.Tensor, torch.Tensor]] = []
+        text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
+        own_bias = torch.zeros(b, 1, 1, cfg.tokens)
+        for i, block in enumerate(self._layers):
+            q, k, v = block.project(h, temb)
+            own.append((k, v))
+            ck = cache.k[i].reshape(b, cfg.heads, -1, block.dh)
+            cv = cache.v[i].reshape(b, cfg.heads, -1, block.dh)
+            keys = torch.cat([text.k[i], ck, k], dim=2)
+            values = torch.cat([text.v[i], cv, v], dim=2)
+            bias = torch.cat(
+                [
+                    text_bias.expand(b, cfg.heads, 1, -1),
+                    self._cached_bias(cache, i),
+                    (own_bias + self.age_bias[i][:, 0].view(1, -1, 1, 1)).expand(b, cfg.heads, 1, -1),
+                ],
+                dim=-1,
+            )
+            h = block.finish(h, F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), temb)
+        return self._pixels(h), own
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor:
+        """Velocity for the next frame of each stream at times `t` (B,); the cache is only read."""
+        return self._step(x, t, text, cache)[0]
+
+    def write(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> None:
+        """Store the finished frame's keys and values (one forward at t = 0) and advance the streams."""
+        cfg = self.cfg
+        _, own = self._step(clean, torch.zeros(clean.shape[0]), text, cache)
+        f = cache.written
+        slot = torch.where(f < cfg.sink, f, cfg.sink + (f - cfg.sink) % cfg.window)
+        rows = torch.arange(clean.shape[0])
+        for i, (k, v) in enumerate(own):
+            cache.k[i, rows, :, slot] = k
+            cache.v[i, rows, :, slot] = v
+        cache.frame_of[rows, slot] = f
+        cache.written += 1
+
+    # -- training: a whole clip at once ----------------------------------------------------
+    def forward_parallel(
+        self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Velocities for every noisy frame (B, F, C, H, W) at per-frame times `t` (B, F), each frame seeing
+        the clean frames before it exactly as frame-by-frame inference would."""
+        cfg = self.cfg
+        b, nf = clean.shape[:2]
+        n = cfg.tokens
+        text = self.text_kv(states, mask)
+        hc = self._tokens(clean.flatten(0, 1)).view(b, nf * n, -1)
+        hn = self._tokens(noisy.flatten(0, 1)).view(b, nf * n, -1)
+        tc = self._temb(torch.zeros(b * nf)).view(b, nf, -1).repeat_interleave(n, dim=1)
+        tn = self._temb(t.flatten()).view(b, nf, -1).repeat_interleave(n, dim=1)
+        frame = torch.arange(nf).repeat_interleave(n)
+        # Key frame j seen from query frame f: an earlier frame still in the cache, or f itself.
+        age = frame[:, None] - frame[None, :]
+        is_sink = (frame[None, :] < cfg.sink).expand(nf * n, -1)
+        earlier = (age >= 1) & (is_sink | (age <= cfg.window))
+        text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
+        for i, block in enumerate(self._layers):
+            bucket = self._age_bucket(age, is_sink)
+            ab = self.age_bias[i][:, bucket]  # (heads, Nq, Nk)
+            to_clean = ab.masked_fill(~earlier, float("-inf"))
+            own = ab.masked_fill(age != 0, float("-inf"))
+            qc, kc, vc = block.project(hc, tc)
+            qn, kn, vn = block.project(hn, tn)
+            tb = text_bias.expand(b, cfg.heads, nf * n, -1)
+            # Clean stream: text, earlier clean frames, itself (what `write` computes).
+            clean_bias = ab.masked_fill(~(earlier | (age == 0)), float("-inf"))
+            bias_c = torch.cat([tb, clean_bias[None].expand(b, -1, -1, -1)], dim=-1)
+            out_c = F.scaled_dot_product_attention(
+                qc, torch.cat([text.k[i], kc], 2), torch.cat([text.v[i], vc], 2), attn_mask=bias_c
+            )
+            # Noisy stream: text, earlier clean frames, its own noisy frame (what `denoise` computes).
+            keys = torch.cat([text.k[i], kc, kn], 2)
+            values = torch.cat([text.v[i], vc, vn], 2)
+            bias_n = torch.cat([tb, to_clean[None].expand(b, -1, -1, -1), own[None].expand(b, -1, -1, -1)], dim=-1)
+            out_n = F.scaled_dot_product_attention(qn, keys, values, attn_mask=bias_n)
+            hc = block.finish(hc, out_c, tc)
+            hn = block.finish(hn, out_n, tn)
+        return self._pixels(hn.reshape(b * nf, n, -1)).view(b, nf, cfg.channels, cfg.size, cfg.size)
