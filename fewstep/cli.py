@@ -43,11 +43,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     threads = _threads(args.threads)
-    if args.what != "image":
-        print(
-            f"fewstep train: `{args.what}` has no trainer yet (the video student arrives with issue 5)", file=sys.stderr
-        )
-        return 2
+    if args.what == "video":
+        from fewstep.trainer import video
+
+        stages = args.stages.split(",") if args.stages else list(video.STAGES)
+        vrecipe = video.VideoRecipe.quick() if args.quick else video.VideoRecipe()
+        vrecipe.seed = args.seed
+        video.run(stages, Path(args.out), vrecipe, threads)
+        return 0
     from fewstep.trainer.image import STAGES, ImageRecipe, run
 
     stages = args.stages.split(",") if args.stages else list(STAGES)
@@ -256,7 +259,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train reference models into checkpoint folders")
     t.add_argument("what", choices=["image", "video"])
-    t.add_argument("--stages", help="comma-separated subset of classifier,teacher,student,evaluate")
+    t.add_argument(
+        "--stages", help="comma-separated stages (image: classifier,teacher,student,evaluate; video: teacher)"
+    )
     t.add_argument("--out", default="checkpoints", help="where checkpoint folders go")
     t.add_argument("--docs", default="docs", help="where the model card and figures go")
     t.add_argument("--seed", type=int, default=0)
