@@ -269,9 +269,9 @@ class VideoDenoiser(nn.Module):
         age = frame[:, None] - frame[None, :]
         is_sink = (frame[None, :] < cfg.sink).expand(nf * n, -1)
         earlier = (age >= 1) & (is_sink | (age <= cfg.window))
+        bucket = self._age_bucket(age, is_sink)
         text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
         for i, block in enumerate(self._layers):
-            bucket = self._age_bucket(age, is_sink)
             ab = self.age_bias[i][:, bucket]  # (heads, Nq, Nk)
             to_clean = ab.masked_fill(~earlier, float("-inf"))
             own = ab.masked_fill(age != 0, float("-inf"))
