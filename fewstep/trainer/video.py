@@ -44,6 +44,7 @@ class VideoRecipe:
 
     seed: int = 0
     size: int = 16
+    patch: int = 4
     frames: int = 12
     dim: int = 64
     heads: int = 4
@@ -64,7 +65,13 @@ class VideoRecipe:
 
     def config(self) -> VideoConfig:
         return VideoConfig(
-            size=self.size, dim=self.dim, heads=self.heads, layers=self.layers, sink=self.sink, window=self.window
+            size=self.size,
+            patch=self.patch,
+            dim=self.dim,
+            heads=self.heads,
+            layers=self.layers,
+            sink=self.sink,
+            window=self.window,
         )
 
 
