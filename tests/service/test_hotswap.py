@@ -275,6 +275,18 @@ def test_a_canary_takes_a_share_of_jobs_then_is_promoted(tmp_path: Path, checkpo
 CRASHER = str(Path(__file__).with_name("crash_on_load_worker.py"))
 
 
+def redis_env(tmp_path: Path, redis_server: RedisServer, checkpoints: Path, **extra: str) -> dict[str, str]:
+    """Settings of a gateway and its workers on the test redis-server, under a prefix of their own."""
+    return {
+        "FEWSTEP_REDIS_URL": redis_server.url,
+        "FEWSTEP_REDIS_PREFIX": f"t{secrets.token_hex(4)}",
+        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(checkpoints),
+        "FEWSTEP_GATE_PROBE_SEEDS": "1",
+        **extra,
+    }
+
+
 def test_a_worker_killed_while_loading_a_new_version_restarts_serving_the_old(
     tmp_path: Path,
     redis_server: RedisServer,
@@ -282,18 +294,15 @@ def test_a_worker_killed_while_loading_a_new_version_restarts_serving_the_old(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    prefix = f"t{secrets.token_hex(4)}"
-    env = {
-        "FEWSTEP_REDIS_URL": redis_server.url,
-        "FEWSTEP_REDIS_PREFIX": prefix,
-        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
-        "FEWSTEP_CHECKPOINTS": str(checkpoints),
-        "FEWSTEP_GATE_PROBE_SEEDS": "1",
-        "FEWSTEP_MAX_LOAD_ATTEMPTS": "1",
+    env = redis_env(
+        tmp_path,
+        redis_server,
+        checkpoints,
+        FEWSTEP_MAX_LOAD_ATTEMPTS="1",
         # No pointer polling to speak of: only the Redis announcements can make them look.
-        "FEWSTEP_WATCH_INTERVAL_S": "600",
-        "FEWSTEP_TEST_CRASH_VERSION": "2",
-    }
+        FEWSTEP_WATCH_INTERVAL_S="600",
+        FEWSTEP_TEST_CRASH_VERSION="2",
+    )
     gateway = start_server(tmp_path, env)
     workers = [start_worker(tmp_path, env, "loader", script=CRASHER)]
     try:
@@ -325,14 +334,7 @@ def test_push_under_load_through_redis_with_two_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The distributed case: each worker gates and swaps on its own; the gateway follows their verdicts."""
-    prefix = f"t{secrets.token_hex(4)}"
-    env = {
-        "FEWSTEP_REDIS_URL": redis_server.url,
-        "FEWSTEP_REDIS_PREFIX": prefix,
-        "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
-        "FEWSTEP_CHECKPOINTS": str(checkpoints),
-        "FEWSTEP_GATE_PROBE_SEEDS": "1",
-    }
+    env = redis_env(tmp_path, redis_server, checkpoints)
     gateway = start_server(tmp_path, env)
     workers = [start_worker(tmp_path, env, f"w{i}", engine="image") for i in range(2)]
     try:
