@@ -429,12 +429,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Point `model` at an older version (default: the newest older one the gate did not refuse)."""
         admins.require(authorization)
         to = body.to if body is not None else None
-        try:
-            check_name("model", model)
-            if to is not None:
-                check_name("version", to)
-        except RegistryError as e:
-            raise InvalidRequest("to" if to is not None and "version" in str(e) else "model", str(e)) from e
+        for field, kind, name in (("model", "model", model), ("to", "version", to)):
+            try:
+                if name is not None:
+                    check_name(kind, name)
+            except RegistryError as e:
+                raise InvalidRequest(field, str(e)) from e
         if model not in runtime.registry.models():
             raise NotFound(f"model {model!r} not found in the registry")
         try:
