@@ -97,7 +97,7 @@ class Gate:
     def accuracy(self, engine: ImageEngine) -> tuple[float | None, int]:
         """Joint accuracy of `engine` on the probes (None without a judge), and the number of probes.
 
-        Raises CheckpointError-like FewstepError when a probe fails or is not finite.
+        Raises FewstepError when a probe fails (a non-finite image fails inside the engine).
         """
         items, ys, yc = probe_items(self.settings.gate_probe_seeds, engine.schedule.default_steps)
         results = engine.run(items)
