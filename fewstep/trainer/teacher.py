@@ -46,6 +46,22 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + torch.cos(torch.tensor(p * torch.pi)).item())
 
 
+def drop_prompts(
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    null_states: torch.Tensor,
+    null_mask: torch.Tensor,
+    p: float,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each prompt by the empty one with probability `p`: what classifier-free guidance trains on."""
+    drop = torch.rand(states.shape[0], generator=g) < p
+    return (
+        torch.where(drop[:, None, None], null_states, states),
+        torch.where(drop[:, None], null_mask, mask),
+    )
+
+
 def train_teacher(
     config: dict,
     bank: CaptionBank,
@@ -71,9 +87,7 @@ def train_teacher(
         x0_np, _, caps = shapes.batch(seed, step, batch_size)
         x0 = torch.from_numpy(x0_np)
         states, mask = bank.lookup(caps)
-        drop = torch.rand(batch_size, generator=g) < drop_prob
-        states = torch.where(drop[:, None, None], bank.null_states, states)
-        mask = torch.where(drop[:, None], bank.null_mask, mask)
+        states, mask = drop_prompts(states, mask, bank.null_states, bank.null_mask, drop_prob, g)
         t = torch.sigmoid(torch.randn(batch_size, generator=g))
         z = torch.randn(x0.shape, generator=g)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * z

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +30,9 @@ from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser
 from fewstep.trainer import clips
+from fewstep.trainer.image import encoder_meta
 from fewstep.trainer.progress import Progress
-from fewstep.trainer.teacher import Ema, cosine_lr
+from fewstep.trainer.teacher import Ema, cosine_lr, drop_prompts
 
 STAGES = ("teacher",)
 TEACHER_DIR = "shapes-video-teacher"
@@ -91,9 +91,7 @@ def train_teacher(r: VideoRecipe, encoder: TextEncoder, log_every: int = 100) ->
         video, _, caps = clips.batch(r.seed, step, r.batch, r.frames, r.size)
         x0 = torch.from_numpy(video)
         states, mask = encoder.encode(caps)
-        drop = torch.rand(r.batch, generator=g) < r.drop_prob
-        states = torch.where(drop[:, None, None], null_states, states)
-        mask = torch.where(drop[:, None], null_mask, mask)
+        states, mask = drop_prompts(states, mask, null_states, null_mask, r.drop_prob, g)
         t = torch.sigmoid(torch.randn(r.batch, r.frames, generator=g))
         eps = torch.randn(x0.shape, generator=g)
         tb = t[..., None, None, None]
@@ -143,12 +141,6 @@ def sample_stream(
         net.write(x, null, null_cache)
         out.append(x)
     return torch.stack(out, dim=1).numpy()
-
-
-def encoder_meta() -> dict[str, Any]:
-    from fewstep.trainer.image import encoder_meta as image_encoder_meta
-
-    return image_encoder_meta()
 
 
 def stage_teacher(r: VideoRecipe, out: Path, encoder: TextEncoder) -> None:
