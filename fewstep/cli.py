@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stages = args.stages.split(",") if args.stages else list(video.STAGES)
         vrecipe = video.VideoRecipe.quick() if args.quick else video.VideoRecipe()
         vrecipe.seed = args.seed
-        video.run(stages, Path(args.out), vrecipe, threads)
+        video.run(stages, Path(args.out), Path(args.docs), vrecipe, threads)
         return 0
     from fewstep.trainer.image import STAGES, ImageRecipe, run
 
@@ -260,7 +260,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train reference models into checkpoint folders")
     t.add_argument("what", choices=["image", "video"])
     t.add_argument(
-        "--stages", help="comma-separated stages (image: classifier,teacher,student,evaluate; video: teacher)"
+        "--stages",
+        help="comma-separated stages (image: classifier,teacher,student,evaluate;"
+        " video: judge,teacher,student,evaluate)",
     )
     t.add_argument("--out", default="checkpoints", help="where checkpoint folders go")
     t.add_argument("--docs", default="docs", help="where the model card and figures go")

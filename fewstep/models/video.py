@@ -25,12 +25,15 @@ in the cached keys, stays right as the window rolls.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fewstep.models.schedules import FewStepSchedule, item_noise
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class VideoConfig:
     heads: int = 4
     layers: int = 3
     text_dim: int = 384
+    width: int = 32
     sink: int = 1
     window: int = 8
 
@@ -138,41 +142,95 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
+class _Level(nn.Module):
+    """Half the resolution: a strided convolution then a 3×3 convolution, each normed."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+            nn.GroupNorm(8, cout),
+            nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.GroupNorm(8, cout),
+            nn.SiLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.body(x))
+
+
+class _Up(nn.Module):
+    """Double the resolution, then fuse with the encoder's features at that resolution."""
+
+    def __init__(self, cin: int, cskip: int) -> None:
+        super().__init__()
+        self.up = nn.Conv2d(cin, cskip, 3, padding=1)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(2 * cskip, cskip, 3, padding=1),
+            nn.GroupNorm(8, cskip),
+            nn.SiLU(),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return cast(torch.Tensor, self.fuse(torch.cat([x, skip], dim=1)))
+
+
 class VideoDenoiser(nn.Module):
-    """Predicts the flow velocity of a frame at time t, given the prompt and the visible clean frames."""
+    """Predicts the flow velocity of a frame at time t, given the prompt and the visible clean frames.
+
+    Per frame it is a small U-Net: convolutions take the frame down by `patch` to a grid of tokens,
+    the transformer layers (the only place frames and the prompt meet) run on those tokens, and
+    convolutions bring them back up with the encoder's features at each resolution. Convolutions
+    draw crisp edges cheaply; a linear patch decoder over the same tokens learned colours and
+    backgrounds but not shapes in the same CPU budget (see `trainer/video.py`).
+    """
 
     def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
+        levels = int(math.log2(cfg.patch))
+        if 2**levels != cfg.patch or cfg.size % cfg.patch:
+            raise ValueError(f"patch must be a power of two dividing size. Given: patch={cfg.patch}, size={cfg.size}")
         self.cfg = cfg
-        pd = cfg.channels * cfg.patch * cfg.patch
-        self.patch_in = nn.Linear(pd, cfg.dim)
-        self.patch_out = nn.Linear(cfg.dim, pd)
+        widths = [cfg.width * min(2**i, 2) for i in range(levels + 1)]
+        self.conv_in = nn.Conv2d(cfg.channels, widths[0], 3, padding=1)
+        self.time_in = nn.Linear(cfg.dim, widths[0])
+        self.down = nn.ModuleList(_Level(widths[i], widths[i + 1]) for i in range(levels))
+        self.to_tokens = nn.Linear(widths[-1], cfg.dim)
+        self.from_tokens = nn.Linear(cfg.dim, widths[-1])
+        self.up = nn.ModuleList(_Up(widths[i + 1], widths[i]) for i in reversed(range(levels)))
+        self.conv_out = nn.Conv2d(widths[0], cfg.channels, 3, padding=1)
         self.pos = nn.Parameter(torch.randn(cfg.tokens, cfg.dim) * 0.02)
         self.text_in = nn.Linear(cfg.text_dim, cfg.dim)
         self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
         self.age_bias = nn.Parameter(torch.zeros(cfg.layers, cfg.heads, cfg.ages))
-        nn.init.zeros_(self.patch_out.weight)
-        nn.init.zeros_(self.patch_out.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(cast(torch.Tensor, self.conv_out.bias))
 
     # -- shared pieces ---------------------------------------------------------------------
     @property
     def _layers(self) -> list[_Block]:
         return [cast(_Block, b) for b in self.blocks]
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, tokens, dim)."""
-        c, p = self.cfg.channels, self.cfg.patch
-        b, _, h, w = x.shape
-        patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
-        return self.patch_in(patches) + self.pos
+    def _tokens(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C, H, W) frames at timestep embeddings (B, dim) → (B, tokens, dim) and the skip features."""
+        h = F.silu(self.conv_in(x) + self.time_in(temb)[:, :, None, None])
+        skips = [h]
+        for level in self.down:
+            h = level(h)
+            skips.append(h)
+        tokens = self.to_tokens(h.flatten(2).transpose(1, 2))
+        return tokens + self.pos, skips[:-1]
 
-    def _pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, p, s = self.cfg.channels, self.cfg.patch, self.cfg.size
+    def _pixels(self, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         b = tokens.shape[0]
-        g = s // p
-        patches = self.patch_out(tokens).view(b, g, g, c, p, p)
-        return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, s, s)
+        g = self.cfg.size // self.cfg.patch
+        h = self.from_tokens(tokens).transpose(1, 2).reshape(b, -1, g, g)
+        for up, skip in zip(self.up, reversed(skips), strict=True):
+            h = up(h, skip)
+        return cast(torch.Tensor, self.conv_out(h))
 
     def _temb(self, t: torch.Tensor) -> torch.Tensor:
         return self.time(_timestep_embedding(t, self.cfg.dim))
@@ -210,8 +268,8 @@ class VideoDenoiser(nn.Module):
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         cfg = self.cfg
         b = x.shape[0]
-        h = self._tokens(x)
         temb = self._temb(t)
+        h, skips = self._tokens(x, temb)
         own: list[tuple[torch.Tensor, torch.Tensor]] = []
         text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
         own_bias = torch.zeros(b, 1, 1, cfg.tokens)
@@ -231,7 +289,7 @@ class VideoDenoiser(nn.Module):
                 dim=-1,
             )
             h = block.finish(h, F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), temb)
-        return self._pixels(h), own
+        return self._pixels(h, skips), own
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor:
         """Velocity for the next frame of each stream at times `t` (B,); the cache is only read."""
@@ -260,10 +318,12 @@ class VideoDenoiser(nn.Module):
         b, nf = clean.shape[:2]
         n = cfg.tokens
         text = self.text_kv(states, mask)
-        hc = self._tokens(clean.flatten(0, 1)).view(b, nf * n, -1)
-        hn = self._tokens(noisy.flatten(0, 1)).view(b, nf * n, -1)
-        tc = self._temb(torch.zeros(b * nf)).view(b, nf, -1).repeat_interleave(n, dim=1)
-        tn = self._temb(t.flatten()).view(b, nf, -1).repeat_interleave(n, dim=1)
+        ec, en = self._temb(torch.zeros(b * nf)), self._temb(t.flatten())
+        hc = self._tokens(clean.flatten(0, 1), ec)[0].view(b, nf * n, -1)
+        hn, skips = self._tokens(noisy.flatten(0, 1), en)
+        hn = hn.view(b, nf * n, -1)
+        tc = ec.view(b, nf, -1).repeat_interleave(n, dim=1)
+        tn = en.view(b, nf, -1).repeat_interleave(n, dim=1)
         frame = torch.arange(nf).repeat_interleave(n)
         # Key frame j seen from query frame f: an earlier frame still in the cache, or f itself.
         age = frame[:, None] - frame[None, :]
@@ -291,4 +351,45 @@ class VideoDenoiser(nn.Module):
             out_n = F.scaled_dot_product_attention(qn, keys, values, attn_mask=bias_n)
             hc = block.finish(hc, out_c, tc)
             hn = block.finish(hn, out_n, tn)
-        return self._pixels(hn.reshape(b * nf, n, -1)).view(b, nf, cfg.channels, cfg.size, cfg.size)
+        return self._pixels(hn.reshape(b * nf, n, -1), skips).view(b, nf, cfg.channels, cfg.size, cfg.size)
+
+
+# -- sampling ------------------------------------------------------------------------------
+NOISE_STRIDE = 16
+"""Noise indices per frame: frame f, step k draws `item_noise(seed, f * NOISE_STRIDE + k)`."""
+
+Noise = Callable[[int, int], torch.Tensor]
+"""(frame index, step index) → the (B, C, H, W) noise a stream batch draws there."""
+
+
+def frame_noise(seeds: Sequence[int], frame: int, step: int, cfg: VideoConfig) -> torch.Tensor:
+    """(B, C, H, W) noise for step `step` of frame `frame`: a function of (seed, frame, step) only, so a
+    stream is the same whether it runs alone or batched with others, and on any backend."""
+    shape = (cfg.channels, cfg.size, cfg.size)
+    return torch.stack([item_noise(s, frame * NOISE_STRIDE + step, shape) for s in seeds])
+
+
+@torch.inference_mode()
+def student_stream(
+    net: VideoDenoiser, text: TextKV, schedule: FewStepSchedule, steps: int, frames: int, noise: Noise
+) -> torch.Tensor:
+    """(B, frames, C, H, W) in [-1, 1]: each frame in `steps` student steps (CFG is baked into a
+    student), then written to the cache. The served engine batches the same update rule across
+    sessions at step boundaries; this is the one-batch reference the trainer rolls out and judges."""
+    b = text.mask.shape[0]
+    cache = KVCache.empty(net.cfg, b)
+    ts = schedule.timesteps_for(steps)
+    out = []
+    for f in range(frames):
+        x = noise(f, 0)
+        x0 = x
+        for k, t in enumerate(ts):
+            tt = torch.full((b,), t)
+            v = net.denoise(x, tt, text, cache)
+            x0 = schedule.to_x0(v, x, tt)
+            if k + 1 < len(ts):
+                x = schedule.next_state(x0, v, x, tt, torch.full((b,), ts[k + 1]), noise(f, k + 1))
+        frame = x0.clamp(-1, 1)
+        net.write(frame, text, cache)
+        out.append(frame)
+    return torch.stack(out, dim=1)

@@ -281,12 +281,25 @@ def _update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
     write_json_atomic(folder / "manifest.json", m)
 
 
+def write_card_section(docs: Path, section: str, body: str) -> None:
+    """Put `body` into `docs/MODEL_CARD.md` between `<!-- section -->` and `<!-- /section -->`,
+    replacing what was there and leaving every other section alone (appended when new)."""
+    card = docs / "MODEL_CARD.md"
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = card.read_text() if card.exists() else "# fewstep model card\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    docs.mkdir(parents=True, exist_ok=True)
+    card.write_text(text)
+
+
 def _write_card(
     docs: Path, rows: list[Row], teacher_joint: float, real_acc: dict, real_div: float, r: Any, grid_prompts: list[str]
 ) -> None:
-    card = docs / "MODEL_CARD.md"
-    marker = "<!-- image-eval -->"
-    body = f"""{marker}
+    body = f"""
 ## Image models: `shapes` (student) and `shapes-teacher`
 
 Produced by `make train` (`fewstep train image`, seed {r.seed}); this section is rewritten by its
@@ -336,12 +349,5 @@ Training curves: ![teacher loss](teacher_loss.png) ![student loss](student_loss.
 ```json
 {json.dumps([r.__dict__ for r in rows], indent=1)}
 ```
-<!-- /image-eval -->
 """
-    if card.exists() and marker in card.read_text():
-        text = card.read_text()
-        start, end = text.index(marker), text.index("<!-- /image-eval -->") + len("<!-- /image-eval -->")
-        text = text[:start] + body.strip() + text[end:]
-    else:
-        text = "# fewstep model card\n\n" + body
-    card.write_text(text)
+    write_card_section(docs, "image-eval", body)

@@ -18,24 +18,31 @@ and the WebSocket route.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewstep.models.checkpoint import save_checkpoint
+from fewstep.models.checkpoint import WEIGHTS, load_checkpoint, read_manifest, save_checkpoint
+from fewstep.models.schedules import default_student_schedule
 from fewstep.models.text import TextEncoder
-from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser
-from fewstep.trainer import clips
+from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser, student_stream
+from fewstep.trainer import clips, video_judge
 from fewstep.trainer.image import encoder_meta
+from fewstep.trainer.plots import save_curves
 from fewstep.trainer.progress import Progress
 from fewstep.trainer.teacher import Ema, cosine_lr, drop_prompts
 
-STAGES = ("teacher",)
+STAGES = ("judge", "teacher", "student", "evaluate")
 TEACHER_DIR = "shapes-video-teacher"
+STUDENT_DIR = "shapes-video"
+FORCING_ONLY_DIR = "shapes-video-forcing-only"
+JUDGE_DIR = "shapes-video-judge"
 
 
 @dataclass
@@ -45,23 +52,50 @@ class VideoRecipe:
     seed: int = 0
     size: int = 16
     patch: int = 4
-    frames: int = 12
+    frames: int = 8
     dim: int = 64
     heads: int = 4
     layers: int = 3
+    width: int = 32
     sink: int = 1
-    window: int = 8
+    window: int = 4
     teacher_steps: int = 3000
-    batch: int = 16
+    batch: int = 24
     lr: float = 5e-4
     drop_prob: float = 0.1
     ema_decay: float = 0.999
     sampler_steps: int = 16
     guidance: float = 3.0
+    judge_steps: int = 400
+    pair_steps: int = 8
+    student_batch: int = 16
+    student_lr: float = 2e-4
+    forcing_steps: int = 400
+    self_forcing_steps: int = 300
+    default_steps: int = 2
+    eval_streams: int = 32
+    eval_frames: int = 256
 
     @classmethod
     def quick(cls) -> VideoRecipe:
-        return cls(frames=4, dim=32, heads=2, layers=1, window=2, teacher_steps=3, batch=2, sampler_steps=2)
+        return cls(
+            frames=4,
+            dim=32,
+            heads=2,
+            layers=1,
+            width=8,
+            window=2,
+            teacher_steps=3,
+            batch=2,
+            sampler_steps=2,
+            judge_steps=3,
+            pair_steps=2,
+            student_batch=2,
+            forcing_steps=2,
+            self_forcing_steps=2,
+            eval_streams=2,
+            eval_frames=20,
+        )
 
     def config(self) -> VideoConfig:
         return VideoConfig(
@@ -70,6 +104,7 @@ class VideoRecipe:
             dim=self.dim,
             heads=self.heads,
             layers=self.layers,
+            width=self.width,
             sink=self.sink,
             window=self.window,
         )
@@ -143,9 +178,156 @@ def sample_stream(
     return torch.stack(out, dim=1).numpy()
 
 
-def stage_teacher(r: VideoRecipe, out: Path, encoder: TextEncoder) -> None:
+@torch.no_grad()
+def teacher_targets(
+    teacher: VideoDenoiser,
+    context: torch.Tensor,
+    z: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    null: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """The teacher's samples from noises `z` (B, F, C, H, W): Euler on the flow ODE with CFG, every
+    frame at once, each seeing the clean frames of `context` before it. The student's targets."""
+    b, nf = z.shape[:2]
+    both_states = torch.cat([states, null[0].expand(b, -1, -1)])
+    both_mask = torch.cat([mask, null[1].expand(b, -1)])
+    both_context = torch.cat([context, context])
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    x = z
+    for k in range(steps):
+        t = torch.full((2 * b, nf), float(grid[k]))
+        v_c, v_u = teacher.forward_parallel(both_context, torch.cat([x, x]), t, both_states, both_mask).chunk(2)
+        x = x + (grid[k + 1] - grid[k]) * (v_u + guidance * (v_c - v_u))
+    return x.clamp(-1, 1)
+
+
+def _student_times(b: int, nf: int, g: torch.Generator) -> torch.Tensor:
+    """Per-frame times: half the frames at t = 1 (the 1-step map), the rest at the lower timesteps
+    of the 2–4 step schedules, which is where the re-noising sampler puts them."""
+    lower = torch.tensor(sorted({t for ts in default_student_schedule().timesteps.values() for t in ts if t < 1}))
+    t = lower[torch.randint(0, len(lower), (b, nf), generator=g)]
+    return torch.where(torch.rand(b, nf, generator=g) < 0.5, torch.ones(b, nf), t)
+
+
+def _regression(
+    student: VideoDenoiser,
+    context: torch.Tensor,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """MSE between the student's x0 estimates and the teacher's samples, every frame seeing `context`."""
+    b, nf = z.shape[:2]
+    t = _student_times(b, nf, g)
+    tb = t[..., None, None, None]
+    eps = torch.randn(x0.shape, generator=g)
+    xt = torch.where(tb >= 1.0, z, (1 - tb) * x0 + tb * eps)
+    v = student.forward_parallel(context, xt, t, states, mask)
+    return F.mse_loss(xt - tb * v, x0)
+
+
+def _rollout(
+    student: VideoDenoiser, states: torch.Tensor, mask: torch.Tensor, frames: int, g: torch.Generator
+) -> torch.Tensor:
+    """The student's own stream for these prompts, frame by frame through the cache, at a random
+    1–4 steps: the context the self-forcing stage trains on."""
+    schedule = default_student_schedule()
+    steps = int(torch.randint(1, 5, (1,), generator=g))
+    shape = (states.shape[0], student.cfg.channels, student.cfg.size, student.cfg.size)
+    student.eval()
+    with torch.no_grad():
+        text = student.text_kv(states, mask)
+        out = student_stream(student, text, schedule, steps, frames, lambda f, k: torch.randn(shape, generator=g))
+    student.train()
+    return out.clone()  # out of inference mode: autograd may keep it
+
+
+def train_student(
+    r: VideoRecipe,
+    teacher: VideoDenoiser,
+    encoder: TextEncoder,
+    init: VideoDenoiser,
+    steps: int,
+    self_forcing: bool,
+    stage: str,
+) -> tuple[VideoDenoiser, list[float]]:
+    """Regression on the teacher's samples, with each frame seeing real earlier frames (teacher forcing)
+    or, with `self_forcing`, the student's own earlier frames rolled out through its cache."""
+    g = torch.Generator().manual_seed(r.seed + (3 if self_forcing else 2))
+    torch.manual_seed(r.seed + 2)
+    student = copy.deepcopy(init).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=r.student_lr, weight_decay=0.0)
+    null = encoder.encode([""])
+    losses: list[float] = []
+    progress = Progress(f"video {stage} step", steps, 50)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = r.student_lr * cosine_lr(step, steps, warmup=min(50, steps // 10 + 1))
+        video, _, caps = clips.batch(
+            r.seed + 7, step + (10**6 if self_forcing else 0), r.student_batch, r.frames, r.size
+        )
+        states, mask = encoder.encode(caps)
+        context = _rollout(student, states, mask, r.frames, g) if self_forcing else torch.from_numpy(video)
+        z = torch.randn(context.shape, generator=g)
+        x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
+        loss = _regression(student, context, z, x0, states, mask, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        progress.update(loss=losses[-1])
+    return student.eval(), losses
+
+
+def _teacher_meta(folder: Path) -> dict[str, Any]:
+    m = read_manifest(folder)
+    return {
+        "name": m["name"],
+        "version": m.get("version"),
+        "sha256": m["files"][WEIGHTS]["sha256"],
+        "sampler": m["sampler"],
+    }
+
+
+def load_video_net(folder: Path) -> VideoDenoiser:
+    """A video network from a checkpoint folder (hash-checked), in eval mode."""
+    manifest, state = load_checkpoint(folder)
+    net = VideoDenoiser(VideoConfig(**manifest["architecture"]["config"]))
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def stage_judge(r: VideoRecipe, out: Path) -> None:
+    t0 = time.time()
+    model = video_judge.train_frame_classifier(r.seed, r.judge_steps, r.size)
+    videos, targets = video_judge.real_streams(r.seed + 1, 256, 32, r.size)
+    scores = video_judge.score_streams(model, videos, targets)
+    save_checkpoint(
+        out / JUDGE_DIR,
+        model.state_dict(),
+        {
+            "name": JUDGE_DIR,
+            "version": "1",
+            "kind": "classifier",
+            "architecture": {"class": "AttributeClassifier", "input": f"{r.size}x{r.size}"},
+            "metrics": {"real_clips": scores.window(0, 32), "real_clips_n": 256},
+            "trainer": {"steps": r.judge_steps, "seed": r.seed, "seconds": round(time.time() - t0, 1)},
+        },
+    )
+
+
+def stage_teacher(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
     t0 = time.time()
     net, losses = train_teacher(r, encoder)
+    save_curves({"flow matching": losses}, docs / "video_teacher_loss.png", "video teacher")
     save_checkpoint(
         out / TEACHER_DIR,
         net.state_dict(),
@@ -166,14 +348,63 @@ def stage_teacher(r: VideoRecipe, out: Path, encoder: TextEncoder) -> None:
     )
 
 
-def run(stages: list[str], out: Path, recipe: VideoRecipe, threads: int) -> None:
+def _student_manifest(r: VideoRecipe, name: str, kind: str, teacher: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    schedule = replace(default_student_schedule(), default_steps=r.default_steps)
+    return {
+        "name": name,
+        "version": "1",
+        "kind": kind,
+        "architecture": {"class": "VideoDenoiser", "config": r.config().to_dict()},
+        "text_encoder": encoder_meta(),
+        "native_size": f"{r.size}x{r.size}",
+        "schedule": schedule.to_dict(),
+        "teacher": _teacher_meta(teacher),
+        "trainer": {"recipe": asdict(r), **extra},
+    }
+
+
+def stage_student(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
+    """Teacher forcing from the teacher's weights, then self-forcing from there. Both are kept: the
+    teacher-forcing-only student is the ablation the model card compares against."""
+    teacher = load_video_net(out / TEACHER_DIR)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t0 = time.time()
+    forced, tf_losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, False, "teacher-forcing")
+    tf_seconds = round(time.time() - t0, 1)
+    extra = {"teacher_forcing": {"steps": r.forcing_steps, "seconds": tf_seconds}}
+    save_checkpoint(
+        out / FORCING_ONLY_DIR,
+        forced.state_dict(),
+        _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / TEACHER_DIR, extra),
+    )
+    t0 = time.time()
+    student, sf_losses = train_student(r, teacher, encoder, forced, r.self_forcing_steps, True, "self-forcing")
+    extra["self_forcing"] = {"steps": r.self_forcing_steps, "seconds": round(time.time() - t0, 1)}
+    save_checkpoint(
+        out / STUDENT_DIR, student.state_dict(), _student_manifest(r, STUDENT_DIR, "video", out / TEACHER_DIR, extra)
+    )
+    save_curves(
+        {"teacher forcing": tf_losses, "self-forcing": sf_losses}, docs / "video_student_loss.png", "video student"
+    )
+
+
+def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: int) -> None:
     torch.set_num_threads(threads)
     encoder = TextEncoder()
     for stage in stages:
         print(f"[train video] stage {stage}", flush=True)
         t0 = time.time()
-        if stage == "teacher":
-            stage_teacher(recipe, out, encoder)
+        if stage == "judge":
+            stage_judge(recipe, out)
+        elif stage == "teacher":
+            stage_teacher(recipe, out, docs, encoder)
+        elif stage == "student":
+            stage_student(recipe, out, docs, encoder)
+        elif stage == "evaluate":
+            from fewstep.trainer.video_eval import stage_evaluate
+
+            stage_evaluate(recipe, out, docs, encoder)
         else:
             raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
         print(f"[train video] stage {stage} done in {time.time() - t0:.0f}s", flush=True)

@@ -1,4 +1,4 @@
-"""`fewstep train video --quick`: a causal video teacher checkpoint that loads and streams through its cache."""
+"""`fewstep train video --quick`: every stage runs, and each checkpoint loads and streams through its cache."""
 
 from __future__ import annotations
 
@@ -9,12 +9,34 @@ import torch
 
 from fewstep.cli import main
 from fewstep.models.checkpoint import load_checkpoint
+from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.video import VideoConfig, VideoDenoiser
-from fewstep.trainer.video import TEACHER_DIR, sample_stream
+from fewstep.trainer.video import FORCING_ONLY_DIR, JUDGE_DIR, STUDENT_DIR, TEACHER_DIR, sample_stream
 
 
-def test_quick_teacher_run_writes_a_checkpoint_that_streams(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
-    assert main(["train", "video", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+def test_quick_run_writes_every_checkpoint_and_the_card_section(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    docs = tmp_path / "docs"
+    (docs).mkdir()
+    (docs / "MODEL_CARD.md").write_text("# card\n\n<!-- image-eval -->\nimage rows\n<!-- /image-eval -->\n")
+    assert main(["train", "video", "--quick", "--out", str(tmp_path), "--docs", str(docs), "--threads", "1"]) == 0
+    teacher_sha = load_checkpoint(tmp_path / TEACHER_DIR)[0]["files"]["model.safetensors"]["sha256"]
+    for folder, kind in ((STUDENT_DIR, "video"), (FORCING_ONLY_DIR, "video-ablation")):
+        manifest, _ = load_checkpoint(tmp_path / folder)
+        assert manifest["kind"] == kind and manifest["teacher"]["sha256"] == teacher_sha
+        assert FewStepSchedule.from_dict(manifest["schedule"]).steps == [1, 2, 3, 4]
+        rows = manifest["metrics"]["streams"]
+        assert [r["steps"] for r in rows] == [1, 2, 3, 4]
+        assert all(0.0 <= r["late"]["motion"] <= 1.0 for r in rows)
+    assert load_checkpoint(tmp_path / JUDGE_DIR)[0]["metrics"]["real_clips"]["colour"] > 0.0
+    card = (docs / "MODEL_CARD.md").read_text()
+    assert "image rows" in card and "<!-- video-eval -->" in card and "| self-forcing | 4 | 4 |" in card
+    for png in ("video_filmstrip.png", "video_drift.png", "video_teacher_loss.png", "video_student_loss.png"):
+        assert (docs / png).stat().st_size > 0
+
+
+def test_quick_teacher_streams_through_its_cache(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    argv = ["train", "video", "--quick", "--stages", "teacher", "--out", str(tmp_path), "--docs", str(tmp_path)]
+    assert main([*argv, "--threads", "1"]) == 0
     manifest, state = load_checkpoint(tmp_path / TEACHER_DIR)
     assert manifest["kind"] == "video-teacher" and manifest["native_size"] == "16x16"
     assert np.isfinite(manifest["trainer"]["final_loss"])

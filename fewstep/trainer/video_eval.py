@@ -1,0 +1,230 @@
+"""Evaluation of the video models over long streams, written to `docs/MODEL_CARD.md`.
+
+Every model makes `eval_streams` streams of `eval_frames` frames (256 by default) from held-out
+captions ("a video of a … that moves … …", a template never used in training), each seeded so
+that the served engine makes the very same stream. The video judge (`video_judge`) scores every
+frame: shape and colour as prompted, and motion along the prompted axis at the prompted speed,
+bounces included. Drift is the change from frames 1–16 to frames 241–256.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.models.checkpoint import load_checkpoint
+from fewstep.models.schedules import FewStepSchedule
+from fewstep.models.text import TextEncoder
+from fewstep.models.video import VideoConfig, VideoDenoiser, frame_noise, student_stream
+from fewstep.trainer import clips, video_judge
+from fewstep.trainer.classifier import AttributeClassifier
+from fewstep.trainer.evaluate import _update_metrics, write_card_section
+from fewstep.trainer.plots import save_grid
+from fewstep.trainer.video import (
+    FORCING_ONLY_DIR,
+    JUDGE_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    VideoRecipe,
+    load_video_net,
+    sample_stream,
+)
+
+WINDOW = 16
+"""Frames per reported window: the first 16 and the last 16 of a stream."""
+SEED_BASE = 5_000_000
+
+
+def load_judge(folder: Path) -> AttributeClassifier:
+    _, state = load_checkpoint(folder)
+    model = AttributeClassifier()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def eval_prompts(r: VideoRecipe) -> tuple[list[clips.Clip], list[str]]:
+    """The held-out clips every model is judged on, and their captions."""
+    rng = np.random.default_rng([r.seed, 271828])
+    targets = clips.sample_clips(rng, r.eval_streams)
+    return targets, [clips.caption(c, rng, clips.HELDOUT_TEMPLATES) for c in targets]
+
+
+def _windows(scores: video_judge.StreamScores, frames: int) -> tuple[dict[str, float], dict[str, float]]:
+    return scores.window(0, min(WINDOW, frames)), scores.window(max(0, frames - WINDOW), frames)
+
+
+def _row(name: str, steps: int, nfe: int, scores: video_judge.StreamScores, frames: int, seconds: float) -> dict:
+    early, late = _windows(scores, frames)
+    return {"model": name, "steps": steps, "nfe_per_frame": nfe, "early": early, "late": late, "seconds": seconds}
+
+
+def _fmt(row: dict) -> str:
+    e, lt = row["early"], row["late"]
+    cells = [f"{e[k]:.3f}" for k in ("shape", "colour", "joint", "motion")]
+    cells += [f"{lt[k]:.3f}" for k in ("shape", "colour", "joint", "motion")]
+    cells += [f"{(lt['joint'] - e['joint']) * 100:+.1f}", f"{(lt['motion'] - e['motion']) * 100:+.1f}"]
+    return f"| {row['model']} | {row['steps']} | {row['nfe_per_frame']} | " + " | ".join(cells) + " |"
+
+
+def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
+    judge = load_judge(out / JUDGE_DIR)
+    targets, prompts = eval_prompts(r)
+    frames, n = r.eval_frames, len(targets)
+    seeds = [SEED_BASE + i for i in range(n)]
+    states, mask = encoder.encode(prompts)
+    rows: list[dict[str, Any]] = []
+    streams: dict[str, np.ndarray] = {}
+
+    rng = np.random.default_rng([r.seed, 314159])
+    real = np.stack([clips.render(c, frames, rng, r.size) for c in targets])
+    rows.append(_row("real clips", 0, 0, video_judge.score_streams(judge, real, targets), frames, 0.0))
+
+    students: dict[str, VideoDenoiser] = {
+        "self-forcing": load_video_net(out / STUDENT_DIR),
+        "teacher forcing only": load_video_net(out / FORCING_ONLY_DIR),
+    }
+    schedule = FewStepSchedule.from_dict(json.loads((out / STUDENT_DIR / "manifest.json").read_text())["schedule"])
+    for name, net in students.items():
+        text = net.text_kv(states, mask)
+
+        def noise(f: int, k: int, cfg: VideoConfig = net.cfg) -> torch.Tensor:
+            return frame_noise(seeds, f, k, cfg)
+
+        for steps in schedule.steps:
+            t0 = time.time()
+            video = student_stream(net, text, schedule, steps, frames, noise).numpy()
+            seconds = round(time.time() - t0, 1)
+            rows.append(_row(name, steps, steps, video_judge.score_streams(judge, video, targets), frames, seconds))
+            if steps == schedule.default_steps:
+                streams[name] = video
+            print(f"  {name} {steps} steps: {rows[-1]['early']} → {rows[-1]['late']} ({seconds}s)", flush=True)
+
+    teacher = load_video_net(out / TEACHER_DIR)
+    null_states, null_mask = encoder.encode([""] * n)
+    t0 = time.time()
+    torch.manual_seed(r.seed)
+    video = sample_stream(
+        teacher,
+        teacher.text_kv(states, mask),
+        teacher.text_kv(null_states, null_mask),
+        frames,
+        seeds,
+        r.sampler_steps,
+        r.guidance,
+    )
+    rows.append(
+        _row(
+            "teacher",
+            r.sampler_steps,
+            2 * r.sampler_steps,
+            video_judge.score_streams(judge, video, targets),
+            frames,
+            round(time.time() - t0, 1),
+        )
+    )
+    streams["teacher"] = video
+
+    for name, folder in (("self-forcing", STUDENT_DIR), ("teacher forcing only", FORCING_ONLY_DIR)):
+        _update_metrics(out / folder, {"streams": [row for row in rows if row["model"] == name]})
+    _filmstrip(docs, streams, frames)
+    _drift_plot(docs, judge, streams, targets, frames)
+    _write_card(docs, r, rows, prompts, frames, n)
+
+
+def _filmstrip(docs: Path, streams: dict[str, np.ndarray], frames: int, rows: int = 3) -> None:
+    """Rows: each model on the same first `rows` streams; columns: frames 1–16, then the last 16."""
+    picked = []
+    for s in range(min(rows, len(next(iter(streams.values()))))):
+        for video in streams.values():
+            picked.append(np.concatenate([video[s, :WINDOW], video[s, max(0, frames - WINDOW) :]]))
+    save_grid(np.concatenate(picked), docs / "video_filmstrip.png", cols=2 * min(WINDOW, frames), scale=3)
+
+
+def _drift_plot(
+    docs: Path, judge: AttributeClassifier, streams: dict[str, np.ndarray], targets: list[clips.Clip], frames: int
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+    k = 8
+    for name, video in streams.items():
+        sc = video_judge.score_streams(judge, video, targets)
+        for ax, series in zip(axes, ((sc.shape & sc.colour).mean(0), sc.motion.mean(0)), strict=True):
+            smooth = np.convolve(series.astype(float), np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smooth)) + k, smooth, label=name)
+    for ax, title in zip(axes, ("joint (shape and colour) accuracy", "motion accuracy"), strict=True):
+        ax.set_xlabel("frame")
+        ax.set_title(f"{title}, running mean of {k}")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(docs / "video_drift.png")
+    plt.close(fig)
+
+
+def _write_card(docs: Path, r: VideoRecipe, rows: list[dict], prompts: list[str], frames: int, n: int) -> None:
+    late = f"{frames - WINDOW + 1}–{frames}"
+    table = "\n".join(_fmt(row) for row in rows)
+    columns = ["model", "steps", "NFE/frame", "1–16 shape", "colour", "joint", "motion", f"{late} shape", "colour"]
+    columns += ["joint", "motion", "Δ joint", "Δ motion"]
+    header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
+    body = f"""
+## Video models: `{STUDENT_DIR}` (student), `{FORCING_ONLY_DIR}` (ablation) and `{TEACHER_DIR}`
+
+Produced by `fewstep train video` (seed {r.seed}); this section is rewritten by its `evaluate` stage.
+
+**Data.** Procedural clips at {r.size}×{r.size}: one shape (circle, square, triangle, cross, radius 2–3.25 px)
+in one of five colours on a black, gray or white background, moving left, right, up or down, slowly
+(0.375 px/frame) or quickly (0.75 px/frame), bouncing off the walls. Captions name all four.
+16×16 rather than 32×32: every training step of the self-forcing stage rolls the student out frame by
+frame, and 2 CPU cores pay for a frame's tokens twice over (the network and its attention).
+
+**Network** (`models/video.py`). Per frame a small U-Net whose {r.size // r.patch}×{r.size // r.patch}
+bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads). Each layer attends to the prompt
+(keys/values computed once per prompt), to the cached clean frames in view (an attention sink of {r.sink}
+frame and a rolling window of {r.window}), and to the frame itself. The cache has a static shape, so a
+frame costs the same at frame 10 and at frame 10 000.
+
+**Training.** Teacher: flow matching with teacher forcing (each frame noised, earlier frames clean), CFG
+by prompt dropout, {r.teacher_steps} steps of {r.batch} clips × {r.frames} frames. Students start from the
+teacher and regress onto the teacher's samples ({r.pair_steps}-step Euler, CFG {r.guidance}) at the
+timesteps of the 1–4 step schedules:
+- *teacher forcing* ({r.forcing_steps} steps): each frame sees the real earlier frames;
+- *self-forcing* ({r.self_forcing_steps} more steps from the teacher-forcing student): each step first rolls the
+  student out on its own outputs through its KV cache (1–4 steps per frame, drawn per batch), and every
+  frame then sees those generated frames; the teacher's targets are computed on the same generated
+  context. This trains the student on the inputs it meets when it streams, the exposure-bias fix
+  of Self-Forcing, with the teacher's ODE as the target instead of Self-Forcing's distribution-matching
+  loss (which needs a second, online-trained score network: more than this CPU budget).
+
+**Judge** (`trainer/video_judge.py`): a frame classifier (shape, colour) trained on clip frames, and a
+centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at
+0.4–2.5 × the prompted speed and changes sign only next to a wall (a bounce).
+
+**Drift over {frames} frames.** {n} held-out prompts (e.g. {prompts[0]!r}), one seed each, the same
+seeds for every model. Accuracies over frames 1–16 and {late}; Δ in points.
+
+{header}
+{table}
+
+The teacher's NFE counts CFG's two evaluations per step. Student rows at the default step count
+({r.default_steps}) are the filmstrip's.
+
+Filmstrip (rows: the self-forcing student, the teacher-forcing-only student, the teacher, on the same
+three prompts; columns: frames 1–16, then frames {late}):
+
+![video filmstrip](video_filmstrip.png)
+
+Per-frame accuracy over the stream: ![drift](video_drift.png)
+
+Training curves: ![video teacher loss](video_teacher_loss.png) ![video student loss](video_student_loss.png)
+"""
+    write_card_section(docs, "video-eval", body)

@@ -1,0 +1,49 @@
+"""The motion judge: real clips pass through their bounces; frozen, sideways and noisy streams fail."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fewstep.trainer import clips, video_judge
+
+
+def _scores(videos: np.ndarray, targets: list[clips.Clip]) -> np.ndarray:
+    return np.stack(
+        [
+            video_judge.motion_correct(video_judge.centroids(v), c.direction, c.speed, 16)
+            for v, c in zip(videos, targets, strict=True)
+        ]
+    )
+
+
+def test_real_streams_pass_through_many_bounces() -> None:
+    videos, targets = video_judge.real_streams(3, 24, 128, 16)
+    bounces = sum(len(set(c.motion(128))) > 1 for c in targets)
+    assert bounces >= 20  # most of these streams bounce, some many times
+    assert _scores(videos, targets).mean() >= 0.97
+
+
+def test_frozen_sideways_and_noise_streams_fail() -> None:
+    videos, targets = video_judge.real_streams(4, 16, 64, 16)
+    frozen = np.repeat(videos[:, :1], 64, axis=1)
+    assert _scores(frozen, targets)[:, 1:].mean() <= 0.05
+    turned = [
+        clips.Clip(c.scene, {"left": "up", "right": "down", "up": "left", "down": "right"}[c.direction], c.speed)
+        for c in targets
+    ]
+    assert _scores(videos, turned)[:, 1:].mean() <= 0.1  # the prompt said the other axis
+    noise = np.random.default_rng(0).uniform(-1, 1, videos.shape).astype(np.float32)
+    assert _scores(noise, targets)[:, 1:].mean() <= 0.1
+
+
+def test_a_reversal_in_mid_field_is_wrong() -> None:
+    videos, targets = video_judge.real_streams(5, 64, 24, 16)
+    # A stream that has not bounced by frame 12 and is not near a wall: play it backwards from there.
+    for v, c in zip(videos, targets, strict=True):
+        track = c.track(24)[:, :2] / 2
+        if len(set(c.motion(24))) == 1 and all(3.5 < p < 12.5 for p in track[12]):
+            swapped = np.concatenate([v[:13], v[11::-1]])
+            ok = video_judge.motion_correct(video_judge.centroids(swapped), c.direction, c.speed, 16)
+            assert ok[1:12].all() and not ok[13:15].all()
+            return
+    raise AssertionError("no stream without a bounce in the sample")
