@@ -7,6 +7,8 @@ blur, so that it judges generations by what they show rather than by pixel-perfe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,16 +64,36 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1.5, 1.5)
 
 
-def train_classifier(seed: int, steps: int, batch_size: int = 128, log_every: int = 100) -> AttributeClassifier:
-    """Train on fresh procedural batches; prints progress."""
+Batches = Callable[[int, int], tuple[np.ndarray, list[shapes.Scene]]]
+"""(step, batch size) → images in [-1, 1] and the scenes they show."""
+
+
+def _images(seed: int) -> Batches:
+    def batch(step: int, n: int) -> tuple[np.ndarray, list[shapes.Scene]]:
+        x, scenes, _ = shapes.batch(seed + 7919, step, n)
+        return x, scenes
+
+    return batch
+
+
+def train_classifier(
+    seed: int,
+    steps: int,
+    batch_size: int = 128,
+    log_every: int = 100,
+    data: Batches | None = None,
+    label: str = "classifier step",
+) -> AttributeClassifier:
+    """Train on fresh procedural batches (default: still images; the video judge passes clip frames)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    progress = Progress("classifier step", steps, log_every)
+    progress = Progress(label, steps, log_every)
+    data = data or _images(seed)
     for step in range(steps):
-        x, scenes, _ = shapes.batch(seed + 7919, step, batch_size)
+        x, scenes = data(step, batch_size)
         ys, yc = (torch.from_numpy(a) for a in shapes.labels(scenes))
         ls, lc = model(_augment(torch.from_numpy(x), g))
         loss = F.cross_entropy(ls, ys) + F.cross_entropy(lc, yc)

@@ -24,12 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fewstep.trainer import clips, shapes
-from fewstep.trainer.classifier import AttributeClassifier, _augment, judge
-from fewstep.trainer.progress import Progress
+from fewstep.trainer.classifier import AttributeClassifier, judge, train_classifier
 
 SPEED_LOW, SPEED_HIGH = 0.4, 2.5
 SPAN = 2
@@ -49,25 +46,14 @@ def _frame_batch(seed: int, index: int, n: int, size: int) -> tuple[np.ndarray, 
     return frames, batch
 
 
-def train_frame_classifier(seed: int, steps: int, size: int, batch: int = 128) -> AttributeClassifier:
+def train_frame_classifier(seed: int, steps: int, size: int) -> AttributeClassifier:
     """The video judge: shape and colour from one frame."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = AttributeClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    progress = Progress("video judge step", steps, 100)
-    for step in range(steps):
-        x, batch_clips = _frame_batch(seed + 7919, step, batch, size)
-        ys, yc = (torch.from_numpy(a) for a in shapes.labels([c.scene for c in batch_clips]))
-        ls, lc = model(_augment(torch.from_numpy(x), g))
-        loss = F.cross_entropy(ls, ys) + F.cross_entropy(lc, yc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress.update(loss=loss.item())
-    return model.eval()
+
+    def frames(step: int, n: int) -> tuple[np.ndarray, list[shapes.Scene]]:
+        x, batch = _frame_batch(seed + 7919, step, n, size)
+        return x, [c.scene for c in batch]
+
+    return train_classifier(seed, steps, data=frames, label="video judge step")
 
 
 def centroids(frames: np.ndarray) -> np.ndarray:
