@@ -217,3 +217,11 @@ def quantized(exported: Registry, checkpoints: Path, encoder) -> Registry:  # ty
         quantize(exported.version_dir("shapes", "1"), precision, encoder, judge)
         quantize(exported.version_dir("shapes-teacher", "1"), precision, encoder)
     return exported
+
+
+@pytest.fixture(scope="session")
+def video_student(checkpoints: Path) -> Path:
+    """The shipped video student (`fewstep train video`)."""
+    folder = checkpoints / "shapes-video"
+    assert (folder / "manifest.json").is_file(), "run `fewstep train video` to produce checkpoints/shapes-video"
+    return folder

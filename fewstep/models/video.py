@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,36 @@ class KVCache:
             torch.zeros(batch, dtype=torch.long),
         )
 
+    def store(self, k: torch.Tensor, v: torch.Tensor, sink: int, window: int) -> None:
+        """Put a frame's keys and values (`VideoDenoiser.keys_values`) in each stream's next slot: the
+        first `sink` frames stay, later ones go round the window. Advances every stream by one frame."""
+        f = self.written
+        slot = torch.where(f < sink, f, sink + (f - sink) % window)
+        rows = torch.arange(k.shape[1])
+        for i in range(k.shape[0]):
+            self.k[i, rows, :, slot] = k[i]
+            self.v[i, rows, :, slot] = v[i]
+        self.frame_of[rows, slot] = f
+        self.written += 1
+
+    def take(self, rows: torch.Tensor) -> KVCache:
+        """A copy of streams `rows` (a batch of some sessions)."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.frame_of[rows], self.written[rows])
+
+    def put(self, rows: torch.Tensor, part: KVCache) -> None:
+        """Write back streams `rows` from `part` (what `take` gave, after `store`)."""
+        self.k[:, rows] = part.k
+        self.v[:, rows] = part.v
+        self.frame_of[rows] = part.frame_of
+        self.written[rows] = part.written
+
+    def reset(self, row: int) -> None:
+        """Empty one stream's cache (a new session in that row)."""
+        self.k[:, row] = 0.0
+        self.v[:, row] = 0.0
+        self.frame_of[row] = -1
+        self.written[row] = 0
+
 
 @dataclass
 class TextKV:
@@ -97,12 +127,34 @@ class TextKV:
     v: torch.Tensor
     mask: torch.Tensor  # (batch, text_tokens) bool
 
+    def take(self, rows: torch.Tensor) -> TextKV:
+        return TextKV(self.k[:, rows], self.v[:, rows], self.mask[rows])
+
+
+class VideoNet(Protocol):
+    """What the video engine runs: `VideoDenoiser` itself, or its exported graphs on another backend."""
+
+    cfg: VideoConfig
+
+    def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV: ...
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor: ...
+
+    def keys_values(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * 1000.0 * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d + bias) v, written out: the frame-by-frame path is exported to ONNX, and
+    torch's exporter mis-strides the output of its fused attention when the batch axis is dynamic."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias
+    return torch.matmul(torch.softmax(w, dim=-1), v)
 
 
 def _per_token(temb: torch.Tensor) -> torch.Tensor:
@@ -264,18 +316,22 @@ class VideoDenoiser(nn.Module):
         return bias.repeat_interleave(cfg.tokens, dim=-1)[:, :, None]
 
     def _step(
-        self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache, pixels: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Velocity (None without `pixels`) and this frame's keys and values in every layer."""
         cfg = self.cfg
         b = x.shape[0]
         temb = self._temb(t)
         h, skips = self._tokens(x, temb)
-        own: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ks, vs = [], []
         text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
         own_bias = torch.zeros(b, 1, 1, cfg.tokens)
         for i, block in enumerate(self._layers):
             q, k, v = block.project(h, temb)
-            own.append((k, v))
+            ks.append(k)
+            vs.append(v)
+            if not pixels and i == cfg.layers - 1:
+                break  # the last layer's keys and values are all `write` needs
             ck = cache.k[i].reshape(b, cfg.heads, -1, block.dh)
             cv = cache.v[i].reshape(b, cfg.heads, -1, block.dh)
             keys = torch.cat([text.k[i], ck, k], dim=2)
@@ -288,25 +344,24 @@ class VideoDenoiser(nn.Module):
                 ],
                 dim=-1,
             )
-            h = block.finish(h, F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), temb)
-        return self._pixels(h, skips), own
+            h = block.finish(h, _attention(q, keys, values, bias), temb)
+        return (self._pixels(h, skips) if pixels else None), torch.stack(ks), torch.stack(vs)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor:
         """Velocity for the next frame of each stream at times `t` (B,); the cache is only read."""
-        return self._step(x, t, text, cache)[0]
+        v = self._step(x, t, text, cache)[0]
+        assert v is not None
+        return v
+
+    def keys_values(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """A finished frame's keys and values in every layer, (layers, B, heads, tokens, head_dim): one
+        forward at t = 0 that stops before the last layer's attention. The cache is only read."""
+        _, k, v = self._step(clean, torch.zeros(clean.shape[0]), text, cache, pixels=False)
+        return k, v
 
     def write(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> None:
-        """Store the finished frame's keys and values (one forward at t = 0) and advance the streams."""
-        cfg = self.cfg
-        _, own = self._step(clean, torch.zeros(clean.shape[0]), text, cache)
-        f = cache.written
-        slot = torch.where(f < cfg.sink, f, cfg.sink + (f - cfg.sink) % cfg.window)
-        rows = torch.arange(clean.shape[0])
-        for i, (k, v) in enumerate(own):
-            cache.k[i, rows, :, slot] = k
-            cache.v[i, rows, :, slot] = v
-        cache.frame_of[rows, slot] = f
-        cache.written += 1
+        """Store the finished frame's keys and values and advance the streams."""
+        cache.store(*self.keys_values(clean, text, cache), sink=self.cfg.sink, window=self.cfg.window)
 
     # -- training: a whole clip at once ----------------------------------------------------
     def forward_parallel(
@@ -371,7 +426,7 @@ def frame_noise(seeds: Sequence[int], frame: int, step: int, cfg: VideoConfig) -
 
 @torch.inference_mode()
 def student_stream(
-    net: VideoDenoiser, text: TextKV, schedule: FewStepSchedule, steps: int, frames: int, noise: Noise
+    net: VideoNet, text: TextKV, schedule: FewStepSchedule, steps: int, frames: int, noise: Noise
 ) -> torch.Tensor:
     """(B, frames, C, H, W) in [-1, 1]: each frame in `steps` student steps (CFG is baked into a
     student), then written to the cache. The served engine batches the same update rule across
@@ -390,6 +445,6 @@ def student_stream(
             if k + 1 < len(ts):
                 x = schedule.next_state(x0, v, x, tt, torch.full((b,), ts[k + 1]), noise(f, k + 1))
         frame = x0.clamp(-1, 1)
-        net.write(frame, text, cache)
+        cache.store(*net.keys_values(frame, text, cache), sink=net.cfg.sink, window=net.cfg.window)
         out.append(frame)
     return torch.stack(out, dim=1)

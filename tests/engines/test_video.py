@@ -1,0 +1,151 @@
+"""The streaming video engine on the shipped video student: sessions batched at step boundaries make the
+same frames as each stream alone, rows are admitted and freed, prompts steer, and ONNX matches torch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.engines.video import VideoEngine, VideoSession
+from fewstep.errors import CheckpointError, InvalidRequest, Overloaded
+from fewstep.models.video import frame_noise, student_stream
+
+PROMPT = "a red circle moving left quickly"
+OTHER = "a blue square moving down slowly"
+
+
+@pytest.fixture(scope="module")
+def engine(video_student: Path, encoder) -> VideoEngine:  # type: ignore[no-untyped-def]
+    e = VideoEngine(video_student, encoder, capacity=3)
+    e.load()
+    return e
+
+
+def _run(engine: VideoEngine, sessions: list[VideoSession]) -> dict[int, list[np.ndarray]]:
+    """Advance `sessions` to their ends (then close them); the frames each made here, in order."""
+    out: dict[int, list[np.ndarray]] = {id(s): [] for s in sessions}
+    first = {id(s): s.frame for s in sessions}
+    while any(not s.finished for s in sessions):
+        for f in engine.advance(sessions):
+            assert f.index == first[id(f.session)] + len(out[id(f.session)])
+            out[id(f.session)].append(f.pixels)
+    for s in sessions:
+        engine.close(s)
+    return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float rounding: another batch shape may round a value to the next uint8 level."""
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def _alone(engine: VideoEngine, prompt: str, frames: int, steps: int, seed: int) -> np.ndarray:
+    s = engine.open(prompt, frames, steps, seed)
+    return np.stack(_run(engine, [s])[id(s)])
+
+
+def test_a_stream_equals_the_trainers_reference_sampler(engine: VideoEngine, encoder) -> None:  # type: ignore[no-untyped-def]
+    cfg = engine.cfg
+    frames = cfg.sink + cfg.window + 4  # past the window's roll-over
+    got = _alone(engine, PROMPT, frames, 2, 7)
+    net = engine.net
+    ref = student_stream(
+        net,
+        net.text_kv(*encoder.encode([PROMPT])),
+        engine.schedule,
+        2,
+        frames,
+        lambda f, k: frame_noise([7], f, k, cfg),
+    )
+    ref_px = ((ref[0] + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert got.shape == (frames, cfg.size, cfg.size, 3)
+    np.testing.assert_array_equal(got, ref_px)
+    assert len({f.tobytes() for f in got}) > frames // 2  # the stream moves
+
+
+def test_batched_sessions_at_different_steps_and_frames_match_each_alone(engine: VideoEngine) -> None:
+    frames = engine.cfg.sink + engine.cfg.window + 2
+    specs = [(PROMPT, frames, 1, 1), (OTHER, frames - 3, 4, 2), (PROMPT, frames, 3, 3)]
+    alone = [_alone(engine, *spec) for spec in specs]
+    a = engine.open(*specs[0])
+    b = engine.open(*specs[1])
+    out_a: list[np.ndarray] = []
+    for _ in range(5):  # a runs ahead: the others join mid-stream, at other frames and steps
+        out_a += [f.pixels for f in engine.advance([a])]
+    c = engine.open(*specs[2])
+    rest = _run(engine, [a, b, c])
+    _same(np.stack(out_a + rest[id(a)]), alone[0])
+    _same(np.stack(rest[id(b)]), alone[1])
+    _same(np.stack(rest[id(c)]), alone[2])
+    assert not np.array_equal(alone[0], alone[2][: len(alone[0])])  # different steps and seeds differ
+
+
+def test_capacity_is_enforced_and_a_closed_row_is_clean_for_the_next_session(engine: VideoEngine) -> None:
+    reference = _alone(engine, OTHER, 4, 2, 5)
+    held = [engine.open(PROMPT, 50, 1, i) for i in range(engine.capacity)]
+    with pytest.raises(Overloaded, match="video_max_sessions"):
+        engine.open(PROMPT, 4, 2, 0)
+    for _ in range(6):
+        engine.advance(held)  # fill their caches
+    engine.close(held[1])
+    assert engine.active == engine.capacity - 1
+    again = engine.open(OTHER, 4, 2, 5)  # takes the freed row, which must start empty
+    assert again.row == held[1].row
+    _same(np.stack(_run(engine, [again])[id(again)]), reference)
+    assert engine.advance([held[1]]) == []  # a closed session is never advanced
+    for s in held:
+        engine.close(s)
+    assert engine.active == 0
+
+
+def test_steps_outside_the_schedule_are_refused(engine: VideoEngine) -> None:
+    with pytest.raises(InvalidRequest, match="`steps` must be between 1 and 4. Given: 5"):
+        engine.open(PROMPT, 4, 5, 0)
+    with pytest.raises(InvalidRequest, match="`frames` must be between 1 and 16. Given: 17"):
+        engine.validate(17, 2, 0, max_frames=16)
+
+
+def test_a_new_prompt_steers_the_following_frames_only(engine: VideoEngine) -> None:
+    frames = 10
+    plain = _alone(engine, PROMPT, frames, 2, 9)
+    s = engine.open(PROMPT, frames, 2, 9)
+    got: list[np.ndarray] = []
+    while len(got) < 4:
+        got += [f.pixels for f in engine.advance([s])]
+    engine.advance([s])  # half-way through frame 4 (2 steps per frame)
+    engine.steer(s, OTHER)
+    rest = _run(engine, [s])[id(s)]
+    steered = np.stack(got + rest)
+    np.testing.assert_array_equal(steered[:5], plain[:5])  # the frame in progress keeps its prompt
+    assert not np.array_equal(steered[5:], plain[5:])
+    assert s.prompt == OTHER
+
+
+def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    from fewstep.exporters.onnx import psnr
+    from fewstep.exporters.video_onnx import ARTIFACT, export_video_onnx
+
+    folder = tmp_path / "shapes-video"
+    shutil.copytree(video_student, folder)
+    art = export_video_onnx(folder, encoder)
+    assert all(v is None or v >= 45.0 for v in art["parity"]["by_steps"].values())
+    torch_engine = VideoEngine(folder, encoder, capacity=2)
+    onnx_engine = VideoEngine(folder, encoder, capacity=2, backend="onnxruntime")
+    torch_engine.load()
+    onnx_engine.load()
+    frames = torch_engine.cfg.sink + torch_engine.cfg.window + 3
+    for steps in (1, 4):
+        a = _alone(torch_engine, PROMPT, frames, steps, 3)
+        b = _alone(onnx_engine, PROMPT, frames, steps, 3)
+        assert psnr(a, b) >= 45.0
+    # A graph that no longer matches its recorded hash is refused.
+    (folder / "video.denoise.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+        VideoEngine(folder, encoder, capacity=1, backend="onnxruntime").load()
+    assert (folder / ARTIFACT).is_file()
