@@ -105,9 +105,9 @@ def test_capacity_is_enforced_and_a_closed_row_is_clean_for_the_next_session(eng
 
 
 def test_steps_outside_the_schedule_are_refused(engine: VideoEngine) -> None:
-    with pytest.raises(InvalidRequest, match="`steps` must be between 1 and 4. Given: 5"):
+    with pytest.raises(InvalidRequest, match=r"`steps` must be between 1 and 4\. Given: 5"):
         engine.open(PROMPT, 4, 5, 0)
-    with pytest.raises(InvalidRequest, match="`frames` must be between 1 and 16. Given: 17"):
+    with pytest.raises(InvalidRequest, match=r"`frames` must be between 1 and 16\. Given: 17"):
         engine.validate(17, 2, 0, max_frames=16)
 
 
