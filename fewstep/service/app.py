@@ -66,6 +66,8 @@ from fewstep.service.schemas import (
     RollbackResponse,
 )
 from fewstep.service.settings import Settings
+from fewstep.service.video import VideoStreams
+from fewstep.service.video import install as install_video
 from fewstep.service.watch import announce, subscribe
 from fewstep.service.worker import Worker, engine_lookup, worker_name
 
@@ -231,6 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     run_engines = settings.embedded_workers > 0 and settings.engine == "image"
     runtime = Runtime(settings, metrics, run_engines=run_engines, on_loaded=start_workers, loader=worker_name())
+    videos = VideoStreams(settings, metrics, runtime.registry)
     stopping = threading.Event()
     keys = KeyRing(settings)
     admins = AdminKeys(settings)
@@ -245,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        videos.start(runtime.loaded, lambda: runtime.encoder)
         subscribe(settings, runtime.nudged, stopping)
         yield
         stopping.set()
@@ -252,10 +256,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(w.stop)
         queue.close()
         waits.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(videos.close)
         await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="fewstep", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.runtime, app.state.metrics, app.state.queue = settings, runtime, metrics, queue
+    app.state.videos = videos
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
@@ -275,6 +281,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "loading" if not runtime.loaded.is_set() else "a model has no working version"
             )
             return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        if not videos.ready:
+            return JSONResponse({"status": "not ready", "reason": "video models are loading"}, status_code=503)
         try:
             await call(queue.ping)
         except NotReady as e:
@@ -304,6 +312,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     backend=settings.backend,
                     precision=settings.precision,
                     hybrid=bool(info and info.extra.get("hybrid")),
+                )
+            )
+        for info in videos.infos():
+            cards.append(
+                ModelCard(
+                    id=info.model,
+                    created=videos.created.get(info.model, 0),
+                    kind="video",
+                    version=info.version,
+                    versions=[ModelVersion(version=info.version, status="serving", reason=None)],
+                    steps=info.steps,
+                    default_steps=info.default_steps,
+                    size=info.size,
+                    backend=info.backend,
+                    precision=info.precision,
+                    hybrid=False,
                 )
             )
         return ModelList(data=cards)
@@ -489,4 +513,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
+    install_video(app, settings, videos, keys, metrics)
     return app

@@ -49,6 +49,20 @@ def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
     return 500, {}
 
 
+WS_POLICY_VIOLATION, WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER = 1008, 1011, 1013
+
+
+def ws_close_code(exc: FewstepError) -> int:
+    """WebSocket close code for a domain error: the client's fault 1008, capacity or not yet loaded 1013,
+    the server's fault 1011 (RFC 6455 §7.4)."""
+    status, _ = http_status(exc)
+    if status in (429, 503):
+        return WS_TRY_AGAIN_LATER
+    if status < 500:
+        return WS_POLICY_VIOLATION
+    return WS_INTERNAL_ERROR
+
+
 def error_body(message: str, kind: str, param: str | None = None) -> dict[str, object]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}

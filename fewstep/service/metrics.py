@@ -84,6 +84,34 @@ class Metrics:
             buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.video_ttff = Histogram(
+            "fewstep_video_time_to_first_frame_seconds",
+            "From a video session's admission to its first frame being made.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.video_frame_seconds = Histogram(
+            "fewstep_video_frame_seconds",
+            "Per-frame latency: time between a session's consecutive frames, by model and steps.",
+            ["model", "steps"],
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.video_late_frames = Counter(
+            "fewstep_video_late_frames",
+            "Frames made later than 1 / FEWSTEP_VIDEO_TARGET_FPS after the session's previous frame.",
+            ["model"],
+            registry=r,
+        )
+        self.video_frames = Counter("fewstep_video_frames", "Video frames sent to clients.", ["model"], registry=r)
+        self.video_sessions = Gauge("fewstep_video_sessions_active", "Open video sessions.", ["model"], registry=r)
+        self.video_rejected = Counter(
+            "fewstep_video_sessions_rejected",
+            "Video sessions refused, by reason (capacity: all rows taken; invalid: a bad first message).",
+            ["reason"],
+            registry=r,
+        )
 
 
 class QueueCollector:

@@ -99,6 +99,19 @@ class Settings(BaseSettings):
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Keys for `/v1/admin/*` (rollback). Unset: the admin routes answer 403 (they are never open)."""
 
+    video_max_sessions: int = Field(4, ge=0, le=1024)
+    """Concurrent video streams per gateway process (rows of each video model's KV cache); 0 serves no video."""
+    video_max_frames: int = Field(4096, ge=1, le=1_000_000)
+    """Most frames one WebSocket stream may ask for (`frames`)."""
+    video_target_fps: float = Field(8.0, gt=0.0, le=1000.0)
+    """The frame rate streams are meant to keep up; slower frames are counted as late in the metrics."""
+    video_buffer_frames: int = Field(8, ge=1, le=1024)
+    """Frames made ahead of a client that reads slowly; beyond it its session waits (backpressure)."""
+    video_first_message_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """How long a new WebSocket may take to send its first message before it is closed (1008)."""
+    video_backend: Literal["torch", "onnxruntime"] = "torch"
+    """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
+
     log_level: str = "info"
     """Python logging level of the gateway."""
 

@@ -1,0 +1,200 @@
+"""`WS /v1/video/stream` on a real `fewstep serve` (uvicorn) with the shipped video student, driven by a
+real WebSocket client (`websockets`): exact frame counts, bad first messages, capacity, prompt changes,
+disconnects, auth and metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import Server, start_server, stop_server
+
+MODEL = "shapes-video"
+PROMPT = "a red circle moving left quickly"
+CAPACITY = 2
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory: pytest.TempPathFactory, video_student: Path) -> Iterator[Server]:
+    env = {
+        "FEWSTEP_VIDEO_MAX_SESSIONS": str(CAPACITY),
+        "FEWSTEP_VIDEO_MAX_FRAMES": "300",
+        "FEWSTEP_VIDEO_BUFFER_FRAMES": "4",
+        "FEWSTEP_API_KEYS": "video-key",
+    }
+    s = start_server(tmp_path_factory.mktemp("video"), env)
+    yield s
+    stop_server(s)
+
+
+def _ws(server: Server, key: str | None = "video-key") -> ClientConnection:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return connect(server.url.replace("http", "ws") + "/v1/video/stream", additional_headers=headers, open_timeout=10)
+
+
+def _start(ws: ClientConnection, **fields: Any) -> None:
+    ws.send(json.dumps({"model": MODEL, "prompt": PROMPT, "frames": 5, "steps": 2, "seed": 1, **fields}))
+
+
+def _frames_then_done(ws: ClientConnection) -> tuple[list[np.ndarray], dict[str, Any]]:
+    frames = []
+    while True:
+        msg = json.loads(ws.recv(timeout=30))
+        if msg["type"] == "done":
+            return frames, msg
+        assert msg["type"] == "frame" and msg["index"] == len(frames), msg
+        frames.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(msg["image"]))).convert("RGB")))
+
+
+def _closed_with(ws: ClientConnection) -> tuple[dict[str, Any], int]:
+    """The error message the server sent and the close code that followed it."""
+    msg = json.loads(ws.recv(timeout=10))
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    return msg, closed.value.rcvd.code
+
+
+def _metric(server: Server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_client_receives_exactly_n_frames_then_done(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        _start(ws, frames=12, steps=2, seed=3)
+        frames, done = _frames_then_done(ws)
+    assert len(frames) == 12 and frames[0].shape == (16, 16, 3)
+    assert done["frames"] == 12 and done["model"] == MODEL and done["seed"] == 3 and done["steps"] == 2
+    assert len({f.tobytes() for f in frames}) > 6  # it moves
+    with _ws(video_server) as ws:  # seeded: the same stream again
+        _start(ws, frames=12, steps=2, seed=3)
+        again, _ = _frames_then_done(ws)
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(frames, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("first", "names"),
+    [
+        ('{"model": "shapes-video", "frames": 4}', "`prompt`"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 301}', "`frames` must be between 1 and 300"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "steps": 5}', "`steps` must be between"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "steps": 0}', "Given: 0"),
+        ("this is not json", "JSON object"),
+        ('{"model": "no-such-model", "prompt": "a red circle", "frames": 4}', "not found"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": "many"}', "`frames` must be an integer"),
+    ],
+)
+def test_bad_first_messages_get_an_error_then_1008(video_server: Server, first: str, names: str) -> None:
+    with _ws(video_server) as ws:
+        ws.send(first)
+        msg, code = _closed_with(ws)
+    assert msg["type"] == "error" and names in msg["message"], msg
+    assert code == 1008
+    assert httpx.get(video_server.url + "/readyz").status_code == 200  # still healthy
+
+
+def test_auth_by_header_or_first_message(video_server: Server) -> None:
+    with _ws(video_server, key=None) as ws:
+        _start(ws)
+        msg, code = _closed_with(ws)
+    assert code == 1008 and "API key" in msg["message"]
+    with _ws(video_server, key=None) as ws:
+        _start(ws, frames=2, api_key="video-key")
+        frames, _ = _frames_then_done(ws)
+    assert len(frames) == 2
+    log = video_server.output()
+    assert "video-key" not in log  # the secret never reaches the log
+
+
+def test_over_capacity_gets_an_error_then_1013_and_a_freed_row_is_reused(video_server: Server) -> None:
+    rejected = _metric(video_server, "fewstep_video_sessions_rejected_total")
+    with ExitStack() as stack:
+        _hold_every_row_then_knock(video_server, stack, rejected)
+
+
+def _hold_every_row_then_knock(video_server: Server, stack: ExitStack, rejected: float) -> None:
+    holders = [stack.enter_context(_ws(video_server)) for _ in range(CAPACITY)]
+    for ws in holders:
+        _start(ws, frames=300)
+        json.loads(ws.recv(timeout=30))  # admitted and streaming (it pauses once 4 frames are unread)
+    with _ws(video_server) as ws:
+        _start(ws)
+        msg, code = _closed_with(ws)
+    assert code == 1013 and "video_max_sessions" in msg["message"]
+    assert _metric(video_server, "fewstep_video_sessions_rejected_total") == rejected + 1
+    holders[0].close()  # a client that leaves frees its row at once
+    deadline = time.monotonic() + 10
+    while _metric(video_server, 'fewstep_video_sessions_active{model="shapes-video"}') > CAPACITY - 1:
+        assert time.monotonic() < deadline, "the closed session still holds its row"
+        time.sleep(0.05)
+    with _ws(video_server) as ws:
+        _start(ws, frames=3)
+        frames, _ = _frames_then_done(ws)
+    assert len(frames) == 3
+    holders[1].close()
+
+
+def test_a_prompt_change_mid_stream_steers_the_following_frames(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        _start(ws, frames=16, seed=8, prompt="a red circle moving left quickly")
+        plain, _ = _frames_then_done(ws)
+    with _ws(video_server) as ws:
+        _start(ws, frames=16, seed=8, prompt="a red circle moving left quickly")
+        first = [json.loads(ws.recv(timeout=30)) for _ in range(2)]
+        ws.send(json.dumps({"type": "prompt", "prompt": "a blue square moving down slowly"}))
+        rest, done = _frames_then_done(ws)
+    assert [m["index"] for m in first] == [0, 1]
+    assert len(rest) == 14 and done["frames"] == 16 and done["prompt"] == "a blue square moving down slowly"
+    late = np.stack(rest[-4:]).astype(float)
+    # The new prompt's colour wins by the end: more blue than red, where the plain stream is red.
+    assert late[..., 2].mean() > late[..., 0].mean()
+    plain_late = np.stack(plain[-4:]).astype(float)
+    assert plain_late[..., 0].mean() > plain_late[..., 2].mean()
+
+
+def test_a_bad_message_mid_stream_closes_1008(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        _start(ws, frames=200)
+        json.loads(ws.recv(timeout=30))
+        ws.send(json.dumps({"type": "pause"}))
+        while True:
+            msg = json.loads(ws.recv(timeout=30))
+            if msg["type"] != "frame":
+                break
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert msg["type"] == "error" and "'type': 'prompt'" in msg["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+def test_models_and_metrics_report_video(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        _start(ws, frames=6)
+        _frames_then_done(ws)
+    models = httpx.get(video_server.url + "/v1/models", headers={"Authorization": "Bearer video-key"}).json()
+    card = next(m for m in models["data"] if m["id"] == MODEL)
+    assert card["kind"] == "video" and card["steps"] == [1, 2, 3, 4] and card["size"] == "16x16"
+    text = httpx.get(video_server.url + "/metrics").text
+    for name in (
+        "fewstep_video_time_to_first_frame_seconds_count",
+        "fewstep_video_frame_seconds_count",
+        "fewstep_video_late_frames_total",
+        "fewstep_video_sessions_active",
+        "fewstep_video_frames_total",
+    ):
+        assert name in text, name
+    assert _metric(video_server, "fewstep_video_frames_total") >= 6
