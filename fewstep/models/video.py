@@ -364,6 +364,43 @@ class VideoDenoiser(nn.Module):
         cache.store(*self.keys_values(clean, text, cache), sink=self.cfg.sink, window=self.cfg.window)
 
     # -- training: a whole clip at once ----------------------------------------------------
+    def _clip_masks(self, nf: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a clip of `nf` frames, token by token: age (query frame − key frame), which keys are earlier
+        frames still in view (the sink, or within the window), and each pair's age-bias bucket."""
+        cfg = self.cfg
+        frame = torch.arange(nf).repeat_interleave(cfg.tokens)
+        age = frame[:, None] - frame[None, :]
+        is_sink = (frame[None, :] < cfg.sink).expand(nf * cfg.tokens, -1)
+        earlier = (age >= 1) & (is_sink | (age <= cfg.window))
+        return age, earlier, self._age_bucket(age, is_sink)
+
+    def context_kv(self, clean: torch.Tensor, text: TextKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values of every layer for a clip of clean frames (B, F, C, H, W), each frame seeing the
+        earlier ones in view, as `write` would have stored them one by one: (B, heads, F × tokens, dh) each.
+        The whole history in one pass, for training, and for the no-cache baseline of `bench/video.py`."""
+        cfg = self.cfg
+        b, nf = clean.shape[:2]
+        n = cfg.tokens
+        ec = self._temb(torch.zeros(b * nf))
+        hc = self._tokens(clean.flatten(0, 1), ec)[0].view(b, nf * n, -1)
+        tc = ec.view(b, nf, -1).repeat_interleave(n, dim=1)
+        age, earlier, bucket = self._clip_masks(nf)
+        tb = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
+        ks, vs = [], []
+        for i, block in enumerate(self._layers):
+            qc, kc, vc = block.project(hc, tc)
+            ks.append(kc)
+            vs.append(vc)
+            if i == cfg.layers - 1:
+                break
+            clean_bias = self.age_bias[i][:, bucket].masked_fill(~(earlier | (age == 0)), float("-inf"))
+            bias = torch.cat([tb.expand(b, cfg.heads, nf * n, -1), clean_bias[None].expand(b, -1, -1, -1)], dim=-1)
+            out = F.scaled_dot_product_attention(
+                qc, torch.cat([text.k[i], kc], 2), torch.cat([text.v[i], vc], 2), attn_mask=bias
+            )
+            hc = block.finish(hc, out, tc)
+        return ks, vs
+
     def forward_parallel(
         self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -373,39 +410,30 @@ class VideoDenoiser(nn.Module):
         b, nf = clean.shape[:2]
         n = cfg.tokens
         text = self.text_kv(states, mask)
-        ec, en = self._temb(torch.zeros(b * nf)), self._temb(t.flatten())
-        hc = self._tokens(clean.flatten(0, 1), ec)[0].view(b, nf * n, -1)
+        kcs, vcs = self.context_kv(clean, text)
+        en = self._temb(t.flatten())
         hn, skips = self._tokens(noisy.flatten(0, 1), en)
         hn = hn.view(b, nf * n, -1)
-        tc = ec.view(b, nf, -1).repeat_interleave(n, dim=1)
         tn = en.view(b, nf, -1).repeat_interleave(n, dim=1)
-        frame = torch.arange(nf).repeat_interleave(n)
-        # Key frame j seen from query frame f: an earlier frame still in the cache, or f itself.
-        age = frame[:, None] - frame[None, :]
-        is_sink = (frame[None, :] < cfg.sink).expand(nf * n, -1)
-        earlier = (age >= 1) & (is_sink | (age <= cfg.window))
-        bucket = self._age_bucket(age, is_sink)
-        text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
+        age, earlier, bucket = self._clip_masks(nf)
+        tb = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
         for i, block in enumerate(self._layers):
             ab = self.age_bias[i][:, bucket]  # (heads, Nq, Nk)
             to_clean = ab.masked_fill(~earlier, float("-inf"))
             own = ab.masked_fill(age != 0, float("-inf"))
-            qc, kc, vc = block.project(hc, tc)
             qn, kn, vn = block.project(hn, tn)
-            tb = text_bias.expand(b, cfg.heads, nf * n, -1)
-            # Clean stream: text, earlier clean frames, itself (what `write` computes).
-            clean_bias = ab.masked_fill(~(earlier | (age == 0)), float("-inf"))
-            bias_c = torch.cat([tb, clean_bias[None].expand(b, -1, -1, -1)], dim=-1)
-            out_c = F.scaled_dot_product_attention(
-                qc, torch.cat([text.k[i], kc], 2), torch.cat([text.v[i], vc], 2), attn_mask=bias_c
+            # Text, earlier clean frames in view, and its own noisy frame (what `denoise` computes).
+            keys = torch.cat([text.k[i], kcs[i], kn], 2)
+            values = torch.cat([text.v[i], vcs[i], vn], 2)
+            bias_n = torch.cat(
+                [
+                    tb.expand(b, cfg.heads, nf * n, -1),
+                    to_clean[None].expand(b, -1, -1, -1),
+                    own[None].expand(b, -1, -1, -1),
+                ],
+                dim=-1,
             )
-            # Noisy stream: text, earlier clean frames, its own noisy frame (what `denoise` computes).
-            keys = torch.cat([text.k[i], kc, kn], 2)
-            values = torch.cat([text.v[i], vc, vn], 2)
-            bias_n = torch.cat([tb, to_clean[None].expand(b, -1, -1, -1), own[None].expand(b, -1, -1, -1)], dim=-1)
-            out_n = F.scaled_dot_product_attention(qn, keys, values, attn_mask=bias_n)
-            hc = block.finish(hc, out_c, tc)
-            hn = block.finish(hn, out_n, tn)
+            hn = block.finish(hn, F.scaled_dot_product_attention(qn, keys, values, attn_mask=bias_n), tn)
         return self._pixels(hn.reshape(b * nf, n, -1), skips).view(b, nf, cfg.channels, cfg.size, cfg.size)
 
 
