@@ -122,8 +122,10 @@ def served(args: argparse.Namespace) -> list[dict]:
         "FEWSTEP_VIDEO_MAX_SESSIONS": "4",
         "FEWSTEP_EMBEDDED_WORKERS": "0",  # nothing else shares the cores
     }
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp, stdout=log, stderr=log)
+    with open(tmp / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -178,7 +180,6 @@ def served(args: argparse.Namespace) -> list[dict]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
 
 
 def main() -> None:
