@@ -33,6 +33,7 @@ test: $(BIN)/fewstep redis
 
 train: $(BIN)/fewstep
 	$(BIN)/fewstep train image
+	$(BIN)/fewstep train video
 
 bench: $(BIN)/fewstep
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
