@@ -7,15 +7,28 @@ from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.schedules import FewStepSchedule
 
 
-def test_every_shipped_checkpoint_verifies_and_all_fit_in_20_mb(checkpoints: Path) -> None:
+SHIPPED = [
+    "shapes",
+    "shapes-classifier",
+    "shapes-teacher",
+    "shapes-video",
+    "shapes-video-forcing-only",
+    "shapes-video-judge",
+    "shapes-video-teacher",
+]
+
+
+def test_every_shipped_checkpoint_verifies_each_under_8_mb_all_under_24_mb(checkpoints: Path) -> None:
     folders = sorted(p for p in checkpoints.iterdir() if (p / "manifest.json").is_file())
-    assert [p.name for p in folders] == ["shapes", "shapes-classifier", "shapes-teacher"]
+    assert [p.name for p in folders] == SHIPPED
     total = 0
     for folder in folders:
         manifest, state = load_checkpoint(folder)
         assert state
-        total += sum(f["bytes"] for f in manifest["files"].values())
-    assert total <= 20 * 1024 * 1024
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        assert size <= 8 * 1024 * 1024, folder.name
+        total += size
+    assert total <= 24 * 1024 * 1024
 
 
 def test_student_serves_one_to_four_steps_and_records_its_teacher(checkpoints: Path) -> None:

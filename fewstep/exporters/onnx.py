@@ -107,7 +107,6 @@ def export_onnx(folder: Path, encoder: TextEncoder, precision: str = "fp32") -> 
         )
         os.replace(tmp_path, target)
     import onnx
-    import onnxruntime
 
     graph = onnx.load(str(target), load_external_data=False)
     art = {
@@ -125,16 +124,26 @@ def export_onnx(folder: Path, encoder: TextEncoder, precision: str = "fp32") -> 
         "outputs": {"v": {"dtype": "float32", "shape": ["batch", in_ch, size, size]}},
         "sha256": sha256_file(target),
         "bytes": target.stat().st_size,
+        **provenance(manifest),
+        "parity": parity,
+    }
+    write_json_atomic(folder / (target.name + ".json"), art)
+    return art
+
+
+def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What an artifact was made from (the checkpoint's weights, by sha256) and with which tools."""
+    import onnx
+    import onnxruntime
+
+    return {
         "source": {
             "name": manifest["name"],
             "version": manifest.get("version"),
             "sha256": manifest["files"]["model.safetensors"]["sha256"],
         },
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "parity": parity,
     }
-    write_json_atomic(folder / (target.name + ".json"), art)
-    return art
 
 
 def _ort_denoiser(path: Path) -> Denoiser:

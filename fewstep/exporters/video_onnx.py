@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import CheckpointError
-from fewstep.exporters.onnx import MIN_PSNR_DB, psnr
+from fewstep.exporters.onnx import MIN_PSNR_DB, provenance, psnr
 from fewstep.models.checkpoint import load_checkpoint, sha256_file, write_json_atomic
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
@@ -192,9 +192,6 @@ def export_video_onnx(folder: Path, encoder: TextEncoder) -> dict[str, Any]:
         parity = _parity(manifest, net, OnnxVideoNet(Path(tmp), cfg), encoder)
         for name in GRAPHS:
             os.replace(Path(tmp) / graph_file(name), folder / graph_file(name))
-    import onnx
-    import onnxruntime
-
     art = {
         "format": 1,
         "graphs": {
@@ -208,12 +205,7 @@ def export_video_onnx(folder: Path, encoder: TextEncoder) -> dict[str, Any]:
             for name in GRAPHS
         },
         "cache_shape": ["layers", "batch", "heads", "sink + window", "tokens", "head_dim"],
-        "source": {
-            "name": manifest["name"],
-            "version": manifest.get("version"),
-            "sha256": manifest["files"]["model.safetensors"]["sha256"],
-        },
-        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        **provenance(manifest),
         "parity": parity,
     }
     write_json_atomic(folder / ARTIFACT, art)
