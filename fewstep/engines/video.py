@@ -11,6 +11,13 @@ different frames), in one batched network call on the rows they own. Sessions th
 their frame then get one more batched call on their clean frames, whose keys and values go
 into their rows. The prompt's keys and values are computed once per prompt (`open`, `steer`).
 
+**Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid=True` has
+the first step of its first frame taken by the teacher the student was distilled from, with the
+teacher's own classifier-free guidance (2 NFE), at the student schedule's first timestep; the
+student re-noises that prediction and finishes the frame, and every later frame is the student's
+alone. The first frame sets the stream's layout, which is where a mode-seeking student loses the
+most variety; the cache is empty then, so the teacher needs no cache of its own.
+
 Every noise draw is a function of (seed, frame, step) (`models.video.frame_noise`), so a
 stream's frames are the same whatever other sessions share its batches, and equal to the
 trainer's reference sampler (`models.video.student_stream`).
@@ -62,6 +69,9 @@ class VideoSession:
     pending: TextKV | None = None
     """A new prompt's keys and values, taken at the next frame boundary."""
     pending_prompt: str | None = None
+    hybrid: bool = False
+    teacher_text: TextKV | None = None
+    """The prompt's keys and values in the teacher (hybrid sessions, until their first frame is made)."""
     closed: bool = False
     opened_at: float = field(default_factory=time.perf_counter)
 
@@ -89,7 +99,10 @@ class VideoEngine:
         capacity: int,
         backend: str = "torch",
         version: str | None = None,
+        teacher_folder: Path | None = None,
     ) -> None:
+        """`teacher_folder`: the exact teacher the student names (hash-checked by the caller), which makes
+        `hybrid` sessions possible; without it they are refused."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1. Given: {capacity}")
         if backend not in VIDEO_BACKENDS:
@@ -113,8 +126,17 @@ class VideoEngine:
             size=manifest["native_size"],
             backend=backend,
             precision="fp32",
-            extra={"sink": self.cfg.sink, "window": self.cfg.window, "capacity": capacity},
+            extra={
+                "sink": self.cfg.sink,
+                "window": self.cfg.window,
+                "capacity": capacity,
+                "hybrid": bool(teacher_folder),
+            },
         )
+        self.teacher_folder = teacher_folder
+        self._teacher: VideoDenoiser | None = None
+        self._teacher_null: TextKV | None = None
+        self._teacher_guidance = 0.0
         self._net: VideoNet | None = None
         self._lock = threading.Lock()
         self._free = list(range(capacity))
@@ -138,14 +160,28 @@ class VideoEngine:
                 raise CheckpointError(f"{self.folder.name}: weights do not fit the manifest's architecture") from e
             self._net = net.eval()
         states, mask = self.encoder.encode([""])
+        if self.teacher_folder is not None:
+            manifest, weights = load_checkpoint(self.teacher_folder)
+            teacher = VideoDenoiser(VideoConfig(**manifest["architecture"]["config"]))
+            try:
+                teacher.load_state_dict(weights)
+            except RuntimeError as e:
+                raise CheckpointError(f"{self.teacher_folder.name}: weights do not fit its architecture") from e
+            self._teacher = teacher.eval()
+            self._teacher_guidance = float(manifest["sampler"]["guidance"])
+            with torch.inference_mode():
+                self._teacher_null = teacher.text_kv(states, mask)
         empty = self.net.text_kv(states, mask)
         rep = (1, self.capacity, 1, 1, 1)
         self._text = TextKV(empty.k.repeat(*rep), empty.v.repeat(*rep), empty.mask.repeat(self.capacity, 1))
 
     def warmup(self) -> None:
-        """One frame at every step count, so the first session pays no first-call costs."""
-        for steps in self.schedule.steps:
-            s = self.open("warm-up", 1, steps, 0)
+        """One frame at every step count (and a hybrid one), so the first session pays no first-call costs."""
+        runs = [(steps, False) for steps in self.schedule.steps]
+        if self._teacher is not None:
+            runs.append((max(self.schedule.steps), True))
+        for steps, hybrid in runs:
+            s = self.open("warm-up", 1, steps, 0, hybrid=hybrid)
             try:
                 while not s.finished:
                     self.advance([s])
@@ -163,30 +199,46 @@ class VideoEngine:
         return len(self._sessions)
 
     # -- sessions ---------------------------------------------------------------------------------
-    def validate(self, frames: int, steps: int, seed: int, max_frames: int) -> None:
+    def validate(self, frames: int, steps: int, seed: int, max_frames: int, hybrid: bool = False) -> None:
         if not 1 <= frames <= max_frames:
             raise limit_error("frames", f"between 1 and {max_frames}", frames)
         if steps not in self.schedule.steps:
             raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
         if not 0 <= seed <= MAX_SEED:
             raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
+        if hybrid:
+            self._check_hybrid(steps)
+
+    def _check_hybrid(self, steps: int) -> None:
+        if self._teacher is None:
+            raise InvalidRequest("hybrid", f"`hybrid` needs the teacher of {self.info.model!r}, which is not loaded")
+        if steps < 2:
+            raise limit_error("steps", "at least 2 with `hybrid` (the teacher takes the first)", steps)
 
     def _prompt_kv(self, prompt: str) -> TextKV:
         with torch.inference_mode():
             return self.net.text_kv(*self.encoder.encode([prompt]))
 
-    def open(self, prompt: str, frames: int, steps: int, seed: int) -> VideoSession:
+    def open(self, prompt: str, frames: int, steps: int, seed: int, hybrid: bool = False) -> VideoSession:
         """A new session in a free row; `Overloaded` when all `capacity` rows are taken."""
         if steps not in self.schedule.steps:
             raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
+        if hybrid:
+            self._check_hybrid(steps)
         text = self._prompt_kv(prompt)  # outside the lock: the text encoder is the slow part
+        teacher_text = None
+        if hybrid and self._teacher is not None:
+            with torch.inference_mode():
+                teacher_text = self._teacher.text_kv(*self.encoder.encode([prompt]))
         with self._lock:
             if not self._free:
                 raise Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
             row = self._free.pop(0)
             self._set_text(row, text)
             self._cache.reset(row)
-            session = VideoSession(prompt=prompt, frames=frames, steps=steps, seed=seed, row=row)
+            session = VideoSession(
+                prompt=prompt, frames=frames, steps=steps, seed=seed, row=row, hybrid=hybrid, teacher_text=teacher_text
+            )
             self._sessions.add(session)
         return session
 
@@ -234,6 +286,9 @@ class VideoEngine:
             t = torch.tensor([tl[s.step] for s, tl in zip(live, ts, strict=True)])
             x = torch.stack([s.x for s in live if s.x is not None])
             v = self.net.denoise(x, t, text, cache)
+            first = [i for i, s in enumerate(live) if s.teacher_text is not None and s.frame == 0 and s.step == 0]
+            if first:
+                v[first] = self._teacher_step(x[first], t[first], [live[i] for i in first])
             x0 = self.schedule.to_x0(v, x, t)
             done: list[int] = []
             for i, (s, tl) in enumerate(zip(live, ts, strict=True)):
@@ -261,6 +316,26 @@ class VideoEngine:
                 out.append(Frame(s, s.frame, pixels[j]))
                 s.frame, s.step, s.x = s.frame + 1, 0, None
             return out
+
+    def _teacher_step(self, x: torch.Tensor, t: torch.Tensor, sessions: list[VideoSession]) -> torch.Tensor:
+        """The teacher's CFG velocity for the first step of these sessions' first frames (empty caches)."""
+        teacher, null = self._teacher, self._teacher_null
+        assert teacher is not None and null is not None
+        n = len(sessions)
+        texts = [s.teacher_text for s in sessions if s.teacher_text is not None]
+        cond = TextKV(
+            torch.cat([tt.k for tt in texts], 1),
+            torch.cat([tt.v for tt in texts], 1),
+            torch.cat([tt.mask for tt in texts]),
+        )
+        rep = (1, n, 1, 1, 1)
+        uncond = TextKV(null.k.repeat(*rep), null.v.repeat(*rep), null.mask.repeat(n, 1))
+        empty = KVCache.empty(teacher.cfg, n)
+        v_c = teacher.denoise(x, t, cond, empty)
+        v_u = teacher.denoise(x, t, uncond, empty)
+        for s in sessions:
+            s.teacher_text = None  # used once
+        return v_u + self._teacher_guidance * (v_c - v_u)
 
     def health(self) -> dict[str, Any]:
         return {"loaded": self._net is not None, "sessions": self.active, "capacity": self.capacity}

@@ -327,7 +327,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     size=info.size,
                     backend=info.backend,
                     precision=info.precision,
-                    hybrid=False,
+                    hybrid=bool(info.extra.get("hybrid")),
                 )
             )
         return ModelList(data=cards)

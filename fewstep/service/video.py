@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -45,7 +46,7 @@ from fewstep.service.settings import Settings
 from fewstep.service.worker import encode_png
 
 log = logging.getLogger("fewstep.service")
-FIRST_MESSAGE_FIELDS = ("model", "prompt", "frames", "steps", "seed", "api_key")
+FIRST_MESSAGE_FIELDS = ("model", "prompt", "frames", "steps", "seed", "hybrid", "api_key")
 
 
 @dataclass(eq=False)
@@ -109,6 +110,7 @@ class VideoStreams:
                     capacity=self.settings.video_max_sessions,
                     backend=self.settings.video_backend,
                     version=version,
+                    teacher_folder=self._teacher_folder(name, version),
                 )
                 engine.load()
                 engine.warmup()
@@ -120,6 +122,22 @@ class VideoStreams:
             self.created[name] = int(self.registry.version_dir(name, version).stat().st_mtime)
             self.metrics.video_sessions.labels(name).set(0)
             log.info("video model %s:%s ready (%d sessions)", name, version, engine.capacity)
+
+    def _teacher_folder(self, name: str, version: str) -> Path | None:
+        """The exact teacher (by sha256) the student names, hash-checked; None (no hybrid) when absent or bad."""
+        ref = self.registry.manifest(name, version).get("teacher") or {}
+        try:
+            found = self.registry.find(ref["name"], ref["sha256"])
+            if found is None:
+                log.warning("%s: its teacher is not in the registry; hybrid disabled", name)
+                return None
+            self.registry.validate(ref["name"], found)
+            return self.registry.version_dir(ref["name"], found)
+        except (KeyError, TypeError):
+            return None
+        except FewstepError as e:
+            log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
+            return None
 
     def close(self) -> None:
         self._stopping.set()
@@ -147,12 +165,19 @@ class VideoStreams:
         return self.engines[model]
 
     def open(
-        self, model: str, prompt: str, frames: int, steps: int, seed: int, deliver: Callable[[Frame | None, str], None]
+        self,
+        model: str,
+        prompt: str,
+        frames: int,
+        steps: int,
+        seed: int,
+        deliver: Callable[[Frame | None, str], None],
+        hybrid: bool = False,
     ) -> Stream:
         engine = self.engine(model)
-        engine.validate(frames, steps, seed, self.settings.video_max_frames)
+        engine.validate(frames, steps, seed, self.settings.video_max_frames, hybrid)
         try:
-            session = engine.open(prompt, frames, steps, seed)
+            session = engine.open(prompt, frames, steps, seed, hybrid)
         except Overloaded:
             self.metrics.video_rejected.labels("capacity").inc()
             raise
@@ -252,6 +277,8 @@ def _first_message(raw: str, settings: Settings) -> dict[str, Any]:
         value = msg.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise limit_error(name, "an integer", value)
+    if not isinstance(msg.get("hybrid", False), bool):
+        raise limit_error("hybrid", "true or false", msg["hybrid"])
     if msg.get("frames") is None:
         raise limit_error("frames", f"an integer between 1 and {settings.video_max_frames}", None)
     return msg
@@ -302,7 +329,7 @@ def install(app: FastAPI, settings: Settings, streams: VideoStreams, keys: KeyRi
         t0 = time.perf_counter()
         try:
             stream = await asyncio.to_thread(
-                streams.open, msg["model"], msg["prompt"], msg["frames"], steps, seed, deliver
+                streams.open, msg["model"], msg["prompt"], msg["frames"], steps, seed, deliver, msg.get("hybrid", False)
             )
         except FewstepError as e:
             await fail(ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
@@ -336,6 +363,7 @@ def install(app: FastAPI, settings: Settings, streams: VideoStreams, keys: KeyRi
                     "model_version": engine.info.version,
                     "steps": steps,
                     "seed": seed,
+                    "hybrid": stream.session.hybrid,
                     "prompt": stream.session.prompt,
                     "seconds": round(elapsed, 3),
                     "fps": round(sent / elapsed, 2) if elapsed > 0 else None,

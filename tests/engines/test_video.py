@@ -149,3 +149,28 @@ def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
         VideoEngine(folder, encoder, capacity=1, backend="onnxruntime").load()
     assert (folder / ARTIFACT).is_file()
+
+
+def test_hybrid_has_the_teacher_take_the_first_step_of_the_first_frame(video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    teacher = video_student.parent / "shapes-video-teacher"
+    e = VideoEngine(video_student, encoder, capacity=3, teacher_folder=teacher)
+    e.load()
+    assert e.info.extra["hybrid"] is True
+    frames = 6
+    plain = _alone(e, PROMPT, frames, 2, 4)
+    hybrid = np.stack(_run(e, [h := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h)])
+    again = np.stack(_run(e, [h2 := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h2)])
+    np.testing.assert_array_equal(hybrid, again)  # seeded, like every stream
+    assert not np.array_equal(hybrid[0], plain[0])  # the teacher's first step changed the first frame
+    # Batched with plain sessions at other frames, a hybrid stream is the same as alone.
+    a = e.open(OTHER, frames, 3, 1)
+    e.advance([a])
+    b = e.open(PROMPT, frames, 2, 4, hybrid=True)
+    got = _run(e, [a, b])
+    _same(np.stack(got[id(b)]), hybrid)
+    with pytest.raises(InvalidRequest, match="at least 2 with `hybrid`"):
+        e.open(PROMPT, frames, 1, 0, hybrid=True)
+    no_teacher = VideoEngine(video_student, encoder, capacity=1)
+    no_teacher.load()
+    with pytest.raises(InvalidRequest, match="needs the teacher"):
+        no_teacher.open(PROMPT, frames, 2, 0, hybrid=True)
