@@ -6,7 +6,6 @@ from pathlib import Path
 from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.schedules import FewStepSchedule
 
-
 SHIPPED = [
     "shapes",
     "shapes-classifier",
