@@ -96,6 +96,9 @@ def test_a_client_receives_exactly_n_frames_then_done(video_server: Server) -> N
         ("this is not json", "JSON object"),
         ('{"model": "no-such-model", "prompt": "a red circle", "frames": 4}', "not found"),
         ('{"model": "shapes-video", "prompt": "a red circle", "frames": "many"}', "`frames` must be an integer"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "hybrid": "yes"}', "`hybrid` must be true"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "hybrid": true, "steps": 1}', "at least 2"),
+        ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "fps": 30}', "unknown field 'fps'"),
     ],
 )
 def test_bad_first_messages_get_an_error_then_1008(video_server: Server, first: str, names: str) -> None:
@@ -181,6 +184,17 @@ def test_a_bad_message_mid_stream_closes_1008(video_server: Server) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
+def test_a_hybrid_stream_starts_from_the_teachers_first_step(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        _start(ws, frames=4, seed=21)
+        plain, _ = _frames_then_done(ws)
+    with _ws(video_server) as ws:
+        _start(ws, frames=4, seed=21, hybrid=True)
+        hybrid, done = _frames_then_done(ws)
+    assert done["hybrid"] is True and len(hybrid) == 4
+    assert not np.array_equal(plain[0], hybrid[0])
+
+
 def test_models_and_metrics_report_video(video_server: Server) -> None:
     with _ws(video_server) as ws:
         _start(ws, frames=6)
@@ -188,6 +202,7 @@ def test_models_and_metrics_report_video(video_server: Server) -> None:
     models = httpx.get(video_server.url + "/v1/models", headers={"Authorization": "Bearer video-key"}).json()
     card = next(m for m in models["data"] if m["id"] == MODEL)
     assert card["kind"] == "video" and card["steps"] == [1, 2, 3, 4] and card["size"] == "16x16"
+    assert card["hybrid"] is True  # its teacher is in the registry
     text = httpx.get(video_server.url + "/metrics").text
     for name in (
         "fewstep_video_time_to_first_frame_seconds_count",
