@@ -31,3 +31,15 @@ def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert Registry(tmp_path / "reg").promoted("demo") == "2"
     assert main(["push", str(tmp_path / "a"), "--registry", reg, "--model", "../x"]) == 1
     assert "invalid model name" in capsys.readouterr().err
+
+
+def test_export_of_a_video_student_writes_its_three_graphs(
+    tmp_path: Path, video_student: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = str(tmp_path / "reg")
+    assert main(["push", str(video_student), "--registry", reg]) == 0
+    assert main(["export", "shapes-video", "--registry", reg, "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "video.denoise.onnx" in out and "psnr_db_vs_torch" in out
+    folder = Registry(tmp_path / "reg").version_dir("shapes-video", "1")
+    assert all((folder / f"video.{g}.onnx").is_file() for g in ("text", "denoise", "keys_values"))
