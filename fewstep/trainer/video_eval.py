@@ -172,6 +172,14 @@ def _drift_plot(
 
 def _write_card(docs: Path, r: VideoRecipe, rows: list[dict], prompts: list[str], frames: int, n: int) -> None:
     late = f"{frames - WINDOW + 1}–{frames}"
+    curves = " ".join(
+        f"![{name}]({png})"
+        for name, png in (
+            ("video teacher loss", "video_teacher_loss.png"),
+            ("video student loss", "video_student_loss.png"),
+        )
+        if (docs / png).is_file()
+    )
     table = "\n".join(_fmt(row) for row in rows)
     columns = ["model", "steps", "NFE/frame", "1–16 shape", "colour", "joint", "motion", f"{late} shape", "colour"]
     columns += ["joint", "motion", "Δ joint", "Δ motion"]
@@ -225,6 +233,6 @@ three prompts; columns: frames 1–16, then frames {late}):
 
 Per-frame accuracy over the stream: ![drift](video_drift.png)
 
-Training curves: ![video teacher loss](video_teacher_loss.png) ![video student loss](video_student_loss.png)
+Training curves: {curves}
 """
     write_card_section(docs, "video-eval", body)
