@@ -253,14 +253,18 @@ class VideoStreams:
                     s.deliver(f, encode_png(f.pixels))
 
 
-def _first_message(raw: str, settings: Settings) -> dict[str, Any]:
-    """The parsed first message, or InvalidRequest naming the field and the value."""
+def _parse(raw: str) -> dict[str, Any]:
     try:
         msg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InvalidRequest("message", f"the first message must be a JSON object ({e.msg})") from e
     if not isinstance(msg, dict):
         raise InvalidRequest("message", f"the first message must be a JSON object. Given: {type(msg).__name__}")
+    return msg
+
+
+def _check(msg: dict[str, Any], settings: Settings) -> None:
+    """InvalidRequest naming the first field of the first message that is outside its limits."""
     unknown = sorted(set(msg) - set(FIRST_MESSAGE_FIELDS))
     if unknown:
         raise InvalidRequest(
@@ -281,7 +285,6 @@ def _first_message(raw: str, settings: Settings) -> dict[str, Any]:
         raise limit_error("hybrid", "true or false", msg["hybrid"])
     if msg.get("frames") is None:
         raise limit_error("frames", f"an integer between 1 and {settings.video_max_frames}", None)
-    return msg
 
 
 def install(app: FastAPI, settings: Settings, streams: VideoStreams, keys: KeyRing, metrics: Metrics) -> None:
@@ -309,12 +312,16 @@ def install(app: FastAPI, settings: Settings, streams: VideoStreams, keys: KeyRi
                 "invalid",
             )
             return
-        except (WebSocketDisconnect, KeyError):
-            return  # gone before asking for anything (KeyError: a binary first message)
+        except WebSocketDisconnect:
+            return  # gone before asking for anything
+        except KeyError:  # Starlette's sign of a binary message
+            await fail(ws, InvalidRequest("message", "the first message must be JSON text, not binary"), "invalid")
+            return
         try:
-            msg = _first_message(raw, settings)
+            msg = _parse(raw)
             header = ws.headers.get("authorization")
             keys.principal(header if header else (f"Bearer {msg['api_key']}" if msg.get("api_key") else None))
+            _check(msg, settings)
             engine = streams.engine(msg["model"])
             steps = msg["steps"] if msg.get("steps") is not None else engine.info.default_steps
             seed = msg["seed"] if msg.get("seed") is not None else secrets.randbelow(1 << 31)

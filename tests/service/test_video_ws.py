@@ -110,9 +110,16 @@ def test_bad_first_messages_get_an_error_then_1008(video_server: Server, first: 
     assert httpx.get(video_server.url + "/readyz").status_code == 200  # still healthy
 
 
+def test_a_binary_first_message_gets_1008(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        ws.send(b"\x00\x01")
+        msg, code = _closed_with(ws)
+    assert code == 1008 and "JSON text" in msg["message"]
+
+
 def test_auth_by_header_or_first_message(video_server: Server) -> None:
     with _ws(video_server, key=None) as ws:
-        _start(ws)
+        _start(ws, frames=10**9)  # out of limits too: the key is checked first
         msg, code = _closed_with(ws)
     assert code == 1008 and "API key" in msg["message"]
     with _ws(video_server, key=None) as ws:
