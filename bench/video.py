@@ -91,6 +91,8 @@ def _recompute_frame(net, cfg, text, made, ts, engine, seed: int, f: int) -> flo
                     cache.v[i, 0, :, slot] = vs[i][0, :, span]
                 cache.frame_of[0, slot] = frame
             cache.written[0] = f
+            for j in range(min(cfg.context_frames, f)):
+                cache.frames[0, j] = made[f - 1 - j]
         x = frame_noise([seed], f, 0, cfg)
         for k, t in enumerate(ts):
             tt = torch.full((1,), t)

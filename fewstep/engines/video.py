@@ -307,7 +307,7 @@ class VideoEngine:
             clean = x0[idx].clamp(-1, 1)
             part = self._cache.take(rows[idx])
             k, vv = self.net.keys_values(clean, text.take(idx), part)
-            part.store(k, vv, sink=self.cfg.sink, window=self.cfg.window)
+            part.store(k, vv, clean, sink=self.cfg.sink, window=self.cfg.window)
             self._cache.put(rows[idx], part)
             pixels = ((clean + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             out = []

@@ -4,7 +4,7 @@ The per-frame work is three graphs, each a method of `VideoDenoiser` with tensor
 
 * `video.text.onnx`: `states`, `mask` → `text_k`, `text_v` (once per prompt);
 * `video.denoise.onnx`: `x`, `t`, the prompt's keys/values and mask, the cache (`cache_k`,
-  `cache_v`, `frame_of`, `written`) → `v` (one per step);
+  `cache_v`, `frame_of`, `written`, and the latest clean frames `cache_frames`) → `v` (one per step);
 * `video.keys_values.onnx`: the clean frame with the same prompt and cache inputs → the frame's
   `k`, `v` in every layer (one per frame), which the engine stores in the cache's next slot.
 
@@ -36,7 +36,7 @@ from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser, fr
 
 ARTIFACT = "video.onnx.json"
 GRAPHS = ("text", "denoise", "keys_values")
-CACHE_INPUTS = ("text_k", "text_v", "text_mask", "cache_k", "cache_v", "frame_of", "written")
+CACHE_INPUTS = ("text_k", "text_v", "text_mask", "cache_k", "cache_v", "frame_of", "written", "cache_frames")
 INPUTS: dict[str, tuple[str, ...]] = {
     "text": ("states", "mask"),
     "denoise": ("x", "t", *CACHE_INPUTS),
@@ -81,8 +81,9 @@ class _DenoiseGraph(torch.nn.Module):
         cache_v: torch.Tensor,
         frame_of: torch.Tensor,
         written: torch.Tensor,
+        cache_frames: torch.Tensor,
     ) -> torch.Tensor:
-        cache = KVCache(cache_k, cache_v, frame_of, written)
+        cache = KVCache(cache_k, cache_v, frame_of, written, cache_frames)
         return self.net.denoise(x, t, _text(text_mask, text_k, text_v), cache)
 
 
@@ -101,8 +102,9 @@ class _KeysValuesGraph(torch.nn.Module):
         cache_v: torch.Tensor,
         frame_of: torch.Tensor,
         written: torch.Tensor,
+        cache_frames: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = KVCache(cache_k, cache_v, frame_of, written)
+        cache = KVCache(cache_k, cache_v, frame_of, written, cache_frames)
         return self.net.keys_values(clean, _text(text_mask, text_k, text_v), cache)
 
 
@@ -136,6 +138,7 @@ class OnnxVideoNet:
             "cache_v": cache.v,
             "frame_of": cache.frame_of,
             "written": cache.written,
+            "cache_frames": cache.frames,
         }
 
     def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV:
@@ -156,7 +159,7 @@ def _examples(net: VideoDenoiser, encoder: TextEncoder) -> dict[str, tuple[torch
     text = net.text_kv(states, mask)
     cache = KVCache.empty(cfg, 2)
     x = torch.randn(2, cfg.channels, cfg.size, cfg.size)
-    rest = (text.k, text.v, mask.float(), cache.k, cache.v, cache.frame_of, cache.written)
+    rest = (text.k, text.v, mask.float(), cache.k, cache.v, cache.frame_of, cache.written, cache.frames)
     return {"text": (states, mask.float()), "denoise": (x, torch.rand(2), *rest), "keys_values": (x, *rest)}
 
 

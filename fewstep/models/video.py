@@ -48,6 +48,8 @@ class VideoConfig:
     layers: int = 3
     text_dim: int = 384
     width: int = 32
+    context_frames: int = 2
+    """The latest clean frames a frame also sees as pixels (input channels), beside the cached tokens."""
     sink: int = 1
     window: int = 8
 
@@ -67,7 +69,9 @@ class VideoConfig:
 
 @dataclass
 class KVCache:
-    """Clean frames' keys and values for `batch` streams: (layers, batch, heads, slots, tokens, head_dim).
+    """Clean frames' keys and values for `batch` streams: (layers, batch, heads, slots, tokens, head_dim),
+    and the latest clean frames as pixels: (batch, context_frames, C, H, W), newest first, zeros before
+    the stream's start.
 
     Slot i < sink holds frame i; later frames go round the `window` slots after them.
     `frame_of[b, slot]` is the frame index held (-1: empty); `written[b]` counts frames written.
@@ -77,6 +81,7 @@ class KVCache:
     v: torch.Tensor
     frame_of: torch.Tensor
     written: torch.Tensor
+    frames: torch.Tensor
 
     @classmethod
     def empty(cls, cfg: VideoConfig, batch: int) -> KVCache:
@@ -86,11 +91,15 @@ class KVCache:
             torch.zeros(shape),
             torch.full((batch, cfg.sink + cfg.window), -1, dtype=torch.long),
             torch.zeros(batch, dtype=torch.long),
+            torch.zeros(batch, cfg.context_frames, cfg.channels, cfg.size, cfg.size),
         )
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, sink: int, window: int) -> None:
-        """Put a frame's keys and values (`VideoDenoiser.keys_values`) in each stream's next slot: the
-        first `sink` frames stay, later ones go round the window. Advances every stream by one frame."""
+    def store(self, k: torch.Tensor, v: torch.Tensor, clean: torch.Tensor, sink: int, window: int) -> None:
+        """Put a frame's keys and values (`VideoDenoiser.keys_values`) in each stream's next slot (the first
+        `sink` frames stay, later ones go round the window) and the frame's pixels first in `frames`.
+        Advances every stream by one frame."""
+        if self.frames.shape[1]:
+            self.frames = torch.cat([clean[:, None], self.frames[:, :-1]], dim=1)
         f = self.written
         slot = torch.where(f < sink, f, sink + (f - sink) % window)
         rows = torch.arange(k.shape[1])
@@ -102,7 +111,7 @@ class KVCache:
 
     def take(self, rows: torch.Tensor) -> KVCache:
         """A copy of streams `rows` (a batch of some sessions)."""
-        return KVCache(self.k[:, rows], self.v[:, rows], self.frame_of[rows], self.written[rows])
+        return KVCache(self.k[:, rows], self.v[:, rows], self.frame_of[rows], self.written[rows], self.frames[rows])
 
     def put(self, rows: torch.Tensor, part: KVCache) -> None:
         """Write back streams `rows` from `part` (what `take` gave, after `store`)."""
@@ -110,6 +119,7 @@ class KVCache:
         self.v[:, rows] = part.v
         self.frame_of[rows] = part.frame_of
         self.written[rows] = part.written
+        self.frames[rows] = part.frames
 
     def reset(self, row: int) -> None:
         """Empty one stream's cache (a new session in that row)."""
@@ -117,6 +127,7 @@ class KVCache:
         self.v[:, row] = 0.0
         self.frame_of[row] = -1
         self.written[row] = 0
+        self.frames[row] = 0.0
 
 
 @dataclass
@@ -246,7 +257,7 @@ class VideoDenoiser(nn.Module):
             raise ValueError(f"patch must be a power of two dividing size. Given: patch={cfg.patch}, size={cfg.size}")
         self.cfg = cfg
         widths = [cfg.width * min(2**i, 2) for i in range(levels + 1)]
-        self.conv_in = nn.Conv2d(cfg.channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.channels * (1 + cfg.context_frames), widths[0], 3, padding=1)
         self.time_in = nn.Linear(cfg.dim, widths[0])
         self.down = nn.ModuleList(_Level(widths[i], widths[i + 1]) for i in range(levels))
         self.to_tokens = nn.Linear(widths[-1], cfg.dim)
@@ -266,9 +277,13 @@ class VideoDenoiser(nn.Module):
     def _layers(self) -> list[_Block]:
         return [cast(_Block, b) for b in self.blocks]
 
-    def _tokens(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(B, C, H, W) frames at timestep embeddings (B, dim) → (B, tokens, dim) and the skip features."""
-        h = F.silu(self.conv_in(x) + self.time_in(temb)[:, :, None, None])
+    def _tokens(
+        self, x: torch.Tensor, temb: torch.Tensor, prev: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C, H, W) frames at timestep embeddings (B, dim), with the clean frames before each
+        (B, context_frames, C, H, W) → (B, tokens, dim) and the skip features."""
+        h = torch.cat([x, prev.flatten(1, 2)], dim=1)
+        h = F.silu(self.conv_in(h) + self.time_in(temb)[:, :, None, None])
         skips = [h]
         for level in self.down:
             h = level(h)
@@ -322,7 +337,7 @@ class VideoDenoiser(nn.Module):
         cfg = self.cfg
         b = x.shape[0]
         temb = self._temb(t)
-        h, skips = self._tokens(x, temb)
+        h, skips = self._tokens(x, temb, cache.frames)
         ks, vs = [], []
         text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
         own_bias = torch.zeros(b, 1, 1, cfg.tokens)
@@ -361,7 +376,7 @@ class VideoDenoiser(nn.Module):
 
     def write(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> None:
         """Store the finished frame's keys and values and advance the streams."""
-        cache.store(*self.keys_values(clean, text, cache), sink=self.cfg.sink, window=self.cfg.window)
+        cache.store(*self.keys_values(clean, text, cache), clean, sink=self.cfg.sink, window=self.cfg.window)
 
     # -- training: a whole clip at once ----------------------------------------------------
     def _clip_masks(self, nf: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,6 +389,17 @@ class VideoDenoiser(nn.Module):
         earlier = (age >= 1) & (is_sink | (age <= cfg.window))
         return age, earlier, self._age_bucket(age, is_sink)
 
+    def _previous(self, clean: torch.Tensor) -> torch.Tensor:
+        """(B × F, context_frames, C, H, W): for every frame of a clip, the clean frames before it, newest
+        first, zeros before the clip's start (what `KVCache.frames` holds at inference)."""
+        b, nf = clean.shape[:2]
+        p = self.cfg.context_frames
+        if p == 0:
+            return clean.new_zeros(b * nf, 0, *clean.shape[2:])
+        padded = torch.cat([torch.zeros_like(clean[:, :1]).expand(b, p, *clean.shape[2:]), clean], dim=1)
+        prev = torch.stack([padded[:, p - j - 1 : p - j - 1 + nf] for j in range(p)], dim=2)
+        return prev.flatten(0, 1)
+
     def context_kv(self, clean: torch.Tensor, text: TextKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Keys and values of every layer for a clip of clean frames (B, F, C, H, W), each frame seeing the
         earlier ones in view, as `write` would have stored them one by one: (B, heads, F × tokens, dh) each.
@@ -382,7 +408,7 @@ class VideoDenoiser(nn.Module):
         b, nf = clean.shape[:2]
         n = cfg.tokens
         ec = self._temb(torch.zeros(b * nf))
-        hc = self._tokens(clean.flatten(0, 1), ec)[0].view(b, nf * n, -1)
+        hc = self._tokens(clean.flatten(0, 1), ec, self._previous(clean))[0].view(b, nf * n, -1)
         tc = ec.view(b, nf, -1).repeat_interleave(n, dim=1)
         age, earlier, bucket = self._clip_masks(nf)
         tb = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
@@ -412,7 +438,7 @@ class VideoDenoiser(nn.Module):
         text = self.text_kv(states, mask)
         kcs, vcs = self.context_kv(clean, text)
         en = self._temb(t.flatten())
-        hn, skips = self._tokens(noisy.flatten(0, 1), en)
+        hn, skips = self._tokens(noisy.flatten(0, 1), en, self._previous(clean))
         hn = hn.view(b, nf * n, -1)
         tn = en.view(b, nf, -1).repeat_interleave(n, dim=1)
         age, earlier, bucket = self._clip_masks(nf)
@@ -473,6 +499,6 @@ def student_stream(
             if k + 1 < len(ts):
                 x = schedule.next_state(x0, v, x, tt, torch.full((b,), ts[k + 1]), noise(f, k + 1))
         frame = x0.clamp(-1, 1)
-        cache.store(*net.keys_values(frame, text, cache), sink=net.cfg.sink, window=net.cfg.window)
+        cache.store(*net.keys_values(frame, text, cache), frame, sink=net.cfg.sink, window=net.cfg.window)
         out.append(frame)
     return torch.stack(out, dim=1)

@@ -61,9 +61,9 @@ def test_the_cache_has_one_shape_whatever_the_stream_length() -> None:
 
 
 def test_frames_out_of_the_window_are_not_attended_but_the_sink_is() -> None:
-    # One layer: a cached frame's keys then depend on its own pixels only. (With more layers a frame
-    # still reaches later ones through the frames that attended to it while it was in the window.)
-    cfg = VideoConfig(size=8, patch=4, dim=32, heads=2, layers=1, sink=1, window=2)
+    # One layer and no pixel context: a cached frame's keys then depend on its own pixels only. (With more
+    # layers, or frames as pixel context, a frame still reaches later ones through the frames in between.)
+    cfg = VideoConfig(size=8, patch=4, dim=32, heads=2, layers=1, sink=1, window=2, context_frames=0)
     net = _net(cfg)
     clean, noisy, t, states, mask = _inputs(cfg, 2, 6)
     changed_mid = clean.clone()
