@@ -1,19 +1,26 @@
-"""`fewstep train video`: the causal video teacher, trained by teacher forcing (issue 5, first stage).
+"""`fewstep train video`: the video judge, the causal teacher, and the few-step causal students.
+
+Stages: `judge` (the frame classifier, `video_judge`), `teacher`, `student` (teacher forcing,
+then self-forcing), `evaluate` (`video_eval`: 256-frame streams, drift, the model card).
 
 Data are procedural clips (trainer/clips.py), 16×16 by default. At 32×32 a frame is four times as
 many tokens, and the attention over a clip grows with the square of that. The self-forcing stage
 rolls the student out on its own outputs for every training step, and on 2 CPU cores that
 budget decides the size.
 
-**Teacher forcing.** Every frame of a clip gets its own noise level t, drawn from a logit-normal
-as for the image teacher. The network predicts each frame's flow velocity (ε − x₀) while seeing
-the *clean* earlier frames, exactly as the bounded cache shows them at inference (see
-`VideoDenoiser.forward_parallel`). 10 % of prompts are dropped for classifier-free guidance.
-The weights kept are an EMA.
+**Teacher.** Every frame of a clip gets its own noise level t, drawn from a logit-normal as for the
+image teacher. The network predicts each frame's flow velocity (ε − x₀) while seeing the earlier
+frames as the bounded cache shows them at inference (`VideoDenoiser.forward_parallel`): teacher
+forcing. The context frames carry Gaussian noise of a per-clip σ up to `context_noise`; without it
+the teacher copied its own small errors forward frame after frame and shapes faded out within ~10
+frames. 10 % of prompts are dropped for classifier-free guidance; the weights kept are an EMA.
 
-Not yet here (issue 5): the few-step causal student, distilled from this teacher and then
-trained with self-forcing (rollouts on its own outputs through the cache), the video engine,
-and the WebSocket route.
+**Students** start from the teacher and regress onto its samples (`teacher_targets`: `pair_steps`
+Euler steps with CFG, every frame at once) at the timesteps of the 1–4 step schedules, so one
+student serves 1–4 steps per frame with CFG baked in. *Teacher forcing*: every frame sees real
+(noise-augmented) earlier frames. *Self-forcing*: each training step first rolls the student out on
+its own outputs through its cache, and every frame then sees those generated frames, with the
+teacher's targets computed on the same generated context.
 """
 
 from __future__ import annotations
@@ -59,10 +66,13 @@ class VideoRecipe:
     width: int = 32
     sink: int = 1
     window: int = 4
-    teacher_steps: int = 3000
+    teacher_steps: int = 2500
     batch: int = 24
     lr: float = 5e-4
     drop_prob: float = 0.1
+    context_noise: float = 0.2
+    """Most Gaussian noise (σ, per clip, drawn uniformly from 0) added to the clean context frames in
+    training: a model shown only perfect context copies its own errors forward and fades out."""
     ema_decay: float = 0.999
     sampler_steps: int = 16
     guidance: float = 3.0
@@ -131,7 +141,8 @@ def train_teacher(r: VideoRecipe, encoder: TextEncoder, log_every: int = 100) ->
         eps = torch.randn(x0.shape, generator=g)
         tb = t[..., None, None, None]
         xt = (1 - tb) * x0 + tb * eps
-        loss = F.mse_loss(net.forward_parallel(x0, xt, t, states, mask), eps - x0)
+        context = corrupt(x0, r.context_noise, g)
+        loss = F.mse_loss(net.forward_parallel(context, xt, t, states, mask), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -176,6 +187,14 @@ def sample_stream(
         net.write(x, null, null_cache)
         out.append(x)
     return torch.stack(out, dim=1).numpy()
+
+
+def corrupt(clean: torch.Tensor, max_sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Clips (B, F, C, H, W) with Gaussian noise of a per-clip σ ~ U(0, `max_sigma`): the context a model
+    trains on, so that it restores imperfect earlier frames instead of copying their flaws (GameNGen's
+    noise augmentation, without the noise level as an input)."""
+    sigma = torch.rand(clean.shape[0], 1, 1, 1, 1, generator=g) * max_sigma
+    return (clean + sigma * torch.randn(clean.shape, generator=g)).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -274,7 +293,10 @@ def train_student(
             r.seed + 7, step + (10**6 if self_forcing else 0), r.student_batch, r.frames, r.size
         )
         states, mask = encoder.encode(caps)
-        context = _rollout(student, states, mask, r.frames, g) if self_forcing else torch.from_numpy(video)
+        if self_forcing:
+            context = _rollout(student, states, mask, r.frames, g)
+        else:
+            context = corrupt(torch.from_numpy(video), r.context_noise, g)
         z = torch.randn(context.shape, generator=g)
         x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
         loss = _regression(student, context, z, x0, states, mask, g)
