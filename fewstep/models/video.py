@@ -480,16 +480,26 @@ def frame_noise(seeds: Sequence[int], frame: int, step: int, cfg: VideoConfig) -
 
 @torch.inference_mode()
 def student_stream(
-    net: VideoNet, text: TextKV, schedule: FewStepSchedule, steps: int, frames: int, noise: Noise
+    net: VideoNet,
+    text: TextKV,
+    schedule: FewStepSchedule,
+    steps: int,
+    frames: int,
+    noise: Noise,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, frames, C, H, W) in [-1, 1]: each frame in `steps` student steps (CFG is baked into a
     student), then written to the cache. The served engine batches the same update rule across
-    sessions at step boundaries; this is the one-batch reference the trainer rolls out and judges."""
+    sessions at step boundaries; this is the one-batch reference the trainer rolls out and judges.
+    With `first`, frame 0 is given and the stream continues it."""
     b = text.mask.shape[0]
     cache = KVCache.empty(net.cfg, b)
     ts = schedule.timesteps_for(steps)
     out = []
-    for f in range(frames):
+    if first is not None:  # a given first frame (B, C, H, W): the stream continues it
+        cache.store(*net.keys_values(first, text, cache), first, sink=net.cfg.sink, window=net.cfg.window)
+        out.append(first)
+    for f in range(len(out), frames):
         x = noise(f, 0)
         x0 = x
         for k, t in enumerate(ts):

@@ -45,7 +45,7 @@ from fewstep.trainer.plots import save_curves
 from fewstep.trainer.progress import Progress
 from fewstep.trainer.teacher import Ema, cosine_lr, drop_prompts
 
-STAGES = ("judge", "teacher", "student", "evaluate")
+STAGES = ("judge", "teacher", "forcing", "self-forcing", "evaluate")
 TEACHER_DIR = "shapes-video-teacher"
 STUDENT_DIR = "shapes-video"
 FORCING_ONLY_DIR = "shapes-video-forcing-only"
@@ -239,29 +239,39 @@ def _regression(
     states: torch.Tensor,
     mask: torch.Tensor,
     g: torch.Generator,
+    skip_first: bool = False,
 ) -> torch.Tensor:
-    """MSE between the student's x0 estimates and the teacher's samples, every frame seeing `context`."""
+    """MSE between the student's x0 estimates and the targets `x0`, every frame seeing `context`
+    (without frame 0 when `skip_first`)."""
     b, nf = z.shape[:2]
     t = _student_times(b, nf, g)
     tb = t[..., None, None, None]
     eps = torch.randn(x0.shape, generator=g)
     xt = torch.where(tb >= 1.0, z, (1 - tb) * x0 + tb * eps)
     v = student.forward_parallel(context, xt, t, states, mask)
-    return F.mse_loss(xt - tb * v, x0)
+    err = (xt - tb * v - x0) ** 2
+    return err[:, 1:].mean() if skip_first else err.mean()
 
 
 def _rollout(
-    student: VideoDenoiser, states: torch.Tensor, mask: torch.Tensor, frames: int, g: torch.Generator
+    student: VideoDenoiser,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    frames: int,
+    g: torch.Generator,
+    first: torch.Tensor,
 ) -> torch.Tensor:
-    """The student's own stream for these prompts, frame by frame through the cache, at a random
-    1–4 steps: the context the self-forcing stage trains on."""
+    """The student's own continuation of real first frames `first`, frame by frame through the cache, at
+    a random 1–4 steps: the context the self-forcing stage trains on."""
     schedule = default_student_schedule()
     steps = int(torch.randint(1, 5, (1,), generator=g))
     shape = (states.shape[0], student.cfg.channels, student.cfg.size, student.cfg.size)
     student.eval()
     with torch.no_grad():
         text = student.text_kv(states, mask)
-        out = student_stream(student, text, schedule, steps, frames, lambda f, k: torch.randn(shape, generator=g))
+        out = student_stream(
+            student, text, schedule, steps, frames, lambda f, k: torch.randn(shape, generator=g), first=first
+        )
     student.train()
     return out.clone()  # out of inference mode: autograd may keep it
 
@@ -275,8 +285,13 @@ def train_student(
     self_forcing: bool,
     stage: str,
 ) -> tuple[VideoDenoiser, list[float]]:
-    """Regression on the teacher's samples, with each frame seeing real earlier frames (teacher forcing)
-    or, with `self_forcing`, the student's own earlier frames rolled out through its cache."""
+    """Teacher forcing: regression on the teacher's samples, each frame seeing real (noise-augmented)
+    earlier frames. With `self_forcing`: the student continues each clip's real first frame on its own,
+    through its cache, and every later frame is regressed onto the clip's real frame while seeing those
+    generated frames. A clip's first frame and caption fix the rest of it (one shape, constant speed,
+    bounces), so the real frame is the right continuation of the student's own context: the loss pulls
+    the student back whenever its stream wanders, which teacher targets cannot do once the teacher
+    itself fades on imperfect context (measured: see `docs/MODEL_CARD.md`)."""
     g = torch.Generator().manual_seed(r.seed + (3 if self_forcing else 2))
     torch.manual_seed(r.seed + 2)
     student = copy.deepcopy(init).train()
@@ -293,13 +308,15 @@ def train_student(
             r.seed + 7, step + (10**6 if self_forcing else 0), r.student_batch, r.frames, r.size
         )
         states, mask = encoder.encode(caps)
+        real = torch.from_numpy(video)
+        z = torch.randn(real.shape, generator=g)
         if self_forcing:
-            context = _rollout(student, states, mask, r.frames, g)
+            context = _rollout(student, states, mask, r.frames, g, first=real[:, 0])
+            loss = _regression(student, context, z, real, states, mask, g, skip_first=True)
         else:
-            context = corrupt(torch.from_numpy(video), r.context_noise, g)
-        z = torch.randn(context.shape, generator=g)
-        x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
-        loss = _regression(student, context, z, x0, states, mask, g)
+            context = corrupt(real, r.context_noise, g)
+            x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
+            loss = _regression(student, context, z, x0, states, mask, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -385,30 +402,32 @@ def _student_manifest(r: VideoRecipe, name: str, kind: str, teacher: Path, extra
     }
 
 
-def stage_student(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
-    """Teacher forcing from the teacher's weights, then self-forcing from there. Both are kept: the
-    teacher-forcing-only student is the ablation the model card compares against."""
+def stage_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
+    """The teacher-forcing student, from the teacher's weights: kept as the model card's ablation."""
     teacher = load_video_net(out / TEACHER_DIR)
     for p in teacher.parameters():
         p.requires_grad_(False)
     t0 = time.time()
-    forced, tf_losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, False, "teacher-forcing")
-    tf_seconds = round(time.time() - t0, 1)
-    extra = {"teacher_forcing": {"steps": r.forcing_steps, "seconds": tf_seconds}}
-    save_checkpoint(
-        out / FORCING_ONLY_DIR,
-        forced.state_dict(),
-        _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / TEACHER_DIR, extra),
-    )
+    forced, losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, False, "teacher-forcing")
+    extra = {"teacher_forcing": {"steps": r.forcing_steps, "seconds": round(time.time() - t0, 1)}}
+    manifest = _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / TEACHER_DIR, extra)
+    save_checkpoint(out / FORCING_ONLY_DIR, forced.state_dict(), manifest)
+    save_curves({"teacher forcing": losses}, docs / "video_forcing_loss.png", "video student, teacher forcing")
+
+
+def stage_self_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
+    """The served student: self-forcing from the teacher-forcing student."""
+    teacher = load_video_net(out / TEACHER_DIR)
+    forced = load_video_net(out / FORCING_ONLY_DIR)
     t0 = time.time()
-    student, sf_losses = train_student(r, teacher, encoder, forced, r.self_forcing_steps, True, "self-forcing")
+    student, losses = train_student(r, teacher, encoder, forced, r.self_forcing_steps, True, "self-forcing")
+    extra = dict(read_manifest(out / FORCING_ONLY_DIR)["trainer"])
+    extra.pop("recipe", None)
     extra["self_forcing"] = {"steps": r.self_forcing_steps, "seconds": round(time.time() - t0, 1)}
     save_checkpoint(
         out / STUDENT_DIR, student.state_dict(), _student_manifest(r, STUDENT_DIR, "video", out / TEACHER_DIR, extra)
     )
-    save_curves(
-        {"teacher forcing": tf_losses, "self-forcing": sf_losses}, docs / "video_student_loss.png", "video student"
-    )
+    save_curves({"self-forcing": losses}, docs / "video_self_forcing_loss.png", "video student, self-forcing")
 
 
 def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: int) -> None:
@@ -421,8 +440,10 @@ def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: 
             stage_judge(recipe, out)
         elif stage == "teacher":
             stage_teacher(recipe, out, docs, encoder)
-        elif stage == "student":
-            stage_student(recipe, out, docs, encoder)
+        elif stage == "forcing":
+            stage_forcing(recipe, out, docs, encoder)
+        elif stage == "self-forcing":
+            stage_self_forcing(recipe, out, docs, encoder)
         elif stage == "evaluate":
             from fewstep.trainer.video_eval import stage_evaluate
 

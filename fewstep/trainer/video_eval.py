@@ -176,7 +176,8 @@ def _write_card(docs: Path, r: VideoRecipe, rows: list[dict], prompts: list[str]
         f"![{name}]({png})"
         for name, png in (
             ("video teacher loss", "video_teacher_loss.png"),
-            ("video student loss", "video_student_loss.png"),
+            ("teacher forcing loss", "video_forcing_loss.png"),
+            ("self-forcing loss", "video_self_forcing_loss.png"),
         )
         if (docs / png).is_file()
     )
@@ -201,17 +202,19 @@ bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads). Each
 frame and a rolling window of {r.window}), and to the frame itself. The cache has a static shape, so a
 frame costs the same at frame 10 and at frame 10 000.
 
-**Training.** Teacher: flow matching with teacher forcing (each frame noised, earlier frames clean), CFG
-by prompt dropout, {r.teacher_steps} steps of {r.batch} clips × {r.frames} frames. Students start from the
-teacher and regress onto the teacher's samples ({r.pair_steps}-step Euler, CFG {r.guidance}) at the
-timesteps of the 1–4 step schedules:
-- *teacher forcing* ({r.forcing_steps} steps): each frame sees the real earlier frames;
-- *self-forcing* ({r.self_forcing_steps} more steps from the teacher-forcing student): each step first rolls the
-  student out on its own outputs through its KV cache (1–4 steps per frame, drawn per batch), and every
-  frame then sees those generated frames; the teacher's targets are computed on the same generated
-  context. This trains the student on the inputs it meets when it streams, the exposure-bias fix
-  of Self-Forcing, with the teacher's ODE as the target instead of Self-Forcing's distribution-matching
-  loss (which needs a second, online-trained score network: more than this CPU budget).
+**Training.** Teacher: flow matching with teacher forcing (each frame noised, earlier frames real with
+Gaussian noise of σ up to {r.context_noise}), CFG by prompt dropout, {r.teacher_steps} steps of {r.batch} clips ×
+{r.frames} frames. Students start from the teacher and learn the 1–4 step schedules (x0 regression at their
+timesteps, CFG baked in):
+- *teacher forcing* ({r.forcing_steps} steps): each frame sees real (noise-augmented) earlier frames, and the
+  targets are the teacher's samples ({r.pair_steps}-step Euler, CFG {r.guidance});
+- *self-forcing* ({r.self_forcing_steps} more steps from the teacher-forcing student): each step the student
+  continues the clip's real first frame on its own, through its KV cache (1–4 steps per frame, drawn per
+  batch), and every later frame, seeing those generated frames, is regressed onto the clip's real frame.
+  A first frame and a caption fix the whole clip, so the real frame is the right continuation of the
+  student's own context: the student is trained on the inputs it meets when it streams (Self-Forcing's
+  point), with the data as the target where Self-Forcing uses a distribution-matching loss against the
+  teacher. Teacher targets were tried first: the teacher fades on imperfect context, and so did they.
 
 **Judge** (`trainer/video_judge.py`): a frame classifier (shape, colour) trained on clip frames, and a
 centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at

@@ -30,7 +30,8 @@ def test_quick_run_writes_every_checkpoint_and_the_card_section(tmp_path: Path, 
     assert load_checkpoint(tmp_path / JUDGE_DIR)[0]["metrics"]["real_clips"]["colour"] > 0.0
     card = (docs / "MODEL_CARD.md").read_text()
     assert "image rows" in card and "<!-- video-eval -->" in card and "| self-forcing | 4 | 4 |" in card
-    for png in ("video_filmstrip.png", "video_drift.png", "video_teacher_loss.png", "video_student_loss.png"):
+    pngs = ("video_filmstrip.png", "video_drift.png", "video_teacher_loss.png", "video_forcing_loss.png")
+    for png in (*pngs, "video_self_forcing_loss.png"):
         assert (docs / png).stat().st_size > 0
 
 
