@@ -81,7 +81,7 @@ class VideoRecipe:
     student_batch: int = 16
     student_lr: float = 2e-4
     forcing_steps: int = 400
-    self_forcing_steps: int = 600
+    self_forcing_steps: int = 1800
     default_steps: int = 2
     eval_streams: int = 32
     eval_frames: int = 256
