@@ -112,6 +112,18 @@ class Registry:
                 return version
         return None
 
+    def teacher_dir(self, manifest: dict[str, Any]) -> Path | None:
+        """The folder of the exact teacher a student's manifest names (by sha256), validated; None when the
+        manifest names none or the registry does not hold it. Raises when the one it holds is refused."""
+        ref = manifest.get("teacher") or {}
+        if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not isinstance(ref.get("sha256"), str):
+            return None
+        version = self.find(ref["name"], ref["sha256"])
+        if version is None:
+            return None
+        self.validate(ref["name"], version)
+        return self.version_dir(ref["name"], version)
+
     def next_version(self, model: str) -> str:
         numeric = [int(v) for v in self.versions(model) if v.isdigit()]
         return str(max(numeric, default=0) + 1)

@@ -487,24 +487,7 @@ class Runtime:
 
         Without it the student still serves; only `hybrid` requests are refused.
         """
-        ref = manifest.get("teacher") or {}
-        try:
-            version = self.registry.find(ref["name"], ref["sha256"])
-            if version is None:
-                log.warning(
-                    "%s: teacher %s (sha256 %s…) is not in the registry; hybrid disabled",
-                    name,
-                    ref["name"],
-                    ref["sha256"][:12],
-                )
-                return None
-            self.registry.validate(ref["name"], version)
-            return self.registry.version_dir(ref["name"], version)
-        except (KeyError, TypeError):
-            return None
-        except FewstepError as e:
-            log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
-            return None
+        return teacher_or_none(self.registry, name, manifest)
 
     @property
     def ready(self) -> bool:
@@ -558,6 +541,18 @@ class Runtime:
 
 class _Busy(Exception):
     """Another process is loading this version now."""
+
+
+def teacher_or_none(registry: Registry, name: str, manifest: dict) -> Path | None:
+    """`Registry.teacher_dir`, logged: a missing or refused teacher disables the hybrid, nothing more."""
+    try:
+        folder = registry.teacher_dir(manifest)
+    except FewstepError as e:
+        log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
+        return None
+    if folder is None:
+        log.warning("%s: its teacher is not in the registry; hybrid disabled", name)
+    return folder
 
 
 class _Freshener:

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -42,6 +41,7 @@ from fewstep.models.text import TextEncoder
 from fewstep.service import errors
 from fewstep.service.auth import KeyRing
 from fewstep.service.metrics import Metrics
+from fewstep.service.runtime import teacher_or_none
 from fewstep.service.settings import Settings
 from fewstep.service.worker import encode_png
 
@@ -110,7 +110,7 @@ class VideoStreams:
                     capacity=self.settings.video_max_sessions,
                     backend=self.settings.video_backend,
                     version=version,
-                    teacher_folder=self._teacher_folder(name, version),
+                    teacher_folder=teacher_or_none(self.registry, name, self.registry.manifest(name, version)),
                 )
                 engine.load()
                 engine.warmup()
@@ -122,22 +122,6 @@ class VideoStreams:
             self.created[name] = int(self.registry.version_dir(name, version).stat().st_mtime)
             self.metrics.video_sessions.labels(name).set(0)
             log.info("video model %s:%s ready (%d sessions)", name, version, engine.capacity)
-
-    def _teacher_folder(self, name: str, version: str) -> Path | None:
-        """The exact teacher (by sha256) the student names, hash-checked; None (no hybrid) when absent or bad."""
-        ref = self.registry.manifest(name, version).get("teacher") or {}
-        try:
-            found = self.registry.find(ref["name"], ref["sha256"])
-            if found is None:
-                log.warning("%s: its teacher is not in the registry; hybrid disabled", name)
-                return None
-            self.registry.validate(ref["name"], found)
-            return self.registry.version_dir(ref["name"], found)
-        except (KeyError, TypeError):
-            return None
-        except FewstepError as e:
-            log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
-            return None
 
     def close(self) -> None:
         self._stopping.set()
