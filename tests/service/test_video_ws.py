@@ -49,13 +49,14 @@ def _start(ws: ClientConnection, **fields: Any) -> None:
     ws.send(json.dumps({"model": MODEL, "prompt": PROMPT, "frames": 5, "steps": 2, "seed": 1, **fields}))
 
 
-def _frames_then_done(ws: ClientConnection) -> tuple[list[np.ndarray], dict[str, Any]]:
+def _frames_then_done(ws: ClientConnection, start: int = 0) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The frames from index `start` on, in order, then the `done` message."""
     frames = []
     while True:
         msg = json.loads(ws.recv(timeout=30))
         if msg["type"] == "done":
             return frames, msg
-        assert msg["type"] == "frame" and msg["index"] == len(frames), msg
+        assert msg["type"] == "frame" and msg["index"] == start + len(frames), msg
         frames.append(_png(msg["image"]))
 
 
@@ -170,7 +171,7 @@ def test_a_prompt_change_mid_stream_steers_the_following_frames(video_server: Se
         _start(ws, frames=16, seed=8, prompt="a red circle moving left quickly")
         first = [json.loads(ws.recv(timeout=30)) for _ in range(2)]
         ws.send(json.dumps({"type": "prompt", "prompt": "a blue square moving down slowly"}))
-        rest, done = _frames_then_done(ws)
+        rest, done = _frames_then_done(ws, start=2)
     assert [m["index"] for m in first] == [0, 1]
     assert len(rest) == 14 and done["frames"] == 16 and done["prompt"] == "a blue square moving down slowly"
     steered = np.stack([_png(m["image"]) for m in first] + rest).astype(int)
