@@ -160,13 +160,18 @@ def _student_parity(manifest: dict[str, Any], ref: Denoiser, net: Denoiser, enco
         a = to_pixels(student_sample_mixed(ref, schedule, [steps] * len(seeds), states, mask, seeds))
         b = to_pixels(student_sample_mixed(net, schedule, [steps] * len(seeds), states, mask, seeds))
         figures[str(steps)] = psnr(a, b)
+    return psnr_parity(figures, "ONNX", images=len(seeds))
+
+
+def psnr_parity(figures: dict[str, float], what: str, **counts: int) -> dict[str, Any]:
+    """The parity record of PSNRs by step count; CheckpointError when any is below `MIN_PSNR_DB`."""
     worst = min(figures.values())
     if worst < MIN_PSNR_DB:
-        raise CheckpointError(f"ONNX parity failed: PSNR {worst:.1f} dB < {MIN_PSNR_DB} dB ({figures})")
+        raise CheckpointError(f"{what} parity failed: PSNR {worst:.1f} dB < {MIN_PSNR_DB} dB ({figures})")
     return {
         "metric": "psnr_db_vs_torch",
         "min_required": MIN_PSNR_DB,
-        "images": len(seeds),
+        **counts,
         "null_means": "identical pixels (infinite PSNR)",
         "by_steps": {k: (None if math.isinf(v) else round(v, 2)) for k, v in figures.items()},
     }
