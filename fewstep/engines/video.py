@@ -305,7 +305,7 @@ class VideoEngine:
                 return []
             idx = torch.tensor(done)
             clean = x0[idx].clamp(-1, 1)
-            part = self._cache.take(rows[idx])
+            part = cache.take(idx)  # the rows already gathered for this step
             k, vv = self.net.keys_values(clean, text.take(idx), part)
             part.store(k, vv, clean, sink=self.cfg.sink, window=self.cfg.window)
             self._cache.put(rows[idx], part)

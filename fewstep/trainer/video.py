@@ -278,27 +278,27 @@ def _rollout(
 
 def train_student(
     r: VideoRecipe,
-    teacher: VideoDenoiser,
+    teacher: VideoDenoiser | None,
     encoder: TextEncoder,
     init: VideoDenoiser,
     steps: int,
-    self_forcing: bool,
     stage: str,
 ) -> tuple[VideoDenoiser, list[float]]:
-    """Teacher forcing: regression on the teacher's samples, each frame seeing real (noise-augmented)
-    earlier frames. With `self_forcing`: the student continues each clip's real first frame on its own,
-    through its cache, and every later frame is regressed onto the clip's real frame while seeing those
-    generated frames. A clip's first frame and caption fix the rest of it (one shape, constant speed,
-    bounces), so the real frame is the right continuation of the student's own context: the loss pulls
-    the student back whenever its stream wanders, which teacher targets cannot do once the teacher
+    """With a `teacher`, teacher forcing: regression on the teacher's samples, each frame seeing real (noise-
+    augmented) earlier frames. Without one, self-forcing: the student continues each clip's real first frame
+    on its own, through its cache, and every later frame is regressed onto the clip's real frame while
+    seeing those generated frames. A clip's first frame and caption fix the rest of it (one shape, constant
+    speed, bounces), so the real frame is the right continuation of the student's own context: the loss
+    pulls the student back whenever its stream wanders, which teacher targets cannot do once the teacher
     itself fades on imperfect context (measured: see `docs/MODEL_CARD.md`)."""
+    self_forcing = teacher is None
     g = torch.Generator().manual_seed(r.seed + (3 if self_forcing else 2))
     torch.manual_seed(r.seed + 2)
     student = copy.deepcopy(init).train()
     for p in student.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=r.student_lr, weight_decay=0.0)
-    null = encoder.encode([""])
+    null = encoder.encode([""]) if teacher is not None else None
     losses: list[float] = []
     progress = Progress(f"video {stage} step", steps, 50)
     for step in range(steps):
@@ -310,10 +310,11 @@ def train_student(
         states, mask = encoder.encode(caps)
         real = torch.from_numpy(video)
         z = torch.randn(real.shape, generator=g)
-        if self_forcing:
+        if null is None:
             context = _rollout(student, states, mask, r.frames, g, first=real[:, 0])
             loss = _regression(student, context, z, real, states, mask, g, skip_first=True)
         else:
+            assert teacher is not None
             context = corrupt(real, r.context_noise, g)
             x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
             loss = _regression(student, context, z, x0, states, mask, g)
@@ -408,7 +409,7 @@ def stage_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -
     for p in teacher.parameters():
         p.requires_grad_(False)
     t0 = time.time()
-    forced, losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, False, "teacher-forcing")
+    forced, losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, "teacher-forcing")
     extra = {"teacher_forcing": {"steps": r.forcing_steps, "seconds": round(time.time() - t0, 1)}}
     manifest = _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / TEACHER_DIR, extra)
     save_checkpoint(out / FORCING_ONLY_DIR, forced.state_dict(), manifest)
@@ -417,10 +418,9 @@ def stage_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -
 
 def stage_self_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
     """The served student: self-forcing from the teacher-forcing student."""
-    teacher = load_video_net(out / TEACHER_DIR)
     forced = load_video_net(out / FORCING_ONLY_DIR)
     t0 = time.time()
-    student, losses = train_student(r, teacher, encoder, forced, r.self_forcing_steps, True, "self-forcing")
+    student, losses = train_student(r, None, encoder, forced, r.self_forcing_steps, "self-forcing")
     extra = dict(read_manifest(out / FORCING_ONLY_DIR)["trainer"])
     extra.pop("recipe", None)
     extra["self_forcing"] = {"steps": r.self_forcing_steps, "seconds": round(time.time() - t0, 1)}
