@@ -284,8 +284,8 @@ def train_student(
     steps: int,
     stage: str,
 ) -> tuple[VideoDenoiser, list[float]]:
-    """With a `teacher`, teacher forcing: regression on the teacher's samples, each frame seeing real (noise-
-    augmented) earlier frames. Without one, self-forcing: the student continues each clip's real first frame
+    """With a `teacher`, teacher forcing: regression on the teacher's samples, each frame seeing real
+    (noise-augmented) earlier frames. Without one, self-forcing: the student continues each clip's real first frame
     on its own, through its cache, and every later frame is regressed onto the clip's real frame while
     seeing those generated frames. A clip's first frame and caption fix the rest of it (one shape, constant
     speed, bounces), so the real frame is the right continuation of the student's own context: the loss
