@@ -164,10 +164,12 @@ def sample_stream(
     seeds: list[int],
     steps: int,
     guidance: float,
+    first: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Frames (B, frames, C, H, W) in [-1, 1], one at a time: Euler on each frame with CFG, then `write`.
 
-    Two caches, conditional and unconditional, each fed the same finished frames.
+    Two caches, conditional and unconditional, each fed the same finished frames. With `first`
+    (B, C, H, W), frame 0 is given and the stream continues it.
     """
     cfg = net.cfg
     b = len(seeds)
@@ -175,7 +177,11 @@ def sample_stream(
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     grid = torch.linspace(1.0, 0.0, steps + 1)
     out = []
-    for _ in range(frames):
+    if first is not None:
+        net.write(first, text, cache)
+        net.write(first, null, null_cache)
+        out.append(first)
+    for _ in range(len(out), frames):
         x = torch.stack([torch.randn(cfg.channels, cfg.size, cfg.size, generator=gen) for gen in gens])
         for k in range(steps):
             t = torch.full((b,), float(grid[k]))

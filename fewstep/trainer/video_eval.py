@@ -21,7 +21,7 @@ from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import VideoConfig, VideoDenoiser, frame_noise, student_stream
-from fewstep.trainer import clips, video_judge
+from fewstep.trainer import clips, shapes, video_judge
 from fewstep.trainer.classifier import AttributeClassifier
 from fewstep.trainer.evaluate import _update_metrics, write_card_section
 from fewstep.trainer.plots import save_grid
@@ -60,12 +60,38 @@ def _windows(scores: video_judge.StreamScores, frames: int) -> tuple[dict[str, f
 
 def _row(name: str, steps: int, nfe: int, scores: video_judge.StreamScores, frames: int, seconds: float) -> dict:
     early, late = _windows(scores, frames)
-    return {"model": name, "steps": steps, "nfe_per_frame": nfe, "early": early, "late": late, "seconds": seconds}
+    return {
+        "model": name,
+        "steps": steps,
+        "nfe_per_frame": nfe,
+        "first_frame": scores.window(0, 1),
+        "early": early,
+        "late": late,
+        "seconds": seconds,
+    }
+
+
+def _continuation_row(name: str, steps: int, scores: video_judge.StreamScores, frames: int) -> dict:
+    """A stream that was given the real first frame: judged from frame 2 on (frame 1 is the real one)."""
+    return {
+        "model": name,
+        "steps": steps,
+        "early": scores.window(1, min(WINDOW + 1, frames)),
+        "late": scores.window(max(1, frames - WINDOW), frames),
+    }
+
+
+def _fmt_continuation(row: dict) -> str:
+    e, lt = row["early"], row["late"]
+    cells = [f"{d[k]:.3f}" for d in (e, lt) for k in ("shape", "colour", "joint", "motion")]
+    cells += [f"{(lt['joint'] - e['joint']) * 100:+.1f}", f"{(lt['motion'] - e['motion']) * 100:+.1f}"]
+    return f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |"
 
 
 def _fmt(row: dict) -> str:
     e, lt = row["early"], row["late"]
-    cells = [f"{e[k]:.3f}" for k in ("shape", "colour", "joint", "motion")]
+    cells = [f"{row['first_frame']['joint']:.3f}"]
+    cells += [f"{e[k]:.3f}" for k in ("shape", "colour", "joint", "motion")]
     cells += [f"{lt[k]:.3f}" for k in ("shape", "colour", "joint", "motion")]
     cells += [f"{(lt['joint'] - e['joint']) * 100:+.1f}", f"{(lt['motion'] - e['motion']) * 100:+.1f}"]
     return f"| {row['model']} | {row['steps']} | {row['nfe_per_frame']} | " + " | ".join(cells) + " |"
@@ -78,10 +104,12 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
     seeds = [SEED_BASE + i for i in range(n)]
     states, mask = encoder.encode(prompts)
     rows: list[dict[str, Any]] = []
+    continued: list[dict[str, Any]] = []
     streams: dict[str, np.ndarray] = {}
 
     rng = np.random.default_rng([r.seed, 314159])
     real = np.stack([clips.render(c, frames, rng, r.size) for c in targets])
+    first = torch.from_numpy(real[:, 0])
     rows.append(_row("real clips", 0, 0, video_judge.score_streams(judge, real, targets), frames, 0.0))
 
     students: dict[str, VideoDenoiser] = {
@@ -100,40 +128,31 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
             video = student_stream(net, text, schedule, steps, frames, noise).numpy()
             seconds = round(time.time() - t0, 1)
             rows.append(_row(name, steps, steps, video_judge.score_streams(judge, video, targets), frames, seconds))
+            print(f"  {name} {steps} steps: {rows[-1]['early']} → {rows[-1]['late']} ({seconds}s)", flush=True)
             if steps == schedule.default_steps:
                 streams[name] = video
-            print(f"  {name} {steps} steps: {rows[-1]['early']} → {rows[-1]['late']} ({seconds}s)", flush=True)
+                video = student_stream(net, text, schedule, steps, frames, noise, first=first).numpy()
+                scores = video_judge.score_streams(judge, video, targets)
+                continued.append(_continuation_row(name, steps, scores, frames))
 
     teacher = load_video_net(out / TEACHER_DIR)
     null_states, null_mask = encoder.encode([""] * n)
+    cond, null = teacher.text_kv(states, mask), teacher.text_kv(null_states, null_mask)
     t0 = time.time()
     torch.manual_seed(r.seed)
-    video = sample_stream(
-        teacher,
-        teacher.text_kv(states, mask),
-        teacher.text_kv(null_states, null_mask),
-        frames,
-        seeds,
-        r.sampler_steps,
-        r.guidance,
-    )
-    rows.append(
-        _row(
-            "teacher",
-            r.sampler_steps,
-            2 * r.sampler_steps,
-            video_judge.score_streams(judge, video, targets),
-            frames,
-            round(time.time() - t0, 1),
-        )
-    )
+    video = sample_stream(teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance)
+    scores = video_judge.score_streams(judge, video, targets)
+    rows.append(_row("teacher", r.sampler_steps, 2 * r.sampler_steps, scores, frames, round(time.time() - t0, 1)))
     streams["teacher"] = video
+    video = sample_stream(teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance, first=first)
+    scores = video_judge.score_streams(judge, video, targets)
+    continued.append(_continuation_row("teacher", r.sampler_steps, scores, frames))
 
     for name, folder in (("self-forcing", STUDENT_DIR), ("teacher forcing only", FORCING_ONLY_DIR)):
         _update_metrics(out / folder, {"streams": [row for row in rows if row["model"] == name]})
     _filmstrip(docs, streams, frames)
     _drift_plot(docs, judge, streams, targets, frames)
-    _write_card(docs, r, rows, prompts, frames, n)
+    _write_card(docs, r, rows, continued, prompts, frames, n)
 
 
 def _filmstrip(docs: Path, streams: dict[str, np.ndarray], frames: int, rows: int = 3) -> None:
@@ -170,7 +189,13 @@ def _drift_plot(
     plt.close(fig)
 
 
-def _write_card(docs: Path, r: VideoRecipe, rows: list[dict], prompts: list[str], frames: int, n: int) -> None:
+def _header(columns: list[str]) -> str:
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
+
+
+def _write_card(
+    docs: Path, r: VideoRecipe, rows: list[dict], continued: list[dict], prompts: list[str], frames: int, n: int
+) -> None:
     late = f"{frames - WINDOW + 1}–{frames}"
     curves = " ".join(
         f"![{name}]({png})"
@@ -182,25 +207,28 @@ def _write_card(docs: Path, r: VideoRecipe, rows: list[dict], prompts: list[str]
         if (docs / png).is_file()
     )
     table = "\n".join(_fmt(row) for row in rows)
-    columns = ["model", "steps", "NFE/frame", "1–16 shape", "colour", "joint", "motion", f"{late} shape", "colour"]
-    columns += ["joint", "motion", "Δ joint", "Δ motion"]
-    header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
+    rest = ["colour", "joint", "motion", f"{late} shape", "colour", "joint", "motion", "Δ joint", "Δ motion"]
+    header = _header(["model", "steps", "NFE/frame", "frame 1 joint", "1–16 shape", *rest])
+    continued_header = _header(["model", "steps", "2–17 shape", *rest])
+    continued_table = "\n".join(_fmt_continuation(row) for row in continued)
+    px = r.size / shapes.SIZE  # clip attributes are in pixels at the renderer's 32×32
     body = f"""
 ## Video models: `{STUDENT_DIR}` (student), `{FORCING_ONLY_DIR}` (ablation) and `{TEACHER_DIR}`
 
 Produced by `fewstep train video` (seed {r.seed}); this section is rewritten by its `evaluate` stage.
 
-**Data.** Procedural clips at {r.size}×{r.size}: one shape (circle, square, triangle, cross, radius 2–3.25 px)
-in one of five colours on a black, gray or white background, moving left, right, up or down, slowly
-(0.375 px/frame) or quickly (0.75 px/frame), bouncing off the walls. Captions name all four.
+**Data.** Procedural clips at {r.size}×{r.size}: one shape (circle, square, triangle, cross, radius
+{clips.MIN_RADIUS * px:g}–{clips.MAX_RADIUS * px:g} px) in one of five colours on a black, gray or white background,
+moving left, right, up or down, slowly ({clips.SPEEDS["slowly"] * px:g} px/frame) or quickly
+({clips.SPEEDS["quickly"] * px:g} px/frame), bouncing off the walls. Captions name all four.
 16×16 rather than 32×32: every training step of the self-forcing stage rolls the student out frame by
-frame, and 2 CPU cores pay for a frame's tokens twice over (the network and its attention).
+frame, and 2 CPU cores pay for a frame's pixels and tokens many times over.
 
-**Network** (`models/video.py`). Per frame a small U-Net whose {r.size // r.patch}×{r.size // r.patch}
-bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads). Each layer attends to the prompt
-(keys/values computed once per prompt), to the cached clean frames in view (an attention sink of {r.sink}
-frame and a rolling window of {r.window}), and to the frame itself. The cache has a static shape, so a
-frame costs the same at frame 10 and at frame 10 000.
+**Network** (`models/video.py`). Per frame a small U-Net (width {r.width}) whose
+{r.size // r.patch}×{r.size // r.patch} bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads).
+Each layer attends to the prompt (keys/values computed once per prompt), to the cached clean frames in
+view (an attention sink of {r.sink} frame and a rolling window of {r.window}), and to the frame itself. The
+cache has a static shape, so a frame costs the same at frame 10 and at frame 10 000.
 
 **Training.** Teacher: flow matching with teacher forcing (each frame noised, earlier frames real with
 Gaussian noise of σ up to {r.context_noise}), CFG by prompt dropout, {r.teacher_steps} steps of {r.batch} clips ×
@@ -214,11 +242,11 @@ timesteps, CFG baked in):
   A first frame and a caption fix the whole clip, so the real frame is the right continuation of the
   student's own context: the student is trained on the inputs it meets when it streams (Self-Forcing's
   point), with the data as the target where Self-Forcing uses a distribution-matching loss against the
-  teacher. Teacher targets were tried first: the teacher fades on imperfect context, and so did they.
+  teacher. The first frame has no context and is not in this loss: it stays as teacher forcing left it.
 
 **Judge** (`trainer/video_judge.py`): a frame classifier (shape, colour) trained on clip frames, and a
 centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at
-0.4–2.5 × the prompted speed and changes sign only next to a wall (a bounce).
+0.4–2.5 × the prompted speed and changes sign only where the shape's edge is next to a wall (a bounce).
 
 **Drift over {frames} frames.** {n} held-out prompts (e.g. {prompts[0]!r}), one seed each, the same
 seeds for every model. Accuracies over frames 1–16 and {late}; Δ in points.
@@ -227,7 +255,15 @@ seeds for every model. Accuracies over frames 1–16 and {late}; Δ in points.
 {table}
 
 The teacher's NFE counts CFG's two evaluations per step. Student rows at the default step count
-({r.default_steps}) are the filmstrip's.
+({r.default_steps}) are the filmstrip's. *Frame 1 joint* is the first frame alone: it has no context, so it
+is the image-generation part of the task.
+
+**Continuing a real first frame.** The same prompts and seeds, but every model is given the clip's
+real first frame and makes the rest: this separates how well a model continues a stream from how well
+it starts one. Judged from frame 2.
+
+{continued_header}
+{continued_table}
 
 Filmstrip (rows: the self-forcing student, the teacher-forcing-only student, the teacher, on the same
 three prompts; columns: frames 1–16, then frames {late}):

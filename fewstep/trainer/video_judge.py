@@ -15,6 +15,10 @@ displacement (per frame, averaged over the last `SPAN` frames)
 * keeps its sign, or flips it only next to the wall it would bounce off (the first
   displacement must have the prompted sign).
 
+"Next to a wall" is measured on the frame itself: the shape's edge (`wall_gaps`) is within the
+distance it covers in `SPAN` frames (+ half a pixel) of the border along the axis of motion. A
+generated shape of any size is judged by where it really is, not by the largest radius the data has.
+
 This holds through bounces without knowing where a generated shape is meant to be. On real
 clips it scores `real_motion_accuracy` (reported beside the models as the ceiling).
 """
@@ -56,15 +60,20 @@ def train_frame_classifier(seed: int, steps: int, size: int) -> AttributeClassif
     return train_classifier(seed, steps, data=frames, label="video judge step")
 
 
-def centroids(frames: np.ndarray) -> np.ndarray:
-    """(F, 3, H, W) in [-1, 1] → (F, 2) shape centre (x, y) in pixels; NaN where no shape is found."""
-    _, _, h, w = frames.shape
+def _foreground(frames: np.ndarray) -> np.ndarray:
+    """(F, 3, H, W) in [-1, 1] → (F, H, W) how much each pixel belongs to the shape, in [0, 1]."""
     ring = np.concatenate(
         [frames[:, :, 0, :], frames[:, :, -1, :], frames[:, :, 1:-1, 0], frames[:, :, 1:-1, -1]], axis=2
     )
     bg = np.median(ring, axis=2)[:, :, None, None]
     dist = np.sqrt(((frames - bg) ** 2).sum(axis=1))
-    weight = np.clip((dist - FOREGROUND) / FOREGROUND, 0.0, 1.0)
+    return np.clip((dist - FOREGROUND) / FOREGROUND, 0.0, 1.0)
+
+
+def centroids(frames: np.ndarray) -> np.ndarray:
+    """(F, 3, H, W) in [-1, 1] → (F, 2) shape centre (x, y) in pixels; NaN where no shape is found."""
+    _, _, h, w = frames.shape
+    weight = _foreground(frames)
     area = weight.sum(axis=(1, 2))
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -75,14 +84,28 @@ def centroids(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-def motion_correct(track: np.ndarray, direction: str, speed: str, size: int) -> np.ndarray:
-    """(F,) bool per frame: frame f's displacement from f - 1 is right (frame 0 counts as right
-    when a shape was found). See the module docstring for the rule."""
+def wall_gaps(frames: np.ndarray) -> np.ndarray:
+    """(F, 3, H, W) → (F, 2): pixels between the shape and the nearest border, along x and along y
+    (rows and columns with at least half a pixel of shape count); NaN where no shape is found."""
+    weight = _foreground(frames)
+    out = np.full((len(frames), 2), np.nan)
+    for i, wgt in enumerate(weight):
+        for axis, profile in enumerate((wgt.sum(axis=0), wgt.sum(axis=1))):
+            on = np.flatnonzero(profile >= 0.5)
+            if len(on):
+                out[i, axis] = min(on[0], len(profile) - 1 - on[-1])
+    return out
+
+
+def motion_correct(track: np.ndarray, gaps: np.ndarray, direction: str, speed: str, size: int) -> np.ndarray:
+    """(F,) bool per frame from the shape's centres `track` and wall gaps `gaps` (`centroids`, `wall_gaps`):
+    frame f's displacement from f - 1 is right (frame 0 counts as right when a shape was found). See the
+    module docstring for the rule."""
     dx, dy = clips.DIRECTIONS[direction]
     axis = 0 if dx else 1
     sign = dx or dy
     expected = clips.SPEEDS[speed] * size / shapes.SIZE
-    wall = clips.MAX_RADIUS * size / shapes.SIZE + 2 * expected + 0.5
+    wall = SPAN * expected + 0.5
     ok = np.zeros(len(track), dtype=bool)
     ok[0] = not np.isnan(track[0]).any()
     short = False
@@ -92,7 +115,7 @@ def motion_correct(track: np.ndarray, direction: str, speed: str, size: int) -> 
         if np.isnan(d).any():
             continue
         along, across = d[axis], d[1 - axis]
-        near_wall = min(track[f - 1][axis], size - track[f - 1][axis]) <= wall
+        near_wall = bool(gaps[f - 1][axis] <= wall)
         if near_wall and np.hypot(along, across) < SPEED_LOW * expected:
             # A bounce inside the frame goes to the wall and back: one short net step, not two.
             ok[f] = not short
@@ -137,7 +160,10 @@ def score_streams(model: AttributeClassifier, videos: np.ndarray, targets: list[
     ps, pc, _ = judge(model, videos.reshape(n * nf, *videos.shape[2:]))
     ys, yc = shapes.labels([c.scene for c in targets])
     motion = np.stack(
-        [motion_correct(centroids(v), c.direction, c.speed, size) for v, c in zip(videos, targets, strict=True)]
+        [
+            motion_correct(centroids(v), wall_gaps(v), c.direction, c.speed, size)
+            for v, c in zip(videos, targets, strict=True)
+        ]
     )
     return StreamScores(ps.reshape(n, nf) == ys[:, None], pc.reshape(n, nf) == yc[:, None], motion)
 

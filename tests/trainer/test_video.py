@@ -26,10 +26,13 @@ def test_quick_run_writes_every_checkpoint_and_the_card_section(tmp_path: Path, 
         assert FewStepSchedule.from_dict(manifest["schedule"]).steps == [1, 2, 3, 4]
         rows = manifest["metrics"]["streams"]
         assert [r["steps"] for r in rows] == [1, 2, 3, 4]
-        assert all(0.0 <= r["late"]["motion"] <= 1.0 for r in rows)
+        assert all(0.0 <= r["late"]["motion"] <= 1.0 and 0.0 <= r["first_frame"]["joint"] <= 1.0 for r in rows)
     assert load_checkpoint(tmp_path / JUDGE_DIR)[0]["metrics"]["real_clips"]["colour"] > 0.0
     card = (docs / "MODEL_CARD.md").read_text()
     assert "image rows" in card and "<!-- video-eval -->" in card and "| self-forcing | 4 | 4 |" in card
+    continued = card.split("**Continuing a real first frame.**")[1]  # every model given the real frame 0
+    for model in ("self-forcing | 2 |", "teacher forcing only | 2 |", "teacher | 2 |"):
+        assert f"| {model}" in continued, model
     pngs = ("video_filmstrip.png", "video_drift.png", "video_teacher_loss.png", "video_forcing_loss.png")
     for png in (*pngs, "video_self_forcing_loss.png"):
         assert (docs / png).stat().st_size > 0
@@ -52,3 +55,6 @@ def test_quick_teacher_streams_through_its_cache(tmp_path: Path, encoder) -> Non
     again = sample_stream(net, text, null, frames, seeds=[1, 2], steps=2, guidance=3.0)
     assert np.array_equal(video, again)  # seeded: the same stream every time
     assert not torch.equal(torch.from_numpy(video[0]), torch.from_numpy(video[1]))
+    first = torch.from_numpy(video[:, 0]).flip(0)  # each stream continues the other's first frame
+    continued = sample_stream(net, text, null, frames, seeds=[1, 2], steps=2, guidance=3.0, first=first)
+    assert np.array_equal(continued[:, 0], first.numpy()) and not np.array_equal(continued[:, 1:], video[:, 1:])

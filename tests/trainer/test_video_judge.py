@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fewstep.trainer import clips, video_judge
+from fewstep.trainer import clips, shapes, video_judge
 
 
 def _scores(videos: np.ndarray, targets: list[clips.Clip]) -> np.ndarray:
     return np.stack(
         [
-            video_judge.motion_correct(video_judge.centroids(v), c.direction, c.speed, 16)
+            video_judge.motion_correct(video_judge.centroids(v), video_judge.wall_gaps(v), c.direction, c.speed, 16)
             for v, c in zip(videos, targets, strict=True)
         ]
     )
@@ -38,12 +38,15 @@ def test_frozen_sideways_and_noise_streams_fail() -> None:
 
 def test_a_reversal_in_mid_field_is_wrong() -> None:
     videos, targets = video_judge.real_streams(5, 64, 24, 16)
-    # A stream that has not bounced by frame 12 and is not near a wall: play it backwards from there.
+    # A stream that has not bounced by frame 12 and is well clear of the walls there: play it backwards.
     for v, c in zip(videos, targets, strict=True):
-        track = c.track(24)[:, :2] / 2
-        if len(set(c.motion(24))) == 1 and all(3.5 < p < 12.5 for p in track[12]):
+        axis = 0 if clips.DIRECTIONS[c.direction][0] else 1
+        clear = video_judge.SPAN * clips.SPEEDS[c.speed] * 16 / shapes.SIZE + 1.5  # past the judge's wall zone
+        if len(set(c.motion(24))) == 1 and video_judge.wall_gaps(v[12:13])[0, axis] > clear:
             swapped = np.concatenate([v[:13], v[11::-1]])
-            ok = video_judge.motion_correct(video_judge.centroids(swapped), c.direction, c.speed, 16)
+            ok = video_judge.motion_correct(
+                video_judge.centroids(swapped), video_judge.wall_gaps(swapped), c.direction, c.speed, 16
+            )
             assert ok[1:12].all() and not ok[13:15].all()
             return
     raise AssertionError("no stream without a bounce in the sample")
