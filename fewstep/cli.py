@@ -50,6 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         vrecipe = video.VideoRecipe.quick() if args.quick else video.VideoRecipe()
         vrecipe.seed = args.seed
         video.run(stages, Path(args.out), Path(args.docs), vrecipe, threads)
+        if args.push:
+            # The image student that draws frame 0 first (by sha256, once): a gateway refuses a video
+            # student whose image model the registry lacks.
+            _push_once(Path(args.out) / video.IMAGE_STUDENT_DIR, args.registry)
+            for folder in (video.TEACHER_DIR, video.STUDENT_DIR):
+                if (Path(args.out) / folder / "manifest.json").is_file():
+                    _push(Path(args.out) / folder, args.registry)
         return 0
     from fewstep.trainer.image import STAGES, ImageRecipe, run
 
@@ -65,6 +72,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             if (Path(args.out) / folder / "manifest.json").is_file():
                 _push(Path(args.out) / folder, args.registry)
     return 0
+
+
+def _push_once(folder: Path, registry_root: str | None) -> None:
+    """`_push` unless the registry already holds these exact weights (under the folder's model name)."""
+    from fewstep.models.checkpoint import WEIGHTS, read_manifest
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+
+    manifest = read_manifest(folder)
+    registry = Registry(Path(registry_root) if registry_root else Settings().registry)
+    held = registry.find(manifest["name"], manifest["files"][WEIGHTS]["sha256"])
+    if held is None:
+        _push(folder, registry_root)
+    else:
+        print(f"{manifest['name']}:{held} already holds {folder.name}'s weights", flush=True)
 
 
 def _push(
@@ -269,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--stages",
         help="comma-separated stages (image: classifier,teacher,student,evaluate;"
-        " video: judge,teacher,student,evaluate)",
+        " video: judge,teacher,forcing,self-forcing,evaluate)",
     )
     t.add_argument("--out", default="checkpoints", help="where checkpoint folders go")
     t.add_argument("--docs", default="docs", help="where the model card and figures go")

@@ -11,12 +11,20 @@ different frames), in one batched network call on the rows they own. Sessions th
 their frame then get one more batched call on their clean frames, whose keys and values go
 into their rows. The prompt's keys and values are computed once per prompt (`open`, `steer`).
 
-**Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid=True` has
-the first step of its first frame taken by the teacher the student was distilled from, with the
-teacher's own classifier-free guidance (2 NFE), at the student schedule's first timestep; the
-student re-noises that prediction and finishes the frame, and every later frame is the student's
-alone. The first frame sets the stream's layout, which is where a mode-seeking student loses the
-most variety; the cache is empty then, so the teacher needs no cache of its own.
+**The first frame** comes from an image model when the student's manifest names one
+(`first_frame`: image to video). At `open` the image engine draws the prompt at the session's seed
+and step count; the engine averages it down to the video size, and the first step boundary writes it
+into the session's cache and sends it as frame 0. The video student only ever continues a stream.
+Why: at 16×16 no network learned to draw the shapes from scratch in this project's CPU budget, while
+the image student draws them at 32×32 in one step (`docs/experiments/video_quality`). A student
+whose manifest names no image model draws frame 0 itself, from noise, like every later frame.
+
+**Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid=True` asks
+the image engine for its hybrid first frame: the image teacher takes its first step with its own
+classifier-free guidance, the image student the rest. The first frame sets the stream's layout (where
+the shape is, the background), which is where a mode-seeking student loses the most variety; every
+later frame is the video student's. Without an image model with its teacher loaded, `hybrid` is
+refused.
 
 Every noise draw is a function of (seed, frame, step) (`models.video.frame_noise`), so a
 stream's frames are the same whatever other sessions share its batches, and equal to the
@@ -37,9 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.engines.base import EngineInfo
-from fewstep.errors import CheckpointError, InvalidRequest, Overloaded, limit_error
-from fewstep.models.checkpoint import load_checkpoint, read_manifest
+from fewstep.engines.base import EngineInfo, ImageItem
+from fewstep.engines.image import ImageEngine
+from fewstep.errors import CheckpointError, FewstepError, InvalidRequest, Overloaded, limit_error
+from fewstep.models.checkpoint import WEIGHTS, load_checkpoint, read_manifest
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import (
@@ -70,8 +79,8 @@ class VideoSession:
     """A new prompt's keys and values, taken at the next frame boundary."""
     pending_prompt: str | None = None
     hybrid: bool = False
-    teacher_text: TextKV | None = None
-    """The prompt's keys and values in the teacher (hybrid sessions, until their first frame is made)."""
+    first: torch.Tensor | None = None
+    """Frame 0 (C, H, W) in [-1, 1], drawn by the image model at `open`, until it is sent."""
     closed: bool = False
     opened_at: float = field(default_factory=time.perf_counter)
 
@@ -99,10 +108,11 @@ class VideoEngine:
         capacity: int,
         backend: str = "torch",
         version: str | None = None,
-        teacher_folder: Path | None = None,
+        first_frame: ImageEngine | None = None,
     ) -> None:
-        """`teacher_folder`: the exact teacher the student names (hash-checked by the caller), which makes
-        `hybrid` sessions possible; without it they are refused."""
+        """`first_frame`: an engine (not yet loaded) on the exact image student the manifest names under
+        `first_frame` (hash-checked by the caller); required when the manifest names one. `hybrid`
+        sessions need its teacher."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1. Given: {capacity}")
         if backend not in VIDEO_BACKENDS:
@@ -117,6 +127,18 @@ class VideoEngine:
             raise CheckpointError(f"{folder.name}: manifest has no valid schedule or architecture ({e})") from e
         self.folder, self.encoder, self.capacity, self.backend = folder, encoder, capacity, backend
         self.manifest = manifest
+        ref = manifest.get("first_frame")
+        if ref is not None and not isinstance(ref, dict):
+            raise CheckpointError(f"{folder.name}: manifest's `first_frame` is not a model reference")
+        if first_frame is None:
+            if ref is not None:
+                raise CheckpointError(f"{folder.name}: its first-frame image model {ref.get('name')!r} is missing")
+        elif ref is None:
+            raise ValueError(f"{folder.name} names no first-frame model; do not pass one")
+        elif first_frame.manifest.get("files", {}).get(WEIGHTS, {}).get("sha256") != ref.get("sha256"):
+            raise CheckpointError(f"{folder.name}: the first-frame model given is not the one its manifest names")
+        elif first_frame.shape[0] != self.cfg.channels:
+            raise CheckpointError(f"{folder.name}: the first-frame model's channels differ from the student's")
         self.info = EngineInfo(
             model=manifest["name"],
             version=version or str(manifest.get("version", "1")),
@@ -130,13 +152,11 @@ class VideoEngine:
                 "sink": self.cfg.sink,
                 "window": self.cfg.window,
                 "capacity": capacity,
-                "hybrid": bool(teacher_folder),
+                "hybrid": bool(first_frame and first_frame.hybrid_available),
+                "first_frame": first_frame.info.model if first_frame else None,
             },
         )
-        self.teacher_folder = teacher_folder
-        self._teacher: VideoDenoiser | None = None
-        self._teacher_null: TextKV | None = None
-        self._teacher_guidance = 0.0
+        self.first_frame = first_frame
         self._net: VideoNet | None = None
         self._lock = threading.Lock()
         self._free = list(range(capacity))
@@ -159,26 +179,24 @@ class VideoEngine:
             except RuntimeError as e:
                 raise CheckpointError(f"{self.folder.name}: weights do not fit the manifest's architecture") from e
             self._net = net.eval()
+        if self.first_frame is not None:
+            self.first_frame.load()
+            self.info.extra["hybrid"] = self.first_frame.hybrid_available
         states, mask = self.encoder.encode([""])
-        if self.teacher_folder is not None:
-            manifest, weights = load_checkpoint(self.teacher_folder)
-            teacher = VideoDenoiser(VideoConfig(**manifest["architecture"]["config"]))
-            try:
-                teacher.load_state_dict(weights)
-            except RuntimeError as e:
-                raise CheckpointError(f"{self.teacher_folder.name}: weights do not fit its architecture") from e
-            self._teacher = teacher.eval()
-            self._teacher_guidance = float(manifest["sampler"]["guidance"])
-            with torch.inference_mode():
-                self._teacher_null = teacher.text_kv(states, mask)
-        empty = self.net.text_kv(states, mask)
+        with torch.inference_mode():
+            empty = self.net.text_kv(states, mask)
         rep = (1, self.capacity, 1, 1, 1)
-        self._text = TextKV(empty.k.repeat(*rep), empty.v.repeat(*rep), empty.mask.repeat(self.capacity, 1))
+        self._text = TextKV(
+            empty.k.repeat(*rep),
+            empty.v.repeat(*rep),
+            empty.mask.repeat(self.capacity, 1),
+            empty.pooled.repeat(self.capacity, 1),
+        )
 
     def warmup(self) -> None:
         """One frame at every step count (and a hybrid one), so the first session pays no first-call costs."""
         runs = [(steps, False) for steps in self.schedule.steps]
-        if self._teacher is not None:
+        if self.info.extra["hybrid"]:
             runs.append((max(self.schedule.steps), True))
         for steps, hybrid in runs:
             s = self.open("warm-up", 1, steps, 0, hybrid=hybrid)
@@ -210,10 +228,21 @@ class VideoEngine:
             self._check_hybrid(steps)
 
     def _check_hybrid(self, steps: int) -> None:
-        if self._teacher is None:
-            raise InvalidRequest("hybrid", f"`hybrid` needs the teacher of {self.info.model!r}, which is not loaded")
+        if not self.info.extra["hybrid"]:
+            raise InvalidRequest(
+                "hybrid", f"`hybrid` needs the image teacher of {self.info.model!r}'s first frame, which is not loaded"
+            )
         if steps < 2:
             raise limit_error("steps", "at least 2 with `hybrid` (the teacher takes the first)", steps)
+
+    def _first(self, prompt: str, steps: int, seed: int, hybrid: bool) -> torch.Tensor | None:
+        """Frame 0 from the image model, averaged down to the video size: (C, H, W) in [-1, 1]."""
+        if self.first_frame is None:
+            return None
+        (result,) = self.first_frame.run([ImageItem(prompt, seed=seed, steps=steps, hybrid=hybrid)])
+        if isinstance(result, FewstepError):
+            raise result
+        return first_frame_from_pixels(result.pixels, self.cfg.size)
 
     def _prompt_kv(self, prompt: str) -> TextKV:
         with torch.inference_mode():
@@ -225,11 +254,11 @@ class VideoEngine:
             raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
         if hybrid:
             self._check_hybrid(steps)
-        text = self._prompt_kv(prompt)  # outside the lock: the text encoder is the slow part
-        teacher_text = None
-        if hybrid and self._teacher is not None:
-            with torch.inference_mode():
-                teacher_text = self._teacher.text_kv(*self.encoder.encode([prompt]))
+        if not 0 <= seed <= MAX_SEED:
+            raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
+        # Outside the lock: the text encoder and the image model are the slow part.
+        text = self._prompt_kv(prompt)
+        first = self._first(prompt, steps, seed, hybrid)
         with self._lock:
             if not self._free:
                 raise Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
@@ -237,7 +266,7 @@ class VideoEngine:
             self._set_text(row, text)
             self._cache.reset(row)
             session = VideoSession(
-                prompt=prompt, frames=frames, steps=steps, seed=seed, row=row, hybrid=hybrid, teacher_text=teacher_text
+                prompt=prompt, frames=frames, steps=steps, seed=seed, row=row, hybrid=hybrid, first=first
             )
             self._sessions.add(session)
         return session
@@ -263,79 +292,68 @@ class VideoEngine:
         self._text.k[:, row] = text.k[:, 0]
         self._text.v[:, row] = text.v[:, 0]
         self._text.mask[row] = text.mask[0]
+        self._text.pooled[row] = text.pooled[0]
 
     # -- one step boundary ------------------------------------------------------------------------
     @torch.inference_mode()
     def advance(self, sessions: list[VideoSession]) -> list[Frame]:
-        """One denoising step for each open, unfinished session; the frames that finished at this step."""
+        """One denoising step for each open, unfinished session; the frames that finished at this step.
+        A session whose frame 0 came from the image model finishes it at its first boundary, in the same
+        cache write as the others."""
         with self._lock:
             live = [s for s in sessions if not s.closed and not s.finished]
             if not live:
                 return []
             assert self._text is not None
             for s in live:
-                if s.step == 0:
-                    if s.pending is not None:  # a new prompt starts with a new frame
-                        self._set_text(s.row, s.pending)
-                        s.prompt, s.pending, s.pending_prompt = s.pending_prompt or s.prompt, None, None
-                    s.x = frame_noise([s.seed], s.frame, 0, self.cfg)[0]
-            rows = torch.tensor([s.row for s in live])
-            text = self._text.take(rows)
-            cache = self._cache.take(rows)
-            ts = [self.schedule.timesteps_for(s.steps) for s in live]
-            t = torch.tensor([tl[s.step] for s, tl in zip(live, ts, strict=True)])
-            x = torch.stack([s.x for s in live if s.x is not None])
-            v = self.net.denoise(x, t, text, cache)
-            first = [i for i, s in enumerate(live) if s.teacher_text is not None and s.frame == 0 and s.step == 0]
-            if first:
-                v[first] = self._teacher_step(x[first], t[first], [live[i] for i in first])
-            x0 = self.schedule.to_x0(v, x, t)
-            done: list[int] = []
-            for i, (s, tl) in enumerate(zip(live, ts, strict=True)):
-                s.step += 1
-                if s.step < len(tl):
-                    fresh = frame_noise([s.seed], s.frame, s.step, self.cfg)
-                    nxt = torch.tensor([tl[s.step]])
-                    s.x = self.schedule.next_state(x0[i : i + 1], v[i : i + 1], x[i : i + 1], t[i : i + 1], nxt, fresh)[
-                        0
-                    ]
-                else:
-                    done.append(i)
+                if s.step == 0 and s.pending is not None:  # a new prompt starts with a new frame
+                    self._set_text(s.row, s.pending)
+                    s.prompt, s.pending, s.pending_prompt = s.pending_prompt or s.prompt, None, None
+            done = [s for s in live if s.first is not None]
+            clean = [s.first for s in done if s.first is not None]
+            stepping = [s for s in live if s.first is None]
+            if stepping:
+                finished, frames = self._step(stepping)
+                done, clean = done + finished, clean + frames
             if not done:
                 return []
-            idx = torch.tensor(done)
-            clean = x0[idx].clamp(-1, 1)
-            part = cache.take(idx)  # the rows already gathered for this step
-            k, vv = self.net.keys_values(clean, text.take(idx), part)
-            part.store(k, vv, clean, sink=self.cfg.sink, window=self.cfg.window)
-            self._cache.put(rows[idx], part)
-            pixels = ((clean + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            rows = torch.tensor([s.row for s in done])
+            x0 = torch.stack(clean)
+            part = self._cache.take(rows)
+            k, v = self.net.keys_values(x0, self._text.take(rows), part)
+            part.store(k, v, x0, sink=self.cfg.sink, window=self.cfg.window)
+            self._cache.put(rows, part)
+            pixels = ((x0 + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             out = []
-            for j, i in enumerate(done):
-                s = live[i]
-                out.append(Frame(s, s.frame, pixels[j]))
-                s.frame, s.step, s.x = s.frame + 1, 0, None
+            for s, p in zip(done, pixels, strict=True):
+                out.append(Frame(s, s.frame, p))
+                s.frame, s.step, s.x, s.first = s.frame + 1, 0, None, None
             return out
 
-    def _teacher_step(self, x: torch.Tensor, t: torch.Tensor, sessions: list[VideoSession]) -> torch.Tensor:
-        """The teacher's CFG velocity for the first step of these sessions' first frames (empty caches)."""
-        teacher, null = self._teacher, self._teacher_null
-        assert teacher is not None and null is not None
-        n = len(sessions)
-        texts = [s.teacher_text for s in sessions if s.teacher_text is not None]
-        cond = TextKV(
-            torch.cat([tt.k for tt in texts], 1),
-            torch.cat([tt.v for tt in texts], 1),
-            torch.cat([tt.mask for tt in texts]),
-        )
-        rep = (1, n, 1, 1, 1)
-        uncond = TextKV(null.k.repeat(*rep), null.v.repeat(*rep), null.mask.repeat(n, 1))
-        empty = KVCache.empty(teacher.cfg, n)
-        v_c = teacher.denoise(x, t, cond, empty)
-        v_u = teacher.denoise(x, t, uncond, empty)
-        for s in sessions:
-            s.teacher_text = None  # used once
-        return v_u + self._teacher_guidance * (v_c - v_u)
+    def _step(self, live: list[VideoSession]) -> tuple[list[VideoSession], list[torch.Tensor]]:
+        """One batched student step of `live`'s current frames: the sessions whose frame that step
+        finished, and those frames (C, H, W), clean."""
+        assert self._text is not None
+        for s in live:
+            if s.step == 0:
+                s.x = frame_noise([s.seed], s.frame, 0, self.cfg)[0]
+        rows = torch.tensor([s.row for s in live])
+        ts = [self.schedule.timesteps_for(s.steps) for s in live]
+        t = torch.tensor([tl[s.step] for s, tl in zip(live, ts, strict=True)])
+        x = torch.stack([s.x for s in live if s.x is not None])
+        v = self.net.denoise(x, t, self._text.take(rows), self._cache.take(rows))
+        x0 = self.schedule.to_x0(v, x, t)
+        done, clean = [], []
+        for i, (s, tl) in enumerate(zip(live, ts, strict=True)):
+            s.step += 1
+            if s.step < len(tl):
+                fresh = frame_noise([s.seed], s.frame, s.step, self.cfg)
+                nxt = torch.tensor([tl[s.step]])
+                s.x = self.schedule.next_state(x0[i : i + 1], v[i : i + 1], x[i : i + 1], t[i : i + 1], nxt, fresh)[0]
+            else:
+                done.append(s)
+                clean.append(x0[i].clamp(-1, 1))
+        return done, clean
 
     def health(self) -> dict[str, Any]:
         return {"loaded": self._net is not None, "sessions": self.active, "capacity": self.capacity}
@@ -346,3 +364,13 @@ class VideoEngine:
                 s.closed = True
             self._sessions.clear()
             self._free = list(range(self.capacity))
+
+
+def first_frame_from_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """An image engine's (H, W, 3) uint8 picture as a video frame (3, size, size) in [-1, 1]: each
+    size × size block of the picture averaged, as the video data set makes its frames."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+    factor = x.shape[-1] // size
+    if factor * size != x.shape[-1]:
+        raise CheckpointError(f"the first-frame model's {x.shape[-1]}-pixel images do not reduce to {size}")
+    return torch.nn.functional.avg_pool2d(x[None], factor)[0] if factor > 1 else x

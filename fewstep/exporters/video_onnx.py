@@ -2,7 +2,7 @@
 
 The per-frame work is three graphs, each a method of `VideoDenoiser` with tensors in and out:
 
-* `video.text.onnx`: `states`, `mask` → `text_k`, `text_v` (once per prompt);
+* `video.text.onnx`: `states`, `mask` → `text_k`, `text_v`, `text_pooled` (once per prompt);
 * `video.denoise.onnx`: `x`, `t`, the prompt's keys/values and mask, the cache (`cache_k`,
   `cache_v`, `frame_of`, `written`, and the latest clean frames `cache_frames`) → `v` (one per step);
 * `video.keys_values.onnx`: the clean frame with the same prompt and cache inputs → the frame's
@@ -35,13 +35,27 @@ from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser, fr
 
 ARTIFACT = "video.onnx.json"
 GRAPHS = ("text", "denoise", "keys_values")
-CACHE_INPUTS = ("text_k", "text_v", "text_mask", "cache_k", "cache_v", "frame_of", "written", "cache_frames")
+CACHE_INPUTS = (
+    "text_k",
+    "text_v",
+    "text_mask",
+    "text_pooled",
+    "cache_k",
+    "cache_v",
+    "frame_of",
+    "written",
+    "cache_frames",
+)
 INPUTS: dict[str, tuple[str, ...]] = {
     "text": ("states", "mask"),
     "denoise": ("x", "t", *CACHE_INPUTS),
     "keys_values": ("clean", *CACHE_INPUTS),
 }
-OUTPUTS: dict[str, tuple[str, ...]] = {"text": ("text_k", "text_v"), "denoise": ("v",), "keys_values": ("k", "v")}
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "text": ("text_k", "text_v", "text_pooled"),
+    "denoise": ("v",),
+    "keys_values": ("k", "v"),
+}
 BATCH_AXIS = {"text_k": 1, "text_v": 1, "cache_k": 1, "cache_v": 1}
 PARITY_PROMPTS = ("a red circle moving left quickly", "a blue square sliding up slowly")
 
@@ -50,8 +64,8 @@ def graph_file(name: str) -> str:
     return f"video.{name}.onnx"
 
 
-def _text(mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> TextKV:
-    return TextKV(k, v, mask > 0.5)
+def _text(mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled: torch.Tensor) -> TextKV:
+    return TextKV(k, v, mask > 0.5, pooled)
 
 
 class _TextGraph(torch.nn.Module):
@@ -59,9 +73,9 @@ class _TextGraph(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kv = self.net.text_kv(states, mask)
-        return kv.k, kv.v
+        return kv.k, kv.v, kv.pooled
 
 
 class _DenoiseGraph(torch.nn.Module):
@@ -76,6 +90,7 @@ class _DenoiseGraph(torch.nn.Module):
         text_k: torch.Tensor,
         text_v: torch.Tensor,
         text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
         frame_of: torch.Tensor,
@@ -83,7 +98,7 @@ class _DenoiseGraph(torch.nn.Module):
         cache_frames: torch.Tensor,
     ) -> torch.Tensor:
         cache = KVCache(cache_k, cache_v, frame_of, written, cache_frames)
-        return self.net.denoise(x, t, _text(text_mask, text_k, text_v), cache)
+        return self.net.denoise(x, t, _text(text_mask, text_k, text_v, text_pooled), cache)
 
 
 class _KeysValuesGraph(torch.nn.Module):
@@ -97,6 +112,7 @@ class _KeysValuesGraph(torch.nn.Module):
         text_k: torch.Tensor,
         text_v: torch.Tensor,
         text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
         frame_of: torch.Tensor,
@@ -104,7 +120,7 @@ class _KeysValuesGraph(torch.nn.Module):
         cache_frames: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = KVCache(cache_k, cache_v, frame_of, written, cache_frames)
-        return self.net.keys_values(clean, _text(text_mask, text_k, text_v), cache)
+        return self.net.keys_values(clean, _text(text_mask, text_k, text_v, text_pooled), cache)
 
 
 class OnnxVideoNet:
@@ -133,6 +149,7 @@ class OnnxVideoNet:
             "text_k": text.k,
             "text_v": text.v,
             "text_mask": text.mask.float(),
+            "text_pooled": text.pooled,
             "cache_k": cache.k,
             "cache_v": cache.v,
             "frame_of": cache.frame_of,
@@ -141,8 +158,8 @@ class OnnxVideoNet:
         }
 
     def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV:
-        k, v = self._run("text", states=states.float(), mask=mask.float())
-        return TextKV(k, v, mask.bool())
+        k, v, pooled = self._run("text", states=states.float(), mask=mask.float())
+        return TextKV(k, v, mask.bool(), pooled)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor:
         return self._run("denoise", x=x.float(), t=t.float(), **self._cache_feeds(text, cache))[0]
@@ -158,7 +175,7 @@ def _examples(net: VideoDenoiser, encoder: TextEncoder) -> dict[str, tuple[torch
     text = net.text_kv(states, mask)
     cache = KVCache.empty(cfg, 2)
     x = torch.randn(2, cfg.channels, cfg.size, cfg.size)
-    rest = (text.k, text.v, mask.float(), cache.k, cache.v, cache.frame_of, cache.written, cache.frames)
+    rest = (text.k, text.v, mask.float(), text.pooled, cache.k, cache.v, cache.frame_of, cache.written, cache.frames)
     return {"text": (states, mask.float()), "denoise": (x, torch.rand(2), *rest), "keys_values": (x, *rest)}
 
 

@@ -115,7 +115,11 @@ class Registry:
     def teacher_dir(self, manifest: dict[str, Any]) -> Path | None:
         """The folder of the exact teacher a student's manifest names (by sha256), validated; None when the
         manifest names none or the registry does not hold it. Raises when the one it holds is refused."""
-        ref = manifest.get("teacher") or {}
+        return self.named_dir(manifest, "teacher")
+
+    def named_dir(self, manifest: dict[str, Any], key: str) -> Path | None:
+        """The folder of the exact model a manifest names under `key` (`{"name", "sha256"}`), as `teacher_dir`."""
+        ref = manifest.get(key) or {}
         if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not isinstance(ref.get("sha256"), str):
             return None
         version = self.find(ref["name"], ref["sha256"])

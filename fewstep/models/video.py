@@ -52,6 +52,10 @@ class VideoConfig:
     """The latest clean frames a frame also sees as pixels (input channels), beside the cached tokens."""
     sink: int = 1
     window: int = 8
+    residual: bool = False
+    """Predict the frame as the latest clean frame plus a correction (x0 = previous + output), and return
+    the velocity that estimate implies. A video's next frame is mostly its last one: with this the
+    network starts from a copy and learns the motion, instead of redrawing the scene every frame."""
 
     @property
     def tokens(self) -> int:
@@ -137,9 +141,10 @@ class TextKV:
     k: torch.Tensor  # (layers, batch, heads, text_tokens, head_dim)
     v: torch.Tensor
     mask: torch.Tensor  # (batch, text_tokens) bool
+    pooled: torch.Tensor  # (batch, dim): the whole prompt in one vector, added to the timestep embedding
 
     def take(self, rows: torch.Tensor) -> TextKV:
-        return TextKV(self.k[:, rows], self.v[:, rows], self.mask[rows])
+        return TextKV(self.k[:, rows], self.v[:, rows], self.mask[rows], self.pooled[rows])
 
 
 class VideoNet(Protocol):
@@ -206,37 +211,35 @@ class _Block(nn.Module):
 
 
 class _Level(nn.Module):
-    """Half the resolution: a strided convolution then a 3×3 convolution, each normed."""
+    """Half the resolution: a strided convolution then a 3×3 convolution, each normed, with the
+    timestep added between them (a convolution that does not know the noise level cannot tell
+    noise to remove from detail to keep)."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, dim: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=2, padding=1),
-            nn.GroupNorm(8, cout),
-            nn.SiLU(),
-            nn.Conv2d(cout, cout, 3, padding=1),
-            nn.GroupNorm(8, cout),
-            nn.SiLU(),
-        )
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+        self.time = nn.Linear(dim, cout)
+        self.body = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.body(x))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.body(self.down(x) + self.time(temb)[:, :, None, None]))
 
 
 class _Up(nn.Module):
-    """Double the resolution, then fuse with the encoder's features at that resolution."""
+    """Double the resolution, then fuse with the encoder's features at that resolution and the timestep."""
 
-    def __init__(self, cin: int, cskip: int) -> None:
+    def __init__(self, cin: int, cskip: int, dim: int) -> None:
         super().__init__()
         self.up = nn.Conv2d(cin, cskip, 3, padding=1)
+        self.time = nn.Linear(dim, cskip)
         self.fuse = nn.Sequential(
             nn.Conv2d(2 * cskip, cskip, 3, padding=1),
             nn.GroupNorm(8, cskip),
             nn.SiLU(),
         )
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = self.up(F.interpolate(x, scale_factor=2.0, mode="nearest")) + self.time(temb)[:, :, None, None]
         return cast(torch.Tensor, self.fuse(torch.cat([x, skip], dim=1)))
 
 
@@ -259,13 +262,14 @@ class VideoDenoiser(nn.Module):
         widths = [cfg.width * min(2**i, 2) for i in range(levels + 1)]
         self.conv_in = nn.Conv2d(cfg.channels * (1 + cfg.context_frames), widths[0], 3, padding=1)
         self.time_in = nn.Linear(cfg.dim, widths[0])
-        self.down = nn.ModuleList(_Level(widths[i], widths[i + 1]) for i in range(levels))
+        self.down = nn.ModuleList(_Level(widths[i], widths[i + 1], cfg.dim) for i in range(levels))
         self.to_tokens = nn.Linear(widths[-1], cfg.dim)
         self.from_tokens = nn.Linear(cfg.dim, widths[-1])
-        self.up = nn.ModuleList(_Up(widths[i + 1], widths[i]) for i in reversed(range(levels)))
+        self.up = nn.ModuleList(_Up(widths[i + 1], widths[i], cfg.dim) for i in reversed(range(levels)))
         self.conv_out = nn.Conv2d(widths[0], cfg.channels, 3, padding=1)
         self.pos = nn.Parameter(torch.randn(cfg.tokens, cfg.dim) * 0.02)
         self.text_in = nn.Linear(cfg.text_dim, cfg.dim)
+        self.text_pool = nn.Linear(cfg.text_dim, cfg.dim)
         self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
         self.age_bias = nn.Parameter(torch.zeros(cfg.layers, cfg.heads, cfg.ages))
@@ -286,21 +290,31 @@ class VideoDenoiser(nn.Module):
         h = F.silu(self.conv_in(h) + self.time_in(temb)[:, :, None, None])
         skips = [h]
         for level in self.down:
-            h = level(h)
+            h = level(h, temb)
             skips.append(h)
         tokens = self.to_tokens(h.flatten(2).transpose(1, 2))
         return tokens + self.pos, skips[:-1]
 
-    def _pixels(self, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def _pixels(self, tokens: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
         g = self.cfg.size // self.cfg.patch
         h = self.from_tokens(tokens).transpose(1, 2).reshape(b, -1, g, g)
         for up, skip in zip(self.up, reversed(skips), strict=True):
-            h = up(h, skip)
+            h = up(h, skip, temb)
         return cast(torch.Tensor, self.conv_out(h))
 
-    def _temb(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time(_timestep_embedding(t, self.cfg.dim))
+    def _velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """The flow velocity from the head's output `out` for frames `x` at times `t` (B,), with the clean
+        frames before them `prev` (B, context_frames, C, H, W)."""
+        if not self.cfg.residual:
+            return out
+        x0 = out + prev[:, 0] if prev.shape[1] else out
+        return (x - x0) / t.clamp(min=T_FLOOR).view(-1, 1, 1, 1)
+
+    def _temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The conditioning every layer and level gets: the timestep's embedding plus the pooled prompt
+        (B, dim). The prompt then reaches the convolutions that draw the shape, not only the tokens."""
+        return self.time(_timestep_embedding(t, self.cfg.dim)) + pooled
 
     def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV:
         """Keys and values of the prompt in every layer: (B, text_tokens, text_dim) → TextKV."""
@@ -310,7 +324,9 @@ class VideoDenoiser(nn.Module):
             k, v = block.text_kv(h).chunk(2, dim=-1)
             ks.append(block.split(k))
             vs.append(block.split(v))
-        return TextKV(torch.stack(ks), torch.stack(vs), mask.bool())
+        weights = mask.float()[..., None]
+        pooled = self.text_pool((states * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+        return TextKV(torch.stack(ks), torch.stack(vs), mask.bool(), pooled)
 
     def _age_bucket(self, age: torch.Tensor, is_sink: torch.Tensor) -> torch.Tensor:
         """Bias index of a key `age` frames old: 0 own frame, 1 … window, window + 1 for an earlier sink frame."""
@@ -336,7 +352,7 @@ class VideoDenoiser(nn.Module):
         """Velocity (None without `pixels`) and this frame's keys and values in every layer."""
         cfg = self.cfg
         b = x.shape[0]
-        temb = self._temb(t)
+        temb = self._temb(t, text.pooled)
         h, skips = self._tokens(x, temb, cache.frames)
         ks, vs = [], []
         text_bias = torch.zeros(b, 1, 1, text.mask.shape[1]).masked_fill(~text.mask[:, None, None], float("-inf"))
@@ -360,7 +376,8 @@ class VideoDenoiser(nn.Module):
                 dim=-1,
             )
             h = block.finish(h, _attention(q, keys, values, bias), temb)
-        return (self._pixels(h, skips) if pixels else None), torch.stack(ks), torch.stack(vs)
+        vel = self._velocity(self._pixels(h, skips, temb), x, t, cache.frames) if pixels else None
+        return vel, torch.stack(ks), torch.stack(vs)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor:
         """Velocity for the next frame of each stream at times `t` (B,); the cache is only read."""
@@ -407,7 +424,7 @@ class VideoDenoiser(nn.Module):
         cfg = self.cfg
         b, nf = clean.shape[:2]
         n = cfg.tokens
-        ec = self._temb(torch.zeros(b * nf))
+        ec = self._temb(torch.zeros(b * nf), text.pooled.repeat_interleave(nf, dim=0))
         hc = self._tokens(clean.flatten(0, 1), ec, self._previous(clean))[0].view(b, nf * n, -1)
         tc = ec.view(b, nf, -1).repeat_interleave(n, dim=1)
         age, earlier, bucket = self._clip_masks(nf)
@@ -437,8 +454,9 @@ class VideoDenoiser(nn.Module):
         n = cfg.tokens
         text = self.text_kv(states, mask)
         kcs, vcs = self.context_kv(clean, text)
-        en = self._temb(t.flatten())
-        hn, skips = self._tokens(noisy.flatten(0, 1), en, self._previous(clean))
+        en = self._temb(t.flatten(), text.pooled.repeat_interleave(nf, dim=0))
+        prev = self._previous(clean)
+        hn, skips = self._tokens(noisy.flatten(0, 1), en, prev)
         hn = hn.view(b, nf * n, -1)
         tn = en.view(b, nf, -1).repeat_interleave(n, dim=1)
         age, earlier, bucket = self._clip_masks(nf)
@@ -460,7 +478,12 @@ class VideoDenoiser(nn.Module):
                 dim=-1,
             )
             hn = block.finish(hn, F.scaled_dot_product_attention(qn, keys, values, attn_mask=bias_n), tn)
-        return self._pixels(hn.reshape(b * nf, n, -1), skips).view(b, nf, cfg.channels, cfg.size, cfg.size)
+        out = self._velocity(self._pixels(hn.reshape(b * nf, n, -1), skips, en), noisy.flatten(0, 1), t.flatten(), prev)
+        return out.view(b, nf, cfg.channels, cfg.size, cfg.size)
+
+
+T_FLOOR = 1e-3
+"""Smallest t a residual network divides by: its velocity is (x − x0) / t."""
 
 
 # -- sampling ------------------------------------------------------------------------------

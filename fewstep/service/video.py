@@ -34,8 +34,10 @@ from typing import Any
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from fewstep.engines.base import EngineInfo
+from fewstep.engines.image import ImageEngine
 from fewstep.engines.video import Frame, VideoEngine, VideoSession
-from fewstep.errors import FewstepError, InvalidRequest, NotFound, NotReady, Overloaded, limit_error
+from fewstep.errors import CheckpointError, FewstepError, InvalidRequest, NotFound, NotReady, Overloaded, limit_error
+from fewstep.models.checkpoint import read_manifest
 from fewstep.models.registry import Registry
 from fewstep.models.text import TextEncoder
 from fewstep.service import errors
@@ -104,13 +106,14 @@ class VideoStreams:
                 version = self.registry.promoted(name)
                 if version is None or self.registry.manifest(name, version).get("kind") != "video":
                     continue
+                manifest = self.registry.manifest(name, version)
                 engine = VideoEngine(
                     self.registry.version_dir(name, version),
                     encoder,
                     capacity=self.settings.video_max_sessions,
                     backend=self.settings.video_backend,
                     version=version,
-                    teacher_folder=teacher_or_none(self.registry, name, self.registry.manifest(name, version)),
+                    first_frame=self._first_frame(manifest, encoder),
                 )
                 engine.load()
                 engine.warmup()
@@ -122,6 +125,23 @@ class VideoStreams:
             self.created[name] = int(self.registry.version_dir(name, version).stat().st_mtime)
             self.metrics.video_sessions.labels(name).set(0)
             log.info("video model %s:%s ready (%d sessions)", name, version, engine.capacity)
+
+    def _first_frame(self, manifest: dict[str, Any], encoder: TextEncoder) -> ImageEngine | None:
+        """An engine on the exact image student a video manifest names for frame 0 (None when it names
+        none; `CheckpointError` when the registry lacks it), with its teacher when the registry holds
+        that (for `hybrid`). Always torch: one image per stream, whatever backend the frames run on."""
+        folder = self.registry.named_dir(manifest, "first_frame")
+        if folder is None:
+            if manifest.get("first_frame") is None:
+                return None
+            ref = manifest["first_frame"]
+            raise CheckpointError(
+                f"its first-frame image model {ref.get('name')!r} (sha256 {str(ref.get('sha256'))[:12]}…) "
+                "is not in the registry"
+            )
+        image = read_manifest(folder)
+        teacher = teacher_or_none(self.registry, image["name"], image)
+        return ImageEngine(folder, encoder, "torch", "fp32", version=folder.name, teacher_folder=teacher)
 
     def close(self) -> None:
         self._stopping.set()

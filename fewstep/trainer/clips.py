@@ -23,11 +23,13 @@ from fewstep.trainer import shapes
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DIRECTION_NAMES: tuple[str, ...] = tuple(DIRECTIONS)
-SPEEDS: dict[str, float] = {"slowly": 0.75, "quickly": 1.5}
-"""Pixels per frame at 32×32."""
+SPEEDS: dict[str, float] = {"slowly": 2.0, "quickly": 3.0}
+"""Pixels per frame at 32×32: whole pixels at 16×16. At sub-pixel speeds (0.375 and 0.75 px per 16×16 frame)
+no model learned any motion in this CPU budget (docs/experiments/video_quality, E2–E3)."""
 SPEED_NAMES: tuple[str, ...] = tuple(SPEEDS)
-MIN_RADIUS, MAX_RADIUS = 4.0, 6.5
-"""Smaller than the still images' shapes: room to move."""
+MIN_RADIUS, MAX_RADIUS = shapes.MIN_RADIUS, shapes.MAX_RADIUS
+"""The still images' sizes: a stream's first frame is the image student's (`engines.video`), and the
+video student must continue any shape that model draws."""
 
 TRAIN_TEMPLATES: tuple[str, ...] = (
     "a {c} {s} moving {d} {v}",

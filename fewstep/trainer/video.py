@@ -1,12 +1,18 @@
 """`fewstep train video`: the video judge, the causal teacher, and the few-step causal students.
 
-Stages: `judge` (the frame classifier, `video_judge`), `teacher`, `student` (teacher forcing,
-then self-forcing), `evaluate` (`video_eval`: 256-frame streams, drift, the model card).
+Stages: `judge` (the frame classifier, `video_judge`), `teacher`, `forcing` (the teacher-forcing
+student), `self-forcing` (the served student), `evaluate` (`video_eval`: 256-frame streams, drift,
+the model card).
 
 Data are procedural clips (trainer/clips.py), 16×16 by default. At 32×32 a frame is four times as
 many tokens, and the attention over a clip grows with the square of that. The self-forcing stage
 rolls the student out on its own outputs for every training step, and on 2 CPU cores that
 budget decides the size.
+
+**Image to video.** Every stream's frame 0 is drawn by the image student (`trainer/image.py`, named
+by sha256 in the video manifests' `first_frame`), so the video models learn frames 1 on only: at
+16×16 no network learned to draw the shapes from scratch in this budget
+(`docs/experiments/video_quality`), while the image student draws them in one step.
 
 **Teacher.** Every frame of a clip gets its own noise level t, drawn from a logit-normal as for the
 image teacher. The network predicts each frame's flow velocity (ε − x₀) while seeing the earlier
@@ -15,12 +21,13 @@ forcing. The context frames carry Gaussian noise of a per-clip σ up to `context
 the teacher copied its own small errors forward frame after frame and shapes faded out within ~10
 frames. 10 % of prompts are dropped for classifier-free guidance; the weights kept are an EMA.
 
-**Students** start from the teacher and regress onto its samples (`teacher_targets`: `pair_steps`
-Euler steps with CFG, every frame at once) at the timesteps of the 1–4 step schedules, so one
-student serves 1–4 steps per frame with CFG baked in. *Teacher forcing*: every frame sees real
-(noise-augmented) earlier frames. *Self-forcing*: each training step first rolls the student out on
-its own outputs through its cache, and every frame then sees those generated frames, with the
-teacher's targets computed on the same generated context.
+**Students** learn the 1–4 step schedules by x0 regression onto the real clip at the schedules'
+timesteps (`one_step_share` of frames at t = 1, from pure noise). *Teacher forcing* (a new network):
+every frame sees real (noise-augmented) earlier frames. *Self-forcing* (from the teacher-forcing
+student): each training step first rolls the student out on its own outputs through its cache, from
+the clip's real first frame, and every frame then sees those generated frames. Measured in
+`docs/experiments/video_quality` (E9–E12): regression alone moves the shapes right and erodes them
+over tens of frames; self-forcing on its own rollouts trains most of that erosion away.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewstep.models.checkpoint import WEIGHTS, load_checkpoint, read_manifest, save_checkpoint
+from fewstep.errors import CheckpointError
+from fewstep.models.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, read_manifest, save_checkpoint
 from fewstep.models.schedules import default_student_schedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser, student_stream
 from fewstep.trainer import clips, video_judge
+from fewstep.trainer.image import STUDENT_DIR as IMAGE_STUDENT_DIR
 from fewstep.trainer.image import encoder_meta
 from fewstep.trainer.plots import save_curves
 from fewstep.trainer.progress import Progress
@@ -63,12 +72,13 @@ class VideoRecipe:
     dim: int = 64
     heads: int = 4
     layers: int = 3
-    width: int = 32
+    width: int = 48
     sink: int = 1
     window: int = 4
-    teacher_steps: int = 2500
+    residual: bool = True
+    teacher_steps: int = 1200
     batch: int = 24
-    lr: float = 5e-4
+    lr: float = 1e-3
     drop_prob: float = 0.1
     context_noise: float = 0.2
     """Most Gaussian noise (σ, per clip, drawn uniformly from 0) added to the clean context frames in
@@ -77,11 +87,18 @@ class VideoRecipe:
     sampler_steps: int = 16
     guidance: float = 3.0
     judge_steps: int = 400
-    pair_steps: int = 8
+    forcing_steps: int = 2000
+    forcing_lr: float = 1e-3
+    one_step_share: float = 0.7
+    """Share of training frames at t = 1 (the 1-step map, and every stream's first step); the rest are at
+    the lower timesteps of the 2–4 step schedules."""
     student_batch: int = 16
     student_lr: float = 2e-4
-    forcing_steps: int = 400
-    self_forcing_steps: int = 1800
+    self_forcing_steps: int = 800
+    self_forcing_frames: int = 16
+    """Rollout length at the end of the self-forcing stage: it grows from `frames` to this, so the student
+    meets its own output after longer and longer stretches of itself. (Longer rollouts with the loss on
+    their last frames did worse: `docs/experiments/video_quality`, E13.)"""
     default_steps: int = 2
     eval_streams: int = 32
     eval_frames: int = 256
@@ -99,10 +116,10 @@ class VideoRecipe:
             batch=2,
             sampler_steps=2,
             judge_steps=3,
-            pair_steps=2,
             student_batch=2,
             forcing_steps=2,
             self_forcing_steps=2,
+            self_forcing_frames=12,
             eval_streams=2,
             eval_frames=20,
         )
@@ -117,11 +134,14 @@ class VideoRecipe:
             width=self.width,
             sink=self.sink,
             window=self.window,
+            residual=self.residual,
         )
 
 
 def train_teacher(r: VideoRecipe, encoder: TextEncoder, log_every: int = 100) -> tuple[VideoDenoiser, list[float]]:
-    """Teacher forcing with flow matching; returns the EMA network and the per-step losses."""
+    """Teacher forcing with flow matching; returns the EMA network and the per-step losses.
+
+    Frame 0 is given at inference (the image student draws it), so only frames 1 on are trained."""
     torch.manual_seed(r.seed)
     g = torch.Generator().manual_seed(r.seed)
     net = VideoDenoiser(r.config()).train()
@@ -142,7 +162,8 @@ def train_teacher(r: VideoRecipe, encoder: TextEncoder, log_every: int = 100) ->
         tb = t[..., None, None, None]
         xt = (1 - tb) * x0 + tb * eps
         context = corrupt(x0, r.context_noise, g)
-        loss = F.mse_loss(net.forward_parallel(context, xt, t, states, mask), eps - x0)
+        v = net.forward_parallel(context, xt, t, states, mask)
+        loss = F.mse_loss(v[:, 1:], (eps - x0)[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -203,60 +224,32 @@ def corrupt(clean: torch.Tensor, max_sigma: float, g: torch.Generator) -> torch.
     return (clean + sigma * torch.randn(clean.shape, generator=g)).clamp(-1, 1)
 
 
-@torch.no_grad()
-def teacher_targets(
-    teacher: VideoDenoiser,
-    context: torch.Tensor,
-    z: torch.Tensor,
-    states: torch.Tensor,
-    mask: torch.Tensor,
-    null: tuple[torch.Tensor, torch.Tensor],
-    steps: int,
-    guidance: float,
-) -> torch.Tensor:
-    """The teacher's samples from noises `z` (B, F, C, H, W): Euler on the flow ODE with CFG, every
-    frame at once, each seeing the clean frames of `context` before it. The student's targets."""
-    b, nf = z.shape[:2]
-    both_states = torch.cat([states, null[0].expand(b, -1, -1)])
-    both_mask = torch.cat([mask, null[1].expand(b, -1)])
-    both_context = torch.cat([context, context])
-    grid = torch.linspace(1.0, 0.0, steps + 1)
-    x = z
-    for k in range(steps):
-        t = torch.full((2 * b, nf), float(grid[k]))
-        v_c, v_u = teacher.forward_parallel(both_context, torch.cat([x, x]), t, both_states, both_mask).chunk(2)
-        x = x + (grid[k + 1] - grid[k]) * (v_u + guidance * (v_c - v_u))
-    return x.clamp(-1, 1)
-
-
-def _student_times(b: int, nf: int, g: torch.Generator) -> torch.Tensor:
-    """Per-frame times: half the frames at t = 1 (the 1-step map), the rest at the lower timesteps
-    of the 2–4 step schedules, which is where the re-noising sampler puts them."""
+def _student_times(b: int, nf: int, share: float, g: torch.Generator) -> torch.Tensor:
+    """Per-frame times: a `share` of the frames at t = 1 (the 1-step map), the rest at the lower
+    timesteps of the 2–4 step schedules, which is where the re-noising sampler puts them."""
     lower = torch.tensor(sorted({t for ts in default_student_schedule().timesteps.values() for t in ts if t < 1}))
     t = lower[torch.randint(0, len(lower), (b, nf), generator=g)]
-    return torch.where(torch.rand(b, nf, generator=g) < 0.5, torch.ones(b, nf), t)
+    return torch.where(torch.rand(b, nf, generator=g) < share, torch.ones(b, nf), t)
 
 
 def _regression(
     student: VideoDenoiser,
     context: torch.Tensor,
-    z: torch.Tensor,
-    x0: torch.Tensor,
+    real: torch.Tensor,
     states: torch.Tensor,
     mask: torch.Tensor,
+    share: float,
     g: torch.Generator,
-    skip_first: bool = False,
 ) -> torch.Tensor:
-    """MSE between the student's x0 estimates and the targets `x0`, every frame seeing `context`
-    (without frame 0 when `skip_first`)."""
-    b, nf = z.shape[:2]
-    t = _student_times(b, nf, g)
+    """MSE between the student's x0 estimates of frames 1 on and the real frames, every frame seeing
+    `context` before it. At t = 1 the input is pure noise; below, the real frame re-noised to t."""
+    b, nf = real.shape[:2]
+    t = _student_times(b, nf, share, g)
     tb = t[..., None, None, None]
-    eps = torch.randn(x0.shape, generator=g)
-    xt = torch.where(tb >= 1.0, z, (1 - tb) * x0 + tb * eps)
+    eps = torch.randn(real.shape, generator=g)
+    xt = (1 - tb) * real + tb * eps
     v = student.forward_parallel(context, xt, t, states, mask)
-    err = (xt - tb * v - x0) ** 2
-    return err[:, 1:].mean() if skip_first else err.mean()
+    return ((xt - tb * v - real)[:, 1:] ** 2).mean()
 
 
 def _rollout(
@@ -284,46 +277,42 @@ def _rollout(
 
 def train_student(
     r: VideoRecipe,
-    teacher: VideoDenoiser | None,
     encoder: TextEncoder,
-    init: VideoDenoiser,
+    init: VideoDenoiser | None,
     steps: int,
     stage: str,
 ) -> tuple[VideoDenoiser, list[float]]:
-    """With a `teacher`, teacher forcing: regression on the teacher's samples, each frame seeing real
-    (noise-augmented) earlier frames. Without one, self-forcing: the student continues each clip's real first frame
-    on its own, through its cache, and every later frame is regressed onto the clip's real frame while
-    seeing those generated frames. A clip's first frame and caption fix the rest of it (one shape, constant
-    speed, bounces), so the real frame is the right continuation of the student's own context: the loss
-    pulls the student back whenever its stream wanders, which teacher targets cannot do once the teacher
-    itself fades on imperfect context (measured: see `docs/MODEL_CARD.md`)."""
-    self_forcing = teacher is None
+    """Regression of frames 1 on onto the real clip, from `init` (a new network when None).
+
+    Without `init`, teacher forcing: every frame sees the real (noise-augmented) earlier frames. From
+    `init`, self-forcing: the student first continues each clip's real first frame on its own, through
+    its cache, and every frame then sees those generated frames. A clip's first frame and caption fix
+    the rest of it (one shape, constant speed, bounces), so the real frame is the right continuation of
+    the student's own context, and the loss pulls the student back wherever its stream wanders. The
+    rollouts grow from `frames` to `self_forcing_frames` over the stage."""
+    self_forcing = init is not None
     g = torch.Generator().manual_seed(r.seed + (3 if self_forcing else 2))
     torch.manual_seed(r.seed + 2)
-    student = copy.deepcopy(init).train()
+    student = copy.deepcopy(init).train() if init is not None else VideoDenoiser(r.config()).train()
     for p in student.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=r.student_lr, weight_decay=0.0)
-    null = encoder.encode([""]) if teacher is not None else None
+    lr = r.student_lr if self_forcing else r.forcing_lr
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0 if self_forcing else 0.01)
+    batch = r.student_batch if self_forcing else r.batch
     losses: list[float] = []
     progress = Progress(f"video {stage} step", steps, 50)
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = r.student_lr * cosine_lr(step, steps, warmup=min(50, steps // 10 + 1))
-        video, _, caps = clips.batch(
-            r.seed + 7, step + (10**6 if self_forcing else 0), r.student_batch, r.frames, r.size
-        )
+            group["lr"] = lr * cosine_lr(step, steps, warmup=min(50, steps // 10 + 1))
+        frames = r.frames + (r.self_forcing_frames - r.frames) * step // max(steps - 1, 1) if self_forcing else r.frames
+        video, _, caps = clips.batch(r.seed + 7, step + (10**6 if self_forcing else 0), batch, frames, r.size)
         states, mask = encoder.encode(caps)
         real = torch.from_numpy(video)
-        z = torch.randn(real.shape, generator=g)
-        if null is None:
-            context = _rollout(student, states, mask, r.frames, g, first=real[:, 0])
-            loss = _regression(student, context, z, real, states, mask, g, skip_first=True)
+        if self_forcing:
+            context = _rollout(student, states, mask, frames, g, first=real[:, 0])
         else:
-            assert teacher is not None
             context = corrupt(real, r.context_noise, g)
-            x0 = teacher_targets(teacher, context, z, states, mask, null, r.pair_steps, r.guidance)
-            loss = _regression(student, context, z, x0, states, mask, g)
+        loss = _regression(student, context, real, states, mask, r.one_step_share, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -333,14 +322,10 @@ def train_student(
     return student.eval(), losses
 
 
-def _teacher_meta(folder: Path) -> dict[str, Any]:
+def _model_ref(folder: Path) -> dict[str, Any]:
+    """How a manifest names another model: by name, version and the sha256 of its weights."""
     m = read_manifest(folder)
-    return {
-        "name": m["name"],
-        "version": m.get("version"),
-        "sha256": m["files"][WEIGHTS]["sha256"],
-        "sampler": m["sampler"],
-    }
+    return {"name": m["name"], "version": m.get("version"), "sha256": m["files"][WEIGHTS]["sha256"]}
 
 
 def load_video_net(folder: Path) -> VideoDenoiser:
@@ -394,7 +379,8 @@ def stage_teacher(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -
     )
 
 
-def _student_manifest(r: VideoRecipe, name: str, kind: str, teacher: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def _student_manifest(r: VideoRecipe, name: str, kind: str, first_frame: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """`first_frame`: the image student that draws every stream's frame 0 (`engines.video`)."""
     schedule = replace(default_student_schedule(), default_steps=r.default_steps)
     return {
         "name": name,
@@ -404,20 +390,17 @@ def _student_manifest(r: VideoRecipe, name: str, kind: str, teacher: Path, extra
         "text_encoder": encoder_meta(),
         "native_size": f"{r.size}x{r.size}",
         "schedule": schedule.to_dict(),
-        "teacher": _teacher_meta(teacher),
+        "first_frame": _model_ref(first_frame),
         "trainer": {"recipe": asdict(r), **extra},
     }
 
 
 def stage_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
-    """The teacher-forcing student, from the teacher's weights: kept as the model card's ablation."""
-    teacher = load_video_net(out / TEACHER_DIR)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    """The teacher-forcing student, a new network: kept as the model card's ablation."""
     t0 = time.time()
-    forced, losses = train_student(r, teacher, encoder, teacher, r.forcing_steps, "teacher-forcing")
+    forced, losses = train_student(r, encoder, None, r.forcing_steps, "teacher-forcing")
     extra = {"teacher_forcing": {"steps": r.forcing_steps, "seconds": round(time.time() - t0, 1)}}
-    manifest = _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / TEACHER_DIR, extra)
+    manifest = _student_manifest(r, FORCING_ONLY_DIR, "video-ablation", out / IMAGE_STUDENT_DIR, extra)
     save_checkpoint(out / FORCING_ONLY_DIR, forced.state_dict(), manifest)
     save_curves({"teacher forcing": losses}, docs / "video_forcing_loss.png", "video student, teacher forcing")
 
@@ -426,17 +409,25 @@ def stage_self_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncod
     """The served student: self-forcing from the teacher-forcing student."""
     forced = load_video_net(out / FORCING_ONLY_DIR)
     t0 = time.time()
-    student, losses = train_student(r, None, encoder, forced, r.self_forcing_steps, "self-forcing")
+    student, losses = train_student(r, encoder, forced, r.self_forcing_steps, "self-forcing")
     extra = dict(read_manifest(out / FORCING_ONLY_DIR)["trainer"])
     extra.pop("recipe", None)
     extra["self_forcing"] = {"steps": r.self_forcing_steps, "seconds": round(time.time() - t0, 1)}
-    save_checkpoint(
-        out / STUDENT_DIR, student.state_dict(), _student_manifest(r, STUDENT_DIR, "video", out / TEACHER_DIR, extra)
-    )
+    manifest = _student_manifest(r, STUDENT_DIR, "video", out / IMAGE_STUDENT_DIR, extra)
+    save_checkpoint(out / STUDENT_DIR, student.state_dict(), manifest)
     save_curves({"self-forcing": losses}, docs / "video_self_forcing_loss.png", "video student, self-forcing")
 
 
 def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: int) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; choose from {STAGES}")
+    needs_image = {"forcing", "self-forcing", "evaluate"} & set(stages)
+    if needs_image and not (out / IMAGE_STUDENT_DIR / MANIFEST).is_file():
+        raise CheckpointError(
+            f"stage {sorted(needs_image)[0]!r} needs the image student that draws every stream's first frame "
+            f"({out / IMAGE_STUDENT_DIR}): run `fewstep train image` first"
+        )
     torch.set_num_threads(threads)
     encoder = TextEncoder()
     for stage in stages:

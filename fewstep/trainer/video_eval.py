@@ -2,9 +2,10 @@
 
 Every model makes `eval_streams` streams of `eval_frames` frames (256 by default) from held-out
 captions ("a video of a … that moves … …", a template never used in training), each seeded so
-that the served engine makes the very same stream. The video judge (`video_judge`) scores every
-frame: shape and colour as prompted, and motion along the prompted axis at the prompted speed,
-bounces included. Drift is the change from frames 1–16 to frames 241–256.
+that the served engine makes the very same stream: frame 0 from the image student the manifest
+names (`first_frame`), at the same seed and step count, and the rest from the video model. The
+video judge (`video_judge`) scores every frame: shape and colour as prompted, and motion along the
+prompted axis at the prompted speed, bounces included. Drift is the change from frames 1–16 to frames 241–256.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep.engines.base import ImageItem
+from fewstep.engines.image import ImageEngine
+from fewstep.engines.video import first_frame_from_pixels
+from fewstep.errors import FewstepError
 from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
@@ -27,6 +32,7 @@ from fewstep.trainer.evaluate import _update_metrics, write_card_section
 from fewstep.trainer.plots import save_grid
 from fewstep.trainer.video import (
     FORCING_ONLY_DIR,
+    IMAGE_STUDENT_DIR,
     JUDGE_DIR,
     STUDENT_DIR,
     TEACHER_DIR,
@@ -52,6 +58,18 @@ def eval_prompts(r: VideoRecipe) -> tuple[list[clips.Clip], list[str]]:
     rng = np.random.default_rng([r.seed, 271828])
     targets = clips.sample_clips(rng, r.eval_streams)
     return targets, [clips.caption(c, rng, clips.HELDOUT_TEMPLATES) for c in targets]
+
+
+def image_first_frames(
+    engine: ImageEngine, prompts: list[str], seeds: list[int], steps: int, size: int
+) -> torch.Tensor:
+    """Frame 0 of every stream as the served video engine makes it: (B, C, size, size) in [-1, 1]."""
+    out = []
+    for result in engine.run([ImageItem(p, seed=s, steps=steps) for p, s in zip(prompts, seeds, strict=True)]):
+        if isinstance(result, FewstepError):
+            raise result
+        out.append(first_frame_from_pixels(result.pixels, size))
+    return torch.stack(out)
 
 
 def _windows(scores: video_judge.StreamScores, frames: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -112,6 +130,9 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
     first = torch.from_numpy(real[:, 0])
     rows.append(_row("real clips", 0, 0, video_judge.score_streams(judge, real, targets), frames, 0.0))
 
+    image = ImageEngine(out / IMAGE_STUDENT_DIR, encoder)
+    image.load()
+    firsts: dict[int, torch.Tensor] = {}
     students: dict[str, VideoDenoiser] = {
         "self-forcing": load_video_net(out / STUDENT_DIR),
         "teacher forcing only": load_video_net(out / FORCING_ONLY_DIR),
@@ -125,7 +146,9 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
 
         for steps in schedule.steps:
             t0 = time.time()
-            video = student_stream(net, text, schedule, steps, frames, noise).numpy()
+            if steps not in firsts:
+                firsts[steps] = image_first_frames(image, prompts, seeds, steps, r.size)
+            video = student_stream(net, text, schedule, steps, frames, noise, first=firsts[steps]).numpy()
             seconds = round(time.time() - t0, 1)
             rows.append(_row(name, steps, steps, video_judge.score_streams(judge, video, targets), frames, seconds))
             print(f"  {name} {steps} steps: {rows[-1]['early']} → {rows[-1]['late']} ({seconds}s)", flush=True)
@@ -140,7 +163,9 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
     cond, null = teacher.text_kv(states, mask), teacher.text_kv(null_states, null_mask)
     t0 = time.time()
     torch.manual_seed(r.seed)
-    video = sample_stream(teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance)
+    video = sample_stream(
+        teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance, first=firsts[schedule.default_steps]
+    )
     scores = video_judge.score_streams(judge, video, targets)
     rows.append(_row("teacher", r.sampler_steps, 2 * r.sampler_steps, scores, frames, round(time.time() - t0, 1)))
     streams["teacher"] = video
@@ -218,31 +243,44 @@ def _write_card(
 Produced by `fewstep train video` (seed {r.seed}); this section is rewritten by its `evaluate` stage.
 
 **Data.** Procedural clips at {r.size}×{r.size}: one shape (circle, square, triangle, cross, radius
-{clips.MIN_RADIUS * px:g}–{clips.MAX_RADIUS * px:g} px) in one of five colours on a black, gray or white background,
-moving left, right, up or down, slowly ({clips.SPEEDS["slowly"] * px:g} px/frame) or quickly
-({clips.SPEEDS["quickly"] * px:g} px/frame), bouncing off the walls. Captions name all four.
+{clips.MIN_RADIUS * px:g}–{clips.MAX_RADIUS * px:g} px: the still images' sizes, halved) in one of five colours on a
+black, gray or white background, moving left, right, up or down, slowly ({clips.SPEEDS["slowly"] * px:g} px/frame)
+or quickly ({clips.SPEEDS["quickly"] * px:g} px/frame), bouncing off the walls. Captions name all four.
 16×16 rather than 32×32: every training step of the self-forcing stage rolls the student out frame by
 frame, and 2 CPU cores pay for a frame's pixels and tokens many times over.
+
+**Image to video.** Frame 0 of every stream is drawn by the image student (`{IMAGE_STUDENT_DIR}`, named by
+sha256 in the video manifest's `first_frame`) from the same prompt, seed and step count, at 32×32, and
+averaged down to {r.size}×{r.size}; the video models continue it. At 16×16 no network learned to draw the
+shapes from scratch in this CPU budget (`docs/experiments/video_quality`, E6–E8), while the image student
+draws them in one step. `hybrid` streams take their first frame from the image hybrid (image teacher's
+first step, image student's rest).
 
 **Network** (`models/video.py`). Per frame a small U-Net (width {r.width}) whose
 {r.size // r.patch}×{r.size // r.patch} bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads).
 Each layer attends to the prompt (keys/values computed once per prompt), to the cached clean frames in
 view (an attention sink of {r.sink} frame and a rolling window of {r.window}), and to the frame itself. The
-cache has a static shape, so a frame costs the same at frame 10 and at frame 10 000.
+cache has a static shape, so a frame costs the same at frame 10 and at frame 10 000. The timestep and
+the pooled prompt reach every convolution level, and the network predicts a frame as the previous
+clean frame plus a correction (`residual`): a video's next frame is mostly its last one.
 
-**Training.** Teacher: flow matching with teacher forcing (each frame noised, earlier frames real with
-Gaussian noise of σ up to {r.context_noise}), CFG by prompt dropout, {r.teacher_steps} steps of {r.batch} clips ×
-{r.frames} frames. Students start from the teacher and learn the 1–4 step schedules (x0 regression at their
-timesteps, CFG baked in):
-- *teacher forcing* ({r.forcing_steps} steps): each frame sees real (noise-augmented) earlier frames, and the
-  targets are the teacher's samples ({r.pair_steps}-step Euler, CFG {r.guidance});
+**Training.** Frames 1 on (frame 0 is given). Teacher: flow matching with teacher forcing (each frame
+noised, earlier frames real with Gaussian noise of σ up to {r.context_noise}), CFG by prompt dropout,
+{r.teacher_steps} steps of {r.batch} clips × {r.frames} frames. The students learn the 1–4 step schedules by x0
+regression onto the real clip at their timesteps ({r.one_step_share:.0%} of frames at t = 1, from pure noise):
+- *teacher forcing* ({r.forcing_steps} steps from a new network): each frame sees the real (noise-augmented)
+  earlier frames;
 - *self-forcing* ({r.self_forcing_steps} more steps from the teacher-forcing student): each step the student
   continues the clip's real first frame on its own, through its KV cache (1–4 steps per frame, drawn per
-  batch), and every later frame, seeing those generated frames, is regressed onto the clip's real frame.
-  A first frame and a caption fix the whole clip, so the real frame is the right continuation of the
-  student's own context: the student is trained on the inputs it meets when it streams (Self-Forcing's
-  point), with the data as the target where Self-Forcing uses a distribution-matching loss against the
-  teacher. The first frame has no context and is not in this loss: it stays as teacher forcing left it.
+  batch; rollouts growing from {r.frames} to {r.self_forcing_frames} frames over the stage), and every later frame,
+  seeing those generated frames, is regressed onto the clip's real frame. A first frame and a caption fix
+  the whole clip, so the real frame is the right continuation of the student's own context: the student
+  is trained on the inputs it meets when it streams (Self-Forcing's point), with the data as the target
+  where Self-Forcing uses a distribution-matching loss against the teacher.
+
+The students are trained on the clips, not on the teacher's samples: regression onto a teacher's
+samples can only be as good as the teacher, and on its own imperfect context this one fades (measured
+in the continuation table below). The teacher is the multi-step reference the students are compared with.
 
 **Judge** (`trainer/video_judge.py`): a frame classifier (shape, colour) trained on clip frames, and a
 centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at
@@ -254,9 +292,9 @@ seeds for every model. Accuracies over frames 1–16 and {late}; Δ in points.
 {header}
 {table}
 
-The teacher's NFE counts CFG's two evaluations per step. Student rows at the default step count
-({r.default_steps}) are the filmstrip's. *Frame 1 joint* is the first frame alone: it has no context, so it
-is the image-generation part of the task.
+The teacher's NFE counts CFG's two evaluations per step (frame 0's image-student steps are not
+counted). Student rows at the default step count ({r.default_steps}) are the filmstrip's. *Frame 1 joint* is the
+first frame alone: the image student's, at the row's step count (the teacher continues the default's).
 
 **Continuing a real first frame.** The same prompts and seeds, but every model is given the clip's
 real first frame and makes the rest: this separates how well a model continues a stream from how well

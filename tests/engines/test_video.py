@@ -1,8 +1,10 @@
-"""The streaming video engine on the shipped video student: sessions batched at step boundaries make the
-same frames as each stream alone, rows are admitted and freed, prompts steer, and ONNX matches torch."""
+"""The streaming video engine on the shipped video student: frame 0 is the image student's, sessions
+batched at step boundaries make the same frames as each stream alone, rows are admitted and freed,
+prompts steer, and ONNX matches torch."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,17 +12,27 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.engines.video import VideoEngine, VideoSession
+from fewstep.engines.base import ImageItem
+from fewstep.engines.image import ImageEngine
+from fewstep.engines.video import VideoEngine, VideoSession, first_frame_from_pixels
 from fewstep.errors import CheckpointError, InvalidRequest, Overloaded
+from fewstep.models.checkpoint import read_manifest
 from fewstep.models.video import frame_noise, student_stream
 
 PROMPT = "a red circle moving left quickly"
 OTHER = "a blue square moving down slowly"
 
 
+def _image(video_student: Path, encoder, teacher: bool = True) -> ImageEngine:  # type: ignore[no-untyped-def]
+    """An engine on the image student the video student names for frame 0 (shipped beside it)."""
+    ref = read_manifest(video_student)["first_frame"]
+    folder = video_student.parent / ref["name"]
+    return ImageEngine(folder, encoder, teacher_folder=video_student.parent / "shapes-teacher" if teacher else None)
+
+
 @pytest.fixture(scope="module")
 def engine(video_student: Path, encoder) -> VideoEngine:  # type: ignore[no-untyped-def]
-    e = VideoEngine(video_student, encoder, capacity=3)
+    e = VideoEngine(video_student, encoder, capacity=3, first_frame=_image(video_student, encoder))
     e.load()
     return e
 
@@ -50,11 +62,27 @@ def _alone(engine: VideoEngine, prompt: str, frames: int, steps: int, seed: int)
     return np.stack(_run(engine, [s])[id(s)])
 
 
+def test_frame_0_is_the_image_students_picture_averaged_to_the_video_size(engine: VideoEngine) -> None:
+    assert engine.first_frame is not None
+    got = _alone(engine, PROMPT, 1, 3, 11)[0]
+    (image,) = engine.first_frame.run([ImageItem(PROMPT, seed=11, steps=3)])
+    assert not isinstance(image, Exception)
+    k = image.pixels.shape[0] // engine.cfg.size
+    assert k == 2
+    blocks = image.pixels.astype(float).reshape(engine.cfg.size, k, engine.cfg.size, k, 3).mean(axis=(1, 3))
+    assert np.abs(got.astype(float) - blocks).max() <= 1.0
+    other = _alone(engine, PROMPT, 1, 3, 12)[0]
+    assert not np.array_equal(got, other)  # the seed reaches the image model
+
+
 def test_a_stream_equals_the_trainers_reference_sampler(engine: VideoEngine, encoder) -> None:  # type: ignore[no-untyped-def]
     cfg = engine.cfg
     frames = cfg.sink + cfg.window + 4  # past the window's roll-over
     got = _alone(engine, PROMPT, frames, 2, 7)
     net = engine.net
+    assert engine.first_frame is not None
+    (image,) = engine.first_frame.run([ImageItem(PROMPT, seed=7, steps=2)])
+    assert not isinstance(image, Exception)
     ref = student_stream(
         net,
         net.text_kv(*encoder.encode([PROMPT])),
@@ -62,6 +90,7 @@ def test_a_stream_equals_the_trainers_reference_sampler(engine: VideoEngine, enc
         2,
         frames,
         lambda f, k: frame_noise([7], f, k, cfg),
+        first=first_frame_from_pixels(image.pixels, cfg.size)[None],
     )
     ref_px = ((ref[0] + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert got.shape == (frames, cfg.size, cfg.size, 3)
@@ -135,8 +164,10 @@ def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student
     shutil.copytree(video_student, folder)
     art = export_video_onnx(folder, encoder)
     assert all(v is None or v >= 45.0 for v in art["parity"]["by_steps"].values())
-    torch_engine = VideoEngine(folder, encoder, capacity=2)
-    onnx_engine = VideoEngine(folder, encoder, capacity=2, backend="onnxruntime")
+    torch_engine = VideoEngine(folder, encoder, capacity=2, first_frame=_image(video_student, encoder))
+    onnx_engine = VideoEngine(
+        folder, encoder, capacity=2, backend="onnxruntime", first_frame=_image(video_student, encoder)
+    )
     torch_engine.load()
     onnx_engine.load()
     frames = torch_engine.cfg.sink + torch_engine.cfg.window + 3
@@ -147,13 +178,14 @@ def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student
     # A graph that no longer matches its recorded hash is refused.
     (folder / "video.denoise.onnx").write_bytes(b"not a graph")
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
-        VideoEngine(folder, encoder, capacity=1, backend="onnxruntime").load()
+        VideoEngine(
+            folder, encoder, capacity=1, backend="onnxruntime", first_frame=_image(video_student, encoder)
+        ).load()
     assert (folder / ARTIFACT).is_file()
 
 
-def test_hybrid_has_the_teacher_take_the_first_step_of_the_first_frame(video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
-    teacher = video_student.parent / "shapes-video-teacher"
-    e = VideoEngine(video_student, encoder, capacity=3, teacher_folder=teacher)
+def test_hybrid_takes_the_first_frame_from_the_image_hybrid(video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    e = VideoEngine(video_student, encoder, capacity=3, first_frame=_image(video_student, encoder))
     e.load()
     assert e.info.extra["hybrid"] is True
     frames = 6
@@ -161,7 +193,12 @@ def test_hybrid_has_the_teacher_take_the_first_step_of_the_first_frame(video_stu
     hybrid = np.stack(_run(e, [h := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h)])
     again = np.stack(_run(e, [h2 := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h2)])
     np.testing.assert_array_equal(hybrid, again)  # seeded, like every stream
-    assert not np.array_equal(hybrid[0], plain[0])  # the teacher's first step changed the first frame
+    assert not np.array_equal(hybrid[0], plain[0])  # the image teacher's first step changed the first frame
+    assert e.first_frame is not None
+    (image,) = e.first_frame.run([ImageItem(PROMPT, seed=4, steps=2, hybrid=True)])
+    assert not isinstance(image, Exception)
+    expected = ((first_frame_from_pixels(image.pixels, e.cfg.size) + 1) * 127.5 + 0.5).clamp(0, 255)
+    np.testing.assert_array_equal(hybrid[0], expected.to(torch.uint8).permute(1, 2, 0).numpy())
     # Batched with plain sessions at other frames, a hybrid stream is the same as alone.
     a = e.open(OTHER, frames, 3, 1)
     e.advance([a])
@@ -170,7 +207,40 @@ def test_hybrid_has_the_teacher_take_the_first_step_of_the_first_frame(video_stu
     _same(np.stack(got[id(b)]), hybrid)
     with pytest.raises(InvalidRequest, match="at least 2 with `hybrid`"):
         e.open(PROMPT, frames, 1, 0, hybrid=True)
-    no_teacher = VideoEngine(video_student, encoder, capacity=1)
+    no_teacher = VideoEngine(video_student, encoder, capacity=1, first_frame=_image(video_student, encoder, False))
     no_teacher.load()
-    with pytest.raises(InvalidRequest, match="needs the teacher"):
+    with pytest.raises(InvalidRequest, match="needs the image teacher"):
         no_teacher.open(PROMPT, frames, 2, 0, hybrid=True)
+
+
+def test_the_first_frame_model_must_be_the_one_the_manifest_names(
+    tmp_path: Path,
+    video_student: Path,
+    checkpoints: Path,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    with pytest.raises(CheckpointError, match="first-frame image model 'shapes' is missing"):
+        VideoEngine(video_student, encoder, capacity=1)
+    wrong = ImageEngine(checkpoints / "shapes", encoder)
+    wrong.manifest = {**wrong.manifest, "files": {"model.safetensors": {"sha256": "0" * 64}}}
+    with pytest.raises(CheckpointError, match="not the one its manifest names"):
+        VideoEngine(video_student, encoder, capacity=1, first_frame=wrong)
+
+
+def test_a_student_that_names_no_image_model_draws_frame_0_itself(tmp_path: Path, video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "shapes-video"
+    shutil.copytree(video_student, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["first_frame"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    e = VideoEngine(folder, encoder, capacity=1)
+    e.load()
+    assert e.info.extra["first_frame"] is None and e.info.extra["hybrid"] is False
+    got = _alone(e, PROMPT, 3, 1, 2)
+    net, cfg = e.net, e.cfg
+    ref = student_stream(
+        net, net.text_kv(*encoder.encode([PROMPT])), e.schedule, 1, 3, lambda f, k: frame_noise([2], f, k, cfg)
+    )
+    np.testing.assert_array_equal(
+        got, ((ref[0] + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    )

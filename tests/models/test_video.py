@@ -28,9 +28,9 @@ def _inputs(cfg: VideoConfig, b: int, frames: int) -> tuple[torch.Tensor, ...]:
     return clean, noisy, t, states, mask
 
 
-@pytest.mark.parametrize(("sink", "window"), [(1, 3), (2, 2), (0, 4)])
-def test_cached_inference_equals_the_parallel_pass_past_the_window(sink: int, window: int) -> None:
-    cfg = VideoConfig(size=8, patch=4, dim=32, heads=2, layers=2, sink=sink, window=window)
+@pytest.mark.parametrize(("sink", "window", "residual"), [(1, 3, False), (2, 2, False), (0, 4, False), (1, 3, True)])
+def test_cached_inference_equals_the_parallel_pass_past_the_window(sink: int, window: int, residual: bool) -> None:
+    cfg = VideoConfig(size=8, patch=4, dim=32, heads=2, layers=2, sink=sink, window=window, residual=residual)
     net = _net(cfg)
     frames = sink + window + 4  # long enough for the window to roll over
     clean, noisy, t, states, mask = _inputs(cfg, 2, frames)
@@ -44,6 +44,25 @@ def test_cached_inference_equals_the_parallel_pass_past_the_window(sink: int, wi
             net.write(clean[:, f], text, cache)
     assert cache.written.tolist() == [frames, frames]
     assert sorted(cache.frame_of[0].tolist()) == [*range(sink), *range(frames - window, frames)]
+
+
+def test_a_residual_network_with_no_correction_predicts_the_previous_frame() -> None:
+    cfg = VideoConfig(size=8, patch=4, dim=32, heads=2, layers=1, sink=1, window=2, residual=True)
+    net = _net(cfg)
+    with torch.no_grad():
+        net.conv_out.weight.zero_()
+        net.conv_out.bias.zero_()
+    clean, noisy, t, states, mask = _inputs(cfg, 2, 3)
+    with torch.no_grad():
+        text = net.text_kv(states, mask)
+        cache = KVCache.empty(cfg, 2)
+        net.write(clean[:, 0], text, cache)
+        v = net.denoise(noisy[:, 1], t[:, 1], text, cache)
+        x0 = noisy[:, 1] - t[:, 1].view(-1, 1, 1, 1) * v
+        torch.testing.assert_close(x0, clean[:, 0], atol=1e-5, rtol=1e-4)  # a copy of the last clean frame
+        v_parallel = net.forward_parallel(clean, noisy, t, states, mask)
+        x0_parallel = noisy - t[..., None, None, None] * v_parallel
+        torch.testing.assert_close(x0_parallel[:, 1:], clean[:, :-1], atol=1e-5, rtol=1e-4)
 
 
 def test_the_cache_has_one_shape_whatever_the_stream_length() -> None:

@@ -196,7 +196,7 @@ def test_a_bad_message_mid_stream_closes_1008(video_server: Server) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
-def test_a_hybrid_stream_starts_from_the_teachers_first_step(video_server: Server) -> None:
+def test_a_hybrid_stream_starts_from_the_image_hybrids_first_frame(video_server: Server) -> None:
     with _ws(video_server) as ws:
         _start(ws, frames=4, seed=21)
         plain, _ = _frames_then_done(ws)
@@ -214,7 +214,7 @@ def test_models_and_metrics_report_video(video_server: Server) -> None:
     models = httpx.get(video_server.url + "/v1/models", headers={"Authorization": "Bearer video-key"}).json()
     card = next(m for m in models["data"] if m["id"] == MODEL)
     assert card["kind"] == "video" and card["steps"] == [1, 2, 3, 4] and card["size"] == "16x16"
-    assert card["hybrid"] is True  # its teacher is in the registry
+    assert card["hybrid"] is True  # its first-frame image model's teacher is in the registry
     text = httpx.get(video_server.url + "/metrics").text
     for name in (
         "fewstep_video_time_to_first_frame_seconds_count",

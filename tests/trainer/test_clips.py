@@ -44,7 +44,7 @@ def test_the_shape_moves_as_captioned_then_bounces_and_never_leaves_the_frame(di
     centres = np.array([_centroid(f, bg) for f in video])
     dx, dy = clips.DIRECTIONS[direction]
     step = centres[1] - centres[0]
-    assert np.allclose(step, (dx * 1.5, dy * 1.5), atol=0.1)  # first frames: as captioned, at its speed
+    assert np.allclose(step, (dx * 3.0, dy * 3.0), atol=0.1)  # first frames: as captioned, at its speed
     # The whole shape stays visible: its pixel mass never drops (it would, cut off at an edge).
     mass = np.abs(video - bg[None, :, None, None]).sum(axis=(1, 2, 3))
     assert mass.min() > 0.97 * mass.max()
@@ -57,7 +57,7 @@ def test_the_shape_moves_as_captioned_then_bounces_and_never_leaves_the_frame(di
 def test_speed_and_size_options() -> None:
     scene = shapes.Scene("circle", "blue", "white", radius=5.0, cx=8.0, cy=16.0)
     slow = clips.Clip(scene, "right", "slowly").track(3)
-    assert np.allclose(slow[:, 0], [8.0, 8.75, 9.5])
+    assert np.allclose(slow[:, 0], [8.0, 10.0, 12.0])
     small = clips.render(clips.Clip(scene, "right", "slowly"), 4, np.random.default_rng(0), size=16)
     assert small.shape == (4, 3, 16, 16)
     with pytest.raises(ValueError, match="size must divide 32"):

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fewstep.cli import main
 from fewstep.models.checkpoint import load_checkpoint
+from fewstep.models.registry import Registry
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.video import VideoConfig, VideoDenoiser
-from fewstep.trainer.video import FORCING_ONLY_DIR, JUDGE_DIR, STUDENT_DIR, TEACHER_DIR, sample_stream
+from fewstep.trainer.video import (
+    FORCING_ONLY_DIR,
+    IMAGE_STUDENT_DIR,
+    JUDGE_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    sample_stream,
+)
 
 
-def test_quick_run_writes_every_checkpoint_and_the_card_section(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+def test_quick_run_writes_every_checkpoint_and_the_card_section(  # type: ignore[no-untyped-def]
+    tmp_path: Path, checkpoints: Path, encoder, capsys: pytest.CaptureFixture[str]
+) -> None:
     docs = tmp_path / "docs"
     (docs).mkdir()
     (docs / "MODEL_CARD.md").write_text("# card\n\n<!-- image-eval -->\nimage rows\n<!-- /image-eval -->\n")
-    assert main(["train", "video", "--quick", "--out", str(tmp_path), "--docs", str(docs), "--threads", "1"]) == 0
-    teacher_sha = load_checkpoint(tmp_path / TEACHER_DIR)[0]["files"]["model.safetensors"]["sha256"]
+    argv = ["train", "video", "--quick", "--out", str(tmp_path), "--docs", str(docs), "--threads", "1"]
+    assert main(argv) == 1  # the students continue the image student's first frame: it must exist
+    assert "run `fewstep train image` first" in capsys.readouterr().err
+    assert not (tmp_path / JUDGE_DIR).exists()  # refused before any stage ran
+    shutil.copytree(checkpoints / IMAGE_STUDENT_DIR, tmp_path / IMAGE_STUDENT_DIR)
+    registry = Registry(tmp_path / "registry")
+    registry.publish(tmp_path / IMAGE_STUDENT_DIR)  # already held: --push must not publish it again
+    assert main([*argv, "--push", "--registry", str(registry.root)]) == 0
+    assert registry.versions(IMAGE_STUDENT_DIR) == ["1"]
+    assert registry.promoted(STUDENT_DIR) == "1" and registry.promoted(TEACHER_DIR) == "1"
+    assert registry.named_dir(registry.manifest(STUDENT_DIR, "1"), "first_frame") == registry.version_dir(
+        IMAGE_STUDENT_DIR, "1"
+    )
+    image_sha = load_checkpoint(tmp_path / IMAGE_STUDENT_DIR)[0]["files"]["model.safetensors"]["sha256"]
     for folder, kind in ((STUDENT_DIR, "video"), (FORCING_ONLY_DIR, "video-ablation")):
         manifest, _ = load_checkpoint(tmp_path / folder)
-        assert manifest["kind"] == kind and manifest["teacher"]["sha256"] == teacher_sha
+        assert manifest["kind"] == kind and manifest["first_frame"]["sha256"] == image_sha
         assert FewStepSchedule.from_dict(manifest["schedule"]).steps == [1, 2, 3, 4]
         rows = manifest["metrics"]["streams"]
         assert [r["steps"] for r in rows] == [1, 2, 3, 4]

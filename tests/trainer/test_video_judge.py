@@ -37,16 +37,16 @@ def test_frozen_sideways_and_noise_streams_fail() -> None:
 
 
 def test_a_reversal_in_mid_field_is_wrong() -> None:
-    videos, targets = video_judge.real_streams(5, 64, 24, 16)
-    # A stream that has not bounced by frame 12 and is well clear of the walls there: play it backwards.
+    videos, targets = video_judge.real_streams(5, 256, 10, 16)
+    # A stream that has not bounced by frame 9 and is well clear of the walls at frame 5: play it backwards.
     for v, c in zip(videos, targets, strict=True):
         axis = 0 if clips.DIRECTIONS[c.direction][0] else 1
         clear = video_judge.SPAN * clips.SPEEDS[c.speed] * 16 / shapes.SIZE + 1.5  # past the judge's wall zone
-        if len(set(c.motion(24))) == 1 and video_judge.wall_gaps(v[12:13])[0, axis] > clear:
-            swapped = np.concatenate([v[:13], v[11::-1]])
+        if len(set(c.motion(10))) == 1 and video_judge.wall_gaps(v[5:6])[0, axis] > clear:
+            swapped = np.concatenate([v[:6], v[4::-1]])
             ok = video_judge.motion_correct(
                 video_judge.centroids(swapped), video_judge.wall_gaps(swapped), c.direction, c.speed, 16
             )
-            assert ok[1:12].all() and not ok[13:15].all()
+            assert ok[1:6].all() and not ok[6:8].all()
             return
     raise AssertionError("no stream without a bounce in the sample")
