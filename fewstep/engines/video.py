@@ -220,6 +220,9 @@ class VideoEngine:
     def validate(self, frames: int, steps: int, seed: int, max_frames: int, hybrid: bool = False) -> None:
         if not 1 <= frames <= max_frames:
             raise limit_error("frames", f"between 1 and {max_frames}", frames)
+        self._check(steps, seed, hybrid)
+
+    def _check(self, steps: int, seed: int, hybrid: bool) -> None:
         if steps not in self.schedule.steps:
             raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
         if not 0 <= seed <= MAX_SEED:
@@ -250,18 +253,15 @@ class VideoEngine:
 
     def open(self, prompt: str, frames: int, steps: int, seed: int, hybrid: bool = False) -> VideoSession:
         """A new session in a free row; `Overloaded` when all `capacity` rows are taken."""
-        if steps not in self.schedule.steps:
-            raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
-        if hybrid:
-            self._check_hybrid(steps)
-        if not 0 <= seed <= MAX_SEED:
-            raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
+        self._check(steps, seed, hybrid)
+        if not self._free:  # refuse before the slow part; the check under the lock below is the one that counts
+            raise self._full()
         # Outside the lock: the text encoder and the image model are the slow part.
         text = self._prompt_kv(prompt)
         first = self._first(prompt, steps, seed, hybrid)
         with self._lock:
             if not self._free:
-                raise Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+                raise self._full()
             row = self._free.pop(0)
             self._set_text(row, text)
             self._cache.reset(row)
@@ -270,6 +270,9 @@ class VideoEngine:
             )
             self._sessions.add(session)
         return session
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
 
     def steer(self, session: VideoSession, prompt: str) -> None:
         """Change the prompt from the session's next frame on (the frame in progress keeps its own)."""
