@@ -321,7 +321,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     created=videos.created.get(info.model, 0),
                     kind="video",
                     version=info.version,
-                    versions=[ModelVersion(version=info.version, status="serving", reason=None)],
+                    versions=[
+                        ModelVersion(version=v, status=st, reason=why)
+                        for v, (st, why) in videos.statuses.get(info.model, {}).items()
+                    ],
                     steps=info.steps,
                     default_steps=info.default_steps,
                     size=info.size,

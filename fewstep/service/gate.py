@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,32 +69,47 @@ def probe_items(seeds_per_prompt: int, steps: int) -> tuple[list[ImageItem], np.
     return items, np.array(ys), np.array(yc)
 
 
+class RegistryJudge:
+    """A judging model read once from the registry's promoted version of `name`, or None when the registry
+    has none (or `name` is empty): then the gate checks only that its probes run and are finite."""
+
+    def __init__(self, registry: Registry, name: str, load: Callable[[Path], Any], what: str) -> None:
+        self.registry, self.name, self.load, self.what = registry, name, load, what
+        self._model: Any = None
+        self._missing: str | None = None
+
+    def get(self) -> Any:
+        if self._model is not None or self._missing is not None:
+            return self._model
+        try:
+            version = self.registry.promoted(self.name) if self.name else None
+            if version is None:
+                raise FewstepError(f"no promoted version of {self.name!r} in the registry" if self.name else "disabled")
+            self.registry.validate(self.name, version)
+            self._model = self.load(self.registry.version_dir(self.name, version))
+        except FewstepError as e:
+            self._missing = str(e)
+            log.warning("gate: %s is not checked (%s); probes are still run", self.what, e)
+        return self._model
+
+
+def _load_classifier(folder: Path) -> Any:
+    from fewstep.trainer.image import load_classifier
+
+    return load_classifier(folder)
+
+
 class Gate:
     """Runs the probes on a loaded engine and judges it against the serving version's accuracy."""
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self._judge: Any = None
-        self._judge_missing: str | None = None
+        self._judge = RegistryJudge(registry, settings.gate_judge, _load_classifier, "attribute accuracy")
 
     def _classifier(self) -> Any:
         """The attribute classifier from the registry (`FEWSTEP_GATE_JUDGE`), or None (quality unchecked)."""
-        if self._judge is not None or self._judge_missing is not None:
-            return self._judge
-        name = self.settings.gate_judge
-        try:
-            version = self.registry.promoted(name) if name else None
-            if version is None:
-                raise FewstepError(f"no promoted version of {name!r} in the registry" if name else "disabled")
-            from fewstep.trainer.image import load_classifier
-
-            self.registry.validate(name, version)
-            self._judge = load_classifier(self.registry.version_dir(name, version))
-        except FewstepError as e:
-            self._judge_missing = str(e)
-            log.warning("gate: attribute accuracy is not checked (%s); probes are still run", e)
-        return self._judge
+        return self._judge.get()
 
     def accuracy(self, engine: ImageEngine) -> tuple[float | None, int]:
         """Joint accuracy of `engine` on the probes (None without a judge), and the number of probes.

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     """How long a new WebSocket may take to send its first message before it is closed (1008)."""
     video_backend: Literal["torch", "onnxruntime"] = "torch"
     """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
+    video_gate_streams: int = Field(8, ge=0, le=64)
+    """Probe streams a new video version must pass before it takes sessions (`service/video_gate.py`); 0: no gate."""
+    video_gate_frames: int = Field(16, ge=2, le=256)
+    """Frames per video probe stream."""
+    video_gate_judge: str = "shapes-video-judge"
+    """Registry model that judges the video probes (shape, colour, motion); empty or missing: only finiteness."""
 
     log_level: str = "info"
     """Python logging level of the gateway."""

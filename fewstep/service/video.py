@@ -5,6 +5,15 @@ holds its WebSocket, not through the job queue: video scales out with gateway re
 admitting up to `video_max_sessions` streams per video model. Every registry model of kind
 `video` is loaded (its promoted version) once the registry is seeded.
 
+Video models follow the registry like image models do: every `watch_interval_s` a watch thread
+reads each model's pointer, and a new version (a push, a promotion, a rollback) is loaded beside
+the one serving. Once it has loaded, warmed up and passed the video gate (`service/video_gate.py`:
+fixed probe streams, judged against the version serving), new sessions open on it; the sessions
+open on the old version finish there, and the old engine is dropped when its last session ends.
+A version that fails to load (bad weights, a first-frame model the registry lacks) or fails the
+gate is refused with its reason (`GET /v1/models` lists it), logged, and not tried again until the
+pointer moves; the version serving goes on serving.
+
 One driver thread runs every step boundary: each open session that is not finished and whose
 client has read its frames (at most `video_buffer_frames` unsent) takes one step, all sessions
 of one model in one batched call. Finished frames are PNG-encoded here and handed to the
@@ -42,9 +51,11 @@ from fewstep.models.registry import Registry
 from fewstep.models.text import TextEncoder
 from fewstep.service import errors
 from fewstep.service.auth import KeyRing
+from fewstep.service.gate import Verdict
 from fewstep.service.metrics import Metrics
 from fewstep.service.runtime import teacher_or_none
 from fewstep.service.settings import Settings
+from fewstep.service.video_gate import VideoGate
 from fewstep.service.worker import encode_png
 
 log = logging.getLogger("fewstep.service")
@@ -56,6 +67,9 @@ class Stream:
     """One WebSocket's session and where its frames go."""
 
     model: str
+    engine: VideoEngine
+    """The engine (model version) the session lives on: it finishes there, even after a newer version
+    of the model took over new sessions."""
     session: VideoSession
     deliver: Callable[[Frame | None, str], None]
     """Gets each frame and its PNG (base64); None when the engine failed and the stream must end."""
@@ -72,9 +86,25 @@ class VideoStreams:
     def __init__(self, settings: Settings, metrics: Metrics, registry: Registry) -> None:
         self.settings, self.metrics, self.registry = settings, metrics, registry
         self.engines: dict[str, VideoEngine] = {}
+        """The engine new sessions of each model open on: its promoted version."""
         self.refused: dict[str, str] = {}
+        """Why a model's promoted version is not served (while an older version may still be)."""
         self.created: dict[str, int] = {}
+        self.statuses: dict[str, dict[str, tuple[str, str | None]]] = {}
+        """Per model, the versions this process knows: "serving", "draining" (finishing its sessions after a
+        newer version took over) or "refused" (with the reason), for `GET /v1/models`."""
         self.loaded = threading.Event()
+        self._encoder: TextEncoder | None = None
+        self._tried: dict[str, str] = {}
+        """The version each model's pointer was at when last followed: not loaded again until it moves."""
+        self._retired: list[VideoEngine] = []
+        """Older versions still finishing their sessions."""
+        self._opening: dict[int, int] = {}
+        """Sessions being opened per engine (by id): a retired engine is not dropped under them."""
+        self._follow = threading.Lock()
+        self._gate = VideoGate(registry, settings)
+        self._scores: dict[str, dict[str, float] | None] = {}
+        """The gate's scores of each model's serving version: what a newer version is judged against."""
         self._streams: set[Stream] = set()
         self._cv = threading.Condition()
         self._stopping = threading.Event()
@@ -90,6 +120,8 @@ class VideoStreams:
                 self._load(encoder() or TextEncoder())
             finally:
                 self.loaded.set()
+            if self.settings.video_max_sessions:
+                threading.Thread(target=self._watch, name="video-watch", daemon=True).start()
             self._drive()
 
         self._thread = threading.Thread(target=run, name="video-driver", daemon=True)
@@ -101,30 +133,116 @@ class VideoStreams:
         import torch
 
         torch.set_num_threads(self.settings.threads)
+        self._encoder = encoder
+        self.maintain()
+
+    def _watch(self) -> None:
+        """Follow the registry every `watch_interval_s` until `close`."""
+        while not self._stopping.wait(self.settings.watch_interval_s):
+            try:
+                self.maintain()
+            except Exception:  # the watch must outlive any one bad version or registry hiccup
+                log.exception("video registry watch failed; retrying in %.0f s", self.settings.watch_interval_s)
+
+    def maintain(self) -> None:
+        """Serve every video model's promoted version, and drop retired versions that have no sessions left."""
         for name in self.registry.models():
+            self.follow(name)
+        with self._cv:
+            drained = [e for e in self._retired if e.active == 0 and not self._opening.get(id(e))]
+            self._retired = [e for e in self._retired if e not in drained]
+            for e in drained:
+                status = self.statuses.get(e.info.model, {})
+                if status.get(e.info.version, ("",))[0] == "draining":
+                    del status[e.info.version]
+        for engine in drained:
+            engine.close_all()
+            log.info("video model %s:%s retired", engine.info.model, engine.info.version)
+
+    def follow(self, name: str) -> None:
+        """Load `name`'s promoted version if it is a video model not yet served (or tried), and open new
+        sessions on it; on failure record why and keep serving the version that was."""
+        assert self._encoder is not None, "follow() before _load()"
+        with self._follow:
+            version: str | None = None
+            current = self.engines.get(name)
             try:
                 version = self.registry.promoted(name)
-                if version is None or self.registry.manifest(name, version).get("kind") != "video":
-                    continue
+                if version is None or self._tried.get(name) == version:
+                    return
+                if current is not None and current.info.version == version:
+                    self._tried[name] = version
+                    return
+                self._tried[name] = version
                 manifest = self.registry.manifest(name, version)
+                if manifest.get("kind") != "video":
+                    return
                 engine = VideoEngine(
                     self.registry.version_dir(name, version),
-                    encoder,
+                    self._encoder,
                     capacity=self.settings.video_max_sessions,
                     backend=self.settings.video_backend,
                     version=version,
-                    first_frame=self._first_frame(manifest, encoder),
+                    first_frame=self._first_frame(manifest, self._encoder),
                 )
                 engine.load()
                 engine.warmup()
-            except FewstepError as e:
-                self.refused[name] = str(e).replace(f"{self.registry.root}/", "")
-                log.error("video model %s not served: %s", name, self.refused[name])
-                continue
-            self.engines[name] = engine
-            self.created[name] = int(self.registry.version_dir(name, version).stat().st_mtime)
-            self.metrics.video_sessions.labels(name).set(0)
+                verdict = self._gate_check(name, version, engine, current)
+                if not verdict.passed:
+                    engine.close_all()
+                    raise CheckpointError(f"refused by the video gate: {verdict.reason}")
+            except Exception as e:  # whatever a bad version does, the version serving goes on
+                if not isinstance(e, FewstepError):
+                    log.exception("loading video model %s:%s failed", name, version)
+                why = str(e) if isinstance(e, FewstepError) else f"it failed to load ({type(e).__name__})"
+                reason = why.replace(f"{self.registry.root}/", "")
+                if version is not None:
+                    self.statuses.setdefault(name, {})[version] = ("refused", reason)
+                self.refused[name] = f"version {version}: {reason}" if current is not None else reason
+                if current is not None:
+                    log.error(
+                        "video model %s:%s not served (%s:%s serves on): %s",
+                        name,
+                        version,
+                        name,
+                        current.info.version,
+                        reason,
+                    )
+                else:
+                    log.error("video model %s not served: %s", name, reason)
+                return
+            with self._cv:
+                old = self.engines.get(name)
+                self.engines[name] = engine
+                status = self.statuses.setdefault(name, {})
+                if old is not None:
+                    self._retired.append(old)
+                    status[old.info.version] = ("draining", None)
+                status[version] = ("serving", None)
+                scores: dict[str, float] = {
+                    k: verdict.metrics[k] for k in ("joint_accuracy", "motion_accuracy") if k in verdict.metrics
+                }
+                self._scores[name] = scores or None
+                self.refused.pop(name, None)
+                self.created[name] = int(self.registry.version_dir(name, version).stat().st_mtime)
+                self.metrics.video_sessions.labels(name).set(self._active(name))
+        if old is None:
             log.info("video model %s:%s ready (%d sessions)", name, version, engine.capacity)
+        else:
+            log.info(
+                "video model %s:%s serves new sessions; %s finishes %d", name, version, old.info.version, old.active
+            )
+
+    def _gate_check(self, name: str, version: str, engine: VideoEngine, current: VideoEngine | None) -> Verdict:
+        """The video gate's verdict on a loaded engine (recorded in the registry); passes when the gate is off."""
+        if self.settings.video_gate_streams == 0:
+            return Verdict(True, None, {})
+        against = current.info.version if current is not None else None
+        verdict = self._gate.check(engine, self._scores.get(name), against)
+        flavour = f"video-{self.settings.video_backend}"
+        self.registry.record_verdict(name, version, flavour, verdict.record(flavour))
+        log.info("video gate %s %s:%s %s", "passed" if verdict.passed else "refused", name, version, verdict.metrics)
+        return verdict
 
     def _first_frame(self, manifest: dict[str, Any], encoder: TextEncoder) -> ImageEngine | None:
         """An engine on the exact image student a video manifest names for frame 0 (None when it names
@@ -149,7 +267,7 @@ class VideoStreams:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for engine in self.engines.values():
+        for engine in [*self.engines.values(), *self._retired]:
             engine.close_all()
 
     @property
@@ -178,22 +296,34 @@ class VideoStreams:
         deliver: Callable[[Frame | None, str], None],
         hybrid: bool = False,
     ) -> Stream:
-        engine = self.engine(model)
-        engine.validate(frames, steps, seed, self.settings.video_max_frames, hybrid)
+        with self._cv:
+            engine = self.engine(model)
+            self._opening[id(engine)] = self._opening.get(id(engine), 0) + 1
         try:
+            engine.validate(frames, steps, seed, self.settings.video_max_frames, hybrid)
             session = engine.open(prompt, frames, steps, seed, hybrid)
         except Overloaded:
             self.metrics.video_rejected.labels("capacity").inc()
             raise
-        stream = Stream(model, session, deliver)
+        finally:
+            with self._cv:
+                self._opening[id(engine)] -= 1
+                if not self._opening[id(engine)]:
+                    del self._opening[id(engine)]
+        stream = Stream(model, engine, session, deliver)
         with self._cv:
             self._streams.add(stream)
-            self.metrics.video_sessions.labels(model).set(engine.active)
+            self.metrics.video_sessions.labels(model).set(self._active(model))
             self._cv.notify_all()
         return stream
 
+    def _active(self, model: str) -> int:
+        """Open sessions of `model` across its versions (the serving one and retired ones)."""
+        engines = [e for e in [self.engines.get(model), *self._retired] if e is not None and e.info.model == model]
+        return sum(e.active for e in engines)
+
     def steer(self, stream: Stream, prompt: str) -> None:
-        self.engines[stream.model].steer(stream.session, prompt)
+        stream.engine.steer(stream.session, prompt)
 
     def sent(self, stream: Stream) -> None:
         """The handler sent one frame: the session may run ahead again."""
@@ -203,11 +333,10 @@ class VideoStreams:
 
     def close_stream(self, stream: Stream) -> None:
         """Free the session's row now (the client left, or the stream ended)."""
-        engine = self.engines[stream.model]
-        engine.close(stream.session)
+        stream.engine.close(stream.session)
         with self._cv:
             self._streams.discard(stream)
-            self.metrics.video_sessions.labels(stream.model).set(engine.active)
+            self.metrics.video_sessions.labels(stream.model).set(self._active(stream.model))
 
     # -- the driver thread ------------------------------------------------------------------------
     def _runnable(self) -> list[Stream]:
@@ -228,16 +357,17 @@ class VideoStreams:
             with self._cv:
                 self._cv.wait_for(lambda: bool(self._runnable()) or self._stopping.is_set(), timeout=1.0)
                 runnable = self._runnable()
-            by_model: dict[str, list[Stream]] = {}
+            by_engine: dict[int, list[Stream]] = {}
             for s in runnable:
-                by_model.setdefault(s.model, []).append(s)
-            for model, streams in by_model.items():
+                by_engine.setdefault(id(s.engine), []).append(s)
+            for streams in by_engine.values():
+                engine, model = streams[0].engine, streams[0].model
                 try:
-                    frames = self.engines[model].advance([s.session for s in streams])
+                    frames = engine.advance([s.session for s in streams])
                 except Exception:  # a broken engine must not take the process down: end these streams
-                    log.exception("video engine %s failed", model)
+                    log.exception("video engine %s:%s failed", model, engine.info.version)
                     for s in streams:
-                        self.engines[model].close(s.session)
+                        engine.close(s.session)
                         s.deliver(None, "")
                     continue
                 owner = {id(s.session): s for s in streams}
@@ -371,7 +501,7 @@ def install(app: FastAPI, settings: Settings, streams: VideoStreams, keys: KeyRi
                     "type": "done",
                     "frames": sent,
                     "model": stream.model,
-                    "model_version": engine.info.version,
+                    "model_version": stream.engine.info.version,
                     "steps": steps,
                     "seed": seed,
                     "hybrid": stream.session.hybrid,

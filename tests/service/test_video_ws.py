@@ -20,6 +20,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from fewstep.models.registry import Registry
 from tests.conftest import Server, start_server, stop_server
 
 MODEL = "shapes-video"
@@ -225,3 +226,35 @@ def test_models_and_metrics_report_video(video_server: Server) -> None:
     ):
         assert name in text, name
     assert _metric(video_server, "fewstep_video_frames_total") >= 6
+
+
+def test_a_pushed_video_version_takes_new_streams_while_an_open_one_finishes_on_its_own(
+    video_server: Server, video_student: Path
+) -> None:
+    """Last in the module: it changes the version served."""
+    auth = {"Authorization": "Bearer video-key"}
+    before = next(
+        m for m in httpx.get(video_server.url + "/v1/models", headers=auth).json()["data"] if m["id"] == MODEL
+    )
+    with _ws(video_server) as held:
+        _start(held, frames=12)
+        first = json.loads(held.recv(timeout=30))
+        assert first["type"] == "frame" and first["index"] == 0
+        _, pushed = Registry(video_server.registry).publish(video_student, model=MODEL, promote=True)
+        assert pushed != before["version"]
+        deadline = time.monotonic() + 60
+        while True:  # the watch loads the new version beside the old, then new streams open on it
+            with _ws(video_server) as probe:
+                _start(probe, frames=1)
+                frames, done = _frames_then_done(probe)
+            assert len(frames) == 1
+            if done["model_version"] == pushed:
+                break
+            assert time.monotonic() < deadline, "the pushed version never served"
+            time.sleep(0.5)
+        rest, done = _frames_then_done(held, start=1)
+    assert len(rest) == 11 and done["model_version"] == before["version"]  # finished where it started
+    card = next(m for m in httpx.get(video_server.url + "/v1/models", headers=auth).json()["data"] if m["id"] == MODEL)
+    assert card["version"] == pushed
+    assert {v["version"]: v["status"] for v in card["versions"]}[pushed] == "serving"
+    assert httpx.get(video_server.url + "/readyz").status_code == 200
