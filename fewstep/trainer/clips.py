@@ -58,8 +58,8 @@ class Clip:
         out = np.empty((frames, 4))
         for f in range(frames):
             out[f] = (x, y, vx, vy)
-            x, vx = _bounce(x + vx, vx, lo, hi)
-            y, vy = _bounce(y + vy, vy, lo, hi)
+            x, vx = bounce(x + vx, vx, lo, hi)
+            y, vy = bounce(y + vy, vy, lo, hi)
         return out
 
     def motion(self, frames: int) -> list[str]:
@@ -68,7 +68,7 @@ class Clip:
         return [names[(int(np.sign(vx)), int(np.sign(vy)))] for _, _, vx, vy in self.track(frames)]
 
 
-def _bounce(p: float, v: float, lo: float, hi: float) -> tuple[float, float]:
+def bounce(p: float, v: float, lo: float, hi: float) -> tuple[float, float]:
     """Reflect a position that left [lo, hi] back inside, and flip its velocity."""
     if p < lo:
         return 2 * lo - p, -v
