@@ -58,8 +58,8 @@ def test_self_forcing_holds_the_video_students_motion_and_most_of_its_shapes_ove
     """The evaluate stage's numbers (streams from the image student's first frame, judged frame by frame).
 
     Issue 5 asks for frames 241–256 within 10 points of frames 1–16. Motion meets that; shape does not
-    (1.00 → 0.67 joint at the default 2 steps): the criterion is asserted for motion, and for shape
-    what self-forcing measurably adds over teacher forcing."""
+    (1.00 → 0.82 joint at the default 2 steps; 0.67 before the long-rollouts stage): the criterion is
+    asserted for motion, and for shape what self-forcing and the long rollouts measurably add."""
     judge = json.loads((checkpoints / "shapes-video-judge" / "manifest.json").read_text())
     assert judge["metrics"]["real_clips"]["joint"] >= 0.95
     student = json.loads((checkpoints / "shapes-video" / "manifest.json").read_text())
@@ -74,4 +74,5 @@ def test_self_forcing_holds_the_video_students_motion_and_most_of_its_shapes_ove
     assert sf["late"]["motion"] >= sf["early"]["motion"] - 0.10  # no motion drift
     # Self-forcing is what holds the rest: the teacher-forcing-only student loses more over the stream.
     assert sf["late"]["joint"] >= tf["late"]["joint"] + 0.10
+    assert sf["late"]["joint"] >= 0.80  # the long-rollouts stage: 0.67 without it
     assert sf["late"]["motion"] >= tf["late"]["motion"]

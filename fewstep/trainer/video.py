@@ -1,8 +1,8 @@
 """`fewstep train video`: the video judge, the causal teacher, and the few-step causal students.
 
 Stages: `judge` (the frame classifier, `video_judge`), `teacher`, `forcing` (the teacher-forcing
-student), `self-forcing` (the served student), `evaluate` (`video_eval`: 256-frame streams, drift,
-the model card).
+student), `self-forcing` and `long-rollouts` (the served student), `evaluate` (`video_eval`:
+256-frame streams, drift, the model card).
 
 Data are procedural clips (trainer/clips.py), 16×16 by default. At 32×32 a frame is four times as
 many tokens, and the attention over a clip grows with the square of that. The self-forcing stage
@@ -28,6 +28,12 @@ student): each training step first rolls the student out on its own outputs thro
 the clip's real first frame, and every frame then sees those generated frames. Measured in
 `docs/experiments/video_quality` (E9–E12): regression alone moves the shapes right and erodes them
 over tens of frames; self-forcing on its own rollouts trains most of that erosion away.
+
+*Long rollouts* (from the self-forcing student): rollouts growing from `long_frames_from` to
+`long_frames_to` frames, each frame regressed onto the clip's shape redrawn one step on from where the
+rollout's previous frame has it (`retarget.follow`), not onto the real clip, which long rollouts
+leave (E13–E14). It trains the student to restore worn shapes deep into a stream (E15b: frames
+241–256 joint 0.672 → 0.822 at 2 steps).
 """
 
 from __future__ import annotations
@@ -47,14 +53,14 @@ from fewstep.models.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, read_m
 from fewstep.models.schedules import default_student_schedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import KVCache, TextKV, VideoConfig, VideoDenoiser, student_stream
-from fewstep.trainer import clips, video_judge
+from fewstep.trainer import clips, retarget, video_judge
 from fewstep.trainer.image import STUDENT_DIR as IMAGE_STUDENT_DIR
 from fewstep.trainer.image import encoder_meta
 from fewstep.trainer.plots import save_curves
 from fewstep.trainer.progress import Progress
 from fewstep.trainer.teacher import Ema, cosine_lr, drop_prompts
 
-STAGES = ("judge", "teacher", "forcing", "self-forcing", "evaluate")
+STAGES = ("judge", "teacher", "forcing", "self-forcing", "long-rollouts", "evaluate")
 TEACHER_DIR = "shapes-video-teacher"
 STUDENT_DIR = "shapes-video"
 FORCING_ONLY_DIR = "shapes-video-forcing-only"
@@ -99,6 +105,11 @@ class VideoRecipe:
     """Rollout length at the end of the self-forcing stage: it grows from `frames` to this, so the student
     meets its own output after longer and longer stretches of itself. (Longer rollouts with the loss on
     their last frames did worse: `docs/experiments/video_quality`, E13.)"""
+    long_steps: int = 300
+    long_frames_from: int = 16
+    long_frames_to: int = 48
+    long_lr: float = 1e-4
+    """The `long-rollouts` stage: steps, rollout length growing from/to, and learning rate."""
     default_steps: int = 2
     eval_streams: int = 32
     eval_frames: int = 256
@@ -120,6 +131,9 @@ class VideoRecipe:
             forcing_steps=2,
             self_forcing_steps=2,
             self_forcing_frames=12,
+            long_steps=2,
+            long_frames_from=6,
+            long_frames_to=8,
             eval_streams=2,
             eval_frames=20,
         )
@@ -163,13 +177,8 @@ def train_teacher(r: VideoRecipe, encoder: TextEncoder, log_every: int = 100) ->
         xt = (1 - tb) * x0 + tb * eps
         context = corrupt(x0, r.context_noise, g)
         v = net.forward_parallel(context, xt, t, states, mask)
-        loss = F.mse_loss(v[:, 1:], (eps - x0)[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        losses.append(_update(opt, net, F.mse_loss(v[:, 1:], (eps - x0)[:, 1:])))
         ema.update(net)
-        losses.append(loss.item())
         progress.update(loss=losses[-1])
     model = ema.module
     assert isinstance(model, VideoDenoiser)
@@ -235,21 +244,36 @@ def _student_times(b: int, nf: int, share: float, g: torch.Generator) -> torch.T
 def _regression(
     student: VideoDenoiser,
     context: torch.Tensor,
-    real: torch.Tensor,
+    target: torch.Tensor,
     states: torch.Tensor,
     mask: torch.Tensor,
     share: float,
     g: torch.Generator,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the student's x0 estimates of frames 1 on and the real frames, every frame seeing
-    `context` before it. At t = 1 the input is pure noise; below, the real frame re-noised to t."""
-    b, nf = real.shape[:2]
+    """MSE between the student's x0 estimates of frames 1 on and `target` (the real clip, or
+    `retarget.follow`'s frames), every frame seeing `context` before it. At t = 1 the input is pure
+    noise; below, the target re-noised to t. `keep` (B, F) bool: the frames that count (all without it)."""
+    b, nf = target.shape[:2]
     t = _student_times(b, nf, share, g)
     tb = t[..., None, None, None]
-    eps = torch.randn(real.shape, generator=g)
-    xt = (1 - tb) * real + tb * eps
+    eps = torch.randn(target.shape, generator=g)
+    xt = (1 - tb) * target + tb * eps
     v = student.forward_parallel(context, xt, t, states, mask)
-    return ((xt - tb * v - real)[:, 1:] ** 2).mean()
+    err = (xt - tb * v - target)[:, 1:] ** 2
+    if keep is None:
+        return err.mean()
+    w = keep[:, 1:].float()
+    return (err.mean(dim=(2, 3, 4)) * w).sum() / w.sum().clamp(min=1)
+
+
+def _update(opt: torch.optim.Optimizer, net: torch.nn.Module, loss: torch.Tensor) -> float:
+    """One optimiser step on `loss` with the gradient norm clipped to 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def _rollout(
@@ -312,12 +336,33 @@ def train_student(
             context = _rollout(student, states, mask, frames, g, first=real[:, 0])
         else:
             context = corrupt(real, r.context_noise, g)
-        loss = _regression(student, context, real, states, mask, r.one_step_share, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(_update(opt, student, _regression(student, context, real, states, mask, r.one_step_share, g)))
+        progress.update(loss=losses[-1])
+    return student.eval(), losses
+
+
+def train_long_rollouts(r: VideoRecipe, encoder: TextEncoder, init: VideoDenoiser) -> tuple[VideoDenoiser, list[float]]:
+    """Self-forcing on long rollouts from `init`, each frame regressed onto the target `retarget.follow`
+    draws for it (frames whose previous frame has no shape to follow are left out of the loss)."""
+    g = torch.Generator().manual_seed(r.seed + 15)
+    student = copy.deepcopy(init).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=r.long_lr, weight_decay=0.0)
+    losses: list[float] = []
+    steps = r.long_steps
+    progress = Progress("video long-rollouts step", steps, 25)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = r.long_lr * cosine_lr(step, steps, warmup=min(25, steps // 10 + 1))
+        frames = r.long_frames_from + (r.long_frames_to - r.long_frames_from) * step // max(steps - 1, 1)
+        video, batch, caps = clips.batch(r.seed + 7, step + 2 * 10**6, r.student_batch, frames, r.size)
+        states, mask = encoder.encode(caps)
+        real = torch.from_numpy(video)
+        context = _rollout(student, states, mask, frames, g, first=real[:, 0])
+        target, keep = (torch.from_numpy(a) for a in retarget.follow(context.numpy(), batch, video[:, 0]))
+        loss = _regression(student, context, target, states, mask, r.one_step_share, g, keep)
+        losses.append(_update(opt, student, loss))
         progress.update(loss=losses[-1])
     return student.eval(), losses
 
@@ -418,11 +463,28 @@ def stage_self_forcing(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncod
     save_curves({"self-forcing": losses}, docs / "video_self_forcing_loss.png", "video student, self-forcing")
 
 
+def stage_long_rollouts(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
+    """The served student, continued on long rollouts. It continues the `self-forcing` stage's student
+    once: a student that already had this stage is refused (run `self-forcing` first)."""
+    trainer = read_manifest(out / STUDENT_DIR)["trainer"]
+    if "long_rollouts" in trainer:
+        raise CheckpointError(
+            f"{out / STUDENT_DIR} already had the long-rollouts stage: run the `self-forcing` stage first"
+        )
+    t0 = time.time()
+    student, losses = train_long_rollouts(r, encoder, load_video_net(out / STUDENT_DIR))
+    extra = {k: v for k, v in trainer.items() if k != "recipe"}
+    extra["long_rollouts"] = {"steps": r.long_steps, "seconds": round(time.time() - t0, 1)}
+    manifest = _student_manifest(r, STUDENT_DIR, "video", out / IMAGE_STUDENT_DIR, extra)
+    save_checkpoint(out / STUDENT_DIR, student.state_dict(), manifest)
+    save_curves({"long rollouts": losses}, docs / "video_long_rollouts_loss.png", "video student, long rollouts")
+
+
 def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: int) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; choose from {STAGES}")
-    needs_image = {"forcing", "self-forcing", "evaluate"} & set(stages)
+    needs_image = {"forcing", "self-forcing", "long-rollouts", "evaluate"} & set(stages)
     if needs_image and not (out / IMAGE_STUDENT_DIR / MANIFEST).is_file():
         raise CheckpointError(
             f"stage {sorted(needs_image)[0]!r} needs the image student that draws every stream's first frame "
@@ -441,6 +503,8 @@ def run(stages: list[str], out: Path, docs: Path, recipe: VideoRecipe, threads: 
             stage_forcing(recipe, out, docs, encoder)
         elif stage == "self-forcing":
             stage_self_forcing(recipe, out, docs, encoder)
+        elif stage == "long-rollouts":
+            stage_long_rollouts(recipe, out, docs, encoder)
         elif stage == "evaluate":
             from fewstep.trainer.video_eval import stage_evaluate
 

@@ -228,6 +228,7 @@ def _write_card(
             ("video teacher loss", "video_teacher_loss.png"),
             ("teacher forcing loss", "video_forcing_loss.png"),
             ("self-forcing loss", "video_self_forcing_loss.png"),
+            ("long rollouts loss", "video_long_rollouts_loss.png"),
         )
         if (docs / png).is_file()
     )
@@ -276,7 +277,14 @@ regression onto the real clip at their timesteps ({r.one_step_share:.0%} of fram
   seeing those generated frames, is regressed onto the clip's real frame. A first frame and a caption fix
   the whole clip, so the real frame is the right continuation of the student's own context: the student
   is trained on the inputs it meets when it streams (Self-Forcing's point), with the data as the target
-  where Self-Forcing uses a distribution-matching loss against the teacher.
+  where Self-Forcing uses a distribution-matching loss against the teacher;
+- *long rollouts* ({r.long_steps} more steps of self-forcing, lr {r.long_lr:g}): rollouts growing from
+  {r.long_frames_from} to {r.long_frames_to} frames, where the real clip stops being a target (a rollout leaves
+  the clip's track within a few tens of frames). Each frame is regressed instead onto the clip's shape,
+  size and colours redrawn clean one step of the caption's motion on from where the rollout's previous
+  frame has the shape (`trainer/retarget.py`): the student learns to restore worn shapes deep into a
+  stream, at a place its context predicts. The served student (the *self-forcing* rows below) has had
+  this stage.
 
 The students are trained on the clips, not on the teacher's samples: regression onto a teacher's
 samples can only be as good as the teacher, and on its own imperfect context this one fades (measured

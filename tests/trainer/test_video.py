@@ -58,8 +58,13 @@ def test_quick_run_writes_every_checkpoint_and_the_card_section(  # type: ignore
     for model in ("self-forcing | 2 |", "teacher forcing only | 2 |", "teacher | 2 |"):
         assert f"| {model}" in continued, model
     pngs = ("video_filmstrip.png", "video_drift.png", "video_teacher_loss.png", "video_forcing_loss.png")
-    for png in (*pngs, "video_self_forcing_loss.png"):
+    for png in (*pngs, "video_self_forcing_loss.png", "video_long_rollouts_loss.png"):
         assert (docs / png).stat().st_size > 0
+    trainer = load_checkpoint(tmp_path / STUDENT_DIR)[0]["trainer"]
+    assert trainer["self_forcing"]["steps"] == 2 and trainer["long_rollouts"]["steps"] == 2
+    # The long-rollouts stage continues the self-forcing student once, never its own output.
+    assert main(["train", "video", "--quick", "--stages", "long-rollouts", "--out", str(tmp_path)]) == 1
+    assert "already had the long-rollouts stage" in capsys.readouterr().err
 
 
 def test_quick_teacher_streams_through_its_cache(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
