@@ -51,12 +51,13 @@ class VideoGate:
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry, self.settings = registry, settings
         self._judge = RegistryJudge(registry, settings.video_gate_judge, _load_video_judge, "video accuracy")
+        self._targets, self._prompts = probe_clips(settings.video_gate_streams)
 
     def streams(self, engine: VideoEngine) -> np.ndarray:
         """The probe streams (N, F, 3, H, W) in [-1, 1], `engine.capacity` at a time.
 
         Raises FewstepError when a stream cannot be made (a non-finite frame fails inside the engine)."""
-        _, prompts = probe_clips(self.settings.video_gate_streams)
+        prompts = self._prompts
         frames, steps = self.settings.video_gate_frames, engine.info.default_steps
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), engine.capacity):
@@ -85,8 +86,7 @@ class VideoGate:
             return None
         from fewstep.trainer import video_judge
 
-        targets, _ = probe_clips(self.settings.video_gate_streams)
-        window = video_judge.score_streams(judge, video, targets).window(0, video.shape[1])
+        window = video_judge.score_streams(judge, video, self._targets).window(0, video.shape[1])
         return {"joint_accuracy": window["joint"], "motion_accuracy": window["motion"]}
 
     def check(self, engine: VideoEngine, reference: dict[str, float] | None, against: str | None) -> Verdict:

@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from fewstep.service.settings import Settings
 from fewstep.service.video import VideoStreams
 
 
-def _streams(registry: Registry) -> VideoStreams:
-    settings = Settings(registry=registry.root, video_max_sessions=1, threads=1)
-    return VideoStreams(settings, Metrics(), registry)
+def _streams(registry: Registry, **settings: Any) -> VideoStreams:
+    """`VideoStreams` on `registry`: one session, one thread, and `settings` over those."""
+    fields = {"video_max_sessions": 1, "threads": 1, **settings}
+    return VideoStreams(Settings(registry=registry.root, **fields), Metrics(), registry)
 
 
 def test_a_video_student_loads_with_the_image_model_its_manifest_names(
@@ -104,13 +106,7 @@ def test_a_new_video_version_takes_new_sessions_while_open_ones_finish_on_theirs
     registry = Registry(tmp_path / "registry")
     registry.publish(checkpoints / "shapes", promote=True)
     registry.publish(checkpoints / "shapes-video", version="1", promote=True)
-    streams = VideoStreams(
-        Settings(
-            registry=registry.root, video_max_sessions=2, threads=1, watch_interval_s=3600.0, video_buffer_frames=1
-        ),
-        Metrics(),
-        registry,
-    )
+    streams = _streams(registry, video_max_sessions=2, watch_interval_s=3600.0, video_buffer_frames=1)
     seeded = threading.Event()
     seeded.set()
     streams.start(seeded, lambda: encoder)
@@ -173,9 +169,7 @@ def test_the_video_gate_refuses_a_version_whose_shapes_stopped_moving(
     registry = Registry(tmp_path / "registry")
     for name in ("shapes", "shapes-video-judge", "shapes-video"):
         registry.publish(checkpoints / name, promote=True)
-    streams = VideoStreams(
-        Settings(registry=registry.root, video_max_sessions=4, threads=1, watch_interval_s=3600.0), Metrics(), registry
-    )
+    streams = _streams(registry, video_max_sessions=4, watch_interval_s=3600.0)
     streams._load(encoder)
     streams.loaded.set()
     serving = streams.engine("shapes-video").info.version
