@@ -58,8 +58,9 @@ def test_self_forcing_holds_the_video_students_motion_and_most_of_its_shapes_ove
     """The evaluate stage's numbers (streams from the image student's first frame, judged frame by frame).
 
     Issue 5 asks for frames 241–256 within 10 points of frames 1–16. Motion meets that; shape does not
-    (1.00 → 0.82 joint at the default 2 steps; 0.67 before the long-rollouts stage): the criterion is
-    asserted for motion, and for shape what self-forcing and the long rollouts measurably add."""
+    (1.00 → 0.82 joint at the default 2 steps on the card's 32 streams, 0.985 → 0.765 on the 128 of the
+    drift check; 0.67 before the long-rollouts stage): the criterion is asserted for motion, and for
+    shape what self-forcing and the long rollouts measurably add."""
     judge = json.loads((checkpoints / "shapes-video-judge" / "manifest.json").read_text())
     assert judge["metrics"]["real_clips"]["joint"] >= 0.95
     student = json.loads((checkpoints / "shapes-video" / "manifest.json").read_text())
@@ -76,3 +77,7 @@ def test_self_forcing_holds_the_video_students_motion_and_most_of_its_shapes_ove
     assert sf["late"]["joint"] >= tf["late"]["joint"] + 0.10
     assert sf["late"]["joint"] >= 0.80  # the long-rollouts stage: 0.67 without it
     assert sf["late"]["motion"] >= tf["late"]["motion"]
+    check = student["metrics"]["drift_check"]  # the served student on more streams, where a few points show
+    assert check["streams"] >= 128 and check["steps"] == default and check["frames"] == 256
+    assert check["early"]["joint"] >= 0.95 and check["late"]["motion"] >= check["early"]["motion"] - 0.10
+    assert check["late"]["joint"] >= 0.70 and check["late_joint_se"] < 0.05
