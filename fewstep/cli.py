@@ -1,4 +1,4 @@
-"""The `fewstep` command: serve, worker, train, export, push, rollback, bench."""
+"""The `fewstep` command: serve, worker, train, trainer, export, push, rollback."""
 
 from __future__ import annotations
 
@@ -44,31 +44,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     threads = _threads(args.threads)
     if args.what == "video":
+        from fewstep.trainer import stages as st
         from fewstep.trainer import video
 
-        stages = args.stages.split(",") if args.stages else list(video.STAGES)
-        vrecipe = video.VideoRecipe.quick() if args.quick else video.VideoRecipe()
+        stages = args.stages.split(",") if args.stages else list(st.VIDEO_STAGES)
+        vrecipe = st.VideoRecipe.quick() if args.quick else st.VideoRecipe()
         vrecipe.seed = args.seed
         video.run(stages, Path(args.out), Path(args.docs), vrecipe, threads)
         if args.push:
             # The image student that draws frame 0 first (by sha256, once): a gateway refuses a video
-            # student whose image model the registry lacks.
-            _push_once(Path(args.out) / video.IMAGE_STUDENT_DIR, args.registry)
-            for folder in (video.TEACHER_DIR, video.STUDENT_DIR):
+            # student whose image model the registry lacks. The judge before the student it judges.
+            _push_once(Path(args.out) / st.STUDENT_DIR, args.registry)
+            for folder in (st.VIDEO_JUDGE_DIR, st.VIDEO_TEACHER_DIR, st.VIDEO_STUDENT_DIR):
                 if (Path(args.out) / folder / "manifest.json").is_file():
                     _push(Path(args.out) / folder, args.registry)
         return 0
-    from fewstep.trainer.image import STAGES, ImageRecipe, run
+    from fewstep.trainer import stages as st
+    from fewstep.trainer.image import run
 
-    stages = args.stages.split(",") if args.stages else list(STAGES)
-    recipe = ImageRecipe.quick() if args.quick else ImageRecipe()
+    stages = args.stages.split(",") if args.stages else list(st.IMAGE_STAGES)
+    recipe = st.ImageRecipe.quick() if args.quick else st.ImageRecipe()
     recipe.seed = args.seed
     run(stages, Path(args.out), Path(args.docs), recipe, threads)
     if args.push:
-        from fewstep.trainer.image import CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR
-
         # Judge and teacher first: a serving process gates the student with the one and needs the other.
-        for folder in (CLASSIFIER_DIR, TEACHER_DIR, STUDENT_DIR):
+        for folder in (st.CLASSIFIER_DIR, st.TEACHER_DIR, st.STUDENT_DIR):
             if (Path(args.out) / folder / "manifest.json").is_file():
                 _push(Path(args.out) / folder, args.registry)
     return 0
@@ -157,6 +157,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _threads(args.threads)
+    from fewstep.evaluation.judges import load_judge
     from fewstep.exporters.onnx import export_onnx
     from fewstep.exporters.quantize import quantize
     from fewstep.models.registry import Registry
@@ -183,10 +184,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         targets.append((teacher["name"], tv))
     encoder = TextEncoder()
     judge = None
-    if args.judge and (jv := registry.promoted(args.judge)):
-        from fewstep.trainer.image import load_classifier
-
-        judge = load_classifier(registry.version_dir(args.judge, jv))
+    judge_name = (manifest.get("evaluation") or {}).get("judge", "") if args.judge is None else args.judge
+    if judge_name and (jv := registry.promoted(judge_name)):
+        judge = load_judge(registry.version_dir(judge_name, jv), registry.validate(judge_name, jv))
     precisions = [p for p in args.precisions.split(",") if p != "fp32"]
     for name, ver in targets:
         folder = registry.version_dir(name, ver)
@@ -210,10 +210,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import threading
     from collections.abc import Callable
 
+    from fewstep.engines.base import Outcome
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
     from fewstep.service.settings import Settings
-    from fewstep.service.worker import EngineLookup, Worker, engine_lookup, worker_name
+    from fewstep.service.worker import EngineLookup, Router, Worker, canary_outcome, engine_lookup, worker_name
 
     if args.engine:
         os.environ["FEWSTEP_ENGINE"] = args.engine
@@ -227,23 +228,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics = Metrics()
     name = args.name or worker_name()
     loaded: EngineLookup | None = None
-    route = None
+    route: Router | None = None
     maintain: Callable[[], None] | None = None
-    finished = None
+    finished: Callable[[str, object, Outcome], None] | None = None
+    stop_watch = threading.Event()
+    worker: Worker | None = None
     if settings.engine == "image":
-        from fewstep.service.runtime import Runtime
+        import torch
+
+        from fewstep.models.registry import Registry
+        from fewstep.service.app import step_kinds
+        from fewstep.service.kinds import Context
+        from fewstep.service.versions import Versions
         from fewstep.service.watch import subscribe
 
-        runtime = Runtime(settings, metrics, loader=name)
-        runtime.load()
-        if not runtime.ready:
-            print(f"fewstep worker: no model loads ({runtime.load_error or 'see the log'})", file=sys.stderr)
+        torch.set_num_threads(settings.threads)
+        ctx = Context(settings, Registry(settings.registry))
+        ctx.registry.seed_from(settings.checkpoints)
+        models = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
+        models.load()
+        if not models.ready:
+            print(f"fewstep worker: no model loads ({models.load_error or 'see the log'})", file=sys.stderr)
             return 1
-        loaded, route, finished = runtime.engine_for, runtime.route, runtime.record
-        subscribe(settings, runtime.nudged, threading.Event())
+        loaded, route = models.engine, models.engine
+
+        def finished(model: str, engine: object, outcome: Outcome) -> None:
+            models.record(model, engine, canary_outcome(outcome))
+
+        subscribe(settings, [models.nudged], stop_watch)
 
         def maintain() -> None:
-            runtime.maintain(worker.scheduler.engines)
+            assert worker is not None
+            models.maintain(worker.scheduler.engines)
 
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -263,17 +279,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     logging.getLogger("fewstep.worker").info("worker %s consuming %s", worker.name, settings.redis_prefix)
     worker.run()
+    stop_watch.set()
     return 0
-
-
-def cmd_pending(args: argparse.Namespace) -> int:
-    print(f"fewstep {args.command}: not available in this release yet ({PENDING[args.command]})", file=sys.stderr)
-    return 2
-
-
-PENDING = {
-    "bench": "run the programs in bench/ directly",
-}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -347,8 +354,8 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--judge",
-        default="shapes-classifier",
-        help="registry model of the attribute classifier used by the quality gate ('' to skip)",
+        help="registry model that judges the quantized artifacts' quality gate (default: the one the "
+        "model's manifest names; '' to skip the gate's accuracy check)",
     )
     e.set_defaults(func=cmd_export)
 
@@ -360,10 +367,6 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS, default 2)")
     w.set_defaults(func=cmd_worker)
 
-    for name, why in PENDING.items():
-        q = sub.add_parser(name, help=f"(not yet: {why})")
-        q.add_argument("rest", nargs="*")
-        q.set_defaults(func=cmd_pending)
     return p
 
 

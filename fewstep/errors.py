@@ -2,8 +2,9 @@
 
 Errors are split into *recoverable* (the request was wrong, or the system is busy: the
 caller may retry or fix the request; serving goes on) and *fatal* (an artifact or the
-process is broken). The HTTP mapping lives in exactly one function,
-`fewstep.service.errors.http_status`.
+process is broken): a model version whose load fails with a fatal error is refused, one
+that fails with a recoverable error is tried again (service/versions.py). The HTTP mapping
+lives in exactly one table, `fewstep.service.errors.STATUS`.
 
 This module sits outside the `models → … → service` flow on purpose: it is a leaf that
 every stage may import, and it imports nothing.

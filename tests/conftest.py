@@ -209,10 +209,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path, encode
 @pytest.fixture(scope="session")
 def quantized(exported: Registry, checkpoints: Path, encoder) -> Registry:  # type: ignore[no-untyped-def]
     """`exported`, plus every quantized artifact (student gated by the classifier, teacher by its error)."""
-    from fewstep.exporters.quantize import QUANTIZED, quantize
-    from fewstep.trainer.image import load_classifier
+    from fewstep.artifacts.onnx import QUANTIZED
+    from fewstep.evaluation.classifier import load_classifier
+    from fewstep.evaluation.judges import AttributeJudge
+    from fewstep.exporters.quantize import quantize
 
-    judge = load_classifier(checkpoints / "shapes-classifier")
+    judge = AttributeJudge(load_classifier(checkpoints / "shapes-classifier"))
     for precision in QUANTIZED:
         quantize(exported.version_dir("shapes", "1"), precision, encoder, judge)
         quantize(exported.version_dir("shapes-teacher", "1"), precision, encoder)

@@ -28,7 +28,7 @@ def test_every_shipped_checkpoint_verifies_each_under_8_mb_all_under_28_mb(check
         assert size <= 8 * 1024 * 1024, folder.name
         total += size
     # 28 MB, was 24: the three video networks went from 2.2 to 3.7 MB each (width 48, the timestep in every
-    # level) when that bought continuation (docs/experiments/video_quality).
+    # level) when that bought continuation (docs/decisions/video-quality.md).
     assert total <= 28 * 1024 * 1024
 
 

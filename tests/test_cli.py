@@ -5,15 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.cli import main
+from fewstep.cli import main, parser
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.registry import Registry
 
+COMMANDS = ["serve", "worker", "train", "trainer", "export", "push", "rollback"]
 
-@pytest.mark.parametrize("command", ["serve", "worker", "train", "export", "push", "rollback", "bench", "trainer"])
-def test_every_subcommand_has_help(command: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", command, "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "usage: fewstep" in r.stdout
+
+def test_every_subcommand_has_help_and_no_other_is_offered(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and f"usage: fewstep {command}" in capsys.readouterr().out
+    offered = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert sorted(offered) == sorted(COMMANDS)
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "bench" not in r.stdout
 
 
 def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

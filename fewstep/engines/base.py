@@ -1,28 +1,31 @@
-"""The `Engine` protocol and the item/result types every engine shares.
+"""The engine protocols the service drives, and the work items and results that cross them.
 
-A batch goes in, a same-length list of results-or-errors comes out: one bad item never
-fails its neighbours (Triton python_backend's rule).
+Two kinds of engine, one lifecycle:
+
+* `StepEngine` makes images a denoising step at a time: `begin` turns items into slots, `advance`
+  runs one network evaluation for any mix of slots (step-level batching across requests);
+* `StreamEngine` makes streams frame by frame in sessions: `open`, `steer`, `advance`, `end`.
+
+Both are `Servable`: `load` once, `warmup`, `close`, and a `spec` (`engines.specs`) that says what
+requests the loaded version takes. That lifecycle is all the service's version handling needs
+(service/versions.py); what a request may ask is the spec's business, and a gateway that runs no engine
+builds the same spec from the manifest alone.
+
+A batch goes in, one result-or-error per item comes out: one bad item never fails its neighbours
+(Triton python_backend's rule).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fewstep.engines.specs import ImageItem, ImageSpec, Spec, StreamRequest, VideoSpec
 from fewstep.errors import Cancelled, FewstepError
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One image to make. `steps` counts student steps; `seed` fixes every noise draw."""
-
-    prompt: str
-    seed: int
-    steps: int
-    hybrid: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,6 @@ class ImageResult:
     nfe: int
     version: str | None = None
     """The model version that made it (the engine that began the item, across a hot swap)."""
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What an engine serves, as `/v1/models` reports it."""
-
-    model: str
-    version: str
-    kind: str
-    steps: list[int]
-    default_steps: int
-    size: str
-    backend: str
-    precision: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Outcome = ImageResult | FewstepError
@@ -71,57 +59,98 @@ class Slot:
         return self.outcome is not None
 
 
+@dataclass(eq=False)
+class Session:
+    """One open stream. The engine keeps its own per-session state in `state`.
+
+    `frame` is the index of the frame being made; `prompt` is the prompt of the frames from the next
+    one on (a `steer` takes effect at the next frame)."""
+
+    request: StreamRequest
+    prompt: str
+    frame: int = 0
+    closed: bool = False
+    opened_at: float = field(default_factory=time.perf_counter)
+    state: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.frame >= self.request.frames
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A finished frame of a session: (H, W, 3) uint8 pixels."""
+
+    session: Session
+    index: int
+    pixels: np.ndarray
+
+
 @runtime_checkable
-class Engine(Protocol):
-    """The contract between the service and anything that generates.
+class Servable(Protocol):
+    """The lifecycle every engine shares. `load` raises `CheckpointError` when the artifact is refused;
+    `warmup` runs every step count once, so that the first request pays no first-call costs."""
 
-    Lifecycle: `load` once (raises `CheckpointError` if the artifact is refused), `warmup`
-    before the first request, `run` any number of times from one thread at a time,
-    `close` at shutdown. `health` may be called from any thread at any time.
-    """
+    @property
+    def spec(self) -> Spec: ...
 
-    info: EngineInfo
+    def load(self) -> None: ...
 
-    def load(self) -> None:
-        """Read and verify the artifact; make the engine ready to run."""
-
-    def warmup(self) -> None:
-        """Run every step count once so that the first request pays no first-call costs."""
-
-    def run(self, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
-        """One result or one error per item, in order.
-
-        `stop(k, active)` is asked at every step boundary which of the active items (indices
-        into `items`) to drop; those come back as `Cancelled`.
-        """
-
-    def health(self) -> dict[str, Any]:
-        """Liveness details: loaded, batches run, last error."""
+    def warmup(self) -> None: ...
 
     def close(self) -> None:
         """Release memory; the engine may not be used afterwards."""
 
 
 @runtime_checkable
-class Stepper(Protocol):
-    """An engine that can be driven one denoising step at a time (step-level batching).
+class StepEngine(Servable, Protocol):
+    """An engine driven one denoising step at a time (step-level batching).
 
     `begin` turns items into slots (an invalid item comes back as its error, already done);
-    `advance` runs one network evaluation for every slot, each at its own step, and sets
-    `outcome` on the slots that finished. Slots of any age may share an `advance` call.
-    """
+    `advance` runs one network evaluation for every slot that is not done, each at its own step,
+    and sets `outcome` on the slots that finished. Slots of any age may share an `advance` call;
+    one thread at a time calls them."""
 
-    info: EngineInfo
+    @property
+    def spec(self) -> ImageSpec: ...
 
-    def begin(self, items: list[ImageItem]) -> list[Slot]:
-        """One slot per item, in order."""
+    def begin(self, items: list[ImageItem]) -> list[Slot]: ...
 
-    def advance(self, slots: list[Slot]) -> None:
-        """One step for every slot that is not done."""
+    def advance(self, slots: list[Slot]) -> None: ...
 
 
-def run_to_completion(engine: Stepper, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
-    """`Engine.run` for steppers: all items start together; each leaves the batch when it finishes."""
+@runtime_checkable
+class StreamEngine(Servable, Protocol):
+    """An engine of streaming sessions, up to `capacity` at once.
+
+    `open` admits a session (`Overloaded` when full), `steer` changes its prompt from its next frame,
+    `end` frees it; any thread may call these. `advance` (one driver thread) takes one step for each
+    session given, in one batched call, and returns the frames that finished."""
+
+    @property
+    def spec(self) -> VideoSpec: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def active(self) -> int: ...
+
+    def open(self, request: StreamRequest) -> Session: ...
+
+    def steer(self, session: Session, prompt: str) -> None: ...
+
+    def end(self, session: Session) -> None: ...
+
+    def advance(self, sessions: list[Session]) -> list[Frame]: ...
+
+
+def run_to_completion(engine: StepEngine, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:
+    """All items start together; each leaves the batch when it finishes. One outcome per item, in order.
+
+    `stop(k, active)` is asked at every step boundary which of the active items (indices into `items`)
+    to drop; those come back as `Cancelled`."""
     slots = engine.begin(items)
     k = 0
     while active := [i for i, s in enumerate(slots) if not s.done]:

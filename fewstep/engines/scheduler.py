@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from fewstep.engines.base import ImageItem, Outcome, Slot, Stepper, cancelled
+from fewstep.engines.base import ImageItem, Outcome, Slot, StepEngine, cancelled
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, Overloaded
 
 Policy = Literal["step", "request", "none"]
@@ -76,14 +76,14 @@ class Observer:
 
     step: Callable[[str, int, float], None] | None = None
     waited: Callable[[str, float], None] | None = None
-    finished: Callable[[str, Stepper | None, Outcome], None] | None = None
+    finished: Callable[[str, StepEngine | None, Outcome], None] | None = None
 
 
 @dataclass(eq=False)
 class _Running:
     admission: Admission
     slot: Slot
-    engine: Stepper | None  # the engine that began the slot advances it to the end, even if a newer version arrives
+    engine: StepEngine | None  # the engine that began the slot advances it to the end, even if a newer version arrives
     started: bool = False
 
 
@@ -92,13 +92,13 @@ class StepScheduler:
 
     def __init__(
         self,
-        engine_for: Callable[[str], Stepper],
+        engine_for: Callable[[str], StepEngine],
         max_batch: int,
         max_wait_s: float,
         policy: Policy = "step",
         observer: Observer | None = None,
         join_wait: float = 0.0,
-        route: Callable[[Admission], Stepper] | None = None,
+        route: Callable[[Admission], StepEngine] | None = None,
     ) -> None:
         """`engine_for(model)` gives the engine new items start on; `route(admission)`, when given,
         replaces it per item (a canary version takes some jobs' items)."""
@@ -116,7 +116,7 @@ class StepScheduler:
         self._last_step_s = 0.0
 
     @property
-    def engines(self) -> list[Stepper]:
+    def engines(self) -> list[StepEngine]:
         """Engines that running items hold: a replaced model version is not closed while listed here."""
         return [r.engine for r in self.running if r.engine is not None]
 
@@ -176,9 +176,9 @@ class StepScheduler:
             by_model.setdefault(a.model, []).append(a)
         for model, admissions in by_model.items():
             # Each item asks for its engine: during a canary, items of one model start on two versions.
-            by_engine: dict[int, tuple[Stepper | None, list[Admission]]] = {}
+            by_engine: dict[int, tuple[StepEngine | None, list[Admission]]] = {}
             for a in admissions:
-                engine: Stepper | None = None
+                engine: StepEngine | None = None
                 try:
                     engine = self.route(a) if self.route is not None else self.engine_for(model)
                 except FewstepError as e:
@@ -207,8 +207,8 @@ class StepScheduler:
             r.slot.outcome = cancelled(r.slot)
         self._retire(source, stopped)
 
-    def _by_engine(self) -> dict[tuple[str, Stepper], list[_Running]]:
-        groups: dict[tuple[str, Stepper], list[_Running]] = {}
+    def _by_engine(self) -> dict[tuple[str, StepEngine], list[_Running]]:
+        groups: dict[tuple[str, StepEngine], list[_Running]] = {}
         for r in self.running:
             assert r.engine is not None  # running slots were begun by an engine
             groups.setdefault((r.admission.model, r.engine), []).append(r)

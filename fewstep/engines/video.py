@@ -14,92 +14,63 @@ into their rows. The prompt's keys and values are computed once per prompt (`ope
 **The first frame** comes from an image model when the student's manifest names one
 (`first_frame`: image to video). At `open` the image engine draws the prompt at the session's seed
 and step count; the engine averages it down to the video size, and the first step boundary writes it
-into the session's cache and sends it as frame 0. The video student only ever continues a stream.
-Why: at 16×16 no network learned to draw the shapes from scratch in this project's CPU budget, while
-the image student draws them at 32×32 in one step (`docs/experiments/video_quality`). A student
-whose manifest names no image model draws frame 0 itself, from noise, like every later frame.
+into the session's cache and sends it as frame 0. The video student only ever continues a stream
+(why: docs/decisions/video-quality.md). A student whose manifest names no image model draws frame 0
+itself, from noise, like every later frame.
 
-**Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid=True` asks
-the image engine for its hybrid first frame: the image teacher takes its first step with its own
+**Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid` asks the
+image engine for its hybrid first frame: the image teacher takes its first step with its own
 classifier-free guidance, the image student the rest. The first frame sets the stream's layout (where
 the shape is, the background), which is where a mode-seeking student loses the most variety; every
 later frame is the video student's. Without an image model with its teacher loaded, `hybrid` is
 refused.
 
-Every noise draw is a function of (seed, frame, step) (`models.video.frame_noise`), so a
-stream's frames are the same whatever other sessions share its batches, and equal to the
-trainer's reference sampler (`models.video.student_stream`).
+Every noise draw is a function of (seed, frame, step) (`models.sampling.frame_noise`), and every
+step applies the schedule's one update rule, so a stream's frames are the same whatever other
+sessions share its batches, and equal to the trainer's reference sampler (`student_stream`).
 
-Thread-safety: `open`, `steer` and `close` may be called from any thread (the WebSocket
-handlers); `advance` from one driver thread. One lock orders them.
+Thread-safety: `open`, `steer` and `end` may be called from any thread (the WebSocket handlers);
+`advance` from one driver thread. One lock orders them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from fewstep.engines.base import EngineInfo, ImageItem
+from fewstep.engines.backends import backend
+from fewstep.engines.base import Frame, ImageItem, Session, StreamRequest, run_to_completion
 from fewstep.engines.image import ImageEngine
-from fewstep.errors import CheckpointError, FewstepError, InvalidRequest, Overloaded, limit_error
-from fewstep.models.checkpoint import WEIGHTS, load_checkpoint, read_manifest
-from fewstep.models.schedules import MAX_SEED, FewStepSchedule
+from fewstep.engines.specs import VideoSpec
+from fewstep.errors import CheckpointError, FewstepError, Overloaded
+from fewstep.models.checkpoint import WEIGHTS, read_manifest
+from fewstep.models.sampling import frame_from_image, frame_noise, to_pixels
 from fewstep.models.text import TextEncoder
-from fewstep.models.video import (
-    KVCache,
-    TextKV,
-    VideoConfig,
-    VideoDenoiser,
-    VideoNet,
-    frame_noise,
-)
+from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
 VIDEO_BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass(eq=False)
-class VideoSession:
-    """One stream's state. `frame` is the index of the frame being made, `step` its next step."""
+class _Row:
+    """The engine's state of one session: its cache row and the frame in progress."""
 
-    prompt: str
-    frames: int
-    steps: int
-    seed: int
     row: int
-    frame: int = 0
     step: int = 0
     x: torch.Tensor | None = None
     pending: TextKV | None = None
     """A new prompt's keys and values, taken at the next frame boundary."""
     pending_prompt: str | None = None
-    hybrid: bool = False
     first: torch.Tensor | None = None
     """Frame 0 (C, H, W) in [-1, 1], drawn by the image model at `open`, until it is sent."""
-    closed: bool = False
-    opened_at: float = field(default_factory=time.perf_counter)
-
-    @property
-    def finished(self) -> bool:
-        return self.frame >= self.frames
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A finished frame of a session: (H, W, 3) uint8 pixels."""
-
-    session: VideoSession
-    index: int
-    pixels: np.ndarray
 
 
 class VideoEngine:
-    """Serves one video student version to up to `capacity` concurrent sessions."""
+    """Serves one video student version to up to `capacity` concurrent sessions (a `StreamEngine`)."""
 
     def __init__(
         self,
@@ -116,20 +87,18 @@ class VideoEngine:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1. Given: {capacity}")
         if backend not in VIDEO_BACKENDS:
-            raise InvalidRequest("backend", f"`backend` for video must be one of {VIDEO_BACKENDS}. Given: {backend!r}")
+            raise CheckpointError(f"the video backend must be one of {VIDEO_BACKENDS}. Given: {backend!r}")
         manifest = read_manifest(folder)
         if manifest.get("kind") != "video":
             raise CheckpointError(f"{folder.name}: kind {manifest.get('kind')!r} is not a video student")
+        self._spec = VideoSpec.from_manifest(manifest, version or str(manifest.get("version", "1")), backend, capacity)
         try:
-            self.schedule = FewStepSchedule.from_dict(manifest["schedule"])
             self.cfg = VideoConfig(**manifest["architecture"]["config"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{folder.name}: manifest has no valid schedule or architecture ({e})") from e
-        self.folder, self.encoder, self.capacity, self.backend = folder, encoder, capacity, backend
-        self.manifest = manifest
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder.name}: manifest has no valid architecture ({e})") from e
+        self.schedule = self._spec.schedule
+        self.folder, self.encoder, self.backend, self.manifest = folder, encoder, backend, manifest
         ref = manifest.get("first_frame")
-        if ref is not None and not isinstance(ref, dict):
-            raise CheckpointError(f"{folder.name}: manifest's `first_frame` is not a model reference")
         if first_frame is None:
             if ref is not None:
                 raise CheckpointError(f"{folder.name}: its first-frame image model {ref.get('name')!r} is missing")
@@ -137,51 +106,34 @@ class VideoEngine:
             raise ValueError(f"{folder.name} names no first-frame model; do not pass one")
         elif first_frame.manifest.get("files", {}).get(WEIGHTS, {}).get("sha256") != ref.get("sha256"):
             raise CheckpointError(f"{folder.name}: the first-frame model given is not the one its manifest names")
-        elif first_frame.shape[0] != self.cfg.channels:
-            raise CheckpointError(f"{folder.name}: the first-frame model's channels differ from the student's")
-        self.info = EngineInfo(
-            model=manifest["name"],
-            version=version or str(manifest.get("version", "1")),
-            kind="video",
-            steps=self.schedule.steps,
-            default_steps=self.schedule.default_steps,
-            size=manifest["native_size"],
-            backend=backend,
-            precision="fp32",
-            extra={
-                "sink": self.cfg.sink,
-                "window": self.cfg.window,
-                "capacity": capacity,
-                "hybrid": bool(first_frame and first_frame.hybrid_available),
-                "first_frame": first_frame.info.model if first_frame else None,
-            },
-        )
         self.first_frame = first_frame
         self._net: VideoNet | None = None
         self._lock = threading.Lock()
         self._free = list(range(capacity))
-        self._sessions: set[VideoSession] = set()
+        self._sessions: set[Session] = set()
         self._cache = KVCache.empty(self.cfg, capacity)
         self._text: TextKV | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> VideoSpec:
+        """The stream's hybrid is the first-frame model's (known once that is loaded)."""
+        ff = self.first_frame
+        if ff is None:
+            return self._spec
+        return dataclasses.replace(self._spec, hybrid=ff.spec.hybrid, hybrid_reason=ff.spec.hybrid_reason)
+
+    @property
+    def capacity(self) -> int:
+        return self._spec.capacity
+
     def load(self) -> None:
         """Verify the weights (hashes, no pickles, strict shapes) and build the network on the backend."""
-        if self.backend == "onnxruntime":
-            from fewstep.exporters.video_onnx import load_video_graphs
-
-            self._net = load_video_graphs(self.folder, self.cfg)
-        else:
-            _, state = load_checkpoint(self.folder)
-            net = VideoDenoiser(self.cfg)
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as e:
-                raise CheckpointError(f"{self.folder.name}: weights do not fit the manifest's architecture") from e
-            self._net = net.eval()
+        self._net = backend(self.backend).video(self.folder, self.manifest, self.cfg)
         if self.first_frame is not None:
             self.first_frame.load()
-            self.info.extra["hybrid"] = self.first_frame.hybrid_available
+            if self.first_frame.spec.height % self.cfg.size:
+                raise CheckpointError(f"{self.folder.name}: the first-frame model's images do not reduce to its size")
         states, mask = self.encoder.encode([""])
         with torch.inference_mode():
             empty = self.net.text_kv(states, mask)
@@ -196,15 +148,26 @@ class VideoEngine:
     def warmup(self) -> None:
         """One frame at every step count (and a hybrid one), so the first session pays no first-call costs."""
         runs = [(steps, False) for steps in self.schedule.steps]
-        if self.info.extra["hybrid"]:
+        if self.spec.hybrid:
             runs.append((max(self.schedule.steps), True))
         for steps, hybrid in runs:
-            s = self.open("warm-up", 1, steps, 0, hybrid=hybrid)
+            s = self.open(StreamRequest("warm-up", 1, steps, 0, hybrid))
             try:
                 while not s.finished:
                     self.advance([s])
             finally:
-                self.close(s)
+                self.end(s)
+
+    def close(self) -> None:
+        """End every session and drop the network."""
+        with self._lock:
+            for s in list(self._sessions):
+                s.closed = True
+            self._sessions.clear()
+            self._free = list(range(self.capacity))
+        self._net = None
+        if self.first_frame is not None:
+            self.first_frame.close()
 
     @property
     def net(self) -> VideoNet:
@@ -217,77 +180,56 @@ class VideoEngine:
         return len(self._sessions)
 
     # -- sessions ---------------------------------------------------------------------------------
-    def validate(self, frames: int, steps: int, seed: int, max_frames: int, hybrid: bool = False) -> None:
-        if not 1 <= frames <= max_frames:
-            raise limit_error("frames", f"between 1 and {max_frames}", frames)
-        self._check(steps, seed, hybrid)
-
-    def _check(self, steps: int, seed: int, hybrid: bool) -> None:
-        if steps not in self.schedule.steps:
-            raise limit_error("steps", f"between {min(self.schedule.steps)} and {max(self.schedule.steps)}", steps)
-        if not 0 <= seed <= MAX_SEED:
-            raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
-        if hybrid:
-            self._check_hybrid(steps)
-
-    def _check_hybrid(self, steps: int) -> None:
-        if not self.info.extra["hybrid"]:
-            raise InvalidRequest(
-                "hybrid", f"`hybrid` needs the image teacher of {self.info.model!r}'s first frame, which is not loaded"
-            )
-        if steps < 2:
-            raise limit_error("steps", "at least 2 with `hybrid` (the teacher takes the first)", steps)
-
-    def _first(self, prompt: str, steps: int, seed: int, hybrid: bool) -> torch.Tensor | None:
+    def _first(self, request: StreamRequest) -> torch.Tensor | None:
         """Frame 0 from the image model, averaged down to the video size: (C, H, W) in [-1, 1]."""
         if self.first_frame is None:
             return None
-        (result,) = self.first_frame.run([ImageItem(prompt, seed=seed, steps=steps, hybrid=hybrid)])
+        item = ImageItem(request.prompt, seed=request.seed, steps=request.steps, hybrid=request.hybrid)
+        (result,) = run_to_completion(self.first_frame, [item])
         if isinstance(result, FewstepError):
             raise result
-        return first_frame_from_pixels(result.pixels, self.cfg.size)
+        return frame_from_image(result.pixels, self.cfg.size)
 
     def _prompt_kv(self, prompt: str) -> TextKV:
         with torch.inference_mode():
             return self.net.text_kv(*self.encoder.encode([prompt]))
 
-    def open(self, prompt: str, frames: int, steps: int, seed: int, hybrid: bool = False) -> VideoSession:
-        """A new session in a free row; `Overloaded` when all `capacity` rows are taken."""
-        self._check(steps, seed, hybrid)
+    def open(self, request: StreamRequest) -> Session:
+        """A new session in a free row; `Overloaded` when all `capacity` rows are taken. The request's steps,
+        seed and hybrid are checked (`InvalidRequest`); its frame count is the caller's limit to set."""
+        self.spec.check(request)
         if not self._free:  # refuse before the slow part; the check under the lock below is the one that counts
             raise self._full()
         # Outside the lock: the text encoder and the image model are the slow part.
-        text = self._prompt_kv(prompt)
-        first = self._first(prompt, steps, seed, hybrid)
+        text = self._prompt_kv(request.prompt)
+        first = self._first(request)
         with self._lock:
             if not self._free:
                 raise self._full()
             row = self._free.pop(0)
             self._set_text(row, text)
             self._cache.reset(row)
-            session = VideoSession(
-                prompt=prompt, frames=frames, steps=steps, seed=seed, row=row, hybrid=hybrid, first=first
-            )
+            session = Session(request, request.prompt, state=_Row(row, first=first))
             self._sessions.add(session)
         return session
 
     def _full(self) -> Overloaded:
         return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
 
-    def steer(self, session: VideoSession, prompt: str) -> None:
+    def steer(self, session: Session, prompt: str) -> None:
         """Change the prompt from the session's next frame on (the frame in progress keeps its own)."""
         text = self._prompt_kv(prompt)
         with self._lock:
-            session.pending, session.pending_prompt = text, prompt
+            session.state.pending, session.state.pending_prompt = text, prompt
 
-    def close(self, session: VideoSession) -> None:
+    def end(self, session: Session) -> None:
         """Free the session's row now; a later `advance` skips it."""
         with self._lock:
             if session.closed:
                 return
             session.closed = True
             self._sessions.discard(session)
-            self._free.append(session.row)
+            self._free.append(session.state.row)
             self._free.sort()
 
     def _set_text(self, row: int, text: TextKV) -> None:
@@ -299,7 +241,7 @@ class VideoEngine:
 
     # -- one step boundary ------------------------------------------------------------------------
     @torch.inference_mode()
-    def advance(self, sessions: list[VideoSession]) -> list[Frame]:
+    def advance(self, sessions: list[Session]) -> list[Frame]:
         """One denoising step for each open, unfinished session; the frames that finished at this step.
         A session whose frame 0 came from the image model finishes it at its first boundary, in the same
         cache write as the others."""
@@ -309,71 +251,56 @@ class VideoEngine:
                 return []
             assert self._text is not None
             for s in live:
-                if s.step == 0 and s.pending is not None:  # a new prompt starts with a new frame
-                    self._set_text(s.row, s.pending)
-                    s.prompt, s.pending, s.pending_prompt = s.pending_prompt or s.prompt, None, None
-            done = [s for s in live if s.first is not None]
-            clean = [s.first for s in done if s.first is not None]
-            stepping = [s for s in live if s.first is None]
+                st: _Row = s.state
+                if st.step == 0 and st.pending is not None:  # a new prompt starts with a new frame
+                    self._set_text(st.row, st.pending)
+                    s.prompt, st.pending, st.pending_prompt = st.pending_prompt or s.prompt, None, None
+            done = [s for s in live if s.state.first is not None]
+            clean = [s.state.first for s in done]
+            stepping = [s for s in live if s.state.first is None]
             if stepping:
                 finished, frames = self._step(stepping)
                 done, clean = done + finished, clean + frames
             if not done:
                 return []
-            rows = torch.tensor([s.row for s in done])
+            rows = torch.tensor([s.state.row for s in done])
             x0 = torch.stack(clean)
             part = self._cache.take(rows)
             k, v = self.net.keys_values(x0, self._text.take(rows), part)
             part.store(k, v, x0, sink=self.cfg.sink, window=self.cfg.window)
             self._cache.put(rows, part)
-            pixels = ((x0 + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             out = []
-            for s, p in zip(done, pixels, strict=True):
+            for s, p in zip(done, to_pixels(x0), strict=True):
                 out.append(Frame(s, s.frame, p))
-                s.frame, s.step, s.x, s.first = s.frame + 1, 0, None, None
+                s.frame += 1
+                s.state.step, s.state.x, s.state.first = 0, None, None
             return out
 
-    def _step(self, live: list[VideoSession]) -> tuple[list[VideoSession], list[torch.Tensor]]:
+    def _step(self, live: list[Session]) -> tuple[list[Session], list[torch.Tensor]]:
         """One batched student step of `live`'s current frames: the sessions whose frame that step
         finished, and those frames (C, H, W), clean."""
         assert self._text is not None
-        for s in live:
-            if s.step == 0:
-                s.x = frame_noise([s.seed], s.frame, 0, self.cfg)[0]
-        rows = torch.tensor([s.row for s in live])
-        ts = [self.schedule.timesteps_for(s.steps) for s in live]
-        t = torch.tensor([tl[s.step] for s, tl in zip(live, ts, strict=True)])
-        x = torch.stack([s.x for s in live if s.x is not None])
-        v = self.net.denoise(x, t, self._text.take(rows), self._cache.take(rows))
-        x0 = self.schedule.to_x0(v, x, t)
+        rows: list[_Row] = [s.state for s in live]
+        for s, st in zip(live, rows, strict=True):
+            if st.step == 0:
+                st.x = frame_noise([s.request.seed], s.frame, 0, self.cfg)[0]
+        ts = [self.schedule.timesteps_for(s.request.steps) for s in live]
+        t = torch.tensor([tl[st.step] for st, tl in zip(rows, ts, strict=True)])
+        x = torch.stack([st.x for st in rows if st.x is not None])
+        where = torch.tensor([st.row for st in rows])
+        v = self.net.denoise(x, t, self._text.take(where), self._cache.take(where))
+        t_next = [tl[st.step + 1] if st.step + 1 < len(tl) else None for st, tl in zip(rows, ts, strict=True)]
+
+        def noise(i: int) -> torch.Tensor:
+            return frame_noise([live[i].request.seed], live[i].frame, rows[i].step + 1, self.cfg)[0]
+
+        x0, nxt = self.schedule.step(x, t, v, t_next, noise)
         done, clean = [], []
-        for i, (s, tl) in enumerate(zip(live, ts, strict=True)):
-            s.step += 1
-            if s.step < len(tl):
-                fresh = frame_noise([s.seed], s.frame, s.step, self.cfg)
-                nxt = torch.tensor([tl[s.step]])
-                s.x = self.schedule.next_state(x0[i : i + 1], v[i : i + 1], x[i : i + 1], t[i : i + 1], nxt, fresh)[0]
+        for i, (s, st) in enumerate(zip(live, rows, strict=True)):
+            st.step += 1
+            if (state := nxt[i]) is not None:
+                st.x = state
             else:
                 done.append(s)
                 clean.append(x0[i].clamp(-1, 1))
         return done, clean
-
-    def health(self) -> dict[str, Any]:
-        return {"loaded": self._net is not None, "sessions": self.active, "capacity": self.capacity}
-
-    def close_all(self) -> None:
-        with self._lock:
-            for s in list(self._sessions):
-                s.closed = True
-            self._sessions.clear()
-            self._free = list(range(self.capacity))
-
-
-def first_frame_from_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """An image engine's (H, W, 3) uint8 picture as a video frame (3, size, size) in [-1, 1]: each
-    size × size block of the picture averaged, as the video data set makes its frames."""
-    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
-    factor = x.shape[-1] // size
-    if factor * size != x.shape[-1]:
-        raise CheckpointError(f"the first-frame model's {x.shape[-1]}-pixel images do not reduce to {size}")
-    return torch.nn.functional.avg_pool2d(x[None], factor)[0] if factor > 1 else x

@@ -14,7 +14,6 @@ A teacher is checked on raw denoiser outputs instead (it is only ever used for o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -22,26 +21,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from fewstep.artifacts.onnx import INPUTS, OUTPUTS, artifact_name, session_denoiser
 from fewstep.errors import CheckpointError
-from fewstep.exporters.ort import session_denoiser
-from fewstep.models.checkpoint import load_checkpoint, sha256_file, write_json_atomic
+from fewstep.evaluation.metrics import psnr
+from fewstep.models.checkpoint import WEIGHTS, sha256_file, write_json_atomic
 from fewstep.models.sampling import student_sample_mixed, to_pixels
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
-from fewstep.models.unet import Denoiser, as_denoiser, build_unet, denoise
+from fewstep.models.unet import Denoiser, as_denoiser, denoise, load_unet
 
-INPUTS = ("x", "t", "states", "mask")
-OUTPUTS = ("v",)
 MIN_PSNR_DB = 45.0
 MAX_TEACHER_DIFF = 1e-3
 PARITY_PROMPTS = ("a red circle", "a blue square on a white background", "a small yellow triangle", "a purple cross")
-
-
-def artifact_name(precision: str) -> str:
-    return f"model.{precision}.onnx"
 
 
 class DenoiserGraph(torch.nn.Module):
@@ -56,18 +49,10 @@ class DenoiserGraph(torch.nn.Module):
         return denoise(self.unet, x, t, states, mask, self.timestep_scale)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between uint8 images; identical images give +inf."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def _load_torch(folder: Path) -> tuple[dict[str, Any], torch.nn.Module, float]:
-    manifest, state = load_checkpoint(folder)
-    unet = build_unet(manifest["architecture"]["config"])
-    unet.load_state_dict(state)
+    manifest, unet = load_unet(folder)
     scale = float(manifest.get("schedule", {}).get("timestep_scale", 1000.0))
-    return manifest, unet.eval(), scale
+    return manifest, unet, scale
 
 
 def export_onnx(folder: Path, encoder: TextEncoder, precision: str = "fp32") -> dict[str, Any]:
@@ -140,7 +125,7 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
         "source": {
             "name": manifest["name"],
             "version": manifest.get("version"),
-            "sha256": manifest["files"]["model.safetensors"]["sha256"],
+            "sha256": manifest["files"][WEIGHTS]["sha256"],
         },
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
@@ -187,11 +172,3 @@ def _teacher_parity(ref: Denoiser, net: Denoiser, encoder: TextEncoder, in_ch: i
     if diff > MAX_TEACHER_DIFF:
         raise CheckpointError(f"ONNX parity failed: max |v_onnx - v_torch| = {diff:.2e} > {MAX_TEACHER_DIFF}")
     return {"metric": "max_abs_diff_vs_torch", "max_allowed": MAX_TEACHER_DIFF, "value": diff}
-
-
-def describe(folder: Path, precision: str = "fp32") -> dict[str, Any]:
-    """The artifact manifest of `folder` for `precision` (CheckpointError when absent)."""
-    path = folder / (artifact_name(precision) + ".json")
-    if not path.is_file():
-        raise CheckpointError(f"{folder.name}: no {precision} ONNX artifact; run `fewstep export`")
-    return dict(json.loads(path.read_text()))

@@ -33,16 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.errors import CheckpointError
-from fewstep.exporters.onnx import artifact_name, describe, psnr
-from fewstep.exporters.ort import session_denoiser
+from fewstep.artifacts.onnx import QUANTIZED, artifact_name, describe, session_denoiser
+from fewstep.evaluation.judges import Judge
+from fewstep.evaluation.metrics import psnr
+from fewstep.evaluation.probes import heldout_probes
 from fewstep.models.checkpoint import read_manifest, sha256_file, write_json_atomic
 from fewstep.models.sampling import cfg_flow, student_sample_mixed, to_pixels
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
 
-QUANTIZED = ("int8", "int8-dynamic", "fp8")
 GATE_POINTS = 0.02
 CALIBRATION_PROMPTS = (
     "a red circle",
@@ -153,7 +153,7 @@ def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, n
 
 
 def quantize(
-    folder: Path, precision: str, encoder: TextEncoder, judge: torch.nn.Module | None = None, gate_seeds: int = 4
+    folder: Path, precision: str, encoder: TextEncoder, judge: Judge | None = None, gate_seeds: int = 4
 ) -> dict[str, Any]:
     """Write `model.<precision>.onnx` (+ manifest with calibration, PSNR and gate) into `folder`."""
     manifest = read_manifest(folder)
@@ -197,19 +197,13 @@ def _student_quality(
     ref: Denoiser,
     net: Denoiser,
     encoder: TextEncoder,
-    judge: torch.nn.Module | None,
+    judge: Judge | None,
     gate_seeds: int,
 ) -> dict[str, Any]:
-    from fewstep.trainer import shapes
-    from fewstep.trainer.classifier import judge as classify
-
     schedule = FewStepSchedule.from_dict(manifest["schedule"])
-    held = shapes.eval_prompts()
-    prompts = [p for p, _, _ in held for _ in range(gate_seeds)]
-    seeds = [8_000_000 + i for i in range(len(prompts))]
-    ys = np.array([shapes.SHAPES.index(s) for _, _, s in held for _ in range(gate_seeds)])
-    yc = np.array([shapes.COLOUR_NAMES.index(c) for _, c, _ in held for _ in range(gate_seeds)])
-    states, mask = encoder.encode(prompts)
+    probes = heldout_probes(gate_seeds, first_seed=8_000_000)
+    seeds = list(probes.seeds)
+    states, mask = encoder.encode(list(probes.prompts))
     by_steps: dict[str, dict[str, float | None]] = {}
     passed = True
     for steps in schedule.steps:
@@ -218,10 +212,7 @@ def _student_quality(
         db = psnr(to_pixels(a), to_pixels(b))
         row: dict[str, float | None] = {"psnr_db_vs_fp32": None if np.isinf(db) else round(db, 2)}
         if judge is not None:
-            accs = []
-            for x in (a, b):
-                s, c, _ = classify(judge, x.clamp(-1, 1).numpy())  # type: ignore[arg-type]
-                accs.append(float(((s == ys) & (c == yc)).mean()))
+            accs = [judge.score(probes, x.clamp(-1, 1).numpy())["joint_accuracy"] for x in (a, b)]
             row.update({"joint_fp32": accs[0], "joint": accs[1]})
             passed = passed and accs[1] >= accs[0] - GATE_POINTS
         by_steps[str(steps)] = row
@@ -247,11 +238,3 @@ def _teacher_quality(ref: Denoiser, net: Denoiser, feeds: list[dict[str, np.ndar
         "quality": {"relative_rms_error_vs_fp32": rel},
         "gate": {"passed": rel <= 0.1, "rule": "relative RMS error of the first-step prediction <= 0.1"},
     }
-
-
-def require_gate(folder: Path, precision: str) -> dict[str, Any]:
-    """The artifact manifest, if its quality gate passed; CheckpointError otherwise."""
-    art = describe(folder, precision)
-    if precision != "fp32" and not art.get("gate", {}).get("passed"):
-        raise CheckpointError(f"{folder.name}: {precision} artifact failed its quality gate ({art.get('gate')})")
-    return art

@@ -135,3 +135,10 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{folder}: cannot read {WEIGHTS} ({e})") from e
     return manifest, state
+
+
+def reference(folder: Path) -> dict[str, Any]:
+    """How a manifest names another model (a teacher, a first-frame model): by name, version and the
+    sha256 of its weights, so that exactly those weights are found again (`Registry.named_dir`)."""
+    m = read_manifest(folder)
+    return {"name": m["name"], "version": m.get("version"), "sha256": m["files"][WEIGHTS]["sha256"]}

@@ -1,6 +1,7 @@
-"""The sampling loops shared by the trainer's evaluation and the engines.
+"""The sampling loops shared by the trainer's evaluation, the exporters' parity checks and the engines.
 
-Both run exactly this code, so a number in the model card is a number the server delivers.
+All of them run exactly this code (and `FewStepSchedule.step`, the one update rule), so a number in
+the model card is a number the server delivers.
 """
 
 from __future__ import annotations
@@ -10,16 +11,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from fewstep.errors import CheckpointError
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
 from fewstep.models.unet import Denoiser
+from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
 IMAGE_SHAPE = (3, 32, 32)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] (clamped) → uint8 0–255, rounding half up; any shape."""
+    return ((x.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8)
+
+
 def to_pixels(x0: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding half up."""
-    return ((x0.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """(B, C, H, W) in [-1, 1] → (B, H, W, C) uint8 pictures."""
+    return to_uint8(x0).permute(0, 2, 3, 1).numpy()
+
+
+def from_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """(…, H, W, C) uint8 pictures → (…, C, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float() / 127.5 - 1.0
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:
@@ -41,7 +55,7 @@ class HybridTeacher:
 
 @dataclass(eq=False)
 class Trajectory:
-    """One item's walk down its own timestep list. `advance` moves it one step; `x0` is set at the end."""
+    """One image's walk down its own timestep list. `advance` moves it one step; `x0` is set at the end."""
 
     seed: int
     timesteps: list[float]
@@ -112,20 +126,14 @@ def advance(
             teacher.null_mask,
             teacher.guidance,
         )
-    x0 = schedule.to_x0(v, x, tt)
+    t_next = [t.timesteps[t.k + 1] if t.k + 1 < len(t.timesteps) else None for t in trajs]
+    x0, nxt = schedule.step(x, tt, v, t_next, lambda j: item_noise(trajs[j].seed, trajs[j].k + 1, trajs[j].x.shape))
     for j, t in enumerate(trajs):
-        if t.k + 1 == len(t.timesteps):
+        state = nxt[j]
+        if state is None:
             t.x0 = x0[j]
         else:
-            fresh = item_noise(t.seed, t.k + 1, t.x.shape)
-            t.x = schedule.next_state(
-                x0[j : j + 1],
-                v[j : j + 1],
-                x[j : j + 1],
-                tt[j : j + 1],
-                torch.tensor([t.timesteps[t.k + 1]]),
-                fresh[None],
-            )[0]
+            t.x = state
         t.k += 1
 
 
@@ -214,3 +222,66 @@ def teacher_sample(
         v = cfg_flow(net, x, torch.full((n,), t), states, mask, null_states, null_mask, sampler.guidance)
         x = x + (t_next - t) * v
     return x, recorded
+
+
+# -- video ------------------------------------------------------------------------------------------
+NOISE_STRIDE = 16
+"""Noise indices per frame: frame f, step k draws `item_noise(seed, f * NOISE_STRIDE + k)`."""
+
+Noise = Callable[[int, int], torch.Tensor]
+"""(frame index, step index) → the (B, C, H, W) noise a stream batch draws there."""
+
+
+def frame_noise(seeds: Sequence[int], frame: int, step: int, cfg: VideoConfig) -> torch.Tensor:
+    """(B, C, H, W) noise for step `step` of frame `frame`: a function of (seed, frame, step) only, so a
+    stream is the same whether it runs alone or batched with others, and on any backend."""
+    shape = (cfg.channels, cfg.size, cfg.size)
+    return torch.stack([item_noise(s, frame * NOISE_STRIDE + step, shape) for s in seeds])
+
+
+@torch.inference_mode()
+def student_stream(
+    net: VideoNet,
+    text: TextKV,
+    schedule: FewStepSchedule,
+    steps: int,
+    frames: int,
+    noise: Noise,
+    first: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, frames, C, H, W) in [-1, 1]: each frame in `steps` student steps (CFG is baked into a
+    student), then written to the cache. The served engine batches the same update rule across
+    sessions at step boundaries; this is the one-batch reference the trainer rolls out and judges.
+    With `first`, frame 0 is given and the stream continues it."""
+    b = text.mask.shape[0]
+    cache = KVCache.empty(net.cfg, b)
+    ts = schedule.timesteps_for(steps)
+    out = []
+    if first is not None:  # a given first frame (B, C, H, W): the stream continues it
+        cache.store(*net.keys_values(first, text, cache), first, sink=net.cfg.sink, window=net.cfg.window)
+        out.append(first)
+    for f in range(len(out), frames):
+        x = noise(f, 0)
+        x0 = x
+        for k, t in enumerate(ts):
+            tt = torch.full((b,), t)
+            v = net.denoise(x, tt, text, cache)
+            t_next = ts[k + 1] if k + 1 < len(ts) else None
+            fresh = noise(f, k + 1) if t_next is not None else x
+            x0, nxt = schedule.step(x, tt, v, [t_next] * b, fresh.__getitem__)
+            if t_next is not None:
+                x = torch.stack([n for n in nxt if n is not None])
+        frame = x0.clamp(-1, 1)
+        cache.store(*net.keys_values(frame, text, cache), frame, sink=net.cfg.sink, window=net.cfg.window)
+        out.append(frame)
+    return torch.stack(out, dim=1)
+
+
+def frame_from_image(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """An image model's (H, W, 3) uint8 picture as a video frame (3, size, size) in [-1, 1]: each block of
+    the picture averaged, as the video data set makes its frames (image to video: frame 0)."""
+    x = from_pixels(pixels)
+    factor = x.shape[-1] // size
+    if factor * size != x.shape[-1]:
+        raise CheckpointError(f"the first-frame model's {x.shape[-1]}-pixel images do not reduce to {size}")
+    return F.avg_pool2d(x[None], factor)[0] if factor > 1 else x

@@ -17,6 +17,7 @@ Between steps the student *re-noises* (DMD2 / Self-Forcing): the next state is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,33 @@ class FewStepSchedule:
         if self.update == "renoise":
             return (1.0 - tn) * x0 + tn * fresh
         return x + (tn - t.view(-1, 1, 1, 1)) * v
+
+    def step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        v: torch.Tensor,
+        t_next: Sequence[float | None],
+        noise: Callable[[int], torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The one update rule every sampler and engine applies after a network evaluation.
+
+        For a batch of states `x` (B, C, H, W) at per-item times `t` (B,) with predictions `v`: the x0
+        estimates (B, C, H, W), and per item its state at `t_next[i]`, or None where the item has just
+        finished (`t_next[i]` is None). `noise(i)` is item i's fresh noise for its next step (re-noise
+        rule): drawn from the item's own seed and step, so an item's trajectory never depends on what
+        shares its batch (the update is elementwise: a batch gives each item the numbers it gets alone).
+        """
+        x0 = self.to_x0(v, x, t)
+        go = [i for i, tn in enumerate(t_next) if tn is not None]
+        out: list[torch.Tensor | None] = [None] * len(t_next)
+        if go:
+            idx = torch.tensor(go)
+            tn = torch.tensor([t_next[i] for i in go], dtype=t.dtype)
+            fresh = torch.stack([noise(i) for i in go])
+            for i, state in zip(go, self.next_state(x0[idx], v[idx], x[idx], t[idx], tn, fresh), strict=True):
+                out[i] = state
+        return x0, out
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,6 +19,11 @@ ENCODER_DIM = 384
 DEFAULT_MAX_TOKENS = 16
 
 
+def encoder_meta() -> dict[str, object]:
+    """How a manifest names the text encoder its model was trained with."""
+    return {"name": ENCODER_NAME, "max_tokens": DEFAULT_MAX_TOKENS, "dim": ENCODER_DIM}
+
+
 class TextEncoder:
     """Prompt → (token states (B, L, 384), attention mask (B, L)). Thread-safe."""
 

@@ -8,11 +8,14 @@ the prompt happens at 16×16 and 8×8.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from fewstep.errors import CheckpointError
+from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.text import ENCODER_DIM
 
 
@@ -37,6 +40,23 @@ def image_unet_config(sample_size: int = 32, width: int = 32) -> dict[str, Any]:
 def build_unet(config: dict[str, Any]) -> torch.nn.Module:
     """A UNet from a manifest config, in eval mode."""
     return cast(torch.nn.Module, UNet2DConditionModel(**config)).eval()
+
+
+def load_unet(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Manifest and UNet of a verified checkpoint folder (hashes, safetensors only, strict shapes), in eval
+    mode with gradients off; CheckpointError when the weights do not fit the manifest's architecture."""
+    manifest, state = load_checkpoint(folder)
+    arch = manifest.get("architecture", {})
+    if arch.get("class") != "UNet2DConditionModel":
+        raise CheckpointError(f"{folder}: architecture {arch.get('class')!r} is not a UNet2DConditionModel")
+    try:
+        unet = build_unet(arch["config"])
+        unet.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder}: weights do not fit the manifest's architecture ({e})") from e
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return manifest, unet.eval()
 
 
 def denoise(

@@ -1,16 +1,14 @@
-"""A causal video denoiser with a bounded key/value cache: the network of the streaming video models.
+"""A causal video denoiser over a bounded key/value cache: the network of the streaming video models.
 
 A frame is cut into patches (tokens). Every layer lets a frame's tokens attend to:
 - the prompt's tokens, whose keys and values are computed once per prompt (`text_kv`);
 - the clean tokens of earlier frames that are still visible: the first `sink` frames (the
-  attention sink) and the last `window` frames;
+  attention sink) and the last `window` frames (`models.video_cache.KVCache`);
 - the frame's own tokens.
 
 **Inference is frame by frame** (`denoise` then `write`). `denoise` reads the cache and
 never changes it, so a frame can take 1–4 denoising steps. `write` runs one more forward on the
-finished clean frame and stores its keys and values in the cache. The cache has a static shape,
-`sink + window` slots, preallocated: per-frame cost is flat for a stream of any length. The shape
-is fixed for ONNX too.
+finished clean frame and stores its keys and values in the cache.
 
 **Training is parallel** (`forward_parallel`): a clean stream and a noisy stream of the same
 clip are processed at once, under masks that give every frame exactly what it would see at
@@ -25,138 +23,16 @@ in the cached keys, stays right as the window rolls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.schedules import FewStepSchedule, item_noise
-
-
-@dataclass(frozen=True)
-class VideoConfig:
-    """Sizes of the network and of its cache."""
-
-    size: int = 16
-    channels: int = 3
-    patch: int = 4
-    dim: int = 64
-    heads: int = 4
-    layers: int = 3
-    text_dim: int = 384
-    width: int = 32
-    context_frames: int = 2
-    """The latest clean frames a frame also sees as pixels (input channels), beside the cached tokens."""
-    sink: int = 1
-    window: int = 8
-    residual: bool = False
-    """Predict the frame as the latest clean frame plus a correction (x0 = previous + output), and return
-    the velocity that estimate implies. A video's next frame is mostly its last one: with this the
-    network starts from a copy and learns the motion, instead of redrawing the scene every frame."""
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per frame."""
-        return (self.size // self.patch) ** 2
-
-    @property
-    def ages(self) -> int:
-        """Age buckets: own frame, 1 … window frames back, sink."""
-        return self.window + 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class KVCache:
-    """Clean frames' keys and values for `batch` streams: (layers, batch, heads, slots, tokens, head_dim),
-    and the latest clean frames as pixels: (batch, context_frames, C, H, W), newest first, zeros before
-    the stream's start.
-
-    Slot i < sink holds frame i; later frames go round the `window` slots after them.
-    `frame_of[b, slot]` is the frame index held (-1: empty); `written[b]` counts frames written.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    frame_of: torch.Tensor
-    written: torch.Tensor
-    frames: torch.Tensor
-
-    @classmethod
-    def empty(cls, cfg: VideoConfig, batch: int) -> KVCache:
-        shape = (cfg.layers, batch, cfg.heads, cfg.sink + cfg.window, cfg.tokens, cfg.dim // cfg.heads)
-        return cls(
-            torch.zeros(shape),
-            torch.zeros(shape),
-            torch.full((batch, cfg.sink + cfg.window), -1, dtype=torch.long),
-            torch.zeros(batch, dtype=torch.long),
-            torch.zeros(batch, cfg.context_frames, cfg.channels, cfg.size, cfg.size),
-        )
-
-    def store(self, k: torch.Tensor, v: torch.Tensor, clean: torch.Tensor, sink: int, window: int) -> None:
-        """Put a frame's keys and values (`VideoDenoiser.keys_values`) in each stream's next slot (the first
-        `sink` frames stay, later ones go round the window) and the frame's pixels first in `frames`.
-        Advances every stream by one frame."""
-        if self.frames.shape[1]:
-            self.frames = torch.cat([clean[:, None], self.frames[:, :-1]], dim=1)
-        f = self.written
-        slot = torch.where(f < sink, f, sink + (f - sink) % window)
-        rows = torch.arange(k.shape[1])
-        for i in range(k.shape[0]):
-            self.k[i, rows, :, slot] = k[i]
-            self.v[i, rows, :, slot] = v[i]
-        self.frame_of[rows, slot] = f
-        self.written += 1
-
-    def take(self, rows: torch.Tensor) -> KVCache:
-        """A copy of streams `rows` (a batch of some sessions)."""
-        return KVCache(self.k[:, rows], self.v[:, rows], self.frame_of[rows], self.written[rows], self.frames[rows])
-
-    def put(self, rows: torch.Tensor, part: KVCache) -> None:
-        """Write back streams `rows` from `part` (what `take` gave, after `store`)."""
-        self.k[:, rows] = part.k
-        self.v[:, rows] = part.v
-        self.frame_of[rows] = part.frame_of
-        self.written[rows] = part.written
-        self.frames[rows] = part.frames
-
-    def reset(self, row: int) -> None:
-        """Empty one stream's cache (a new session in that row)."""
-        self.k[:, row] = 0.0
-        self.v[:, row] = 0.0
-        self.frame_of[row] = -1
-        self.written[row] = 0
-        self.frames[row] = 0.0
-
-
-@dataclass
-class TextKV:
-    """The prompt's keys and values per layer, and its padding mask: computed once per prompt."""
-
-    k: torch.Tensor  # (layers, batch, heads, text_tokens, head_dim)
-    v: torch.Tensor
-    mask: torch.Tensor  # (batch, text_tokens) bool
-    pooled: torch.Tensor  # (batch, dim): the whole prompt in one vector, added to the timestep embedding
-
-    def take(self, rows: torch.Tensor) -> TextKV:
-        return TextKV(self.k[:, rows], self.v[:, rows], self.mask[rows], self.pooled[rows])
-
-
-class VideoNet(Protocol):
-    """What the video engine runs: `VideoDenoiser` itself, or its exported graphs on another backend."""
-
-    cfg: VideoConfig
-
-    def text_kv(self, states: torch.Tensor, mask: torch.Tensor) -> TextKV: ...
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, text: TextKV, cache: KVCache) -> torch.Tensor: ...
-
-    def keys_values(self, clean: torch.Tensor, text: TextKV, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]: ...
+from fewstep.errors import CheckpointError
+from fewstep.models.checkpoint import load_checkpoint
+from fewstep.models.video_cache import KVCache, TextKV, VideoConfig
 
 
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -486,52 +362,12 @@ T_FLOOR = 1e-3
 """Smallest t a residual network divides by: its velocity is (x − x0) / t."""
 
 
-# -- sampling ------------------------------------------------------------------------------
-NOISE_STRIDE = 16
-"""Noise indices per frame: frame f, step k draws `item_noise(seed, f * NOISE_STRIDE + k)`."""
-
-Noise = Callable[[int, int], torch.Tensor]
-"""(frame index, step index) → the (B, C, H, W) noise a stream batch draws there."""
-
-
-def frame_noise(seeds: Sequence[int], frame: int, step: int, cfg: VideoConfig) -> torch.Tensor:
-    """(B, C, H, W) noise for step `step` of frame `frame`: a function of (seed, frame, step) only, so a
-    stream is the same whether it runs alone or batched with others, and on any backend."""
-    shape = (cfg.channels, cfg.size, cfg.size)
-    return torch.stack([item_noise(s, frame * NOISE_STRIDE + step, shape) for s in seeds])
-
-
-@torch.inference_mode()
-def student_stream(
-    net: VideoNet,
-    text: TextKV,
-    schedule: FewStepSchedule,
-    steps: int,
-    frames: int,
-    noise: Noise,
-    first: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(B, frames, C, H, W) in [-1, 1]: each frame in `steps` student steps (CFG is baked into a
-    student), then written to the cache. The served engine batches the same update rule across
-    sessions at step boundaries; this is the one-batch reference the trainer rolls out and judges.
-    With `first`, frame 0 is given and the stream continues it."""
-    b = text.mask.shape[0]
-    cache = KVCache.empty(net.cfg, b)
-    ts = schedule.timesteps_for(steps)
-    out = []
-    if first is not None:  # a given first frame (B, C, H, W): the stream continues it
-        cache.store(*net.keys_values(first, text, cache), first, sink=net.cfg.sink, window=net.cfg.window)
-        out.append(first)
-    for f in range(len(out), frames):
-        x = noise(f, 0)
-        x0 = x
-        for k, t in enumerate(ts):
-            tt = torch.full((b,), t)
-            v = net.denoise(x, tt, text, cache)
-            x0 = schedule.to_x0(v, x, tt)
-            if k + 1 < len(ts):
-                x = schedule.next_state(x0, v, x, tt, torch.full((b,), ts[k + 1]), noise(f, k + 1))
-        frame = x0.clamp(-1, 1)
-        cache.store(*net.keys_values(frame, text, cache), frame, sink=net.cfg.sink, window=net.cfg.window)
-        out.append(frame)
-    return torch.stack(out, dim=1)
+def load_video_net(folder: Path) -> VideoDenoiser:
+    """A video network from a checkpoint folder (hash-checked, strict shapes), in eval mode."""
+    manifest, state = load_checkpoint(folder)
+    try:
+        net = VideoDenoiser(VideoConfig(**manifest["architecture"]["config"]))
+        net.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder.name}: weights do not fit the manifest's architecture") from e
+    return net.eval()

@@ -1,4 +1,8 @@
-"""Domain errors → HTTP, in exactly one function, and the handlers that use it."""
+"""Domain errors → HTTP and WebSocket close codes, in one table, and the handlers that use it.
+
+`STATUS` has an entry for every `FewstepError` subclass (tests/service/test_errors.py checks that
+a new error class cannot silently become a 500). Every error body has OpenAI's shape.
+"""
 
 from __future__ import annotations
 
@@ -25,28 +29,32 @@ from fewstep.errors import (
 
 log = logging.getLogger("fewstep.service")
 
+STATUS: dict[type[FewstepError], int] = {
+    InvalidRequest: 422,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Cancelled: 409,
+    Overloaded: 429,
+    NotReady: 503,
+    GenerationFailed: 500,
+    CheckpointError: 500,
+    RegistryError: 500,
+    FewstepError: 500,
+}
+"""HTTP status of each domain error class (looked up by exact class, then by its bases)."""
+
 
 def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
     """Status code and extra headers for a domain error."""
-    if isinstance(exc, InvalidRequest):
-        return 422, {}
+    status = next((STATUS[c] for c in type(exc).__mro__ if c in STATUS), 500)
+    headers: dict[str, str] = {}
     if isinstance(exc, Unauthorized):
-        return 401, {"WWW-Authenticate": "Bearer"}
-    if isinstance(exc, Forbidden):
-        return 403, {}
-    if isinstance(exc, NotFound):
-        return 404, {}
-    if isinstance(exc, Overloaded):
-        return 429, {"Retry-After": str(max(1, round(exc.retry_after)))}
-    if isinstance(exc, NotReady):
-        return 503, {"Retry-After": str(max(1, round(exc.retry_after)))}
-    if isinstance(exc, Cancelled | Conflict):
-        return 409, {}
-    if isinstance(exc, GenerationFailed):
-        return 500, {}
-    if isinstance(exc, CheckpointError | RegistryError):
-        return 500, {}
-    return 500, {}
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, Overloaded | NotReady):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return status, headers
 
 
 WS_POLICY_VIOLATION, WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER = 1008, 1011, 1013
@@ -92,12 +100,12 @@ def install(app: FastAPI) -> None:
                 error_body(
                     f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", "InvalidRequest", "body"
                 ),
-                status_code=422,
+                status_code=STATUS[InvalidRequest],
             )
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) or "body"
         msg = f"`{field}`: {first.get('msg', 'invalid value')}. Given: {first.get('input')!r}"
-        return JSONResponse(error_body(msg, "InvalidRequest", field), status_code=422)
+        return JSONResponse(error_body(msg, "InvalidRequest", field), status_code=STATUS[InvalidRequest])
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")

@@ -1,152 +1,193 @@
-"""The serving gate: what a registry version must pass before it takes a single request.
+"""The serving gate: what a loaded registry version must pass before it takes a single request.
 
-Loading already refuses most bad pushes (`Registry.validate` and the backend): files that do
-not match their manifest hashes, truncated files, pickle-format files (refused unread), names
-that escape the registry, and weights whose shapes do not fit the manifest's architecture.
-Warm-up refuses a network whose outputs are not finite. The gate adds the two checks that need
-the network to run: fixed probes must give finite images, and their joint attribute accuracy
-(shape and colour, judged by the registry's attribute classifier) must be within
-`FEWSTEP_GATE_TOLERANCE` of the version serving now.
+Loading already refuses most bad pushes (`Registry.validate` and the backends): files that do not
+match their manifest hashes, truncated files, pickle-format files (refused unread), names that escape
+the registry, and weights whose shapes do not fit the manifest's architecture. Warm-up refuses a
+network whose outputs are not finite. The gate adds what needs the network to run, the same for every
+model kind (`service/kinds.py` says how a kind makes its probe outputs):
 
-The probes are fixed (prompts, seeds, steps), so the same version gets the same verdict in
-every process; verdicts are kept in the registry (`Registry.record_verdict`).
+1. the probe set (the manifest's `evaluation.probes`, else the kind's) must run and give finite outputs;
+2. with a judge (the manifest's `evaluation.judge`, a registry model), every score of the judge must be
+   within `gate_tolerance` of the serving version's;
+3. without one (a user's own model, or a judge the registry lacks), the outputs must agree with the
+   serving version's on the same probes: PSNR at least `gate_min_agreement_db`.
+
+The probes are fixed (prompts, seeds, steps), so a version gets the same verdict in every process;
+verdicts are kept in the registry (`Registry.record_verdict`) under the kind's flavour.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fewstep.engines.base import ImageItem, ImageResult
-from fewstep.engines.image import ImageEngine
+from fewstep.engines.base import Servable
 from fewstep.errors import FewstepError
+from fewstep.evaluation.judges import Judge, load_judge
+from fewstep.evaluation.metrics import psnr
+from fewstep.evaluation.probes import ProbeSet
 from fewstep.models.registry import Registry
+from fewstep.service.kinds import Kind
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.gate")
-PROBE_SEED = 9_100_000
-"""First seed of the probes (far from the trainer's evaluation seeds)."""
+
+
+Outputs = tuple[ProbeSet, np.ndarray]
+"""A probe set and what a version made of it."""
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The gate's judgement of one version."""
+    """The gate's judgement of one version. `scores` (the judge's) and `outputs` (what it made of the probes)
+    are the next version's reference; only the scores are recorded."""
 
     passed: bool
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    outputs: Outputs | None = field(default=None, repr=False)
 
     def record(self, flavour: str) -> dict[str, Any]:
-        """As kept in the registry."""
+        """As kept in the registry: the scores flat among the metrics, and which keys they are."""
         return {
             "passed": self.passed,
             "reason": self.reason,
-            "metrics": self.metrics,
+            "metrics": {**self.metrics, **self.scores, "scored": sorted(self.scores)},
             "flavour": flavour,
             "checked_at": round(time.time(), 3),
         }
 
-
-def probe_items(seeds_per_prompt: int, steps: int) -> tuple[list[ImageItem], np.ndarray, np.ndarray]:
-    """One held-out prompt per (colour, shape), `seeds_per_prompt` seeds each, and their labels."""
-    from fewstep.trainer import shapes
-
-    first: dict[tuple[str, str], str] = {}
-    for prompt, colour, shape in shapes.eval_prompts():
-        first.setdefault((colour, shape), prompt)
-    items, ys, yc = [], [], []
-    for k, ((colour, shape), prompt) in enumerate(sorted(first.items())):
-        for j in range(seeds_per_prompt):
-            items.append(ImageItem(prompt, seed=PROBE_SEED + k * seeds_per_prompt + j, steps=steps))
-            ys.append(shapes.SHAPES.index(shape))
-            yc.append(shapes.COLOUR_NAMES.index(colour))
-    return items, np.array(ys), np.array(yc)
+    @staticmethod
+    def scores_of(recorded: dict[str, Any]) -> dict[str, float] | None:
+        """The judge's scores in a recorded verdict (None when it had no judge)."""
+        metrics = recorded.get("metrics") or {}
+        keys = metrics.get("scored", [k for k in metrics if k.endswith("_accuracy")])
+        scores = {k: float(metrics[k]) for k in keys if isinstance(metrics.get(k), int | float)}
+        return scores or None
 
 
-class RegistryJudge:
-    """A judging model read once from the registry's promoted version of `name`, or None when the registry
-    has none (or `name` is empty): then the gate checks only that its probes run and are finite."""
+@dataclass
+class Reference:
+    """The serving version, as the gate compares a candidate with it: its judge's scores and its outputs on
+    the probes, where known (else made by its engine when first needed)."""
 
-    def __init__(self, registry: Registry, name: str, load: Callable[[Path], Any], what: str) -> None:
-        self.registry, self.name, self.load, self.what = registry, name, load, what
-        self._model: Any = None
-        self._missing: str | None = None
-
-    def get(self) -> Any:
-        if self._model is not None or self._missing is not None:
-            return self._model
-        try:
-            version = self.registry.promoted(self.name) if self.name else None
-            if version is None:
-                raise FewstepError(f"no promoted version of {self.name!r} in the registry" if self.name else "disabled")
-            self.registry.validate(self.name, version)
-            self._model = self.load(self.registry.version_dir(self.name, version))
-        except FewstepError as e:
-            self._missing = str(e)
-            log.warning("gate: %s is not checked (%s); probes are still run", self.what, e)
-        return self._model
-
-
-def _load_classifier(folder: Path) -> Any:
-    from fewstep.trainer.image import load_classifier
-
-    return load_classifier(folder)
+    version: str
+    engine: Servable | None
+    scores: dict[str, float] | None
+    outputs: Outputs | None = field(default=None, repr=False)
 
 
 class Gate:
-    """Runs the probes on a loaded engine and judges it against the serving version's accuracy."""
+    """Runs a kind's probes on a loaded engine and judges them against the serving version."""
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
-        self.registry = registry
-        self.settings = settings
-        self._judge = RegistryJudge(registry, settings.gate_judge, _load_classifier, "attribute accuracy")
+        self.registry, self.settings = registry, settings
+        self._judges: dict[str, Judge | None] = {}
+        self._lock = threading.Lock()
 
-    def _classifier(self) -> Any:
-        """The attribute classifier from the registry (`FEWSTEP_GATE_JUDGE`), or None (quality unchecked)."""
-        return self._judge.get()
+    def judge(self, manifest: dict[str, Any]) -> Judge | None:
+        """The judge a manifest names, read once per process from its promoted version; None when it names
+        none or the registry lacks it (then agreement with the serving version is what is checked)."""
+        name = (manifest.get("evaluation") or {}).get("judge")
+        if not isinstance(name, str) or not name:
+            return None
+        with self._lock:
+            if name not in self._judges:
+                self._judges[name] = self._load(name)
+            return self._judges[name]
 
-    def accuracy(self, engine: ImageEngine) -> tuple[float | None, int]:
-        """Joint accuracy of `engine` on the probes (None without a judge), and the number of probes.
-
-        Raises FewstepError when a probe fails (a non-finite image fails inside the engine).
-        """
-        items, ys, yc = probe_items(self.settings.gate_probe_seeds, engine.schedule.default_steps)
-        results = engine.run(items)
-        images = []
-        for item, r in zip(items, results, strict=True):
-            if not isinstance(r, ImageResult):
-                raise FewstepError(f"probe {item.prompt!r} seed {item.seed} failed: {r}")
-            images.append(r.pixels)
-        judge = self._classifier()
-        if judge is None:
-            return None, len(items)
-        from fewstep.trainer.classifier import judge as classify
-
-        x = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-        s, c, _ = classify(judge, x)
-        return float(((s == ys) & (c == yc)).mean()), len(items)
-
-    def check(self, engine: ImageEngine, reference: float | None, against: str | None) -> Verdict:
-        """Judge a loaded, warmed engine; `reference` is the serving version's probe accuracy."""
+    def _load(self, name: str) -> Judge | None:
         try:
-            acc, n = self.accuracy(engine)
+            version = self.registry.promoted(name)
+            if version is None:
+                raise FewstepError(f"no promoted version of {name!r} in the registry")
+            judged = self.registry.validate(name, version)
+            return load_judge(self.registry.version_dir(name, version), judged)
+        except FewstepError as e:
+            log.warning("gate: judge %s unavailable (%s); versions are checked against the serving one", name, e)
+            return None
+
+    def check(self, kind: Kind[Any], engine: Servable, manifest: dict[str, Any], serving: Reference | None) -> Verdict:
+        """Judge a loaded, warmed engine against `serving` (None for a model's first version)."""
+        try:
+            probes = kind.probes(self.settings, manifest)
+        except FewstepError as e:
+            return Verdict(False, str(e))
+        if probes is None:
+            return Verdict(True, None, {"probes": 0})
+        try:
+            out = kind.render(engine, probes)
+            if not np.isfinite(out).all():
+                raise FewstepError("probe outputs are not finite")
         except FewstepError as e:
             return Verdict(False, f"probe failed: {e}")
-        metrics: dict[str, Any] = {"joint_accuracy": acc, "probes": n, "steps": engine.schedule.default_steps}
-        if against is not None:
-            metrics["against"] = {"version": against, "joint_accuracy": reference}
-        tol = self.settings.gate_tolerance
-        if acc is not None and reference is not None and acc < reference - tol:
-            return Verdict(
-                False,
-                f"quality regression: joint accuracy {acc:.3f} on {n} probes is more than "
-                f"`gate_tolerance` = {tol} below version {against}'s {reference:.3f}",
-                metrics,
-            )
-        return Verdict(True, None, metrics)
+        made = (probes, out)
+        n, steps = len(probes), engine.spec.default_steps
+        metrics: dict[str, Any] = {"probes": n, "steps": steps}
+        if probes.frames > 1:
+            metrics["frames"] = probes.frames
+        judge = self.judge(manifest)
+        if judge is not None:
+            scores = judge.score(probes, out)
+            reference = serving.scores if serving is not None else None
+            if (
+                serving is not None
+                and reference is None
+                and (theirs := self._outputs(kind, serving, probes)) is not None
+            ):
+                reference = serving.scores = judge.score(probes, theirs)
+            if serving is not None:
+                metrics["against"] = {"version": serving.version, **(reference or {})}
+            tol = self.settings.gate_tolerance
+            for key, value in scores.items():
+                if serving is not None and reference is not None and key in reference and value < reference[key] - tol:
+                    return Verdict(
+                        False,
+                        f"quality regression: {key.replace('_', ' ')} {value:.3f} on {n} probes is more than "
+                        f"`gate_tolerance` = {tol} below version {serving.version}'s {reference[key]:.3f}",
+                        metrics,
+                        scores,
+                    )
+            return Verdict(True, None, metrics, scores, made)
+        if serving is not None and (theirs := self._outputs(kind, serving, probes)) is not None:
+            db = psnr(out, theirs, peak=2.0)
+            least = self.settings.gate_min_agreement_db
+            metrics["against"] = {"version": serving.version, "agreement_psnr_db": round(db, 2)}
+            if db < least:
+                return Verdict(
+                    False,
+                    f"outputs disagree with version {serving.version}'s on {n} probes: PSNR {db:.1f} dB is below "
+                    f"`gate_min_agreement_db` = {least}",
+                    metrics,
+                )
+        return Verdict(True, None, metrics, {}, made)
+
+    def outputs(self, kind: Kind[Any], engine: Servable, manifest: dict[str, Any]) -> Outputs | None:
+        """What a loaded engine makes of its probe set, for a version whose verdict was recorded elsewhere
+        (None when its gate is off or a probe fails): the reference its successors are compared with."""
+        try:
+            probes = kind.probes(self.settings, manifest)
+            return None if probes is None else (probes, kind.render(engine, probes))
+        except FewstepError as e:
+            log.warning("gate: no reference outputs of this version (%s)", e)
+            return None
+
+    @staticmethod
+    def _outputs(kind: Kind[Any], serving: Reference, probes: ProbeSet) -> np.ndarray | None:
+        """The serving version's outputs on `probes`: kept from its own gate, or made by its engine now."""
+        if serving.outputs is not None and serving.outputs[0] == probes:
+            return serving.outputs[1]
+        if serving.engine is None:
+            return None
+        try:
+            serving.outputs = (probes, kind.render(serving.engine, probes))
+        except FewstepError as e:  # a stream engine whose sessions are all taken, say
+            log.warning("gate: the serving version %s cannot make the probes now (%s)", serving.version, e)
+            return None
+        return serving.outputs[1]

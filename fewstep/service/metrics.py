@@ -67,7 +67,9 @@ class Metrics:
             buckets=(*LATENCY_BUCKETS, 120.0, 300.0, 900.0, 3600.0),
             registry=r,
         )
-        self.models_ready = Gauge("fewstep_models_ready", "Models loaded and serving.", registry=r)
+        self.models_ready = Gauge(
+            "fewstep_models_ready", "Models with a version serving, by kind (image, video).", ["kind"], registry=r
+        )
         self.model_refused = Counter(
             "fewstep_model_versions_refused",
             "Model versions (or pointers) refused by loading, the serving gate or a canary.",

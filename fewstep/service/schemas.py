@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
@@ -40,7 +42,7 @@ class ImageGenerationResponse(BaseModel):
 
 class ModelVersion(BaseModel):
     version: str
-    status: str
+    status: Literal["serving", "canary", "ready", "refused"]
     reason: str | None = None
 
 
@@ -63,7 +65,7 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "fewstep"
-    kind: str
+    kind: Literal["image", "video"]
     version: str | None
     versions: list[ModelVersion]
     steps: list[int]
@@ -142,3 +144,26 @@ class JobResults(BaseModel):
     status: str
     data: list[JobResult]
     errors: list[JobError]
+
+
+class StreamStart(BaseModel):
+    """The first message of `WS /v1/video/stream`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prompt: StrictStr
+    frames: StrictInt
+    steps: StrictInt | None = None
+    seed: StrictInt | None = None
+    hybrid: StrictBool = False
+    api_key: StrictStr | None = None
+
+
+class PromptChange(BaseModel):
+    """A message mid-stream: the frames after the one in progress follow `prompt`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["prompt"]
+    prompt: StrictStr

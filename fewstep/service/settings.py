@@ -82,12 +82,13 @@ class Settings(BaseSettings):
 
     watch_interval_s: float = Field(1.0, gt=0.0, le=3600.0)
     """How often serving processes read the registry's pointers (Redis announcements wake them at once)."""
-    gate_judge: str = "shapes-classifier"
-    """Registry model of the attribute classifier that judges probe images ('' skips the accuracy check)."""
     gate_probe_seeds: int = Field(3, ge=1, le=64)
-    """Seeds per (colour, shape) probe prompt: 20 prompts × this many images per gate."""
+    """Seeds per prompt of an image model's probe set (the shapes probes: 20 prompts × this many images)."""
     gate_tolerance: float = Field(0.10, ge=0.0, le=1.0)
-    """A new version is refused when its probe joint accuracy is this far below the serving version's."""
+    """A new version is refused when one of its judge's scores is this far below the serving version's."""
+    gate_min_agreement_db: float = Field(12.0, ge=0.0, le=100.0)
+    """A new version of a model with no judge is refused when its probe outputs are further than this (PSNR,
+    dB) from the serving version's."""
     max_load_attempts: int = Field(3, ge=1, le=100)
     """A version whose load was cut short (its process died) this many times is refused."""
     canary_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -112,11 +113,9 @@ class Settings(BaseSettings):
     video_backend: Literal["torch", "onnxruntime"] = "torch"
     """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
     video_gate_streams: int = Field(8, ge=0, le=64)
-    """Probe streams a new video version must pass before it takes sessions (`service/video_gate.py`); 0: no gate."""
+    """Probe streams a new video version must pass before it takes sessions (`service/gate.py`); 0: no gate."""
     video_gate_frames: int = Field(16, ge=2, le=256)
     """Frames per video probe stream."""
-    video_gate_judge: str = "shapes-video-judge"
-    """Registry model that judges the video probes (shape, colour, motion); empty or missing: only finiteness."""
 
     log_level: str = "info"
     """Python logging level of the gateway."""

@@ -1,7 +1,7 @@
 """Registry announcements over Redis pub/sub: a push or rollback wakes every serving process at once.
 
 Announcements only shorten the wait: serving processes also read the registry's pointers
-every `FEWSTEP_WATCH_INTERVAL_S` (service/runtime.py), so a lost message (pub/sub delivers
+every `FEWSTEP_WATCH_INTERVAL_S` (service/versions.py), so a lost message (pub/sub delivers
 at most once, and not to a process that was disconnected) costs one interval, never a version.
 In embedded mode there is no channel and the pointer watch is all there is.
 """
@@ -45,16 +45,16 @@ def announce(settings: Settings, model: str, version: str, event: str) -> int:
         return 0
 
 
-def subscribe(settings: Settings, nudge: threading.Event, stop: threading.Event) -> threading.Thread | None:
-    """A daemon thread that sets `nudge` on every announcement until `stop`; None without Redis."""
+def subscribe(settings: Settings, nudges: list[threading.Event], stop: threading.Event) -> threading.Thread | None:
+    """A daemon thread that sets every one of `nudges` on every announcement until `stop`; None without Redis."""
     if settings.redis_url is None:
         return None
-    t = threading.Thread(target=_listen, args=(settings, nudge, stop), name="registry-watch", daemon=True)
+    t = threading.Thread(target=_listen, args=(settings, nudges, stop), name="registry-watch", daemon=True)
     t.start()
     return t
 
 
-def _listen(settings: Settings, nudge: threading.Event, stop: threading.Event) -> None:
+def _listen(settings: Settings, nudges: list[threading.Event], stop: threading.Event) -> None:
     import redis
 
     assert settings.redis_url is not None
@@ -67,12 +67,14 @@ def _listen(settings: Settings, nudge: threading.Event, stop: threading.Event) -
             try:
                 pubsub.subscribe(channel)
                 backoff = 0.5
-                nudge.set()  # announcements missed while disconnected: look now
+                for nudge in nudges:  # announcements missed while disconnected: look now
+                    nudge.set()
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         log.info("registry announcement: %s", message.get("data"))
-                        nudge.set()
+                        for nudge in nudges:
+                            nudge.set()
             finally:
                 pubsub.close()
                 r.close()

@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 from PIL import Image
 
-from fewstep.engines.base import Engine, ImageResult, Outcome, Stepper
+from fewstep.engines.base import ImageResult, Outcome, StepEngine, run_to_completion
 from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
@@ -38,9 +38,9 @@ from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.worker")
-EngineLookup = Callable[[str], Engine]
+EngineLookup = Callable[[str], StepEngine]
 """model name → its loaded engine; raises NotFound (unknown model) or NotReady (not loaded here)."""
-Router = Callable[[str, str], Engine]
+Router = Callable[[str, str], StepEngine]
 """(model, job id) → the engine a new item starts on: every item of one job gets the same version."""
 Finished = Callable[[str, object, Outcome], None]
 """(model, engine, outcome) of every item the scheduler retires."""
@@ -54,14 +54,22 @@ def encode_png(pixels: np.ndarray) -> str:
 
 
 def engine_lookup(settings: Settings, loaded: EngineLookup | None) -> EngineLookup:
-    """The engines workers run: the runtime's loaded models, or one no-op engine for every name."""
+    """The engines workers run: the registry's models (`loaded`), or one no-op engine for every name."""
     if settings.engine == "image":
-        assert loaded is not None, "the image engine needs a loaded runtime"
+        assert loaded is not None, "the image engine needs loaded models"
         return loaded
     from fewstep.engines.noop import NoopEngine
 
     noop = NoopEngine(step_s=settings.noop_step_ms / 1000.0)
     return lambda _model: noop
+
+
+def canary_outcome(outcome: Outcome) -> bool | None:
+    """What a finished item says of the engine that ran it: failed (False), made (True), nothing (None:
+    cancelled, or refused as invalid)."""
+    if isinstance(outcome, GenerationFailed):
+        return False
+    return None if isinstance(outcome, FewstepError) else True
 
 
 def observer(metrics: Metrics | None, finished: Finished | None = None) -> Observer:
@@ -82,12 +90,6 @@ def observer(metrics: Metrics | None, finished: Finished | None = None) -> Obser
 
 def _job_of(a: Admission) -> str:
     return a.ticket.work.job_id if isinstance(a.ticket, Delivery) else ""
-
-
-def as_stepper(engine: Engine) -> Stepper:
-    if not isinstance(engine, Stepper):
-        raise GenerationFailed(f"engine {engine.info.model!r} cannot be stepped (no begin/advance)")
-    return engine
 
 
 def worker_name() -> str:
@@ -122,13 +124,13 @@ class Worker:
         self._flight: list[Delivery] = []
         self._next_reclaim = 0.0
         self.scheduler = StepScheduler(
-            lambda model: as_stepper(engine_for(model)),
+            engine_for,
             settings.max_batch_size,
             settings.batch_wait_ms / 1000.0,
             settings.batching,
             observer(metrics, finished),
             join_wait=settings.join_wait,
-            route=None if route is None else lambda a: as_stepper(route(a.model, _job_of(a))),
+            route=None if route is None else lambda a: route(a.model, _job_of(a)),
         )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -240,7 +242,7 @@ class Worker:
         self._flight = [*self._flight, d]
         try:
             engine = self.engine_for(d.work.model)
-            outcome = engine.run([d.work.item], self._stop_check(d))[0]
+            outcome = run_to_completion(engine, [d.work.item], self._stop_check(d))[0]
         except NotReady:
             return
         except FewstepError as e:

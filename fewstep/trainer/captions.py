@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fewstep.evaluation import shapes
 from fewstep.models.text import TextEncoder
-from fewstep.trainer import shapes
 
 
 class CaptionBank:

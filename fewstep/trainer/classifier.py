@@ -1,8 +1,7 @@
-"""The attribute classifier: the CLIP-score analogue that judges generated images.
+"""Training the attribute classifier (`evaluation.classifier`), the judge of generated images.
 
-A small CNN with two heads (shape, colour) trained on procedural images with mild noise and
-blur, so that it judges generations by what they show rather than by pixel-perfect edges. Its
-64-d penultimate features serve the Fréchet distance and the diversity metric.
+It is trained on procedural images with mild noise and blur, so that it judges generations by what
+they show rather than by pixel-perfect edges.
 """
 
 from __future__ import annotations
@@ -12,44 +11,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fewstep.trainer import shapes
+from fewstep.evaluation import shapes
+from fewstep.evaluation.classifier import AttributeClassifier, predict
 from fewstep.trainer.progress import Progress
-
-FEATURE_DIM = 64
-
-
-class AttributeClassifier(nn.Module):
-    """(N, 3, 32, 32) in [-1, 1] → shape logits, colour logits; `features` gives the 64-d embedding."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, stride=stride), nn.BatchNorm2d(cout), nn.GELU()]
-
-        # Max pooling keeps "is there a corner / an arm anywhere" evidence that averaging dilutes;
-        # with average pooling shape accuracy stalled near 78% after 600 steps, with max pooling
-        # it reached 100% in 200.
-        self.body = nn.Sequential(
-            *block(3, 32),
-            *block(32, 64, 2),
-            *block(64, 64),
-            *block(64, 64, 2),
-            *block(64, FEATURE_DIM),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-        )
-        self.shape_head = nn.Linear(FEATURE_DIM, len(shapes.SHAPES))
-        self.colour_head = nn.Linear(FEATURE_DIM, len(shapes.COLOUR_NAMES))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x)
-        return self.shape_head(f), self.colour_head(f)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -105,26 +70,11 @@ def train_classifier(
     return model.eval()
 
 
-@torch.inference_mode()
-def judge(
-    model: AttributeClassifier, images: np.ndarray, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted shape indices, colour indices and features for (N, 3, 32, 32) images in [-1, 1]."""
-    s, c, f = [], [], []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float()
-        feats = model.features(x)
-        s.append(model.shape_head(feats).argmax(1).numpy())
-        c.append(model.colour_head(feats).argmax(1).numpy())
-        f.append(feats.numpy())
-    return np.concatenate(s), np.concatenate(c), np.concatenate(f)
-
-
 def real_accuracy(model: AttributeClassifier, seed: int, n: int = 2000) -> dict[str, float]:
     """Shape, colour and joint accuracy on fresh real images from a held-out seed stream."""
     x, scenes, _ = shapes.batch(seed + 104729, 0, n)
     ys, yc = shapes.labels(scenes)
-    s, c, _ = judge(model, x)
+    s, c, _ = predict(model, x)
     return {
         "shape": float((s == ys).mean()),
         "colour": float((c == yc).mean()),

@@ -23,22 +23,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fewstep.errors import FewstepError, NotFound
+from fewstep.evaluation.classifier import AttributeClassifier, load_classifier
+from fewstep.evaluation.judges import joint_accuracy
+from fewstep.evaluation.probes import attribute_probes
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.registry import Registry
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
-from fewstep.trainer import classifier as clf
-from fewstep.trainer import shapes
+from fewstep.models.unet import load_unet
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.distill import make_pairs, train_student
 from fewstep.trainer.evaluate import student_fn
-from fewstep.trainer.image import load_classifier, load_unet
 
 log = logging.getLogger("fewstep.trainer")
 
@@ -58,22 +58,14 @@ class CompanionRecipe:
 
 
 def evaluate(
-    unet: torch.nn.Module, schedule: FewStepSchedule, encoder: TextEncoder, judge: Any, seeds: int
+    unet: torch.nn.Module, schedule: FewStepSchedule, encoder: TextEncoder, judge: AttributeClassifier, seeds: int
 ) -> dict[str, float]:
     """Joint (shape and colour) accuracy per step count on one held-out prompt per (colour, shape)."""
-    first: dict[tuple[str, str], str] = {}
-    for prompt, colour, shape in shapes.eval_prompts():
-        first.setdefault((colour, shape), prompt)
-    combos = sorted(first.items())
-    prompts = [p for _, p in combos for _ in range(seeds)]
-    ys = np.array([shapes.SHAPES.index(s) for (_, s), _ in combos for _ in range(seeds)])
-    yc = np.array([shapes.COLOUR_NAMES.index(c) for (c, _), _ in combos for _ in range(seeds)])
-    seed_list = [7_300_000 + i for i in range(len(prompts))]
+    probes = attribute_probes(seeds, first_seed=7_300_000)
     out = {}
     for steps in schedule.steps:
-        images = student_fn(unet, schedule, steps, encoder)(prompts, seed_list)
-        s, c, _ = clf.judge(judge, images)
-        out[str(steps)] = round(float(((s == ys) & (c == yc)).mean()), 4)
+        images = student_fn(unet, schedule, steps, encoder)(list(probes.prompts), list(probes.seeds))
+        out[str(steps)] = round(joint_accuracy(judge, images, probes.labels), 4)
     return out
 
 
@@ -96,9 +88,7 @@ def train_round(
     teacher_version = registry.find(ref.get("name", ""), ref.get("sha256", "")) if ref else None
     if teacher_version is None:
         raise NotFound(f"{model}:{base} names no teacher that is in the registry ({ref.get('name')!r})")
-    _, teacher = load_unet(registry.version_dir(ref["name"], teacher_version))
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    _, teacher = load_unet(registry.version_dir(ref["name"], teacher_version))  # frozen: no gradients
     judge_version = registry.promoted(judge_model)
     if judge_version is None:
         raise NotFound(f"no promoted {judge_model!r} in the registry to evaluate with")

@@ -22,22 +22,20 @@ import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fewstep.evaluation import shapes
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.sampling import cfg_flow, teacher_sample
 from fewstep.models.schedules import TeacherSampler, default_student_schedule
-from fewstep.models.unet import as_denoiser, denoise
-from fewstep.trainer import shapes
+from fewstep.models.unet import as_denoiser, denoise, load_unet
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.plots import save_curves
 from fewstep.trainer.progress import Progress
+from fewstep.trainer.stages import ABLATION_DIR, IMAGE_EVALUATION, STUDENT_DIR, TEACHER_DIR, ImageRecipe
 from fewstep.trainer.teacher import cosine_lr
-
-ABLATION_DIR = "shapes-regression-only"
 
 
 def make_pairs(
@@ -209,7 +207,7 @@ def train_dmd(
     return student.eval(), curves
 
 
-def _student_manifest(teacher_manifest: dict, recipe: Any, extra: dict) -> dict:
+def _student_manifest(teacher_manifest: dict, recipe: ImageRecipe, extra: dict) -> dict:
     schedule = default_student_schedule()
     return {
         "name": "shapes",
@@ -225,17 +223,14 @@ def _student_manifest(teacher_manifest: dict, recipe: Any, extra: dict) -> dict:
             "sha256": teacher_manifest["files"]["model.safetensors"]["sha256"],
             "sampler": teacher_manifest["sampler"],
         },
+        "evaluation": IMAGE_EVALUATION,
         "trainer": {"recipe": asdict(recipe), **extra},
     }
 
 
-def stage_student(r: Any, out: Path, docs: Path, bank: CaptionBank, work: Path) -> None:
-    from fewstep.trainer.image import STUDENT_DIR, TEACHER_DIR, load_unet
-
+def stage_student(r: ImageRecipe, out: Path, docs: Path, bank: CaptionBank, work: Path) -> None:
     t0 = time.time()
-    teacher_manifest, teacher = load_unet(out / TEACHER_DIR)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher_manifest, teacher = load_unet(out / TEACHER_DIR)  # frozen: no gradients
     sampler = TeacherSampler(
         steps=r.pair_sampler_steps, guidance=TeacherSampler.from_dict(teacher_manifest["sampler"]).guidance
     )

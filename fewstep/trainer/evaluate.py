@@ -22,14 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.models.checkpoint import read_manifest, write_json_atomic
+from fewstep.evaluation import shapes
+from fewstep.evaluation.classifier import FEATURE_DIM, AttributeClassifier, load_classifier, predict
+from fewstep.evaluation.metrics import frechet, mean_pairwise
 from fewstep.models.sampling import HybridTeacher, initial_noise, student_sample_mixed, teacher_sample
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
-from fewstep.models.unet import as_denoiser
+from fewstep.models.unet import as_denoiser, load_unet
 from fewstep.trainer import classifier as clf
-from fewstep.trainer import shapes
 from fewstep.trainer.plots import save_grid
+from fewstep.trainer.report import update_metrics, write_card_section
+from fewstep.trainer.stages import ABLATION_DIR, CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, ImageRecipe
 
 Sampler = Callable[[list[str], list[int]], np.ndarray]
 
@@ -47,23 +50,6 @@ class Row:
     ms_per_image: float
 
 
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets `a` and `b`."""
-    from scipy import linalg
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def mean_pairwise(feats: np.ndarray) -> float:
-    d = np.sqrt(((feats[:, None] - feats[None]) ** 2).sum(-1))
-    n = len(feats)
-    return float(d.sum() / (n * (n - 1)))
-
-
 def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 64) -> np.ndarray:
     return np.concatenate([fn(prompts[i : i + chunk], seeds[i : i + chunk]) for i in range(0, len(prompts), chunk)])
 
@@ -72,7 +58,7 @@ def evaluate_sampler(
     name: str,
     nfe: int,
     fn: Sampler,
-    judge: clf.AttributeClassifier,
+    judge: AttributeClassifier,
     real_feats: np.ndarray,
     per_prompt: int,
     div_prompts: int,
@@ -86,20 +72,20 @@ def evaluate_sampler(
     t0 = time.perf_counter()
     images = _batched(fn, prompts, seeds)
     ms = (time.perf_counter() - t0) * 1000 / len(prompts)
-    s, c, feats = clf.judge(judge, images)
+    s, c, feats = predict(judge, images)
     ys = np.array([shapes.SHAPES.index(sh) for _, _, sh in held for _ in range(per_prompt)])
     yc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in held for _ in range(per_prompt)])
 
     para_prompts = [p for p, _, _ in shapes.PARAPHRASES for _ in range(per_prompt)]
     pimg = _batched(fn, para_prompts, [2_000_000 + i for i in range(len(para_prompts))])
-    ps, pc, _ = clf.judge(judge, pimg)
+    ps, pc, _ = predict(judge, pimg)
     pys = np.array([shapes.SHAPES.index(sh) for _, _, sh in shapes.PARAPHRASES for _ in range(per_prompt)])
     pyc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in shapes.PARAPHRASES for _ in range(per_prompt)])
 
     divs = []
     for p, _, _ in held[:: max(1, len(held) // div_prompts)][:div_prompts]:
         dimg = fn([p] * div_seeds, [3_000_000 + i for i in range(div_seeds)])
-        divs.append(mean_pairwise(clf.judge(judge, dimg)[2]))
+        divs.append(mean_pairwise(predict(judge, dimg)[2]))
     row = Row(
         name=name,
         nfe=nfe,
@@ -119,7 +105,7 @@ def evaluate_sampler(
     return row, images
 
 
-def real_diversity(judge: clf.AttributeClassifier, seed: int, prompts: int, seeds: int) -> float:
+def real_diversity(judge: AttributeClassifier, seed: int, prompts: int, seeds: int) -> float:
     """The diversity statistic on real images that share (colour, shape), as the reference scale."""
     rng = np.random.default_rng([seed, 99])
     vals = []
@@ -128,7 +114,7 @@ def real_diversity(judge: clf.AttributeClassifier, seed: int, prompts: int, seed
         scenes = [s for s in shapes.sample_scenes(rng, seeds * 24) if s.colour == colour and s.shape == shape]
         while len(scenes) < seeds:
             scenes += [s for s in shapes.sample_scenes(rng, seeds * 24) if s.colour == colour and s.shape == shape]
-        vals.append(mean_pairwise(clf.judge(judge, shapes.render(scenes[:seeds], rng))[2]))
+        vals.append(mean_pairwise(predict(judge, shapes.render(scenes[:seeds], rng))[2]))
     return float(np.mean(vals))
 
 
@@ -173,14 +159,11 @@ def _table(rows: list[Row], teacher_joint: float) -> str:
     return "\n".join(lines)
 
 
-def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) -> None:
-    from fewstep.trainer.distill import ABLATION_DIR
-    from fewstep.trainer.image import CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, load_classifier, load_unet
-
+def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work: Path) -> None:
     judge = load_classifier(out / CLASSIFIER_DIR)
     real_acc = clf.real_accuracy(judge, r.seed)
     xr, _, _ = shapes.batch(r.seed + 271828, 0, 2000)
-    real_feats = clf.judge(judge, xr)[2]
+    real_feats = predict(judge, xr)[2]
     real_div = real_diversity(judge, r.seed, r.diversity_prompts, r.diversity_seeds)
     args = (judge, real_feats, r.eval_images_per_prompt, r.diversity_prompts, r.diversity_seeds, real_div)
 
@@ -243,7 +226,7 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) 
         },
     )
     teacher_joint = rows[0].joint
-    _update_metrics(
+    update_metrics(
         out / TEACHER_DIR,
         {
             "joint": rows[0].joint,
@@ -252,7 +235,7 @@ def stage_evaluate(r: Any, out: Path, docs: Path, enc: TextEncoder, work: Path) 
             "diversity": rows[0].diversity,
         },
     )
-    _update_metrics(
+    update_metrics(
         out / STUDENT_DIR, {"by_steps": s_metrics, "hybrid_by_steps": h_metrics, "teacher_joint": teacher_joint}
     )
 
@@ -275,29 +258,14 @@ def _seed_grids(docs: Path, enc: TextEncoder, samplers: dict[str, Sampler], seed
         save_grid(images, docs / f"seeds_{mode}.png", cols=seeds, scale=3)
 
 
-def _update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
-    m = read_manifest(folder)
-    m["metrics"] = {**m.get("metrics", {}), **metrics}
-    write_json_atomic(folder / "manifest.json", m)
-
-
-def write_card_section(docs: Path, section: str, body: str) -> None:
-    """Put `body` into `docs/MODEL_CARD.md` between `<!-- section -->` and `<!-- /section -->`,
-    replacing what was there and leaving every other section alone (appended when new)."""
-    card = docs / "MODEL_CARD.md"
-    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    text = card.read_text() if card.exists() else "# fewstep model card\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    docs.mkdir(parents=True, exist_ok=True)
-    card.write_text(text)
-
-
 def _write_card(
-    docs: Path, rows: list[Row], teacher_joint: float, real_acc: dict, real_div: float, r: Any, grid_prompts: list[str]
+    docs: Path,
+    rows: list[Row],
+    teacher_joint: float,
+    real_acc: dict,
+    real_div: float,
+    r: ImageRecipe,
+    grid_prompts: list[str],
 ) -> None:
     body = f"""
 ## Image models: `shapes` (student) and `shapes-teacher`
@@ -320,7 +288,7 @@ joint {real_acc["joint"]:.3f}.
 seen in training:
 {", ".join(repr(p) for p, _, _ in shapes.PARAPHRASES)} ({r.eval_images_per_prompt} seeds each).
 
-**Fréchet** is computed on the classifier's {clf.FEATURE_DIM}-d features against 2000 real images.
+**Fréchet** is computed on the classifier's {FEATURE_DIM}-d features against 2000 real images.
 **Diversity** is the mean pairwise feature distance over {r.diversity_seeds} seeds of one prompt,
 averaged over {r.diversity_prompts} prompts, divided by the same statistic on real images of one
 colour and shape ({real_div:.3f}); 1.0 means as varied as the data.

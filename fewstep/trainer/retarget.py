@@ -3,13 +3,13 @@
 Self-forcing regresses the student's frames onto a target while it sees its own earlier frames. The
 real clip is the right target only while the rollout stays on the clip's track; a few tens of frames
 in, a bounce one frame early is enough to leave it, and regressing onto the real frame then teaches a
-blur (`docs/experiments/video_quality`, E13–E14). Here the target of rollout frame f is the clip's
+blur (docs/decisions/video-quality.md). Here the target of rollout frame f is the clip's
 shape, size and colours, drawn clean one step of the caption's motion on from where the rollout's
 frame f − 1 has its shape: the caption's speed along the caption's axis, in the direction the rollout
 last moved (the caption's at the start), bouncing off the clip's walls. A worn shape gets a crisp
 target at a place its context predicts, so the student learns to restore shapes at any depth
-without being pulled toward a position it cannot know (E15; a target drawn where frame f itself has
-the shape taught the student to stop moving).
+without being pulled toward a position it cannot know (a target drawn where frame f itself has the
+shape taught the student to stop moving).
 
 The shape's place is read as the centre of its coverage between the clip's two colours, which are
 fitted to the clip's real first frame: a frame is linear in the shape's coverage, so the fit is
@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from fewstep.trainer import clips, shapes
+from fewstep.evaluation import clips, shapes
 
 MIN_AREA = 1.0
 """Coverage (in pixels) below which a frame holds no shape: its target is left out of the loss."""

@@ -12,8 +12,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from fewstep.evaluation import shapes
 from fewstep.models.unet import build_unet, denoise
-from fewstep.trainer import shapes
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.progress import Progress
 

@@ -12,46 +12,37 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewstep.engines.base import ImageItem
-from fewstep.engines.image import ImageEngine
-from fewstep.engines.video import first_frame_from_pixels
-from fewstep.errors import FewstepError
-from fewstep.models.checkpoint import load_checkpoint
+from fewstep.evaluation import clips, shapes
+from fewstep.evaluation.classifier import AttributeClassifier, load_classifier
+from fewstep.evaluation.motion import StreamScores, score_streams
+from fewstep.models.sampling import frame_from_image, frame_noise, student_sample_mixed, student_stream, to_pixels
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
-from fewstep.models.video import VideoConfig, VideoDenoiser, frame_noise, student_stream
-from fewstep.trainer import clips, shapes, video_judge
-from fewstep.trainer.classifier import AttributeClassifier
-from fewstep.trainer.evaluate import _update_metrics, write_card_section
+from fewstep.models.unet import Denoiser, as_denoiser, load_unet
+from fewstep.models.video import VideoDenoiser, load_video_net
+from fewstep.models.video_cache import VideoConfig
 from fewstep.trainer.plots import save_grid
-from fewstep.trainer.video import (
+from fewstep.trainer.report import update_metrics, write_card_section
+from fewstep.trainer.stages import (
     FORCING_ONLY_DIR,
-    IMAGE_STUDENT_DIR,
-    JUDGE_DIR,
     STUDENT_DIR,
-    TEACHER_DIR,
+    VIDEO_JUDGE_DIR,
+    VIDEO_STUDENT_DIR,
+    VIDEO_TEACHER_DIR,
     VideoRecipe,
-    load_video_net,
-    sample_stream,
 )
+from fewstep.trainer.video_teacher import sample_stream
 
 WINDOW = 16
 """Frames per reported window: the first 16 and the last 16 of a stream."""
 SEED_BASE = 5_000_000
-
-
-def load_judge(folder: Path) -> AttributeClassifier:
-    _, state = load_checkpoint(folder)
-    model = AttributeClassifier()
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def eval_prompts(r: VideoRecipe) -> tuple[list[clips.Clip], list[str]]:
@@ -61,23 +52,32 @@ def eval_prompts(r: VideoRecipe) -> tuple[list[clips.Clip], list[str]]:
     return targets, [clips.caption(c, rng, clips.HELDOUT_TEMPLATES) for c in targets]
 
 
-def image_first_frames(
-    engine: ImageEngine, prompts: list[str], seeds: list[int], steps: int, size: int
-) -> torch.Tensor:
-    """Frame 0 of every stream as the served video engine makes it: (B, C, size, size) in [-1, 1]."""
-    out = []
-    for result in engine.run([ImageItem(p, seed=s, steps=steps) for p, s in zip(prompts, seeds, strict=True)]):
-        if isinstance(result, FewstepError):
-            raise result
-        out.append(first_frame_from_pixels(result.pixels, size))
-    return torch.stack(out)
+@dataclass(frozen=True)
+class ImageStudent:
+    """The image student that draws frame 0 of every stream, as the served video engine runs it."""
+
+    net: Denoiser
+    schedule: FewStepSchedule
+    encoder: TextEncoder
+
+    @classmethod
+    def load(cls, folder: Path, encoder: TextEncoder) -> ImageStudent:
+        manifest, unet = load_unet(folder)
+        schedule = FewStepSchedule.from_dict(manifest["schedule"])
+        return cls(as_denoiser(unet, schedule.timestep_scale), schedule, encoder)
+
+    def first_frames(self, prompts: list[str], seeds: list[int], steps: int, size: int) -> torch.Tensor:
+        """Frame 0 of every stream: (B, C, size, size) in [-1, 1]."""
+        states, mask = self.encoder.encode(prompts)
+        x0 = student_sample_mixed(self.net, self.schedule, [steps] * len(seeds), states, mask, seeds)
+        return torch.stack([frame_from_image(px, size) for px in to_pixels(x0)])
 
 
-def _windows(scores: video_judge.StreamScores, frames: int) -> tuple[dict[str, float], dict[str, float]]:
+def _windows(scores: StreamScores, frames: int) -> tuple[dict[str, float], dict[str, float]]:
     return scores.window(0, min(WINDOW, frames)), scores.window(max(0, frames - WINDOW), frames)
 
 
-def _row(name: str, steps: int, nfe: int, scores: video_judge.StreamScores, frames: int, seconds: float) -> dict:
+def _row(name: str, steps: int, nfe: int, scores: StreamScores, frames: int, seconds: float) -> dict:
     early, late = _windows(scores, frames)
     return {
         "model": name,
@@ -90,7 +90,7 @@ def _row(name: str, steps: int, nfe: int, scores: video_judge.StreamScores, fram
     }
 
 
-def _continuation_row(name: str, steps: int, scores: video_judge.StreamScores, frames: int) -> dict:
+def _continuation_row(name: str, steps: int, scores: StreamScores, frames: int) -> dict:
     """A stream that was given the real first frame: judged from frame 2 on (frame 1 is the real one)."""
     return {
         "model": name,
@@ -117,7 +117,7 @@ def _fmt(row: dict) -> str:
 
 
 def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) -> None:
-    judge = load_judge(out / JUDGE_DIR)
+    judge = load_classifier(out / VIDEO_JUDGE_DIR)
     targets, prompts = eval_prompts(r)
     frames, n = r.eval_frames, len(targets)
     seeds = [SEED_BASE + i for i in range(n)]
@@ -129,16 +129,17 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
     rng = np.random.default_rng([r.seed, 314159])
     real = np.stack([clips.render(c, frames, rng, r.size) for c in targets])
     first = torch.from_numpy(real[:, 0])
-    rows.append(_row("real clips", 0, 0, video_judge.score_streams(judge, real, targets), frames, 0.0))
+    rows.append(_row("real clips", 0, 0, score_streams(judge, real, targets), frames, 0.0))
 
-    image = ImageEngine(out / IMAGE_STUDENT_DIR, encoder)
-    image.load()
+    image = ImageStudent.load(out / STUDENT_DIR, encoder)
     firsts: dict[int, torch.Tensor] = {}
     students: dict[str, VideoDenoiser] = {
-        "self-forcing": load_video_net(out / STUDENT_DIR),
+        "self-forcing": load_video_net(out / VIDEO_STUDENT_DIR),
         "teacher forcing only": load_video_net(out / FORCING_ONLY_DIR),
     }
-    schedule = FewStepSchedule.from_dict(json.loads((out / STUDENT_DIR / "manifest.json").read_text())["schedule"])
+    schedule = FewStepSchedule.from_dict(
+        json.loads((out / VIDEO_STUDENT_DIR / "manifest.json").read_text())["schedule"]
+    )
     for name, net in students.items():
         text = net.text_kv(states, mask)
 
@@ -148,18 +149,18 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
         for steps in schedule.steps:
             t0 = time.time()
             if steps not in firsts:
-                firsts[steps] = image_first_frames(image, prompts, seeds, steps, r.size)
+                firsts[steps] = image.first_frames(prompts, seeds, steps, r.size)
             video = student_stream(net, text, schedule, steps, frames, noise, first=firsts[steps]).numpy()
             seconds = round(time.time() - t0, 1)
-            rows.append(_row(name, steps, steps, video_judge.score_streams(judge, video, targets), frames, seconds))
+            rows.append(_row(name, steps, steps, score_streams(judge, video, targets), frames, seconds))
             print(f"  {name} {steps} steps: {rows[-1]['early']} → {rows[-1]['late']} ({seconds}s)", flush=True)
             if steps == schedule.default_steps:
                 streams[name] = video
                 video = student_stream(net, text, schedule, steps, frames, noise, first=first).numpy()
-                scores = video_judge.score_streams(judge, video, targets)
+                scores = score_streams(judge, video, targets)
                 continued.append(_continuation_row(name, steps, scores, frames))
 
-    teacher = load_video_net(out / TEACHER_DIR)
+    teacher = load_video_net(out / VIDEO_TEACHER_DIR)
     null_states, null_mask = encoder.encode([""] * n)
     cond, null = teacher.text_kv(states, mask), teacher.text_kv(null_states, null_mask)
     t0 = time.time()
@@ -167,17 +168,17 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
     video = sample_stream(
         teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance, first=firsts[schedule.default_steps]
     )
-    scores = video_judge.score_streams(judge, video, targets)
+    scores = score_streams(judge, video, targets)
     rows.append(_row("teacher", r.sampler_steps, 2 * r.sampler_steps, scores, frames, round(time.time() - t0, 1)))
     streams["teacher"] = video
     video = sample_stream(teacher, cond, null, frames, seeds, r.sampler_steps, r.guidance, first=first)
-    scores = video_judge.score_streams(judge, video, targets)
+    scores = score_streams(judge, video, targets)
     continued.append(_continuation_row("teacher", r.sampler_steps, scores, frames))
 
     check = _drift_check(r, students["self-forcing"], schedule, image, encoder, judge)
-    _update_metrics(out / STUDENT_DIR, {"drift_check": check})
-    for name, folder in (("self-forcing", STUDENT_DIR), ("teacher forcing only", FORCING_ONLY_DIR)):
-        _update_metrics(out / folder, {"streams": [row for row in rows if row["model"] == name]})
+    update_metrics(out / VIDEO_STUDENT_DIR, {"drift_check": check})
+    for name, folder in (("self-forcing", VIDEO_STUDENT_DIR), ("teacher forcing only", FORCING_ONLY_DIR)):
+        update_metrics(out / folder, {"streams": [row for row in rows if row["model"] == name]})
     _filmstrip(docs, streams, frames)
     _drift_plot(docs, judge, streams, targets, frames)
     _write_card(docs, r, rows, continued, prompts, frames, n, check)
@@ -187,7 +188,7 @@ def _drift_check(
     r: VideoRecipe,
     net: VideoDenoiser,
     schedule: FewStepSchedule,
-    image: ImageEngine,
+    image: ImageStudent,
     encoder: TextEncoder,
     judge: AttributeClassifier,
 ) -> dict[str, Any]:
@@ -197,13 +198,13 @@ def _drift_check(
     targets, prompts = eval_prompts(replace(r, eval_streams=r.check_streams))
     seeds = [SEED_BASE + i for i in range(len(targets))]
     steps, frames = schedule.default_steps, r.eval_frames
-    first = image_first_frames(image, prompts, seeds, steps, r.size)
+    first = image.first_frames(prompts, seeds, steps, r.size)
 
     def noise(f: int, k: int) -> torch.Tensor:
         return frame_noise(seeds, f, k, net.cfg)
 
     video = student_stream(net, net.text_kv(*encoder.encode(prompts)), schedule, steps, frames, noise, first=first)
-    scores = video_judge.score_streams(judge, video.numpy(), targets)
+    scores = score_streams(judge, video.numpy(), targets)
     early, late = _windows(scores, frames)
     per_stream = (scores.shape & scores.colour)[:, max(0, frames - WINDOW) :].mean(axis=1)
     se = float(per_stream.std(ddof=1) / np.sqrt(len(per_stream))) if len(per_stream) > 1 else float("nan")
@@ -238,7 +239,7 @@ def _drift_plot(
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
     k = 8
     for name, video in streams.items():
-        sc = video_judge.score_streams(judge, video, targets)
+        sc = score_streams(judge, video, targets)
         for ax, series in zip(axes, ((sc.shape & sc.colour).mean(0), sc.motion.mean(0)), strict=True):
             smooth = np.convolve(series.astype(float), np.ones(k) / k, mode="valid")
             ax.plot(np.arange(len(smooth)) + k, smooth, label=name)
@@ -285,7 +286,7 @@ def _write_card(
     continued_table = "\n".join(_fmt_continuation(row) for row in continued)
     px = r.size / shapes.SIZE  # clip attributes are in pixels at the renderer's 32×32
     body = f"""
-## Video models: `{STUDENT_DIR}` (student), `{FORCING_ONLY_DIR}` (ablation) and `{TEACHER_DIR}`
+## Video models: `{VIDEO_STUDENT_DIR}` (student), `{FORCING_ONLY_DIR}` (ablation) and `{VIDEO_TEACHER_DIR}`
 
 Produced by `fewstep train video` (seed {r.seed}); this section is rewritten by its `evaluate` stage.
 
@@ -296,10 +297,10 @@ or quickly ({clips.SPEEDS["quickly"] * px:g} px/frame), bouncing off the walls. 
 16×16 rather than 32×32: every training step of the self-forcing stage rolls the student out frame by
 frame, and 2 CPU cores pay for a frame's pixels and tokens many times over.
 
-**Image to video.** Frame 0 of every stream is drawn by the image student (`{IMAGE_STUDENT_DIR}`, named by
+**Image to video.** Frame 0 of every stream is drawn by the image student (`{STUDENT_DIR}`, named by
 sha256 in the video manifest's `first_frame`) from the same prompt, seed and step count, at 32×32, and
 averaged down to {r.size}×{r.size}; the video models continue it. At 16×16 no network learned to draw the
-shapes from scratch in this CPU budget (`docs/experiments/video_quality`, E6–E8), while the image student
+shapes from scratch in this CPU budget (`docs/decisions/video-quality.md`), while the image student
 draws them in one step. `hybrid` streams take their first frame from the image hybrid (image teacher's
 first step, image student's rest).
 
@@ -336,7 +337,7 @@ The students are trained on the clips, not on the teacher's samples: regression 
 samples can only be as good as the teacher, and on its own imperfect context this one fades (measured
 in the continuation table below). The teacher is the multi-step reference the students are compared with.
 
-**Judge** (`trainer/video_judge.py`): a frame classifier (shape, colour) trained on clip frames, and a
+**Judge** (`evaluation/motion.py`): a frame classifier (shape, colour) trained on clip frames, and a
 centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at
 0.4–2.5 × the prompted speed and changes sign only where the shape's edge is next to a wall (a bounce).
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewstep.engines.base import Engine, ImageItem, ImageResult
+from fewstep.engines.base import ImageItem, ImageResult, StepEngine
 from fewstep.engines.image import ImageEngine
 from fewstep.errors import Cancelled, CheckpointError, InvalidRequest
 from fewstep.models.checkpoint import sha256_file
@@ -28,8 +28,8 @@ def _pixels(outcome: object) -> np.ndarray:
 
 
 def test_satisfies_the_engine_protocol(engine: ImageEngine) -> None:
-    assert isinstance(engine, Engine)
-    assert engine.info.steps == [1, 2, 3, 4]
+    assert isinstance(engine, StepEngine)
+    assert engine.spec.steps == [1, 2, 3, 4]
     assert engine.health()["loaded"]
 
 
@@ -121,7 +121,7 @@ def test_hybrid_changes_the_image_and_costs_the_teachers_cfg(hybrid_engine: Imag
     assert isinstance(plain, ImageResult) and isinstance(hybrid, ImageResult)
     assert plain.nfe == 3 and hybrid.nfe == 4
     assert np.abs(_pixels(plain) - _pixels(hybrid)).mean() > 1
-    assert hybrid_engine.info.extra["hybrid"] is True
+    assert hybrid_engine.spec.hybrid is True
 
 
 def test_hybrid_needs_two_steps_and_a_teacher(hybrid_engine: ImageEngine, engine: ImageEngine) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.engines.backends import load_backend
+from fewstep.engines.backends import backend
 from fewstep.engines.backends.tensorrt import DEFAULT_PROFILES, ShapeProfile, cache_key, select_profile, split_batches
 from fewstep.errors import CheckpointError
 
@@ -48,7 +48,7 @@ def test_cache_key_changes_with_anything_that_invalidates_an_engine() -> None:
 def test_without_a_gpu_the_backend_refuses_with_a_clear_reason(checkpoints: Path) -> None:
     manifest = json.loads((checkpoints / "shapes" / "manifest.json").read_text())
     with pytest.raises(CheckpointError, match="tensorrt"):
-        load_backend("tensorrt", checkpoints / "shapes", manifest, "fp16")
+        backend("tensorrt").image(checkpoints / "shapes", manifest, "fp16")
 
 
 @pytest.mark.gpu

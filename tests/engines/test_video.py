@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from fewstep.engines.base import ImageItem
+from fewstep.engines.base import ImageItem, Session, StreamRequest
 from fewstep.engines.image import ImageEngine
-from fewstep.engines.video import VideoEngine, VideoSession, first_frame_from_pixels
+from fewstep.engines.video import VideoEngine
 from fewstep.errors import CheckpointError, InvalidRequest, Overloaded
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.video import frame_noise, student_stream
+from fewstep.models.sampling import frame_from_image, frame_noise, student_stream, to_pixels
 
 PROMPT = "a red circle moving left quickly"
 OTHER = "a blue square moving down slowly"
@@ -37,7 +36,11 @@ def engine(video_student: Path, encoder) -> VideoEngine:  # type: ignore[no-unty
     return e
 
 
-def _run(engine: VideoEngine, sessions: list[VideoSession]) -> dict[int, list[np.ndarray]]:
+def _open(engine: VideoEngine, prompt: str, frames: int, steps: int, seed: int, hybrid: bool = False) -> Session:
+    return engine.open(StreamRequest(prompt, frames, steps, seed, hybrid))
+
+
+def _run(engine: VideoEngine, sessions: list[Session]) -> dict[int, list[np.ndarray]]:
     """Advance `sessions` to their ends (then close them); the frames each made here, in order."""
     out: dict[int, list[np.ndarray]] = {id(s): [] for s in sessions}
     first = {id(s): s.frame for s in sessions}
@@ -46,7 +49,7 @@ def _run(engine: VideoEngine, sessions: list[VideoSession]) -> dict[int, list[np
             assert f.index == first[id(f.session)] + len(out[id(f.session)])
             out[id(f.session)].append(f.pixels)
     for s in sessions:
-        engine.close(s)
+        engine.end(s)
     return out
 
 
@@ -58,7 +61,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _alone(engine: VideoEngine, prompt: str, frames: int, steps: int, seed: int) -> np.ndarray:
-    s = engine.open(prompt, frames, steps, seed)
+    s = _open(engine, prompt, frames, steps, seed)
     return np.stack(_run(engine, [s])[id(s)])
 
 
@@ -90,9 +93,9 @@ def test_a_stream_equals_the_trainers_reference_sampler(engine: VideoEngine, enc
         2,
         frames,
         lambda f, k: frame_noise([7], f, k, cfg),
-        first=first_frame_from_pixels(image.pixels, cfg.size)[None],
+        first=frame_from_image(image.pixels, cfg.size)[None],
     )
-    ref_px = ((ref[0] + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ref_px = to_pixels(ref[0])
     assert got.shape == (frames, cfg.size, cfg.size, 3)
     np.testing.assert_array_equal(got, ref_px)
     assert len({f.tobytes() for f in got}) > frames // 2  # the stream moves
@@ -102,12 +105,12 @@ def test_batched_sessions_at_different_steps_and_frames_match_each_alone(engine:
     frames = engine.cfg.sink + engine.cfg.window + 2
     specs = [(PROMPT, frames, 1, 1), (OTHER, frames - 3, 4, 2), (PROMPT, frames, 3, 3)]
     alone = [_alone(engine, *spec) for spec in specs]
-    a = engine.open(*specs[0])
-    b = engine.open(*specs[1])
+    a = _open(engine, *specs[0])
+    b = _open(engine, *specs[1])
     out_a: list[np.ndarray] = []
     for _ in range(5):  # a runs ahead: the others join mid-stream, at other frames and steps
         out_a += [f.pixels for f in engine.advance([a])]
-    c = engine.open(*specs[2])
+    c = _open(engine, *specs[2])
     rest = _run(engine, [a, b, c])
     _same(np.stack(out_a + rest[id(a)]), alone[0])
     _same(np.stack(rest[id(b)]), alone[1])
@@ -117,33 +120,33 @@ def test_batched_sessions_at_different_steps_and_frames_match_each_alone(engine:
 
 def test_capacity_is_enforced_and_a_closed_row_is_clean_for_the_next_session(engine: VideoEngine) -> None:
     reference = _alone(engine, OTHER, 4, 2, 5)
-    held = [engine.open(PROMPT, 50, 1, i) for i in range(engine.capacity)]
+    held = [_open(engine, PROMPT, 50, 1, i) for i in range(engine.capacity)]
     with pytest.raises(Overloaded, match="video_max_sessions"):
-        engine.open(PROMPT, 4, 2, 0)
+        _open(engine, PROMPT, 4, 2, 0)
     for _ in range(6):
         engine.advance(held)  # fill their caches
-    engine.close(held[1])
+    engine.end(held[1])
     assert engine.active == engine.capacity - 1
-    again = engine.open(OTHER, 4, 2, 5)  # takes the freed row, which must start empty
-    assert again.row == held[1].row
+    again = _open(engine, OTHER, 4, 2, 5)  # takes the freed row, which must start empty
+    assert again.state.row == held[1].state.row
     _same(np.stack(_run(engine, [again])[id(again)]), reference)
     assert engine.advance([held[1]]) == []  # a closed session is never advanced
     for s in held:
-        engine.close(s)
+        engine.end(s)
     assert engine.active == 0
 
 
 def test_steps_outside_the_schedule_are_refused(engine: VideoEngine) -> None:
     with pytest.raises(InvalidRequest, match=r"`steps` must be between 1 and 4\. Given: 5"):
-        engine.open(PROMPT, 4, 5, 0)
+        _open(engine, PROMPT, 4, 5, 0)
     with pytest.raises(InvalidRequest, match=r"`frames` must be between 1 and 16\. Given: 17"):
-        engine.validate(17, 2, 0, max_frames=16)
+        engine.spec.validate(StreamRequest(PROMPT, 17, 2, 0), max_frames=16)
 
 
 def test_a_new_prompt_steers_the_following_frames_only(engine: VideoEngine) -> None:
     frames = 10
     plain = _alone(engine, PROMPT, frames, 2, 9)
-    s = engine.open(PROMPT, frames, 2, 9)
+    s = _open(engine, PROMPT, frames, 2, 9)
     got: list[np.ndarray] = []
     while len(got) < 4:
         got += [f.pixels for f in engine.advance([s])]
@@ -157,8 +160,9 @@ def test_a_new_prompt_steers_the_following_frames_only(engine: VideoEngine) -> N
 
 
 def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
-    from fewstep.exporters.onnx import psnr
-    from fewstep.exporters.video_onnx import ARTIFACT, export_video_onnx
+    from fewstep.artifacts.video import ARTIFACT
+    from fewstep.evaluation.metrics import psnr
+    from fewstep.exporters.video_onnx import export_video_onnx
 
     folder = tmp_path / "shapes-video"
     shutil.copytree(video_student, folder)
@@ -187,30 +191,30 @@ def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student
 def test_hybrid_takes_the_first_frame_from_the_image_hybrid(video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     e = VideoEngine(video_student, encoder, capacity=3, first_frame=_image(video_student, encoder))
     e.load()
-    assert e.info.extra["hybrid"] is True
+    assert e.spec.hybrid is True
     frames = 6
     plain = _alone(e, PROMPT, frames, 2, 4)
-    hybrid = np.stack(_run(e, [h := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h)])
-    again = np.stack(_run(e, [h2 := e.open(PROMPT, frames, 2, 4, hybrid=True)])[id(h2)])
+    hybrid = np.stack(_run(e, [h := _open(e, PROMPT, frames, 2, 4, hybrid=True)])[id(h)])
+    again = np.stack(_run(e, [h2 := _open(e, PROMPT, frames, 2, 4, hybrid=True)])[id(h2)])
     np.testing.assert_array_equal(hybrid, again)  # seeded, like every stream
     assert not np.array_equal(hybrid[0], plain[0])  # the image teacher's first step changed the first frame
     assert e.first_frame is not None
     (image,) = e.first_frame.run([ImageItem(PROMPT, seed=4, steps=2, hybrid=True)])
     assert not isinstance(image, Exception)
-    expected = ((first_frame_from_pixels(image.pixels, e.cfg.size) + 1) * 127.5 + 0.5).clamp(0, 255)
-    np.testing.assert_array_equal(hybrid[0], expected.to(torch.uint8).permute(1, 2, 0).numpy())
+    expected = to_pixels(frame_from_image(image.pixels, e.cfg.size)[None])[0]
+    np.testing.assert_array_equal(hybrid[0], expected)
     # Batched with plain sessions at other frames, a hybrid stream is the same as alone.
-    a = e.open(OTHER, frames, 3, 1)
+    a = _open(e, OTHER, frames, 3, 1)
     e.advance([a])
-    b = e.open(PROMPT, frames, 2, 4, hybrid=True)
+    b = _open(e, PROMPT, frames, 2, 4, hybrid=True)
     got = _run(e, [a, b])
     _same(np.stack(got[id(b)]), hybrid)
     with pytest.raises(InvalidRequest, match="at least 2 with `hybrid`"):
-        e.open(PROMPT, frames, 1, 0, hybrid=True)
+        _open(e, PROMPT, frames, 1, 0, hybrid=True)
     no_teacher = VideoEngine(video_student, encoder, capacity=1, first_frame=_image(video_student, encoder, False))
     no_teacher.load()
     with pytest.raises(InvalidRequest, match="needs the image teacher"):
-        no_teacher.open(PROMPT, frames, 2, 0, hybrid=True)
+        _open(no_teacher, PROMPT, frames, 2, 0, hybrid=True)
 
 
 def test_the_first_frame_model_must_be_the_one_the_manifest_names(
@@ -235,12 +239,10 @@ def test_a_student_that_names_no_image_model_draws_frame_0_itself(tmp_path: Path
     (folder / "manifest.json").write_text(json.dumps(manifest))
     e = VideoEngine(folder, encoder, capacity=1)
     e.load()
-    assert e.info.extra["first_frame"] is None and e.info.extra["hybrid"] is False
+    assert e.spec.first_frame is None and e.spec.hybrid is False
     got = _alone(e, PROMPT, 3, 1, 2)
     net, cfg = e.net, e.cfg
     ref = student_stream(
         net, net.text_kv(*encoder.encode([PROMPT])), e.schedule, 1, 3, lambda f, k: frame_noise([2], f, k, cfg)
     )
-    np.testing.assert_array_equal(
-        got, ((ref[0] + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    )
+    np.testing.assert_array_equal(got, to_pixels(ref[0]))

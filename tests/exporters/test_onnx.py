@@ -14,7 +14,6 @@ from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
 from fewstep.errors import CheckpointError
 from fewstep.exporters.onnx import MIN_PSNR_DB
-from fewstep.exporters.ort import choose_providers
 from fewstep.models.checkpoint import sha256_file
 from fewstep.models.registry import Registry
 
@@ -118,11 +117,3 @@ def test_nan_outputs_are_refused_at_warmup(exported: Registry, tmp_path: Path, e
     engine.load()
     with pytest.raises(CheckpointError, match="warm-up"):
         engine.warmup()
-
-
-def test_provider_preference_falls_back_to_cpu() -> None:
-    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    gpu = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
-    assert choose_providers(gpu) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(gpu, allow_tensorrt=False) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers([]) == ["CPUExecutionProvider"]

@@ -9,19 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewstep.engines.backends import load_backend
+from fewstep.artifacts.onnx import describe
+from fewstep.engines.backends import backend
 from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
 from fewstep.errors import CheckpointError, InvalidRequest
-from fewstep.exporters.onnx import describe
+from fewstep.evaluation.classifier import load_classifier
+from fewstep.evaluation.judges import AttributeJudge
 from fewstep.exporters.quantize import GATE_POINTS, calibration_feeds, quantize
 from fewstep.models.registry import Registry
-from fewstep.trainer.image import load_classifier
 
 
 @pytest.fixture(scope="module")
 def judge(checkpoints: Path):  # type: ignore[no-untyped-def]
-    return load_classifier(checkpoints / "shapes-classifier")
+    return AttributeJudge(load_classifier(checkpoints / "shapes-classifier"))
 
 
 def test_calibration_covers_every_timestep_of_every_schedule(exported: Registry, encoder) -> None:  # type: ignore[no-untyped-def]
@@ -72,11 +73,11 @@ def test_an_artifact_that_failed_its_gate_is_refused_and_a_refused_teacher_only_
     art["gate"] = {"passed": False, "rule": "test"}
     meta.write_text(json.dumps(art))
     with pytest.raises(CheckpointError, match="quality gate"):
-        load_backend("onnxruntime", teacher, json.loads((teacher / "manifest.json").read_text()), "int8-dynamic")
+        backend("onnxruntime").image(teacher, json.loads((teacher / "manifest.json").read_text()), "int8-dynamic")
 
     engine = ImageEngine(student, encoder, backend="onnxruntime", precision="int8-dynamic", teacher_folder=teacher)
     engine.load()
-    assert engine.info.extra["hybrid"] is False
+    assert engine.spec.hybrid is False
     plain, hybrid = engine.run([ImageItem("a red circle", 1, 2), ImageItem("a red circle", 1, 2, hybrid=True)])
     assert isinstance(plain, ImageResult)
     assert isinstance(hybrid, InvalidRequest) and "quality gate" in str(hybrid)

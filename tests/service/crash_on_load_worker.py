@@ -19,7 +19,7 @@ _real_load = ImageEngine.load
 
 
 def _load(self: ImageEngine) -> None:
-    if self.info.version == CRASH:
+    if self.spec.version == CRASH:
         os.kill(os.getpid(), signal.SIGKILL)
     _real_load(self)
 

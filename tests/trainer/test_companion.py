@@ -12,6 +12,8 @@ from fewstep.cli import main
 from fewstep.models.checkpoint import WEIGHTS
 from fewstep.models.registry import Registry
 
+pytestmark = pytest.mark.slow  # trains (quick rounds) through the CLI
+
 
 def test_trainer_rounds_push_evaluated_versions_that_build_on_each_other(
     tmp_path: Path, checkpoints: Path, capsys: pytest.CaptureFixture[str]

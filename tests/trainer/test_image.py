@@ -9,13 +9,15 @@ import pytest
 from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
 from fewstep.models.checkpoint import load_checkpoint
-from fewstep.trainer.image import STAGES, ImageRecipe, run
+from fewstep.trainer.image import run
+from fewstep.trainer.stages import IMAGE_STAGES, ImageRecipe
+
+pytestmark = pytest.mark.slow  # trains every stage (quick recipes)
 
 
-@pytest.mark.slow
 def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     out, docs = tmp_path / "ck", tmp_path / "docs"
-    run(list(STAGES), out, docs, ImageRecipe.quick(), threads=1, work=tmp_path / "work")
+    run(list(IMAGE_STAGES), out, docs, ImageRecipe.quick(), threads=1, work=tmp_path / "work")
 
     for name in ("shapes-classifier", "shapes-teacher", "shapes"):
         manifest, state = load_checkpoint(out / name)
@@ -51,7 +53,6 @@ def test_quick_pipeline_writes_servable_checkpoints_and_a_model_card(tmp_path: P
     assert result.pixels.dtype == np.uint8
 
 
-@pytest.mark.slow
 def test_training_is_reproducible_by_seed(tmp_path: Path) -> None:
     recipe = ImageRecipe.quick()
     run(["classifier"], tmp_path / "a", tmp_path / "docs", recipe, threads=1, work=tmp_path)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fewstep.trainer import clips, retarget
+from fewstep.evaluation import clips
+from fewstep.trainer import retarget
 
 FRAMES = 40  # long enough for every clip to bounce off a wall (2–3 px per frame at 32×32)
 

@@ -13,15 +13,14 @@ from fewstep.cli import main
 from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.registry import Registry
 from fewstep.models.schedules import FewStepSchedule
-from fewstep.models.video import VideoConfig, VideoDenoiser
-from fewstep.trainer.video import (
-    FORCING_ONLY_DIR,
-    IMAGE_STUDENT_DIR,
-    JUDGE_DIR,
-    STUDENT_DIR,
-    TEACHER_DIR,
-    sample_stream,
-)
+from fewstep.models.video import VideoDenoiser
+from fewstep.models.video_cache import VideoConfig
+from fewstep.trainer.stages import FORCING_ONLY_DIR, VIDEO_JUDGE_DIR, VIDEO_STUDENT_DIR, VIDEO_TEACHER_DIR
+from fewstep.trainer.stages import STUDENT_DIR as IMAGE_STUDENT_DIR
+from fewstep.trainer.video_teacher import sample_stream
+
+pytestmark = pytest.mark.slow  # trains every stage (quick recipes)
+JUDGE_DIR, STUDENT_DIR, TEACHER_DIR = VIDEO_JUDGE_DIR, VIDEO_STUDENT_DIR, VIDEO_TEACHER_DIR
 
 
 def test_quick_run_writes_every_checkpoint_and_the_card_section(  # type: ignore[no-untyped-def]

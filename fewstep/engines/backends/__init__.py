@@ -1,28 +1,39 @@
-"""Backends turn an artifact folder into a `Denoiser` callable. Picked by name from `BACKENDS`."""
+"""Backends turn a verified registry version into something that runs: a `Denoiser` for an image model,
+a `VideoNet` for a video model. One table, by name, for every model kind (`BACKENDS`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fewstep.engines.backends.onnxruntime import OnnxRuntimeBackend
 from fewstep.engines.backends.tensorrt import TensorRTBackend
 from fewstep.engines.backends.torch import TorchBackend
-from fewstep.errors import InvalidRequest
+from fewstep.errors import CheckpointError
 from fewstep.models.unet import Denoiser
+from fewstep.models.video_cache import VideoConfig, VideoNet
 
-BackendFactory = Callable[[Path, dict[str, Any], str], Denoiser]
 
-BACKENDS: dict[str, BackendFactory] = {
-    "torch": TorchBackend.load,
-    "onnxruntime": OnnxRuntimeBackend.load,
-    "tensorrt": TensorRTBackend.load,
+class Backend(Protocol):
+    """What a backend offers. Each method raises `CheckpointError` when it cannot serve the folder (a
+    missing or unverified artifact, a precision it lacks, no GPU): the version is then refused."""
+
+    precisions: tuple[str, ...]
+
+    def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser: ...
+
+    def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet: ...
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": TorchBackend(),
+    "onnxruntime": OnnxRuntimeBackend(),
+    "tensorrt": TensorRTBackend(),
 }
 
 
-def load_backend(name: str, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
-    """The denoiser of `folder` on backend `name`."""
+def backend(name: str) -> Backend:
+    """The backend called `name`; CheckpointError naming the known ones otherwise."""
     if name not in BACKENDS:
-        raise InvalidRequest("backend", f"`backend` must be one of {sorted(BACKENDS)}. Given: {name!r}")
-    return BACKENDS[name](folder, manifest, precision)
+        raise CheckpointError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name]

@@ -13,30 +13,20 @@ from typing import Any
 
 import torch
 
+from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, session_denoiser, verified_artifact
+from fewstep.artifacts.video import load_video_graphs
 from fewstep.errors import CheckpointError
-from fewstep.exporters.onnx import INPUTS, OUTPUTS, artifact_name
-from fewstep.exporters.ort import session_denoiser
-from fewstep.exporters.quantize import QUANTIZED, require_gate
-from fewstep.models.checkpoint import sha256_file
 from fewstep.models.unet import Denoiser
+from fewstep.models.video_cache import VideoConfig, VideoNet
 
 
 class OnnxRuntimeBackend:
-    PRECISIONS = ("fp32", *QUANTIZED)
+    precisions: tuple[str, ...] = ("fp32", *QUANTIZED)
 
-    @staticmethod
-    def load(folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
-        if precision not in OnnxRuntimeBackend.PRECISIONS:
-            raise CheckpointError(f"onnxruntime backend serves {OnnxRuntimeBackend.PRECISIONS}, not {precision!r}")
-        art = require_gate(folder, precision)
-        path = folder / artifact_name(precision)
-        if path.is_symlink() or not path.is_file():
-            raise CheckpointError(f"{folder.name}: {path.name} is missing")
-        if sha256_file(path) != art.get("sha256"):
-            raise CheckpointError(f"{folder.name}: {path.name} does not match the sha256 in its manifest")
-        source = manifest["files"]["model.safetensors"]["sha256"]
-        if art.get("source", {}).get("sha256") != source:
-            raise CheckpointError(f"{folder.name}: {path.name} was exported from other weights than this checkpoint's")
+    def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
+        if precision not in self.precisions:
+            raise CheckpointError(f"onnxruntime backend serves {self.precisions}, not {precision!r}")
+        path, art = verified_artifact(folder, manifest, precision)
         try:
             net = session_denoiser(path)
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
@@ -50,6 +40,9 @@ class OnnxRuntimeBackend:
         if not art.get("batch_invariant", True):
             return _item_by_item(net)
         return net
+
+    def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
+        return load_video_graphs(folder, cfg)
 
 
 def _item_by_item(net: Denoiser) -> Denoiser:

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from fewstep.artifacts.onnx import INPUTS, artifact_name, require_gate
 from fewstep.errors import CheckpointError
-from fewstep.exporters.onnx import INPUTS, artifact_name
-from fewstep.exporters.quantize import require_gate
 from fewstep.models.checkpoint import sha256_file
 from fewstep.models.unet import Denoiser
+from fewstep.models.video_cache import VideoConfig, VideoNet
 
 ARTIFACT_FOR = {"fp16": "fp32", "fp32": "fp32", "int8": "int8", "fp8": "fp8"}
 
@@ -84,10 +84,12 @@ def split_batches(batch: int, profiles: tuple[ShapeProfile, ...] = DEFAULT_PROFI
 
 
 class TensorRTBackend:
-    PRECISIONS = tuple(ARTIFACT_FOR)
+    precisions: tuple[str, ...] = tuple(ARTIFACT_FOR)
 
-    @staticmethod
-    def load(folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
+    def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
+        raise CheckpointError("the tensorrt backend serves image models; video runs on torch or onnxruntime")
+
+    def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
         if precision not in ARTIFACT_FOR:
             raise CheckpointError(f"tensorrt backend serves {tuple(ARTIFACT_FOR)}, not {precision!r}")
         try:

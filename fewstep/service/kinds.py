@@ -1,0 +1,215 @@
+"""The model kinds this service serves, one entry each in `KINDS`, keyed by a manifest's `kind`.
+
+A kind tells the version lifecycle (`service/versions.py`) everything it needs that differs between
+models: how to read a version's spec from its manifest alone, how to build its engine (loaded by the
+lifecycle), which engine protocol it speaks (`steps`: a `StepEngine`, served by the workers through
+the queue; `streams`: a `StreamEngine`, served by the gateway's stream driver), which probe set the
+serving gate runs and how the engine makes it, and the flavour its gate verdicts are kept under.
+Adding a model kind is one engine and one line here; a manifest kind with no entry is not served
+(judges, teachers, ablations: read by others, never served by themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+
+from fewstep.engines.base import (
+    ImageItem,
+    ImageResult,
+    Servable,
+    StepEngine,
+    StreamEngine,
+    StreamRequest,
+    run_to_completion,
+)
+from fewstep.engines.image import ImageEngine
+from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
+from fewstep.engines.video import VideoEngine
+from fewstep.errors import CheckpointError, FewstepError
+from fewstep.evaluation.probes import PROBE_SETS, ProbeSet
+from fewstep.models.checkpoint import read_manifest
+from fewstep.models.registry import Registry
+from fewstep.models.sampling import from_pixels
+from fewstep.models.text import TextEncoder
+from fewstep.service.settings import Settings
+
+log = logging.getLogger("fewstep.runtime")
+E = TypeVar("E", bound=Servable)
+
+
+@dataclass
+class Context:
+    """What building an engine needs: the settings, the registry, and the process's one text encoder
+    (made on first use: a process that only routes never loads it)."""
+
+    settings: Settings
+    registry: Registry
+    _encoder: TextEncoder | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def encoder(self) -> TextEncoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = TextEncoder()
+            return self._encoder
+
+
+@dataclass(frozen=True)
+class Version:
+    """A registry version, as a kind sees it."""
+
+    name: str
+    version: str
+    folder: Path
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Kind(Generic[E]):
+    """How one kind of model is served. See the module docstring."""
+
+    serves: Literal["steps", "streams"]
+    flavour: Callable[[Settings], str]
+    spec: Callable[[Context, Version], Spec]
+    engine: Callable[[Context, Version], E]
+    probes: Callable[[Settings, dict[str, Any]], ProbeSet | None]
+    """The gate's probe set for a manifest (None: this kind's gate is off)."""
+    render: Callable[[E, ProbeSet], np.ndarray]
+    """The engine's outputs for a probe set, in [-1, 1]: images (N, 3, H, W) or streams (N, F, 3, H, W).
+    Raises FewstepError when a probe fails."""
+
+
+def named_probes(manifest: dict[str, Any], default: str, count: int, frames: int) -> ProbeSet:
+    """The probe set a manifest names under `evaluation.probes` (else `default`), of the given size."""
+    name = (manifest.get("evaluation") or {}).get("probes") or default
+    if name not in PROBE_SETS:
+        raise CheckpointError(f"its manifest names probe set {name!r}, which this server lacks ({sorted(PROBE_SETS)})")
+    return PROBE_SETS[name](count, frames)
+
+
+def teacher_or_none(registry: Registry, name: str, manifest: dict[str, Any]) -> Path | None:
+    """`Registry.teacher_dir`, logged: a missing or refused teacher disables the hybrid, nothing more."""
+    try:
+        folder = registry.teacher_dir(manifest)
+    except FewstepError as e:
+        log.warning("%s: teacher refused (%s); hybrid disabled", name, e)
+        return None
+    if folder is None and manifest.get("teacher"):
+        log.warning("%s: its teacher is not in the registry; hybrid disabled", name)
+    return folder
+
+
+# -- image: the step-adaptive students -----------------------------------------------------------
+def render_images(engine: StepEngine, probes: ProbeSet) -> np.ndarray:
+    """Every probe at the engine's default steps, in one run."""
+    steps = engine.spec.default_steps
+    items = [ImageItem(p, seed=s, steps=steps) for p, s in zip(probes.prompts, probes.seeds, strict=True)]
+    pixels = []
+    for item, r in zip(items, run_to_completion(engine, items), strict=True):
+        if not isinstance(r, ImageResult):
+            raise FewstepError(f"probe {item.prompt!r} seed {item.seed} failed: {r}")
+        pixels.append(r.pixels)
+    return from_pixels(np.stack(pixels)).numpy()
+
+
+def _image_spec(ctx: Context, v: Version) -> ImageSpec:
+    teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
+    return ImageSpec.from_manifest(
+        v.manifest, v.version, ctx.settings.backend, ctx.settings.precision, hybrid=teacher is not None
+    )
+
+
+def _image_engine(ctx: Context, v: Version) -> ImageEngine:
+    teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
+    s = ctx.settings
+    return ImageEngine(v.folder, ctx.encoder(), s.backend, s.precision, version=v.version, teacher_folder=teacher)
+
+
+IMAGE: Kind[StepEngine] = Kind(
+    serves="steps",
+    flavour=lambda s: f"{s.backend}-{s.precision}",
+    spec=_image_spec,
+    engine=_image_engine,
+    probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", s.gate_probe_seeds, 1),
+    render=render_images,
+)
+
+
+# -- video: the streaming students ---------------------------------------------------------------
+def render_streams(engine: StreamEngine, probes: ProbeSet) -> np.ndarray:
+    """Every probe stream at the engine's default steps, `engine.capacity` at a time."""
+    steps = engine.spec.default_steps
+    out: list[np.ndarray] = []
+    pairs = list(zip(probes.prompts, probes.seeds, strict=True))
+    for start in range(0, len(pairs), engine.capacity):
+        batch = pairs[start : start + engine.capacity]
+        sessions = [engine.open(StreamRequest(p, probes.frames, steps, seed)) for p, seed in batch]
+        try:
+            got: dict[int, list[np.ndarray]] = {id(s): [] for s in sessions}
+            while not all(s.finished for s in sessions):
+                for f in engine.advance([s for s in sessions if not s.finished]):
+                    got[id(f.session)].append(f.pixels)
+        finally:
+            for s in sessions:
+                engine.end(s)
+        out += [from_pixels(np.stack(got[id(s)])).numpy() for s in sessions]
+    return np.stack(out)
+
+
+def _first_frame(ctx: Context, v: Version) -> tuple[Path | None, Path | None]:
+    """The folders of the image student a video manifest names for frame 0 and of that student's teacher
+    (None, None when it names none). CheckpointError when the registry lacks the named one."""
+    folder = ctx.registry.named_dir(v.manifest, "first_frame")
+    if folder is None:
+        ref = v.manifest.get("first_frame")
+        if ref is None:
+            return None, None
+        raise CheckpointError(
+            f"its first-frame image model {ref.get('name')!r} (sha256 {str(ref.get('sha256'))[:12]}…) "
+            "is not in the registry"
+        )
+    image = read_manifest(folder)
+    return folder, teacher_or_none(ctx.registry, image["name"], image)
+
+
+def _video_spec(ctx: Context, v: Version) -> VideoSpec:
+    _, teacher = _first_frame(ctx, v)
+    s = ctx.settings
+    return VideoSpec.from_manifest(v.manifest, v.version, s.video_backend, s.video_max_sessions, teacher is not None)
+
+
+def _video_engine(ctx: Context, v: Version) -> VideoEngine:
+    """Frame 0's image engine always runs on torch: one image per stream, whatever backend frames run on."""
+    folder, teacher = _first_frame(ctx, v)
+    encoder = ctx.encoder()
+    image = None if folder is None else ImageEngine(folder, encoder, version=folder.name, teacher_folder=teacher)
+    s = ctx.settings
+    return VideoEngine(v.folder, encoder, s.video_max_sessions, s.video_backend, version=v.version, first_frame=image)
+
+
+VIDEO: Kind[StreamEngine] = Kind(
+    serves="streams",
+    flavour=lambda s: f"video-{s.video_backend}",
+    spec=_video_spec,
+    engine=_video_engine,
+    probes=lambda s, manifest: (
+        named_probes(manifest, "shapes-motion", s.video_gate_streams, s.video_gate_frames)
+        if s.video_gate_streams
+        else None
+    ),
+    render=render_streams,
+)
+
+
+KINDS: dict[str, Kind[Any]] = {
+    "image": IMAGE,
+    "video": VIDEO,
+}
+"""Manifest kind → how it is served."""

@@ -1,0 +1,85 @@
+"""ASGI middleware of the gateway: the request body limit and the request counter.
+
+Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects from
+handlers, and a synchronous request must see its client leave to cancel its work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from fewstep.service import errors
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, by header or by counting the stream."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send, int(declared))
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge as e:
+            await self._reject(scope, receive, send, e.size)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any, size: int) -> None:
+        msg = f"`max_body_bytes` is {self.limit}. Given: {size} bytes"
+        resp = JSONResponse(errors.error_body(msg, "InvalidRequest", "body"), status_code=413)
+        await resp(scope, receive, send)
+
+
+class CountRequests:
+    """ASGI middleware: count responses by route template and status.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects
+    from handlers, and a synchronous request must see its client leave to cancel its work.
+    """
+
+    def __init__(self, app: Any, counter: Any) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size

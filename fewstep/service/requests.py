@@ -1,0 +1,122 @@
+"""Request validation: image requests against the settings and a model's spec, and WebSocket messages.
+
+Every violation is an `InvalidRequest` whose message names the limit and the value, in the house
+format ("`steps` must be between 1 and 4. Given: 9"). Messages are parsed by pydantic models
+(`schemas.StreamStart`, `schemas.PromptChange`) and their errors turned into that format.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from fewstep.engines.base import ImageItem
+from fewstep.engines.specs import ImageSpec
+from fewstep.errors import InvalidRequest, limit_error
+from fewstep.models.schedules import MAX_SEED
+from fewstep.service.schemas import ImageGenerationRequest, JobRequestItem, PromptChange, StreamStart
+from fewstep.service.settings import Settings
+
+RESPONSE_FORMATS = ("b64_json",)
+M = TypeVar("M", bound=BaseModel)
+
+
+def build_items(
+    req: ImageGenerationRequest | JobRequestItem, spec: ImageSpec, settings: Settings, where: str = ""
+) -> list[ImageItem]:
+    """Validate one image request against the settings and the model's spec; one item per image.
+
+    `where` prefixes field names in messages ("requests[3]." inside a job)."""
+
+    def limit(name: str, rule: str, given: object) -> InvalidRequest:
+        return limit_error(where + name, rule, given)
+
+    check_prompt(req.prompt, settings, where)
+    if not 1 <= req.n <= settings.max_n:
+        raise limit("n", f"between 1 and {settings.max_n}", req.n)
+    if req.size is not None and req.size != spec.size:
+        raise limit("size", f"{spec.size!r} (the model's native size)", req.size)
+    if req.response_format not in RESPONSE_FORMATS:
+        raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
+    steps = spec.default_steps if req.steps is None else req.steps
+    if steps not in spec.steps:
+        raise limit("steps", f"between {min(spec.steps)} and {max(spec.steps)}", steps)
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED - settings.max_n:
+        raise limit("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
+    base = req.seed if req.seed is not None else secrets.randbelow(1 << 31)
+    items = [ImageItem(prompt=req.prompt, seed=base + i, steps=steps, hybrid=req.hybrid) for i in range(req.n)]
+    for it in items:
+        try:
+            spec.validate(it)
+        except InvalidRequest as e:
+            raise InvalidRequest(where + e.field, str(e).replace(f"`{e.field}`", f"`{where}{e.field}`")) from e
+    return items
+
+
+def check_prompt(prompt: str, settings: Settings, where: str = "") -> None:
+    if not prompt.strip():
+        raise limit_error(where + "prompt", "a non-empty string", prompt)
+    if len(prompt) > settings.max_prompt_chars:
+        chars = f"{len(prompt)} characters"
+        raise limit_error(where + "prompt", f"at most {settings.max_prompt_chars} characters long", chars)
+
+
+def json_object(raw: str, what: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object; InvalidRequest naming `what` otherwise."""
+    try:
+        msg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest("message", f"{what} must be a JSON object ({e.msg})") from e
+    if not isinstance(msg, dict):
+        raise InvalidRequest("message", f"{what} must be a JSON object. Given: {type(msg).__name__}")
+    return msg
+
+
+_RULES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "bool_type": "true or false",
+    "string_type": "a non-empty string",
+}
+
+
+def parse(model: type[M], msg: dict[str, Any], settings: Settings) -> M:
+    """`msg` as `model`, or InvalidRequest in the house format for the first field that is wrong
+    (an unknown field first)."""
+    try:
+        return model.model_validate(msg)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        first = errors[0]
+        name = str(first["loc"][0]) if first["loc"] else "message"
+        if first["type"] == "extra_forbidden":
+            fields = tuple(model.model_fields)
+            raise InvalidRequest(name, f"unknown field {name!r}; the message takes {fields}") from e
+        if first["type"] == "missing" and name == "frames":
+            raise limit_error(name, f"an integer between 1 and {settings.video_max_frames}", None) from e
+        rule = _RULES.get(first["type"], "a non-empty string" if first["type"] == "missing" else "valid")
+        raise limit_error(name, rule, msg.get(name)) from e
+
+
+def stream_start(msg: dict[str, Any], settings: Settings) -> StreamStart:
+    """The first message of a stream, validated (its API key is checked by the caller, before this)."""
+    start = parse(StreamStart, msg, settings)
+    if not start.model.strip():
+        raise limit_error("model", "a non-empty string", start.model)
+    check_prompt(start.prompt, settings)
+    return start
+
+
+def prompt_change(raw: str, settings: Settings) -> str:
+    """The new prompt of a mid-stream message."""
+    msg = json_object(raw, "messages")
+    if msg.get("type") != "prompt":
+        raise InvalidRequest(
+            "type", f"a message mid-stream must be {{'type': 'prompt', 'prompt': …}}. Given: {raw[:100]!r}"
+        )
+    change = parse(PromptChange, msg, settings)
+    check_prompt(change.prompt, settings)
+    return change.prompt

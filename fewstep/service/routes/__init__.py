@@ -1,0 +1,1 @@
+"""The gateway's routes, one router per resource: health, models, images, jobs, admin, video."""

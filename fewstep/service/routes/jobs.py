@@ -1,0 +1,151 @@
+"""Batch jobs: `POST /v1/jobs`, `GET /v1/jobs/{id}` (+ `/results`, `/events`), `DELETE /v1/jobs/{id}`.
+
+A job's items go to the batch lane of the queue; its owner (the caller's key) alone may see it. The
+events stream is Server-Sent Events: a `status` event, then `item`, `cancel` and a final `end`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import StreamingResponse
+
+from fewstep.engines.base import ImageItem
+from fewstep.errors import FewstepError, limit_error
+from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
+from fewstep.service.queue.keys import BATCH
+from fewstep.service.requests import build_items
+from fewstep.service.routes.images import image_spec
+from fewstep.service.schemas import Job, JobCreateRequest, JobError, JobResult, JobResults
+from fewstep.service.state import GatewayDep, Owner
+
+router = APIRouter()
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def job_view(st: JobStatus) -> Job:
+    return Job(**dataclasses.asdict(st))
+
+
+def sse(event: str, data: dict[str, Any], cursor: str | None = None) -> str:
+    """One Server-Sent Event; `id` lets a client resume with `Last-Event-ID`."""
+    head = f"id: {cursor}\n" if cursor else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@router.post("/v1/jobs", status_code=202, response_model=Job)
+async def create_job(
+    body: JobCreateRequest,
+    owner: Owner,
+    gw: GatewayDep,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+) -> Job:
+    settings = gw.settings
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise limit_error("Idempotency-Key", "1 to 255 printable ASCII characters", idempotency_key[:300])
+    if not 1 <= len(body.requests) <= settings.max_job_items:
+        raise limit_error("requests", f"a list of 1 to {settings.max_job_items} requests", len(body.requests))
+    spec = image_spec(gw, body.model)
+    items: list[ImageItem] = []
+    origin: list[int] = []
+    for i, r in enumerate(body.requests):
+        made = build_items(r, spec, settings, where=f"requests[{i}].")
+        items += made
+        origin += [i] * len(made)
+        if len(items) > settings.max_job_items:
+            raise limit_error("requests", f"at most {settings.max_job_items} images in all", f"{len(items)}+")
+    job = JobSpec(
+        owner=owner,
+        model=body.model,
+        items=items,
+        lane=BATCH,
+        ttl_s=settings.result_ttl_s,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint(body.model, [r.model_dump() for r in body.requests]),
+        requests=origin,
+    )
+    return job_view(await gw.call(gw.queue.submit, job))
+
+
+@router.get("/v1/jobs/{job_id}", response_model=Job)
+async def get_job(job_id: str, owner: Owner, gw: GatewayDep) -> Job:
+    return job_view(await gw.call(gw.queue.status, job_id, owner))
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=Job)
+async def cancel_job(job_id: str, owner: Owner, gw: GatewayDep) -> Job:
+    return job_view(await gw.call(gw.queue.cancel, job_id, owner))
+
+
+@router.get("/v1/jobs/{job_id}/results", response_model=JobResults)
+async def job_results(job_id: str, owner: Owner, gw: GatewayDep) -> JobResults:
+    status = await gw.call(gw.queue.status, job_id, owner)
+    results = await gw.call(gw.queue.results, job_id, owner)
+    return JobResults(
+        status=status.status,
+        data=[
+            JobResult(
+                index=r.index,
+                request=r.request,
+                b64_json=r.b64_json or "",
+                seed=r.seed,
+                steps=r.steps,
+                nfe=r.nfe,
+                model_version=r.model_version,
+            )
+            for r in results
+            if r.outcome == "ok"
+        ],
+        errors=[
+            JobError(index=r.index, request=r.request, outcome=r.outcome, message=r.error)
+            for r in results
+            if r.outcome != "ok"
+        ],
+    )
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(
+    job_id: str,
+    owner: Owner,
+    gw: GatewayDep,
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+) -> StreamingResponse:
+    first = await gw.call(gw.queue.status, job_id, owner)
+
+    async def stream() -> AsyncIterator[str]:
+        yield sse("status", job_view(first).model_dump())
+        cursor = last_event_id or "0"
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                events = await gw.call(gw.queue.events, job_id, cursor, 1.0)
+            except FewstepError as gone:  # the job expired or the queue went away mid-stream
+                yield sse("error", {"message": str(gone)})
+                return
+            if not events:
+                if time.monotonic() - quiet_since >= gw.settings.sse_keepalive_s:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
+                continue
+            quiet_since = time.monotonic()
+            st = await gw.call(gw.queue.status, job_id, owner)
+            counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
+            for ev in events:
+                cursor = ev.cursor
+                if ev.kind == "item":
+                    yield sse("item", {"index": ev.index, "outcome": ev.outcome, **counts}, ev.cursor)
+                elif ev.kind == "cancel":
+                    yield sse("cancel", counts, ev.cursor)
+                else:
+                    yield sse("end", job_view(st).model_dump(), ev.cursor)
+                    return
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,38 @@
+"""`GET /v1/models`: every served model, image and video, in one list (OpenAI's shape plus fewstep's)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from fewstep.service.schemas import ModelCard, ModelList, ModelVersion
+from fewstep.service.state import GatewayDep, principal
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(principal)])
+async def list_models(gw: GatewayDep) -> ModelList:
+    cards = []
+    s = gw.settings
+    for kind, versions, backend, precision in (
+        ("image", gw.images, s.backend, s.precision),
+        ("video", gw.streams.versions, s.video_backend, "fp32"),
+    ):
+        for m in list(versions.models.values()):
+            spec = m.serving.spec if m.serving is not None else None
+            cards.append(
+                ModelCard(
+                    id=m.name,
+                    created=m.created,
+                    kind=kind,
+                    version=m.serving.version if m.serving is not None else None,
+                    versions=[ModelVersion(version=v, status=st, reason=why) for v, (st, why) in m.statuses.items()],
+                    steps=spec.steps if spec else [],
+                    default_steps=spec.default_steps if spec else 0,
+                    size=spec.size if spec else "",
+                    backend=spec.backend if spec else backend,
+                    precision=spec.precision if spec else precision,
+                    hybrid=bool(spec and spec.hybrid),
+                )
+            )
+    return ModelList(data=cards)

@@ -1,0 +1,133 @@
+"""`WS /v1/video/stream`: one stream per WebSocket.
+
+The client's first message is `{"model", "prompt", "frames", "steps", "seed", "hybrid"}` (+ `"api_key"`
+when auth is on and no header was sent). The server sends `{"type": "frame", "index", "image"}` per
+frame, then `{"type": "done", "frames", …}`. `{"type": "prompt", "prompt"}` from the client steers the
+frames after the one in progress. Bad input: an error message, then close 1008; over capacity (or not
+loaded yet): an error message, then close 1013; a server fault closes 1011. A client that goes away
+frees its session's row at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from fewstep.engines.base import Frame, StreamRequest
+from fewstep.errors import FewstepError, InvalidRequest, Overloaded
+from fewstep.service import errors
+from fewstep.service.requests import json_object, prompt_change, stream_start
+from fewstep.service.state import Gateway
+from fewstep.service.streams import Stream, VideoStreams
+
+router = APIRouter()
+
+
+async def _fail(gw: Gateway, ws: WebSocket, e: FewstepError, reason: str | None) -> None:
+    """Send the error, then close with its code; count a refused session under `reason`."""
+    if reason is not None:
+        gw.metrics.video_rejected.labels(reason).inc()
+    await ws.send_json({"type": "error", "message": str(e), "code": type(e).__name__})
+    await ws.close(code=errors.ws_close_code(e))
+
+
+@router.websocket("/v1/video/stream")
+async def video_stream(ws: WebSocket) -> None:
+    gw: Gateway = ws.app.state.gateway
+    settings, streams = gw.settings, gw.streams
+    await ws.accept()
+    loop = asyncio.get_running_loop()
+    try:
+        raw = await asyncio.wait_for(ws.receive_text(), settings.video_first_message_s)
+    except TimeoutError:
+        limit = f"`video_first_message_s` = {settings.video_first_message_s} s"
+        await _fail(gw, ws, InvalidRequest("message", f"no first message within {limit}"), "invalid")
+        return
+    except WebSocketDisconnect:
+        return  # gone before asking for anything
+    except KeyError:  # Starlette's sign of a binary message
+        await _fail(gw, ws, InvalidRequest("message", "the first message must be JSON text, not binary"), "invalid")
+        return
+    try:
+        msg = json_object(raw, "the first message")
+        header = ws.headers.get("authorization")
+        key = msg.get("api_key") if isinstance(msg.get("api_key"), str) else None
+        gw.keys.principal(header if header else (f"Bearer {key}" if key else None))  # the key before the fields
+        start = stream_start(msg, settings)
+        spec = streams.spec(start.model)
+        steps = start.steps if start.steps is not None else spec.default_steps
+        seed = start.seed if start.seed is not None else secrets.randbelow(1 << 31)
+        request = StreamRequest(start.prompt, start.frames, steps, seed, start.hybrid)
+        spec.validate(request, settings.video_max_frames)
+    except FewstepError as e:
+        why = "invalid" if errors.ws_close_code(e) == errors.WS_POLICY_VIOLATION else "unavailable"
+        await _fail(gw, ws, e, why)
+        return
+    queue: asyncio.Queue[tuple[Frame | None, str]] = asyncio.Queue()
+
+    def deliver(frame: Frame | None, png: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (frame, png))
+
+    t0 = time.perf_counter()
+    try:
+        stream = await asyncio.to_thread(streams.open, start.model, request, deliver)
+    except FewstepError as e:
+        await _fail(gw, ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
+        return
+    listener = asyncio.create_task(_listen(ws, streams, stream, gw))
+    sent = 0
+    try:
+        while sent < request.frames:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                bad = listener.exception()
+                if isinstance(bad, FewstepError):
+                    await _fail(gw, ws, bad, None)
+                return  # the client left (or broke the protocol): `finally` frees the row
+            frame, png = getter.result()
+            if frame is None:
+                await ws.close(code=errors.WS_INTERNAL_ERROR)
+                return
+            await ws.send_json({"type": "frame", "index": frame.index, "image": png})
+            streams.sent(stream)
+            gw.metrics.video_frames.labels(stream.model).inc()
+            sent += 1
+        elapsed = time.perf_counter() - t0
+        await ws.send_json(
+            {
+                "type": "done",
+                "frames": sent,
+                "model": stream.model,
+                "model_version": stream.engine.spec.version,
+                "steps": steps,
+                "seed": seed,
+                "hybrid": request.hybrid,
+                "prompt": stream.session.prompt,
+                "seconds": round(elapsed, 3),
+                "fps": round(sent / elapsed, 2) if elapsed > 0 else None,
+            }
+        )
+        await ws.close()
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client left mid-send
+    finally:
+        listener.cancel()
+        streams.close_stream(stream)
+
+
+async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway) -> None:
+    """Client messages during a stream: prompt changes; returns when the client leaves, raises on bad input."""
+    while True:
+        try:
+            raw = await ws.receive_text()
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        except KeyError as e:  # a binary message
+            raise InvalidRequest("message", "messages must be JSON text") from e
+        prompt = prompt_change(raw, gw.settings)
+        await asyncio.to_thread(streams.steer, stream, prompt)

@@ -1,0 +1,171 @@
+"""The HTTP contract of the gateway, in process (`create_app` behind `httpx.ASGITransport`) on the no-op
+engine: routes, validation messages, error shapes, auth, the jobs API and metrics. The same gateway as
+`fewstep serve` runs, with its queue, workers and version lifecycle; only the network is a no-op."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.gateway import in_process, settings
+
+pytestmark = pytest.mark.anyio
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    async with in_process(settings(tmp_path_factory.mktemp("gateway"), noop_step_ms=2.0)) as c:
+        yield c
+
+
+def _image(b64: str) -> np.ndarray:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert img.format == "PNG"
+    return np.asarray(img.convert("RGB"))
+
+
+async def test_health_readiness_and_the_model_list(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    body = (await client.get("/v1/models")).json()
+    assert body["object"] == "list"
+    (card,) = body["data"]
+    assert card["id"] == "shapes" and card["object"] == "model" and card["owned_by"] == "fewstep"
+    assert card["kind"] == "image" and card["steps"] == [1, 2, 3, 4] and card["size"] == "32x32"
+    assert card["version"] == "1" and card["versions"] == [{"version": "1", "status": "serving", "reason": None}]
+    assert card["hybrid"] is False  # the manifest names no teacher
+
+
+async def test_generation_echoes_seeds_steps_and_nfe(client: httpx.AsyncClient) -> None:
+    r = await client.post(GEN, json={"model": "shapes", "prompt": "a red circle", "n": 3, "steps": 2, "seed": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "shapes" and body["model_version"] == "noop" and body["size"] == "32x32"
+    assert body["steps"] == 2 and body["nfe"] == 2 and body["hybrid"] is False
+    assert [d["seed"] for d in body["data"]] == [10, 11, 12]
+    images = [_image(d["b64_json"]) for d in body["data"]]
+    assert all(i.shape == (32, 32, 3) for i in images) and not np.array_equal(images[0], images[1])
+    again = await client.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 2, "seed": 10})
+    assert np.array_equal(_image(again.json()["data"][0]["b64_json"]), images[0])
+    default = (await client.post(GEN, json={"model": "shapes", "prompt": "a blue cross"})).json()
+    assert default["steps"] == 4 and isinstance(default["data"][0]["seed"], int)  # the manifest's default steps
+
+
+@pytest.mark.parametrize(
+    ("patch", "status", "needle"),
+    [
+        ({"steps": 0}, 422, "`steps` must be between 1 and 4. Given: 0"),
+        ({"steps": 5}, 422, "`steps` must be between 1 and 4. Given: 5"),
+        ({"n": 9}, 422, "`n` must be between 1 and 8. Given: 9"),
+        ({"n": 0}, 422, "`n` must be between 1 and 8. Given: 0"),
+        ({"prompt": "   "}, 422, "`prompt` must be a non-empty string"),
+        ({"prompt": "x" * 501}, 422, "`prompt` must be at most 500 characters long. Given: '501 characters'"),
+        ({"size": "1024x1024"}, 422, "`size` must be '32x32' (the model's native size). Given: '1024x1024'"),
+        ({"response_format": "url"}, 422, "`response_format` must be 'b64_json'. Given: 'url'"),
+        ({"seed": -1}, 422, "`seed` must be between 0 and"),
+        ({"n": "three"}, 422, "`n`: Input should be a valid integer. Given: 'three'"),
+        ({"hybrid": True, "steps": 2}, 422, "`hybrid` needs the model's teacher, which is not loaded"),
+        ({"model": "nope"}, 404, "model 'nope' not found"),
+    ],
+)
+async def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(
+    client: httpx.AsyncClient, patch: dict, status: int, needle: str
+) -> None:
+    r = await client.post(GEN, json={"model": "shapes", "prompt": "a red circle", **patch})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+async def test_malformed_and_oversized_bodies_are_refused(client: httpx.AsyncClient) -> None:
+    r = await client.post(GEN, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    r = await client.post(GEN, content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "`max_body_bytes` is 65536" in r.json()["error"]["message"]
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_job_runs_to_completion_with_results_and_events(client: httpx.AsyncClient) -> None:
+    body = {"model": "shapes", "requests": [{"prompt": "a red circle", "n": 2, "steps": 1}, {"prompt": "a box"}]}
+    r = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-1"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["total"] == 3
+    same = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-1"})
+    assert same.json()["id"] == job["id"]  # the same key and body: the same job
+    other = await client.post(
+        "/v1/jobs", json={**body, "requests": body["requests"][:1]}, headers={"Idempotency-Key": "order-1"}
+    )
+    assert other.status_code == 409  # the same key with another body
+    events = await client.get(f"/v1/jobs/{job['id']}/events")  # the stream ends with the job's end event
+    kinds = [line.split(": ", 1)[1] for line in events.text.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "status" and kinds[-1] == "end" and kinds.count("item") == 3
+    end = json.loads(events.text.rstrip().splitlines()[-1].split("data: ", 1)[1])
+    assert end["status"] == "succeeded" and end["done"] == 3
+    results = (await client.get(f"/v1/jobs/{job['id']}/results")).json()
+    assert sorted((d["index"], d["request"], d["steps"]) for d in results["data"]) == [(0, 0, 1), (1, 0, 1), (2, 1, 4)]
+    assert results["errors"] == [] and results["status"] == "succeeded"
+
+
+async def test_job_validation_names_the_request_and_the_field(client: httpx.AsyncClient) -> None:
+    body = {"model": "shapes", "requests": [{"prompt": "a red circle"}, {"prompt": "a box", "steps": 9}]}
+    r = await client.post("/v1/jobs", json=body)
+    assert r.status_code == 422 and "`requests[1].steps` must be between 1 and 4. Given: 9" in r.text
+    r = await client.post("/v1/jobs", json={"model": "shapes", "requests": []})
+    assert r.status_code == 422 and "`requests` must be a list of 1 to 1000 requests" in r.text
+    r = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k" * 256})
+    assert r.status_code == 422 and "`Idempotency-Key` must be 1 to 255 printable ASCII" in r.text
+    r = await client.get("/v1/jobs/no-such-job-id")
+    assert r.status_code == 404
+
+
+async def test_a_cancelled_job_reports_it(client: httpx.AsyncClient) -> None:
+    body = {"model": "shapes", "requests": [{"prompt": f"a red circle {i}", "steps": 4} for i in range(40)]}
+    job = (await client.post("/v1/jobs", json=body)).json()
+    cancelled = (await client.delete(f"/v1/jobs/{job['id']}")).json()
+    assert cancelled["id"] == job["id"]
+    status = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert status["status"] in ("cancelled", "succeeded")  # it may have finished first on a fast engine
+    if status["status"] == "cancelled":
+        assert status["cancelled"] + status["done"] + status["failed"] <= status["total"]
+
+
+async def test_metrics_count_requests_latency_and_batches(client: httpx.AsyncClient) -> None:
+    await client.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 3})
+    text = (await client.get("/metrics")).text
+    assert 'fewstep_image_request_seconds_bucket{le="0.5",model="shapes",steps="3"}' in text
+    assert 'fewstep_requests_total{route="/v1/images/generations",status="200"}' in text
+    assert "fewstep_batch_size_count" in text and "fewstep_queue_up 1.0" in text
+    assert 'fewstep_models_ready{kind="image"} 1.0' in text
+
+
+async def test_api_keys_guard_every_v1_route_and_jobs_belong_to_their_key(tmp_path: Path) -> None:
+    async with in_process(settings(tmp_path, api_keys="k-one, k-two")) as c:
+        assert (await c.get("/healthz")).status_code == 200
+        r = await c.get("/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "Unauthorized"
+        assert (await c.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        one, two = ({"Authorization": f"Bearer {k}"} for k in ("k-one", "k-two"))
+        assert (await c.get("/v1/models", headers=two)).status_code == 200
+        r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle"}, headers=one)
+        assert r.status_code == 200
+        job = (await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "x"}]}, headers=one)).json()
+        assert (await c.get(f"/v1/jobs/{job['id']}", headers=one)).status_code == 200
+        assert (await c.get(f"/v1/jobs/{job['id']}", headers=two)).status_code == 404  # another key's job
+        r = await c.post("/v1/admin/models/shapes/rollback", headers=one)
+        assert r.status_code == 403 and "FEWSTEP_ADMIN_KEYS" in r.json()["error"]["message"]
