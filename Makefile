@@ -8,7 +8,7 @@ PORT ?= 8000
 # One thread per process by default in tests: several processes share 2 cores there.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve test train bench lint redis clean
+.PHONY: install serve test test-fast train bench lint redis clean
 
 $(BIN)/fewstep: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -28,8 +28,16 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server missing: install it (apt-get install redis-server)"; exit 1; fi; }
 
+# Two layers: the fast in-process one (edit loops: `make test-fast`, under 2 minutes), then the slow one
+# (subprocess servers, redis-server, training, export). `make test` runs both, fast first.
+PYTEST := $(BIN)/python -m pytest -q --durations=15
+
 test: $(BIN)/fewstep redis
-	$(BIN)/python -m pytest -q
+	$(PYTEST) -m "not slow"
+	$(PYTEST) -m slow
+
+test-fast: $(BIN)/fewstep
+	$(PYTEST) -m "not slow"
 
 train: $(BIN)/fewstep
 	$(BIN)/fewstep train image

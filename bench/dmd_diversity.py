@@ -41,16 +41,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from fewstep.evaluation import shapes
+    from fewstep.evaluation.classifier import load_classifier, predict
+    from fewstep.evaluation.metrics import mean_pairwise
     from fewstep.models.sampling import HybridTeacher
     from fewstep.models.schedules import FewStepSchedule, TeacherSampler
     from fewstep.models.text import TextEncoder
-    from fewstep.models.unet import as_denoiser
-    from fewstep.trainer import classifier as clf
-    from fewstep.trainer import shapes
+    from fewstep.models.unet import as_denoiser, load_unet
     from fewstep.trainer.captions import CaptionBank
     from fewstep.trainer.distill import train_dmd
-    from fewstep.trainer.evaluate import mean_pairwise, real_diversity, student_fn, teacher_fn
-    from fewstep.trainer.image import load_classifier, load_unet
+    from fewstep.trainer.evaluate import real_diversity, student_fn, teacher_fn
 
     ck = ROOT / "checkpoints"
     enc = TextEncoder()
@@ -72,9 +72,9 @@ def main() -> None:
         prompts = [p for p, _, _ in held for _ in range(4)]
         seeds = [1_000_000 + i for i in range(len(prompts))]
         imgs = np.concatenate([fn(prompts[i : i + 64], seeds[i : i + 64]) for i in range(0, len(prompts), 64)])
-        s, c, _ = clf.judge(judge, imgs)
+        s, c, _ = predict(judge, imgs)
         divs = [
-            mean_pairwise(clf.judge(judge, fn([p] * 32, [3_000_000 + i for i in range(32)]))[2])
+            mean_pairwise(predict(judge, fn([p] * 32, [3_000_000 + i for i in range(32)]))[2])
             for p, _, _ in held[:: len(held) // 8][:8]
         ]
         return float(((s == ys) & (c == yc)).mean()), float(np.mean(divs)) / real_div

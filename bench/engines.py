@@ -71,17 +71,19 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
+    from fewstep.artifacts.onnx import QUANTIZED, describe
     from fewstep.engines.base import ImageItem
     from fewstep.engines.image import ImageEngine
-    from fewstep.exporters.onnx import describe, export_onnx
-    from fewstep.exporters.quantize import QUANTIZED, quantize
+    from fewstep.evaluation.classifier import load_classifier
+    from fewstep.evaluation.judges import AttributeJudge
+    from fewstep.exporters.onnx import export_onnx
+    from fewstep.exporters.quantize import quantize
     from fewstep.models.registry import Registry
     from fewstep.models.text import TextEncoder
-    from fewstep.trainer.image import load_classifier
 
     torch.set_num_threads(args.threads)
     encoder = TextEncoder()
-    judge = load_classifier(ROOT / "checkpoints" / "shapes-classifier")
+    judge = AttributeJudge(load_classifier(ROOT / "checkpoints" / "shapes-classifier"))
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(Path(tmp) / "registry")
         reg.seed_from(ROOT / "checkpoints")

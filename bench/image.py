@@ -39,7 +39,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     base = None
-    for steps in engine.info.steps:
+    for steps in engine.spec.steps:
         for b in batches:
             items = [ImageItem(f"a red circle {i % 4}", seed=i, steps=steps) for i in range(b)]
             engine.run(items)  # warm this shape
@@ -62,7 +62,7 @@ def main() -> None:
         "",
         f"`python bench/image.py --repeats {args.repeats} --threads {args.threads}` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, backend torch fp32, model `shapes` "
-        f"version {engine.info.version}. Medians of {args.repeats} runs; machines here are shared, so compare "
+        f"version {engine.spec.version}. Medians of {args.repeats} runs; machines here are shared, so compare "
         "ratios within this table, not absolute times across runs.",
         "",
         "| steps (NFE) | batch | ms / batch | ms / image | × (1 step, batch 1) per image |",

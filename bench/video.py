@@ -36,9 +36,11 @@ def latency_curve(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     """Median ms per frame at each frame index in MARKS (1-based), with the cache and recomputing."""
     import torch
 
+    from fewstep.engines.base import StreamRequest
     from fewstep.engines.image import ImageEngine
     from fewstep.engines.video import VideoEngine
     from fewstep.models.checkpoint import read_manifest
+    from fewstep.models.sampling import from_pixels
     from fewstep.models.text import TextEncoder
 
     torch.set_num_threads(args.threads)
@@ -59,7 +61,7 @@ def latency_curve(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     # denoised frame, so not on this curve (the served TTFF below includes it).
     marks = [m for m in MARKS if m <= args.frames and (m > 1 or image is None)]
     for stream in range(args.streams):
-        session = engine.open(PROMPT, args.frames, steps, stream)
+        session = engine.open(StreamRequest(PROMPT, args.frames, steps, stream))
         text = net.text_kv(*engine.encoder.encode([PROMPT]))
         made: list[torch.Tensor] = []
         while not session.finished:
@@ -71,8 +73,8 @@ def latency_curve(args: argparse.Namespace) -> dict[str, dict[int, float]]:
             if index in marks:
                 cached[index].append(time.perf_counter() - t0)
                 recompute[index].append(_recompute_frame(net, cfg, text, made, ts, engine, stream, index - 1))
-            made.append(torch.from_numpy(frames[0].pixels).permute(2, 0, 1).float() / 127.5 - 1.0)
-        engine.close(session)
+            made.append(from_pixels(frames[0].pixels))
+        engine.end(session)
         print(f"  stream {stream + 1}/{args.streams}: {args.frames} frames", flush=True)
     return {
         "cache": {m: statistics.median(cached[m]) * 1000 for m in marks},
@@ -84,7 +86,8 @@ def _recompute_frame(net, cfg, text, made, ts, engine, seed: int, f: int) -> flo
     """Wall time of frame `f` without a kept cache: rebuild every layer's keys/values from the whole history."""
     import torch
 
-    from fewstep.models.video import KVCache, frame_noise
+    from fewstep.models.sampling import frame_noise
+    from fewstep.models.video_cache import KVCache
 
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -105,10 +108,10 @@ def _recompute_frame(net, cfg, text, made, ts, engine, seed: int, f: int) -> flo
         for k, t in enumerate(ts):
             tt = torch.full((1,), t)
             v = net.denoise(x, tt, text, cache)
-            x0 = engine.schedule.to_x0(v, x, tt)
-            if k + 1 < len(ts):
-                nxt = torch.full((1,), ts[k + 1])
-                x = engine.schedule.next_state(x0, v, x, tt, nxt, frame_noise([seed], f, k + 1, cfg))
+            t_next = ts[k + 1] if k + 1 < len(ts) else None
+            _, nxt = engine.schedule.step(x, tt, v, [t_next], lambda _, k=k: frame_noise([seed], f, k + 1, cfg)[0])
+            if nxt[0] is not None:
+                x = nxt[0][None]
         return time.perf_counter() - t0
 
 

@@ -40,6 +40,7 @@ def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "invalid model name" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # exports the video student
 def test_export_of_a_video_student_writes_its_three_graphs(
     tmp_path: Path, video_student: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,8 +1,12 @@
-"""`make lint` as part of the suite: ruff and mypy stay clean in CI (STYLE.md habit 9)."""
+"""`make lint` as part of the suite: ruff and mypy stay clean in CI."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # mypy over the package takes a minute
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import CHECKPOINTS, ROOT, free_port
+
+pytestmark = pytest.mark.slow  # redis-server, a gateway and two workers as processes
 
 
 def test_local_stack_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 import yaml
 
 from tests.conftest import ROOT, Server
+
+pytestmark = pytest.mark.slow  # a `fewstep serve` process
 
 PROM = ROOT / "deploy/prometheus"
 

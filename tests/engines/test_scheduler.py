@@ -61,7 +61,7 @@ def pixels(t: LocalTicket) -> np.ndarray:
 STRANGERS = [f"a {c} {s}" for c in ("red", "green", "blue", "purple") for s in ("circle", "square", "triangle")]
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("before", "join_at"), [(0, 0), (5, 1), (15, 2), (9, 3)])
 def test_same_image_alone_or_joining_a_full_batch_of_strangers_at_any_position(
     request: pytest.FixtureRequest, backend: str, before: int, join_at: int

@@ -159,6 +159,7 @@ def test_a_new_prompt_steers_the_following_frames_only(engine: VideoEngine) -> N
     assert s.prompt == OTHER
 
 
+@pytest.mark.slow  # exports the video student
 def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     from fewstep.artifacts.video import ARTIFACT
     from fewstep.evaluation.metrics import psnr

@@ -17,6 +17,8 @@ from fewstep.exporters.onnx import MIN_PSNR_DB
 from fewstep.models.checkpoint import sha256_file
 from fewstep.models.registry import Registry
 
+pytestmark = pytest.mark.slow  # exports the shipped models
+
 
 def _copy(reg: Registry, tmp_path: Path) -> Path:
     dst = tmp_path / "shapes"

@@ -19,6 +19,8 @@ from fewstep.evaluation.judges import AttributeJudge
 from fewstep.exporters.quantize import GATE_POINTS, calibration_feeds, quantize
 from fewstep.models.registry import Registry
 
+pytestmark = pytest.mark.slow  # exports and quantizes the shipped models
+
 
 @pytest.fixture(scope="module")
 def judge(checkpoints: Path):  # type: ignore[no-untyped-def]

@@ -1,4 +1,8 @@
-"""The gateway as clients see it: a real `fewstep serve` process and real HTTP clients."""
+"""The gateway as clients see it: a real `fewstep serve` process on the shipped models, real HTTP clients.
+
+The HTTP contract in detail (validation messages, error shapes, jobs) is tested in process on the no-op
+engine (`test_gateway.py`); here the real students serve, and the process's own behaviour is checked.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Server, start_server, stop_server
+
+pytestmark = pytest.mark.slow
 
 GEN = "/v1/images/generations"
 
@@ -78,45 +84,13 @@ def test_random_seed_is_echoed_and_defaults_apply(server: Server) -> None:
     assert body["steps"] == 4 and len(body["data"]) == 1
 
 
-@pytest.mark.parametrize(
-    ("patch", "status", "needle"),
-    [
-        ({"steps": 0}, 422, "`steps` must be between 1 and 4. Given: 0"),
-        ({"steps": 5}, 422, "`steps` must be between 1 and 4. Given: 5"),
-        ({"n": 9}, 422, "`n` must be between 1 and 8. Given: 9"),
-        ({"n": 0}, 422, "`n` must be between 1 and 8. Given: 0"),
-        ({"prompt": "   "}, 422, "`prompt` must be a non-empty string"),
-        ({"prompt": "x" * 501}, 422, "`prompt` must be at most 500 characters long. Given: '501 characters'"),
-        ({"size": "1024x1024"}, 422, "`size` must be '32x32' (the model's native size). Given: '1024x1024'"),
-        ({"response_format": "url"}, 422, "`response_format` must be 'b64_json'. Given: 'url'"),
-        ({"seed": -1}, 422, "`seed` must be between 0 and"),
-        ({"n": "three"}, 422, "`n`: Input should be a valid integer. Given: 'three'"),
-        ({"model": "nope"}, 404, "model 'nope' not found"),
-    ],
-)
-def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(
-    server: Server, patch: dict, status: int, needle: str
-) -> None:
-    r = httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", **patch}, timeout=30)
-    assert r.status_code == status, r.text
-    assert needle in r.json()["error"]["message"]
-
-
-def test_malformed_and_oversized_bodies_are_refused(server: Server) -> None:
-    r = httpx.post(server.url + GEN, content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(server.url + GEN, content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "`max_body_bytes` is 65536" in r.json()["error"]["message"]
-    assert httpx.get(server.url + "/healthz").status_code == 200
-
-
 def test_metrics_count_requests_latency_and_batches(server: Server) -> None:
     httpx.post(server.url + GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 3}, timeout=60)
     text = httpx.get(server.url + "/metrics").text
     assert 'fewstep_image_request_seconds_bucket{le="0.5",model="shapes",steps="3"}' in text
     assert 'fewstep_requests_total{route="/v1/images/generations",status="200"}' in text
     assert "fewstep_batch_size_count" in text
-    assert "fewstep_models_ready 1.0" in text
+    assert 'fewstep_models_ready{kind="image"} 1.0' in text and 'fewstep_models_ready{kind="video"} 1.0' in text
 
 
 def test_openai_client_library_talks_to_the_server(server: Server) -> None:

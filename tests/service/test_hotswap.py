@@ -28,6 +28,8 @@ from fewstep.engines.image import ImageEngine
 from tests.conftest import RedisServer, Server, start_server, start_worker, stop_server, stop_worker
 from tests.service import versions as v
 
+pytestmark = pytest.mark.slow  # `fewstep serve` and worker processes
+
 MODEL = "shapes"
 ADMIN = "admin-secret-for-tests"
 FAST_GATE = {"FEWSTEP_WATCH_INTERVAL_S": "0.2", "FEWSTEP_GATE_PROBE_SEEDS": "1", "FEWSTEP_ADMIN_KEYS": ADMIN}

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import Server, start_server, stop_server
 
+pytestmark = pytest.mark.slow  # a `fewstep serve` process
+
 ALICE = {"Authorization": "Bearer k-alice"}
 BOB = {"Authorization": "Bearer k-bob"}
 

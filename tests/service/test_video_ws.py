@@ -23,6 +23,8 @@ from websockets.sync.client import ClientConnection, connect
 from fewstep.models.registry import Registry
 from tests.conftest import Server, start_server, stop_server
 
+pytestmark = pytest.mark.slow  # a `fewstep serve` process with the video student
+
 MODEL = "shapes-video"
 PROMPT = "a red circle moving left quickly"
 CAPACITY = 2

@@ -36,6 +36,8 @@ from tests.conftest import (
     stop_worker,
 )
 
+pytestmark = pytest.mark.slow  # redis-server and worker processes
+
 POISON_WORKER = str(Path(__file__).with_name("poison_worker.py"))
 
 

@@ -22,7 +22,7 @@ from fewstep.service.queue.redis import RedisQueue
 DEPTH = {INTERACTIVE: 8, BATCH: 20}
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.slow)])
 def queue(request: pytest.FixtureRequest) -> Iterator[JobQueue]:
     if request.param == "embedded":
         q: JobQueue = EmbeddedQueue(DEPTH)
