@@ -210,7 +210,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import threading
     from collections.abc import Callable
 
-    from fewstep.engines.base import Outcome
+    from fewstep.engines.base import Outcome, StepEngine
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
     from fewstep.service.settings import Settings
@@ -245,7 +245,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.threads)
         ctx = Context(settings, Registry(settings.registry))
         ctx.registry.seed_from(settings.checkpoints)
-        models = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
+        models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
         models.load()
         if not models.ready:
             print(f"fewstep worker: no model loads ({models.load_error or 'see the log'})", file=sys.stderr)

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from fewstep.engines.base import Outcome
+from fewstep.engines.base import Outcome, StepEngine, StreamEngine
 from fewstep.models.registry import Registry
 from fewstep.service import errors
 from fewstep.service.auth import AdminKeys, KeyRing
@@ -55,8 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ctx = Context(settings, Registry(settings.registry))
     name = worker_name()
     runs_images = settings.embedded_workers > 0 and settings.engine == "image"
-    image_models = Versions(ctx, metrics, step_kinds(), run=runs_images, loader=name)
-    streams = VideoStreams(settings, metrics, Versions(ctx, metrics, stream_kinds(), run=True, loader=name))
+    image_models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=runs_images, loader=name)
+    stream_models: Versions[StreamEngine] = Versions(ctx, metrics, stream_kinds(), run=True, loader=name)
+    streams = VideoStreams(settings, metrics, stream_models)
     keys = KeyRing(settings)
     if not keys.enabled:
         log.warning("FEWSTEP_API_KEYS is not set: the API accepts requests without authentication")

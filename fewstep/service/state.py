@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
+from fewstep.engines.base import StepEngine
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
@@ -29,7 +30,7 @@ class Gateway:
     settings: Settings
     metrics: Metrics
     queue: JobQueue
-    images: Versions
+    images: Versions[StepEngine]
     streams: VideoStreams
     keys: KeyRing
     admins: AdminKeys

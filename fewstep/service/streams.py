@@ -56,7 +56,7 @@ class Stream:
 class VideoStreams:
     """The stream sessions of this process and the driver thread that steps them."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, versions: Versions) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, versions: Versions[StreamEngine]) -> None:
         self.settings, self.metrics, self.versions = settings, metrics, versions
         self._streams: set[Stream] = set()
         self._opening: dict[int, tuple[StreamEngine, int]] = {}
@@ -119,7 +119,7 @@ class VideoStreams:
     def open(self, model: str, request: StreamRequest, deliver: Deliver) -> Stream:
         """A new session on the version new sessions of `model` open on (a canary takes its share)."""
         with self._cv:
-            engine: StreamEngine = self.versions.engine(model, secrets.token_hex(8))
+            engine = self.versions.engine(model, secrets.token_hex(8))
             held = self._opening.get(id(engine), (engine, 0))[1]
             self._opening[id(engine)] = (engine, held + 1)
         try:

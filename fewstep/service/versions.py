@@ -24,59 +24,27 @@ has recorded its verdict. Other threads read `Model` fields, which are replaced 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Generic, TypeVar, cast
 
 from fewstep.engines.base import Servable
 from fewstep.engines.specs import Spec
 from fewstep.errors import CheckpointError, FewstepError, NotFound, NotReady, RegistryError
-from fewstep.service.gate import Reference, Verdict
+from fewstep.service.gate import Verdict
 from fewstep.service.kinds import Context
 from fewstep.service.loading import Busy, Loader
 from fewstep.service.metrics import Metrics
+from fewstep.service.served import Canary, Loaded, Model, Status, share
 
 log = logging.getLogger("fewstep.runtime")
-Status = Literal["serving", "canary", "ready", "refused"]
-"""A version's status, as `GET /v1/models` reports it."""
+E = TypeVar("E", bound=Servable)
 
 
-@dataclass
-class Loaded(Reference):
-    """A version this process serves (or routes to, with no engine) and its spec."""
-
-    spec: Spec = field(kw_only=True)
-
-
-@dataclass
-class Canary:
-    """A gated version taking a share of new work until its live error rate has been seen."""
-
-    loaded: Loaded
-    ok: int = 0
-    failed: int = 0
-
-
-@dataclass
-class Model:
-    """One model as this process serves it."""
-
-    name: str
-    kind: str
-    serving: Loaded | None = None
-    canary: Canary | None = None
-    statuses: dict[str, tuple[Status, str | None]] = field(default_factory=dict)
-    pointer: str | None = None
-    """The `PROMOTED` version this process last acted on."""
-    created: int = 0
-
-
-class Versions:
+class Versions(Generic[E]):
     """The served models of `kinds`, run here (`run`) or only routed to."""
 
     def __init__(self, ctx: Context, metrics: Metrics, kinds: Collection[str], run: bool, loader: str) -> None:
@@ -402,7 +370,7 @@ class Versions:
         assert serving is not None
         return serving.spec
 
-    def engine(self, name: str, key: str | None = None) -> Any:
+    def engine(self, name: str, key: str | None = None) -> E:
         """The engine new work of `name` starts on: the canary for its share of keys, else the serving one.
 
         The share is a hash of `key` (a job id, a session id), so all items of a job (and every retry)
@@ -415,7 +383,7 @@ class Versions:
         assert loaded is not None
         if loaded.engine is None:
             raise NotReady(f"model {name!r} is not run by this process")
-        return loaded.engine
+        return cast(E, loaded.engine)  # the kinds this instance serves make engines of one protocol
 
     def record(self, name: str, engine: object, ok: bool | None) -> None:
         """Count finished work against a canary: `ok` True or False, None when it says nothing of the
@@ -429,8 +397,3 @@ class Versions:
                 c.ok += 1
             else:
                 c.failed += 1
-
-
-def share(key: str) -> float:
-    """A stable number in [0, 1) for `key`."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64

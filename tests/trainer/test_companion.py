@@ -32,7 +32,8 @@ def test_trainer_rounds_push_evaluated_versions_that_build_on_each_other(
         companion = manifest["trainer"]["companion"]
         assert companion["base_version"] == base and companion["steps_run"] == 3
         accuracy = manifest["metrics"]["joint_accuracy"]
-        assert set(accuracy) == {"1", "2", "3", "4"} and all(0.0 <= a <= 1.0 for a in accuracy.values())
+        # Three steps at lr 3e-5 barely move the shipped student: it still draws what it is asked for.
+        assert set(accuracy) == {"1", "2", "3", "4"} and accuracy["4"] >= 0.8
         assert manifest["teacher"] == registry.manifest("shapes", "1")["teacher"]  # hybrid still finds it
     w = [load_file(str(registry.version_dir("shapes", v) / WEIGHTS)) for v in ("1", "2", "3")]
     changed = [max((a[k] - b[k]).abs().max().item() for k in a) for a, b in ((w[0], w[1]), (w[1], w[2]))]
