@@ -21,13 +21,14 @@ command -v redis-server >/dev/null || { echo "redis-server missing: apt-get inst
 mkdir -p "$STATE/redis"
 
 pids=()
-cleanup() {
+stop() {
   trap - INT TERM EXIT
   echo "stopping ${#pids[@]} processes"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait || true
 }
-trap cleanup INT TERM EXIT
+trap 'stop; exit 0' INT TERM  # asked to stop: a clean stop is a success
+trap stop EXIT                # a process died on its own: stop the rest, keep the failure status
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STATE/redis" --appendonly yes --save '' \
   >"$STATE/redis.log" 2>&1 &
@@ -47,5 +48,6 @@ for _ in $(seq 600); do
   curl -fsS "http://$HOST:$PORT/readyz" >/dev/null 2>&1 && { echo "ready"; break; }
   sleep 0.2
 done
-wait -n "${pids[@]}"
+wait -n "${pids[@]}" || true
 echo "a process exited; see $STATE/*.log"
+exit 1

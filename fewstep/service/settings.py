@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     """Seeds per prompt of an image model's probe set (the shapes probes: 20 prompts × this many images)."""
     gate_tolerance: float = Field(0.10, ge=0.0, le=1.0)
     """A new version is refused when one of its judge's scores is this far below the serving version's."""
-    gate_min_agreement_db: float = Field(12.0, ge=0.0, le=100.0)
+    gate_min_agreement_db: float = Field(9.0, ge=0.0, le=100.0)
     """A new version of a model with no judge is refused when its probe outputs are further than this (PSNR,
     dB) from the serving version's."""
     max_load_attempts: int = Field(3, ge=1, le=100)

@@ -54,7 +54,7 @@ def test_local_stack_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) is not None
+        assert proc.wait(timeout=60) == 0  # SIGTERM is a clean stop
     time.sleep(0.5)
     for p in (port, redis_port):  # nothing left listening
         assert subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{p}"], capture_output=True).returncode != 0

@@ -99,7 +99,7 @@ async def test_a_kind_registered_with_one_line_is_served_gated_and_swapped(
         registry.publish(broken, version="3", promote=True)
         why = await _wait_status(c, "flat", "3", "refused")
         assert why is not None and why.startswith("outputs disagree with version 2's on 20 probes")
-        assert "`gate_min_agreement_db` = 12.0" in why
+        assert "`gate_min_agreement_db` = 9.0" in why
         r = await c.post(GEN, json={"model": "flat", "prompt": "a red circle"})
         assert r.status_code == 200 and r.json()["model_version"] == "2"  # the serving version went on
         assert (await c.get("/readyz")).status_code == 200

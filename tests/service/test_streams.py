@@ -39,6 +39,20 @@ def _streams(registry: Registry, encoder: Any, **settings: Any) -> VideoStreams:
     return VideoStreams(ctx.settings, Metrics(), Versions(ctx, Metrics(), stream_kinds(), run=True, loader="test"))
 
 
+def _running(tmp_path: Path, checkpoints: Path, encoder: Any, **settings: Any) -> tuple[Registry, VideoStreams]:
+    """A registry holding the video student (version 1) and its image model, and started `VideoStreams` on it
+    with two sessions, no timed registry watch (the tests call `maintain`) and `settings` over those."""
+    registry = Registry(tmp_path / "registry")
+    registry.publish(checkpoints / "shapes", promote=True)
+    registry.publish(checkpoints / MODEL, version="1", promote=True)
+    streams = _streams(registry, encoder, **{"video_max_sessions": 2, "watch_interval_s": 3600.0, **settings})
+    seeded = threading.Event()
+    seeded.set()
+    streams.start(seeded)
+    assert streams.versions.loaded.wait(120)
+    return registry, streams
+
+
 def _status(streams: VideoStreams, version: str) -> tuple[str, str | None]:
     return streams.versions.models[MODEL].statuses[version]
 
@@ -136,15 +150,8 @@ def test_a_new_video_version_takes_new_sessions_while_open_ones_finish_on_theirs
     checkpoints: Path,
     encoder,  # type: ignore[no-untyped-def]
 ) -> None:
-    registry = Registry(tmp_path / "registry")
-    registry.publish(checkpoints / "shapes", promote=True)
-    registry.publish(checkpoints / MODEL, version="1", promote=True)
-    streams = _streams(registry, encoder, video_max_sessions=2, watch_interval_s=3600.0, video_buffer_frames=1)
-    seeded = threading.Event()
-    seeded.set()
-    streams.start(seeded)
+    registry, streams = _running(tmp_path, checkpoints, encoder, video_buffer_frames=1)
     try:
-        assert streams.versions.loaded.wait(120)
         old = streams.versions.engine(MODEL)
         first = _open(streams, 12)
         _wait(lambda: len(first.frames) >= 2)
@@ -197,23 +204,10 @@ def test_a_video_push_goes_through_a_canary_before_it_takes_every_session(
     checkpoints: Path,
     encoder,  # type: ignore[no-untyped-def]
 ) -> None:
-    registry = Registry(tmp_path / "registry")
-    registry.publish(checkpoints / "shapes", promote=True)
-    registry.publish(checkpoints / MODEL, version="1", promote=True)
-    streams = _streams(
-        registry,
-        encoder,
-        video_max_sessions=2,
-        watch_interval_s=3600.0,
-        canary_fraction=0.5,
-        canary_items=4,
-        video_gate_streams=0,
+    registry, streams = _running(
+        tmp_path, checkpoints, encoder, canary_fraction=0.5, canary_items=4, video_gate_streams=0
     )
-    seeded = threading.Event()
-    seeded.set()
-    streams.start(seeded)
     try:
-        assert streams.versions.loaded.wait(120)
         registry.publish(checkpoints / MODEL, version="2", promote=True)
         settle(streams)
         assert _status(streams, "2") == ("canary", None) and _serving(streams) == "1"
