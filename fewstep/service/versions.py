@@ -84,15 +84,11 @@ class Versions(Generic[E]):
         if not versions:
             return
         promoted = self._pointer(name) or versions[-1]
-        try:
-            kind = self.registry.manifest(name, promoted).get("kind")
-        except FewstepError as e:
-            kind = None
-            log.warning("cannot read %s:%s manifest: %s", name, promoted, e)
+        kind = self._kind(name, [promoted, *reversed(versions)])
         if kind not in self.kinds:
             self._unserved.add(name)  # another process part's kind, or not served by itself
             return
-        model = Model(name=name, kind=str(kind), pointer=promoted)
+        model = Model(name=name, kind=kind, pointer=promoted)
         self.models[name] = model
         upto = versions[: versions.index(promoted) + 1] if promoted in versions else versions
         older = [v for v in reversed(upto) if v != promoted]
@@ -115,6 +111,17 @@ class Versions(Generic[E]):
             model.pointer = model.serving.version if model.serving else None  # `follow` tries the promoted next
         for v in versions:
             model.statuses.setdefault(v, self._recorded_status(model, v))
+
+    def _kind(self, name: str, versions: list[str]) -> str | None:
+        """The kind of the first of `versions` whose manifest reads (a broken one is refused later, by kind)."""
+        for version in versions:
+            try:
+                kind = self.registry.manifest(name, version).get("kind")
+            except FewstepError as e:
+                log.warning("cannot read %s:%s manifest: %s", name, version, e)
+                continue
+            return str(kind)
+        return None
 
     def _candidate(self, model: Model, version: str, wait_for_others: bool = False) -> Loaded:
         """A loaded, warmed and gated version (a spec alone when routing); FewstepError when refused."""
@@ -169,11 +176,9 @@ class Versions(Generic[E]):
         self._count_ready()
 
     def _count_ready(self) -> None:
-        counts: dict[str, int] = {}
-        for m in self.models.values():
-            counts[m.kind] = counts.get(m.kind, 0) + (m.serving is not None)
-        for kind, n in counts.items():
-            self.metrics.models_ready.labels(kind).set(n)
+        for kind in {m.kind for m in self.models.values()}:
+            ready = sum(1 for m in self.models.values() if m.kind == kind and m.serving is not None)
+            self.metrics.models_ready.labels(kind).set(ready)
 
     # -- following the registry -------------------------------------------------------------------
     def maintain(self, in_use: Collection[object] = ()) -> None:
@@ -332,7 +337,7 @@ class Versions(Generic[E]):
         self._retiring = keep
 
     def watch_forever(self, stop: threading.Event) -> None:
-        """For a process with no serving thread of these kinds: follow the registry until `stop`."""
+        """Follow the registry until `stop` (a process that runs no engine of these kinds)."""
         self.loaded.wait()
         while not stop.is_set():
             self.maintain()
@@ -361,7 +366,8 @@ class Versions(Generic[E]):
             raise NotFound(f"model {name!r} not found; GET /v1/models lists the served models")
         m = self.models[name]
         if m.serving is None:
-            raise NotReady(f"model {name!r} has no version that loads")
+            why = next((f" (version {v}: {r})" for v, (st, r) in reversed(m.statuses.items()) if st == "refused"), "")
+            raise NotReady(f"model {name!r} has no version that loads{why}")
         return m
 
     def spec(self, name: str) -> Spec:
