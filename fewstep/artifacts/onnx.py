@@ -59,6 +59,7 @@ def verified_artifact(folder: Path, manifest: dict[str, Any], precision: str) ->
         raise CheckpointError(f"{folder.name}: {path.name} was exported from other weights than this checkpoint's")
     return path, art
 
+
 # Fastest first. TensorRT's provider builds an engine per shape profile (slow first call);
 # CUDA is the general GPU path; the CPU provider is always present.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

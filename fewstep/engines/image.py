@@ -28,7 +28,7 @@ from fewstep.engines.specs import ImageSpec
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed
 from fewstep.models.checkpoint import read_manifest
 from fewstep.models.sampling import HybridTeacher, advance, start_trajectory, to_pixels
-from fewstep.models.schedules import TeacherSampler
+from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
 
@@ -62,7 +62,7 @@ class ImageEngine:
             precision,
             hybrid=teacher_folder is not None,
         )
-        self.schedule = self.spec.schedule
+        self.schedule = FewStepSchedule.from_dict(manifest["schedule"])
         self.shape = (int(manifest["architecture"]["config"].get("in_channels", 3)), self.spec.height, self.spec.width)
         self._net: Denoiser | None = None
         self._teacher: HybridTeacher | None = None

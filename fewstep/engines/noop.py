@@ -8,7 +8,6 @@ outcome per item, validation by its spec) and takes `step_s` of wall time per ba
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from typing import Any
@@ -26,7 +25,8 @@ def noop_spec(model: str = "noop", size: int = 32) -> ImageSpec:
     return ImageSpec(
         model=model,
         version="noop",
-        schedule=dataclasses.replace(default_student_schedule(), default_steps=1),
+        step_counts=tuple(default_student_schedule().steps),
+        default_steps=1,
         size=f"{size}x{size}",
         backend="noop",
         precision="none",

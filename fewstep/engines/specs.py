@@ -21,12 +21,38 @@ Api = Literal["image", "video"]
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image to make. `steps` counts student steps; `seed` fixes every noise draw."""
+    """One image to make. `steps` counts student steps; `seed` fixes every noise draw. `width` and `height`
+    (None: the model's native size), `guidance` (None: the model's default) and `negative_prompt` only for
+    models that take them."""
 
     prompt: str
     seed: int
     steps: int
     hybrid: bool = False
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes a model makes besides its native one: each side a multiple of `multiple` in [`low`, `high`]."""
+
+    low: int
+    high: int
+    multiple: int
+
+
+@dataclass(frozen=True)
+class GuidanceRule:
+    """How a model takes `guidance_scale`: `none` (distilled in: refused), `embedded` (an input of the network:
+    [`low`, `high`]) or `cfg` (classic classifier-free guidance: [`low`, `high`], and `negative_prompt`)."""
+
+    mode: Literal["none", "embedded", "cfg"] = "none"
+    low: float = 0.0
+    high: float = 0.0
+    default: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +74,8 @@ class Spec:
     api: ClassVar[Api]
     model: str
     version: str
-    schedule: FewStepSchedule
+    step_counts: tuple[int, ...]
+    default_steps: int
     size: str
     backend: str
     precision: str
@@ -57,11 +84,8 @@ class Spec:
 
     @property
     def steps(self) -> list[int]:
-        return self.schedule.steps
-
-    @property
-    def default_steps(self) -> int:
-        return self.schedule.default_steps
+        """The step counts served, ascending."""
+        return sorted(self.step_counts)
 
     @property
     def width(self) -> int:
@@ -72,7 +96,10 @@ class Spec:
         return int(self.size.split("x")[1])
 
     def _check_steps_and_seed(self, steps: int, seed: int) -> None:
-        self.schedule.timesteps_for(steps)
+        if steps not in self.step_counts:
+            ok = self.steps
+            contiguous = ok == list(range(ok[0], ok[-1] + 1))
+            raise limit_error("steps", f"between {ok[0]} and {ok[-1]}" if contiguous else f"one of {ok}", steps)
         if not 0 <= seed <= MAX_SEED:
             raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
 
@@ -85,17 +112,25 @@ class Spec:
                 raise ValueError(f"size {size!r} is not WxH")
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{folder_name}: manifest has no valid schedule or native_size ({e})") from e
-        return {"model": manifest["name"], "schedule": schedule, "size": size}
+        return {
+            "model": manifest["name"],
+            "step_counts": tuple(schedule.steps),
+            "default_steps": schedule.default_steps,
+            "size": size,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImageSpec(Spec):
-    """An image model: 1–4 step counts from its schedule, its native size, and the hybrid if its teacher is
-    loaded (2 teacher evaluations for the first step, then the student's)."""
+    """An image model: 1–4 step counts from its schedule, its native size (or `sizes`), how it takes guidance,
+    and the hybrid if its teacher is loaded (`teacher_nfe` evaluations for the first step, then the student's)."""
 
     api: ClassVar[Api] = "image"
     teacher_nfe: int = 2
     """Network evaluations of the teacher's first step in a hybrid item (classic CFG: 2)."""
+    sizes: Sizes | None = None
+    guidance: GuidanceRule = GuidanceRule()
+    family: str | None = None
 
     @classmethod
     def from_manifest(
@@ -116,6 +151,8 @@ class ImageSpec(Spec):
     def validate(self, item: ImageItem) -> None:
         """InvalidRequest when this model cannot make `item`, naming the limit and the value."""
         self._check_steps_and_seed(item.steps, item.seed)
+        self._check_size(item.width, item.height)
+        self._check_guidance(item.guidance, item.negative_prompt)
         if item.hybrid:
             if not self.hybrid:
                 why = f" ({self.hybrid_reason})" if self.hybrid_reason else ""
@@ -125,9 +162,48 @@ class ImageSpec(Spec):
             if item.steps < 2:
                 raise limit_error("steps", f"between 2 and {max(self.steps)} when `hybrid` is true", item.steps)
 
+    def _check_size(self, width: int | None, height: int | None) -> None:
+        if width is None and height is None:
+            return
+        given = f"{width}x{height}"
+        if self.sizes is None:
+            if (width, height) != (self.width, self.height):
+                raise limit_error("size", f"{self.size!r} (the model's native size)", given)
+            return
+        r = self.sizes
+        for side in (width, height):
+            if side is None or not r.low <= side <= r.high or side % r.multiple:
+                raise limit_error(
+                    "size", f"WxH with each side a multiple of {r.multiple} in [{r.low}, {r.high}]", given
+                )
+
+    def _check_guidance(self, guidance: float | None, negative_prompt: str | None) -> None:
+        g = self.guidance
+        where = f" ({self.family} students have guidance distilled in)" if self.family else ""
+        if guidance is not None:
+            if g.mode == "none":
+                raise InvalidRequest(
+                    "guidance_scale", f"`guidance_scale` is not taken by this model{where}. Given: {guidance!r}"
+                )
+            if not g.low <= guidance <= g.high:
+                raise limit_error("guidance_scale", f"between {g.low} and {g.high}", guidance)
+        if negative_prompt is not None and g.mode != "cfg":
+            raise InvalidRequest(
+                "negative_prompt",
+                f"`negative_prompt` needs classifier-free guidance, which this model does not run{where}. "
+                f"Given: {negative_prompt[:40]!r}",
+            )
+
     def nfe(self, item: ImageItem) -> int:
-        """Network evaluations an item costs: its steps, plus the teacher's extra ones if hybrid."""
-        return item.steps + (self.teacher_nfe - 1 if item.hybrid else 0)
+        """Network evaluations an item costs: its steps (twice with classic CFG), plus the teacher's extra ones
+        if hybrid."""
+        per_step = 2 if self.uses_cfg(item) else 1
+        return item.steps * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
+
+    def uses_cfg(self, item: ImageItem) -> bool:
+        """Whether the item runs classic CFG (two evaluations per step): a `cfg` model above guidance 1."""
+        scale = self.guidance.default if item.guidance is None else item.guidance
+        return self.guidance.mode == "cfg" and scale > 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,6 +49,7 @@ from fewstep.engines.specs import VideoSpec
 from fewstep.errors import CheckpointError, FewstepError, Overloaded
 from fewstep.models.checkpoint import WEIGHTS, read_manifest
 from fewstep.models.sampling import frame_from_image, frame_noise, to_pixels
+from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
@@ -96,7 +97,7 @@ class VideoEngine:
             self.cfg = VideoConfig(**manifest["architecture"]["config"])
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{folder.name}: manifest has no valid architecture ({e})") from e
-        self.schedule = self._spec.schedule
+        self.schedule = FewStepSchedule.from_dict(manifest["schedule"])
         self.folder, self.encoder, self.backend, self.manifest = folder, encoder, backend, manifest
         ref = manifest.get("first_frame")
         if first_frame is None:

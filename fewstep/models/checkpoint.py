@@ -1,8 +1,10 @@
 """Checkpoint I/O: safetensors weights plus a `manifest.json` that describes and hashes them.
 
-A checkpoint folder holds exactly one manifest and the weight files it names. Only
-`.safetensors` files are ever read (no pickle anywhere), every file is hashed, and every
-name is a plain file name inside the folder. Anything else is refused with `CheckpointError`.
+A checkpoint folder holds exactly one manifest and the files it names: weights (only `.safetensors`
+files are ever read as weights: no pickle anywhere), and for an imported diffusers pipeline its
+components' configs and tokenizer files (`.json`, `.txt`) in nested folders (`unet/config.json`). Every
+file is hashed, and every name is a relative path of plain names inside the folder. Anything else is
+refused with `CheckpointError`.
 
 Manifest (the fields fewstep reads; trainers may add more)::
 
@@ -32,8 +34,33 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_DEPTH = 3
+FILE_SUFFIXES = (".safetensors", ".onnx", ".json", ".txt")
+"""What a manifest may name: safetensors weights, ONNX graphs, and JSON / text configs and vocabularies."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Formats that may execute code when loaded: a folder holding one is refused without opening it."""
+
+
+def check_relative(name: str) -> str:
+    """`name` if it is a relative path of at most `MAX_DEPTH` plain names (`unet/config.json`), else
+    CheckpointError: no absolute paths, no `..`, no hidden or odd names."""
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH or not all(_FILE_NAME.match(p) for p in parts) or name == MANIFEST:
+        raise CheckpointError(f"unsafe file name {name!r} in manifest")
+    return name
+
+
+def copy_hashed(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy `src` to `dst` in chunks, hashing on the way (a multi-GB file is never read whole); the file's
+    manifest entry."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
 
 
 def sha256_file(path: Path) -> str:
@@ -88,19 +115,25 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Check every file the manifest names: safe name, safetensors only, size and sha256."""
+    """Check every file the manifest names: a safe relative path, an allowed kind of file, size and sha256."""
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{folder}: manifest names no files")
     refuse_pickles(folder)
     for name, meta in files.items():
-        if not _FILE_NAME.match(name) or name == MANIFEST:
-            raise CheckpointError(f"{folder}: unsafe file name {name!r} in manifest")
-        path = folder / name
-        if path.is_symlink() or not path.is_file():
+        try:
+            check_relative(name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{folder}: {e}") from e
+        path = folder
+        for part in name.split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise CheckpointError(f"{folder}: {name} is a symlink (or lies in one); links are refused")
+        if not path.is_file():
             raise CheckpointError(f"{folder}: {name} is missing or not a regular file")
-        if not name.endswith(".safetensors") and not name.endswith(".onnx"):
-            raise CheckpointError(f"{folder}: {name}: only safetensors weights are accepted")
+        if not name.endswith(FILE_SUFFIXES):
+            raise CheckpointError(f"{folder}: {name}: only safetensors weights and JSON / text configs are accepted")
         if path.stat().st_size != meta.get("bytes"):
             raise CheckpointError(
                 f"{folder}: {name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
@@ -110,14 +143,15 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def refuse_pickles(folder: Path) -> None:
-    """CheckpointError if `folder` holds a pickle-format file, named or not; such files are never opened.
+    """CheckpointError if `folder` (or a folder inside it) holds a pickle-format file, named or not; such files
+    are never opened.
 
     A stray `model.bin` beside good safetensors is how unsafe weights end up loaded by the next
     tool that looks for them, so the whole folder is refused.
     """
     if not folder.is_dir():
         return
-    found = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.lower().endswith(PICKLE_SUFFIXES))
     if found:
         raise CheckpointError(
             f"{folder}: holds {', '.join(found)}: pickle-format files are refused unread (safetensors only)"

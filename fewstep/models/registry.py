@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.errors import CheckpointError, NotFound, RegistryError
-from fewstep.models.checkpoint import MANIFEST, read_manifest, verify_files, write_json_atomic
+from fewstep.models.checkpoint import (
+    FORMAT,
+    MANIFEST,
+    WEIGHTS,
+    check_relative,
+    copy_hashed,
+    read_manifest,
+    verify_files,
+    write_json_atomic,
+)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 POINTER = "PROMOTED"
@@ -118,11 +127,12 @@ class Registry:
         return self.named_dir(manifest, "teacher")
 
     def named_dir(self, manifest: dict[str, Any], key: str) -> Path | None:
-        """The folder of the exact model a manifest names under `key` (`{"name", "sha256"}`), as `teacher_dir`."""
+        """The folder of the exact model a manifest names under `key` (`{"name", "sha256"}`, and `"file"` when the
+        weights that identify it are not `model.safetensors`), as `teacher_dir`."""
         ref = manifest.get(key) or {}
         if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not isinstance(ref.get("sha256"), str):
             return None
-        version = self.find(ref["name"], ref["sha256"])
+        version = self.find(ref["name"], ref["sha256"], str(ref.get("file") or WEIGHTS))
         if version is None:
             return None
         self.validate(ref["name"], version)
@@ -143,6 +153,18 @@ class Registry:
         src = Path(src)
         manifest = read_manifest(src)
         verify_files(src, manifest)
+        return self.publish_files({name: src / name for name in manifest["files"]}, manifest, model, version, promote)
+
+    def publish_files(
+        self,
+        files: dict[str, Path],
+        manifest: dict[str, Any],
+        model: str | None = None,
+        version: str | None = None,
+        promote: bool = False,
+    ) -> tuple[str, str]:
+        """Publish `files` (a path in the version → the file to copy there) with `manifest`, whose `files` entries
+        are written from the copy itself (hashed while copying). As `publish` for names and versions."""
         model = check_name("model", model or manifest["name"])
         explicit = version is not None
         version = check_name("version", version or str(manifest.get("version", "1")))
@@ -153,7 +175,7 @@ class Registry:
                     raise RegistryError(f"{model}:{version} already exists; versions are immutable")
                 version = self.next_version(model)
                 continue
-            if self._place(src, manifest, model, version):
+            if self._place(files, manifest, model, version):
                 break
             if explicit:
                 raise RegistryError(f"{model}:{version} already exists; versions are immutable")
@@ -163,23 +185,27 @@ class Registry:
             self.promote(model, version)
         return model, version
 
-    def _place(self, src: Path, manifest: dict[str, Any], model: str, version: str) -> bool:
-        """Copy aside, fsync, verify, rename into place. False if the version appeared meanwhile."""
+    def _place(self, files: dict[str, Path], manifest: dict[str, Any], model: str, version: str) -> bool:
+        """Copy aside (hashing), fsync, verify, rename into place. False if the version appeared meanwhile."""
         target = self.version_dir(model, version)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            for name in manifest["files"]:
-                shutil.copyfile(src / name, tmp / name)
-            placed = {**manifest, "name": model, "version": version}
+            hashed = {}
+            for name, source in files.items():
+                dest = tmp / check_relative(name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                hashed[name] = copy_hashed(source, dest)
+            placed = {**manifest, "format": FORMAT, "name": model, "version": version, "files": hashed}
             write_json_atomic(tmp / MANIFEST, placed)
-            for f in tmp.iterdir():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
             verify_files(tmp, placed)
             os.rename(tmp, target)
         except OSError as e:

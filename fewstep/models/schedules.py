@@ -37,14 +37,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, step) alone: what every noise draw of an item at a step comes from."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ step) & MAX_SEED)
+    return g
+
+
 def item_noise(seed: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of `shape` derived only from (seed, step).
 
     Step 0 is the initial latent; step k > 0 is the fresh noise used to re-noise into step k.
     """
-    g = torch.Generator(device="cpu")
-    g.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ step) & MAX_SEED)
-    return torch.randn(shape, generator=g, dtype=torch.float32)
+    return torch.randn(shape, generator=step_generator(seed, step), dtype=torch.float32)
 
 
 @dataclass(frozen=True)

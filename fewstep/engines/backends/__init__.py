@@ -1,5 +1,6 @@
 """Backends turn a verified registry version into something that runs: a `Denoiser` for an image model,
-a `VideoNet` for a video model. One table, by name, for every model kind (`BACKENDS`)."""
+a `VideoNet` for a video model, `LatentNets` for an imported diffusers pipeline. One table, by name, for
+every model kind (`BACKENDS`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fewstep.engines.backends.onnxruntime import OnnxRuntimeBackend
 from fewstep.engines.backends.tensorrt import TensorRTBackend
 from fewstep.engines.backends.torch import TorchBackend
 from fewstep.errors import CheckpointError
+from fewstep.models.pipelines import LatentNets
 from fewstep.models.unet import Denoiser
 from fewstep.models.video_cache import VideoConfig, VideoNet
 
@@ -23,6 +25,8 @@ class Backend(Protocol):
     def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser: ...
 
     def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet: ...
+
+    def latent(self, folder: Path, manifest: dict[str, Any], precision: str, device: str, dtype: str) -> LatentNets: ...
 
 
 BACKENDS: dict[str, Backend] = {

@@ -16,6 +16,7 @@ import torch
 from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, session_denoiser, verified_artifact
 from fewstep.artifacts.video import load_video_graphs
 from fewstep.errors import CheckpointError
+from fewstep.models.pipelines import LatentNets
 from fewstep.models.unet import Denoiser
 from fewstep.models.video_cache import VideoConfig, VideoNet
 
@@ -43,6 +44,9 @@ class OnnxRuntimeBackend:
 
     def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
         return load_video_graphs(folder, cfg)
+
+    def latent(self, folder: Path, manifest: dict[str, Any], precision: str, device: str, dtype: str) -> LatentNets:
+        raise CheckpointError(f"{folder.name}: no ONNX artifacts of this pipeline; run `fewstep export`")
 
 
 def _item_by_item(net: Denoiser) -> Denoiser:

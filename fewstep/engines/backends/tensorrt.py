@@ -27,6 +27,7 @@ import torch
 from fewstep.artifacts.onnx import INPUTS, artifact_name, require_gate
 from fewstep.errors import CheckpointError
 from fewstep.models.checkpoint import sha256_file
+from fewstep.models.pipelines import LatentNets
 from fewstep.models.unet import Denoiser
 from fewstep.models.video_cache import VideoConfig, VideoNet
 
@@ -88,6 +89,9 @@ class TensorRTBackend:
 
     def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
         raise CheckpointError("the tensorrt backend serves image models; video runs on torch or onnxruntime")
+
+    def latent(self, folder: Path, manifest: dict[str, Any], precision: str, device: str, dtype: str) -> LatentNets:
+        raise CheckpointError("the tensorrt backend does not serve imported pipelines yet; use onnxruntime")
 
     def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
         if precision not in ARTIFACT_FOR:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.errors import CheckpointError
+from fewstep.models.pipelines import LatentNets, TorchNets, dtype_of
 from fewstep.models.unet import Denoiser, as_denoiser, load_unet
 from fewstep.models.video import load_video_net
 from fewstep.models.video_cache import VideoConfig, VideoNet
@@ -25,3 +26,8 @@ class TorchBackend:
 
     def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
         return load_video_net(folder)
+
+    def latent(self, folder: Path, manifest: dict[str, Any], precision: str, device: str, dtype: str) -> LatentNets:
+        if precision not in self.precisions:
+            raise CheckpointError(f"torch backend serves {self.precisions}, not {precision!r}")
+        return TorchNets(folder, manifest, device, dtype_of(dtype))

@@ -1,0 +1,227 @@
+"""Few-step families of users' diffusers students, as data: how each one samples.
+
+A family fixes what its model card (or paper) says a student of that family must be sampled with: the
+diffusers scheduler and its settings, the timesteps for each step count it was distilled for, extra
+arguments of the scheduler's step (TCD's `eta`), and how guidance works: `none` (distilled in: no
+`guidance_scale`, no `negative_prompt`), `embedded` (a guidance-scale embedding the UNet takes:
+`guidance_scale` within a range, no `negative_prompt`), or `cfg` (classic classifier-free guidance, two
+evaluations per step: `guidance_scale` within a range and `negative_prompt`).
+
+`fewstep import` resolves a family against the pipeline's own scheduler config into a `Recipe` and writes
+it into the registry version's manifest: the engine reads the recipe, never this table. Sources:
+
+* turbo: stabilityai/sd-turbo and stabilityai/sdxl-turbo model cards (guidance 0, 1–4 steps; SDXL-Turbo
+  ships `EulerAncestralDiscreteScheduler`, trailing spacing);
+* lightning: ByteDance/SDXL-Lightning model card (`EulerDiscreteScheduler` with trailing spacing, guidance 0,
+  the step count the checkpoint was distilled for; the 1-step UNet predicts the sample);
+* lcm: SimianLuo/LCM_Dreamshaper_v7 and latent-consistency/lcm-lora-* model cards, and diffusers'
+  LCM pipeline (`LCMScheduler`, 1–8 steps, 4 recommended; a UNet with `time_cond_proj_dim` takes the
+  guidance as an embedding of w − 1, a LoRA-merged one uses classic CFG in [1, 2]);
+* tcd: h1t/TCD-SDXL-LoRA usage (`TCDScheduler`, guidance 0, `eta` 0.3, 4 steps);
+* dmd2: tianweiy/DMD2 model card (`LCMScheduler` with timesteps [999, 749, 499, 249] for the 4-step UNet,
+  [399] for the 1-step one, guidance 0);
+* hyper-sd: ByteDance/Hyper-SD model card (`DDIMScheduler` with trailing spacing, guidance 0, the step count
+  of the N-step checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from fewstep.errors import CheckpointError
+
+GuidanceMode = Literal["none", "embedded", "cfg"]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a family takes guidance. `low`–`high` bound `guidance_scale`; `default` is used when a request gives
+    none."""
+
+    mode: GuidanceMode
+    low: float = 0.0
+    high: float = 0.0
+    default: float = 0.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's sampling rules before they meet a pipeline (see the module docstring)."""
+
+    name: str
+    source: str
+    scheduler: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[int, ...] = (1, 2, 3, 4)
+    """Step counts served; the scheduler's own timesteps for each, unless `timesteps` names them."""
+    default_steps: int = 4
+    timesteps: dict[int, list[int]] = field(default_factory=dict)
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    guidance: Guidance = Guidance("none")
+    cfg_guidance: Guidance | None = None
+    """For a family whose UNets may lack the guidance embedding (an LCM-LoRA merged into a base): classic CFG."""
+    one_step_prediction: str | None = None
+    """`prediction_type` of the family's 1-step checkpoints when it differs (SDXL-Lightning's predicts x0)."""
+    step_count_is_the_checkpoints: bool = False
+    """A checkpoint is distilled for one step count: `--steps` picks which (default `default_steps`)."""
+
+
+FAMILIES: dict[str, Family] = {
+    "turbo": Family(
+        "turbo",
+        "stabilityai/sd-turbo and stabilityai/sdxl-turbo model cards",
+        "EulerAncestralDiscreteScheduler",
+        {"timestep_spacing": "trailing"},
+        default_steps=1,
+    ),
+    "lightning": Family(
+        "lightning",
+        "ByteDance/SDXL-Lightning model card",
+        "EulerDiscreteScheduler",
+        {"timestep_spacing": "trailing"},
+        steps=(1, 2, 4, 8),
+        default_steps=4,
+        one_step_prediction="sample",
+        step_count_is_the_checkpoints=True,
+    ),
+    "lcm": Family(
+        "lcm",
+        "SimianLuo/LCM_Dreamshaper_v7 and latent-consistency/lcm-lora model cards; diffusers' LCM pipeline",
+        "LCMScheduler",
+        steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        default_steps=4,
+        guidance=Guidance("embedded", 1.0, 15.0, 8.0),
+        cfg_guidance=Guidance("cfg", 1.0, 2.0, 1.0),
+    ),
+    "tcd": Family(
+        "tcd",
+        "h1t/TCD-SDXL-LoRA usage (diffusers' TCD guide)",
+        "TCDScheduler",
+        steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        default_steps=4,
+        step_kwargs={"eta": 0.3},
+    ),
+    "dmd2": Family(
+        "dmd2",
+        "tianweiy/DMD2 model card",
+        "LCMScheduler",
+        steps=(1, 4),
+        default_steps=4,
+        timesteps={1: [399], 4: [999, 749, 499, 249]},
+        step_count_is_the_checkpoints=True,
+    ),
+    "hyper-sd": Family(
+        "hyper-sd",
+        "ByteDance/Hyper-SD model card (the N-step checkpoints)",
+        "DDIMScheduler",
+        {"timestep_spacing": "trailing"},
+        steps=(1, 2, 4, 8),
+        default_steps=4,
+        step_kwargs={"eta": 0.0},
+        step_count_is_the_checkpoints=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family resolved against one pipeline: what the engine runs, kept in the manifest."""
+
+    family: str
+    source: str
+    scheduler: str
+    scheduler_config: dict[str, Any]
+    timesteps: dict[int, list[int]]
+    default_steps: int
+    guidance: Guidance
+    step_kwargs: dict[str, Any]
+    custom_timesteps: bool
+    """Whether the timesteps are given to the scheduler (`set_timesteps(timesteps=…)`) or are its own."""
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timesteps"] = {str(k): v for k, v in sorted(self.timesteps.items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        try:
+            return cls(
+                family=str(d["family"]),
+                source=str(d["source"]),
+                scheduler=str(d["scheduler"]),
+                scheduler_config=dict(d["scheduler_config"]),
+                timesteps={int(k): [int(t) for t in v] for k, v in d["timesteps"].items()},
+                default_steps=int(d["default_steps"]),
+                guidance=Guidance(**d["guidance"]),
+                step_kwargs=dict(d.get("step_kwargs") or {}),
+                custom_timesteps=bool(d["custom_timesteps"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"manifest has no valid recipe ({e})") from e
+
+
+def scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class called `name` (only the ones the families use)."""
+    import diffusers
+
+    allowed = {f.scheduler for f in FAMILIES.values()}
+    if name not in allowed:
+        raise CheckpointError(f"scheduler {name!r} is not one the families use ({sorted(allowed)})")
+    return getattr(diffusers, name)
+
+
+def resolve(
+    family: str, shipped_config: dict[str, Any], embeds_guidance: bool, steps: list[int] | None = None
+) -> Recipe:
+    """`family`'s recipe for a pipeline whose scheduler config is `shipped_config` and whose UNet does (or does
+    not) take a guidance embedding. `steps`: the step counts to serve (default the family's; a family whose
+    checkpoints are distilled for one step count serves only `default_steps` unless told otherwise)."""
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
+    f = FAMILIES[family]
+    wanted = steps or ([f.default_steps] if f.step_count_is_the_checkpoints else list(f.steps))
+    bad = [n for n in wanted if n not in f.steps]
+    if bad:
+        raise CheckpointError(f"family {family!r} serves {list(f.steps)} steps, not {bad}")
+    base = {k: v for k, v in shipped_config.items() if not k.startswith("_")}
+    overrides = dict(f.overrides)
+    if f.one_step_prediction and wanted == [1]:
+        overrides["prediction_type"] = f.one_step_prediction
+    scheduler = scheduler_class(f.scheduler).from_config({**base, **overrides})
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    custom = all(n in f.timesteps for n in wanted)
+    timesteps = {}
+    for n in wanted:
+        if custom:
+            scheduler.set_timesteps(timesteps=f.timesteps[n])
+        else:
+            scheduler.set_timesteps(n)
+        timesteps[n] = [int(t) for t in scheduler.timesteps]
+    default = f.default_steps if f.default_steps in wanted else wanted[0]
+    guidance = f.guidance if embeds_guidance or f.cfg_guidance is None else f.cfg_guidance
+    if f.guidance.mode == "embedded" and not embeds_guidance and f.cfg_guidance is None:
+        raise CheckpointError(f"family {family!r} needs a UNet with a guidance embedding (`time_cond_proj_dim`)")
+    return Recipe(f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom)
+
+
+def detect(shipped_config: dict[str, Any], embeds_guidance: bool) -> str:
+    """The family a pipeline's own scheduler config says it is; CheckpointError listing the families when it
+    cannot tell (then `--family` must say)."""
+    cls = shipped_config.get("_class_name")
+    if cls == "TCDScheduler":
+        return "tcd"
+    if cls == "LCMScheduler" and embeds_guidance:
+        return "lcm"
+    if cls == "EulerAncestralDiscreteScheduler" and shipped_config.get("timestep_spacing") == "trailing":
+        return "turbo"
+    raise CheckpointError(
+        f"cannot tell the family from the pipeline's scheduler ({cls}"
+        f"{', trailing' if shipped_config.get('timestep_spacing') == 'trailing' else ''}): "
+        f"pass `--family` with one of {sorted(FAMILIES)}"
+    )

@@ -1,0 +1,328 @@
+"""`fewstep import`: a user's diffusers pipeline folder becomes a registry version.
+
+The folder is a saved pipeline (`model_index.json` beside one folder per component), or a hub-cache
+snapshot of one, whose files are links into the same cache's `blobs/`: those links, and no others, are
+followed. Every component the pipeline needs is copied with its configs, tokenizer files and safetensors
+weights, each file hashed while it is copied (a multi-GB folder is never read whole); pickle-format files
+are never opened. `unet` may be replaced by a student UNet file (how SDXL-Lightning and DMD2 ship their
+students); a pickle one is converted only when asked (`torch.load(weights_only=True)`, recorded in the
+manifest). The family's recipe (`models.families`) is resolved against the pipeline and kept in the
+manifest. Everything is checked before anything is written: a refusal leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewstep.errors import CheckpointError
+from fewstep.models import families
+from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
+from fewstep.models.registry import Registry
+
+CONFIG_LIMIT = 4 << 20
+"""Largest config or tokenizer JSON read (bytes): untrusted input is bounded before it is parsed."""
+SCHEDULER = "scheduler"
+IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
+"""Optional components fewstep does not run (the safety checker is not applied); they are not copied."""
+WEIGHTED = {"unet", "vae", "text_encoder", "text_encoder_2"}
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a supported pipeline class is made of: component → the classes accepted for it."""
+
+    name: str
+    components: dict[str, tuple[str, ...]]
+
+
+SD = Architecture(
+    "sd",
+    {
+        "unet": ("UNet2DConditionModel",),
+        "vae": ("AutoencoderKL",),
+        "text_encoder": ("CLIPTextModel",),
+        "tokenizer": TOKENIZERS,
+    },
+)
+SDXL = Architecture(
+    "sdxl",
+    {
+        **SD.components,
+        "text_encoder_2": ("CLIPTextModelWithProjection",),
+        "tokenizer_2": TOKENIZERS,
+    },
+)
+PIPELINES = {
+    "StableDiffusionPipeline": SD,
+    "LatentConsistencyModelPipeline": SD,
+    "StableDiffusionXLPipeline": SDXL,
+}
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+class Source:
+    """A pipeline folder, read under its containment rule: plain files, or (a hub snapshot) links into the
+    cache's own `blobs/`."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a folder")
+        self.root = path.absolute()
+        blobs = self.root.parent.parent / "blobs"
+        self.blobs = blobs.resolve() if self.root.parent.name == "snapshots" and blobs.is_dir() else None
+
+    def file(self, rel: str) -> Path:
+        """The real file behind `rel`, or CheckpointError when it is missing or escapes the folder."""
+        path = self.root
+        for part in rel.split("/"):
+            path = path / part
+            if path.is_symlink():
+                target = path.resolve()
+                if self.blobs is None or target.parent != self.blobs or not target.is_file():
+                    raise CheckpointError(f"{rel} is a link that leaves the pipeline folder; links are refused")
+        if not path.is_file():
+            raise CheckpointError(f"{rel} is missing")
+        return path.resolve() if path.is_symlink() else path
+
+    def listing(self, folder: str) -> list[str]:
+        d = self.root / folder
+        if d.is_symlink() or not d.is_dir():
+            raise CheckpointError(f"component folder {folder!r} is missing (or is a link)")
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
+
+    def json(self, rel: str) -> dict[str, Any]:
+        path = self.file(rel)
+        if path.stat().st_size > CONFIG_LIMIT:
+            raise CheckpointError(f"{rel} is larger than {CONFIG_LIMIT} bytes")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{rel} is not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{rel} is not a JSON object")
+        return data
+
+
+def _weights(src: Source, component: str) -> tuple[list[str], str | None]:
+    """The safetensors files of a component (an index and its shards, or one file), preferring full precision
+    over a variant; and the variant taken (`fp16`), if any. CheckpointError when only pickles are there."""
+    names = src.listing(component)
+    tensors = [n for n in names if n.endswith(".safetensors")]
+    if not tensors:
+        pickles = [f"{component}/{n}" for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(
+                f"weights only in pickle formats ({', '.join(pickles)}): fewstep reads safetensors only; "
+                "convert them (`diffusers` `save_pretrained(safe_serialization=True)`)"
+            )
+        raise CheckpointError(f"component {component!r} has no weights")
+
+    by_variant: dict[str | None, list[str]] = {}
+    for n in tensors:
+        by_variant.setdefault(_variant(n), []).append(n)
+    chosen = None if None in by_variant else "fp16" if "fp16" in by_variant else sorted(by_variant, key=str)[0]
+    suffix = ".safetensors.index.json" if chosen is None else f".{chosen}.safetensors.index.json"
+    index = [n for n in names if n.endswith(suffix) and _variant(n.removesuffix(".index.json")) == chosen]
+    return [f"{component}/{n}" for n in by_variant[chosen] + index], chosen
+
+
+def _variant(name: str) -> str | None:
+    """`fp16` of `diffusion_pytorch_model.fp16.safetensors` (or of a shard of it); None without a variant."""
+    stem = name.removesuffix(".safetensors")
+    if "." not in stem:
+        return None
+    tail = stem.rsplit(".", 1)[1]
+    return tail.split("-", 1)[0] if "-of-" in tail else tail
+
+
+def _configs(src: Source, component: str) -> list[str]:
+    """The JSON and text files of a component (configs, tokenizer vocabularies and merges)."""
+    return [
+        f"{component}/{n}"
+        for n in src.listing(component)
+        if n.endswith((".json", ".txt")) and not n.endswith(".safetensors.index.json")
+    ]
+
+
+def _check_unet_file(path: Path, config: dict[str, Any]) -> None:
+    """CheckpointError unless the safetensors file at `path` holds exactly the tensors the UNet config builds."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own types for bad headers
+        raise CheckpointError(f"--unet {path.name} is not a readable safetensors file ({e})") from e
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[:2]})"] if missing else []
+        parts += [f"{len(extra)} unexpected (e.g. {extra[:2]})"] if extra else []
+        parts += (
+            [f"{len(wrong)} of other shapes (e.g. {wrong[0]}: {got[wrong[0]]} for {want[wrong[0]]})"] if wrong else []
+        )
+        raise CheckpointError(f"--unet {path.name} does not fit the pipeline's UNet config: {'; '.join(parts)} tensors")
+
+
+def _student_unet(path: Path, convert_pickle: bool, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The `--unet` file as safetensors, and how it was obtained (recorded in the manifest)."""
+    if path.is_symlink() or not path.is_file():
+        raise CheckpointError(f"--unet {path}: not a regular file")
+    record: dict[str, Any] = {"file": path.name, "sha256": sha256_file(path)}
+    if path.name.endswith(".safetensors"):
+        return path, record
+    if not path.name.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"--unet {path.name}: neither safetensors nor a known pickle format")
+    if not convert_pickle:
+        raise CheckpointError(
+            f"--unet {path.name} is a pickle file; fewstep converts one only with `--convert-pickle` "
+            "(it is then loaded with torch.load(weights_only=True) and stored as safetensors)"
+        )
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # an unsafe or corrupt pickle: weights_only refuses it
+        raise CheckpointError(f"--unet {path.name}: torch.load(weights_only=True) refused it ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--unet {path.name}: not a dict of tensors")
+    out = work / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    record["converted_from_pickle"] = "torch.load(weights_only=True) → safetensors"
+    return out, record
+
+
+def import_pipeline(
+    path: Path,
+    name: str,
+    registry: Registry,
+    family: str | None = None,
+    unet: Path | None = None,
+    teacher: str | None = None,
+    convert_pickle: bool = False,
+    steps: list[int] | None = None,
+    handoff: str = "renoise",
+    teacher_guidance: float = 0.0,
+) -> tuple[str, str]:
+    """Import the pipeline at `path` as the next version of `name`; returns (name, version).
+    `family="base"` imports a base model, served only as a student's teacher (`teacher`)."""
+    src = Source(path)
+    index = src.json("model_index.json")
+    cls = index.get("_class_name")
+    if cls not in PIPELINES:
+        raise CheckpointError(f"pipeline class {cls!r} is not supported; supported: {sorted(PIPELINES)}")
+    arch = PIPELINES[cls]
+    files: dict[str, Path] = {"model_index.json": src.file("model_index.json")}
+    components: dict[str, str] = {}
+    variants: dict[str, str | None] = {}
+    for key, value in sorted(index.items()):
+        if key.startswith("_") or not isinstance(value, list) or key in IGNORED or value[1:] == [None]:
+            continue
+        if key == SCHEDULER:
+            continue
+        if key not in arch.components:
+            raise CheckpointError(f"component {key!r} ({value[-1]}) is not supported in a {cls}")
+        if value[-1] not in arch.components[key]:
+            raise CheckpointError(
+                f"{key} class {value[-1]!r} is not supported; supported: {list(arch.components[key])}"
+            )
+        components[key] = str(value[-1])
+    missing = sorted(set(arch.components) - set(components))
+    if missing or SCHEDULER not in index:
+        needs = sorted([*arch.components, SCHEDULER])
+        raise CheckpointError(f"the pipeline lacks {', '.join(missing or [SCHEDULER])}; a {cls} needs {needs}")
+    for key in components:
+        for rel in _configs(src, key):
+            files[rel] = src.file(rel)
+        if key in WEIGHTED and not (key == "unet" and unet is not None):
+            weights, variants[key] = _weights(src, key)
+            files.update({rel: src.file(rel) for rel in weights})
+    shipped_scheduler = src.json("scheduler/scheduler_config.json")
+    files["scheduler/scheduler_config.json"] = src.file("scheduler/scheduler_config.json")
+    unet_config = src.json("unet/config.json")
+    vae_config = src.json("vae/config.json")
+    with tempfile.TemporaryDirectory() as work:
+        imported: dict[str, Any] = {"pipeline": cls}
+        if unet is not None:
+            unet_file, imported["unet"] = _student_unet(Path(unet), convert_pickle, Path(work))
+            _check_unet_file(unet_file, unet_config)
+            files[UNET_WEIGHTS] = unet_file
+            variants["unet"] = None
+        manifest = _manifest(name, arch, cls, components, variants, unet_config, vae_config, src, imported)
+        embeds = unet_config.get("time_cond_proj_dim") is not None
+        if family == "base":
+            manifest["kind"] = "diffusers-teacher"
+            manifest["scheduler"] = {k: v for k, v in shipped_scheduler.items() if not k.startswith("_")} | {
+                "_class_name": shipped_scheduler.get("_class_name")
+            }
+        else:
+            recipe = families.resolve(
+                family or families.detect(shipped_scheduler, embeds), shipped_scheduler, embeds, steps
+            )
+            manifest["recipe"] = recipe.to_dict()
+        if teacher is not None:
+            manifest["teacher"], manifest["hybrid"] = _teacher(registry, teacher, files, handoff, teacher_guidance)
+        return registry.publish_files(files, manifest, model=name, promote=True)
+
+
+def _manifest(
+    name: str,
+    arch: Architecture,
+    cls: str,
+    components: dict[str, str],
+    variants: dict[str, str | None],
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    src: Source,
+    imported: dict[str, Any],
+) -> dict[str, Any]:
+    factor = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+    side = int(unet_config.get("sample_size", 64)) * factor
+    tokenizer = (
+        src.json("tokenizer/tokenizer_config.json") if (src.root / "tokenizer/tokenizer_config.json").exists() else {}
+    )
+    return {
+        "name": name,
+        "version": "1",
+        "kind": "diffusers",
+        "pipeline": {"class": cls, "arch": arch.name, "components": components, "variants": variants},
+        "native_size": f"{side}x{side}",
+        "latent": {"channels": int(unet_config.get("in_channels", 4)), "vae_scale_factor": factor},
+        "text": {"max_tokens": int(tokenizer.get("model_max_length", 77))},
+        "imported": imported,
+    }
+
+
+def _teacher(
+    registry: Registry, teacher: str, files: dict[str, Path], handoff: str, guidance: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The reference to a base pipeline in the registry that shares the student's VAE and text encoders."""
+    if handoff not in ("renoise", "trajectory"):
+        raise CheckpointError(f"--handoff must be renoise or trajectory. Given: {handoff!r}")
+    version = registry.promoted(teacher)
+    if version is None:
+        raise CheckpointError(f"--teacher {teacher!r} is not in the registry: import the base pipeline first")
+    theirs = registry.validate(teacher, version)
+    if theirs.get("kind") not in ("diffusers", "diffusers-teacher"):
+        raise CheckpointError(f"--teacher {teacher!r} is not an imported diffusers pipeline")
+    shared = [
+        r for r in files if r.split("/")[0] in ("vae", "text_encoder", "text_encoder_2") and r.endswith("tensors")
+    ]
+    for rel in shared:
+        if theirs["files"].get(rel, {}).get("sha256") != sha256_file(files[rel]):
+            raise CheckpointError(f"--teacher {teacher!r} does not share the student's {rel.split('/')[0]}")
+    ref = {"name": teacher, "version": version, "sha256": theirs["files"][UNET_WEIGHTS]["sha256"], "file": UNET_WEIGHTS}
+    return ref, {"handoff": handoff, "teacher_guidance": float(guidance)}

@@ -1,0 +1,161 @@
+"""Test support: tiny random diffusers pipelines (SD-style and SDXL-style) saved as users save theirs.
+
+The components follow diffusers' own pipeline tests (tiny UNets, VAEs and CLIP text encoders); the
+tokenizer is a character-level CLIP vocabulary written here (nothing is downloaded). `width` scales the
+UNet for the benchmark, where it must dominate the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+SCHEDULER = {  # the base pipelines' own scheduler config (SD 1.5 / SDXL style)
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "timestep_spacing": "leading",
+}
+
+
+def tokenizer(folder: Path, max_length: int = 77) -> Any:
+    """A CLIP tokenizer whose vocabulary is every letter and digit (as a word part and a word end), saved to
+    `folder`. `<|endoftext|>` has the largest id: tiny CLIP configs pool at the largest id of each row."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, **{c: 1 + i for i, c in enumerate(CHARS)}}
+    vocab |= {f"{c}</w>": len(vocab) + i for i, c in enumerate(CHARS)}
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    config = {"model_max_length": max_length, "unk_token": "<|endoftext|>", **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return transformers.CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _text(hidden: int, layers: int, projection: bool = False) -> Any:
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=layers,
+        vocab_size=1000,
+        hidden_act="gelu",
+        projection_dim=hidden,
+    )
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(config).eval()
+
+
+def sd(folder: Path, seed: int = 0, time_cond_proj_dim: int | None = None, width: int = 8) -> Path:
+    """A tiny StableDiffusionPipeline (64×64 images, 32×32 latents) saved to `folder`."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(width // 2, width),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    text = _text(8, 2)
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer(folder / "_tok"),
+        scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
+
+
+def sdxl(folder: Path, seed: int = 0, time_cond_proj_dim: int | None = None) -> Path:
+    """A tiny StableDiffusionXLPipeline (64×64 images) saved to `folder`."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + the pooled text's 32
+        cross_attention_dim=64,
+        norm_num_groups=1,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=_text(32, 3),
+        text_encoder_2=_text(32, 3, projection=True),
+        tokenizer=tokenizer(folder / "_tok"),
+        tokenizer_2=tokenizer(folder / "_tok2"),
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(SCHEDULER),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    _drop(folder / "_tok2")
+    return folder
+
+
+def _drop(folder: Path) -> None:
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
