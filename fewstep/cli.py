@@ -1,4 +1,4 @@
-"""The `fewstep` command: serve, worker, train, trainer, export, push, rollback."""
+"""The `fewstep` command: serve, worker, train, trainer, import, export, push, rollback."""
 
 from __future__ import annotations
 
@@ -133,6 +133,43 @@ def cmd_trainer(args: argparse.Namespace) -> int:
         args.rounds,
         lambda folder: _push(folder, args.registry, args.model),
         Path(args.work),
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from fewstep.models.importing import import_pipeline
+    from fewstep.models.registry import Registry
+    from fewstep.service.settings import Settings
+    from fewstep.service.watch import announce
+
+    settings = Settings()
+    registry = Registry(Path(args.registry) if args.registry else settings.registry)
+    steps = [int(n) for n in args.steps.split(",")] if args.steps else None
+    model, version = import_pipeline(
+        Path(args.path),
+        args.name,
+        registry,
+        family=args.family,
+        unet=Path(args.unet) if args.unet else None,
+        teacher=args.teacher,
+        convert_pickle=args.convert_pickle,
+        steps=steps,
+        handoff=args.handoff,
+        teacher_guidance=args.teacher_guidance,
+    )
+    manifest = registry.manifest(model, version)
+    recipe = manifest.get("recipe") or {}
+    heard = announce(settings, model, version, "push")
+    what = (
+        f"family {recipe.get('family')}, steps {sorted(int(k) for k in recipe.get('timesteps', {}))}"
+        if recipe
+        else "a teacher"
+    )
+    print(
+        f"imported {model}:{version} ({manifest['pipeline']['class']}, {what}, native {manifest['native_size']}; "
+        f"announced to {heard} subscribers)",
+        flush=True,
     )
     return 0
 
@@ -336,6 +373,27 @@ def parser() -> argparse.ArgumentParser:
     )
     pu.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     pu.set_defaults(func=cmd_push)
+
+    im = sub.add_parser("import", help="register a user's diffusers pipeline folder as a served model")
+    im.add_argument("path", help="a saved pipeline folder (model_index.json), or a hub-cache snapshot of one")
+    im.add_argument("--name", required=True, help="model name in the registry")
+    im.add_argument(
+        "--family",
+        help="few-step family: turbo, lightning, lcm, tcd, dmd2, hyper-sd; `base` for a teacher "
+        "(default: read from the pipeline's scheduler, refused when it cannot tell)",
+    )
+    im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
+    im.add_argument(
+        "--convert-pickle",
+        action="store_true",
+        help="allow a pickle --unet (loaded with weights_only, stored as safetensors)",
+    )
+    im.add_argument("--steps", help="comma-separated step counts to serve (default: the family's)")
+    im.add_argument("--teacher", help="an imported base pipeline that shares the VAE and text encoders (hybrid)")
+    im.add_argument("--handoff", default="renoise", choices=["renoise", "trajectory"], help="the hybrid's hand-off")
+    im.add_argument("--teacher-guidance", type=float, default=0.0, help="the teacher's CFG scale in the hybrid")
+    im.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
+    im.set_defaults(func=cmd_import)
 
     r = sub.add_parser("rollback", help="point a model back at an older version")
     r.add_argument("model")

@@ -227,3 +227,18 @@ def video_student(checkpoints: Path) -> Path:
     folder = checkpoints / "shapes-video"
     assert (folder / "manifest.json").is_file(), "run `fewstep train video` to produce checkpoints/shapes-video"
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random diffusers pipelines saved as users save theirs: SD- and SDXL-style, each also with the
+    guidance embedding of LCM students (`-lcm`)."""
+    from tests import pipelines
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "sd": pipelines.sd(root / "sd"),
+        "sdxl": pipelines.sdxl(root / "sdxl"),
+        "sd-lcm": pipelines.sd(root / "sd-lcm", time_cond_proj_dim=32),
+        "sdxl-lcm": pipelines.sdxl(root / "sdxl-lcm", time_cond_proj_dim=32),
+    }

@@ -9,7 +9,7 @@ from fewstep.cli import main, parser
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.registry import Registry
 
-COMMANDS = ["serve", "worker", "train", "trainer", "export", "push", "rollback"]
+COMMANDS = ["serve", "worker", "train", "trainer", "import", "export", "push", "rollback"]
 
 
 def test_every_subcommand_has_help_and_no_other_is_offered(capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,6 +30,7 @@ from fewstep.engines.base import (
     run_to_completion,
 )
 from fewstep.engines.image import ImageEngine
+from fewstep.engines.latent import LatentEngine, latent_spec
 from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
 from fewstep.engines.video import VideoEngine
 from fewstep.errors import CheckpointError, FewstepError
@@ -208,8 +209,34 @@ VIDEO: Kind[StreamEngine] = Kind(
 )
 
 
+# -- diffusers: users' imported pipelines -------------------------------------------------------------
+def _latent_spec(ctx: Context, v: Version) -> ImageSpec:
+    s = ctx.settings
+    teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
+    sides = (s.image_min_side, s.image_max_side)
+    return latent_spec(v.manifest, v.version, s.backend, s.precision, sides, hybrid=teacher is not None)
+
+
+def _latent_engine(ctx: Context, v: Version) -> LatentEngine:
+    s = ctx.settings
+    teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
+    sides = (s.image_min_side, s.image_max_side)
+    return LatentEngine(v.folder, s.backend, s.precision, v.version, teacher, sides, s.latent_device, s.latent_dtype)
+
+
+DIFFUSERS: Kind[StepEngine] = Kind(
+    serves="steps",
+    flavour=lambda s: f"{s.backend}-{s.precision}",
+    spec=_latent_spec,
+    engine=_latent_engine,
+    probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", s.gate_probe_seeds, 1),
+    render=render_images,
+)
+
+
 KINDS: dict[str, Kind[Any]] = {
     "image": IMAGE,
     "video": VIDEO,
+    "diffusers": DIFFUSERS,
 }
 """Manifest kind → how it is served."""

@@ -8,6 +8,8 @@ format ("`steps` must be between 1 and 4. Given: 9"). Messages are parsed by pyd
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 from typing import Any, TypeVar
 
@@ -37,8 +39,7 @@ def build_items(
     check_prompt(req.prompt, settings, where)
     if not 1 <= req.n <= settings.max_n:
         raise limit("n", f"between 1 and {settings.max_n}", req.n)
-    if req.size is not None and req.size != spec.size:
-        raise limit("size", f"{spec.size!r} (the model's native size)", req.size)
+    width, height = parse_size(req.size, where)
     if req.response_format not in RESPONSE_FORMATS:
         raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
     steps = spec.default_steps if req.steps is None else req.steps
@@ -47,7 +48,15 @@ def build_items(
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - settings.max_n:
         raise limit("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
     base = req.seed if req.seed is not None else secrets.randbelow(1 << 31)
-    items = [ImageItem(prompt=req.prompt, seed=base + i, steps=steps, hybrid=req.hybrid) for i in range(req.n)]
+    if req.negative_prompt is not None:
+        check_prompt(req.negative_prompt, settings, where, "negative_prompt")
+    guidance = None if req.guidance_scale is None else float(req.guidance_scale)
+    if guidance is not None and not math.isfinite(guidance):
+        raise limit("guidance_scale", "a finite number", req.guidance_scale)
+    items = [
+        ImageItem(req.prompt, base + i, steps, req.hybrid, width, height, guidance, req.negative_prompt)
+        for i in range(req.n)
+    ]
     for it in items:
         try:
             spec.validate(it)
@@ -56,12 +65,25 @@ def build_items(
     return items
 
 
-def check_prompt(prompt: str, settings: Settings, where: str = "") -> None:
-    if not prompt.strip():
-        raise limit_error(where + "prompt", "a non-empty string", prompt)
+def check_prompt(prompt: str, settings: Settings, where: str = "", field: str = "prompt") -> None:
+    if not prompt.strip() and field == "prompt":
+        raise limit_error(where + field, "a non-empty string", prompt)
     if len(prompt) > settings.max_prompt_chars:
         chars = f"{len(prompt)} characters"
-        raise limit_error(where + "prompt", f"at most {settings.max_prompt_chars} characters long", chars)
+        raise limit_error(where + field, f"at most {settings.max_prompt_chars} characters long", chars)
+
+
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
+
+
+def parse_size(size: str | None, where: str = "") -> tuple[int | None, int | None]:
+    """`"WxH"` → (W, H); None → (None, None), the model's native size."""
+    if size is None:
+        return None, None
+    m = SIZE.fullmatch(size)
+    if m is None:
+        raise limit_error(where + "size", "WxH in pixels, e.g. '512x512'", size)
+    return int(m.group(1)), int(m.group(2))
 
 
 def json_object(raw: str, what: str) -> dict[str, Any]:

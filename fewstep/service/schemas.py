@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class ImageGenerationRequest(BaseModel):
@@ -20,6 +20,10 @@ class ImageGenerationRequest(BaseModel):
     steps: StrictInt | None = Field(None, description="Student steps (NFE), 1-4; default: the model's.")
     seed: StrictInt | None = Field(None, description="Fixes the image; random when absent, echoed back.")
     hybrid: StrictBool = Field(False, description="Teacher runs the first step (diversity hybrid).")
+    guidance_scale: StrictFloat | StrictInt | None = Field(
+        None, description="Models whose family takes guidance (classic CFG or an embedding); default: the model's."
+    )
+    negative_prompt: StrictStr | None = Field(None, description="Models with classic CFG only.")
 
 
 class ImageDatum(BaseModel):
@@ -74,6 +78,9 @@ class ModelCard(BaseModel):
     backend: str
     precision: str
     hybrid: bool = Field(False, description="Whether `hybrid: true` requests are served (teacher loaded).")
+    family: str | None = Field(None, description="An imported student's few-step family.")
+    sizes: dict[str, int] | None = Field(None, description="Sizes besides the native one: min, max, multiple.")
+    guidance: dict[str, str | float] | None = Field(None, description="How `guidance_scale` is taken, if at all.")
 
 
 class ModelList(BaseModel):
@@ -93,6 +100,8 @@ class JobRequestItem(BaseModel):
     steps: StrictInt | None = None
     seed: StrictInt | None = None
     hybrid: StrictBool = False
+    guidance_scale: StrictFloat | StrictInt | None = None
+    negative_prompt: StrictStr | None = None
 
 
 class JobCreateRequest(BaseModel):
@@ -157,6 +166,8 @@ class StreamStart(BaseModel):
     steps: StrictInt | None = None
     seed: StrictInt | None = None
     hybrid: StrictBool = False
+    guidance_scale: StrictFloat | StrictInt | None = None
+    negative_prompt: StrictStr | None = None
     api_key: StrictStr | None = None
 
 

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     """Numeric precision of the backend."""
     threads: int = Field(2, ge=1, le=256)
     """torch / ONNX Runtime intra-op threads. Oversubscribed threads slow a 2-core machine by 100×."""
+    latent_device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")
+    """Device of imported pipelines' networks and latents (`cpu`, `cuda`, `cuda:N`)."""
+    latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Numeric type of imported pipelines on the torch backend (half types on CUDA)."""
+    image_min_side: int = Field(64, ge=8, le=8192)
+    """Smallest width or height an imported pipeline is asked for (`size`); its native size is always served."""
+    image_max_side: int = Field(1024, ge=8, le=8192)
+    """Largest width or height an imported pipeline is asked for (`size`)."""
 
     redis_url: SecretStr | None = None
     """Redis URL; unset → the embedded in-process queue."""
@@ -129,6 +137,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _queue_defaults(self) -> Settings:
+        if self.image_min_side > self.image_max_side:
+            raise ValueError(
+                f"FEWSTEP_IMAGE_MIN_SIDE must be at most FEWSTEP_IMAGE_MAX_SIDE ({self.image_max_side}). "
+                f"Given: {self.image_min_side}"
+            )
         if "embedded_workers" not in self.model_fields_set and self.redis_url is not None:
             self.embedded_workers = 0  # with Redis, `fewstep worker` processes do the work
         if self.heartbeat_s * 2 > self.claim_idle_s:

@@ -72,7 +72,17 @@ class WorkItem:
     @classmethod
     def decode(cls, job_id: str, index: int, payload: str) -> WorkItem:
         d = json.loads(payload)
-        item = ImageItem(prompt=d["prompt"], seed=int(d["seed"]), steps=int(d["steps"]), hybrid=bool(d["hybrid"]))
+        guidance = d.get("guidance")
+        item = ImageItem(
+            prompt=d["prompt"],
+            seed=int(d["seed"]),
+            steps=int(d["steps"]),
+            hybrid=bool(d["hybrid"]),
+            width=None if d.get("width") is None else int(d["width"]),
+            height=None if d.get("height") is None else int(d["height"]),
+            guidance=None if guidance is None else float(guidance),
+            negative_prompt=d.get("negative_prompt"),
+        )
         return cls(job_id=job_id, index=index, model=d["model"], item=item, request=int(d.get("request", 0)))
 
 

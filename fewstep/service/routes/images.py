@@ -71,6 +71,6 @@ async def generate_images(
         steps=steps,
         nfe=sum(r.nfe for r in results) // len(results),
         hybrid=req.hybrid,
-        size=spec.size,
+        size=f"{items[0].width or spec.width}x{items[0].height or spec.height}",
         data=[ImageDatum(b64_json=r.b64_json or "", seed=r.seed) for r in results],
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 
+from fewstep.engines.specs import ImageSpec, Spec
 from fewstep.service.schemas import ModelCard, ModelList, ModelVersion
 from fewstep.service.state import GatewayDep, principal
 
@@ -33,6 +36,21 @@ async def list_models(gw: GatewayDep) -> ModelList:
                     backend=spec.backend if spec else backend,
                     precision=spec.precision if spec else precision,
                     hybrid=bool(spec and spec.hybrid),
+                    **_image_fields(spec),
                 )
             )
     return ModelList(data=cards)
+
+
+def _image_fields(spec: Spec | None) -> dict[str, Any]:
+    """What an image model takes beyond steps: its family, sizes and guidance (for imported students)."""
+    if not isinstance(spec, ImageSpec) or spec.family is None:
+        return {}
+    g = spec.guidance
+    sizes = (
+        None if spec.sizes is None else {"min": spec.sizes.low, "max": spec.sizes.high, "multiple": spec.sizes.multiple}
+    )
+    guidance = (
+        {"mode": g.mode} if g.mode == "none" else {"mode": g.mode, "min": g.low, "max": g.high, "default": g.default}
+    )
+    return {"family": spec.family, "sizes": sizes, "guidance": guidance}

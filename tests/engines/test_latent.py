@@ -1,0 +1,175 @@
+"""The latent engine on tiny random diffusers pipelines: every family gives the diffusers pipeline's own image
+(same initial latents, same per-step noise), whatever shares its batch, at every size and step count."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.engines.base import ImageItem, ImageResult, StepEngine
+from fewstep.engines.latent import LatentEngine
+from fewstep.errors import InvalidRequest
+from fewstep.models.families import FAMILIES, scheduler_class
+from fewstep.models.importing import import_pipeline
+from fewstep.models.registry import Registry
+from fewstep.models.schedules import item_noise
+
+PROMPT = "a red circle on a white table"
+CASES = [(arch, family) for arch in ("sd", "sdxl") for family in FAMILIES]
+
+
+def _engine(tiny_pipelines: dict[str, Path], tmp: Path, arch: str, family: str, **kw: Any) -> LatentEngine:
+    registry = Registry(tmp / "registry")
+    src = tiny_pipelines[f"{arch}-lcm" if family == "lcm" else arch]
+    name, version = import_pipeline(src, f"{arch}-{family}", registry, family=family, **kw)
+    engine = LatentEngine(registry.version_dir(name, version), sides=(16, 128))
+    engine.load()
+    return engine
+
+
+def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndarray:
+    """The diffusers pipeline's own image for `item`, with the family's scheduler and the engine's noise: the
+    initial latents from (seed, 0), and the k-th noise the scheduler draws from (seed, k)."""
+    import diffusers
+
+    arch = engine.manifest["pipeline"]["arch"]
+    cls = diffusers.StableDiffusionPipeline if arch == "sd" else diffusers.StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(str(src))
+    pipe.set_progress_bar_config(disable=True)
+    recipe = engine.recipe
+    pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
+    module = importlib.import_module(type(pipe.scheduler).__module__)
+    drawn = [0]
+
+    def noise(
+        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+    ) -> torch.Tensor:
+        drawn[0] += 1
+        return item_noise(item.seed, drawn[0], tuple(shape)).to(dtype or torch.float32)
+
+    w, h = item.width or engine.spec.width, item.height or engine.spec.height
+    latents = item_noise(item.seed, 0, (1, 4, h // engine.factor, w // engine.factor))
+    when = (
+        {"timesteps": recipe.timesteps[item.steps]} if recipe.custom_timesteps else {"num_inference_steps": item.steps}
+    )
+    guidance = recipe.guidance.default if item.guidance is None else item.guidance
+    real = module.randn_tensor
+    module.randn_tensor = noise
+    try:
+        out = pipe(
+            item.prompt,
+            negative_prompt=item.negative_prompt,
+            latents=latents,
+            guidance_scale=guidance,
+            height=h,
+            width=w,
+            output_type="np",
+            **when,
+            **recipe.step_kwargs,
+        )
+    finally:
+        module.randn_tensor = real
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(("arch", "family"), CASES, ids=[f"{a}-{f}" for a, f in CASES])
+def test_every_family_makes_the_diffusers_pipelines_image(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str, family: str
+) -> None:
+    engine = _engine(tiny_pipelines, tmp_path, arch, family)
+    assert isinstance(engine, StepEngine)
+    src = tiny_pipelines[f"{arch}-lcm" if family == "lcm" else arch]
+    images = []
+    for steps in engine.spec.steps[:4]:
+        item = ImageItem(PROMPT, seed=7, steps=steps)
+        (ours,) = engine.run([item])
+        assert isinstance(ours, ImageResult) and ours.pixels.shape == (64, 64, 3)
+        theirs = diffusers_image(src, engine, item)
+        assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2, (family, steps)
+        images.append(ours.pixels)
+    (other,) = engine.run([ImageItem(PROMPT, seed=8, steps=engine.spec.default_steps)])
+    assert isinstance(other, ImageResult) and np.abs(other.pixels.astype(int) - images[-1]).mean() > 1  # seeds count
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_mixed_steps_and_sizes_share_a_batch_and_each_image_is_its_own(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    engine = _engine(tiny_pipelines, tmp_path, arch, "turbo")
+    items = [
+        ImageItem(PROMPT, 1, 1),
+        ImageItem("a blue square", 2, 4, width=48, height=64),
+        ImageItem(PROMPT, 3, 2, width=64, height=32),
+        ImageItem("a green cross", 4, 3),
+    ]
+    together = engine.run(items)
+    for item, got in zip(items, together, strict=True):
+        (alone,) = engine.run([item])
+        assert isinstance(got, ImageResult) and isinstance(alone, ImageResult)
+        assert got.pixels.shape == ((item.height or 64), (item.width or 64), 3)
+        assert np.abs(got.pixels.astype(int) - alone.pixels.astype(int)).max() <= 1
+    sized = items[1]
+    theirs = diffusers_image(tiny_pipelines[arch], engine, sized)
+    assert np.abs(together[1].pixels.astype(int) - theirs.astype(int)).max() <= 2  # a size of its own, as diffusers
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_classic_cfg_with_a_negative_prompt_is_the_pipelines(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    """A UNet without the guidance embedding in the lcm family (an LCM-LoRA merged into a base) runs classic CFG."""
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines[arch], "lora", registry, family="lcm")
+    engine = LatentEngine(registry.version_dir(name, version))
+    engine.load()
+    assert engine.spec.guidance.mode == "cfg"
+    item = ImageItem(PROMPT, 5, 4, guidance=1.8, negative_prompt="a blurry picture")
+    (ours,) = engine.run([item])
+    assert isinstance(ours, ImageResult) and ours.nfe == 8  # two evaluations a step
+    theirs = diffusers_image(tiny_pipelines[arch], engine, item)
+    assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2
+    (plain,) = engine.run([ImageItem(PROMPT, 5, 4)])
+    assert isinstance(plain, ImageResult) and not np.array_equal(plain.pixels, ours.pixels)  # guidance acts
+
+
+def test_guidance_and_sizes_outside_the_familys_rules_are_refused(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    turbo = _engine(tiny_pipelines, tmp_path / "t", "sd", "turbo")
+    lcm = _engine(tiny_pipelines, tmp_path / "l", "sd", "lcm")
+    cases = [
+        (turbo, ImageItem(PROMPT, 1, 1, guidance=5.0), "`guidance_scale` is not taken by this model (turbo students"),
+        (turbo, ImageItem(PROMPT, 1, 1, negative_prompt="x"), "`negative_prompt` needs classifier-free guidance"),
+        (lcm, ImageItem(PROMPT, 1, 4, guidance=30.0), "`guidance_scale` must be between 1.0 and 15.0. Given: 30.0"),
+        (lcm, ImageItem(PROMPT, 1, 4, negative_prompt="x"), "`negative_prompt` needs classifier-free guidance"),
+        (turbo, ImageItem(PROMPT, 1, 1, width=63, height=64), "`size` must be WxH with each side a multiple of 2"),
+        (turbo, ImageItem(PROMPT, 1, 1, width=256, height=64), "in [16, 128]. Given: '256x64'"),
+        (turbo, ImageItem(PROMPT, 1, 5), "`steps` must be between 1 and 4. Given: 5"),
+    ]
+    for engine, item, needle in cases:
+        (out,) = engine.run([item])
+        assert isinstance(out, InvalidRequest) and needle in str(out), (needle, out)
+    (embedded,) = lcm.run([ImageItem(PROMPT, 1, 4, guidance=3.0)])
+    (default,) = lcm.run([ImageItem(PROMPT, 1, 4)])
+    assert isinstance(embedded, ImageResult) and isinstance(default, ImageResult) and embedded.nfe == 4
+    assert not np.array_equal(embedded.pixels, default.pixels)  # the embedding changes the image
+
+
+def test_prompts_past_the_tokenizers_limit_are_cut_as_diffusers_cuts_them(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = _engine(tiny_pipelines, tmp_path, "sd", "turbo")
+    long = " ".join(["red"] * 60)  # 4 tokens a word: far past 77
+    assert engine.tokenizers.count(long) > engine.tokenizers.max_tokens
+    ids = engine.tokenizers.items[0](long).input_ids
+    cut = engine.tokenizers.items[0].decode(ids[1 : engine.tokenizers.max_tokens - 1])
+    (a,) = engine.run([ImageItem(long, 3, 1)])
+    (b,) = engine.run([ImageItem(cut, 3, 1)])
+    assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
+    theirs = diffusers_image(tiny_pipelines["sd"], engine, ImageItem(long, 3, 1))
+    assert np.abs(a.pixels.astype(int) - theirs.astype(int)).max() <= 2
