@@ -173,3 +173,90 @@ def test_prompts_past_the_tokenizers_limit_are_cut_as_diffusers_cuts_them(
     assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
     theirs = diffusers_image(tiny_pipelines["sd"], engine, ImageItem(long, 3, 1))
     assert np.abs(a.pixels.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def _pair(tiny_pipelines: dict[str, Path], tmp: Path, handoff: str) -> tuple[LatentEngine, Path]:
+    """SDXL base (the teacher) and a DMD2-style student UNet over the same VAE and text encoders."""
+    from safetensors.torch import load_file, save_file
+
+    registry = Registry(tmp / "registry")
+    import_pipeline(tiny_pipelines["sdxl"], "base", registry, family="base")
+    state = load_file(str(tiny_pipelines["sdxl"] / "unet/diffusion_pytorch_model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    save_file(
+        {k: v + 0.05 * v.std().nan_to_num(0) * torch.randn(v.shape, generator=g) for k, v in state.items()},
+        str(tmp / "student.safetensors"),
+    )
+    name, version = import_pipeline(
+        tiny_pipelines["sdxl"],
+        "student",
+        registry,
+        family="dmd2",
+        unet=tmp / "student.safetensors",
+        teacher="base",
+        handoff=handoff,
+    )
+    folder = registry.version_dir(name, version)
+    engine = LatentEngine(
+        folder, teacher_folder=registry.named_dir(registry.manifest(name, version), "teacher"), sides=(16, 128)
+    )
+    engine.load()
+    return engine, tmp / "student.safetensors"
+
+
+def _recipe_run(
+    tiny_pipelines: dict[str, Path], student_weights: Path, engine: LatentEngine, item: ImageItem, handoff: str
+) -> np.ndarray:
+    """The hybrid recipe run through diffusers' own parts: the base UNet at the first timestep, through the
+    student's LCM step (renoise) or a deterministic DDIM step to the next timestep (trajectory), then the
+    student UNet."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from fewstep.models.schedules import step_generator
+
+    src = tiny_pipelines["sdxl"]
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(src))
+    base = pipe.unet
+    student = diffusers.UNet2DConditionModel.from_config(base.config)
+    student.load_state_dict(load_file(str(student_weights)))
+    embeds, _, pooled, _ = pipe.encode_prompt(item.prompt, do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    sched = diffusers.LCMScheduler.from_config(engine.recipe.scheduler_config)
+    sched.set_timesteps(timesteps=engine.recipe.timesteps[item.steps])
+    latents = item_noise(item.seed, 0, (1, 4, 32, 32)) * sched.init_noise_sigma
+    with torch.no_grad():
+        for k, t in enumerate(sched.timesteps):
+            unet = base if k == 0 else student
+            eps = unet(
+                sched.scale_model_input(latents, t), t, encoder_hidden_states=embeds, added_cond_kwargs=added
+            ).sample
+            if k == 0 and handoff == "trajectory":
+                ddim = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+                ddim.set_timesteps(len(sched.timesteps))
+                latents = ddim.step(eps, t, latents, eta=0.0).prev_sample
+            else:
+                latents = sched.step(eps, t, latents, generator=step_generator(item.seed, k + 1)).prev_sample
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return ((image[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("handoff", ["renoise", "trajectory"])
+def test_the_hybrid_of_an_imported_pair_is_the_papers_recipe(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, handoff: str
+) -> None:
+    engine, weights = _pair(tiny_pipelines, tmp_path, handoff)
+    assert engine.spec.hybrid
+    item = ImageItem(PROMPT, 11, 4, hybrid=True)
+    (ours,) = engine.run([item])
+    assert isinstance(ours, ImageResult) and ours.nfe == 4  # the base's step (no CFG: guidance 0) + 3 of the student's
+    assert (
+        np.abs(ours.pixels.astype(int) - _recipe_run(tiny_pipelines, weights, engine, item, handoff).astype(int)).max()
+        <= 2
+    )
+    (plain,) = engine.run([ImageItem(PROMPT, 11, 4)])
+    assert isinstance(plain, ImageResult) and not np.array_equal(plain.pixels, ours.pixels)
+    crowd = engine.run([ImageItem("a blue square", 2, 4), item, ImageItem(PROMPT, 12, 4, hybrid=True)])
+    assert isinstance(crowd[1], ImageResult) and np.abs(crowd[1].pixels.astype(int) - ours.pixels).max() <= 1
+    (one,) = engine.run([ImageItem(PROMPT, 1, 4, hybrid=True, width=48, height=48)])
+    assert isinstance(one, ImageResult)
