@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _threads(n: int | None) -> int:
@@ -208,6 +209,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"fewstep export: model {model!r} has no versions in {registry.root}", file=sys.stderr)
         return 1
     manifest = registry.validate(model, version)
+    if manifest.get("kind") == "diffusers":
+        return _export_pipeline(registry, model, version, manifest, args.precisions or "fp32,int8,int8-dynamic")
     if manifest.get("kind") == "video":
         from fewstep.exporters.video_onnx import export_video_onnx
 
@@ -224,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     judge_name = (manifest.get("evaluation") or {}).get("judge", "") if args.judge is None else args.judge
     if judge_name and (jv := registry.promoted(judge_name)):
         judge = load_judge(registry.version_dir(judge_name, jv), registry.validate(judge_name, jv))
-    precisions = [p for p in args.precisions.split(",") if p != "fp32"]
+    precisions = [p for p in (args.precisions or "fp32,int8,int8-dynamic,fp8").split(",") if p != "fp32"]
     for name, ver in targets:
         folder = registry.version_dir(name, ver)
         art = export_onnx(folder, encoder)
@@ -236,6 +239,29 @@ def cmd_export(args: argparse.Namespace) -> int:
             q = quantize(folder, precision, encoder, judge)
             print(
                 f"quantized {name}:{ver} → {q['artifact']} ({q['bytes']} bytes), gate {json.dumps(q['gate'])}, "
+                f"quality {json.dumps(q['quality'])}"
+            )
+    return 0
+
+
+def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str, Any], precisions: str) -> int:
+    """An imported pipeline (and its hybrid teacher): fp32 graphs, then each quantized UNet."""
+    from fewstep.exporters.pipeline_onnx import export_pipeline_onnx, quantize_pipeline
+
+    folders = [registry.version_dir(model, version)]
+    if (teacher := registry.named_dir(manifest, "teacher")) is not None:
+        folders.append(teacher)
+    for folder in folders:
+        name, ver = folder.parent.name, folder.name
+        art = export_pipeline_onnx(folder)
+        sizes = ", ".join(
+            f"{role} {g['bytes'] + (g['data'] or {}).get('bytes', 0)} bytes" for role, g in art["graphs"].items()
+        )
+        print(f"exported {name}:{ver} → onnx/fp32 ({sizes}), parity {json.dumps(art['parity'])}")
+        for precision in [p for p in precisions.split(",") if p != "fp32"]:
+            q = quantize_pipeline(folder, precision)
+            print(
+                f"quantized {name}:{ver} → onnx/{precision}, gate {json.dumps(q['gate'])}, "
                 f"quality {json.dumps(q['quality'])}"
             )
     return 0
@@ -407,8 +433,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int)
     e.add_argument(
         "--precisions",
-        default="fp32,int8,int8-dynamic,fp8",
-        help="comma-separated artifacts to write (fp32 is always written)",
+        help="comma-separated artifacts to write (fp32 is always written; default fp32,int8,int8-dynamic,fp8 "
+        "for fewstep's models, fp32,int8,int8-dynamic for imported pipelines)",
     )
     e.add_argument(
         "--judge",

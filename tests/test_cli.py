@@ -51,3 +51,34 @@ def test_export_of_a_video_student_writes_its_three_graphs(
     assert "video.denoise.onnx" in out and "psnr_db_vs_torch" in out
     folder = Registry(tmp_path / "reg").version_dir("shapes-video", "1")
     assert all((folder / f"video.{g}.onnx").is_file() for g in ("text", "denoise", "keys_values"))
+
+
+@pytest.mark.slow  # exports two pipelines
+def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime(
+    tmp_path: Path, tiny_pipelines: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fewstep.engines.base import ImageItem, ImageResult
+    from fewstep.engines.latent import LatentEngine
+    from fewstep.evaluation.metrics import psnr
+
+    reg = str(tmp_path / "reg")
+    sdxl = str(tiny_pipelines["sdxl"])
+    assert main(["import", sdxl, "--name", "base", "--family", "base", "--registry", reg]) == 0
+    student = ["import", sdxl, "--name", "student", "--family", "dmd2", "--teacher", "base", "--teacher-guidance", "3"]
+    assert main([*student, "--registry", reg]) == 0
+    assert main(["export", "student", "--registry", reg, "--precisions", "fp32", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "exported student:1 → onnx/fp32" in out and "exported base:1 → onnx/fp32" in out
+    registry = Registry(tmp_path / "reg")
+    folder = registry.version_dir("student", "1")
+    teacher = registry.named_dir(registry.manifest("student", "1"), "teacher")
+    items = [ImageItem(prompt, seed, 4, hybrid=True) for seed, prompt in enumerate(("a red circle", "a blue box"))]
+    images = []
+    for backend in ("torch", "onnxruntime"):
+        engine = LatentEngine(folder, backend, teacher_folder=teacher)
+        engine.load()
+        assert engine.spec.hybrid, engine.spec.hybrid_reason
+        images.append(engine.run(items))
+    for a, b in zip(*images, strict=True):
+        assert isinstance(a, ImageResult) and isinstance(b, ImageResult), (a, b)
+        assert psnr(a.pixels, b.pixels) >= 40.0

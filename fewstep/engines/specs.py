@@ -95,11 +95,17 @@ class Spec:
     def height(self) -> int:
         return int(self.size.split("x")[1])
 
-    def _check_steps_and_seed(self, steps: int, seed: int) -> None:
+    def check_steps(self, steps: int, where: str = "") -> None:
+        """InvalidRequest naming the step counts served when `steps` is not one of them (`where` prefixes the
+        field's name, as in "requests[3].steps")."""
         if steps not in self.step_counts:
             ok = self.steps
-            contiguous = ok == list(range(ok[0], ok[-1] + 1))
-            raise limit_error("steps", f"between {ok[0]} and {ok[-1]}" if contiguous else f"one of {ok}", steps)
+            contiguous = len(ok) > 1 and ok == list(range(ok[0], ok[-1] + 1))
+            rule = f"between {ok[0]} and {ok[-1]}" if contiguous else f"one of {ok}"
+            raise limit_error(where + "steps", rule, steps)
+
+    def _check_steps_and_seed(self, steps: int, seed: int) -> None:
+        self.check_steps(steps)
         if not 0 <= seed <= MAX_SEED:
             raise limit_error("seed", f"between 0 and {MAX_SEED}", seed)
 

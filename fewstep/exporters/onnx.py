@@ -148,14 +148,14 @@ def _student_parity(manifest: dict[str, Any], ref: Denoiser, net: Denoiser, enco
     return psnr_parity(figures, "ONNX", images=len(seeds))
 
 
-def psnr_parity(figures: dict[str, float], what: str, **counts: int) -> dict[str, Any]:
-    """The parity record of PSNRs by step count; CheckpointError when any is below `MIN_PSNR_DB`."""
+def psnr_parity(figures: dict[str, float], what: str, min_db: float = MIN_PSNR_DB, **counts: int) -> dict[str, Any]:
+    """The parity record of PSNRs by step count; CheckpointError when any is below `min_db`."""
     worst = min(figures.values())
-    if worst < MIN_PSNR_DB:
-        raise CheckpointError(f"{what} parity failed: PSNR {worst:.1f} dB < {MIN_PSNR_DB} dB ({figures})")
+    if worst < min_db:
+        raise CheckpointError(f"{what} parity failed: PSNR {worst:.1f} dB < {min_db} dB ({figures})")
     return {
         "metric": "psnr_db_vs_torch",
-        "min_required": MIN_PSNR_DB,
+        "min_required": min_db,
         **counts,
         "null_means": "identical pixels (infinite PSNR)",
         "by_steps": {k: (None if math.isinf(v) else round(v, 2)) for k, v in figures.items()},

@@ -99,7 +99,11 @@ def _inside(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, np.ndarray]], tmp: Path) -> None:
+def quantize_graph(
+    src: Path, dst: Path, precision: str, feeds: list[dict[str, np.ndarray]], tmp: Path, external_data: bool = False
+) -> None:
+    """Quantize the ONNX graph `src` into `dst` (scratch files in `tmp`), calibrated on `feeds`; with
+    `external_data`, the weights go to `dst`'s `.data` file (graphs over protobuf's limit)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -119,9 +123,21 @@ def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, n
 
     with _inside(tmp):
         pre = tmp / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(
+            str(src),
+            str(pre),
+            skip_symbolic_shape=True,
+            save_as_external_data=external_data,
+            all_tensors_to_one_file=True,
+        )
         if precision == "int8-dynamic":
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(
+                str(pre),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=external_data,
+            )
         elif precision in ("int8", "fp8"):
             static: dict[str, dict[str, Any]] = {
                 # Symmetric INT8 on both sides: the form TensorRT consumes.
@@ -146,6 +162,7 @@ def _quantize_file(src: Path, dst: Path, precision: str, feeds: list[dict[str, n
                 Reader(),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                use_external_data_format=external_data,
                 **static[precision],
             )
         else:
@@ -163,7 +180,7 @@ def quantize(
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         out = tmp / target.name
-        _quantize_file(folder / artifact_name("fp32"), out, precision, feeds, tmp)
+        quantize_graph(folder / artifact_name("fp32"), out, precision, feeds, tmp)
         net = session_denoiser(out, providers=["CPUExecutionProvider"])
         ref = session_denoiser(folder / artifact_name("fp32"), providers=["CPUExecutionProvider"])
         if manifest.get("kind") == "image":

@@ -26,6 +26,7 @@ it into the registry version's manifest: the engine reads the recipe, never this
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -189,11 +190,14 @@ def resolve(
     bad = [n for n in wanted if n not in f.steps]
     if bad:
         raise CheckpointError(f"family {family!r} serves {list(f.steps)} steps, not {bad}")
-    base = {k: v for k, v in shipped_config.items() if not k.startswith("_")}
+    cls = scheduler_class(f.scheduler)
+    # Only the settings this scheduler takes: the shipped config is often another scheduler's.
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    base = {k: v for k, v in shipped_config.items() if k in accepted}
     overrides = dict(f.overrides)
     if f.one_step_prediction and wanted == [1]:
         overrides["prediction_type"] = f.one_step_prediction
-    scheduler = scheduler_class(f.scheduler).from_config({**base, **overrides})
+    scheduler = cls.from_config({**base, **overrides})
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     custom = all(n in f.timesteps for n in wanted)
     timesteps = {}

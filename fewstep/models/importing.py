@@ -300,7 +300,13 @@ def _manifest(
         "kind": "diffusers",
         "pipeline": {"class": cls, "arch": arch.name, "components": components, "variants": variants},
         "native_size": f"{side}x{side}",
-        "latent": {"channels": int(unet_config.get("in_channels", 4)), "vae_scale_factor": factor},
+        "latent": {
+            "channels": int(unet_config.get("in_channels", 4)),
+            "vae_scale_factor": factor,
+            # Sides in whole UNet cells (every downsampling halves): what exported graphs can serve, and so
+            # what every backend serves, for one spec per version.
+            "size_multiple": factor * 2 ** (len(unet_config.get("down_block_types", [0])) - 1),
+        },
         "text": {"max_tokens": int(tokenizer.get("model_max_length", 77))},
         "imported": imported,
     }

@@ -150,21 +150,12 @@ class TorchNets:
             m.to(device).eval().requires_grad_(False)
         self.device = device
         self.time_cond_dim = self.unet_model.config.time_cond_proj_dim
-        self.scaling = float(self.vae.config.scaling_factor)
 
     @torch.inference_mode()
     def encode(self, ids: list[torch.Tensor], masks: list[torch.Tensor]) -> TextOut:
-        if self.arch == "sd":
-            enc = self.encoders[0]
-            mask = masks[0].to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
-            return TextOut(enc(ids[0].to(self.device), attention_mask=mask)[0])
-        states, pooled = [], None
-        for enc, x in zip(self.encoders, ids, strict=True):
-            out = enc(x.to(self.device), output_hidden_states=True)
-            if out[0].ndim == 2:  # the projection model's text embeds: the pooled conditioning
-                pooled = out[0]
-            states.append(out.hidden_states[-2])
-        return TextOut(torch.cat(states, dim=-1), pooled)
+        return encode_text(
+            self.arch, self.encoders, [x.to(self.device) for x in ids], [m.to(self.device) for m in masks]
+        )
 
     @torch.inference_mode()
     def unet(
@@ -188,20 +179,49 @@ class TorchNets:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            c = latents.shape[1]
-            m = torch.tensor(mean).view(1, c, 1, 1).to(latents)
-            latents = latents * torch.tensor(std).view(1, c, 1, 1).to(latents) / self.scaling + m
-        else:
-            latents = latents / self.scaling
-        return self.vae.decode(latents, return_dict=False)[0]
+        return decode_latents(self.vae, latents)
+
+
+def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+    """The UNet's conditioning as the pipelines compute it: SD the (optionally masked) last hidden state; SDXL
+    the penultimate hidden states of both encoders side by side and the projection model's pooled embeds."""
+    if arch == "sd":
+        enc = encoders[0]
+        mask = masks[0] if getattr(enc.config, "use_attention_mask", False) else None
+        return TextOut(enc(ids[0], attention_mask=mask)[0])
+    states, pooled = [], None
+    for enc, x in zip(encoders, ids, strict=True):
+        out = enc(x, output_hidden_states=True)
+        if out[0].ndim == 2:  # the projection model's text embeds: the pooled conditioning
+            pooled = out[0]
+        states.append(out.hidden_states[-2])
+    return TextOut(torch.cat(states, dim=-1), pooled)
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the sampler ends with them → images in [-1, 1], undoing the VAE's scaling (and SDXL-style
+    per-channel latent statistics where the VAE has them)."""
+    cfg = vae.config
+    scaling = float(cfg.scaling_factor)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        c = latents.shape[1]
+        m = torch.tensor(mean).view(1, c, 1, 1).to(latents)
+        latents = latents * torch.tensor(std).view(1, c, 1, 1).to(latents) / scaling + m
+    else:
+        latents = latents / scaling
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def vae_factor(manifest: dict[str, Any]) -> int:
     """Pixels per latent cell (8 for Stable Diffusion)."""
     return int(manifest.get("latent", {}).get("vae_scale_factor", 8))
+
+
+def size_multiple(manifest: dict[str, Any]) -> int:
+    """Pixels each side of a served image is a multiple of: the VAE factor times the UNet's downsampling."""
+    latent = manifest.get("latent", {})
+    return int(latent.get("size_multiple", vae_factor(manifest)))
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -43,8 +43,7 @@ def build_items(
     if req.response_format not in RESPONSE_FORMATS:
         raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
     steps = spec.default_steps if req.steps is None else req.steps
-    if steps not in spec.steps:
-        raise limit("steps", f"between {min(spec.steps)} and {max(spec.steps)}", steps)
+    spec.check_steps(steps, where)
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - settings.max_n:
         raise limit("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
     base = req.seed if req.seed is not None else secrets.randbelow(1 << 31)

@@ -41,7 +41,7 @@ def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndar
     cls = diffusers.StableDiffusionPipeline if arch == "sd" else diffusers.StableDiffusionXLPipeline
     pipe = cls.from_pretrained(str(src))
     pipe.set_progress_bar_config(disable=True)
-    recipe = engine.recipe
+    recipe = engine.sampler.recipe
     pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
     module = importlib.import_module(type(pipe.scheduler).__module__)
     drawn = [0]
@@ -53,7 +53,7 @@ def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndar
         return item_noise(item.seed, drawn[0], tuple(shape)).to(dtype or torch.float32)
 
     w, h = item.width or engine.spec.width, item.height or engine.spec.height
-    latents = item_noise(item.seed, 0, (1, 4, h // engine.factor, w // engine.factor))
+    latents = item_noise(item.seed, 0, (1, 4, h // engine.sampler.factor, w // engine.sampler.factor))
     when = (
         {"timesteps": recipe.timesteps[item.steps]} if recipe.custom_timesteps else {"num_inference_steps": item.steps}
     )
@@ -147,7 +147,7 @@ def test_guidance_and_sizes_outside_the_familys_rules_are_refused(
         (turbo, ImageItem(PROMPT, 1, 1, negative_prompt="x"), "`negative_prompt` needs classifier-free guidance"),
         (lcm, ImageItem(PROMPT, 1, 4, guidance=30.0), "`guidance_scale` must be between 1.0 and 15.0. Given: 30.0"),
         (lcm, ImageItem(PROMPT, 1, 4, negative_prompt="x"), "`negative_prompt` needs classifier-free guidance"),
-        (turbo, ImageItem(PROMPT, 1, 1, width=63, height=64), "`size` must be WxH with each side a multiple of 2"),
+        (turbo, ImageItem(PROMPT, 1, 1, width=63, height=64), "`size` must be WxH with each side a multiple of 4"),
         (turbo, ImageItem(PROMPT, 1, 1, width=256, height=64), "in [16, 128]. Given: '256x64'"),
         (turbo, ImageItem(PROMPT, 1, 5), "`steps` must be between 1 and 4. Given: 5"),
     ]
@@ -165,9 +165,9 @@ def test_prompts_past_the_tokenizers_limit_are_cut_as_diffusers_cuts_them(
 ) -> None:
     engine = _engine(tiny_pipelines, tmp_path, "sd", "turbo")
     long = " ".join(["red"] * 60)  # 4 tokens a word: far past 77
-    assert engine.tokenizers.count(long) > engine.tokenizers.max_tokens
-    ids = engine.tokenizers.items[0](long).input_ids
-    cut = engine.tokenizers.items[0].decode(ids[1 : engine.tokenizers.max_tokens - 1])
+    assert engine.sampler.tokenizers.count(long) > engine.sampler.tokenizers.max_tokens
+    ids = engine.sampler.tokenizers.items[0](long).input_ids
+    cut = engine.sampler.tokenizers.items[0].decode(ids[1 : engine.sampler.tokenizers.max_tokens - 1])
     (a,) = engine.run([ImageItem(long, 3, 1)])
     (b,) = engine.run([ImageItem(cut, 3, 1)])
     assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
@@ -222,8 +222,8 @@ def _recipe_run(
     student.load_state_dict(load_file(str(student_weights)))
     embeds, _, pooled, _ = pipe.encode_prompt(item.prompt, do_classifier_free_guidance=False)
     added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
-    sched = diffusers.LCMScheduler.from_config(engine.recipe.scheduler_config)
-    sched.set_timesteps(timesteps=engine.recipe.timesteps[item.steps])
+    sched = diffusers.LCMScheduler.from_config(engine.sampler.recipe.scheduler_config)
+    sched.set_timesteps(timesteps=engine.sampler.recipe.timesteps[item.steps])
     latents = item_noise(item.seed, 0, (1, 4, 32, 32)) * sched.init_noise_sigma
     with torch.no_grad():
         for k, t in enumerate(sched.timesteps):

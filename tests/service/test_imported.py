@@ -18,6 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fewstep.engines.base import ImageItem, ImageResult
+from fewstep.engines.latent import LatentEngine
+from fewstep.evaluation.metrics import psnr
+from fewstep.exporters.pipeline_onnx import export_pipeline_onnx
 from fewstep.models.importing import import_pipeline
 from fewstep.models.registry import Registry
 from tests.service.gateway import in_process, settings
@@ -57,7 +61,7 @@ async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_pu
     async with in_process(config) as c:
         card = next(m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == "tiny")
         assert card["family"] == "turbo" and card["steps"] == [1, 2, 3, 4] and card["size"] == "64x64"
-        assert card["sizes"] == {"min": 16, "max": 128, "multiple": 2} and card["guidance"] == {"mode": "none"}
+        assert card["sizes"] == {"min": 16, "max": 128, "multiple": 4} and card["guidance"] == {"mode": "none"}
 
         requests = [
             {"prompt": "a red circle", "seed": 1, "steps": 1},
@@ -98,3 +102,45 @@ async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_pu
         ok = await c.post(GEN, json={"model": "tiny", "prompt": "a red circle", "seed": 1, "steps": 1})
         assert ok.status_code == 200 and ok.json()["model_version"] == "1"
         assert version.is_dir() and (await c.get("/readyz")).status_code == 200
+
+
+@pytest.mark.slow  # exports the pipeline's graphs first
+async def test_onnxruntime_serves_an_exported_pipeline_like_torch(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["sd-lcm"], "tiny", registry, family="lcm")
+    folder = registry.version_dir(name, version)
+    export_pipeline_onnx(folder)
+    requests = [
+        {"prompt": "a red circle", "seed": 1, "steps": 1},
+        {"prompt": "a blue square", "seed": 2, "steps": 4, "size": "48x64", "guidance_scale": 3.0},
+        {"prompt": "a green cross", "seed": 3, "steps": 8, "size": "32x32", "guidance_scale": 12.0},
+    ]
+    engine = LatentEngine(folder, sides=(16, 128))
+    engine.load()
+    items = []
+    for r in requests:
+        w, h = (int(v) for v in str(r.get("size", "64x64")).split("x"))
+        items.append(
+            ImageItem(
+                str(r["prompt"]), int(r["seed"]), int(r["steps"]), width=w, height=h, guidance=r.get("guidance_scale")
+            )
+        )  # type: ignore[arg-type]
+    reference = engine.run(items)
+    config = settings(
+        tmp_path,
+        checkpoints=tmp_path / "none",
+        engine="image",
+        backend="onnxruntime",
+        image_min_side=16,
+        image_max_side=128,
+    )
+    async with in_process(config) as c:
+        card = next(m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == "tiny")
+        assert card["backend"] == "onnxruntime" and card["guidance"]["mode"] == "embedded"
+        got = await asyncio.gather(*(c.post(GEN, json={"model": "tiny", **r}) for r in requests))
+        for r, resp, ref in zip(requests, got, reference, strict=True):
+            assert resp.status_code == 200, resp.text
+            assert isinstance(ref, ImageResult)
+            assert psnr(_pixels(resp.json()), ref.pixels) >= 40.0, r

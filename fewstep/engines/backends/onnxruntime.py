@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, session_denoiser, verified_artifact
+from fewstep.artifacts.pipeline import OrtNets, verified_graphs
 from fewstep.artifacts.video import load_video_graphs
 from fewstep.errors import CheckpointError
 from fewstep.models.pipelines import LatentNets
@@ -46,7 +47,11 @@ class OnnxRuntimeBackend:
         return load_video_graphs(folder, cfg)
 
     def latent(self, folder: Path, manifest: dict[str, Any], precision: str, device: str, dtype: str) -> LatentNets:
-        raise CheckpointError(f"{folder.name}: no ONNX artifacts of this pipeline; run `fewstep export`")
+        # The graphs are fp32; ONNX Runtime picks the device from its execution providers.
+        if dtype != "float32":
+            raise CheckpointError(f"onnxruntime serves the pipeline's fp32 graphs (or quantized ones), not {dtype}")
+        paths, art = verified_graphs(folder, manifest, precision)
+        return OrtNets(paths, art)
 
 
 def _item_by_item(net: Denoiser) -> Denoiser:

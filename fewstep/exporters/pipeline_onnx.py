@@ -1,0 +1,370 @@
+"""Export an imported diffusers pipeline to ONNX (text encoders, UNet, VAE decoder), check it, quantize it.
+
+`export_pipeline_onnx` writes `onnx/fp32/` (layout in `fewstep.artifacts.pipeline`). The graphs are traced
+with torch's TorchScript exporter: diffusers' UNets trace in seconds there, against minutes through
+torch.export, with the same outputs (docs/decisions/pipeline-onnx.md). A graph whose weights pass
+`external_data_bytes` (default: under protobuf's 2 GiB limit) keeps them in `<graph>.onnx.data`.
+
+Parity: the version is sampled by fewstep's latent engine on torch and on the fresh graphs, the same
+prompts, seeds, sizes and guidance at every step count the family serves; the export fails (nothing is
+left behind) when any step count's PSNR is under `MIN_PSNR_DB`.
+
+`quantize_pipeline` writes `onnx/<precision>/` with a quantized UNet (the network that runs every step;
+text encoders and VAE decoder run once per prompt and image and stay fp32), calibrated on the UNet's real
+inputs at every step count and gated on image PSNR against the fp32 graphs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.artifacts.pipeline import (
+    PRECISIONS,
+    ROOT,
+    OrtNets,
+    artifact_dir,
+    describe,
+    graph_entry,
+    recording,
+    source_digest,
+    verified_graphs,
+)
+from fewstep.errors import CheckpointError
+from fewstep.evaluation.metrics import psnr
+from fewstep.exporters.onnx import psnr_parity
+from fewstep.exporters.quantize import quantize_graph
+from fewstep.models.checkpoint import read_manifest, write_json_atomic
+from fewstep.models.families import Recipe
+from fewstep.models.latent_sampler import Draw, LatentSampler
+from fewstep.models.pipelines import (
+    LatentNets,
+    TorchNets,
+    decode_latents,
+    encode_text,
+    guidance_embedding,
+    load_tokenizers,
+    postprocess,
+    size_multiple,
+    time_ids,
+)
+
+MIN_PSNR_DB = 40.0
+GATE_MIN_PSNR_DB = 25.0
+"""A quantized UNet serves when its images are within this PSNR of the fp32 graphs' at every step count."""
+MAX_BASE_REL_DIFF = 1e-3
+EXTERNAL_DATA_BYTES = 1_800_000_000
+"""Weights above this go to an external data file: protobuf refuses messages over 2 GiB."""
+OPSET = 17
+PARITY_PROMPTS = ("a red circle on a white background", "two blue squares")
+CALIBRATION_PROMPTS = (
+    "a photo of a cat",
+    "a watercolor landscape with mountains",
+    "a red sports car on a street",
+    "a bowl of fruit, studio lighting",
+    "an astronaut riding a horse",
+    "a portrait of an old man",
+)
+GATE_PROMPTS = ("a lighthouse at dusk", "a plate of pasta", "a forest path in autumn", "a city skyline at night")
+
+
+class TextGraph(torch.nn.Module):
+    """All text encoders as one graph, as `TorchNets.encode` computes the conditioning."""
+
+    def __init__(self, nets: TorchNets) -> None:
+        super().__init__()
+        self.arch = nets.arch
+        self.encoders = torch.nn.ModuleList(nets.encoders)
+        self.masked = nets.arch == "sd" and bool(getattr(nets.encoders[0].config, "use_attention_mask", False))
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self.encoders)
+        out = encode_text(self.arch, list(self.encoders), list(inputs[:n]), list(inputs[n:]) or [None])
+        return (out.states,) if out.pooled is None else (out.states, out.pooled)
+
+
+class UNetGraph(torch.nn.Module):
+    """The UNet with its optional inputs as positional graph inputs."""
+
+    def __init__(self, nets: TorchNets, inputs: list[str]) -> None:
+        super().__init__()
+        self.unet = nets.unet_model
+        self.inputs = inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        a = dict(zip(self.inputs, args, strict=True))
+        added = {"text_embeds": a["pooled"], "time_ids": a["time_ids"]} if "pooled" in a else None
+        return self.unet(
+            a["sample"],
+            a["timestep"],
+            encoder_hidden_states=a["states"],
+            timestep_cond=a.get("timestep_cond"),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+class DecoderGraph(torch.nn.Module):
+    """Latents as the sampler ends with them → images in [-1, 1] (`TorchNets.decode`)."""
+
+    def __init__(self, nets: TorchNets) -> None:
+        super().__init__()
+        self.vae = nets.vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents)
+
+
+def _graphs(
+    nets: TorchNets, manifest: dict[str, Any]
+) -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]]:
+    """Each graph: module, example inputs, input and output names, dynamic axes."""
+    max_tokens = int(manifest.get("text", {}).get("max_tokens", 77))
+    ids = torch.ones((2, max_tokens), dtype=torch.int64)
+    text = TextGraph(nets)
+    text_in = [f"ids_{i}" for i in range(len(nets.encoders))] + (["mask_0"] if text.masked else [])
+    text_out = ["states"] if nets.arch == "sd" else ["states", "pooled"]
+    with torch.inference_mode(False), torch.no_grad():
+        sample_text = text(*[ids] * len(text_in))
+    side = 2 * size_multiple(manifest) // int(manifest.get("latent", {}).get("vae_scale_factor", 8))
+    channels = int(manifest.get("latent", {}).get("channels", 4))
+    unet_ex: dict[str, torch.Tensor] = {
+        "sample": torch.randn(2, channels, side, side),
+        "timestep": torch.tensor([999.0, 499.0]),
+        "states": sample_text[0],
+    }
+    if nets.time_cond_dim is not None:
+        unet_ex["timestep_cond"] = torch.randn(2, int(nets.time_cond_dim))
+    if nets.arch == "sdxl":
+        unet_ex["pooled"] = sample_text[1]
+        unet_ex["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    return {
+        "text": (text, tuple([ids] * len(text_in)), text_in, text_out, {n: {0: "batch"} for n in text_in + text_out}),
+        "unet": (
+            UNetGraph(nets, list(unet_ex)),
+            tuple(unet_ex.values()),
+            list(unet_ex),
+            ["pred"],
+            {n: spatial if n == "sample" else {0: "batch"} for n in unet_ex} | {"pred": spatial},
+        ),
+        "vae_decoder": (
+            DecoderGraph(nets),
+            (torch.randn(1, channels, side, side),),
+            ["latents"],
+            ["images"],
+            {"latents": spatial, "images": spatial},
+        ),
+    }
+
+
+def _save(raw: Path, target: Path, external_data_bytes: int) -> None:
+    """The exported graph at `raw` as `target`, its weights external when they pass `external_data_bytes`."""
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=True)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    if weights > external_data_bytes:
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=target.name + ".data",
+            size_threshold=0,
+        )
+    else:
+        onnx.save_model(model, str(target))
+
+
+def _place(built: Path, folder: Path, precision: str) -> None:
+    """Move a finished artifact folder into `onnx/<precision>`, replacing an older one whole."""
+    target = artifact_dir(folder, precision)
+    if target.exists():
+        old = target.with_name(f".old-{precision}-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old)
+    os.replace(built, target)
+
+
+def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
+    """Write `onnx/fp32/` into the imported pipeline version at `folder`; returns its artifact manifest.
+
+    CheckpointError when parity fails; nothing is left behind then."""
+    import onnx
+    import onnxruntime
+
+    manifest = read_manifest(folder)
+    if manifest.get("kind") not in ("diffusers", "diffusers-teacher"):
+        raise CheckpointError(f"{folder.name}: not an imported diffusers pipeline")
+    nets = TorchNets(folder, manifest, "cpu", torch.float32)
+    root = folder / ROOT
+    root.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".partial-") as tmp_name:
+        tmp = Path(tmp_name)
+        built = tmp / "fp32"
+        built.mkdir()
+        graphs: dict[str, Any] = {}
+        for role, (module, example, inputs, outputs, axes) in _graphs(nets, manifest).items():
+            raw = tmp / "raw" / role / "graph.onnx"
+            raw.parent.mkdir(parents=True)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    example,
+                    str(raw),
+                    dynamo=False,
+                    input_names=inputs,
+                    output_names=outputs,
+                    dynamic_axes=axes,
+                    opset_version=OPSET,
+                )
+            _save(raw, built / f"{role}.onnx", external_data_bytes)
+            graphs[role] = graph_entry(tmp, built / f"{role}.onnx", inputs, outputs)
+        shutil.rmtree(tmp / "raw")
+        art: dict[str, Any] = {
+            "format": 1,
+            "precision": "fp32",
+            "arch": nets.arch,
+            "time_cond_dim": nets.time_cond_dim,
+            "opset": OPSET,
+            "size_multiple": size_multiple(manifest),
+            "graphs": graphs,
+            "batch_invariant": True,
+            "source": {"name": manifest["name"], "version": manifest.get("version"), "sha256": source_digest(manifest)},
+            "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        }
+        fresh = OrtNets({r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"])
+        art["parity"] = (
+            _parity(folder, nets, fresh) if "recipe" in manifest else _base_parity(manifest, folder, nets, fresh)
+        )
+        write_json_atomic(built / "manifest.json", art)
+        _place(built, folder, "fp32")
+    return art
+
+
+def _draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) -> list[Draw]:
+    """Every step count the family serves, at the native size and one smaller size, with its default guidance."""
+    recipe = Recipe.from_dict(manifest["recipe"])
+    g = recipe.guidance
+    multiple = size_multiple(manifest)
+    native = int(str(manifest["native_size"]).split("x")[0])
+    small = max(multiple, native // 2 // multiple * multiple)
+    draws: list[Draw] = []
+    for n in recipe.steps:
+        for i, p in enumerate(prompts):
+            side = native if i % 2 == 0 else small
+            cfg = g.mode == "cfg" and g.default > 1.0
+            draws.append(Draw(p, first_seed + len(draws), n, side, side, g.default, None, cfg))
+    return draws
+
+
+def _images(folder: Path, nets: LatentNets, draws: list[Draw]) -> list[np.ndarray]:
+    images = LatentSampler(folder, read_manifest(folder), nets).sample(draws)
+    if any(x is None for x in images):
+        raise CheckpointError(f"{folder.name}: sampling for the parity check made non-finite images")
+    return images  # type: ignore[return-value]
+
+
+def _by_steps(draws: list[Draw], a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    for n in sorted({d.steps for d in draws}):
+        rows = [i for i, d in enumerate(draws) if d.steps == n]
+        figures[str(n)] = min(psnr(a[i], b[i]) for i in rows)
+    return figures
+
+
+def _parity(folder: Path, ref: TorchNets, fresh: OrtNets) -> dict[str, Any]:
+    draws = _draws(read_manifest(folder), PARITY_PROMPTS, 9_000_000)
+    figures = _by_steps(draws, _images(folder, ref, draws), _images(folder, fresh, draws))
+    return psnr_parity(figures, "ONNX", MIN_PSNR_DB, images=len(draws))
+
+
+def _base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh: LatentNets) -> dict[str, Any]:
+    """A base pipeline only ever takes a hybrid's first step: its networks are compared call by call."""
+    ids, masks = load_tokenizers(folder, manifest)(list(PARITY_PROMPTS))
+    a, b = ref.encode(ids, masks), fresh.encode(ids, masks)
+    g = torch.Generator().manual_seed(0)
+    side = int(str(manifest["native_size"]).split("x")[0]) // int(manifest["latent"]["vae_scale_factor"])
+    x = torch.randn((len(PARITY_PROMPTS), int(manifest["latent"]["channels"]), side, side), generator=g)
+    t = torch.tensor([999.0, 499.0])
+    tcond = None if ref.time_cond_dim is None else guidance_embedding(torch.full((2,), 4.0), ref.time_cond_dim)
+    tids = None if a.pooled is None else torch.cat([time_ids(side, side)] * 2)
+    p = ref.unet(x, t, a.states, tcond, a.pooled, tids)
+    q = fresh.unet(x, t, b.states, tcond, b.pooled, tids)
+    rel = float((p - q).abs().max() / p.abs().max().clamp(min=1e-8))
+    db = psnr(postprocess(ref.decode(x)), postprocess(fresh.decode(x)))
+    if rel > MAX_BASE_REL_DIFF or db < MIN_PSNR_DB:
+        raise CheckpointError(f"ONNX parity failed: UNet relative difference {rel:.1e}, decoder PSNR {db:.1f} dB")
+    return {
+        "metric": "per_network",
+        "unet_max_relative_diff": rel,
+        "max_allowed": MAX_BASE_REL_DIFF,
+        "decoder_psnr_db": None if math.isinf(db) else round(db, 2),
+        "min_required": MIN_PSNR_DB,
+    }
+
+
+def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
+    """Write `onnx/<precision>/` (a quantized UNet beside the fp32 text and VAE graphs); returns its manifest
+    with calibration, quality by step count and the gate."""
+    if precision not in PRECISIONS[1:]:
+        raise CheckpointError(f"pipelines quantize to {PRECISIONS[1:]}, not {precision!r}")
+    manifest = read_manifest(folder)
+    paths, fp32 = verified_graphs(folder, manifest, "fp32")
+    nets = OrtNets(paths, fp32, providers=["CPUExecutionProvider"])
+    feeds: list[dict[str, np.ndarray]] = []
+    nets.unet = recording(nets, feeds)  # type: ignore[method-assign]
+    _images(folder, nets, _draws(manifest, CALIBRATION_PROMPTS, 7_000_000))
+    root = folder / ROOT
+    with tempfile.TemporaryDirectory(dir=root, prefix=".partial-") as tmp_name:
+        tmp = Path(tmp_name)
+        built = tmp / precision
+        built.mkdir()
+        target = built / "unet.onnx"
+        external = fp32["graphs"]["unet"]["data"] is not None
+        quantize_graph(paths["unet"], target, precision, feeds, tmp, external_data=external)
+        unet = graph_entry(tmp, target, fp32["graphs"]["unet"]["inputs"], ["pred"])
+        art = {
+            **{k: v for k, v in fp32.items() if k not in ("parity", "graphs")},
+            "precision": precision,
+            "graphs": {**fp32["graphs"], "unet": unet},
+            # Dynamic quantization takes activation ranges from the whole batch: served one row per call.
+            "batch_invariant": precision != "int8-dynamic",
+            "derived_from": {"artifact": "fp32", "unet_sha256": fp32["graphs"]["unet"]["sha256"]},
+            "calibration": {"unet_calls": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "step_aware": True},
+        }
+        quant = OrtNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"])
+        ref = OrtNets(paths, fp32, providers=["CPUExecutionProvider"])
+        draws = _draws(manifest, GATE_PROMPTS, 8_000_000)
+        figures = _by_steps(draws, _images(folder, ref, draws), _images(folder, quant, draws))
+        worst = min(figures.values())
+        art["quality"] = {
+            "psnr_db_vs_fp32_by_steps": {k: round(v, 2) for k, v in figures.items()},
+            "images": len(draws),
+        }
+        art["gate"] = {
+            "passed": bool(worst >= GATE_MIN_PSNR_DB),
+            "rule": f"image PSNR vs the fp32 graphs >= {GATE_MIN_PSNR_DB} dB at every step count",
+        }
+        write_json_atomic(built / "manifest.json", art)
+        _place(built, folder, precision)
+    return art
+
+
+def exported(folder: Path) -> bool:
+    """Whether the version at `folder` has fp32 ONNX graphs."""
+    try:
+        describe(folder, "fp32")
+        return True
+    except CheckpointError:
+        return False

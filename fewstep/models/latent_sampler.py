@@ -1,0 +1,269 @@
+"""Sampling users' diffusers students in latent space: each image walks its family's scheduler, UNet calls batched.
+
+`LatentSampler` holds one imported pipeline's networks (any `LatentNets`: torch modules or ONNX graphs), its
+tokenizers and its family recipe (`models.families`). A `Walk` is one image on its way: its own copy of the
+family's diffusers scheduler (the position is scheduler state), its latents and conditioning. `advance` moves
+a set of walks one step:
+
+1. walks are grouped by latent size (different sizes never share a tensor) and by which network takes their
+   step (a hybrid walk's first step is the base model's);
+2. each group is one UNet call: every walk's latents scaled by its own scheduler, its prompt's states (cached
+   per prompt), its guidance embedding (LCM), SDXL's pooled embeds and time ids; walks with classic CFG add
+   their unconditional row;
+3. each walk takes its step with its own scheduler (the family's math, exactly:
+   `tests/engines/test_latent.py` checks every family against the diffusers pipeline), the noise drawn from
+   a generator seeded by (seed, step) alone, so an image never depends on its neighbours.
+
+`decode` turns finished walks into pixels, batched by size. The latent engine schedules walks across
+requests; exporters call `sample` to compare their graphs with the torch networks.
+
+The hybrid of an imported pair: the base model's UNet takes the first timestep, with its guidance as the pair
+says, and the student the rest. The hand-off is the pair's: `renoise` (the diversity-distillation paper's
+code: the base prediction goes through the student's own scheduler step, e.g. DMD2's LCM step, x0 re-noised
+to the next timestep) or `trajectory` (a deterministic DDIM step of the base model to the student's next
+timestep, which keeps the seed's noise; schedulers that work in ᾱ-space only).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.errors import CheckpointError
+from fewstep.models.families import Recipe, scheduler_class
+from fewstep.models.pipelines import (
+    LatentNets,
+    TextOut,
+    guidance_embedding,
+    load_tokenizers,
+    postprocess,
+    time_ids,
+    vae_factor,
+)
+from fewstep.models.schedules import item_noise, step_generator
+
+TRAJECTORY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "DDIMScheduler")
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One image to make. `guidance` is the scale in effect (the family's default already applied); `cfg`
+    says whether the student runs classic CFG for it; `hybrid` gives its first step to the base model."""
+
+    prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    guidance: float = 0.0
+    negative_prompt: str | None = None
+    cfg: bool = False
+    hybrid: bool = False
+
+
+@dataclass(eq=False)
+class Walk:
+    """One image's way through its steps."""
+
+    draw: Draw
+    scheduler: Any
+    timesteps: list[int]
+    latents: torch.Tensor
+    cond: TextOut
+    uncond: TextOut | None
+    k: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.k >= len(self.timesteps)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.draw.height, self.draw.width
+
+    @property
+    def by_base(self) -> bool:
+        """Whether the base model takes this walk's next step (a hybrid's first)."""
+        return self.draw.hybrid and self.k == 0
+
+
+class LatentSampler:
+    """One imported pipeline version's sampling, on the networks given (and the base model's, for hybrids)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        nets: LatentNets,
+        base: LatentNets | None = None,
+        device: str = "cpu",
+        cache_prompts: int = 1024,
+    ) -> None:
+        self.folder, self.nets, self.base, self.device = folder, nets, base, device
+        self.recipe = Recipe.from_dict(manifest.get("recipe") or {})
+        self.pair = dict(manifest.get("hybrid") or {})
+        self.base_guidance = float(self.pair.get("teacher_guidance", 0.0))
+        self.trajectory = self.pair.get("handoff") == "trajectory"
+        if self.trajectory and self.recipe.scheduler not in TRAJECTORY_SCHEDULERS:
+            raise CheckpointError(f"{folder.name}: the trajectory hand-off needs one of {TRAJECTORY_SCHEDULERS}")
+        self.factor = vae_factor(manifest)
+        self.channels = int(manifest.get("latent", {}).get("channels", 4))
+        self.tokenizers = load_tokenizers(folder, manifest)
+        index = json.loads((folder / "model_index.json").read_text())
+        self.zero_negative = nets.arch == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
+        self.templates = self._schedulers(folder)
+        self._cache: OrderedDict[tuple[str, str | None], TextOut] = OrderedDict()
+        self._cache_size = cache_prompts
+        self._cache_lock = threading.Lock()
+
+    @property
+    def base_cfg(self) -> bool:
+        """Whether the base model's step of a hybrid runs classic CFG (two rows)."""
+        return self.base_guidance > 1.0
+
+    def _schedulers(self, folder: Path) -> dict[int, Any]:
+        """One scheduler per step count, its timesteps checked against the recipe's."""
+        cls = scheduler_class(self.recipe.scheduler)
+        templates = {}
+        for n, ts in self.recipe.timesteps.items():
+            sched = cls.from_config(self.recipe.scheduler_config)
+            if self.recipe.custom_timesteps:
+                sched.set_timesteps(timesteps=ts, device=self.device)
+            else:
+                sched.set_timesteps(n, device=self.device)
+            if [int(t) for t in sched.timesteps] != ts:
+                raise CheckpointError(f"{folder.name}: the scheduler's {n}-step timesteps are not the recipe's {ts}")
+            templates[n] = sched
+        return templates
+
+    # -- conditioning -----------------------------------------------------------------------------
+    def text(self, prompts: list[tuple[str, str | None]]) -> list[TextOut]:
+        """Conditioning per (prompt, negative-or-None), cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            ids, masks = self.tokenizers([p for p, _ in missing])
+            out = self.nets.encode(ids, masks)
+            with self._cache_lock:
+                for i, key in enumerate(missing):
+                    self._cache[key] = out.take([i])
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return [self._cache[p] for p in prompts]
+
+    def _uncond(self, cond: TextOut, negative: str | None) -> TextOut:
+        """The unconditional row, as the pipelines make it: SDXL zeros when no negative prompt is given (and the
+        pipeline says so), else the negative prompt's (or the empty prompt's) encoding."""
+        if negative is None and self.zero_negative:
+            return TextOut(
+                torch.zeros_like(cond.states), None if cond.pooled is None else torch.zeros_like(cond.pooled)
+            )
+        return self.text([(negative or "", None)])[0]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    # -- walks ------------------------------------------------------------------------------------
+    def start(self, draws: list[Draw]) -> list[Walk]:
+        """Walks at their first step: each with its own scheduler and the seed's initial latents."""
+        conds = self.text([(d.prompt, None) for d in draws]) if draws else []
+        walks = []
+        for d, cond in zip(draws, conds, strict=True):
+            sched = copy.deepcopy(self.templates[d.steps])
+            shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
+            latents = item_noise(d.seed, 0, shape).to(self.device) * sched.init_noise_sigma
+            needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
+            uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
+            walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond))
+        return walks
+
+    def advance(self, walks: list[Walk]) -> None:
+        """Every unfinished walk one step on: one UNet call per (size, network) group."""
+        groups: dict[tuple[tuple[int, int], bool], list[Walk]] = {}
+        for w in walks:
+            if not w.done:
+                groups.setdefault((w.size, w.by_base), []).append(w)
+        for (_, by_base), group in groups.items():
+            self._step(group, by_base)
+
+    def _step(self, group: list[Walk], by_base: bool) -> None:
+        nets = self.base if by_base else self.nets
+        if nets is None:
+            raise CheckpointError("a hybrid walk needs the base model's networks")
+        xs, ts, states, pooled, tids, tconds, spans = [], [], [], [], [], [], []
+        for w in group:
+            t = w.scheduler.timesteps[w.k]
+            x = w.latents if by_base and self.trajectory else w.scheduler.scale_model_input(w.latents, t)
+            rows = [w.uncond, w.cond] if (self.base_cfg if by_base else w.draw.cfg) else [w.cond]
+            spans.append(len(rows))
+            for r in rows:
+                assert r is not None
+                xs.append(x)
+                ts.append(float(t))
+                states.append(r.states)
+                if r.pooled is not None:
+                    pooled.append(r.pooled)
+                    tids.append(time_ids(*w.size))
+                if nets.time_cond_dim is not None:
+                    tconds.append(guidance_embedding(torch.tensor([w.draw.guidance - 1.0]), nets.time_cond_dim))
+        dev = self.device
+        pred = nets.unet(
+            torch.cat(xs),
+            torch.tensor(ts, device=dev),
+            torch.cat(states),
+            torch.cat(tconds).to(dev) if tconds else None,
+            torch.cat(pooled) if pooled else None,
+            torch.cat(tids).to(dev) if tids else None,
+        )
+        at = 0
+        for w, n in zip(group, spans, strict=True):
+            out = pred[at : at + n]
+            at += n
+            scale = self.base_guidance if by_base else w.draw.guidance
+            eps = out[0:1] + scale * (out[1:2] - out[0:1]) if n == 2 else out
+            if by_base and self.trajectory:
+                w.latents = self._ddim_to_next(w, eps)
+            else:
+                g = step_generator(w.draw.seed, w.k + 1)
+                t = w.scheduler.timesteps[w.k]
+                w.latents = w.scheduler.step(
+                    eps, t, w.latents, generator=g, **self.recipe.step_kwargs, return_dict=False
+                )[0]
+            w.k += 1
+
+    @staticmethod
+    def _ddim_to_next(w: Walk, eps: torch.Tensor) -> torch.Tensor:
+        """A deterministic DDIM step from the walk's first timestep to its second (the seed's noise kept)."""
+        a = w.scheduler.alphas_cumprod
+        a0, a1 = a[w.timesteps[0]], a[w.timesteps[1]]
+        x0 = (w.latents - (1 - a0) ** 0.5 * eps) / a0**0.5
+        return a1**0.5 * x0 + (1 - a1) ** 0.5 * eps
+
+    def decode(self, walks: list[Walk]) -> list[np.ndarray | None]:
+        """Pixels (H, W, 3) uint8 of finished walks, decoded in one VAE call per size; None where the output is
+        not finite."""
+        out: list[np.ndarray | None] = [None] * len(walks)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, w in enumerate(walks):
+            by_size.setdefault(w.size, []).append(i)
+        for rows in by_size.values():
+            images = self.nets.decode(torch.cat([walks[i].latents for i in rows]))
+            finite = torch.isfinite(images).flatten(1).all(dim=1)
+            pixels = postprocess(images.nan_to_num(0.0))
+            for j, i in enumerate(rows):
+                out[i] = pixels[j] if bool(finite[j]) else None
+        return out
+
+    def sample(self, draws: list[Draw]) -> list[np.ndarray | None]:
+        """Every draw to completion, in one running batch."""
+        walks = self.start(draws)
+        while not all(w.done for w in walks):
+            self.advance(walks)
+        return self.decode(walks)
