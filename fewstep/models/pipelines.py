@@ -148,7 +148,10 @@ class TorchNets:
             ) from e
         for m in (self.unet_model, self.vae, *self.encoders):
             m.to(device).eval().requires_grad_(False)
-        self.device = device
+        # VAEs that overflow in float16 say so (SDXL's): they decode in float32, as the pipelines do.
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
+        self.vae.to(self.vae_dtype)
+        self.device, self.dtype = device, dtype
         self.time_cond_dim = self.unet_model.config.time_cond_proj_dim
 
     @torch.inference_mode()
@@ -167,19 +170,23 @@ class TorchNets:
         pooled: torch.Tensor | None,
         time_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        added = {"text_embeds": pooled, "time_ids": time_ids} if pooled is not None else None
+        # The networks run in their dtype (half types on CUDA); the scheduler's math stays in float32.
+        def cast(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(self.device, self.dtype)
+
+        added = {"text_embeds": cast(pooled), "time_ids": cast(time_ids)} if pooled is not None else None
         return self.unet_model(
-            sample,
-            timestep,
-            encoder_hidden_states=states,
-            timestep_cond=timestep_cond,
+            cast(sample),
+            timestep.to(self.device),
+            encoder_hidden_states=cast(states),
+            timestep_cond=cast(timestep_cond),
             added_cond_kwargs=added,
             return_dict=False,
-        )[0]
+        )[0].float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents.to(self.device, self.vae_dtype)).float()
 
 
 def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:

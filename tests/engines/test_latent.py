@@ -260,3 +260,25 @@ def test_the_hybrid_of_an_imported_pair_is_the_papers_recipe(
     assert isinstance(crowd[1], ImageResult) and np.abs(crowd[1].pixels.astype(int) - ours.pixels).max() <= 1
     (one,) = engine.run([ImageItem(PROMPT, 1, 4, hybrid=True, width=48, height=48)])
     assert isinstance(one, ImageResult)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_networks_keep_the_scheduler_in_float32(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, dtype: str
+) -> None:
+    """What CUDA serving uses, run here on the CPU: networks in a half type, latents and steps in float32; a VAE
+    that asks to be upcast (`force_upcast`) decodes in float32 under float16."""
+    from fewstep.evaluation.metrics import psnr
+
+    full = _engine(tiny_pipelines, tmp_path / "a", "sdxl", "lcm")
+    registry = Registry(tmp_path / "a" / "registry")
+    half = LatentEngine(registry.version_dir("sdxl-lcm", "1"), dtype=dtype, sides=(16, 128))
+    half.load()
+    nets = half.sampler.nets  # type: ignore[union-attr]
+    assert next(nets.unet_model.parameters()).dtype == getattr(torch, dtype)  # type: ignore[attr-defined]
+    upcast = dtype == "float16" and nets.vae.config.force_upcast  # type: ignore[attr-defined]
+    assert nets.vae_dtype == (torch.float32 if upcast else getattr(torch, dtype))  # type: ignore[attr-defined]
+    items = [ImageItem(PROMPT, 1, 4), ImageItem("a blue box", 2, 2, width=32, height=48)]
+    for a, b in zip(full.run(items), half.run(items), strict=True):
+        assert isinstance(a, ImageResult) and isinstance(b, ImageResult)
+        assert 35.0 <= psnr(a.pixels, b.pixels) < float("inf")  # close, and really computed in another type
