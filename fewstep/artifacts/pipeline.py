@@ -122,6 +122,9 @@ class OrtNets:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the process's one thread budget
         options.inter_op_num_threads = 1
+        # Idle intra-op threads must not spin: between UNet calls the same cores tokenize, encode PNGs and
+        # serve HTTP, and spinning threads take them away.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or choose_providers(ort.get_available_providers(), allow_tensorrt=False)
         self.sessions = {}
         for role, path in paths.items():

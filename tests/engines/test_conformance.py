@@ -1,8 +1,9 @@
 """One conformance suite per engine protocol, run against every engine and backend this machine has.
 
 Step engines (`StepEngine`): the image engine on torch eager and ONNX Runtime (FP32, INT8 static QDQ,
-INT8 dynamic, FP8 QDQ emulated; TensorRT where a CUDA GPU and the `tensorrt` package exist), and the
-no-op engine. Stream engines (`StreamEngine`): the video engine on torch and on ONNX Runtime.
+INT8 dynamic, FP8 QDQ emulated; TensorRT where a CUDA GPU and the `tensorrt` package exist), the latent
+engine of an imported diffusers pipeline (torch; ONNX Runtime FP32 and INT8), and the no-op engine.
+Stream engines (`StreamEngine`): the video engine on torch and on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from fewstep.engines.base import ImageItem, ImageResult, StepEngine, StreamEngine, StreamRequest, run_to_completion
 from fewstep.engines.image import ImageEngine
+from fewstep.engines.latent import LatentEngine
 from fewstep.engines.noop import NoopEngine
 from fewstep.engines.video import VideoEngine
 from fewstep.errors import Cancelled, InvalidRequest, Overloaded
@@ -31,6 +33,9 @@ STEP_VARIANTS = [
     ("onnxruntime", "int8-dynamic"),
     ("onnxruntime", "fp8"),
     ("noop", "none"),
+    ("latent-torch", "fp32"),
+    ("latent-onnxruntime", "fp32"),
+    ("latent-onnxruntime", "int8"),
 ]
 if torch.cuda.is_available() and importlib.util.find_spec("tensorrt"):
     STEP_VARIANTS += [("tensorrt", "fp16"), ("tensorrt", "int8"), ("tensorrt", "fp8")]
@@ -42,6 +47,9 @@ def engine(request: pytest.FixtureRequest, encoder) -> StepEngine:  # type: igno
     e: StepEngine
     if backend == "noop":
         e = NoopEngine()
+    elif backend.startswith("latent-"):
+        folder = request.getfixturevalue("latent_exported")
+        e = LatentEngine(folder, backend=backend.removeprefix("latent-"), precision=precision)
     else:
         quantized = request.getfixturevalue("quantized")
         e = ImageEngine(
@@ -54,6 +62,21 @@ def engine(request: pytest.FixtureRequest, encoder) -> StepEngine:  # type: igno
     e.load()
     e.warmup()
     return e
+
+
+@pytest.fixture(scope="module")
+def latent_exported(tiny_pipelines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's turbo student (tiny SD-style pipeline) imported, exported to ONNX and quantized to INT8."""
+    from fewstep.exporters.pipeline_onnx import export_pipeline_onnx, quantize_pipeline
+    from fewstep.models.importing import import_pipeline
+    from fewstep.models.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("latent") / "registry")
+    name, version = import_pipeline(tiny_pipelines["sd"], "turbo", registry, family="turbo")
+    folder = registry.version_dir(name, version)
+    export_pipeline_onnx(folder)
+    quantize_pipeline(folder, "int8")
+    return folder
 
 
 def test_step_engine_protocol_and_spec(engine: StepEngine) -> None:
