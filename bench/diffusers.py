@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # repository root takes its place so that `import diffusers` finds the library.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
+
+from bench._server import free_port, wait_ready  # noqa: E402  (after the path is set)
+
 WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 GOAL_LATENCY = 1.15
@@ -52,12 +54,6 @@ GOAL_THROUGHPUT = 1.5
 def prompt(i: int) -> str:
     """A prompt no earlier request used: the server's prompt cache never hits."""
     return f"a {WORDS[i % 8]} {SHAPES[(i // 8) % 6]} number {i}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -80,16 +76,7 @@ def server(tmp: Path, backend: str, threads: int) -> Iterator[str]:
     with open(tmp / f"server-{backend}.log", "wb") as log:
         proc = subprocess.Popen([*FEWSTEP, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready; see {tmp}/server-{backend}.log")
-            time.sleep(0.2)
+        wait_ready(url, proc, tmp / f"server-{backend}.log", timeout_s=300)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

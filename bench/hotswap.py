@@ -23,7 +23,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _server import free_port, wait_ready  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 ADMIN = "bench-admin-key"
 WINDOW_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -104,16 +98,7 @@ def main() -> None:
     with open(tmp / "server.log", "wb") as log:
         server = subprocess.Popen([*FEWSTEP, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            time.sleep(0.2)
+        wait_ready(url, server, tmp / "server.log")
         rows = run_load(url, env, v2, args.seconds, args.clients)
     finally:
         server.send_signal(signal.SIGTERM)

@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from _server import free_port  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

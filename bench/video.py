@@ -117,11 +117,8 @@ def _recompute_frame(net, cfg, text, made, ts, engine, seed: int, f: int) -> flo
 
 def served(args: argparse.Namespace) -> list[dict]:
     """TTFF and frames/s through `fewstep serve` with 1, 2 and 4 concurrent WebSocket sessions."""
-    import httpx
+    from _server import free_port, wait_ready  # bench/ is on sys.path when run as a script
     from websockets.sync.client import connect
-
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import free_port
 
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="fewstep-video-bench-"))
@@ -141,16 +138,7 @@ def served(args: argparse.Namespace) -> list[dict]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError((tmp / "server.log").read_text())
-            time.sleep(0.2)
+        wait_ready(url, proc, tmp / "server.log", timeout_s=120)
 
         def one(results: list, seed: int, frames: int) -> None:
             with connect(f"ws://127.0.0.1:{port}/v1/video/stream", open_timeout=10) as ws:
