@@ -8,7 +8,7 @@ PORT ?= 8000
 # One thread per process by default in tests: several processes share 2 cores there.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-fast train bench lint redis clean
+.PHONY: install serve test test-fast train bench lint redis chromium clean
 
 $(BIN)/fewstep: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -28,11 +28,17 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server missing: install it (apt-get install redis-server)"; exit 1; fi; }
 
+# The playground's browser tests drive Debian's chromium through Playwright (no browser download).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: install it (apt-get install chromium)"; exit 1; fi; }
+
 # Two layers: the fast in-process one (edit loops: `make test-fast`, under 2 minutes), then the slow one
 # (subprocess servers, redis-server, training, export). `make test` runs both, fast first.
 PYTEST := $(BIN)/python -m pytest -q --durations=15
 
-test: $(BIN)/fewstep redis
+test: $(BIN)/fewstep redis chromium
 	$(PYTEST) -m "not slow"
 	$(PYTEST) -m slow
 

@@ -26,7 +26,7 @@ from fewstep.service.kinds import KINDS, Context
 from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests
 from fewstep.service.queue import open_queue
-from fewstep.service.routes import admin, health, images, jobs, models, video
+from fewstep.service.routes import admin, health, images, jobs, models, playground, video
 from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, counter=metrics.requests)
-    for router in (health.router, models.router, images.router, jobs.router, admin.router, video.router):
+    routers = (health, models, images, jobs, admin, video, playground)
+    for router in (r.router for r in routers):
         app.include_router(router)
     return app

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     video_gate_frames: int = Field(16, ge=2, le=256)
     """Frames per video probe stream."""
 
+    playground: bool = True
+    """Serve the playground page at `/` (static files; every API call it makes carries the key as usual)."""
+
     log_level: str = "info"
     """Python logging level of the gateway."""
 

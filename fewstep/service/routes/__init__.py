@@ -1,1 +1,2 @@
-"""The gateway's routes, one router per resource: health, models, images, jobs, admin, video."""
+"""The gateway's routes, one router per resource: health, models, images, jobs, admin, video, and the
+playground page."""

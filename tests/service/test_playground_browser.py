@@ -1,0 +1,283 @@
+"""The playground page in a real browser (Debian's headless chromium, driven by Playwright) against a real
+`fewstep serve` on the shipped models: every panel used as a person would, with auth off and on.
+
+Each panel's screenshot is written to `docs/img/playground-*.png` (README shows them), or to
+`FEWSTEP_SCREENSHOTS` when set. Waits are on page state (what is drawn, what the page says), with
+generous limits: no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
+
+from fewstep.errors import Overloaded
+from fewstep.service.errors import error_response
+from tests.conftest import ROOT, Server, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+WAIT_MS = 90_000
+SHOTS = Path(os.environ.get("FEWSTEP_SCREENSHOTS", ROOT / "docs" / "img"))
+KEY = "playground-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    exe = os.environ.get("FEWSTEP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(exe).is_file(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("secured"), {"FEWSTEP_API_KEYS": KEY})
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture
+def page(browser: Browser, server: Server) -> Iterator[Page]:
+    with opened(browser, server.url) as pg:
+        yield pg
+
+
+@contextmanager
+def opened(browser: Browser, url: str, width: int = 1100, height: int = 820) -> Iterator[Page]:
+    """The page at `url` in a fresh browser context; fails if the page threw or logged an error."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    pg = context.new_page()
+    problems: list[str] = []
+
+    def console(m: ConsoleMessage) -> None:
+        # Failed API calls are logged by the browser too; the page shows those itself (tested below).
+        if m.type == "error" and "Failed to load resource" not in m.text:
+            problems.append(m.text)
+
+    pg.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
+    pg.on("console", console)
+    pg.set_default_timeout(WAIT_MS)
+    pg.goto(url + "/")
+    yield pg
+    context.close()
+    assert not problems, problems
+
+
+def _ready(pg: Page) -> None:
+    pg.wait_for_selector("body[data-ready=true]")
+
+
+def _field(pg: Page, panel: str, field: str) -> str:
+    return pg.inner_text(f"#{panel}-meta dd[data-field={field}]")
+
+
+def _shot(pg: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / f"playground-{name}.png"), full_page=True)
+
+
+def _set_steps(pg: Page, panel: str, steps: int) -> None:
+    """Move the steps slider with the keyboard (Home, then one ArrowRight per step after the first)."""
+    slider = pg.locator(f"#{panel}-steps")
+    slider.focus()
+    pg.keyboard.press("Home")
+    for _ in range(steps - 1):
+        pg.keyboard.press("ArrowRight")
+    expect(pg.locator(f"#{panel}-steps-out")).to_have_text(str(steps))
+
+
+def test_an_image_appears_and_its_nfe_follows_the_steps(page: Page) -> None:
+    _ready(page)
+    page.fill("#image-prompt", "a blue square on a black background")
+    _set_steps(page, "image", 1)
+    page.click("#image-go")
+    expect(page.locator("#image-meta dd[data-field=nfe]")).to_have_text("1")
+    first = page.get_attribute("#image-out", "src")
+    assert first and first.startswith("data:image/png;base64,")
+    assert _field(page, "image", "version").startswith("shapes v")
+
+    _set_steps(page, "image", 3)
+    page.focus("#image-prompt")
+    page.keyboard.press("Enter")  # the form submits from the keyboard
+    expect(page.locator("#image-meta dd[data-field=nfe]")).to_have_text("3")
+    assert _field(page, "image", "steps") == "3"
+    assert page.get_attribute("#image-out", "src") != first
+
+    page.check("#image-hybrid")
+    page.click("#image-go")
+    expect(page.locator("#image-meta dd[data-field=hybrid]")).to_have_text("yes")
+    assert _field(page, "image", "nfe") == "4"  # the teacher's step on top of the student's three
+    _set_steps(page, "image", 2)
+    page.uncheck("#image-hybrid")
+    page.click("#image-go")
+    expect(page.locator("#image-meta dd[data-field=nfe]")).to_have_text("2")
+    _shot(page, "image")
+
+
+def test_the_seed_grid_shows_eight_different_images_for_student_and_hybrid(page: Page) -> None:
+    _ready(page)
+    page.focus("#tab-image")
+    page.keyboard.press("ArrowRight")  # tabs move with the arrow keys
+    expect(page.locator("#panel-seeds")).to_be_visible()
+    _set_steps(page, "seeds", 2)
+    page.fill("#seeds-base", "100")
+    page.click("#seeds-go")
+    for mode in ("student", "hybrid"):
+        row = page.locator(f".seed-row[data-mode={mode}] img")
+        expect(row).to_have_count(8)
+        assert len({row.nth(i).get_attribute("src") for i in range(8)}) == 8  # 8 seeds, 8 different images
+    captions = page.locator(".seed-row[data-mode=student] figcaption").all_inner_texts()
+    assert captions == [f"seed {s}" for s in range(100, 108)]
+    assert "NFE 3" in page.inner_text(".seed-row[data-mode=hybrid] h2")
+    _shot(page, "seeds")
+
+
+def test_a_video_streams_into_the_canvas_and_takes_a_new_prompt(page: Page) -> None:
+    _ready(page)
+    page.click("#tab-video")
+    frames, steered = 96, "a green triangle moving up slowly"
+    page.fill("#video-frames", str(frames))
+    page.fill("#steer-prompt", steered)
+    page.click("#video-go")
+    page.wait_for_selector("#video-canvas[data-state=streaming]:not([data-frames-drawn='0'])")
+    page.click("#steer-go")
+    page.wait_for_selector("#video-canvas[data-state=done]")
+    assert page.get_attribute("#video-canvas", "data-frames-drawn") == str(frames)
+    assert _field(page, "video", "frame") == f"{frames} / {frames}"
+    assert _field(page, "video", "prompt") == steered  # the server's word on the prompt it ended with
+    assert _field(page, "video", "ttff").endswith(" ms") and _field(page, "video", "fps") != "–"
+    # the canvas holds a drawn frame, not the blank it started as
+    painted = page.evaluate(
+        "() => { const c = document.querySelector('#video-canvas');"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n / (d.length / 4); }"
+    )
+    assert painted == 1.0
+    _shot(page, "video")
+
+
+def test_a_job_shows_progress_and_results_and_can_be_cancelled(page: Page) -> None:
+    _ready(page)
+    page.click("#tab-jobs")
+    page.fill("#jobs-prompts", "a red circle\na blue square\na yellow star")
+    page.fill("#jobs-n", "2")
+    page.click("#jobs-go")
+    page.wait_for_selector("#jobs-status[data-ended=true]")
+    expect(page.locator("#jobs-status")).to_have_attribute("data-status", "succeeded")
+    expect(page.locator("#jobs-out figure")).to_have_count(6)
+    progress = page.evaluate("() => { const p = document.querySelector('#jobs-progress'); return [p.value, p.max]; }")
+    assert progress == [6, 6]
+    _shot(page, "jobs")
+
+    page.fill("#jobs-prompts", "\n".join(f"a white star {i}" for i in range(50)))
+    page.fill("#jobs-n", "8")
+    _set_steps(page, "jobs", 4)
+    page.click("#jobs-go")
+    expect(page.locator("#jobs-cancel")).to_be_enabled()
+    page.click("#jobs-cancel")
+    page.wait_for_selector("#jobs-status[data-ended=true]")  # the events stream's end, after the cancel
+    expect(page.locator("#jobs-status")).to_have_attribute("data-status", "cancelled")
+    text = page.inner_text("#jobs-status")
+    assert re.search(r"[1-9]\d* cancelled", text), text
+    done = int(re.search(r"(\d+) of 400 done", text).group(1))  # type: ignore[union-attr]
+    expect(page.locator("#jobs-out figure")).to_have_count(done)  # every finished image is shown
+
+
+def test_api_errors_are_shown_in_the_servers_words(page: Page) -> None:
+    _ready(page)
+    page.fill("#image-prompt", "x" * 501)
+    page.click("#image-go")
+    error = page.locator("#image-error")
+    expect(error).to_be_visible()
+    assert "500" in error.inner_text() and "prompt" in error.inner_text()
+
+    # A 429 exactly as the gateway writes it (its own error handler), delivered for one request.
+    busy = error_response(Overloaded("the interactive lane is full (256 items queued)", retry_after=7))
+
+    def overloaded(route: Route) -> None:
+        route.fulfill(status=busy.status_code, headers=dict(busy.headers), body=bytes(busy.body))
+
+    page.route("**/v1/images/generations", overloaded)
+    page.fill("#image-prompt", "a red circle")
+    page.click("#image-go")
+    expect(error).to_contain_text("the interactive lane is full")
+    expect(error).to_contain_text("Retry in 7 s")
+    page.unroute("**/v1/images/generations")
+    page.click("#image-go")
+    expect(error).to_be_hidden()
+    expect(page.locator("#image-out")).to_be_visible()
+
+    page.click("#tab-video")
+    page.fill("#video-frames", "100000")  # over `video_max_frames`: refused by the server, over the socket
+    page.click("#video-go")
+    expect(page.locator("#video-error")).to_contain_text("4096")
+
+
+def test_the_status_panel_lists_the_serving_versions(page: Page) -> None:
+    _ready(page)
+    page.click("#tab-status")
+    for model in ("shapes", "shapes-video"):
+        row = page.locator(f"#status-table tr[data-model='{model}']")
+        expect(row).to_contain_text("serving")
+        expect(row).to_contain_text("1, 2, 3, 4")
+    _shot(page, "status")
+
+
+def test_every_panel_fits_a_phone(browser: Browser, server: Server) -> None:
+    with opened(browser, server.url, width=390, height=844) as pg:
+        _ready(pg)
+        for tab in ("image", "seeds", "video", "jobs", "status"):
+            pg.click(f"#tab-{tab}")
+            overflow = pg.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 0, f"{tab} panel is {overflow} px wider than a phone"
+        pg.click("#tab-image")
+        pg.click("#image-go")
+        pg.wait_for_selector("#image-out:not([hidden])")
+        _shot(pg, "phone")
+
+
+def test_with_auth_on_the_key_goes_in_headers_and_first_messages_never_urls(browser: Browser, secured: Server) -> None:
+    with opened(browser, secured.url) as pg:
+        urls: list[str] = []
+        pg.on("request", lambda r: urls.append(r.url))
+        notice = pg.locator("#notice")
+        expect(notice).to_contain_text("API key")  # 401 before a key is entered, in words
+        pg.fill("#api-key", KEY)
+        pg.press("#api-key", "Enter")
+        expect(notice).to_be_hidden()
+        expect(pg.locator("#image-model option")).to_have_count(1)
+        pg.click("#image-go")
+        expect(pg.locator("#image-meta dd[data-field=nfe]")).to_have_text("1")
+
+        pg.click("#tab-video")
+        pg.fill("#video-frames", "8")
+        pg.click("#video-go")
+        pg.wait_for_selector("#video-canvas[data-state=done]")
+        assert pg.get_attribute("#video-canvas", "data-frames-drawn") == "8"
+
+        pg.click("#tab-jobs")
+        pg.fill("#jobs-prompts", "a red circle")
+        pg.click("#jobs-go")
+        expect(pg.locator("#jobs-status")).to_have_attribute("data-status", "succeeded")
+        expect(pg.locator("#jobs-out figure")).to_have_count(2)
+
+        assert urls and not [u for u in urls if KEY in u]
+        assert pg.evaluate("() => sessionStorage.length") == 0  # in memory only, until asked
+        pg.check("#key-remember")
+        assert pg.evaluate("() => JSON.stringify(Object.values(sessionStorage))") == json.dumps([KEY])
+        pg.reload()
+        _ready(pg)
+        assert pg.input_value("#api-key") == KEY
+        pg.fill("#api-key", "wrong-key-of-some-length-0000")
+        pg.press("#api-key", "Enter")
+        expect(notice).to_contain_text("invalid API key")
