@@ -20,11 +20,14 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from fewstep.errors import Overloaded
+from fewstep.models.importing import import_pipeline
+from fewstep.models.registry import Registry
 from fewstep.service.errors import error_response
 from tests.conftest import ROOT, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 WAIT_MS = 90_000
+expect.set_options(timeout=WAIT_MS)  # its default, 5 s, is short for a model call on 2 loaded cores
 SHOTS = Path(os.environ.get("FEWSTEP_SCREENSHOTS", ROOT / "docs" / "img"))
 KEY = "playground-test-key-0123456789abcdef"
 
@@ -40,8 +43,13 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("secured"), {"FEWSTEP_API_KEYS": KEY})
+def secured(tmp_path_factory: pytest.TempPathFactory, tiny_pipelines: dict[str, Path]) -> Iterator[Server]:
+    """A server with API keys that also serves an imported pipeline taking sizes, CFG and negative prompts
+    (a tiny SD pipeline as an LCM-LoRA-merged student) besides the shipped models."""
+    tmp = tmp_path_factory.mktemp("secured")
+    import_pipeline(tiny_pipelines["sd"], "tiny-lcm", Registry(tmp / "registry"), family="lcm")
+    env = {"FEWSTEP_API_KEYS": KEY, "FEWSTEP_IMAGE_MIN_SIDE": "32", "FEWSTEP_IMAGE_MAX_SIDE": "128"}
+    s = start_server(tmp, env)
     yield s
     stop_server(s)
 
@@ -255,9 +263,25 @@ def test_with_auth_on_the_key_goes_in_headers_and_first_messages_never_urls(brow
         pg.fill("#api-key", KEY)
         pg.press("#api-key", "Enter")
         expect(notice).to_be_hidden()
-        expect(pg.locator("#image-model option")).to_have_count(1)
+        expect(pg.locator("#image-model option")).to_have_count(2)
         pg.click("#image-go")
         expect(pg.locator("#image-meta dd[data-field=nfe]")).to_have_text("1")
+        for control in ("#image-size", "#image-guidance", "#image-negative"):
+            expect(pg.locator(control)).to_be_hidden()  # the shipped model takes none of them
+
+        pg.select_option("#image-model", "tiny-lcm")  # an imported student: sizes, guidance, negative prompt
+        expect(pg.locator("#image-guidance-range")).to_have_text("(1–2)")
+        expect(pg.locator("#image-hybrid")).to_be_disabled()
+        sizes = pg.locator("#image-size option").all_inner_texts()
+        assert len(sizes) > 1 and all(re.fullmatch(r"\d+x\d+", x) for x in sizes), sizes
+        pg.select_option("#image-size", sizes[-1])
+        pg.fill("#image-guidance", "1.5")
+        pg.fill("#image-negative", "blurry")
+        pg.click("#image-go")
+        expect(pg.locator("#image-meta dd[data-field=size]")).to_have_text(sizes[-1])
+        assert _field(pg, "image", "version").startswith("tiny-lcm v")
+        pg.fill("#image-guidance", "3")  # outside the family's range: the form itself refuses to send it
+        assert pg.eval_on_selector("#image-guidance", "e => e.validity.rangeOverflow")
 
         pg.click("#tab-video")
         pg.fill("#video-frames", "8")
