@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fewstep
+
 
 def _threads(n: int | None) -> int:
     """Thread count from the flag or FEWSTEP_THREADS, exported before torch is imported."""
@@ -288,7 +290,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.redis_url is None:
         print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
         return 2
-    metrics = Metrics()
+    metrics = Metrics(role="worker")
     name = args.name or worker_name()
     loaded: EngineLookup | None = None
     route: Router | None = None
@@ -348,6 +350,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway (settings from FEWSTEP_* variables)")

@@ -23,6 +23,14 @@ def test_every_subcommand_has_help_and_no_other_is_offered(capsys: pytest.Captur
     assert r.returncode == 0 and "bench" not in r.stdout
 
 
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"fewstep {version('fewstep')}"
+
+
 def test_push_then_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for i, folder in enumerate(("a", "b")):
         save_checkpoint(

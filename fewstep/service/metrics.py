@@ -7,21 +7,38 @@ the state of the whole Redis queue, whichever worker changed it.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+import fewstep
 from fewstep.service.queue.base import QueueStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def _torch() -> str:
+    """torch's installed version, read without importing it (the gateway may never load torch)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, role: str = "gateway") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.build_info = Info(
+            "fewstep_build", "fewstep's version, the process's role and its Python and torch.", registry=r
+        )
+        self.build_info.info(
+            {"version": fewstep.__version__, "role": role, "python": platform.python_version(), "torch": _torch()}
+        )
         self.requests = Counter(
             "fewstep_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
         )
