@@ -8,7 +8,7 @@ PORT ?= 8000
 # One thread per process by default in tests: several processes share 2 cores there.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-fast train bench lint redis chromium clean
+.PHONY: install serve test test-fast train bench lint redis chromium prometheus clean
 
 $(BIN)/fewstep: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -34,11 +34,17 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: install it (apt-get install chromium)"; exit 1; fi; }
 
+# promtool checks the alert rules; a real Prometheus scrapes the local stack in the deploy tests.
+prometheus:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "prometheus missing: install it (apt-get install prometheus)"; exit 1; fi; }
+
 # Two layers: the fast in-process one (edit loops: `make test-fast`, under 2 minutes), then the slow one
 # (subprocess servers, redis-server, training, export). `make test` runs both, fast first.
 PYTEST := $(BIN)/python -m pytest -q --durations=15
 
-test: $(BIN)/fewstep redis chromium
+test: $(BIN)/fewstep redis chromium prometheus
 	$(PYTEST) -m "not slow"
 	$(PYTEST) -m slow
 

@@ -4,6 +4,9 @@
 #   deploy/local.sh                 # gateway on 127.0.0.1:8000, 2 workers, Redis on 6390
 #   WORKERS=3 PORT=9000 deploy/local.sh
 #
+# Worker i serves its /metrics on METRICS_PORT + i - 1 (default 9100, 9101, ...), the gateway on its
+# own port: deploy/prometheus/prometheus.yml scrapes those.
+#
 # Everything runs in the foreground; Ctrl-C (or SIGTERM) stops all of it. Logs and Redis data
 # go to var/local/. Workers get FEWSTEP_THREADS=1 each so that they do not oversubscribe the cores.
 set -euo pipefail
@@ -14,6 +17,7 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 REDIS_PORT=${REDIS_PORT:-6390}
 WORKERS=${WORKERS:-2}
+METRICS_PORT=${METRICS_PORT:-9100}
 STATE=${STATE:-var/local}
 
 [ -x "$BIN/fewstep" ] || { echo "run 'make install' first"; exit 1; }
@@ -39,7 +43,8 @@ export FEWSTEP_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 FEWSTEP_HOST=$HOST FEWSTEP_PORT=$PORT "$BIN/fewstep" serve >"$STATE/gateway.log" 2>&1 &
 pids+=($!)
 for i in $(seq "$WORKERS"); do
-  FEWSTEP_THREADS=1 "$BIN/fewstep" worker --name "local-$i" >"$STATE/worker-$i.log" 2>&1 &
+  FEWSTEP_THREADS=1 "$BIN/fewstep" worker --name "local-$i" --metrics-port $((METRICS_PORT + i - 1)) \
+    >"$STATE/worker-$i.log" 2>&1 &
   pids+=($!)
 done
 

@@ -7,10 +7,9 @@ import json
 import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import fewstep
 
 
 def _threads(n: int | None) -> int:
@@ -350,7 +349,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description=__doc__)
-    p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
+    p.add_argument("--version", action="version", version=f"fewstep {metadata.version('fewstep')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway (settings from FEWSTEP_* variables)")

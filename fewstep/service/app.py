@@ -15,10 +15,10 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from importlib import metadata
 
 from fastapi import FastAPI
 
-import fewstep
 from fewstep.engines.base import Outcome, StepEngine, StreamEngine
 from fewstep.models.registry import Registry
 from fewstep.service import errors
@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(streams.close)
         await asyncio.to_thread(image_models.close)
 
-    app = FastAPI(title="fewstep", version=fewstep.__version__, lifespan=lifespan)
+    app = FastAPI(title="fewstep", version=metadata.version("fewstep"), lifespan=lifespan)
     app.state.gateway = gw
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -14,7 +14,6 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-import fewstep
 from fewstep.service.queue.base import QueueStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -37,7 +36,12 @@ class Metrics:
             "fewstep_build", "fewstep's version, the process's role and its Python and torch.", registry=r
         )
         self.build_info.info(
-            {"version": fewstep.__version__, "role": role, "python": platform.python_version(), "torch": _torch()}
+            {
+                "version": metadata.version("fewstep"),
+                "role": role,
+                "python": platform.python_version(),
+                "torch": _torch(),
+            }
         )
         self.requests = Counter(
             "fewstep_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
