@@ -43,7 +43,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs(extra: str, *modules: str) -> None:
+    """Exit with the extra to install when a role's packages are missing (a plain install only serves)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"fewstep: {', '.join(missing)} missing: pip install 'fewstep[{extra}]'", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _needs("train", "matplotlib")
     threads = _threads(args.threads)
     if args.what == "video":
         from fewstep.trainer import stages as st
@@ -109,6 +120,7 @@ def _push(
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
+    _needs("train", "matplotlib")
     threads = _threads(args.threads)
     import torch
 
@@ -195,6 +207,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    _needs("export", "onnx", "onnxruntime", "onnxscript")
     _threads(args.threads)
     from fewstep.evaluation.judges import load_judge
     from fewstep.exporters.onnx import export_onnx

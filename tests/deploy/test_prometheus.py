@@ -114,3 +114,12 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
         )
     )
     assert promtool("check", "rules", str(path)).returncode != 0  # the check does refuse bad PromQL
+
+
+def test_the_runbook_catalogues_every_metric_and_every_alert() -> None:
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    stats = QueueStats(depth={"interactive": 0}, in_flight=0, oldest_age_s=0, dead=0, reclaims=0, retries=0, workers=0)
+    for f in list(Metrics().registry.collect()) + list(QueueCollector(lambda: stats).collect()):
+        assert f"`{f.name}" in runbook, f"docs/operations.md does not describe {f.name}"
+    for r in rules():
+        assert f"`{r['alert']}`" in runbook, f"docs/operations.md says nothing about {r['alert']}"
