@@ -142,6 +142,7 @@ def test_every_custom_resource_uses_only_published_fields(overlay: str) -> None:
     for d in customs:
         for trigger in d.get("spec", {}).get("triggers", []):
             assert set(trigger["metadata"]) <= set(CRDS[trigger["type"]]), trigger
+            assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger  # the CRD: strings only
 
 
 # -- the restricted profile and the container invariants ------------------------------------------------
