@@ -187,16 +187,22 @@ class StepScheduler:
                 by_engine.setdefault(id(engine), (engine, []))[1].append(a)
             for engine, group in by_engine.values():
                 assert engine is not None
-                try:
-                    slots = engine.begin([a.item for a in group])
-                except FewstepError as e:
-                    slots = [Slot(item=a.item, outcome=e) for a in group]
-                except Exception as e:
-                    failed = GenerationFailed(f"engine error: {type(e).__name__}")
-                    slots = [Slot(item=a.item, outcome=failed) for a in group]
+                slots = self._begin(engine, group)
                 for a, slot in zip(group, slots, strict=True):
                     (done if slot.done else self.running).append(_Running(a, slot, engine))
         self._retire(source, done)
+
+    def _begin(self, engine: StepEngine, group: list[Admission]) -> list[Slot]:
+        """Begin `group` in one call; if that call fails, begin each item alone, so that one item's input
+        (a prompt its tokenizer refuses, say) fails that item only and never its neighbours, which may be
+        other clients' requests. Beginning is side-effect free, so a retry sees the same inputs."""
+        try:
+            return engine.begin([a.item for a in group])
+        except Exception as e:
+            if len(group) > 1:
+                return [slot for a in group for slot in self._begin(engine, [a])]
+            failed = e if isinstance(e, FewstepError) else GenerationFailed(f"engine error: {type(e).__name__}")
+            return [Slot(item=group[0].item, outcome=failed)]
 
     def _drop(self, source: WorkSource) -> None:
         gone = source.dropped(self.tickets)

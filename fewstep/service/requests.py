@@ -64,7 +64,21 @@ def build_items(
     return items
 
 
+UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+"""Control characters other than tab and newlines, and unpaired UTF-16 surrogates (valid JSON escapes
+that are not text: a tokenizer raises on them, and it encodes a whole batch at once)."""
+
+
 def check_prompt(prompt: str, settings: Settings, where: str = "", field: str = "prompt") -> None:
+    """A prompt the text encoders can take: non-empty, within `max_prompt_chars`, and text."""
+    bad = UNSAFE_TEXT.search(prompt)
+    if bad is not None:
+        what = "an unpaired surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
+        raise InvalidRequest(
+            where + field,
+            f"`{where}{field}` must be text without control characters or unpaired surrogates. "
+            f"Given: {what} ({bad.group()!a}) at position {bad.start()}",
+        )
     if not prompt.strip() and field == "prompt":
         raise limit_error(where + field, "a non-empty string", prompt)
     if len(prompt) > settings.max_prompt_chars:

@@ -114,6 +114,26 @@ def test_a_one_step_item_joins_a_running_batch_and_leaves_first() -> None:
     assert [r.slot.steps_run for r in sched.running] == [2]
 
 
+class PoisonedEngine(NoopEngine):
+    """Fails a whole `begin` call when any item's prompt is poison, as a tokenizer encoding the batch does."""
+
+    def begin(self, items):  # type: ignore[no-untyped-def]
+        if any("poison" in it.prompt for it in items):
+            raise UnicodeEncodeError("utf-8", "poison", 0, 1, "surrogates not allowed")
+        return super().begin(items)
+
+
+def test_an_item_whose_input_breaks_the_batch_call_fails_alone() -> None:
+    engine = PoisonedEngine()
+    source = LocalSource(64)
+    sched = StepScheduler(lambda _model: engine, max_batch=8, max_wait_s=0.0)
+    tickets = source.submit("m", [ImageItem(p, seed=i, steps=2) for i, p in enumerate(["a", "b", "poison", "c"])])
+    drive(sched, source, tickets)
+    outcomes = [t.future.result() for t in tickets]
+    assert [type(o).__name__ for o in outcomes] == ["ImageResult", "ImageResult", "GenerationFailed", "ImageResult"]
+    assert "UnicodeEncodeError" in str(outcomes[2])
+
+
 def test_request_level_policy_admits_only_into_an_empty_batch() -> None:
     source = LocalSource(64)
     sched = StepScheduler(one_engine(), max_batch=4, max_wait_s=0.0, policy="request")

@@ -74,6 +74,8 @@ async def test_generation_echoes_seeds_steps_and_nfe(client: httpx.AsyncClient) 
         ({"n": 0}, 422, "`n` must be between 1 and 8. Given: 0"),
         ({"prompt": "   "}, 422, "`prompt` must be a non-empty string"),
         ({"prompt": "x" * 501}, 422, "`prompt` must be at most 500 characters long. Given: '501 characters'"),
+        ({"prompt": "a red\x00circle"}, 422, "Given: a control character ('\\x00') at position 5"),
+        ({"prompt": "a box", "negative_prompt": "\x1b[2J"}, 422, "`negative_prompt` must be text without control"),
         ({"size": "1024x1024"}, 422, "`size` must be '32x32' (the model's native size). Given: '1024x1024'"),
         ({"response_format": "url"}, 422, "`response_format` must be 'b64_json'. Given: 'url'"),
         ({"seed": -1}, 422, "`seed` must be between 0 and"),
@@ -89,6 +91,18 @@ async def test_bad_input_gets_a_4xx_naming_the_limit_and_the_value(
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+async def test_a_prompt_that_is_not_text_is_refused_before_it_reaches_a_batch(client: httpx.AsyncClient) -> None:
+    """A lone surrogate is a valid JSON escape but not text: the tokenizer would raise on the whole batch."""
+    poison = json.dumps({"model": "shapes", "prompt": "a red\ud800 circle"}).encode()  # ASCII: `\ud800` escaped
+    r = await client.post(GEN, content=poison, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "an unpaired surrogate ('\\ud800') at position 5" in r.json()["error"]["message"]
+    jobs = json.dumps({"model": "shapes", "requests": [{"prompt": "a box"}, {"prompt": "\udfff"}]}).encode()
+    r = await client.post("/v1/jobs", content=jobs, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "requests[1].prompt"
+    ok = await client.post(GEN, json={"model": "shapes", "prompt": "a red circle\non two lines\twith a tab"})
+    assert ok.status_code == 200  # tabs and newlines are text
 
 
 async def test_malformed_and_oversized_bodies_are_refused(client: httpx.AsyncClient) -> None:
