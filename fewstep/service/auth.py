@@ -9,6 +9,15 @@ from fewstep.errors import Forbidden, Unauthorized
 from fewstep.service.settings import Settings
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The credentials of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+    (RFC 7235 §2.1). None when the header is absent or names another scheme."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 class KeyRing:
     """Checks presented keys in constant time; knows keys only by their SHA-256."""
 
@@ -23,9 +32,10 @@ class KeyRing:
         """An opaque id of the caller's key (never the key itself); 'anonymous' when auth is off."""
         if not self.enabled:
             return "anonymous"
-        if not authorization or not authorization.startswith("Bearer "):
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-        digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
+        digest = hashlib.sha256(token.encode()).digest()
         if not any(hmac.compare_digest(digest, d) for d in self._digests):
             raise Unauthorized("invalid API key")
         return digest.hex()[:16]
@@ -40,8 +50,9 @@ class AdminKeys:
     def require(self, authorization: str | None) -> None:
         if not self._digests:
             raise Forbidden("admin routes are disabled: set FEWSTEP_ADMIN_KEYS")
-        if not authorization or not authorization.startswith("Bearer "):
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthorized("missing admin key: send `Authorization: Bearer <admin key>`")
-        digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
+        digest = hashlib.sha256(token.encode()).digest()
         if not any(hmac.compare_digest(digest, d) for d in self._digests):
             raise Forbidden("this key may not use the admin routes")

@@ -125,6 +125,9 @@ async def test_a_job_runs_to_completion_with_results_and_events(client: httpx.As
         "/v1/jobs", json={**body, "requests": body["requests"][:1]}, headers={"Idempotency-Key": "order-1"}
     )
     assert other.status_code == 409  # the same key with another body
+    for bad in ("abc", "1-2-3", "9" * 30):  # a Last-Event-ID no stream sent: refused before streaming
+        r = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "Last-Event-ID", r.text
     events = await client.get(f"/v1/jobs/{job['id']}/events")  # the stream ends with the job's end event
     kinds = [line.split(": ", 1)[1] for line in events.text.splitlines() if line.startswith("event: ")]
     assert kinds[0] == "status" and kinds[-1] == "end" and kinds.count("item") == 3
@@ -133,6 +136,9 @@ async def test_a_job_runs_to_completion_with_results_and_events(client: httpx.As
     results = (await client.get(f"/v1/jobs/{job['id']}/results")).json()
     assert sorted((d["index"], d["request"], d["steps"]) for d in results["data"]) == [(0, 0, 1), (1, 0, 1), (2, 1, 4)]
     assert results["errors"] == [] and results["status"] == "succeeded"
+    # A client resuming past the last event of a finished job gets the end again, not a stream left open.
+    late = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "99999999"})
+    assert [ln for ln in late.text.splitlines() if ln.startswith("event: ")] == ["event: status", "event: end"]
 
 
 async def test_job_validation_names_the_request_and_the_field(client: httpx.AsyncClient) -> None:
@@ -176,6 +182,9 @@ async def test_api_keys_guard_every_v1_route_and_jobs_belong_to_their_key(tmp_pa
         assert (await c.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
         one, two = ({"Authorization": f"Bearer {k}"} for k in ("k-one", "k-two"))
         assert (await c.get("/v1/models", headers=two)).status_code == 200
+        for scheme in ("bearer", "BEARER", "  Bearer "):  # RFC 7235: the scheme is case-insensitive
+            assert (await c.get("/v1/models", headers={"Authorization": f"{scheme} k-two"})).status_code == 200
+        assert (await c.get("/v1/models", headers={"Authorization": "Basic k-two"})).status_code == 401
         r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle"}, headers=one)
         assert r.status_code == 200
         job = (await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "x"}]}, headers=one)).json()

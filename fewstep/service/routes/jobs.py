@@ -27,6 +27,8 @@ from fewstep.service.state import GatewayDep, Owner
 
 router = APIRouter()
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+"""Event ids of both queues: the embedded queue's counters and Redis stream ids."""
 
 
 def job_view(st: JobStatus) -> Job:
@@ -117,6 +119,9 @@ async def job_events(
     gw: GatewayDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
+    if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
+        rule = "an event id this stream sent (digits, or digits-digits)"
+        raise limit_error("Last-Event-ID", rule, last_event_id[:64])
     first = await gw.call(gw.queue.status, job_id, owner)
 
     async def stream() -> AsyncIterator[str]:
@@ -130,6 +135,10 @@ async def job_events(
                 yield sse("error", {"message": str(gone)})
                 return
             if not events:
+                st = await gw.call(gw.queue.status, job_id, owner)
+                if st.finished is not None:  # nothing after the cursor and nothing more to come
+                    yield sse("end", job_view(st).model_dump())
+                    return
                 if time.monotonic() - quiet_since >= gw.settings.sse_keepalive_s:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
