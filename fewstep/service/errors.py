@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fewstep.errors import (
     Cancelled,
@@ -107,10 +108,26 @@ def install(app: FastAPI) -> None:
         msg = f"`{field}`: {first.get('msg', 'invalid value')}. Given: {first.get('input')!r}"
         return JSONResponse(error_body(msg, "InvalidRequest", field), status_code=STATUS[InvalidRequest])
 
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        """Starlette's own errors (no such route, a method the route does not take) in OpenAI's shape."""
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message, kind = f"no route {request.method} {request.url.path}", "NotFound"
+        elif exc.status_code == 405:
+            allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
+            message, kind = (
+                f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                "MethodNotAllowed",
+            )
+        else:
+            message, kind = str(exc.detail), "HTTPError"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
+
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal error", "InternalError"), status_code=500)
 
     app.add_exception_handler(FewstepError, on_domain)
     app.add_exception_handler(RequestValidationError, on_schema)
+    app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -167,7 +167,8 @@ def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(
         while time.monotonic() < deadline and httpx.get(s.url + "/readyz").json().get("reason") == "loading":
             time.sleep(0.2)
         r = httpx.get(s.url + "/readyz")
-        assert r.status_code == 503
+        assert r.status_code == 503 and str(tmp_path) not in r.text  # why, without the server's paths
+        assert r.json()["reason"] == "a model has no working version"  # /v1/models (with a key) says which and why
         assert httpx.get(s.url + "/healthz").status_code == 200
         r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"})
         assert r.status_code == 503 and "Retry-After" in r.headers

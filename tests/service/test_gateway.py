@@ -105,6 +105,19 @@ async def test_a_prompt_that_is_not_text_is_refused_before_it_reaches_a_batch(cl
     assert ok.status_code == 200  # tabs and newlines are text
 
 
+async def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v1/nope"
+    r = await client.put("/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert r.json()["error"] == {
+        "message": "PUT is not allowed on /v1/models; allowed: GET",
+        "type": "MethodNotAllowed",
+        "param": None,
+        "code": None,
+    }
+
+
 async def test_malformed_and_oversized_bodies_are_refused(client: httpx.AsyncClient) -> None:
     r = await client.post(GEN, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]

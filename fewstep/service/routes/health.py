@@ -21,7 +21,11 @@ async def healthz() -> dict[str, str]:
 async def readyz(gw: GatewayDep) -> JSONResponse:
     images = gw.images
     if not images.ready:
-        reason = images.load_error or ("loading" if not images.loaded.is_set() else "a model has no working version")
+        # The load error itself (with server paths) is in the log, not on this unauthenticated route.
+        if images.load_error is not None:
+            reason = "a model failed to load: the server's log says why"
+        else:
+            reason = "loading" if not images.loaded.is_set() else "a model has no working version"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     if not gw.streams.ready:
         return JSONResponse({"status": "not ready", "reason": "video models are loading"}, status_code=503)
