@@ -125,6 +125,19 @@ async def test_malformed_and_oversized_bodies_are_refused(client: httpx.AsyncCli
     assert r.status_code == 413 and "`max_body_bytes` is 65536" in r.json()["error"]["message"]
     assert (await client.get("/healthz")).status_code == 200
 
+    async def chunks(n: int) -> AsyncIterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+        for _ in range(n):
+            yield b" " * 1024
+
+    r = await client.post(GEN, content=chunks(70), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "`max_body_bytes` is 65536" in r.json()["error"]["message"]
+
+    async def small() -> AsyncIterator[bytes]:
+        yield b'{"model": "shapes", '
+        yield b'"prompt": "a red circle"}'
+
+    assert (await client.post(GEN, content=small(), headers={"content-type": "application/json"})).status_code == 200
+
 
 async def test_a_job_runs_to_completion_with_results_and_events(client: httpx.AsyncClient) -> None:
     body = {"model": "shapes", "requests": [{"prompt": "a red circle", "n": 2, "steps": 1}, {"prompt": "a box"}]}
