@@ -39,6 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         ws="websockets-sansio",
+        ws_max_size=settings.ws_max_bytes,
+        ws_per_message_deflate=False,
     )
     return 0
 

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     """Frames made ahead of a client that reads slowly; beyond it its session waits (backpressure)."""
     video_first_message_s: float = Field(10.0, gt=0.0, le=3600.0)
     """How long a new WebSocket may take to send its first message before it is closed (1008)."""
+    ws_max_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """Largest WebSocket message a client may send (a start or a prompt change is well under 1 KiB);
+    bigger ones close the socket with 1009 before they are parsed. Per-message compression is off, so
+    a small frame cannot inflate past this."""
     video_backend: Literal["torch", "onnxruntime"] = "torch"
     """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
     video_gate_streams: int = Field(8, ge=0, le=64)

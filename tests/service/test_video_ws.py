@@ -125,6 +125,15 @@ def test_a_binary_first_message_gets_1008(video_server: Server) -> None:
     assert code == 1008 and "JSON text" in msg["message"]
 
 
+def test_a_message_over_ws_max_bytes_closes_1009_before_it_is_parsed(video_server: Server) -> None:
+    with _ws(video_server) as ws:
+        assert "permessage-deflate" not in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")
+        ws.send(json.dumps([{}] * 40_000))  # ~160 KiB of `[{}, {}, …]`: over the 64 KiB default
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
 def test_auth_by_header_or_first_message(video_server: Server) -> None:
     with _ws(video_server, key=None) as ws:
         _start(ws, frames=10**9)  # out of limits too: the key is checked first
