@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -189,7 +190,7 @@ def _place(built: Path, folder: Path, precision: str) -> None:
     """Move a finished artifact folder into `onnx/<precision>`, replacing an older one whole."""
     target = artifact_dir(folder, precision)
     if target.exists():
-        old = target.with_name(f".old-{precision}-{os.getpid()}")
+        old = target.with_name(f".old-{precision}-{secrets.token_hex(8)}")  # unique per writer, not per PID
         os.replace(target, old)
         shutil.rmtree(old)
     os.replace(built, target)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def sha256_file(path: Path) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON beside `path`, fsync, then rename over it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A writer-unique name: the PID is 1 in every container, and pods share the registry volume.
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")

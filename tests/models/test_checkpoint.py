@@ -63,3 +63,18 @@ def test_missing_or_malformed_manifest_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty" / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         read_manifest(tmp_path / "empty")
+
+
+def test_atomic_writes_use_a_temp_name_unique_per_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pods sharing the registry volume all run as PID 1: a PID-named temp file would be shared."""
+    import os
+
+    from fewstep.models.checkpoint import write_json_atomic
+
+    temps: list[str] = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (temps.append(Path(src).name), real(src, dst))[1])
+    for i in range(2):
+        write_json_atomic(tmp_path / "verdict.json", {"n": i})
+    assert len(set(temps)) == 2  # two writes, two names (a PID-named file would be the same one)
+    assert (tmp_path / "verdict.json").read_text().strip().endswith("}") and not list(tmp_path.glob(".*tmp*"))
