@@ -138,7 +138,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, counter=metrics.requests)
-    routers = (health, models, images, jobs, admin, video, playground)
-    for router in (r.router for r in routers):
-        app.include_router(router)
+    for routes in (health, models, images, jobs, admin, video, playground):
+        app.include_router(routes.router)
     return app

@@ -15,8 +15,9 @@ from fewstep.service import errors
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, by their declared length, or read bounded
-    when there is none (chunked)."""
+    """ASGI middleware: 413 for bodies over `limit` bytes: at once by their declared length, else while
+    reading them (bounded) before the app runs. The app gets the body replayed as one message; counting
+    inside the app's own read instead would surface as the framework's 400."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
@@ -30,34 +31,16 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._reject(scope, receive, send, int(declared))
             return
-        if declared is None:
-            # A chunked body has no length to check up front: read it here, bounded, and hand the app
-            # a replay. (Counting inside the app's own read would surface as the framework's 400.)
-            first, size = await self._read_bounded(receive)
-            if first is None:
-                await self._reject(scope, receive, send, size)
-                return
-            pending = [first]
-
-            async def replay() -> dict:
-                return pending.pop() if pending else await receive()
-
-            await self.app(scope, replay, send)
+        first, size = await self._read_bounded(receive)
+        if first is None:
+            await self._reject(scope, receive, send, size)
             return
-        seen = 0
+        pending = [first]
 
-        async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge(seen)
-            return message
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()  # then disconnects, as they come
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge as e:
-            await self._reject(scope, receive, send, e.size)
+        await self.app(scope, replay, send)
 
     async def _read_bounded(self, receive: Callable[[], Awaitable[dict]]) -> tuple[dict | None, int]:
         """The whole body as one message, or (None, bytes seen) once it passes `limit`; a disconnect
@@ -109,8 +92,3 @@ class CountRequests:
         finally:
             route = scope.get("route")
             self.counter.labels(getattr(route, "path", "unmatched"), str(status)).inc()
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size

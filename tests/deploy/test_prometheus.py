@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from prometheus_client.core import Metric
 
 from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.queue.base import QueueStats
@@ -27,13 +28,15 @@ def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def exported() -> set[str]:
-    """Every metric family a gateway or worker exports (names without the sample suffixes)."""
+def families() -> list[Metric]:
+    """Every metric family a gateway or worker exports (the queue's read from a stub at scrape time)."""
     stats = QueueStats(depth={"interactive": 0}, in_flight=0, oldest_age_s=0, dead=0, reclaims=0, retries=0, workers=0)
-    families = {f.name for f in Metrics().registry.collect()} | {
-        f.name for f in QueueCollector(lambda: stats).collect()
-    }
-    return {SUFFIX.sub("", f) for f in families}
+    return [*Metrics().registry.collect(), *QueueCollector(lambda: stats).collect()]
+
+
+def exported() -> set[str]:
+    """Their names without the sample suffixes."""
+    return {SUFFIX.sub("", f.name) for f in families()}
 
 
 def named(expr: str) -> set[str]:
@@ -118,8 +121,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 
 def test_the_runbook_catalogues_every_metric_and_every_alert() -> None:
     runbook = (ROOT / "docs" / "operations.md").read_text()
-    stats = QueueStats(depth={"interactive": 0}, in_flight=0, oldest_age_s=0, dead=0, reclaims=0, retries=0, workers=0)
-    for f in list(Metrics().registry.collect()) + list(QueueCollector(lambda: stats).collect()):
+    for f in families():
         assert f"`{f.name}" in runbook, f"docs/operations.md does not describe {f.name}"
     for r in rules():
         assert f"`{r['alert']}`" in runbook, f"docs/operations.md says nothing about {r['alert']}"

@@ -8,6 +8,7 @@ scripts, styles, connections (fetch and the video WebSocket) and images (the API
 
 from __future__ import annotations
 
+from functools import cache
 from importlib.resources import files
 
 from fastapi import APIRouter
@@ -35,7 +36,9 @@ HEADERS = {
 }
 
 
+@cache
 def _read(name: str) -> bytes:
+    """A page file's bytes, read once per process (they are part of the installed package)."""
     return files("fewstep.service").joinpath("static", name).read_bytes()
 
 

@@ -259,6 +259,16 @@ function stepsSlider(prefix, modelSelect) {
   return () => allowed[Number(input.value)];
 }
 
+// The hybrid checkbox of a panel: offered only where the model serves its teacher.
+function offerHybrid(prefix, m) {
+  const box = $(`${prefix}-hybrid`);
+  const label = $(`${prefix}-hybrid-label`);
+  box.disabled = !m.hybrid;
+  if (!m.hybrid) box.checked = false;
+  label.classList.toggle("unavailable", !m.hybrid);
+  label.title = m.hybrid ? "" : "this model serves no teacher";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Image panel
 
@@ -280,10 +290,7 @@ function initImage() {
   model.addEventListener("change", () => {
     const m = modelById(model.value);
     if (!m) return;
-    $("image-hybrid").disabled = !m.hybrid;
-    if (!m.hybrid) $("image-hybrid").checked = false;
-    $("image-hybrid-label").classList.toggle("unavailable", !m.hybrid);
-    $("image-hybrid-label").title = m.hybrid ? "" : "this model serves no teacher";
+    offerHybrid("image", m);
     const sizes = sizeChoices(m);
     $("image-size").replaceChildren(...sizes.map((s) => el("option", { value: s, text: s })));
     setVisible("opt-size", sizes.length > 1);
@@ -401,9 +408,7 @@ function initVideo() {
   model.addEventListener("change", () => {
     const m = modelById(model.value);
     if (!m) return;
-    $("video-hybrid").disabled = !m.hybrid;
-    if (!m.hybrid) $("video-hybrid").checked = false;
-    $("video-hybrid-label").classList.toggle("unavailable", !m.hybrid);
+    offerHybrid("video", m);
   });
 
   const running = (on) => {
