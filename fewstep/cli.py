@@ -20,8 +20,14 @@ def _threads(n: int | None) -> int:
     return count
 
 
+def _service_threads(n: int | None) -> None:
+    """The flag overrides FEWSTEP_THREADS; with neither, the service shares the cores among its engine threads."""
+    if n:
+        os.environ["FEWSTEP_THREADS"] = str(n)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    _threads(args.threads)
+    _service_threads(args.threads)
     if args.host:
         os.environ["FEWSTEP_HOST"] = args.host
     if args.port:
@@ -284,7 +290,7 @@ def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _threads(args.threads)
+    _service_threads(args.threads)
     import signal
     import threading
     from collections.abc import Callable
@@ -292,6 +298,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fewstep.engines.base import Outcome, StepEngine
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
+    from fewstep.service.queue.keys import INTERACTIVE
     from fewstep.service.settings import Settings
     from fewstep.service.worker import EngineLookup, Router, Worker, canary_outcome, engine_lookup, worker_name
 
@@ -321,7 +328,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from fewstep.service.versions import Versions
         from fewstep.service.watch import subscribe
 
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(1)))
         ctx = Context(settings, Registry(settings.registry))
         ctx.registry.seed_from(settings.checkpoints)
         models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
@@ -344,20 +351,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
-    worker = Worker(
-        open_queue(settings),
-        engine_lookup(settings, loaded),
-        settings,
-        metrics,
-        name=name,
-        route=route,
-        maintain=maintain,
-        finished=finished,
+    queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
+    worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
+    reserved = [
+        Worker(
+            queue, lookup, settings, metrics, name=f"{name}-i{i}", route=route, finished=finished, lanes=(INTERACTIVE,)
+        )
+        for i in range(settings.interactive_workers)
+    ]
+
+    def stop(*_: object) -> None:
+        for w in (worker, *reserved):
+            w.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("fewstep.worker").info(
+        "worker %s consuming %s (%d interactive-only beside it)", worker.name, settings.redis_prefix, len(reserved)
     )
-    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
-    logging.getLogger("fewstep.worker").info("worker %s consuming %s", worker.name, settings.redis_prefix)
+    for w in reserved:
+        w.start()
     worker.run()
+    for w in reserved:
+        w.stop()
     stop_watch.set()
     return 0
 
@@ -370,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway (settings from FEWSTEP_* variables)")
     s.add_argument("--host", help="bind address (FEWSTEP_HOST, default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (FEWSTEP_PORT, default 8000)")
-    s.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS, default 2)")
+    s.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS; default: cores / engine threads)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="train reference models into checkpoint folders")
@@ -465,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--noop-step-ms", type=float, help="FEWSTEP_NOOP_STEP_MS: wall time per step of the noop engine")
     w.add_argument("--name", help="consumer name (default: host-pid-random, unique per start)")
     w.add_argument("--metrics-port", type=int, default=0, help="serve this worker's /metrics on this port")
-    w.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS, default 2)")
+    w.add_argument("--threads", type=int, help="intra-op threads (FEWSTEP_THREADS; default: cores / engine threads)")
     w.set_defaults(func=cmd_worker)
 
     return p

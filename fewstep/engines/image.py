@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,11 @@ class ImageEngine:
         self.shape = (int(manifest["architecture"]["config"].get("in_channels", 3)), self.spec.height, self.spec.width)
         self._net: Denoiser | None = None
         self._teacher: HybridTeacher | None = None
-        self._lock = threading.Lock()
+        # Workers call `advance` from several threads at once (an interactive-only worker beside a general
+        # one): torch modules and ONNX Runtime sessions run concurrently, a TensorRT execution context
+        # does not, so only that backend's calls are serialised.
+        self._lock: AbstractContextManager[object] = threading.Lock() if backend == "tensorrt" else nullcontext()
+        self._count = threading.Lock()
         self._steps = 0
         self._last_error: str | None = None
 
@@ -139,7 +144,8 @@ class ImageEngine:
                     s.outcome = GenerationFailed(f"generation failed: {type(e).__name__}")
                 return
             finally:
-                self._steps += 1
+                with self._count:
+                    self._steps += 1
         for s in live:
             s.steps_run += 1
             x0 = s.state.x0

@@ -27,6 +27,7 @@ from fewstep.service.kinds import KINDS, Context
 from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests
 from fewstep.service.queue import open_queue
+from fewstep.service.queue.keys import INTERACTIVE
 from fewstep.service.routes import admin, health, images, jobs, models, playground, video
 from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Loading and serving in one thread keeps one team."""
         import torch
 
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(settings.embedded_workers)))
         try:
             for model, version in ctx.registry.seed_from(settings.checkpoints):
                 log.info("registry seeded with %s:%s from %s", model, version, settings.checkpoints)
@@ -113,6 +114,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         made = [
             Worker(queue, lookup, settings, metrics, route=route, maintain=None if i else maintain, finished=finished)
             for i in range(settings.embedded_workers)
+        ]
+        # Interactive-only workers: capacity that a batch job cannot fill.
+        only_interactive = (INTERACTIVE,)
+        made += [
+            Worker(
+                queue,
+                lookup,
+                settings,
+                metrics,
+                name=f"{name}-i{i}",
+                route=route,
+                finished=finished,
+                lanes=only_interactive,
+            )
+            for i in range(settings.interactive_workers)
         ]
         workers.extend(made)
         for w in made[1:]:

@@ -6,6 +6,7 @@ validated at start-up, so a bad environment fails fast with the variable's name.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,8 +35,9 @@ class Settings(BaseSettings):
     """Engine backend for every model (torch; onnxruntime and tensorrt come with the exporters)."""
     precision: str = "fp32"
     """Numeric precision of the backend."""
-    threads: int = Field(2, ge=1, le=256)
-    """torch / ONNX Runtime intra-op threads. Oversubscribed threads slow a 2-core machine by 100×."""
+    threads: int | None = Field(None, ge=1, le=256)
+    """torch / ONNX Runtime intra-op threads; unset: this machine's cores shared out among the process's
+    engine threads (`intra_op_threads`). Oversubscribed threads slow a 2-core machine by 100×."""
     latent_device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")
     """Device of imported pipelines' networks and latents (`cpu`, `cuda`, `cuda:N`)."""
     latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -79,6 +81,10 @@ class Settings(BaseSettings):
     """Prefix of every Redis key, so that several deployments may share one Redis."""
     embedded_workers: int = Field(1, ge=0, le=64)
     """Engine worker threads inside the gateway (1 with the embedded queue, 0 with Redis); more share one engine."""
+    interactive_workers: int = Field(1, ge=0, le=64)
+    """Engine worker threads that take only the interactive lane (synchronous requests), beside the general
+    ones, in every process that runs workers: a batch job that fills the general workers' running batch
+    never makes a synchronous request wait for its steps. 0: the general workers serve both lanes."""
     claim_idle_s: float = Field(keys.CLAIM_IDLE_S, gt=0.0)
     """An item in flight this long without a heartbeat is taken back from its worker."""
     heartbeat_s: float = Field(keys.HEARTBEAT_S, gt=0.0)
@@ -157,6 +163,19 @@ class Settings(BaseSettings):
                 f"Given: {self.heartbeat_s}"
             )
         return self
+
+    def engine_threads(self, general: int) -> int:
+        """Threads that run engines in a process with `general` general workers (its interactive ones join
+        them; a process with no general worker runs none)."""
+        return general + self.interactive_workers if general else 0
+
+    def intra_op_threads(self, engine_threads: int) -> int:
+        """Intra-op threads for each of `engine_threads` concurrent engine threads: `threads` when set, else
+        the cores shared out, so that the teams together never oversubscribe them."""
+        if self.threads is not None:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, engine_threads))
 
     @field_validator("precision")
     @classmethod

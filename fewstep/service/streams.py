@@ -76,7 +76,9 @@ class VideoStreams:
                 return
             import torch
 
-            torch.set_num_threads(self.settings.threads)
+            torch.set_num_threads(
+                self.settings.intra_op_threads(self.settings.engine_threads(self.settings.embedded_workers))
+            )
             self.versions.load()
             threading.Thread(target=self._watch, name="video-watch", daemon=True).start()
             self._drive()

@@ -35,6 +35,7 @@ from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
+from fewstep.service.queue.keys import LANES
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.worker")
@@ -110,12 +111,15 @@ class Worker:
         route: Router | None = None,
         maintain: Callable[[], None] | None = None,
         finished: Finished | None = None,
+        lanes: tuple[str, ...] = LANES,
     ) -> None:
         """`engine_for`: the serving engine of a model; `route`: the engine a job's new item starts on
         (the serving one or a canary; default `engine_for`); `maintain`: called between step
         boundaries, in this worker's thread (the runtime follows the registry there);
-        `finished`: told each retired item's engine and outcome."""
+        `finished`: told each retired item's engine and outcome; `lanes`: the lanes it takes items
+        from, in order (an interactive-only worker is capacity a batch job cannot fill)."""
         self.queue = queue
+        self.lanes = lanes
         self.engine_for = engine_for
         self.settings = settings
         self.metrics = metrics
@@ -194,11 +198,11 @@ class Worker:
         s = self.settings
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + s.claim_idle_s / 2
-            for d in self.queue.reclaim(self.name, s.claim_idle_s, s.max_deliveries, s.max_batch_size):
+            for d in self.queue.reclaim(self.name, s.claim_idle_s, s.max_deliveries, s.max_batch_size, self.lanes):
                 w = d.work
                 log.warning("retrying %s item %d (delivery %d), alone", w.job_id, w.index, d.deliveries)
                 self._run_alone(d)
-        deliveries = self.queue.claim(self.name, n, wait_s, gather_s)
+        deliveries = self.queue.claim(self.name, n, wait_s, gather_s, self.lanes)
         if not deliveries:
             return []
         gone = self.queue.cancelled({d.work.job_id for d in deliveries})

@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 
 from fewstep.engines.base import ImageItem
 from fewstep.errors import Conflict
+from fewstep.service.queue.keys import LANES
 
 Outcome = Literal["ok", "failed", "cancelled"]
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -252,14 +253,18 @@ class JobQueue(Protocol):
         """Dead-lettered items: job, index, item, deliveries, reason."""
 
     # -- worker side -------------------------------------------------------------------------
-    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
-        """Up to `max_items` new items, interactive lane first.
+    def claim(
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
+        """Up to `max_items` new items of `lanes`, in that order (interactive first).
 
         Waits up to `block_s` for the first item, then up to `gather_s` for company.
         """
 
-    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
-        """Take over items idle longer than `min_idle_s`; dead-letter those past `max_deliveries`."""
+    def reclaim(
+        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
+        """Take over items of `lanes` idle longer than `min_idle_s`; dead-letter those past `max_deliveries`."""
 
     def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
         """Reset the idle time of items still running, and mark the worker alive."""

@@ -29,7 +29,7 @@ from fewstep.service.queue.base import (
     key_digest,
     valid_job_id,
 )
-from fewstep.service.queue.keys import IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
+from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
 
 
 @dataclass
@@ -71,7 +71,7 @@ class EmbeddedQueue:
         self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
         self._lane_items = dict.fromkeys(LANES, 0)
         self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
-        self._dead: list[tuple[Delivery, str]] = []
+        self._dead: collections.deque[tuple[Delivery, str]] = collections.deque(maxlen=DEAD_LETTERS_MAX)
         self._workers: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._events = itertools.count(1)
@@ -181,23 +181,25 @@ class EmbeddedQueue:
             ]
 
     # -- worker side -------------------------------------------------------------------------
-    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
+    def claim(
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
         deadline = time.monotonic() + block_s
         with self._cv:
             self._workers[consumer] = time.monotonic()
-            while not any(self._waiting.values()) and not self._closed:
+            while not any(self._waiting[lane] for lane in lanes) and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self._cv.wait(left)
             gather_end = time.monotonic() + gather_s
-            while sum(map(len, self._waiting.values())) < max_items and not self._closed:
+            while sum(len(self._waiting[lane]) for lane in lanes) < max_items and not self._closed:
                 left = gather_end - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
             taken: list[Delivery] = []
-            for lane in LANES:  # interactive first
+            for lane in lanes:  # in the order given: interactive first
                 queue = self._waiting[lane]
                 while queue and len(taken) < max_items:
                     entry = self._entries[queue.popleft()]
@@ -208,10 +210,16 @@ class EmbeddedQueue:
                     taken.append(entry.delivery)
             return taken
 
-    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
+    def reclaim(
+        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
         with self._cv:
             now = time.monotonic()
-            idle = [e for e in self._entries.values() if e.consumer is not None and now - e.touched >= min_idle_s]
+            idle = [
+                e
+                for e in self._entries.values()
+                if e.consumer is not None and e.delivery.lane in lanes and now - e.touched >= min_idle_s
+            ]
             taken: list[Delivery] = []
             for entry in idle[:max_items]:
                 entry.delivery.deliveries += 1

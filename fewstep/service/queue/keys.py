@@ -23,6 +23,10 @@ WORKER_TTL_S = 3 * HEARTBEAT_S
 MAX_DELIVERIES = 3
 """An item delivered this many times without a result goes to the dead-letter stream."""
 
+DEAD_LETTERS_MAX = 10_000
+"""The dead-letter stream keeps about this many newest entries (older ones are trimmed): a poison flood
+cannot grow it without bound."""
+
 INTERACTIVE = "interactive"
 BATCH = "batch"
 LANES = (INTERACTIVE, BATCH)

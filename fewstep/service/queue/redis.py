@@ -36,7 +36,7 @@ from fewstep.service.queue.base import (
     key_digest,
     valid_job_id,
 )
-from fewstep.service.queue.keys import IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
+from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -127,6 +127,8 @@ class RedisQueue:
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
         self._groups_ready = False
+        self._reclaim_from = dict.fromkeys(LANES, "0-0")
+        """XAUTOCLAIM's cursor per lane: each call resumes the scan of the pending list where the last ended."""
 
     # -- gateway side ------------------------------------------------------------------------
     @_reachable
@@ -295,16 +297,18 @@ class RedisQueue:
         )
 
     @_reachable
-    def claim(self, consumer: str, max_items: int, block_s: float, gather_s: float) -> list[Delivery]:
+    def claim(
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
         self._ensure_groups()
         self._alive(consumer)
-        taken = self._fill(consumer, [], max_items)
+        taken = self._fill(consumer, [], max_items, lanes)
         if not taken and block_s > 0:
-            lanes = {self.keys.lane(lane): ">" for lane in LANES}
-            taken = self._read(consumer, lanes, 1, max(1, int(min(block_s, 10.0) * 1000)))
+            streams = {self.keys.lane(lane): ">" for lane in lanes}
+            taken = self._read(consumer, streams, 1, max(1, int(min(block_s, 10.0) * 1000)))
             if taken and gather_s > 0 and len(taken) < max_items:
                 time.sleep(gather_s)
-            taken = self._fill(consumer, taken, max_items)
+            taken = self._fill(consumer, taken, max_items, lanes)
         started = {d.work.job_id for d in taken}
         if started:
             pipe = self.r.pipeline(transaction=False)
@@ -313,9 +317,9 @@ class RedisQueue:
             pipe.execute()
         return taken
 
-    def _fill(self, consumer: str, taken: list[Delivery], max_items: int) -> list[Delivery]:
-        """Top up a batch without blocking, interactive lane first."""
-        for lane in LANES:
+    def _fill(self, consumer: str, taken: list[Delivery], max_items: int, lanes: tuple[str, ...]) -> list[Delivery]:
+        """Top up a batch without blocking, from `lanes` in order (interactive first)."""
+        for lane in lanes:
             room = max_items - len(taken)
             if room <= 0:
                 break
@@ -323,12 +327,17 @@ class RedisQueue:
         return taken
 
     @_reachable
-    def reclaim(self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int) -> list[Delivery]:
+    def reclaim(
+        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+    ) -> list[Delivery]:
         self._ensure_groups()
         taken: list[Delivery] = []
-        for lane in LANES:
+        for lane in lanes:
             stream = self.keys.lane(lane)
-            reply = self.r.xautoclaim(stream, self.keys.group, consumer, int(min_idle_s * 1000), "0-0", count=max_items)
+            start = self._reclaim_from[lane]
+            reply = self.r.xautoclaim(stream, self.keys.group, consumer, int(min_idle_s * 1000), start, count=max_items)
+            cursor = reply[0]
+            self._reclaim_from[lane] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
             claimed = [(i, f) for i, f in reply[1] if f]
             if not claimed:
                 continue
@@ -358,6 +367,8 @@ class RedisQueue:
                 "reason": reason,
                 "at": time.time(),
             },
+            maxlen=DEAD_LETTERS_MAX,
+            approximate=True,
         )
         self.r.hincrby(self.keys.stats, "dead", 1)
         failed = ItemResult(

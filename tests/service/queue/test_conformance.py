@@ -194,3 +194,16 @@ def test_stats_report_depth_in_flight_and_workers(queue: JobQueue) -> None:
     st = queue.stats()
     assert st.depth[BATCH] == 4 and st.in_flight == 1 and st.workers == 1
     assert st.oldest_age_s >= 0.04
+
+
+def test_a_worker_claims_and_reclaims_only_its_lanes(queue: JobQueue) -> None:
+    batch = queue.submit(spec(2, BATCH))
+    sync = queue.submit(spec(1, INTERACTIVE, owner="bob"))
+    [d] = queue.claim("reserved", 10, 1.0, 0.0, lanes=(INTERACTIVE,))
+    assert (d.work.job_id, d.lane) == (sync.id, INTERACTIVE)
+    assert queue.claim("reserved", 10, 0.2, 0.0, lanes=(INTERACTIVE,)) == []  # batch items stay queued
+    taken = queue.claim("general", 10, 1.0, 0.0)
+    assert {t.work.job_id for t in taken} == {batch.id}
+    time.sleep(0.3)  # let every claimed item go idle past the reclaim threshold below
+    again = queue.reclaim("reserved", 0.25, 3, 10, lanes=(INTERACTIVE,))
+    assert [(r.work.job_id, r.lane) for r in again] == [(sync.id, INTERACTIVE)]
