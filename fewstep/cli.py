@@ -353,11 +353,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
     queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
     worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
+    # Interactive-only workers share this process's consumer name: the queue counts processes, and each
+    # thread's heartbeat refreshes its own items.
     reserved = [
-        Worker(
-            queue, lookup, settings, metrics, name=f"{name}-i{i}", route=route, finished=finished, lanes=(INTERACTIVE,)
-        )
-        for i in range(settings.interactive_workers)
+        Worker(queue, lookup, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,))
+        for _ in range(settings.interactive_workers)
     ]
 
     def stop(*_: object) -> None:

@@ -24,6 +24,7 @@ from fewstep.models.registry import Registry
 from fewstep.service import errors
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.kinds import KINDS, Context
+from fewstep.service.limits import open_limits
 from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests
 from fewstep.service.queue import open_queue
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys,
         AdminKeys(settings),
         ThreadPoolExecutor(max_workers=128, thread_name_prefix="queue-wait"),
+        open_limits(settings),
     )
     seeded, stopping = threading.Event(), threading.Event()
     workers: list[Worker] = []
@@ -112,10 +114,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image_models.record(model, engine, canary_outcome(outcome))
 
         made = [
-            Worker(queue, lookup, settings, metrics, route=route, maintain=None if i else maintain, finished=finished)
+            Worker(
+                queue,
+                lookup,
+                settings,
+                metrics,
+                name=None if i else name,
+                route=route,
+                maintain=None if i else maintain,
+                finished=finished,
+            )
             for i in range(settings.embedded_workers)
         ]
-        # Interactive-only workers: capacity that a batch job cannot fill.
+        # Interactive-only workers: capacity that a batch job cannot fill. They share the first worker's
+        # consumer name (the queue counts processes; each thread's heartbeat refreshes its own items).
         only_interactive = (INTERACTIVE,)
         made += [
             Worker(
@@ -123,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 lookup,
                 settings,
                 metrics,
-                name=f"{name}-i{i}",
+                name=name,
                 route=route,
                 finished=finished,
                 lanes=only_interactive,
@@ -145,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for w in workers:
             await asyncio.to_thread(w.stop)
         queue.close()
+        gw.limits.close()
         gw.waits.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(streams.close)
         await asyncio.to_thread(image_models.close)

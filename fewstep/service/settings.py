@@ -17,7 +17,8 @@ from fewstep.service.queue import keys
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="ignore")
+    # Inputs never appear in validation errors: they would print keys and Redis passwords at start-up.
+    model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     """Interface the gateway binds to."""
@@ -52,6 +53,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Comma-separated API keys; empty → no authentication (logged as a warning)."""
 
+    min_key_chars: int = Field(16, ge=8, le=1024)
+    """Shortest API or admin key accepted at start (a short key is a guessable key)."""
+    auth_failures_per_s: float = Field(1.0, gt=0.0, le=1_000_000.0)
+    """Sustained rate of failed authentications one client address may make; past it and its burst,
+    the address gets 429 with Retry-After before its key is even checked."""
+    auth_failure_burst: int = Field(20, ge=1, le=1_000_000)
+    """Failed authentications one client address may make at once before `auth_failures_per_s` applies."""
+
     max_n: int = Field(8, ge=1, le=256)
     """Most images one request may ask for (`n`)."""
     max_prompt_chars: int = Field(500, ge=1, le=100_000)
@@ -70,6 +79,22 @@ class Settings(BaseSettings):
     """Most items of synchronous requests queued or running; beyond it requests get 429 with Retry-After."""
     request_timeout_s: float = Field(120.0, gt=0.0)
     """A synchronous request that waits longer than this fails with 503 (its items are cancelled)."""
+
+    key_requests_per_s: float = Field(20.0, gt=0.0, le=1_000_000.0)
+    """Sustained rate at which one key may start work (image requests, jobs, event streams, video
+    sessions); beyond it and its burst: 429 with Retry-After."""
+    key_burst: int = Field(60, ge=1, le=1_000_000)
+    """How many work-starting requests one key may make at once before `key_requests_per_s` applies."""
+    key_max_sync_cost: int = Field(256, ge=1)
+    """Most network evaluations (steps, +1 for a hybrid's teacher) of one key's synchronous requests queued
+    or running; beyond it 429, so that one key cannot fill the interactive lane (`max_queue` items)."""
+    key_max_job_cost: int = Field(10_000, ge=1)
+    """Most network evaluations of one key's batch jobs queued or running; beyond it `POST /v1/jobs` gets 429,
+    so that one key cannot fill the batch lane (`max_job_queue` items)."""
+    key_max_event_streams: int = Field(16, ge=1, le=100_000)
+    """Most job event streams (SSE) one key may hold open at once."""
+    key_max_video_sessions: int = Field(2, ge=1, le=100_000)
+    """Most video sessions one key may hold at once (the gateways' rows are shared by every key)."""
 
     max_job_items: int = Field(1000, ge=1, le=100_000)
     """Most requests one batch job may carry."""
@@ -155,6 +180,13 @@ class Settings(BaseSettings):
                 f"FEWSTEP_IMAGE_MIN_SIDE must be at most FEWSTEP_IMAGE_MAX_SIDE ({self.image_max_side}). "
                 f"Given: {self.image_min_side}"
             )
+        for name, given in (("FEWSTEP_API_KEYS", self.api_keys), ("FEWSTEP_ADMIN_KEYS", self.admin_keys)):
+            for key in given:
+                if len(key.get_secret_value()) < self.min_key_chars:
+                    raise ValueError(
+                        f"{name} has a key of {len(key.get_secret_value())} characters; keys must have at least "
+                        f"{self.min_key_chars} (`min_key_chars`)"
+                    )
         if "embedded_workers" not in self.model_fields_set and self.redis_url is not None:
             self.embedded_workers = 0  # with Redis, `fewstep worker` processes do the work
         if self.heartbeat_s * 2 > self.claim_idle_s:

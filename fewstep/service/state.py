@@ -12,7 +12,9 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from fewstep.engines.base import StepEngine
+from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
+from fewstep.service.limits import Limits
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
 from fewstep.service.settings import Settings
@@ -36,6 +38,13 @@ class Gateway:
     admins: AdminKeys
     waits: ThreadPoolExecutor
     """Blocking queue calls (waits for results, SSE) get threads of their own, not the default pool's few."""
+    limits: Limits
+    """Per-key rate limits and concurrency caps (in Redis when the queue is)."""
+
+    async def spend(self, owner: str, what: str) -> None:
+        """Charge one work-starting request (`what`) to the owner's token bucket; 429 when it is empty."""
+        s = self.settings
+        await self.call(self.limits.spend, owner, what, s.key_requests_per_s, s.key_burst)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a wait thread."""
@@ -49,8 +58,24 @@ def gateway(request: Request) -> Gateway:
 
 
 def principal(request: Request) -> str:
-    """FastAPI dependency: the caller's key id (401 without a valid key when auth is on)."""
-    return gateway(request).keys.principal(request.headers.get("authorization"))
+    """FastAPI dependency: the caller's key id (401 without a valid key when auth is on; 429 for a client
+    address past its failed-authentication budget, before its key is checked)."""
+    gw = gateway(request)
+    return authenticate(gw, request.headers.get("authorization"), request.client.host if request.client else "")
+
+
+def authenticate(gw: Gateway, authorization: str | None, address: str) -> str:
+    """The owner of a request's key; failed attempts are charged to the client `address`, which is refused
+    (429) once they pass `auth_failures_per_s` and `auth_failure_burst`. Blocking (a Redis call with Redis)."""
+    if not gw.keys.enabled:
+        return gw.keys.principal(authorization)
+    s, bucket = gw.settings, f"address:{address}"
+    gw.limits.spend(bucket, "failed authentications", s.auth_failures_per_s, s.auth_failure_burst, cost=0.0)
+    try:
+        return gw.keys.principal(authorization)
+    except Unauthorized:
+        gw.limits.spend(bucket, "failed authentications", s.auth_failures_per_s, s.auth_failure_burst)
+        raise
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -112,21 +112,23 @@ def test_openai_client_library_talks_to_the_server(server: Server) -> None:
 
 
 def test_api_keys_guard_every_v1_route(tmp_path: Path, checkpoints: Path) -> None:
-    s = start_server(tmp_path, {"FEWSTEP_API_KEYS": "k-one, k-two"})
+    s = start_server(tmp_path, {"FEWSTEP_API_KEYS": "key-one-0123456789, key-two-0123456789"})
     try:
         assert httpx.get(s.url + "/healthz").status_code == 200
         r = httpx.get(s.url + "/v1/models")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer k-two"}).status_code == 200
+        assert (
+            httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer key-two-0123456789"}).status_code == 200
+        )
         r = httpx.post(
             s.url + GEN,
             json={"model": "shapes", "prompt": "a red circle"},
-            headers={"Authorization": "Bearer k-one"},
+            headers={"Authorization": "Bearer key-one-0123456789"},
             timeout=60,
         )
         assert r.status_code == 200
-        assert "k-one" not in s.output() and "k-two" not in s.output()
+        assert "key-one-0123456789" not in s.output() and "key-two-0123456789" not in s.output()
     finally:
         stop_server(s)
 

@@ -200,17 +200,19 @@ async def test_metrics_count_requests_latency_and_batches(client: httpx.AsyncCli
 
 
 async def test_api_keys_guard_every_v1_route_and_jobs_belong_to_their_key(tmp_path: Path) -> None:
-    async with in_process(settings(tmp_path, api_keys="k-one, k-two")) as c:
+    async with in_process(settings(tmp_path, api_keys="key-one-0123456789, key-two-0123456789")) as c:
         assert (await c.get("/healthz")).status_code == 200
         r = await c.get("/v1/models")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json()["error"]["type"] == "Unauthorized"
         assert (await c.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
-        one, two = ({"Authorization": f"Bearer {k}"} for k in ("k-one", "k-two"))
+        one, two = ({"Authorization": f"Bearer {k}"} for k in ("key-one-0123456789", "key-two-0123456789"))
         assert (await c.get("/v1/models", headers=two)).status_code == 200
         for scheme in ("bearer", "BEARER", "  Bearer "):  # RFC 7235: the scheme is case-insensitive
-            assert (await c.get("/v1/models", headers={"Authorization": f"{scheme} k-two"})).status_code == 200
-        assert (await c.get("/v1/models", headers={"Authorization": "Basic k-two"})).status_code == 401
+            assert (
+                await c.get("/v1/models", headers={"Authorization": f"{scheme} key-two-0123456789"})
+            ).status_code == 200
+        assert (await c.get("/v1/models", headers={"Authorization": "Basic key-two-0123456789"})).status_code == 401
         r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle"}, headers=one)
         assert r.status_code == 200
         job = (await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "x"}]}, headers=one)).json()

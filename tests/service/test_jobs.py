@@ -18,13 +18,13 @@ from tests.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # a `fewstep serve` process
 
-ALICE = {"Authorization": "Bearer k-alice"}
-BOB = {"Authorization": "Bearer k-bob"}
+ALICE = {"Authorization": "Bearer key-alice-0123456789"}
+BOB = {"Authorization": "Bearer key-bob-0123456789"}
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path) -> Iterator[Server]:
-    env = {"FEWSTEP_API_KEYS": "k-alice,k-bob", "FEWSTEP_MAX_JOB_ITEMS": "12"}
+    env = {"FEWSTEP_API_KEYS": "key-alice-0123456789,key-bob-0123456789", "FEWSTEP_MAX_JOB_ITEMS": "12"}
     s = start_server(tmp_path_factory.mktemp("jobs"), env)
     yield s
     stop_server(s)

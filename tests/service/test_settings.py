@@ -19,11 +19,21 @@ def test_defaults_are_valid_and_documented() -> None:
 
 def test_environment_overrides_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEWSTEP_MAX_N", "3")
-    monkeypatch.setenv("FEWSTEP_API_KEYS", "a, b ,,c")
+    a, b, c = ("a" * 16, "b" * 20, "c" * 32)
+    monkeypatch.setenv("FEWSTEP_API_KEYS", f"{a}, {b} ,,{c}")
     s = Settings()
     assert s.max_n == 3
-    assert [k.get_secret_value() for k in s.api_keys] == ["a", "b", "c"]
-    assert "a" not in repr(s.api_keys)
+    assert [k.get_secret_value() for k in s.api_keys] == [a, b, c]
+    assert a not in repr(s.api_keys)
+
+
+@pytest.mark.parametrize("var", ["FEWSTEP_API_KEYS", "FEWSTEP_ADMIN_KEYS"])
+def test_short_keys_are_refused_naming_the_length_not_the_key(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    monkeypatch.setenv(var, "long-enough-key-0123456789,short-key")
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert f"{var} has a key of 9 characters; keys must have at least 16 (`min_key_chars`)" in str(e.value)
+    assert "short-key" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +51,7 @@ def test_environment_overrides_with_the_prefix(monkeypatch: pytest.MonkeyPatch) 
 )
 def test_invalid_values_fail_at_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(var, value)
-    with pytest.raises(ValidationError, match=var.removeprefix("FEWSTEP_").lower()):
+    with pytest.raises(ValidationError, match=f"(?i){var.removeprefix('FEWSTEP_')}"):
         Settings()
 
 

@@ -36,14 +36,14 @@ def video_server(tmp_path_factory: pytest.TempPathFactory, video_student: Path) 
         "FEWSTEP_VIDEO_MAX_SESSIONS": str(CAPACITY),
         "FEWSTEP_VIDEO_MAX_FRAMES": "300",
         "FEWSTEP_VIDEO_BUFFER_FRAMES": "4",
-        "FEWSTEP_API_KEYS": "video-key",
+        "FEWSTEP_API_KEYS": "video-key-0123456789",
     }
     s = start_server(tmp_path_factory.mktemp("video"), env)
     yield s
     stop_server(s)
 
 
-def _ws(server: Server, key: str | None = "video-key") -> ClientConnection:
+def _ws(server: Server, key: str | None = "video-key-0123456789") -> ClientConnection:
     headers = {"Authorization": f"Bearer {key}"} if key else None
     return connect(server.url.replace("http", "ws") + "/v1/video/stream", additional_headers=headers, open_timeout=10)
 
@@ -140,11 +140,11 @@ def test_auth_by_header_or_first_message(video_server: Server) -> None:
         msg, code = _closed_with(ws)
     assert code == 1008 and "API key" in msg["message"]
     with _ws(video_server, key=None) as ws:
-        _start(ws, frames=2, api_key="video-key")
+        _start(ws, frames=2, api_key="video-key-0123456789")
         frames, _ = _frames_then_done(ws)
     assert len(frames) == 2
     log = video_server.output()
-    assert "video-key" not in log  # the secret never reaches the log
+    assert "video-key-0123456789" not in log  # the secret never reaches the log
 
 
 def test_over_capacity_gets_an_error_then_1013_and_a_freed_row_is_reused(video_server: Server) -> None:
@@ -223,7 +223,7 @@ def test_models_and_metrics_report_video(video_server: Server) -> None:
     with _ws(video_server) as ws:
         _start(ws, frames=6)
         _frames_then_done(ws)
-    models = httpx.get(video_server.url + "/v1/models", headers={"Authorization": "Bearer video-key"}).json()
+    models = httpx.get(video_server.url + "/v1/models", headers={"Authorization": "Bearer video-key-0123456789"}).json()
     card = next(m for m in models["data"] if m["id"] == MODEL)
     assert card["kind"] == "video" and card["steps"] == [1, 2, 3, 4] and card["size"] == "16x16"
     assert card["hybrid"] is True  # its first-frame image model's teacher is in the registry
@@ -243,7 +243,7 @@ def test_a_pushed_video_version_takes_new_streams_while_an_open_one_finishes_on_
     video_server: Server, video_student: Path
 ) -> None:
     """Last in the module: it changes the version served."""
-    auth = {"Authorization": "Bearer video-key"}
+    auth = {"Authorization": "Bearer video-key-0123456789"}
     before = next(
         m for m in httpx.get(video_server.url + "/v1/models", headers=auth).json()["data"] if m["id"] == MODEL
     )

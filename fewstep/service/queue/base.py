@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 from fewstep.engines.base import ImageItem
-from fewstep.errors import Conflict
+from fewstep.errors import Conflict, Overloaded
 from fewstep.service.queue.keys import LANES
 
 Outcome = Literal["ok", "failed", "cancelled"]
@@ -52,23 +52,39 @@ class JobSpec:
     fingerprint: str = ""
     requests: list[int] | None = None
     """Which request of the body each item came from (a request with `n` > 1 makes n items)."""
+    owner_limit: int | None = None
+    """Most cost (`item_cost`) this owner may have queued or running on this lane, this job included;
+    None: no per-owner limit (the lane's depth still holds)."""
+
+    @property
+    def cost(self) -> int:
+        return sum(item_cost(it) for it in self.items)
 
     def request_of(self, index: int) -> int:
         return self.requests[index] if self.requests is not None else 0
 
 
+def item_cost(item: ImageItem) -> int:
+    """What an item costs in network evaluations: its steps, and one more for a hybrid's teacher (its
+    first step runs the teacher with classic guidance: two evaluations)."""
+    return item.steps + (1 if item.hybrid else 0)
+
+
 @dataclass(frozen=True)
 class WorkItem:
-    """One item of one job, as a worker receives it."""
+    """One item of one job, as a worker receives it. `owner` is the submitting key's id: the queue
+    gives the item's cost back to that owner's budget when the item is acknowledged."""
 
     job_id: str
     index: int
     model: str
     item: ImageItem
     request: int = 0
+    owner: str = ""
 
     def encode(self) -> str:
-        return json.dumps({"model": self.model, "request": self.request, **asdict(self.item)}, sort_keys=True)
+        fields = {"model": self.model, "request": self.request, "owner": self.owner, **asdict(self.item)}
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def decode(cls, job_id: str, index: int, payload: str) -> WorkItem:
@@ -84,7 +100,14 @@ class WorkItem:
             guidance=None if guidance is None else float(guidance),
             negative_prompt=d.get("negative_prompt"),
         )
-        return cls(job_id=job_id, index=index, model=d["model"], item=item, request=int(d.get("request", 0)))
+        return cls(
+            job_id=job_id,
+            index=index,
+            model=d["model"],
+            item=item,
+            request=int(d.get("request", 0)),
+            owner=str(d.get("owner", "")),
+        )
 
 
 @dataclass(eq=False)  # identity: the scheduler uses deliveries as tickets
@@ -214,6 +237,14 @@ def fingerprint(model: str, requests: list[dict]) -> str:
 def key_digest(idempotency_key: str) -> str:
     """Idempotency keys are client strings: store a digest, never the raw value, under a key name."""
     return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
+def owner_over_limit(spec: JobSpec, outstanding: int) -> Overloaded:
+    return Overloaded(
+        f"this key has {outstanding} network evaluations of {spec.lane} work queued or running; this job adds "
+        f"{spec.cost}, over the per-key limit of {spec.owner_limit} (`key_max_job_cost`)",
+        retry_after=5.0,
+    )
 
 
 def idempotency_conflict(key: str) -> Conflict:

@@ -26,7 +26,9 @@ from fewstep.service.queue.base import (
     QueueStats,
     WorkItem,
     idempotency_conflict,
+    item_cost,
     key_digest,
+    owner_over_limit,
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
@@ -70,6 +72,7 @@ class EmbeddedQueue:
         self._entries: dict[str, _Entry] = {}
         self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
         self._lane_items = dict.fromkeys(LANES, 0)
+        self._owner_cost: collections.Counter[tuple[str, str]] = collections.Counter()
         self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._dead: collections.deque[tuple[Delivery, str]] = collections.deque(maxlen=DEAD_LETTERS_MAX)
         self._workers: dict[str, float] = {}
@@ -98,11 +101,15 @@ class EmbeddedQueue:
                     f"{limit}",
                     retry_after=2.0,
                 )
+            outstanding = self._owner_cost[(spec.owner, spec.lane)]
+            if spec.owner_limit is not None and outstanding + spec.cost > spec.owner_limit:
+                raise owner_over_limit(spec, outstanding)
             job = _Job(spec=spec, id=secrets.token_urlsafe(16), created=now, expires=now + spec.ttl_s)
             self._jobs[job.id] = job
+            self._owner_cost[(spec.owner, spec.lane)] += spec.cost
             for index, item in enumerate(spec.items):
                 entry_id = str(next(self._ids))
-                work = WorkItem(job_id=job.id, index=index, model=spec.model, item=item, request=spec.request_of(index))
+                work = WorkItem(job.id, index, spec.model, item, spec.request_of(index), spec.owner)
                 self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work, queued_at=now))
                 self._waiting[spec.lane].append(entry_id)
             self._lane_items[spec.lane] += len(spec.items)
@@ -259,6 +266,10 @@ class EmbeddedQueue:
     def _finish(self, delivery: Delivery, result: ItemResult) -> Finished:
         if self._entries.pop(delivery.entry_id, None) is not None:
             self._lane_items[delivery.lane] -= 1
+            owner = (delivery.work.owner, delivery.lane)
+            self._owner_cost[owner] -= item_cost(delivery.work.item)
+            if self._owner_cost[owner] <= 0:
+                del self._owner_cost[owner]
         job = self._jobs.get(delivery.work.job_id)
         if job is None or result.index in job.results:
             return Finished(wrote=False)

@@ -58,6 +58,19 @@ class Keys:
         """Hash of queue-wide counters (reclaims, retries, dead, submitted)."""
         return f"{self.prefix}:stats"
 
+    @property
+    def owner_cost(self) -> str:
+        """Hash: "<owner>|<lane>" → network evaluations of that owner's items queued or running there."""
+        return f"{self.prefix}:owner-cost"
+
+    def bucket(self, owner: str, bucket: str) -> str:
+        """Hash: tokens, at: one key's token bucket (`service/limits/redis.py`)."""
+        return f"{self.prefix}:limit:{owner}:{bucket}"
+
+    def leases(self, owner: str, what: str) -> str:
+        """Sorted set: lease id → expiry (server time): one key's concurrent streams or sessions."""
+        return f"{self.prefix}:leases:{owner}:{what}"
+
     def job(self, job_id: str) -> str:
         """Hash: owner, model, total, counters, status timestamps."""
         return f"{self.prefix}:job:{job_id}"

@@ -33,7 +33,9 @@ from fewstep.service.queue.base import (
     QueueStats,
     WorkItem,
     idempotency_conflict,
+    item_cost,
     key_digest,
+    owner_over_limit,
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
@@ -41,8 +43,9 @@ from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANE
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# KEYS: lane stream, job hash, idempotency key, stats hash.
-# ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane, items...
+# KEYS: lane stream, job hash, idempotency key, stats hash, owners' cost hash.
+# ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane,
+#       owner field, job cost, owner limit (-1: none), items...
 SUBMIT = """
 if ARGV[6] == '1' then
   local known = redis.call('GET', KEYS[3])
@@ -51,19 +54,25 @@ end
 local n = tonumber(ARGV[7])
 local depth = redis.call('XLEN', KEYS[1])
 if depth + n > tonumber(ARGV[3]) then return {'full', tostring(depth)} end
+local owed = tonumber(redis.call('HGET', KEYS[5], ARGV[12]) or '0')
+if tonumber(ARGV[14]) >= 0 and owed + tonumber(ARGV[13]) > tonumber(ARGV[14]) then
+  return {'owner', tostring(owed)}
+end
+redis.call('HINCRBY', KEYS[5], ARGV[12], ARGV[13])
 redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
            'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 for i = 1, n do
-  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[11 + i])
+  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[14 + i])
 end
 if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[5]) end
 redis.call('HINCRBY', KEYS[4], 'submitted', n)
 return {'created', ARGV[1]}
 """
 
-# KEYS: job hash, results hash, events stream, lane stream.
-# ARGV: index, result JSON, outcome, now, entry id, group.
+# KEYS: job hash, results hash, events stream, lane stream, owners' cost hash.
+# ARGV: index, result JSON, outcome, now, entry id, group, owner field, item cost.
+# The first acknowledgement of an entry gives its cost back to its owner (once, whatever the redeliveries).
 FINISH = """
 local wrote = 0
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
@@ -80,7 +89,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1],
   end
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], c[5]) end
 end
-redis.call('XACK', KEYS[4], ARGV[6], ARGV[5])
+if redis.call('XACK', KEYS[4], ARGV[6], ARGV[5]) == 1 then
+  if redis.call('HINCRBY', KEYS[5], ARGV[7], -tonumber(ARGV[8])) <= 0 then redis.call('HDEL', KEYS[5], ARGV[7]) end
+end
 redis.call('XDEL', KEYS[4], ARGV[5])
 return wrote
 """
@@ -110,6 +121,11 @@ def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def owner_field(owner: str, lane: str) -> str:
+    """Field of the owners' cost hash: one per (owner, lane)."""
+    return f"{owner}|{lane}"
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -136,7 +152,10 @@ class RedisQueue:
         job_id = secrets.token_urlsafe(16)
         has_key = spec.idempotency_key is not None
         idem = self.keys.idempotency(spec.owner, key_digest(spec.idempotency_key or ""))
-        payloads = [WorkItem(job_id, i, spec.model, it, spec.request_of(i)).encode() for i, it in enumerate(spec.items)]
+        payloads = [
+            WorkItem(job_id, i, spec.model, it, spec.request_of(i), spec.owner).encode()
+            for i, it in enumerate(spec.items)
+        ]
         args: list[str | int | float] = [
             job_id,
             spec.fingerprint,
@@ -144,8 +163,10 @@ class RedisQueue:
             spec.ttl_s,
             IDEMPOTENCY_TTL_S,
         ]
-        args += ["1" if has_key else "0", len(payloads), time.time(), spec.owner, spec.model, spec.lane, *payloads]
-        keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats]
+        args += ["1" if has_key else "0", len(payloads), time.time(), spec.owner, spec.model, spec.lane]
+        limit = -1 if spec.owner_limit is None else spec.owner_limit
+        args += [owner_field(spec.owner, spec.lane), spec.cost, limit, *payloads]
+        keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats, self.keys.owner_cost]
         verdict, value = self._submit(keys=keys, args=args)
         verdict, value = _s(verdict), _s(value)
         if verdict == "full":
@@ -154,6 +175,8 @@ class RedisQueue:
                 f"{self.max_depth[spec.lane]}",
                 retry_after=2.0,
             )
+        if verdict == "owner":
+            raise owner_over_limit(spec, int(value))
         if verdict == "existing":
             known_id, _, known_fp = value.partition("|")
             if known_fp != spec.fingerprint:
@@ -403,9 +426,12 @@ class RedisQueue:
         pipe = self.r.pipeline(transaction=False)  # one round trip for the batch; each script is atomic
         for delivery, result in done:
             job_id = delivery.work.job_id
+            w = delivery.work
+            args: list[str | int | float] = [result.index, result.encode(), result.outcome, time.time()]
+            args += [delivery.entry_id, k.group, owner_field(w.owner, delivery.lane), item_cost(w.item)]
             self._finish(
-                keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane)],
-                args=[result.index, result.encode(), result.outcome, time.time(), delivery.entry_id, k.group],
+                keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane), k.owner_cost],
+                args=args,
                 client=pipe,
             )
         out = []

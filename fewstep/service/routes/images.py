@@ -47,8 +47,10 @@ async def generate_images(
     settings = gw.settings
     spec = image_spec(gw, req.model)
     items = build_items(req, spec, settings)
+    await gw.spend(owner, "image requests")
     ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
-    job = await gw.call(gw.queue.submit, JobSpec(owner, req.model, items, INTERACTIVE, ttl))
+    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=settings.key_max_sync_cost)
+    job = await gw.call(gw.queue.submit, submitted)
     outcome = await wait_settled(gw, job.id, settings.request_timeout_s, request)
     if outcome != "done":
         await gw.call(gw.queue.cancel, job.id, owner)  # its items leave the running batch at the next step

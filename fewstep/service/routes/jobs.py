@@ -18,12 +18,13 @@ from fastapi.responses import StreamingResponse
 
 from fewstep.engines.base import ImageItem
 from fewstep.errors import FewstepError, limit_error
+from fewstep.service.limits import Lease
 from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
 from fewstep.service.queue.keys import BATCH
 from fewstep.service.requests import build_items
 from fewstep.service.routes.images import image_spec
 from fewstep.service.schemas import Job, JobCreateRequest, JobError, JobResult, JobResults
-from fewstep.service.state import GatewayDep, Owner
+from fewstep.service.state import Gateway, GatewayDep, Owner
 
 router = APIRouter()
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -71,7 +72,9 @@ async def create_job(
         idempotency_key=idempotency_key,
         fingerprint=fingerprint(body.model, [r.model_dump() for r in body.requests]),
         requests=origin,
+        owner_limit=settings.key_max_job_cost,
     )
+    await gw.spend(owner, "jobs")
     return job_view(await gw.call(gw.queue.submit, job))
 
 
@@ -123,38 +126,56 @@ async def job_events(
         rule = "an event id this stream sent (digits, or digits-digits)"
         raise limit_error("Last-Event-ID", rule, last_event_id[:64])
     first = await gw.call(gw.queue.status, job_id, owner)
+    await gw.spend(owner, "event streams")
+    s = gw.settings
+    ttl = 3 * s.sse_keepalive_s + 30  # renewed at least every keep-alive while the stream lives
+    lease = await gw.call(gw.limits.hold, owner, "event streams", s.key_max_event_streams, ttl, "key_max_event_streams")
 
     async def stream() -> AsyncIterator[str]:
-        yield sse("status", job_view(first).model_dump())
-        cursor = last_event_id or "0"
-        quiet_since = time.monotonic()
-        while True:
-            try:
-                events = await gw.call(gw.queue.events, job_id, cursor, 1.0)
-            except FewstepError as gone:  # the job expired or the queue went away mid-stream
-                yield sse("error", {"message": str(gone)})
-                return
-            if not events:
-                st = await gw.call(gw.queue.status, job_id, owner)
-                if st.finished is not None:  # nothing after the cursor and nothing more to come
-                    yield sse("end", job_view(st).model_dump())
-                    return
-                if time.monotonic() - quiet_since >= gw.settings.sse_keepalive_s:
-                    quiet_since = time.monotonic()
-                    yield ": keep-alive\n\n"
-                continue
-            quiet_since = time.monotonic()
-            st = await gw.call(gw.queue.status, job_id, owner)
-            counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
-            for ev in events:
-                cursor = ev.cursor
-                if ev.kind == "item":
-                    yield sse("item", {"index": ev.index, "outcome": ev.outcome, **counts}, ev.cursor)
-                elif ev.kind == "cancel":
-                    yield sse("cancel", counts, ev.cursor)
-                else:
-                    yield sse("end", job_view(st).model_dump(), ev.cursor)
-                    return
+        try:
+            async for chunk in events(gw, job_id, owner, first, last_event_id or "0", lease):
+                yield chunk
+        finally:
+            await gw.call(gw.limits.release, lease)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+async def events(
+    gw: Gateway, job_id: str, owner: str, first: JobStatus, cursor: str, lease: Lease
+) -> AsyncIterator[str]:
+    """The SSE frames of one job after `cursor`: a status first, then items, a cancel, and an end.
+    The stream's lease is renewed every keep-alive interval while it lives."""
+    yield sse("status", job_view(first).model_dump())
+    quiet_since = renewed_at = time.monotonic()
+    while True:
+        if time.monotonic() - renewed_at >= gw.settings.sse_keepalive_s:
+            renewed_at = time.monotonic()
+            await gw.call(gw.limits.renew, lease)
+        try:
+            fresh = await gw.call(gw.queue.events, job_id, cursor, 1.0)
+        except FewstepError as gone:  # the job expired or the queue went away mid-stream
+            yield sse("error", {"message": str(gone)})
+            return
+        if not fresh:
+            st = await gw.call(gw.queue.status, job_id, owner)
+            if st.finished is not None:  # nothing after the cursor and nothing more to come
+                yield sse("end", job_view(st).model_dump())
+                return
+            if time.monotonic() - quiet_since >= gw.settings.sse_keepalive_s:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            continue
+        quiet_since = time.monotonic()
+        st = await gw.call(gw.queue.status, job_id, owner)
+        counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
+        for ev in fresh:
+            cursor = ev.cursor
+            if ev.kind == "item":
+                yield sse("item", {"index": ev.index, "outcome": ev.outcome, **counts}, ev.cursor)
+            elif ev.kind == "cancel":
+                yield sse("cancel", counts, ev.cursor)
+            else:
+                yield sse("end", job_view(st).model_dump(), ev.cursor)
+                return

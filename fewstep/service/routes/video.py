@@ -24,6 +24,9 @@ from fewstep.service.state import Gateway
 from fewstep.service.streams import Stream, VideoStreams
 
 router = APIRouter()
+SESSION_LEASE_S = 120.0
+"""A session's per-key lease lasts this long unless renewed (every third of it while frames flow), so the
+sessions of a gateway that died stop counting against their key within two minutes."""
 
 
 async def _fail(gw: Gateway, ws: WebSocket, e: FewstepError, reason: str | None) -> None:
@@ -55,13 +58,16 @@ async def video_stream(ws: WebSocket) -> None:
         msg = json_object(raw, "the first message")
         header = ws.headers.get("authorization")
         key = msg.get("api_key") if isinstance(msg.get("api_key"), str) else None
-        gw.keys.principal(header if header else (f"Bearer {key}" if key else None))  # the key before the fields
+        owner = gw.keys.principal(header if header else (f"Bearer {key}" if key else None))  # before the fields
         start = stream_start(msg, settings)
         spec = streams.spec(start.model)
         steps = start.steps if start.steps is not None else spec.default_steps
         seed = start.seed if start.seed is not None else secrets.randbelow(1 << 31)
         request = StreamRequest(start.prompt, start.frames, steps, seed, start.hybrid)
         spec.validate(request, settings.video_max_frames)
+        await gw.spend(owner, "video sessions")
+        cap = settings.key_max_video_sessions
+        lease = await gw.call(gw.limits.hold, owner, "video sessions", cap, SESSION_LEASE_S, "key_max_video_sessions")
     except FewstepError as e:
         why = "invalid" if errors.ws_close_code(e) == errors.WS_POLICY_VIOLATION else "unavailable"
         await _fail(gw, ws, e, why)
@@ -75,12 +81,17 @@ async def video_stream(ws: WebSocket) -> None:
     try:
         stream = await asyncio.to_thread(streams.open, start.model, request, deliver)
     except FewstepError as e:
+        await gw.call(gw.limits.release, lease)
         await _fail(gw, ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
         return
     listener = asyncio.create_task(_listen(ws, streams, stream, gw))
     sent = 0
+    renewed_at = time.monotonic()
     try:
         while sent < request.frames:
+            if time.monotonic() - renewed_at >= SESSION_LEASE_S / 3:
+                renewed_at = time.monotonic()
+                await gw.call(gw.limits.renew, lease)
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
@@ -118,6 +129,7 @@ async def video_stream(ws: WebSocket) -> None:
     finally:
         listener.cancel()
         streams.close_stream(stream)
+        await gw.call(gw.limits.release, lease)
 
 
 async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway) -> None:

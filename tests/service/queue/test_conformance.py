@@ -207,3 +207,21 @@ def test_a_worker_claims_and_reclaims_only_its_lanes(queue: JobQueue) -> None:
     time.sleep(0.3)  # let every claimed item go idle past the reclaim threshold below
     again = queue.reclaim("reserved", 0.25, 3, 10, lanes=(INTERACTIVE,))
     assert [(r.work.job_id, r.lane) for r in again] == [(sync.id, INTERACTIVE)]
+
+
+def test_one_owner_cannot_queue_past_its_cost_limit_and_gets_it_back_as_items_finish(queue: JobQueue) -> None:
+    def limited(n: int, owner: str) -> JobSpec:
+        items = [ImageItem(prompt="a red circle", seed=i, steps=4, hybrid=i == 0) for i in range(n)]
+        return JobSpec(owner, "shapes", items, BATCH, ttl_s=600, owner_limit=12)
+
+    queue.submit(limited(2, "alice"))  # 5 + 4 evaluations: the hybrid item's teacher counts
+    with pytest.raises(Overloaded, match=r"9 network evaluations .* adds 5, over the per-key limit of 12"):
+        queue.submit(limited(1, "alice"))
+    queue.submit(limited(2, "bob"))  # another key's budget is its own
+    taken = [d for d in queue.claim("w1", 10, 1.0, 0.0) if d.work.owner == "alice"]
+    assert len(taken) == 2
+    queue.finish([(taken[0], ok(taken[0].work.index, 0))])
+    queue.finish([(taken[0], ok(taken[0].work.index, 0))])  # a second write gives nothing back twice
+    with pytest.raises(Overloaded):
+        queue.submit(limited(2, "alice"))  # 4 left + 9 > 12
+    queue.submit(limited(1, "alice"))  # 4 + 5 ≤ 12
