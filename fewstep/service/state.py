@@ -44,7 +44,8 @@ class Gateway:
     async def spend(self, owner: str, what: str) -> None:
         """Charge one work-starting request (`what`) to the owner's token bucket; 429 when it is empty."""
         s = self.settings
-        await self.call(self.limits.spend, owner, what, s.key_requests_per_s, s.key_burst)
+        names = "`key_requests_per_s`, `key_burst`"
+        await self.call(self.limits.spend, owner, what, s.key_requests_per_s, s.key_burst, names)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a wait thread."""
@@ -70,11 +71,13 @@ def authenticate(gw: Gateway, authorization: str | None, address: str) -> str:
     if not gw.keys.enabled:
         return gw.keys.principal(authorization)
     s, bucket = gw.settings, f"address:{address}"
-    gw.limits.spend(bucket, "failed authentications", s.auth_failures_per_s, s.auth_failure_burst, cost=0.0)
+    budget = (bucket, "failed authentications from this address", s.auth_failures_per_s, s.auth_failure_burst)
+    names = "`auth_failures_per_s`, `auth_failure_burst`"
+    gw.limits.spend(*budget, names, cost=0.0)
     try:
         return gw.keys.principal(authorization)
     except Unauthorized:
-        gw.limits.spend(bucket, "failed authentications", s.auth_failures_per_s, s.auth_failure_burst)
+        gw.limits.spend(*budget, names)
         raise
 
 

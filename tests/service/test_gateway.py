@@ -220,3 +220,37 @@ async def test_api_keys_guard_every_v1_route_and_jobs_belong_to_their_key(tmp_pa
         assert (await c.get(f"/v1/jobs/{job['id']}", headers=two)).status_code == 404  # another key's job
         r = await c.post("/v1/admin/models/shapes/rollback", headers=one)
         assert r.status_code == 403 and "FEWSTEP_ADMIN_KEYS" in r.json()["error"]["message"]
+
+
+async def test_per_key_limits_refuse_one_key_with_429_and_leave_the_other_served(tmp_path: Path) -> None:
+    keys = ("key-one-0123456789", "key-two-0123456789")
+    config = settings(tmp_path, api_keys=",".join(keys), key_requests_per_s=0.01, key_burst=3, key_max_job_cost=8)
+    async with in_process(config) as c:
+        one, two = ({"Authorization": f"Bearer {k}"} for k in keys)
+        big = {"model": "shapes", "requests": [{"prompt": "a red circle", "steps": 4}] * 3}
+        r = await c.post("/v1/jobs", json=big, headers=one)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "this job adds 12, over the per-key limit of 8 (`key_max_job_cost`)" in r.json()["error"]["message"]
+        for _ in range(3):
+            r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 1}, headers=one)
+            assert r.status_code == 200
+        r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 1}, headers=one)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "bursts of 3 (`key_requests_per_s`, `key_burst`)" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "Overloaded"
+        r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 1}, headers=two)
+        assert r.status_code == 200  # the other key's budget is untouched
+
+
+async def test_failed_authentication_is_throttled_per_address_before_the_key_is_checked(tmp_path: Path) -> None:
+    key = "key-one-0123456789"
+    config = settings(tmp_path, api_keys=key, auth_failures_per_s=0.01, auth_failure_burst=5)
+    async with in_process(config) as c:
+        for i in range(5):
+            r = await c.get("/v1/models", headers={"Authorization": f"Bearer guess-{i:012d}"})
+            assert r.status_code == 401
+        r = await c.get("/v1/models", headers={"Authorization": "Bearer guess-000000000005"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "(`auth_failures_per_s`, `auth_failure_burst`)" in r.json()["error"]["message"]
+        # Past the budget even the right key waits: guessing gets no signal until the bucket refills.
+        assert (await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 429

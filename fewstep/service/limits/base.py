@@ -29,10 +29,10 @@ class Lease:
     ttl_s: float
 
 
-def rate_limited(what: str, rate_per_s: float, burst: int, retry_after: float) -> Overloaded:
+def rate_limited(what: str, rate_per_s: float, burst: int, settings: str, retry_after: float) -> Overloaded:
     return Overloaded(
-        f"rate limit for this key: {what} at most {rate_per_s:g}/s on average, bursts of {burst} "
-        f"(`key_requests_per_s`, `key_burst`); retry in {retry_after:.1f} s",
+        f"rate limit: {what} at most {rate_per_s:g}/s on average, bursts of {burst} ({settings}); "
+        f"retry in {retry_after:.1f} s",
         retry_after=max(retry_after, 0.1),
     )
 
@@ -42,9 +42,9 @@ def cap_reached(what: str, limit: int, setting: str) -> Overloaded:
 
 
 class Limits(Protocol):
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
         """Take `cost` tokens from the owner's bucket, or raise `Overloaded` (taking nothing) when it holds
-        fewer than `max(cost, 1)`."""
+        fewer than `max(cost, 1)`; `settings` names the limits in the refusal."""
 
     def hold(self, owner: str, what: str, limit: int, ttl_s: float, setting: str) -> Lease:
         """One of at most `limit` concurrent leases of `what`; `Overloaded` naming `setting` when all are held."""

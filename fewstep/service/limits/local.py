@@ -17,7 +17,7 @@ class LocalLimits:
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
 
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
         now = time.monotonic()
         with self._lock:
             tokens, at = self._buckets.get((owner, bucket), (float(burst), now))
@@ -25,7 +25,7 @@ class LocalLimits:
             need = max(cost, 1.0)
             if tokens < need:
                 self._buckets[(owner, bucket)] = (tokens, now)
-                raise rate_limited(bucket, rate_per_s, burst, (need - tokens) / rate_per_s)
+                raise rate_limited(bucket, rate_per_s, burst, settings, (need - tokens) / rate_per_s)
             self._buckets[(owner, bucket)] = (tokens - cost, now)
 
     def hold(self, owner: str, what: str, limit: int, ttl_s: float, setting: str) -> Lease:

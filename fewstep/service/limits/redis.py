@@ -73,10 +73,10 @@ class RedisLimits:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise NotReady(f"limits store unreachable: {type(e).__name__}", retry_after=2.0) from e
 
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
         wait = float(self._call(self._spend, [self.keys.bucket(owner, bucket)], [rate_per_s, burst, cost]))
         if wait > 0:
-            raise rate_limited(bucket, rate_per_s, burst, wait)
+            raise rate_limited(bucket, rate_per_s, burst, settings, wait)
 
     def hold(self, owner: str, what: str, limit: int, ttl_s: float, setting: str) -> Lease:
         lease = Lease(owner, what, secrets.token_hex(8), ttl_s)
