@@ -32,23 +32,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["FEWSTEP_HOST"] = args.host
     if args.port:
         os.environ["FEWSTEP_PORT"] = str(args.port)
-    import uvicorn
-
-    from fewstep.service.app import create_app
+    from fewstep.service.server import serve
     from fewstep.service.settings import Settings
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_bytes,
-        ws_per_message_deflate=False,
-    )
-    return 0
+    return serve(settings)
 
 
 def _needs(extra: str, *modules: str) -> None:
@@ -319,6 +308,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finished: Callable[[str, object, Outcome], None] | None = None
     stop_watch = threading.Event()
     worker: Worker | None = None
+    workers: list[Worker] = []
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        for w in workers:
+            w.request_stop()
+
+    # Installed before the models load: a SIGTERM while loading (or gating) lets the load finish, so that
+    # it leaves no half-done load mark behind to count against a good version, and then exits 0.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     if settings.engine == "image":
         import torch
 
@@ -359,13 +360,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         Worker(queue, lookup, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,))
         for _ in range(settings.interactive_workers)
     ]
-
-    def stop(*_: object) -> None:
-        for w in (worker, *reserved):
-            w.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    workers += [worker, *reserved]
+    if stopping.is_set():  # asked to stop while loading: nothing was claimed
+        stop_watch.set()
+        return 0
     logging.getLogger("fewstep.worker").info(
         "worker %s consuming %s (%d interactive-only beside it)", worker.name, settings.redis_prefix, len(reserved)
     )

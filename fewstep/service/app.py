@@ -26,7 +26,7 @@ from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
 from fewstep.service.metrics import Metrics, QueueCollector
-from fewstep.service.middleware import BodyLimit, CountRequests
+from fewstep.service.middleware import BodyLimit, CountRequests, Draining
 from fewstep.service.queue import open_queue
 from fewstep.service.queue.keys import INTERACTIVE
 from fewstep.service.routes import admin, health, images, jobs, models, playground, video
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, counter=metrics.requests)
+    app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read
     for routes in (health, models, images, jobs, admin, video, playground):
         app.include_router(routes.router)
     return app

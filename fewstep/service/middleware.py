@@ -12,6 +12,58 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from fewstep.service import errors
+from fewstep.service.drain import Drain
+
+WORK_ROUTES = {
+    ("POST", "/v1/images/generations"),
+    ("POST", "/v1/jobs"),
+}
+"""Requests that start work: refused while draining (event streams and video sessions are refused too)."""
+
+
+def _starts_work(scope: dict) -> bool:
+    path: str = scope.get("path", "")
+    if scope["type"] == "websocket":
+        return True
+    if scope.get("method") == "GET" and path.startswith("/v1/jobs/") and path.endswith("/events"):
+        return True
+    return (scope.get("method"), path) in WORK_ROUTES
+
+
+class Draining:
+    """ASGI middleware: counts requests and WebSockets in flight (`Drain.track`); while draining, refuses
+    new work with 503 (a WebSocket is closed before it is accepted) and closes every connection after
+    its response, so that clients reconnect to a gateway that is not leaving."""
+
+    def __init__(self, app: Any, drain: Drain, retry_after_s: int = 2) -> None:
+        self.app = app
+        self.drain = drain
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining.is_set() and _starts_work(scope):
+            await self._refuse(scope, receive, send)
+            return
+
+        async def closing(message: dict) -> None:
+            if message["type"] == "http.response.start" and self.drain.draining.is_set():
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        with self.drain.track():
+            await self.app(scope, receive, closing if scope["type"] == "http" else send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013, "reason": "server shutting down"})
+            return
+        body = errors.error_body("server shutting down: retry on another instance", "NotReady")
+        headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
+        await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 
 
 class BodyLimit:

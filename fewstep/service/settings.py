@@ -79,11 +79,15 @@ class Settings(BaseSettings):
     """Most items of synchronous requests queued or running; beyond it requests get 429 with Retry-After."""
     request_timeout_s: float = Field(120.0, gt=0.0)
     """A synchronous request that waits longer than this fails with 503 (its items are cancelled)."""
+    drain_s: float = Field(120.0, ge=0.0, le=3600.0)
+    """On SIGTERM, how long requests, event streams and video sessions in flight get to finish (new work
+    gets 503 meanwhile) before the gateway stops listening; keep it at least `request_timeout_s`, and the
+    pod's grace period above it plus its preStop pause."""
 
-    key_requests_per_s: float = Field(20.0, gt=0.0, le=1_000_000.0)
+    key_requests_per_s: float = Field(50.0, gt=0.0, le=1_000_000.0)
     """Sustained rate at which one key may start work (image requests, jobs, event streams, video
     sessions); beyond it and its burst: 429 with Retry-After."""
-    key_burst: int = Field(60, ge=1, le=1_000_000)
+    key_burst: int = Field(100, ge=1, le=1_000_000)
     """How many work-starting requests one key may make at once before `key_requests_per_s` applies."""
     key_max_sync_cost: int = Field(256, ge=1)
     """Most network evaluations (steps, +1 for a hybrid's teacher) of one key's synchronous requests queued

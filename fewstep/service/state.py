@@ -6,7 +6,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fewstep.engines.base import StepEngine
 from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
+from fewstep.service.drain import Drain
 from fewstep.service.limits import Limits
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
@@ -40,6 +41,8 @@ class Gateway:
     """Blocking queue calls (waits for results, SSE) get threads of their own, not the default pool's few."""
     limits: Limits
     """Per-key rate limits and concurrency caps (in Redis when the queue is)."""
+    drain: Drain = field(default_factory=Drain)
+    """Work in flight, and whether the process is shutting down (service/drain.py)."""
 
     async def spend(self, owner: str, what: str) -> None:
         """Charge one work-starting request (`what`) to the owner's token bucket; 429 when it is empty."""

@@ -137,6 +137,9 @@ class Worker:
             route=None if route is None else lambda a: route(a.model, _job_of(a)),
         )
         self._stopping = threading.Event()
+        self._drained = threading.Event()
+        """Set once the loop has finished its running batch: the heartbeat runs until then, so that a drain
+        longer than `claim_idle_s` never has its items taken back and run twice."""
         self._threads: list[threading.Thread] = []
         self._last_warning = 0.0
 
@@ -187,10 +190,12 @@ class Worker:
         while self.scheduler.running and time.monotonic() < deadline:  # stopping: finish what runs, admit nothing
             try:
                 self.scheduler.tick(self, idle_wait_s=0.0, admit=False)
+                self._flight = [t for t in self.scheduler.tickets if isinstance(t, Delivery)]
             except Exception:  # what is left unfinished is reclaimed by other workers
                 log.exception("worker drain error")
                 time.sleep(0.5)
         self._flight = []
+        self._drained.set()
 
     # -- WorkSource: what the scheduler asks of the queue ----------------------------------
     def take(self, n: int, wait_s: float, gather_s: float) -> list[Admission]:
@@ -307,7 +312,7 @@ class Worker:
                     self.metrics.job_seconds.observe(w.job_seconds)
 
     def _heartbeat(self) -> None:
-        while not self._stopping.wait(self.settings.heartbeat_s):
+        while not self._drained.wait(self.settings.heartbeat_s):
             try:
                 self.queue.heartbeat(self.name, list(self._flight))
             except NotReady as e:

@@ -19,6 +19,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(gw: GatewayDep) -> JSONResponse:
+    if gw.drain.draining.is_set():
+        return JSONResponse({"status": "not ready", "reason": "shutting down"}, status_code=503)
     images = gw.images
     if not images.ready:
         # The load error itself (with server paths) is in the log, not on this unauthenticated route.

@@ -150,6 +150,9 @@ async def events(
     yield sse("status", job_view(first).model_dump())
     quiet_since = renewed_at = time.monotonic()
     while True:
+        if gw.drain.draining.is_set():  # the gateway is leaving: the client resumes elsewhere from here
+            yield sse("shutdown", {"message": "server shutting down: reconnect with Last-Event-ID"}, cursor)
+            return
         if time.monotonic() - renewed_at >= gw.settings.sse_keepalive_s:
             renewed_at = time.monotonic()
             await gw.call(gw.limits.renew, lease)

@@ -24,6 +24,7 @@ from fewstep.service.state import Gateway
 from fewstep.service.streams import Stream, VideoStreams
 
 router = APIRouter()
+WS_GOING_AWAY = 1001
 SESSION_LEASE_S = 120.0
 """A session's per-key lease lasts this long unless renewed (every third of it while frames flow), so the
 sessions of a gateway that died stop counting against their key within two minutes."""
@@ -108,6 +109,9 @@ async def video_stream(ws: WebSocket) -> None:
             streams.sent(stream)
             gw.metrics.video_frames.labels(stream.model).inc()
             sent += 1
+            if gw.drain.draining.is_set() and sent < request.frames:
+                await ws.close(code=WS_GOING_AWAY, reason="server shutting down")  # after the frame in progress
+                return
         elapsed = time.perf_counter() - t0
         await ws.send_json(
             {

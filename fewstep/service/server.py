@@ -1,0 +1,58 @@
+"""`fewstep serve`: the gateway under uvicorn, with a drain before it stops listening (service/drain.py)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import uvicorn
+
+from fewstep.service.app import create_app
+from fewstep.service.drain import Drain
+from fewstep.service.settings import Settings
+
+log = logging.getLogger("fewstep.service")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM / SIGINT drains (`Drain`) before it stops listening; a second
+    SIGINT stops at once. Signals are not re-raised after shutdown, so a drained exit is exit code 0."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_s = drain_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain.draining.is_set():
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        log.info("%s: draining %d in flight (up to %.0f s)", signal.Signals(sig).name, self.drain.active, self.drain_s)
+        self.drain.start()
+        threading.Thread(target=self._stop_when_idle, name="drain", daemon=True).start()
+
+    def _stop_when_idle(self) -> None:
+        if not self.drain.wait_idle(self.drain_s):
+            log.warning("drain: %d still in flight after %.0f s (`drain_s`); stopping", self.drain.active, self.drain_s)
+        self.should_exit = True  # uvicorn's main loop checks this every tick
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until a signal has drained it; the exit status."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_bytes,
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=5,  # after the drain: only idle keep-alive connections are left
+    )
+    server = DrainingServer(config, app.state.gateway.drain, settings.drain_s)
+    server.run()
+    return 0
