@@ -105,6 +105,8 @@ def json_object(raw: str, what: str) -> dict[str, Any]:
         msg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InvalidRequest("message", f"{what} must be a JSON object ({e.msg})") from e
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting past the stack
+        raise InvalidRequest("message", f"{what} must be a small JSON object ({type(e).__name__})") from e
     if not isinstance(msg, dict):
         raise InvalidRequest("message", f"{what} must be a JSON object. Given: {type(msg).__name__}")
     return msg

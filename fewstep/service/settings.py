@@ -157,6 +157,19 @@ class Settings(BaseSettings):
     """Largest WebSocket message a client may send (a start or a prompt change is well under 1 KiB);
     bigger ones close the socket with 1009 before they are parsed. Per-message compression is off, so
     a small frame cannot inflate past this."""
+    ws_first_message_bytes: int = Field(4096, ge=256, le=1024 * 1024)
+    """Largest first message of a WebSocket that sent no Authorization header (its key is in it): an
+    unauthenticated client gets no more than this read and parsed."""
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated browser origins (`https://app.example`) whose pages may open video WebSockets besides
+    the gateway's own (the playground); `*` allows any. Clients that send no Origin are not browsers: the key
+    guards them."""
+    video_max_session_s: float = Field(900.0, gt=0.0, le=86_400.0)
+    """Longest a video session may last; a slower one (a client that reads slowly holds a row) is closed 1008."""
+    video_prompt_changes_per_s: float = Field(2.0, gt=0.0, le=1000.0)
+    """Sustained rate of mid-stream prompt changes per key; beyond it and its burst the session is closed 1013."""
+    video_prompt_change_burst: int = Field(10, ge=1, le=10_000)
+    """Prompt changes a key may send at once before `video_prompt_changes_per_s` applies."""
     video_backend: Literal["torch", "onnxruntime"] = "torch"
     """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
     video_gate_streams: int = Field(8, ge=0, le=64)
@@ -170,7 +183,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Python logging level of the gateway."""
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "ws_allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):

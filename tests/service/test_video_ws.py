@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from fewstep.models.registry import Registry
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # a `fewstep serve` process with the video studen
 MODEL = "shapes-video"
 PROMPT = "a red circle moving left quickly"
 CAPACITY = 2
+SECOND_KEY = "second-video-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def video_server(tmp_path_factory: pytest.TempPathFactory, video_student: Path) 
         "FEWSTEP_VIDEO_MAX_SESSIONS": str(CAPACITY),
         "FEWSTEP_VIDEO_MAX_FRAMES": "300",
         "FEWSTEP_VIDEO_BUFFER_FRAMES": "4",
-        "FEWSTEP_API_KEYS": "video-key-0123456789",
+        "FEWSTEP_API_KEYS": f"video-key-0123456789,{SECOND_KEY}",
+        "FEWSTEP_KEY_MAX_VIDEO_SESSIONS": str(CAPACITY),
     }
     s = start_server(tmp_path_factory.mktemp("video"), env)
     yield s
@@ -107,6 +109,8 @@ def test_a_client_receives_exactly_n_frames_then_done(video_server: Server) -> N
         ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "hybrid": "yes"}', "`hybrid` must be true"),
         ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "hybrid": true, "steps": 1}', "at least 2"),
         ('{"model": "shapes-video", "prompt": "a red circle", "frames": 4, "fps": 30}', "unknown field 'fps'"),
+        ("[" * 50_000, "must be a small JSON object (RecursionError)"),
+        ('{"model": "shapes-video", "frames": 1' + "0" * 5000 + "}", "must be a small JSON object (ValueError)"),
     ],
 )
 def test_bad_first_messages_get_an_error_then_1008(video_server: Server, first: str, names: str) -> None:
@@ -116,6 +120,7 @@ def test_bad_first_messages_get_an_error_then_1008(video_server: Server, first: 
     assert msg["type"] == "error" and names in msg["message"], msg
     assert code == 1008
     assert httpx.get(video_server.url + "/readyz").status_code == 200  # still healthy
+    assert "Traceback" not in video_server.output()  # one log line, no stack
 
 
 def test_a_binary_first_message_gets_1008(video_server: Server) -> None:
@@ -147,6 +152,43 @@ def test_auth_by_header_or_first_message(video_server: Server) -> None:
     assert "video-key-0123456789" not in log  # the secret never reaches the log
 
 
+def test_a_wrong_header_key_or_a_foreign_origin_is_refused_before_the_socket_is_accepted(video_server: Server) -> None:
+    url = video_server.url.replace("http", "ws") + "/v1/video/stream"
+    for headers, origin in (
+        ({"Authorization": "Bearer wrong-key-0123456789"}, None),
+        ({"Authorization": "Bearer video-key-0123456789"}, "http://elsewhere.example"),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers=headers, origin=origin, open_timeout=10)  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 403
+    same = video_server.url  # the gateway's own page (the playground) may open streams
+    with connect(url, additional_headers={"Authorization": "Bearer video-key-0123456789"}, origin=same) as ws:  # type: ignore[arg-type]
+        _start(ws, frames=1)
+        frames, _ = _frames_then_done(ws)
+    assert len(frames) == 1
+
+
+def test_an_unauthenticated_first_message_is_read_only_up_to_a_small_cap(video_server: Server) -> None:
+    with _ws(video_server, key=None) as ws:
+        ws.send(json.dumps({"model": MODEL, "prompt": "x" * 5000, "frames": 1, "api_key": "video-key-0123456789"}))
+        msg, code = _closed_with(ws)
+    assert code == 1008 and "`ws_first_message_bytes` = 4096" in msg["message"]
+
+
+def test_prompt_changes_past_their_rate_close_the_session_1013(video_server: Server) -> None:
+    with _ws(video_server, key=SECOND_KEY) as ws:
+        _start(ws, frames=300)
+        json.loads(ws.recv(timeout=30))
+        for i in range(30):
+            ws.send(json.dumps({"type": "prompt", "prompt": f"a blue square moving down {i}"}))
+        while (msg := json.loads(ws.recv(timeout=30)))["type"] == "frame":
+            pass
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert msg["type"] == "error" and "`video_prompt_changes_per_s`, `video_prompt_change_burst`" in msg["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+
 def test_over_capacity_gets_an_error_then_1013_and_a_freed_row_is_reused(video_server: Server) -> None:
     rejected = _metric(video_server, "fewstep_video_sessions_rejected_total")
     with ExitStack() as stack:
@@ -158,11 +200,15 @@ def _hold_every_row_then_knock(video_server: Server, stack: ExitStack, rejected:
     for ws in holders:
         _start(ws, frames=300)
         json.loads(ws.recv(timeout=30))  # admitted and streaming (it pauses once 4 frames are unread)
-    with _ws(video_server) as ws:
+    with _ws(video_server) as ws:  # the same key: its own cap comes first
+        _start(ws)
+        msg, code = _closed_with(ws)
+    assert code == 1013 and "already holds 2 video sessions, the limit (`key_max_video_sessions`)" in msg["message"]
+    with _ws(video_server, key=SECOND_KEY) as ws:  # another key: the gateway's rows are all taken
         _start(ws)
         msg, code = _closed_with(ws)
     assert code == 1013 and "video_max_sessions" in msg["message"]
-    assert _metric(video_server, "fewstep_video_sessions_rejected_total") == rejected + 1
+    assert _metric(video_server, "fewstep_video_sessions_rejected_total") == rejected + 2
     holders[0].close()  # a client that leaves frees its row at once
     deadline = time.monotonic() + 10
     while _metric(video_server, 'fewstep_video_sessions_active{model="shapes-video"}') > CAPACITY - 1:

@@ -11,8 +11,10 @@ frees its session's row at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -20,10 +22,11 @@ from fewstep.engines.base import Frame, StreamRequest
 from fewstep.errors import FewstepError, InvalidRequest, Overloaded
 from fewstep.service import errors
 from fewstep.service.requests import json_object, prompt_change, stream_start
-from fewstep.service.state import Gateway
+from fewstep.service.state import Gateway, authenticate
 from fewstep.service.streams import Stream, VideoStreams
 
 router = APIRouter()
+log = logging.getLogger("fewstep.service")
 WS_GOING_AWAY = 1001
 SESSION_LEASE_S = 120.0
 """A session's per-key lease lasts this long unless renewed (every third of it while frames flow), so the
@@ -31,17 +34,42 @@ sessions of a gateway that died stop counting against their key within two minut
 
 
 async def _fail(gw: Gateway, ws: WebSocket, e: FewstepError, reason: str | None) -> None:
-    """Send the error, then close with its code; count a refused session under `reason`."""
+    """Send the error, then close with its code; count a refused session under `reason`. One log line."""
     if reason is not None:
         gw.metrics.video_rejected.labels(reason).inc()
+    code = errors.ws_close_code(e)
+    log.info("video stream closed %d: %s: %s", code, type(e).__name__, e)
     await ws.send_json({"type": "error", "message": str(e), "code": type(e).__name__})
-    await ws.close(code=errors.ws_close_code(e))
+    await ws.close(code=code)
+
+
+def same_origin_or_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+    """A browser's `Origin` must be this gateway's own (the playground) or in `ws_allowed_origins`; clients
+    that send none (not browsers) pass: the key is what guards them."""
+    origin = ws.headers.get("origin")
+    if origin is None or origin in allowed or "*" in allowed:
+        return True
+    return urlsplit(origin).netloc.lower() == ws.headers.get("host", "").lower()
 
 
 @router.websocket("/v1/video/stream")
 async def video_stream(ws: WebSocket) -> None:
     gw: Gateway = ws.app.state.gateway
     settings, streams = gw.settings, gw.streams
+    if not same_origin_or_allowed(ws, settings.ws_allowed_origins):
+        log.info("video stream refused before accept: origin %r is not allowed", ws.headers.get("origin", "")[:200])
+        await ws.close(code=errors.WS_POLICY_VIOLATION)  # before accept: the handshake gets 403
+        return
+    header = ws.headers.get("authorization")
+    address = ws.client.host if ws.client else ""
+    owner: str | None = None
+    if header:  # the key is checked before the socket is accepted
+        try:
+            owner = await asyncio.to_thread(authenticate, gw, header, address)
+        except FewstepError as e:
+            log.info("video stream refused before accept: %s", e)
+            await ws.close(code=errors.ws_close_code(e))
+            return
     await ws.accept()
     loop = asyncio.get_running_loop()
     try:
@@ -56,10 +84,14 @@ async def video_stream(ws: WebSocket) -> None:
         await _fail(gw, ws, InvalidRequest("message", "the first message must be JSON text, not binary"), "invalid")
         return
     try:
+        if owner is None and gw.keys.enabled and len(raw) > settings.ws_first_message_bytes:
+            # Not authenticated yet: no more than a start message is read from an unknown client.
+            limit = f"`ws_first_message_bytes` = {settings.ws_first_message_bytes}"
+            raise InvalidRequest("message", f"a first message without an Authorization header is over {limit}")
         msg = json_object(raw, "the first message")
-        header = ws.headers.get("authorization")
-        key = msg.get("api_key") if isinstance(msg.get("api_key"), str) else None
-        owner = gw.keys.principal(header if header else (f"Bearer {key}" if key else None))  # before the fields
+        if owner is None:  # no header: the key is in the first message, checked before its fields
+            key = msg.get("api_key") if isinstance(msg.get("api_key"), str) else None
+            owner = await asyncio.to_thread(authenticate, gw, f"Bearer {key}" if key else None, address)
         start = stream_start(msg, settings)
         spec = streams.spec(start.model)
         steps = start.steps if start.steps is not None else spec.default_steps
@@ -85,11 +117,15 @@ async def video_stream(ws: WebSocket) -> None:
         await gw.call(gw.limits.release, lease)
         await _fail(gw, ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
         return
-    listener = asyncio.create_task(_listen(ws, streams, stream, gw))
+    listener = asyncio.create_task(_listen(ws, streams, stream, gw, owner))
     sent = 0
     renewed_at = time.monotonic()
     try:
         while sent < request.frames:
+            if time.perf_counter() - t0 > settings.video_max_session_s:
+                limit = f"`video_max_session_s` = {settings.video_max_session_s}"
+                await _fail(gw, ws, InvalidRequest("frames", f"the session lasted longer than {limit}"), None)
+                return
             if time.monotonic() - renewed_at >= SESSION_LEASE_S / 3:
                 renewed_at = time.monotonic()
                 await gw.call(gw.limits.renew, lease)
@@ -136,8 +172,12 @@ async def video_stream(ws: WebSocket) -> None:
         await gw.call(gw.limits.release, lease)
 
 
-async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway) -> None:
-    """Client messages during a stream: prompt changes; returns when the client leaves, raises on bad input."""
+async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway, owner: str) -> None:
+    """Client messages during a stream: prompt changes, at most `video_prompt_changes_per_s` (bursts of
+    `video_prompt_change_burst`) per key; returns when the client leaves, raises on bad input."""
+    s = gw.settings
+    budget = (owner, "prompt changes", s.video_prompt_changes_per_s, s.video_prompt_change_burst)
+    names = "`video_prompt_changes_per_s`, `video_prompt_change_burst`"
     while True:
         try:
             raw = await ws.receive_text()
@@ -146,4 +186,5 @@ async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gate
         except KeyError as e:  # a binary message
             raise InvalidRequest("message", "messages must be JSON text") from e
         prompt = prompt_change(raw, gw.settings)
+        await gw.call(gw.limits.spend, *budget, names)
         await asyncio.to_thread(streams.steer, stream, prompt)
