@@ -31,7 +31,7 @@ from fewstep.errors import (
 log = logging.getLogger("fewstep.service")
 
 STATUS: dict[type[FewstepError], int] = {
-    InvalidRequest: 422,
+    InvalidRequest: 400,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
@@ -72,9 +72,25 @@ def ws_close_code(exc: FewstepError) -> int:
     return WS_INTERNAL_ERROR
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, object]:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+"""OpenAI's error `type` by status (what its SDK and clients written for it expect); 5xx: `server_error`."""
+
+
+def error_body(message: str, code: str, param: str | None = None, status: int = 400) -> dict[str, object]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}: `type` from the status
+    (`ERROR_TYPES`), `code` fewstep's own name for the error (`InvalidRequest`, `Overloaded`, …)."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(exc: FewstepError) -> JSONResponse:
@@ -82,7 +98,8 @@ def error_response(exc: FewstepError) -> JSONResponse:
     if status >= 500:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     param = exc.field if isinstance(exc, InvalidRequest) else None
-    return JSONResponse(error_body(str(exc), type(exc).__name__, param), status_code=status, headers=headers)
+    body = error_body(str(exc), type(exc).__name__, param, status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -121,11 +138,13 @@ def install(app: FastAPI) -> None:
             )
         else:
             message, kind = str(exc.detail), "HTTPError"
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(message, kind, None, exc.status_code), status_code=exc.status_code, headers=exc.headers
+        )
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal error", "InternalError"), status_code=500)
+        return JSONResponse(error_body("internal error", "InternalError", None, 500), status_code=500)
 
     app.add_exception_handler(FewstepError, on_domain)
     app.add_exception_handler(RequestValidationError, on_schema)

@@ -61,7 +61,7 @@ class Draining:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1013, "reason": "server shutting down"})
             return
-        body = errors.error_body("server shutting down: retry on another instance", "NotReady")
+        body = errors.error_body("server shutting down: retry on another instance", "NotReady", None, 503)
         headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
         await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 
@@ -112,7 +112,7 @@ class BodyLimit:
 
     async def _reject(self, scope: dict, receive: Any, send: Any, size: int) -> None:
         msg = f"`max_body_bytes` is {self.limit}. Given: {size} bytes"
-        resp = JSONResponse(errors.error_body(msg, "InvalidRequest", "body"), status_code=413)
+        resp = JSONResponse(errors.error_body(msg, "PayloadTooLarge", "body", 413), status_code=413)
         await resp(scope, receive, send)
 
 

@@ -75,7 +75,7 @@ def test_hybrid_requests_report_the_teachers_extra_nfe(server: Server) -> None:
     a, b = (_image(r["data"][0]["b64_json"]).astype(int) for r in (plain, hybrid))
     assert np.abs(a - b).mean() > 1
     r = httpx.post(server.url + GEN, json={**req, "steps": 1, "hybrid": True}, timeout=60)
-    assert r.status_code == 422 and "when `hybrid` is true. Given: 1" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "when `hybrid` is true. Given: 1" in r.json()["error"]["message"]
 
 
 def test_random_seed_is_echoed_and_defaults_apply(server: Server) -> None:

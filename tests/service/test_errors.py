@@ -34,7 +34,7 @@ def test_every_domain_error_class_has_an_entry_in_the_table() -> None:
 @pytest.mark.parametrize(
     ("error", "status", "headers", "close"),
     [
-        (InvalidRequest("steps", "`steps` must be between 1 and 4. Given: 9"), 422, {}, 1008),
+        (InvalidRequest("steps", "`steps` must be between 1 and 4. Given: 9"), 400, {}, 1008),
         (Unauthorized("missing API key"), 401, {"WWW-Authenticate": "Bearer"}, 1008),
         (NotFound("model 'x' not found"), 404, {}, 1008),
         (Overloaded("queue full", retry_after=2.4), 429, {"Retry-After": "2"}, 1013),
@@ -46,7 +46,12 @@ def test_statuses_headers_and_close_codes(error: FewstepError, status: int, head
     assert http_status(error) == (status, headers)
     assert ws_close_code(error) == close
     body = error_response(error).body
-    assert b'"error":{"message":' in body and b'"type":"' + type(error).__name__.encode() in body
+    assert b'"error":{"message":' in body and b'"code":"' + type(error).__name__.encode() in body
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+    assert (
+        b'"type":"' + kind.get(status, "service_unavailable_error" if status == 503 else "server_error").encode()
+        in body
+    )
 
 
 def test_recoverable_errors_are_the_clients_or_the_moments_and_fatal_ones_the_artifacts() -> None:

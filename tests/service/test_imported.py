@@ -87,7 +87,7 @@ async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_pu
         assert sum(sizes) > sum(counts)  # some steps ran more than one image
 
         bad = await c.post(GEN, json={"model": "tiny", "prompt": "x", "guidance_scale": 3})
-        assert bad.status_code == 422 and "`guidance_scale` is not taken by this model" in bad.text
+        assert bad.status_code == 400 and "`guidance_scale` is not taken by this model" in bad.text
 
         # A push of broken weights: the gate refuses it (its warm-up makes non-finite images), version 1 serves on.
         version = registry.version_dir("tiny", "1")

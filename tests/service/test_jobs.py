@@ -74,12 +74,12 @@ def test_jobs_are_visible_only_to_the_key_that_made_them(keyed: Server) -> None:
 
 def test_bad_jobs_get_4xx_naming_the_limit_and_the_value(keyed: Server) -> None:
     r = _submit(keyed, [{"prompt": "ok"}, {"prompt": "a red circle", "steps": 9}])
-    assert r.status_code == 422
+    assert r.status_code == 400
     assert r.json()["error"]["message"] == "`requests[1].steps` must be between 1 and 4. Given: 9"
     r = _submit(keyed, [])
-    assert r.status_code == 422 and "`requests` must be a list of 1 to 12 requests. Given: 0" in r.text
+    assert r.status_code == 400 and "`requests` must be a list of 1 to 12 requests. Given: 0" in r.text
     r = _submit(keyed, [{"prompt": "a", "n": 8}, {"prompt": "b", "n": 8}])
-    assert r.status_code == 422 and "at most 12 images" in r.text
+    assert r.status_code == 400 and "at most 12 images" in r.text
     r = httpx.post(keyed.url + "/v1/jobs", json={"model": "nope", "requests": [{"prompt": "x"}]}, headers=ALICE)
     assert r.status_code == 404
     r = httpx.post(
@@ -87,7 +87,7 @@ def test_bad_jobs_get_4xx_naming_the_limit_and_the_value(keyed: Server) -> None:
         json={"model": "shapes", "requests": [{"prompt": "x"}]},
         headers={**ALICE, "Idempotency-Key": "k" * 300},
     )
-    assert r.status_code == 422 and "`Idempotency-Key` must be 1 to 255 printable ASCII characters" in r.text
+    assert r.status_code == 400 and "`Idempotency-Key` must be 1 to 255 printable ASCII characters" in r.text
     assert httpx.get(f"{keyed.url}/v1/jobs/no-such-job-id", headers=ALICE).status_code == 404
 
 

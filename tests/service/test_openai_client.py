@@ -47,7 +47,7 @@ def test_an_imported_pipeline_serves_the_official_openai_client(
     alone = np.asarray(Image.open(io.BytesIO(base64.b64decode(again.data[0].b64_json or ""))), dtype=int)
     assert np.abs(alone - np.asarray(images[0], dtype=int)).max() <= 1  # the determinism contract
 
-    with pytest.raises(openai.UnprocessableEntityError, match=r"`guidance_scale` must be between 1.0 and 15.0"):
+    with pytest.raises(openai.BadRequestError, match=r"`guidance_scale` must be between 1.0 and 15.0"):
         client.images.generate(model="my-lcm", prompt="x", extra_body={"guidance_scale": 40})
-    with pytest.raises(openai.UnprocessableEntityError, match=r"`size` must be WxH"):
+    with pytest.raises(openai.BadRequestError, match=r"`size` must be WxH"):
         client.images.generate(model="my-lcm", prompt="x", size="98x64")  # type: ignore[arg-type]

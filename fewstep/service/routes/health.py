@@ -38,7 +38,7 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def prometheus(gw: GatewayDep) -> Response:
     body = await gw.call(generate_latest, gw.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

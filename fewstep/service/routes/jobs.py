@@ -115,7 +115,11 @@ async def job_results(job_id: str, owner: Owner, gw: GatewayDep) -> JobResults:
     )
 
 
-@router.get("/v1/jobs/{job_id}/events")
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}},
+)
 async def job_events(
     job_id: str,
     owner: Owner,
