@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fewstep.errors import CheckpointError, NotFound, RegistryError
 from fewstep.models.checkpoint import save_checkpoint
-from fewstep.models.registry import Registry
+from fewstep.models.registry import Registry, check_name
 
 
 def _checkpoint(folder: Path, name: str = "demo", value: float = 1.0) -> Path:
@@ -140,3 +142,15 @@ def test_rollback_repairs_an_unreadable_pointer(tmp_path: Path) -> None:
     with pytest.raises(RegistryError):
         reg.promoted("demo")
     assert reg.rollback("demo") == "2" and reg.promoted("demo") == "2"
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(max_size=80) | st.sampled_from(["..", ".", "a/../b", "a/b", "/etc", "..a", "a..", "ok-name"]))
+def test_a_registry_name_is_accepted_only_if_it_stays_inside_the_root(name: str) -> None:
+    root = Path("/nonexistent/registry-root")
+    try:
+        check_name("model", name)
+    except RegistryError:
+        return
+    assert "/" not in name and "\\" not in name and ".." not in name and name not in (".", "")
+    assert (root / name).resolve().parent == root.resolve()
