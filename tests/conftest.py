@@ -48,9 +48,14 @@ class Server:
 
 
 def start_server(
-    tmp: Path, env_extra: dict[str, str] | None = None, wait_ready: bool = True, checkpoints: Path = CHECKPOINTS
+    tmp: Path,
+    env_extra: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    checkpoints: Path = CHECKPOINTS,
+    command: list[str] | None = None,
 ) -> Server:
-    """`fewstep serve` in a subprocess on a free port with its own registry under `tmp`."""
+    """`fewstep serve` (or `command` standing in for it) in a subprocess on a free port with its own
+    registry under `tmp`."""
     port = free_port()
     registry = tmp / "registry"
     log = tmp / f"server-{port}.log"
@@ -65,7 +70,11 @@ def start_server(
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fewstep.cli", "serve"], env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT
+            command or [sys.executable, "-m", "fewstep.cli", "serve"],
+            env=env,
+            cwd=tmp,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", proc, registry, log)
     deadline = time.monotonic() + 120

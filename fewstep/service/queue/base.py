@@ -274,6 +274,10 @@ class JobQueue(Protocol):
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
         """Events after `cursor` ("0" for all), waiting up to `block_s` for the first one."""
 
+    def forget(self, job_id: str, owner: str) -> None:
+        """Drop a job, its results and events now (a synchronous request's, once its caller has them), so
+        that memory holds results only while someone may still read them. Unknown jobs are ignored."""
+
     def stats(self) -> QueueStats:
         """Depth per lane, items in flight, oldest item's age, dead letters, reclaims, workers."""
 

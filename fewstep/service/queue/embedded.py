@@ -145,6 +145,12 @@ class EmbeddedQueue:
                 self._event(job, "cancel")
             return job.status()
 
+    def forget(self, job_id: str, owner: str) -> None:
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is not None and job.spec.owner == owner:
+                del self._jobs[job_id]
+
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
         after = int(cursor or 0)
         deadline = time.monotonic() + block_s

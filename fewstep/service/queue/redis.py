@@ -117,6 +117,12 @@ def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise NotReady(f"job queue unreachable: {type(e).__name__}", retry_after=2.0) from e
+        except redis.ResponseError as e:
+            if not str(e).startswith("OOM"):
+                raise
+            # Redis at `maxmemory` (noeviction) refuses writes: new work waits (503), finished work is
+            # retried by its worker until the results fit, so nothing is dropped or run twice.
+            raise NotReady("job queue full (Redis at maxmemory)", retry_after=5.0) from e
 
     return wrapper
 
@@ -220,6 +226,14 @@ class RedisQueue:
         self._hash(job_id, owner)
         self._cancel(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=[time.time()])
         return self.status(job_id, owner)
+
+    @_reachable
+    def forget(self, job_id: str, owner: str) -> None:
+        try:
+            self._hash(job_id, owner)
+        except NotFound:
+            return
+        self.r.delete(self.keys.job(job_id), self.keys.results(job_id), self.keys.events(job_id))
 
     @_reachable
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:

@@ -58,6 +58,7 @@ async def generate_images(
             raise Cancelled("the client disconnected")
         raise NotReady(f"request took longer than `request_timeout_s` = {settings.request_timeout_s}")
     results = await gw.call(gw.queue.results, job.id, owner)
+    await gw.call(gw.queue.forget, job.id, owner)  # its caller has the images: nobody reads them again
     for r in results:
         if r.outcome == "cancelled":
             raise Cancelled(r.error or "cancelled")
