@@ -117,9 +117,7 @@ def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise NotReady(f"job queue unreachable: {type(e).__name__}", retry_after=2.0) from e
-        except redis.ResponseError as e:
-            if not str(e).startswith("OOM"):
-                raise
+        except redis.exceptions.OutOfMemoryError as e:
             # Redis at `maxmemory` (noeviction) refuses writes: new work waits (503), finished work is
             # retried by its worker until the results fit, so nothing is dropped or run twice.
             raise NotReady("job queue full (Redis at maxmemory)", retry_after=5.0) from e

@@ -11,13 +11,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from fewstep.engines.base import ImageItem
-from fewstep.errors import Conflict, NotFound, Overloaded
+from fewstep.errors import Conflict, NotFound, NotReady, Overloaded
 from fewstep.service.queue.base import ItemResult, JobQueue, JobSpec
 from fewstep.service.queue.embedded import EmbeddedQueue
 from fewstep.service.queue.keys import BATCH, INTERACTIVE
 from fewstep.service.queue.redis import RedisQueue
+from tests.conftest import RedisServer
 
 DEPTH = {INTERACTIVE: 8, BATCH: 20}
 
@@ -225,3 +227,24 @@ def test_one_owner_cannot_queue_past_its_cost_limit_and_gets_it_back_as_items_fi
     with pytest.raises(Overloaded):
         queue.submit(limited(2, "alice"))  # 4 left + 9 > 12
     queue.submit(limited(1, "alice"))  # 4 + 5 ≤ 12
+
+
+@pytest.mark.slow
+def test_redis_at_maxmemory_refuses_new_work_with_not_ready_and_a_result_waits_to_be_written(
+    redis_server: RedisServer,
+) -> None:
+    queue = RedisQueue(redis_server.url, DEPTH, prefix=f"t{secrets.token_hex(4)}")
+    admin = redis.Redis.from_url(redis_server.url)
+    job = queue.submit(spec(1))
+    [d] = queue.claim("w1", 1, 1.0, 0.0)
+    admin.config_set("maxmemory", "1")  # noeviction (the default policy): every write is refused
+    try:
+        with pytest.raises(NotReady, match="maxmemory"):
+            queue.submit(spec(1))
+        with pytest.raises(NotReady, match="maxmemory"):
+            queue.finish([(d, ok(0, 0))])  # the worker keeps the result and retries
+    finally:
+        admin.config_set("maxmemory", "0")
+    assert queue.finish([(d, ok(0, 0))])[0].wrote  # written once memory is back
+    assert queue.status(job.id, "alice").status == "succeeded"
+    queue.close()
