@@ -345,8 +345,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         subscribe(settings, [models.nudged], stop_watch)
 
         def maintain() -> None:
-            assert worker is not None
-            models.maintain(worker.scheduler.engines)
+            models.maintain([e for w in workers for e in w.scheduler.engines])  # every thread's running engines
 
     if args.metrics_port:
         from prometheus_client import start_http_server

@@ -23,6 +23,7 @@ from fewstep.engines.base import Outcome, StepEngine, StreamEngine
 from fewstep.models.registry import Registry
 from fewstep.service import errors
 from fewstep.service.auth import AdminKeys, KeyRing
+from fewstep.service.events import EventHub
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
 from fewstep.service.metrics import Metrics, QueueCollector
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         AdminKeys(settings),
         ThreadPoolExecutor(max_workers=128, thread_name_prefix="queue-wait"),
         open_limits(settings),
+        EventHub(queue),
     )
     seeded, stopping = threading.Event(), threading.Event()
     workers: list[Worker] = []
@@ -157,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stopping.set()
         for w in workers:
             await asyncio.to_thread(w.stop)
+        gw.events.close()
         queue.close()
         gw.limits.close()
         gw.waits.shutdown(wait=False, cancel_futures=True)

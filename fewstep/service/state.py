@@ -15,6 +15,7 @@ from fewstep.engines.base import StepEngine
 from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.drain import Drain
+from fewstep.service.events import EventHub
 from fewstep.service.limits import Limits
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
@@ -41,6 +42,8 @@ class Gateway:
     """Blocking queue calls (waits for results, SSE) get threads of their own, not the default pool's few."""
     limits: Limits
     """Per-key rate limits and concurrency caps (in Redis when the queue is)."""
+    events: EventHub
+    """Job events for every waiting request and stream, from one thread (service/events.py)."""
     drain: Drain = field(default_factory=Drain)
     """Work in flight, and whether the process is shutting down (service/drain.py)."""
 

@@ -40,6 +40,8 @@ from fewstep.service.loading import Busy, Loader
 from fewstep.service.metrics import Metrics
 from fewstep.service.served import Canary, Loaded, Model, Status, share
 
+RETIRE_GRACE_S = 2.0
+"""A replaced engine stays open at least this long after it leaves routing (see `_close_drained`)."""
 log = logging.getLogger("fewstep.runtime")
 E = TypeVar("E", bound=Servable)
 
@@ -58,7 +60,7 @@ class Versions(Generic[E]):
         """Set by a push announcement: `maintain` looks at the registry without waiting for the interval."""
         self.loader = Loader(ctx, metrics, loader)
         self._next_look = 0.0
-        self._retiring: list[tuple[str, str, Servable]] = []
+        self._retiring: list[tuple[str, str, Servable, float]] = []
         self._bad_pointers: dict[str, str] = {}
         self._unserved: set[str] = set()
         self._loading: dict[str, tuple[str, Future[Loaded]]] = {}
@@ -166,7 +168,7 @@ class Versions(Generic[E]):
         if old is not None and old.engine is not loaded.engine:
             model.statuses[old.version] = self._recorded_status(model, old.version)
             if old.engine is not None:
-                self._retiring.append((model.name, old.version, old.engine))
+                self._retiring.append((model.name, old.version, old.engine, time.monotonic()))
             self.metrics.model_swaps.labels(model.name).inc()
             log.info("%s: version %s serves new items; %s drains", model.name, loaded.version, old.version)
         else:
@@ -323,14 +325,17 @@ class Versions(Generic[E]):
 
     def _retire(self, model: Model, loaded: Loaded) -> None:
         if loaded.engine is not None:
-            self._retiring.append((model.name, loaded.version, loaded.engine))
+            self._retiring.append((model.name, loaded.version, loaded.engine, time.monotonic()))
 
     def _close_drained(self, in_use: Collection[object]) -> None:
+        """Close replaced engines that no running work holds and that left routing at least `RETIRE_GRACE_S`
+        ago: another worker thread may have been handed one just before the swap and not begun on it yet."""
         busy = {id(e) for e in in_use}
         keep = []
-        for name, version, engine in self._retiring:
-            if id(engine) in busy:
-                keep.append((name, version, engine))
+        now = time.monotonic()
+        for name, version, engine, since in self._retiring:
+            if id(engine) in busy or now - since < RETIRE_GRACE_S:
+                keep.append((name, version, engine, since))
                 continue
             engine.close()
             log.info("%s: version %s drained and unloaded", name, version)
@@ -349,7 +354,7 @@ class Versions(Generic[E]):
             for loaded in (m.serving, m.canary.loaded if m.canary else None):
                 if loaded is not None and loaded.engine is not None:
                     loaded.engine.close()
-        for _, _, engine in self._retiring:
+        for _, _, engine, _ in self._retiring:
             engine.close()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -385,7 +390,11 @@ class Versions(Generic[E]):
         loaded = m.serving
         c = m.canary
         if c is not None and key is not None and share(key) < self.settings.canary_fraction:
-            loaded = c.loaded
+            with self._lock:  # several worker threads route at once: the canary starts `canary_items`, no more
+                if key in c.keys or c.routed < self.settings.canary_items:
+                    c.keys.add(key)  # the rest of a job it began stays with it (one version per job)
+                    c.routed += 1
+                    loaded = c.loaded
         assert loaded is not None
         if loaded.engine is None:
             raise NotReady(f"model {name!r} is not run by this process")

@@ -14,7 +14,7 @@ from fewstep.service.requests import check_prompt, json_object, parse_size, prom
 from fewstep.service.settings import Settings
 
 SETTINGS = Settings(api_keys=[])
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),

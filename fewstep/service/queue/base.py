@@ -274,6 +274,14 @@ class JobQueue(Protocol):
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
         """Events after `cursor` ("0" for all), waiting up to `block_s` for the first one."""
 
+    def watch(self, cursors: dict[str, str], block_s: float) -> dict[str, list[JobEvent]]:
+        """Events after each job's cursor, for many jobs in one call (one gateway thread serves every
+        waiter: service/events.py); waits up to `block_s` for the first, or until `interrupt`. Jobs
+        with nothing new (or unknown) are left out."""
+
+    def interrupt(self) -> None:
+        """Make a `watch` in progress (or the next one) return at once: its set of jobs changed."""
+
     def forget(self, job_id: str, owner: str) -> None:
         """Drop a job, its results and events now (a synchronous request's, once its caller has them), so
         that memory holds results only while someone may still read them. Unknown jobs are ignored."""

@@ -80,6 +80,7 @@ class EmbeddedQueue:
         self._events = itertools.count(1)
         self._reclaims = self._retries = 0
         self._closed = False
+        self._interrupted = False
         self._purged = 0.0
 
     # -- gateway side ------------------------------------------------------------------------
@@ -144,6 +145,28 @@ class EmbeddedQueue:
                 job.cancel_requested = True
                 self._event(job, "cancel")
             return job.status()
+
+    def watch(self, cursors: dict[str, str], block_s: float) -> dict[str, list[JobEvent]]:
+        deadline = time.monotonic() + block_s
+        with self._cv:
+            while True:
+                out: dict[str, list[JobEvent]] = {}
+                for job_id, cursor in cursors.items():
+                    job = self._jobs.get(job_id)
+                    after = int(cursor or 0)
+                    fresh = [] if job is None else [e for e in job.events if int(e.cursor) > after]
+                    if fresh:
+                        out[job_id] = fresh
+                left = deadline - time.monotonic()
+                if out or left <= 0 or self._closed or self._interrupted:
+                    self._interrupted = False
+                    return out
+                self._cv.wait(left)
+
+    def interrupt(self) -> None:
+        with self._cv:
+            self._interrupted = True
+            self._cv.notify_all()
 
     def forget(self, job_id: str, owner: str) -> None:
         with self._cv:

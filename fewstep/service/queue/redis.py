@@ -125,6 +125,16 @@ def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _event(entry_id: Any, fields: dict[Any, Any]) -> JobEvent:
+    f = {_s(k): _s(v) for k, v in fields.items()}
+    return JobEvent(
+        cursor=_s(entry_id),
+        kind=f["kind"],  # type: ignore[arg-type]  # written only by our scripts
+        index=int(f["index"]) if "index" in f else None,
+        outcome=f.get("outcome"),
+    )
+
+
 def owner_field(owner: str, lane: str) -> str:
     """Field of the owners' cost hash: one per (owner, lane)."""
     return f"{owner}|{lane}"
@@ -147,6 +157,9 @@ class RedisQueue:
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
         self._groups_ready = False
+        self._wake = f"{self.keys.prefix}:wake:{secrets.token_hex(6)}"
+        """This process's wake stream: `interrupt` writes to it, `watch` reads it with the jobs' streams."""
+        self._woken = "0-0"
         self._reclaim_from = dict.fromkeys(LANES, "0-0")
         """XAUTOCLAIM's cursor per lane: each call resumes the scan of the pending list where the last ended."""
 
@@ -237,19 +250,30 @@ class RedisQueue:
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
         block_ms = max(1, int(min(block_s, 10.0) * 1000))
         reply = self.r.xread({self.keys.events(job_id): cursor or "0"}, count=256, block=block_ms)
-        out: list[JobEvent] = []
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                f = {_s(k): _s(v) for k, v in fields.items()}
-                out.append(
-                    JobEvent(
-                        cursor=_s(entry_id),
-                        kind=f["kind"],  # type: ignore[arg-type]  # written only by our scripts
-                        index=int(f["index"]) if "index" in f else None,
-                        outcome=f.get("outcome"),
-                    )
-                )
+        return [_event(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+    @_reachable
+    def watch(self, cursors: dict[str, str], block_s: float) -> dict[str, list[JobEvent]]:
+        streams = {self.keys.events(job_id): cursor or "0" for job_id, cursor in cursors.items()}
+        streams[self._wake] = self._woken
+        block_ms = max(1, int(min(block_s, 10.0) * 1000))
+        reply = self.r.xread(streams, count=256, block=block_ms)
+        out: dict[str, list[JobEvent]] = {}
+        prefix, suffix = self.keys.events("\0").split("\0")
+        for stream, entries in reply or []:
+            name = _s(stream)
+            if name == self._wake:
+                self._woken = _s(entries[-1][0])
+                continue
+            out[name[len(prefix) : len(name) - len(suffix)]] = [_event(i, f) for i, f in entries]
         return out
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # the watch times out by itself
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xadd(self._wake, {"w": 1}, maxlen=8, approximate=False)
+            pipe.expire(self._wake, 3600)
+            pipe.execute()
 
     @_reachable
     def stats(self) -> QueueStats:

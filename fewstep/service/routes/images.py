@@ -29,7 +29,7 @@ async def wait_settled(gw: Gateway, job_id: str, timeout: float, request: Reques
     deadline = time.monotonic() + timeout
     cursor = "0"
     while (left := deadline - time.monotonic()) > 0:
-        events = await gw.call(gw.queue.events, job_id, cursor, min(left, 0.25))
+        events = await gw.events.next(job_id, cursor, min(left, 0.25))
         if events:
             cursor = events[-1].cursor
             if any(e.kind == "end" for e in events):

@@ -160,22 +160,23 @@ async def events(
         if time.monotonic() - renewed_at >= gw.settings.sse_keepalive_s:
             renewed_at = time.monotonic()
             await gw.call(gw.limits.renew, lease)
+        fresh = await gw.events.next(job_id, cursor, 1.0)
         try:
-            fresh = await gw.call(gw.queue.events, job_id, cursor, 1.0)
+            st = await gw.call(gw.queue.status, job_id, owner)
         except FewstepError as gone:  # the job expired or the queue went away mid-stream
             yield sse("error", {"message": str(gone)})
             return
-        if not fresh:
-            st = await gw.call(gw.queue.status, job_id, owner)
-            if st.finished is not None:  # nothing after the cursor and nothing more to come
+        if not fresh and st.finished is not None:  # finished: what is left after the cursor, then the end
+            fresh = await gw.call(gw.queue.events, job_id, cursor, 0.0)
+            if not fresh:
                 yield sse("end", job_view(st).model_dump())
                 return
+        if not fresh:
             if time.monotonic() - quiet_since >= gw.settings.sse_keepalive_s:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
             continue
         quiet_since = time.monotonic()
-        st = await gw.call(gw.queue.status, job_id, owner)
         counts = {"done": st.done, "failed": st.failed, "cancelled": st.cancelled, "total": st.total}
         for ev in fresh:
             cursor = ev.cursor
