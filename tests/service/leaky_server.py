@@ -1,4 +1,4 @@
-"""Test-only `fewstep serve` that leaks: it keeps 64 KiB for every request it answers, forever.
+"""Test-only `fewstep serve` that leaks: it keeps 256 KiB for every request it answers, forever.
 
 The negative control of the memory-growth test (test_memory.py): the test must tell this build
 from the real one. Usage: leaky_server.py (settings from FEWSTEP_* variables, as `fewstep serve`).
@@ -25,7 +25,7 @@ def leaking_app(settings: Settings) -> Any:
 
         async def leak(scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
             if scope["type"] == "http":
-                KEPT.append(bytes(64 * 1024))
+                KEPT.append(b"\x01" * (256 * 1024))  # written, so its pages are resident
             await stack(scope, receive, send)
 
         return leak

@@ -107,7 +107,7 @@ def test_openai_client_library_talks_to_the_server(server: Server) -> None:
     )
     assert len(result.data) == 2
     assert _image(result.data[0].b64_json).shape == (32, 32, 3)
-    with pytest.raises(openai.UnprocessableEntityError, match="steps"):
+    with pytest.raises(openai.BadRequestError, match="steps"):
         client.images.generate(model="shapes", prompt="a green triangle", extra_body={"steps": 9})
 
 

@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from tests.conftest import Server
 
 pytestmark = pytest.mark.slow  # a `fewstep serve` process
-EXAMPLES = 25
+EXAMPLES = 15
 
 
 def test_no_5xx_and_no_undocumented_response(server: Server) -> None:

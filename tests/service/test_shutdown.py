@@ -173,13 +173,29 @@ def test_sigterm_lets_a_worker_finish_its_batch_heartbeating_and_nothing_runs_tw
             assert time.monotonic() < deadline, rescuer.output()[-3000:]
             time.sleep(0.1)
         assert running_on_leaving()  # still in its batch: the drain below outlasts `claim_idle_s`
+        # Load on the gateway meanwhile: 8 synchronous clients (the rescuer serves them) and 2 event streams.
+        started, stop, tally = threading.Semaphore(0), threading.Event(), Tally()
+        last_events: list[str] = []
+        clients = [threading.Thread(target=sync_client, args=(gateway.url, tally, stop, started)) for _ in range(8)]
+        clients += [
+            threading.Thread(target=event_stream, args=(gateway.url, job["id"], last_events, started)) for _ in "ab"
+        ]
+        for t in clients:
+            t.start()
+        for _ in clients:
+            assert started.acquire(timeout=120), gateway.output()[-3000:]
         leaving.proc.send_signal(signal.SIGTERM)
         assert leaving.proc.wait(timeout=60) == 0, leaving.output()[-3000:]
+        stop.set()
+        for t in clients:
+            t.join(timeout=60)
+        assert tally.dropped == [] and set(tally.statuses) == {200}, (tally.dropped, tally.statuses)
         deadline = time.monotonic() + 120
         while (st := httpx.get(f"{gateway.url}/v1/jobs/{job['id']}").json())["finished"] is None:
             assert time.monotonic() < deadline, st
             time.sleep(0.1)
         assert (st["status"], st["done"]) == ("succeeded", 8)
+        assert sorted(last_events) == ["end", "end"]  # both streams saw the job through
         stats = r.hgetall(f"{prefix}:stats")
         assert int(stats.get("reclaims", 0)) == 0, stats  # the drained batch was never taken back
         assert "Traceback" not in leaving.output()
