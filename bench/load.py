@@ -104,6 +104,8 @@ def main() -> None:
                     flush=True,
                 )
             after = rss_mb(proc.pid)
+            if any(not k.isdigit() for *_, o in rows for k in o):  # transport errors: show the server's side
+                print(log.read_text(errors="replace")[-3000:])
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=150)
@@ -126,10 +128,13 @@ def main() -> None:
         lines.append(f"| {c} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {codes} |")
     lines += [
         "",
-        f"429s first appeared at {first_429} clients: one key's synchronous work reached `key_max_sync_cost` "
-        "(256 network evaluations queued or running); the server stayed up and every other response was a 200."
+        (
+            f"429s first appeared at {first_429} clients: one key's synchronous work reached `key_max_sync_cost` "
+            "(256 network evaluations queued or running); the server stayed up."
+        )
         if first_429
         else "No 429 at these levels.",
+        f"Transport errors (no HTTP response): {sum(v for *_, o in rows for k, v in o.items() if not k.isdigit())}.",
         f"Server resident memory: {before:.0f} MB after warm-up, {after:.0f} MB after the run "
         f"({after - before:+.0f} MB). Exit status after SIGTERM: {code}.",
     ]
