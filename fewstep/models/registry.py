@@ -15,6 +15,7 @@ required to stay under the root; symlinks are refused (a pushed checkpoint is un
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -258,8 +259,20 @@ class Registry:
             raise RegistryError(f"invalid flavour {flavour!r}")
         return self._gate_dir(model) / f"{check_name('version', version)}@{flavour}.json"
 
+    def subject(self, model: str, version: str) -> str | None:
+        """What a verdict on this version judged: the SHA-256 of its manifest, which lists every file's
+        SHA-256 (checked as the files load). None when the version has no readable manifest."""
+        try:
+            return hashlib.sha256((self.version_dir(model, version) / "manifest.json").read_bytes()).hexdigest()
+        except OSError:
+            return None
+
     def verdict(self, model: str, version: str, flavour: str) -> dict[str, Any] | None:
-        """The gate's recorded verdict on a version ({"passed": bool, "reason", "metrics", ...}), if any."""
+        """The gate's recorded verdict on a version ({"passed": bool, "reason", "metrics", ...}), if any.
+
+        A verdict counts only for what it judged: one whose `subject` is not this version's manifest digest
+        as it is now (the version was rewritten, or the file was written by hand) is no verdict, and the
+        version is gated again."""
         path = self._verdict_path(model, version, flavour)
         if not path.is_file() or path.is_symlink():
             return None
@@ -267,13 +280,17 @@ class Registry:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return None  # a torn or foreign file is no verdict: the version is gated again
-        return data if isinstance(data, dict) and isinstance(data.get("passed"), bool) else None
+        if not isinstance(data, dict) or not isinstance(data.get("passed"), bool):
+            return None
+        subject = self.subject(model, version)
+        return data if subject is not None and data.get("subject") == subject else None
 
     def record_verdict(self, model: str, version: str, flavour: str, verdict: dict[str, Any]) -> None:
-        """Keep the gate's verdict, so that every process (and every restart) agrees without re-judging."""
+        """Keep the gate's verdict, bound to the digest of what it judged (`subject`), so that every process
+        (and every restart) agrees without re-judging."""
         path = self._verdict_path(model, version, flavour)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, verdict)
+        write_json_atomic(path, {**verdict, "subject": self.subject(model, version)})
 
     def refused(self, model: str, version: str, flavour: str) -> str | None:
         """The reason the gate refused this version, or None."""

@@ -1,3 +1,4 @@
+import json
 import os
 import time
 from pathlib import Path
@@ -116,6 +117,20 @@ def test_verdicts_are_kept_per_flavour_and_rollback_skips_refused_versions(tmp_p
         reg.rollback("demo", to="2")
     with pytest.raises(RegistryError, match="invalid flavour"):
         reg.verdict("demo", "1", "../x")
+
+
+def test_a_verdict_counts_only_for_what_it_judged(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "c0", value=0.0), promote=True)
+    reg.publish(_checkpoint(tmp_path / "c1", value=1.0))
+    reg.record_verdict("demo", "2", "torch-fp32", {"passed": True, "reason": None})
+    assert reg.verdict("demo", "2", "torch-fp32") is not None
+    manifest = reg.version_dir("demo", "2") / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("{", '{"rewritten": true, ', 1))  # the version changed
+    assert reg.verdict("demo", "2", "torch-fp32") is None  # judged again, not trusted
+    forged = reg.model_dir("demo") / ".gate" / "1@torch-fp32.json"
+    forged.write_text(json.dumps({"passed": True, "reason": None}))  # written by hand, bound to nothing
+    assert reg.verdict("demo", "1", "torch-fp32") is None
 
 
 def test_load_marks_tell_dead_loads_from_live_ones(tmp_path: Path) -> None:
