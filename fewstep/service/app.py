@@ -27,7 +27,7 @@ from fewstep.service.events import EventHub
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
 from fewstep.service.metrics import Metrics, QueueCollector
-from fewstep.service.middleware import BodyLimit, CountRequests, Draining
+from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit
 from fewstep.service.openapi import document_errors
 from fewstep.service.queue import open_queue
 from fewstep.service.queue.keys import INTERACTIVE
@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     document_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
     app.add_middleware(CountRequests, counter=metrics.requests)
     app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read
     for routes in (health, models, images, jobs, admin, video, playground):

@@ -79,9 +79,7 @@ class EventHub:
         backoff = 0.1
         while not self._closed.is_set():
             with self._lock:
-                cursors = {
-                    job: min((w.cursor for w in ws), key=cursor_key) for job, ws in self._waiters.items() if ws
-                }
+                cursors = {job: min((w.cursor for w in ws), key=cursor_key) for job, ws in self._waiters.items() if ws}
             try:
                 got = self.queue.watch(cursors, self.block_s)
                 backoff = 0.1

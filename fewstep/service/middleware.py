@@ -66,6 +66,24 @@ class Draining:
         await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 
 
+class HeaderLimit:
+    """ASGI middleware: 431 (OpenAI's error shape) for a request whose header block is over `limit` bytes."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))  # ": " and CRLF per line
+            if size > self.limit:
+                msg = f"`max_header_bytes` is {self.limit}. Given: {size} bytes of headers"
+                body = errors.error_body(msg, "HeadersTooLarge", "headers", 431)
+                await JSONResponse(body, status_code=431)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: 413 for bodies over `limit` bytes: at once by their declared length, else while
     reading them (bounded) before the app runs. The app gets the body replayed as one message; counting

@@ -35,6 +35,7 @@ API_ERRORS = {
     "405": "method not allowed on this route",
     "409": "conflict (an Idempotency-Key reused with another body, a cancelled request)",
     "413": "body over `max_body_bytes`",
+    "431": "headers over `max_header_bytes`",
     "429": "a limit was reached (queue, per-key rate or cap); see Retry-After",
     "503": "not ready, shutting down, or the queue is unreachable; see Retry-After",
     "500": "the server's fault (an engine error)",

@@ -52,6 +52,9 @@ def serve(settings: Settings) -> int:
         ws_max_size=settings.ws_max_bytes,
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,  # after the drain: only idle keep-alive connections are left
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
+        h11_max_incomplete_event_size=2 * settings.max_header_bytes,  # a header block still arriving
     )
     server = DrainingServer(config, app.state.gateway.drain, settings.drain_s)
     server.run()

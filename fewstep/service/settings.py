@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     """Longest prompt, in characters (the text encoder reads its first 16 tokens)."""
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     """Largest request body; bigger bodies get 413 before they are read."""
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    """Largest request header block; bigger ones get 431. The HTTP parser also stops buffering a header
+    block that is still arriving at twice this (a slow flood is cut off before it is complete)."""
+    max_connections: int = Field(1024, ge=1, le=1_000_000)
+    """Most open connections and WebSockets per gateway process; beyond it new ones get 503."""
+    keep_alive_s: int = Field(5, ge=1, le=3600)
+    """An idle keep-alive connection is closed after this long."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     """Most items in one worker's running batch (one network evaluation)."""
     batch_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -45,3 +46,10 @@ def test_no_5xx_and_no_undocumented_response(server: Server) -> None:
         except Exception as e:  # keep going: report every operation that fails
             failures[op.label] = f"{type(e).__name__}: {str(e)[:1500]}"
     assert failures == {}, "\n\n".join(f"{k}\n{v}" for k, v in failures.items())
+
+
+def test_oversized_headers_are_refused_with_431(server: Server) -> None:
+    for size in (20_000, 70_000):
+        big = httpx.get(server.url + "/v1/models", headers={"X-Big": "a" * size})
+        assert big.status_code == 431 and big.json()["error"]["code"] == "HeadersTooLarge", size
+    assert httpx.get(server.url + "/v1/models", headers={"X-Small": "a" * 8_000}).status_code == 200

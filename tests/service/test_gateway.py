@@ -254,3 +254,10 @@ async def test_failed_authentication_is_throttled_per_address_before_the_key_is_
         assert "(`auth_failures_per_s`, `auth_failure_burst`)" in r.json()["error"]["message"]
         # Past the budget even the right key waits: guessing gets no signal until the bucket refills.
         assert (await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 429
+
+
+async def test_a_header_block_over_max_header_bytes_gets_431(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/models", headers={"X-Big": "a" * 8_000})).status_code == 200
+    r = await client.get("/v1/models", headers={"X-Big": "a" * 20_000})
+    assert r.status_code == 431 and "`max_header_bytes` is 16384" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
