@@ -135,17 +135,25 @@ class ImageEngine:
         if not live:
             return
         assert self._net is not None
+        failed: Exception | None = None
         with self._lock:
             try:
                 advance(self._net, self.schedule, [s.state for s in live], self._teacher)
-            except Exception as e:  # an engine fault fails these items, never the process
-                self._last_error = f"{type(e).__name__}: {e}"
-                for s in live:
-                    s.outcome = GenerationFailed(f"generation failed: {type(e).__name__}")
-                return
+            except Exception as e:  # an engine fault fails items, never the process
+                failed = e
             finally:
                 with self._count:
                     self._steps += 1
+        if failed is not None:
+            self._last_error = f"{type(failed).__name__}: {failed}"
+            if len(live) > 1:
+                # A failed call changed no state: run each item alone, so that only an item whose own input
+                # breaks the network fails, never its neighbours (other clients' requests).
+                for s in live:
+                    self.advance([s])
+                return
+            live[0].outcome = GenerationFailed(f"generation failed: {type(failed).__name__}")
+            return
         for s in live:
             s.steps_run += 1
             x0 = s.state.x0

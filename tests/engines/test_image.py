@@ -58,6 +58,30 @@ def test_a_bad_item_fails_alone(engine: ImageEngine) -> None:
     assert isinstance(bad, InvalidRequest) and "Given: 7" in str(bad)
 
 
+def test_an_item_that_breaks_the_network_call_fails_alone_and_its_neighbours_carry_on(engine: ImageEngine) -> None:
+    slots = engine.begin([ImageItem("a red circle", 1, 2), ImageItem("a poison square", 2, 2), ImageItem("x", 3, 1)])
+    poison = slots[1].state.x.clone()
+    net = engine._net
+
+    def breaks_on_poison(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if any(torch.equal(row, poison) for row in x):
+            raise RuntimeError("this input breaks the network")
+        assert net is not None
+        return net(x, *rest)
+
+    engine._net = breaks_on_poison  # type: ignore[assignment]
+    try:
+        engine.advance(slots)
+    finally:
+        engine._net = net
+    assert "GenerationFailed" in type(slots[1].outcome).__name__
+    assert slots[0].outcome is None and slots[0].steps_run == 1  # one step on, as if nothing happened
+    assert isinstance(slots[2].outcome, ImageResult)  # its only step: done
+    engine.advance([slots[0]])
+    alone = engine.run([ImageItem("a red circle", 1, 2)])[0]
+    assert np.abs(_pixels(slots[0].outcome) - _pixels(alone)).max() <= 1  # the same image as without poison
+
+
 def test_weights_that_do_not_match_their_hash_are_refused(student_copy: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     weights = student_copy / "model.safetensors"
     state = load_file(str(weights))
