@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     key_max_job_cost: int = Field(10_000, ge=1)
     """Most network evaluations of one key's batch jobs queued or running; beyond it `POST /v1/jobs` gets 429,
     so that one key cannot fill the batch lane (`max_job_queue` items)."""
+    key_max_stored_jobs: int = Field(1000, ge=1, le=1_000_000)
+    """Most batch jobs one key may have kept at once (queued, running, or finished within `result_ttl_s`);
+    beyond it `POST /v1/jobs` gets 429, so that one key cannot fill the queue's memory with results."""
     key_max_event_streams: int = Field(16, ge=1, le=100_000)
     """Most job event streams (SSE) one key may hold open at once."""
     key_max_video_sessions: int = Field(2, ge=1, le=100_000)

@@ -32,7 +32,7 @@ from typing import Literal, Protocol
 
 from fewstep.engines.base import ImageItem
 from fewstep.errors import Conflict, Overloaded
-from fewstep.service.queue.keys import LANES
+from fewstep.service.queue.keys import BATCH, LANES
 
 Outcome = Literal["ok", "failed", "cancelled"]
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -55,6 +55,9 @@ class JobSpec:
     owner_limit: int | None = None
     """Most cost (`item_cost`) this owner may have queued or running on this lane, this job included;
     None: no per-owner limit (the lane's depth still holds)."""
+    owner_jobs: int | None = None
+    """Most jobs of this owner kept on this lane (queued, running or finished and not yet expired), this
+    one included; None: no limit. Bounds what one key makes the queue remember."""
 
     @property
     def cost(self) -> int:
@@ -240,10 +243,19 @@ def key_digest(idempotency_key: str) -> str:
 
 
 def owner_over_limit(spec: JobSpec, outstanding: int) -> Overloaded:
+    setting = "key_max_job_cost" if spec.lane == BATCH else "key_max_sync_cost"
     return Overloaded(
         f"this key has {outstanding} network evaluations of {spec.lane} work queued or running; this job adds "
-        f"{spec.cost}, over the per-key limit of {spec.owner_limit} (`key_max_job_cost`)",
+        f"{spec.cost}, over the per-key limit of {spec.owner_limit} (`{setting}`)",
         retry_after=5.0,
+    )
+
+
+def owner_over_jobs(spec: JobSpec, kept: int) -> Overloaded:
+    return Overloaded(
+        f"this key has {kept} {spec.lane} jobs kept (queued, running, or finished within `result_ttl_s`), the "
+        f"per-key limit (`key_max_stored_jobs` = {spec.owner_jobs})",
+        retry_after=60.0,
     )
 
 

@@ -28,6 +28,7 @@ from fewstep.service.queue.base import (
     idempotency_conflict,
     item_cost,
     key_digest,
+    owner_over_jobs,
     owner_over_limit,
     valid_job_id,
 )
@@ -73,6 +74,7 @@ class EmbeddedQueue:
         self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
         self._lane_items = dict.fromkeys(LANES, 0)
         self._owner_cost: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._owner_jobs: collections.Counter[tuple[str, str]] = collections.Counter()
         self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._dead: collections.deque[tuple[Delivery, str]] = collections.deque(maxlen=DEAD_LETTERS_MAX)
         self._workers: dict[str, float] = {}
@@ -105,8 +107,16 @@ class EmbeddedQueue:
             outstanding = self._owner_cost[(spec.owner, spec.lane)]
             if spec.owner_limit is not None and outstanding + spec.cost > spec.owner_limit:
                 raise owner_over_limit(spec, outstanding)
+            kept = self._owner_jobs[(spec.owner, spec.lane)]
+            if spec.owner_jobs is not None and kept >= spec.owner_jobs:
+                self._purged = 0.0  # count again without the expired ones before refusing
+                self._purge(now)
+                kept = self._owner_jobs[(spec.owner, spec.lane)]
+                if kept >= spec.owner_jobs:
+                    raise owner_over_jobs(spec, kept)
             job = _Job(spec=spec, id=secrets.token_urlsafe(16), created=now, expires=now + spec.ttl_s)
             self._jobs[job.id] = job
+            self._owner_jobs[(spec.owner, spec.lane)] += 1
             self._owner_cost[(spec.owner, spec.lane)] += spec.cost
             for index, item in enumerate(spec.items):
                 entry_id = str(next(self._ids))
@@ -172,7 +182,7 @@ class EmbeddedQueue:
         with self._cv:
             job = self._jobs.get(job_id)
             if job is not None and job.spec.owner == owner:
-                del self._jobs[job_id]
+                self._drop(job_id)
 
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:
         after = int(cursor or 0)
@@ -328,9 +338,16 @@ class EmbeddedQueue:
             return
         self._purged = now
         for job_id in [j for j, job in self._jobs.items() if job.expires < now]:
-            del self._jobs[job_id]
+            self._drop(job_id)
         for k in [k for k, v in self._idempotency.items() if v[2] < now]:
             del self._idempotency[k]
+
+    def _drop(self, job_id: str) -> None:
+        job = self._jobs.pop(job_id)
+        owner = (job.spec.owner, job.spec.lane)
+        self._owner_jobs[owner] -= 1
+        if self._owner_jobs[owner] <= 0:
+            del self._owner_jobs[owner]
 
     def close(self) -> None:
         with self._cv:

@@ -63,6 +63,10 @@ class Keys:
         """Hash: "<owner>|<lane>" → network evaluations of that owner's items queued or running there."""
         return f"{self.prefix}:owner-cost"
 
+    def owner_jobs(self, owner: str, lane: str) -> str:
+        """Sorted set: job id → when it may expire, for one owner's jobs on one lane (`key_max_stored_jobs`)."""
+        return f"{self.prefix}:owner-jobs:{owner}:{lane}"
+
     def bucket(self, owner: str, bucket: str) -> str:
         """Hash: tokens, at: one key's token bucket (`service/limits/redis.py`)."""
         return f"{self.prefix}:limit:{owner}:{bucket}"

@@ -35,6 +35,7 @@ from fewstep.service.queue.base import (
     idempotency_conflict,
     item_cost,
     key_digest,
+    owner_over_jobs,
     owner_over_limit,
     valid_job_id,
 )
@@ -43,9 +44,9 @@ from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANE
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# KEYS: lane stream, job hash, idempotency key, stats hash, owners' cost hash.
+# KEYS: lane stream, job hash, idempotency key, stats hash, owners' cost hash, the owner's jobs sorted set.
 # ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane,
-#       owner field, job cost, owner limit (-1: none), items...
+#       owner field, job cost, owner limit (-1: none), owner's job limit (-1: none), items...
 SUBMIT = """
 if ARGV[6] == '1' then
   local known = redis.call('GET', KEYS[3])
@@ -58,12 +59,19 @@ local owed = tonumber(redis.call('HGET', KEYS[5], ARGV[12]) or '0')
 if tonumber(ARGV[14]) >= 0 and owed + tonumber(ARGV[13]) > tonumber(ARGV[14]) then
   return {'owner', tostring(owed)}
 end
+if tonumber(ARGV[15]) >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
+  local kept = redis.call('ZCARD', KEYS[6])
+  if kept >= tonumber(ARGV[15]) then return {'jobs', tostring(kept)} end
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[8]) + tonumber(ARGV[4]), ARGV[1])
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
 redis.call('HINCRBY', KEYS[5], ARGV[12], ARGV[13])
 redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
            'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 for i = 1, n do
-  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[14 + i])
+  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[15 + i])
 end
 if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[5]) end
 redis.call('HINCRBY', KEYS[4], 'submitted', n)
@@ -182,8 +190,10 @@ class RedisQueue:
         ]
         args += ["1" if has_key else "0", len(payloads), time.time(), spec.owner, spec.model, spec.lane]
         limit = -1 if spec.owner_limit is None else spec.owner_limit
-        args += [owner_field(spec.owner, spec.lane), spec.cost, limit, *payloads]
+        jobs = -1 if spec.owner_jobs is None else spec.owner_jobs
+        args += [owner_field(spec.owner, spec.lane), spec.cost, limit, jobs, *payloads]
         keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats, self.keys.owner_cost]
+        keys.append(self.keys.owner_jobs(spec.owner, spec.lane))
         verdict, value = self._submit(keys=keys, args=args)
         verdict, value = _s(verdict), _s(value)
         if verdict == "full":
@@ -194,6 +204,8 @@ class RedisQueue:
             )
         if verdict == "owner":
             raise owner_over_limit(spec, int(value))
+        if verdict == "jobs":
+            raise owner_over_jobs(spec, int(value))
         if verdict == "existing":
             known_id, _, known_fp = value.partition("|")
             if known_fp != spec.fingerprint:
@@ -241,10 +253,11 @@ class RedisQueue:
     @_reachable
     def forget(self, job_id: str, owner: str) -> None:
         try:
-            self._hash(job_id, owner)
+            h = self._hash(job_id, owner)
         except NotFound:
             return
         self.r.delete(self.keys.job(job_id), self.keys.results(job_id), self.keys.events(job_id))
+        self.r.zrem(self.keys.owner_jobs(owner, h.get("lane", "")), job_id)
 
     @_reachable
     def events(self, job_id: str, cursor: str, block_s: float) -> list[JobEvent]:

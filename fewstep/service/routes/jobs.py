@@ -73,6 +73,7 @@ async def create_job(
         fingerprint=fingerprint(body.model, [r.model_dump() for r in body.requests]),
         requests=origin,
         owner_limit=settings.key_max_job_cost,
+        owner_jobs=settings.key_max_stored_jobs,
     )
     await gw.spend(owner, "jobs")
     return job_view(await gw.call(gw.queue.submit, job))

@@ -248,3 +248,16 @@ def test_redis_at_maxmemory_refuses_new_work_with_not_ready_and_a_result_waits_t
     assert queue.finish([(d, ok(0, 0))])[0].wrote  # written once memory is back
     assert queue.status(job.id, "alice").status == "succeeded"
     queue.close()
+
+
+def test_one_owner_keeps_at_most_its_job_limit_and_a_forgotten_job_frees_its_place(queue: JobQueue) -> None:
+    def one(owner: str) -> JobSpec:
+        return JobSpec(owner, "shapes", [ImageItem(prompt="x", seed=0, steps=1)], BATCH, ttl_s=600, owner_jobs=2)
+
+    first = queue.submit(one("alice"))
+    queue.submit(one("alice"))
+    with pytest.raises(Overloaded, match=r"2 batch jobs kept .* \(`key_max_stored_jobs` = 2\)"):
+        queue.submit(one("alice"))
+    queue.submit(one("bob"))  # per key
+    queue.forget(first.id, "alice")
+    queue.submit(one("alice"))
