@@ -239,6 +239,17 @@ def video_student(checkpoints: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def video_exported(tmp_path_factory: pytest.TempPathFactory, video_student: Path, encoder) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the video student with its three ONNX graphs and `video.onnx.json` (exported once per session)."""
+    from fewstep.exporters.video_onnx import export_video_onnx
+
+    folder = tmp_path_factory.mktemp("video-onnx") / "shapes-video"
+    shutil.copytree(video_student, folder)
+    export_video_onnx(folder, encoder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random diffusers pipelines saved as users save theirs: SD- and SDXL-style, each also with the
     guidance embedding of LCM students (`-lcm`)."""

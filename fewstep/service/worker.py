@@ -229,6 +229,9 @@ class Worker:
                 continue
             admitted.append(Admission(d, d.work.model, d.work.item, d.queued_at))
         self._finish(unknown)
+        # Heartbeated from now on, not from the end of the step they are about to take: a step longer than
+        # `claim_idle_s` would otherwise let another worker take them back mid-step.
+        self._flight = [*self._flight, *(a.ticket for a in admitted if isinstance(a.ticket, Delivery))]
         return admitted
 
     def dropped(self, tickets: list[Hashable]) -> set[Hashable]:

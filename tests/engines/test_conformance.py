@@ -9,7 +9,6 @@ Stream engines (`StreamEngine`): the video engine on torch and on ONNX Runtime.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,16 +117,8 @@ STREAM_VARIANTS = ["torch", "onnxruntime"]
 
 
 @pytest.fixture(scope="module", params=STREAM_VARIANTS)
-def streamer(  # type: ignore[no-untyped-def]
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, video_student: Path, encoder
-) -> StreamEngine:
-    folder = video_student
-    if request.param == "onnxruntime":
-        from fewstep.exporters.video_onnx import export_video_onnx
-
-        folder = tmp_path_factory.mktemp("video") / "shapes-video"
-        shutil.copytree(video_student, folder)
-        export_video_onnx(folder, encoder)
+def streamer(request: pytest.FixtureRequest, video_student: Path, encoder) -> StreamEngine:  # type: ignore[no-untyped-def]
+    folder = request.getfixturevalue("video_exported") if request.param == "onnxruntime" else video_student
     ref = read_manifest(video_student)["first_frame"]
     image = ImageEngine(
         video_student.parent / ref["name"], encoder, teacher_folder=video_student.parent / "shapes-teacher"

@@ -159,15 +159,16 @@ def test_a_new_prompt_steers_the_following_frames_only(engine: VideoEngine) -> N
     assert s.prompt == OTHER
 
 
-@pytest.mark.slow  # exports the video student
-def test_onnx_graphs_make_the_same_stream_as_torch(tmp_path: Path, video_student: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow  # the video student's ONNX export (once per session)
+def test_onnx_graphs_make_the_same_stream_as_torch(  # type: ignore[no-untyped-def]
+    tmp_path: Path, video_exported: Path, video_student: Path, encoder
+) -> None:
     from fewstep.artifacts.video import ARTIFACT
     from fewstep.evaluation.metrics import psnr
-    from fewstep.exporters.video_onnx import export_video_onnx
 
     folder = tmp_path / "shapes-video"
-    shutil.copytree(video_student, folder)
-    art = export_video_onnx(folder, encoder)
+    shutil.copytree(video_exported, folder)  # a private copy: this test breaks one of its graphs
+    art = json.loads((folder / ARTIFACT).read_text())
     assert all(v is None or v >= 45.0 for v in art["parity"]["by_steps"].values())
     torch_engine = VideoEngine(folder, encoder, capacity=2, first_frame=_image(video_student, encoder))
     onnx_engine = VideoEngine(

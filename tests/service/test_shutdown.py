@@ -150,10 +150,10 @@ def test_sigterm_lets_a_worker_finish_its_batch_heartbeating_and_nothing_runs_tw
         "FEWSTEP_INTERACTIVE_WORKERS": "0",
     }
     gateway = start_server(tmp_path, env)
-    leaving = start_worker(tmp_path, env, "leaving", step_ms=2500)  # an item: 4 steps, 10 s
+    leaving = start_worker(tmp_path, env, "leaving", step_ms=4000)  # its batch: 4 steps, 16 s
     rescuer = None
     try:
-        reqs = [{"prompt": "a red circle", "steps": 4, "seed": i} for i in range(8)]
+        reqs = [{"prompt": "a red circle", "steps": 4, "seed": i} for i in range(4)]  # one batch, all on `leaving`
         job = httpx.post(gateway.url + "/v1/jobs", json={"model": "shapes", "requests": reqs}).json()
         r = redis.Redis.from_url(redis_server.url, decode_responses=True)
         lane = f"{prefix}:items:batch"
@@ -194,7 +194,7 @@ def test_sigterm_lets_a_worker_finish_its_batch_heartbeating_and_nothing_runs_tw
         while (st := httpx.get(f"{gateway.url}/v1/jobs/{job['id']}").json())["finished"] is None:
             assert time.monotonic() < deadline, st
             time.sleep(0.1)
-        assert (st["status"], st["done"]) == ("succeeded", 8)
+        assert (st["status"], st["done"]) == ("succeeded", 4)
         assert sorted(last_events) == ["end", "end"]  # both streams saw the job through
         stats = r.hgetall(f"{prefix}:stats")
         assert int(stats.get("reclaims", 0)) == 0, stats  # the drained batch was never taken back
