@@ -31,10 +31,6 @@ class Canary:
     loaded: Loaded
     ok: int = 0
     failed: int = 0
-    routed: int = 0
-    """Items (or sessions) routed to it: new jobs stop coming at `canary_items`, so it serves about that many."""
-    keys: set[str] = field(default_factory=set)
-    """Jobs (or sessions) routed to it: their further items follow them."""
 
 
 @dataclass

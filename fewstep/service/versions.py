@@ -390,11 +390,7 @@ class Versions(Generic[E]):
         loaded = m.serving
         c = m.canary
         if c is not None and key is not None and share(key) < self.settings.canary_fraction:
-            with self._lock:  # several worker threads route at once: the canary starts `canary_items`, no more
-                if key in c.keys or c.routed < self.settings.canary_items:
-                    c.keys.add(key)  # the rest of a job it began stays with it (one version per job)
-                    c.routed += 1
-                    loaded = c.loaded
+            loaded = c.loaded
         assert loaded is not None
         if loaded.engine is None:
             raise NotReady(f"model {name!r} is not run by this process")

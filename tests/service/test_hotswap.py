@@ -268,7 +268,9 @@ def test_a_canary_takes_a_share_of_jobs_then_is_promoted(tmp_path: Path, checkpo
             served.append(generate(server, seed=seed, steps=1)["model_version"])
             seed += 1
         assert {"1", "2"} <= set(served)  # both versions served while the canary ran
-        assert served.count("2") == 12  # promoted after exactly its canary items
+        # Promoted after its canary items; two worker threads (general and interactive-only) route at once, so
+        # one more may have started on the canary in the step that promoted it.
+        assert 12 <= served.count("2") <= 13
         wait_status(server, "2", "serving", timeout=10)
         assert {generate(server, seed=s, steps=1)["model_version"] for s in range(300, 306)} == {"2"}
     finally:
