@@ -287,9 +287,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fewstep.engines.base import Outcome, StepEngine
     from fewstep.service.metrics import Metrics
     from fewstep.service.queue import open_queue
-    from fewstep.service.queue.keys import INTERACTIVE
     from fewstep.service.settings import Settings
-    from fewstep.service.worker import EngineLookup, Router, Worker, canary_outcome, engine_lookup, worker_name
+    from fewstep.service.worker import (
+        EngineLookup,
+        Router,
+        Worker,
+        canary_outcome,
+        engine_lookup,
+        interactive_only,
+        worker_name,
+    )
 
     if args.engine:
         os.environ["FEWSTEP_ENGINE"] = args.engine
@@ -353,12 +360,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
     queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
     worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
-    # Interactive-only workers share this process's consumer name: the queue counts processes, and each
-    # thread's heartbeat refreshes its own items.
-    reserved = [
-        Worker(queue, lookup, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,))
-        for _ in range(settings.interactive_workers)
-    ]
+    reserved = interactive_only(queue, lookup, settings, metrics, name, route, finished)
     workers += [worker, *reserved]
     if stopping.is_set():  # asked to stop while loading: nothing was claimed
         stop_watch.set()

@@ -30,14 +30,13 @@ from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit
 from fewstep.service.openapi import document_errors
 from fewstep.service.queue import open_queue
-from fewstep.service.queue.keys import INTERACTIVE
 from fewstep.service.routes import admin, health, images, jobs, models, playground, video
 from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
 from fewstep.service.versions import Versions
 from fewstep.service.watch import subscribe
-from fewstep.service.worker import Worker, canary_outcome, engine_lookup, worker_name
+from fewstep.service.worker import Worker, canary_outcome, engine_lookup, interactive_only, worker_name
 
 log = logging.getLogger("fewstep.service")
 
@@ -129,22 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             for i in range(settings.embedded_workers)
         ]
-        # Interactive-only workers: capacity that a batch job cannot fill. They share the first worker's
-        # consumer name (the queue counts processes; each thread's heartbeat refreshes its own items).
-        only_interactive = (INTERACTIVE,)
-        made += [
-            Worker(
-                queue,
-                lookup,
-                settings,
-                metrics,
-                name=name,
-                route=route,
-                finished=finished,
-                lanes=only_interactive,
-            )
-            for i in range(settings.interactive_workers)
-        ]
+        made += interactive_only(queue, lookup, settings, metrics, name, route, finished)
         workers.extend(made)
         for w in made[1:]:
             w.start()

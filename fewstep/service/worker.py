@@ -35,7 +35,7 @@ from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
-from fewstep.service.queue.keys import LANES
+from fewstep.service.queue.keys import INTERACTIVE, LANES
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.worker")
@@ -91,6 +91,24 @@ def observer(metrics: Metrics | None, finished: Finished | None = None) -> Obser
 
 def _job_of(a: Admission) -> str:
     return a.ticket.work.job_id if isinstance(a.ticket, Delivery) else ""
+
+
+def interactive_only(
+    queue: JobQueue,
+    engine_for: EngineLookup,
+    settings: Settings,
+    metrics: Metrics | None,
+    name: str,
+    route: Router | None,
+    finished: Finished | None,
+) -> list[Worker]:
+    """The `interactive_workers` threads of a process: they take only the interactive lane (capacity a batch
+    job cannot fill) and share the process's consumer name `name` (the queue counts processes; each
+    thread's heartbeat refreshes its own items)."""
+    return [
+        Worker(queue, engine_for, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,))
+        for _ in range(settings.interactive_workers)
+    ]
 
 
 def worker_name() -> str:

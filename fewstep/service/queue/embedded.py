@@ -163,8 +163,7 @@ class EmbeddedQueue:
                 out: dict[str, list[JobEvent]] = {}
                 for job_id, cursor in cursors.items():
                     job = self._jobs.get(job_id)
-                    after = int(cursor or 0)
-                    fresh = [] if job is None else [e for e in job.events if int(e.cursor) > after]
+                    fresh = [] if job is None else self._after(job, int(cursor or 0))
                     if fresh:
                         out[job_id] = fresh
                 left = deadline - time.monotonic()
@@ -189,12 +188,15 @@ class EmbeddedQueue:
         deadline = time.monotonic() + block_s
         with self._cv:
             while True:
-                job = self._job(job_id, None)
-                fresh = [e for e in job.events if int(e.cursor) > after]
+                fresh = self._after(self._job(job_id, None), after)
                 left = deadline - time.monotonic()
                 if fresh or left <= 0 or self._closed:
                     return fresh
                 self._cv.wait(left)
+
+    @staticmethod
+    def _after(job: _Job, cursor: int) -> list[JobEvent]:
+        return [e for e in job.events if int(e.cursor) > cursor]
 
     def stats(self) -> QueueStats:
         with self._cv:
