@@ -90,8 +90,7 @@ def main() -> None:
         folder = reg.version_dir("shapes", "1")
         t0 = time.time()
         export_onnx(folder, encoder)
-        for precision in QUANTIZED:
-            quantize(folder, precision, encoder, judge)
+        quantize(folder, QUANTIZED, encoder, judge)
         print(f"exported and quantized in {time.time() - t0:.0f}s", flush=True)
         arts = {p: describe(folder, p) for p in ("fp32", *QUANTIZED)}
         profiles = {p: op_profile(folder / f"model.{p}.onnx", args.threads) for p in ("fp32", "int8", "int8-dynamic")}

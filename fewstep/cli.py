@@ -246,8 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"exported {name}:{ver} → {art['artifact']} (opset {art['opset']}, {art['bytes']} bytes), "
             f"parity {json.dumps(art['parity'])}"
         )
-        for precision in precisions:
-            q = quantize(folder, precision, encoder, judge)
+        for q in quantize(folder, precisions, encoder, judge).values():
             print(
                 f"quantized {name}:{ver} → {q['artifact']} ({q['bytes']} bytes), gate {json.dumps(q['gate'])}, "
                 f"quality {json.dumps(q['quality'])}"

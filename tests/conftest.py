@@ -224,9 +224,8 @@ def quantized(exported: Registry, checkpoints: Path, encoder) -> Registry:  # ty
     from fewstep.exporters.quantize import quantize
 
     judge = AttributeJudge(load_classifier(checkpoints / "shapes-classifier"))
-    for precision in QUANTIZED:
-        quantize(exported.version_dir("shapes", "1"), precision, encoder, judge)
-        quantize(exported.version_dir("shapes-teacher", "1"), precision, encoder)
+    quantize(exported.version_dir("shapes", "1"), QUANTIZED, encoder, judge)
+    quantize(exported.version_dir("shapes-teacher", "1"), QUANTIZED, encoder)
     return exported
 
 

@@ -68,8 +68,8 @@ def test_an_artifact_that_failed_its_gate_is_refused_and_a_refused_teacher_only_
     student, teacher = tmp_path / "shapes", tmp_path / "teacher"
     shutil.copytree(exported.version_dir("shapes", "1"), student)
     shutil.copytree(exported.version_dir("shapes-teacher", "1"), teacher)
-    quantize(student, "int8-dynamic", encoder, judge, gate_seeds=1)
-    quantize(teacher, "int8-dynamic", encoder)
+    quantize(student, ["int8-dynamic"], encoder, judge, gate_seeds=1)
+    quantize(teacher, ["int8-dynamic"], encoder)
     meta = teacher / "model.int8-dynamic.onnx.json"
     art = json.loads(meta.read_text())
     art["gate"] = {"passed": False, "rule": "test"}
