@@ -239,13 +239,22 @@ def video_student(checkpoints: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def video_exported(tmp_path_factory: pytest.TempPathFactory, video_student: Path, encoder) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the video student with its three ONNX graphs and `video.onnx.json` (exported once per session)."""
-    from fewstep.exporters.video_onnx import export_video_onnx
+    """The video student pushed into a fresh registry and exported there by `fewstep push` and `fewstep export`
+    (once per session): its version folder, with the three ONNX graphs and `video.onnx.json`. What the
+    export command printed is kept beside the registry in `export.out`."""
+    import contextlib
+    import io
 
-    folder = tmp_path_factory.mktemp("video-onnx") / "shapes-video"
-    shutil.copytree(video_student, folder)
-    export_video_onnx(folder, encoder)
-    return folder
+    from fewstep.cli import main
+
+    root = tmp_path_factory.mktemp("video-onnx")
+    reg = str(root / "registry")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["push", str(video_student), "--registry", reg]) == 0
+        assert main(["export", "shapes-video", "--registry", reg, "--threads", "1"]) == 0
+    (root / "export.out").write_text(out.getvalue())
+    return Registry(root / "registry").version_dir("shapes-video", "1")
 
 
 @pytest.fixture(scope="session")
