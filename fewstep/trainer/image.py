@@ -77,16 +77,17 @@ def run(
     torch.set_num_threads(threads)
     encoder = TextEncoder()
     bank: CaptionBank | None = None
+    captions = None if recipe.bank_all_captions else [""]
     for stage in stages:
         print(f"[train image] stage {stage}", flush=True)
         t0 = time.time()
         if stage == "classifier":
             stage_classifier(recipe, out, docs)
         elif stage == "teacher":
-            bank = bank or CaptionBank(encoder)
+            bank = bank or CaptionBank(encoder, captions)
             stage_teacher(recipe, out, docs, bank)
         elif stage == "student":
-            bank = bank or CaptionBank(encoder)
+            bank = bank or CaptionBank(encoder, captions)
             stage_student(recipe, out, docs, bank, work)
         else:
             stage_evaluate(recipe, out, docs, encoder, work)
