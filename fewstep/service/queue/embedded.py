@@ -71,7 +71,10 @@ class EmbeddedQueue:
         self._cv = threading.Condition()
         self._jobs: dict[str, _Job] = {}
         self._entries: dict[str, _Entry] = {}
-        self._waiting: dict[str, collections.deque[str]] = {lane: collections.deque() for lane in LANES}
+        self._waiting: dict[str, collections.OrderedDict[str, collections.deque[str]]] = {
+            lane: collections.OrderedDict() for lane in LANES
+        }
+        """Per lane, each owner's queued entries; the dict's order is the owners' turn order (fair admission)."""
         self._lane_items = dict.fromkeys(LANES, 0)
         self._owner_cost: collections.Counter[tuple[str, str]] = collections.Counter()
         self._owner_jobs: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -122,7 +125,7 @@ class EmbeddedQueue:
                 entry_id = str(next(self._ids))
                 work = WorkItem(job.id, index, spec.model, item, spec.request_of(index), spec.owner)
                 self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work, queued_at=now))
-                self._waiting[spec.lane].append(entry_id)
+                self._waiting[spec.lane].setdefault(spec.owner, collections.deque()).append(entry_id)
             self._lane_items[spec.lane] += len(spec.items)
             if spec.idempotency_key is not None:
                 digest = key_digest(spec.idempotency_key)
@@ -241,16 +244,23 @@ class EmbeddedQueue:
                     return []
                 self._cv.wait(left)
             gather_end = time.monotonic() + gather_s
-            while sum(len(self._waiting[lane]) for lane in lanes) < max_items and not self._closed:
+            while sum(len(q) for lane in lanes for q in self._waiting[lane].values()) < max_items and not self._closed:
                 left = gather_end - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
             taken: list[Delivery] = []
             for lane in lanes:  # in the order given: interactive first
-                queue = self._waiting[lane]
-                while queue and len(taken) < max_items:
+                owners = self._waiting[lane]
+                while owners and len(taken) < max_items:
+                    # Fair admission: one entry per owner in turn, so a key with 10 000 queued items
+                    # delays another key's first item by one turn, not by 10 000 items.
+                    owner, queue = next(iter(owners.items()))
                     entry = self._entries[queue.popleft()]
+                    if queue:
+                        owners.move_to_end(owner)
+                    else:
+                        del owners[owner]
                     entry.consumer, entry.touched = consumer, time.monotonic()
                     job = self._jobs.get(entry.delivery.work.job_id)
                     if job is not None and job.started is None:

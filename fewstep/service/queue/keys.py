@@ -40,8 +40,21 @@ class Keys:
     prefix: str = "fewstep"
 
     def lane(self, lane: str) -> str:
-        """Stream of work items of one lane: fields job, index, item (JSON)."""
+        """Stream of work items of one lane about to be read: fields job, index, at (ms queued), item (JSON)."""
         return f"{self.prefix}:items:{lane}"
+
+    def backlog_prefix(self, lane: str) -> str:
+        """Prefix of the owners' backlogs of one lane (the owner follows): lists of `job|index|ms|item`."""
+        return f"{self.prefix}:backlog:{lane}:"
+
+    def waiting(self, lane: str) -> str:
+        """One element per item in the lane's backlogs: the list's length is the backlog that autoscalers
+        (KEDA's `redis` list trigger) scale workers on, since the stream holds only what is about to be read."""
+        return f"{self.prefix}:waiting:{lane}"
+
+    def ring(self, lane: str) -> str:
+        """The owners with a backlog in one lane, in turn order (`scripts.FEED`)."""
+        return f"{self.prefix}:ring:{lane}"
 
     @property
     def group(self) -> str:

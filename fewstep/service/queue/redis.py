@@ -40,80 +40,10 @@ from fewstep.service.queue.base import (
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
+from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, SUBMIT
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# KEYS: lane stream, job hash, idempotency key, stats hash, owners' cost hash, the owner's jobs sorted set.
-# ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane,
-#       owner field, job cost, owner limit (-1: none), owner's job limit (-1: none), items...
-SUBMIT = """
-if ARGV[6] == '1' then
-  local known = redis.call('GET', KEYS[3])
-  if known then return {'existing', known} end
-end
-local n = tonumber(ARGV[7])
-local depth = redis.call('XLEN', KEYS[1])
-if depth + n > tonumber(ARGV[3]) then return {'full', tostring(depth)} end
-local owed = tonumber(redis.call('HGET', KEYS[5], ARGV[12]) or '0')
-if tonumber(ARGV[14]) >= 0 and owed + tonumber(ARGV[13]) > tonumber(ARGV[14]) then
-  return {'owner', tostring(owed)}
-end
-if tonumber(ARGV[15]) >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
-  local kept = redis.call('ZCARD', KEYS[6])
-  if kept >= tonumber(ARGV[15]) then return {'jobs', tostring(kept)} end
-  redis.call('ZADD', KEYS[6], tonumber(ARGV[8]) + tonumber(ARGV[4]), ARGV[1])
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
-end
-redis.call('HINCRBY', KEYS[5], ARGV[12], ARGV[13])
-redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
-           'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-for i = 1, n do
-  redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'index', i - 1, 'item', ARGV[15 + i])
-end
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[5]) end
-redis.call('HINCRBY', KEYS[4], 'submitted', n)
-return {'created', ARGV[1]}
-"""
-
-# KEYS: job hash, results hash, events stream, lane stream, owners' cost hash.
-# ARGV: index, result JSON, outcome, now, entry id, group, owner field, item cost.
-# The first acknowledgement of an entry gives its cost back to its owner (once, whatever the redeliveries).
-FINISH = """
-local wrote = 0
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
-  wrote = 1
-  local field = ARGV[3]
-  if field == 'ok' then field = 'done' end
-  redis.call('HINCRBY', KEYS[1], field, 1)
-  local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled', 'ttl')
-  redis.call('XADD', KEYS[3], '*', 'kind', 'item', 'index', ARGV[1], 'outcome', ARGV[3])
-  if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
-    redis.call('HSET', KEYS[1], 'finished', ARGV[4])
-    redis.call('XADD', KEYS[3], '*', 'kind', 'end')
-    wrote = redis.call('HGET', KEYS[1], 'created')
-  end
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], c[5]) end
-end
-if redis.call('XACK', KEYS[4], ARGV[6], ARGV[5]) == 1 then
-  if redis.call('HINCRBY', KEYS[5], ARGV[7], -tonumber(ARGV[8])) <= 0 then redis.call('HDEL', KEYS[5], ARGV[7]) end
-end
-redis.call('XDEL', KEYS[4], ARGV[5])
-return wrote
-"""
-
-# KEYS: job hash, events stream. ARGV: now.
-CANCEL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled', 'cancel', 'ttl')
-if c[5] == '1' or tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'cancel', 1, 'cancel_at', ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'kind', 'cancel')
-redis.call('EXPIRE', KEYS[2], c[6])
-return 1
-"""
 
 
 def _reachable(fn: Callable[P, R]) -> Callable[P, R]:
@@ -164,6 +94,7 @@ class RedisQueue:
         self._submit = self.r.register_script(SUBMIT)
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
+        self._feed = self.r.register_script(FEED)
         self._groups_ready = False
         self._wake = f"{self.keys.prefix}:wake:{secrets.token_hex(6)}"
         """This process's wake stream: `interrupt` writes to it, `watch` reads it with the jobs' streams."""
@@ -191,9 +122,11 @@ class RedisQueue:
         args += ["1" if has_key else "0", len(payloads), time.time(), spec.owner, spec.model, spec.lane]
         limit = -1 if spec.owner_limit is None else spec.owner_limit
         jobs = -1 if spec.owner_jobs is None else spec.owner_jobs
-        args += [owner_field(spec.owner, spec.lane), spec.cost, limit, jobs, *payloads]
+        args += [owner_field(spec.owner, spec.lane), spec.cost, limit, jobs, int(time.time() * 1000)]
+        args += [self.keys.group, self.keys.backlog_prefix(spec.lane), *payloads]
         keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats, self.keys.owner_cost]
-        keys.append(self.keys.owner_jobs(spec.owner, spec.lane))
+        keys += [self.keys.owner_jobs(spec.owner, spec.lane), self.keys.backlog_prefix(spec.lane) + spec.owner]
+        keys += [self.keys.ring(spec.lane), self.keys.waiting(spec.lane)]
         verdict, value = self._submit(keys=keys, args=args)
         verdict, value = _s(verdict), _s(value)
         if verdict == "full":
@@ -291,30 +224,37 @@ class RedisQueue:
     @_reachable
     def stats(self) -> QueueStats:
         now = time.time()
+        k = self.keys
         pipe = self.r.pipeline(transaction=False)
         for lane in LANES:
-            pipe.xlen(self.keys.lane(lane))
-            pipe.xrange(self.keys.lane(lane), count=1)
-        pipe.xlen(self.keys.dead)
-        pipe.hgetall(self.keys.stats)
-        pipe.zcount(self.keys.workers, now - WORKER_TTL_S, "+inf")
+            pipe.xlen(k.lane(lane))
+            pipe.xrange(k.lane(lane), count=1)
+            pipe.lrange(k.ring(lane), 0, -1)
+            pipe.llen(k.waiting(lane))
+        pipe.xlen(k.dead)
+        pipe.hgetall(k.stats)
+        pipe.zcount(k.workers, now - WORKER_TTL_S, "+inf")
         replies = pipe.execute()
+        counters = {_s(key): int(v) for key, v in replies[-2].items()}
         depth: dict[str, int] = {}
-        oldest = 0.0
+        queued_ms: list[int] = []  # when each lane's oldest entry and each backlog's head were queued
+        heads = self.r.pipeline(transaction=False)
         for i, lane in enumerate(LANES):
-            depth[lane] = int(replies[2 * i])
-            head = replies[2 * i + 1]
-            if head:
-                oldest = max(oldest, now - int(_s(head[0][0]).split("-")[0]) / 1000.0)
-        counters = {_s(k): int(v) for k, v in replies[-2].items()}
+            depth[lane] = int(replies[4 * i]) + int(replies[4 * i + 3])
+            if head := replies[4 * i + 1]:
+                entry_id, fields = head[0]
+                queued_ms.append(int(_s(fields.get(b"at") or _s(entry_id).split("-")[0])))
+            for owner in replies[4 * i + 2]:
+                heads.lindex(k.backlog_prefix(lane) + _s(owner), 0)
+        queued_ms += [int(_s(h).split("|", 3)[2]) for h in heads.execute() if h]
         in_flight = 0
         for lane in LANES:
             with contextlib.suppress(redis.ResponseError):  # no group yet: no worker ever started
-                in_flight += int(self.r.xpending(self.keys.lane(lane), self.keys.group)["pending"])
+                in_flight += int(self.r.xpending(k.lane(lane), k.group)["pending"])
         return QueueStats(
             depth=depth,
             in_flight=in_flight,
-            oldest_age_s=oldest,
+            oldest_age_s=max(0.0, now - min(queued_ms) / 1000.0) if queued_ms else 0.0,
             dead=int(replies[-3]),
             reclaims=counters.get("reclaims", 0),
             retries=counters.get("retries", 0),
@@ -365,7 +305,7 @@ class RedisQueue:
             lane=lane,
             work=WorkItem.decode(f["job"], int(f["index"]), f["item"]),
             deliveries=deliveries,
-            queued_at=int(_s(entry_id).split("-")[0]) / 1000.0,  # stream ids start with the ms of XADD
+            queued_at=int(f.get("at") or _s(entry_id).split("-")[0]) / 1000.0,  # ms of submit (or of XADD)
         )
 
     @_reachable
@@ -390,11 +330,13 @@ class RedisQueue:
         return taken
 
     def _fill(self, consumer: str, taken: list[Delivery], max_items: int, lanes: tuple[str, ...]) -> list[Delivery]:
-        """Top up a batch without blocking, from `lanes` in order (interactive first)."""
+        """Top up a batch without blocking, from `lanes` in order (interactive first), each fed fairly first."""
         for lane in lanes:
             room = max_items - len(taken)
             if room <= 0:
                 break
+            k = self.keys
+            self._feed(keys=[k.lane(lane), k.ring(lane), k.waiting(lane)], args=[k.group, k.backlog_prefix(lane), room])
             taken += self._read(consumer, {self.keys.lane(lane): ">"}, room, None)
         return taken
 

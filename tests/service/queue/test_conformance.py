@@ -261,3 +261,39 @@ def test_one_owner_keeps_at_most_its_job_limit_and_a_forgotten_job_frees_its_pla
     queue.submit(one("bob"))  # per key
     queue.forget(first.id, "alice")
     queue.submit(one("alice"))
+
+
+def test_owners_take_turns_so_a_flood_delays_another_key_by_a_turn_and_each_key_keeps_its_order(
+    queue: JobQueue,
+) -> None:
+    flood = queue.submit(spec(12, owner="alice"))
+    bob = queue.submit(spec(2, owner="bob"))
+    carol = queue.submit(spec(1, owner="carol"))
+    first = queue.claim("w1", 4, 1.0, 0.0)
+    assert {d.work.owner for d in first} == {"alice", "bob", "carol"}  # each key's first item, in one batch
+    assert sum(d.work.owner == "alice" for d in first) <= 2
+    taken = first + queue.claim("w1", 4, 1.0, 0.0)
+    assert {d.work.job_id for d in taken if d.work.owner != "alice"} == {bob.id, carol.id}
+    assert sum(d.work.owner != "alice" for d in taken) == 3  # bob and carol done within two batches
+    while more := queue.claim("w1", 4, 0.2, 0.0):
+        taken += more
+    assert [d.work.index for d in taken if d.work.job_id == flood.id] == list(range(12))  # FIFO within a key
+    assert [d.work.index for d in taken if d.work.job_id == bob.id] == [0, 1]
+    assert queue.stats().depth[BATCH] == 15  # all in flight, none lost or duplicated
+    for d in taken:
+        queue.finish([(d, ok(d.work.index, d.work.item.seed))])
+    assert queue.stats().depth[BATCH] == 0
+    assert queue.status(flood.id, "alice").status == "succeeded"
+
+
+@pytest.mark.slow
+def test_redis_keeps_the_backlog_where_autoscalers_count_it(redis_server: RedisServer) -> None:
+    queue = RedisQueue(redis_server.url, DEPTH, prefix=f"t{secrets.token_hex(4)}")
+    r = redis.Redis.from_url(redis_server.url)
+    queue.submit(spec(12, owner="alice"))
+    queue.submit(spec(3, owner="bob"))
+    waiting, fed = r.llen(queue.keys.waiting(BATCH)), r.xlen(queue.keys.lane(BATCH))
+    assert (waiting, fed) == (14, 1)  # a submit feeds one item to wake a blocked worker; the rest wait
+    queue.claim("w1", 4, 1.0, 0.0)
+    assert (r.llen(queue.keys.waiting(BATCH)), r.xlen(queue.keys.lane(BATCH))) == (11, 4)
+    queue.close()
