@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = gw
     errors.install(app)
     document_errors(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
     app.add_middleware(CountRequests, counter=metrics.requests)
     app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read

@@ -1,4 +1,4 @@
-"""ASGI middleware of the gateway: the request body limit and the request counter.
+"""ASGI middleware of the gateway: the drain, header and body limits (size and time), the request counter.
 
 Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects from
 handlers, and a synchronous request must see its client leave to cancel its work.
@@ -6,6 +6,7 @@ handlers, and a synchronous request must see its client leave to cancel its work
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,12 +87,14 @@ class HeaderLimit:
 
 class BodyLimit:
     """ASGI middleware: 413 for bodies over `limit` bytes: at once by their declared length, else while
-    reading them (bounded) before the app runs. The app gets the body replayed as one message; counting
-    inside the app's own read instead would surface as the framework's 400."""
+    reading them (bounded) before the app runs; 408 for a body not whole within `timeout_s`. The app
+    gets the body replayed as one message; counting inside the app's own read instead would surface
+    as the framework's 400."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
         if scope["type"] != "http":
@@ -101,7 +104,15 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._reject(scope, receive, send, int(declared))
             return
-        first, size = await self._read_bounded(receive)
+        seen = [0]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                first, size = await self._read_bounded(receive, seen)
+        except TimeoutError:
+            msg = f"`body_timeout_s` is {self.timeout_s:g}. Given: {seen[0]} bytes of the body in that time"
+            body = errors.error_body(msg, "RequestTimeout", "body", 408)
+            await JSONResponse(body, status_code=408, headers={"Connection": "close"})(scope, receive, send)
+            return
         if first is None:
             await self._reject(scope, receive, send, size)
             return
@@ -112,9 +123,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]]) -> tuple[dict | None, int]:
+    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]], seen: list[int]) -> tuple[dict | None, int]:
         """The whole body as one message, or (None, bytes seen) once it passes `limit`; a disconnect
-        message is passed on as it is."""
+        message is passed on as it is. `seen[0]` follows the bytes read so far."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -123,6 +134,7 @@ class BodyLimit:
                 return message, size
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
+            seen[0] = size
             if size > self.limit:
                 return None, size
             if not message.get("more_body", False):

@@ -33,11 +33,12 @@ API_ERRORS = {
     "401": "missing or invalid API key",
     "404": "no such model, job or route",
     "405": "method not allowed on this route",
+    "408": "body not whole within `body_timeout_s`",
     "409": "conflict (an Idempotency-Key reused with another body, a cancelled request)",
     "413": "body over `max_body_bytes`",
     "431": "headers over `max_header_bytes`",
     "429": "a limit was reached (queue, per-key rate or cap); see Retry-After",
-    "503": "not ready, shutting down, or the queue is unreachable; see Retry-After",
+    "503": "not ready, shutting down, over `max_connections`, or the queue is unreachable; see Retry-After",
     "500": "the server's fault (an engine error)",
 }
 ADMIN_ERRORS = {"403": "not an admin key, or the admin routes are disabled"}

@@ -11,6 +11,7 @@ import uvicorn
 
 from fewstep.service.app import create_app
 from fewstep.service.drain import Drain
+from fewstep.service.protocol import guarded_protocol
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.service")
@@ -52,7 +53,7 @@ def serve(settings: Settings) -> int:
         ws_max_size=settings.ws_max_bytes,
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,  # after the drain: only idle keep-alive connections are left
-        limit_concurrency=settings.max_connections,
+        http=guarded_protocol(settings.head_timeout_s, settings.max_connections),  # head deadline, connection cap
         timeout_keep_alive=settings.keep_alive_s,
         h11_max_incomplete_event_size=2 * settings.max_header_bytes,  # a header block still arriving
     )

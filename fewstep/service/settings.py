@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     """Most open connections and WebSockets per gateway process; beyond it new ones get 503."""
     keep_alive_s: int = Field(5, ge=1, le=3600)
     """An idle keep-alive connection is closed after this long."""
+    head_timeout_s: float = Field(10.0, ge=0.5, le=600.0)
+    """A connection must send a whole request line and headers within this long of connecting (or of its
+    first byte after a keep-alive response), else it is closed: slow or silent clients hold no socket."""
+    body_timeout_s: float = Field(30.0, ge=0.5, le=3600.0)
+    """A request body must arrive whole within this long of its headers, else 408."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     """Most items in one worker's running batch (one network evaluation)."""
     batch_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0)
