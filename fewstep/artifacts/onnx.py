@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import CheckpointError
-from fewstep.models.checkpoint import WEIGHTS, sha256_file
+from fewstep.models.checkpoint import WEIGHTS, read_verified
 from fewstep.models.unet import Denoiser
 
 INPUTS = ("x", "t", "states", "mask")
@@ -46,18 +46,17 @@ def require_gate(folder: Path, precision: str) -> dict[str, Any]:
     return art
 
 
-def verified_artifact(folder: Path, manifest: dict[str, Any], precision: str) -> tuple[Path, dict[str, Any]]:
-    """The path and manifest of a `precision` artifact that may be served: its gate passed, the file matches
-    its sha256, and it was exported from this checkpoint's own weights. CheckpointError otherwise."""
+def verified_artifact(folder: Path, manifest: dict[str, Any], precision: str) -> tuple[bytes, dict[str, Any]]:
+    """The graph (its bytes, read once and hashed) and manifest of a `precision` artifact that may be
+    served: its gate passed, the bytes match its sha256, and it was exported from this checkpoint's own
+    weights. CheckpointError otherwise."""
     art = require_gate(folder, precision)
     path = folder / artifact_name(precision)
     if path.is_symlink() or not path.is_file():
         raise CheckpointError(f"{folder.name}: {path.name} is missing")
-    if sha256_file(path) != art.get("sha256"):
-        raise CheckpointError(f"{folder.name}: {path.name} does not match the sha256 in its manifest")
     if art.get("source", {}).get("sha256") != manifest["files"][WEIGHTS]["sha256"]:
         raise CheckpointError(f"{folder.name}: {path.name} was exported from other weights than this checkpoint's")
-    return path, art
+    return read_verified(path, art.get("sha256"), f"{folder.name}: {path.name}"), art
 
 
 # Fastest first. TensorRT's provider builds an engine per shape profile (slow first call);
@@ -71,8 +70,10 @@ def choose_providers(available: Sequence[str], allow_tensorrt: bool = True) -> l
     return chosen or ["CPUExecutionProvider"]
 
 
-def session_denoiser(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Denoiser:
-    """A `Denoiser` that runs the ONNX graph at `path` (inputs x, t, states, mask → v)."""
+def session_denoiser(
+    graph: Path | bytes, providers: Sequence[str] | None = None, threads: int | None = None
+) -> Denoiser:
+    """A `Denoiser` that runs an ONNX graph, a file or its bytes (inputs x, t, states, mask → v)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,7 +82,7 @@ def session_denoiser(path: Path, providers: Sequence[str] | None = None, threads
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     chosen = list(providers) if providers is not None else choose_providers(ort.get_available_providers())
-    session = ort.InferenceSession(str(path), options, providers=chosen)
+    session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=chosen)
 
     def net(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         feeds = {

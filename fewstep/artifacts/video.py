@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import CheckpointError
-from fewstep.models.checkpoint import WEIGHTS, read_manifest, sha256_file
+from fewstep.models.checkpoint import WEIGHTS, read_manifest, read_verified
 from fewstep.models.video_cache import KVCache, TextKV, VideoConfig
 
 ARTIFACT = "video.onnx.json"
@@ -53,7 +53,10 @@ def graph_file(name: str) -> str:
 class OnnxVideoNet:
     """`VideoNet` on ONNX Runtime: the three exported graphs behind the same three methods."""
 
-    def __init__(self, folder: Path, cfg: VideoConfig, threads: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, cfg: VideoConfig, threads: int | None = None, graphs: dict[str, bytes] | None = None
+    ) -> None:
+        """The graphs of `folder`, or their bytes as `graphs` (already read and hash-checked)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -62,7 +65,11 @@ class OnnxVideoNet:
         options.inter_op_num_threads = 1
         self.cfg = cfg
         self.sessions = {
-            name: ort.InferenceSession(str(folder / graph_file(name)), options, providers=["CPUExecutionProvider"])
+            name: ort.InferenceSession(
+                graphs[name] if graphs is not None else str(folder / graph_file(name)),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
             for name in GRAPHS
         }
 
@@ -106,8 +113,9 @@ def load_video_graphs(folder: Path, cfg: VideoConfig) -> OnnxVideoNet:
     weights = read_manifest(folder)["files"][WEIGHTS]["sha256"]
     if art.get("source", {}).get("sha256") != weights:
         raise CheckpointError(f"{folder.name}: the ONNX graphs were exported from other weights")
+    graphs = {}
     for name in GRAPHS:
         entry = art["graphs"][name]
-        if sha256_file(folder / entry["file"]) != entry["sha256"]:
-            raise CheckpointError(f"{folder.name}: {entry['file']} does not match its recorded sha256")
-    return OnnxVideoNet(folder, cfg)
+        # read once and hashed: the session is built from exactly these bytes
+        graphs[name] = read_verified(folder / entry["file"], entry["sha256"], f"{folder.name}: {entry['file']}")
+    return OnnxVideoNet(folder, cfg, graphs=graphs)

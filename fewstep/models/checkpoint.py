@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from fewstep.errors import CheckpointError
 
@@ -116,8 +117,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Check every file the manifest names: a safe relative path, an allowed kind of file, size and sha256."""
+def read_verified(path: Path, sha256: str | None, label: str) -> bytes:
+    """The bytes of `path`, read once and checked against `sha256`: what the caller loads is what was
+    hashed (hashing a file and then opening it again by path leaves a window to swap it)."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{label} does not match its sha256 in the manifest")
+    return data
+
+
+def verify_files(folder: Path, manifest: dict[str, Any], hashed_on_load: tuple[str, ...] = ()) -> None:
+    """Check every file the manifest names: a safe relative path, an allowed kind of file, size and sha256
+    (except for `hashed_on_load`, whose caller reads them with `read_verified`)."""
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{folder}: manifest names no files")
@@ -140,7 +151,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
             raise CheckpointError(
                 f"{folder}: {name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
             )
-        if sha256_file(path) != meta.get("sha256"):
+        if name not in hashed_on_load and sha256_file(path) != meta.get("sha256"):
             raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
 
 
@@ -163,11 +174,12 @@ def refuse_pickles(folder: Path) -> None:
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Manifest and weights of a verified checkpoint folder."""
     manifest = read_manifest(folder)
-    verify_files(folder, manifest)
+    verify_files(folder, manifest, hashed_on_load=(WEIGHTS,))
     if WEIGHTS not in manifest["files"]:
         raise CheckpointError(f"{folder}: manifest does not name {WEIGHTS}")
+    data = read_verified(folder / WEIGHTS, manifest["files"][WEIGHTS].get("sha256"), f"{folder}: {WEIGHTS}")
     try:
-        state = load_file(str(folder / WEIGHTS))
+        state = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{folder}: cannot read {WEIGHTS} ({e})") from e
     return manifest, state

@@ -68,3 +68,19 @@ def test_tensorrt_fp16_matches_onnx_fp32(exported, tmp_path: Path, monkeypatch: 
         assert isinstance(a, ImageResult) and isinstance(b, ImageResult)
         assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).mean() < 2
     assert any((tmp_path / "cache").glob("*.plan"))
+
+
+def test_a_cached_plan_is_used_only_if_its_manifest_vouches_for_its_bytes(tmp_path: Path) -> None:
+    from fewstep.engines.backends.plans import load_plan, store_plan
+
+    cache, key = tmp_path / "cache", cache_key("a" * 64, "NVIDIA H100", "10.9", "fp16")
+    assert load_plan(cache, key) is None  # nothing built yet
+    store_plan(cache, key, b"engine bytes", {"artifact": "model.fp32.onnx", "sha256": "a" * 64})
+    assert load_plan(cache, key) == b"engine bytes"
+    assert json.loads((cache / f"{key}.plan.json").read_text())["source"]["artifact"] == "model.fp32.onnx"
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # temp names went away
+    (cache / f"{key}.plan").write_bytes(b"engine bytez")  # tampered in the shared cache, same size
+    assert load_plan(cache, key) is None
+    store_plan(cache, key, b"engine bytes", {})  # the rebuild replaces it
+    (cache / f"{key}.plan.json").unlink()  # a plan dropped into the cache without a manifest
+    assert load_plan(cache, key) is None

@@ -183,7 +183,7 @@ def test_onnx_graphs_make_the_same_stream_as_torch(  # type: ignore[no-untyped-d
         assert psnr(a, b) >= 45.0
     # A graph that no longer matches its recorded hash is refused.
     (folder / "video.denoise.onnx").write_bytes(b"not a graph")
-    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
         VideoEngine(
             folder, encoder, capacity=1, backend="onnxruntime", first_frame=_image(video_student, encoder)
         ).load()

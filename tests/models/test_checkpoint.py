@@ -30,6 +30,27 @@ def test_modified_weights_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "ck")
 
 
+def test_weights_swapped_after_the_folder_check_are_refused_not_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights are hashed as they are read for loading: a file replaced between the folder's check and the
+    load (same size, other values) is refused, where hashing and then reopening by path loaded it."""
+    from fewstep.models import checkpoint
+
+    _save(tmp_path / "ck")
+    other = tmp_path / "other"
+    save_checkpoint(other, {"w": -torch.arange(6.0).reshape(2, 3)}, {"name": "m", "kind": "image"})
+    check = checkpoint.verify_files
+
+    def check_then_swap(folder: Path, manifest: dict, hashed_on_load: tuple[str, ...] = ()) -> None:
+        check(folder, manifest, hashed_on_load)
+        (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+
+    monkeypatch.setattr(checkpoint, "verify_files", check_then_swap)
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_pickle_files_are_never_accepted(tmp_path: Path) -> None:
     manifest = _save(tmp_path / "ck")
     (tmp_path / "ck" / "model.pt").write_bytes(b"not a safetensors file")

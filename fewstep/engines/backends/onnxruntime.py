@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, session_denoiser, verified_artifact
+from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, artifact_name, session_denoiser, verified_artifact
 from fewstep.artifacts.pipeline import OrtNets, verified_graphs
 from fewstep.artifacts.video import load_video_graphs
 from fewstep.errors import CheckpointError
@@ -28,17 +28,16 @@ class OnnxRuntimeBackend:
     def image(self, folder: Path, manifest: dict[str, Any], precision: str) -> Denoiser:
         if precision not in self.precisions:
             raise CheckpointError(f"onnxruntime backend serves {self.precisions}, not {precision!r}")
-        path, art = verified_artifact(folder, manifest, precision)
+        graph, art = verified_artifact(folder, manifest, precision)
+        name = artifact_name(precision)
         try:
-            net = session_denoiser(path)
+            net = session_denoiser(graph)
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-            raise CheckpointError(f"{folder.name}: ONNX Runtime cannot load {path.name} ({type(e).__name__})") from e
+            raise CheckpointError(f"{folder.name}: ONNX Runtime cannot load {name} ({type(e).__name__})") from e
         session = net.session  # type: ignore[attr-defined]
         names = tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs())
         if names != (INPUTS, OUTPUTS):
-            raise CheckpointError(
-                f"{folder.name}: {path.name} has inputs/outputs {names}, expected {(INPUTS, OUTPUTS)}"
-            )
+            raise CheckpointError(f"{folder.name}: {name} has inputs/outputs {names}, expected {(INPUTS, OUTPUTS)}")
         if not art.get("batch_invariant", True):
             return _item_by_item(net)
         return net

@@ -4,7 +4,8 @@
   (`model.int8.onnx`, `model.fp8.onnx`), whose scales TensorRT takes as they are.
 * Engines are cached under `FEWSTEP_TRT_CACHE` (default `var/trt-cache`) by a key over
   (artifact sha256, GPU name, TensorRT version, shape profiles): a new GPU kind, TensorRT
-  release or artifact builds anew; nothing else does.
+  release or artifact builds anew; nothing else does. Each plan has a manifest with its sha256
+  and is verified as it is read (`plans.py`); the ONNX graph is hashed as it is read for a build.
 * Shape profiles cover batch ranges; a call uses the smallest profile whose range holds its
   batch, and a batch above every profile is split.
 
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 
 from fewstep.artifacts.onnx import INPUTS, artifact_name, require_gate
+from fewstep.engines.backends.plans import load_plan, store_plan
 from fewstep.errors import CheckpointError
-from fewstep.models.checkpoint import sha256_file
+from fewstep.models.checkpoint import read_verified
 from fewstep.models.pipelines import LatentNets
 from fewstep.models.unet import Denoiser
 from fewstep.models.video_cache import VideoConfig, VideoNet
@@ -105,29 +107,26 @@ class TensorRTBackend:
         source = ARTIFACT_FOR[precision]
         art = require_gate(folder, source)
         onnx_path = folder / artifact_name(source)
-        if sha256_file(onnx_path) != art["sha256"]:
-            raise CheckpointError(f"{folder.name}: {onnx_path.name} does not match the sha256 in its manifest")
         gpu = torch.cuda.get_device_name(0)
         key = cache_key(art["sha256"], gpu, trt.__version__, precision)
         cache = Path(os.environ.get("FEWSTEP_TRT_CACHE", "var/trt-cache"))
-        plan = cache / f"{key}.plan"
-        if not plan.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            data = _build(trt, onnx_path, precision, art)
-            tmp = plan.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, plan)
-        return _runner(trt, plan.read_bytes())
+        plan = load_plan(cache, key)  # verified against its manifest, else None
+        if plan is None:
+            graph = read_verified(onnx_path, art.get("sha256"), f"{folder.name}: {onnx_path.name}")
+            plan = _build(trt, graph, onnx_path.name, precision, art)
+            built_from = {"artifact": onnx_path.name, "sha256": art["sha256"], "precision": precision}
+            store_plan(cache, key, plan, {**built_from, "gpu": gpu, "tensorrt": trt.__version__})
+        return _runner(trt, plan)
 
 
-def _build(trt: Any, onnx_path: Path, precision: str, art: dict[str, Any]) -> bytes:
+def _build(trt: Any, graph: bytes, name: str, precision: str, art: dict[str, Any]) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(graph):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CheckpointError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise CheckpointError(f"TensorRT cannot parse {name}: {errors}")
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -145,7 +144,7 @@ def _build(trt: Any, onnx_path: Path, precision: str, art: dict[str, Any]) -> by
         config.add_optimization_profile(p)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CheckpointError(f"TensorRT failed to build an engine from {onnx_path.name}")
+        raise CheckpointError(f"TensorRT failed to build an engine from {name}")
     return bytes(serialized)
 
 
