@@ -72,8 +72,11 @@ class Settings(BaseSettings):
     block that is still arriving at twice this (a slow flood is cut off before it is complete)."""
     max_connections: int = Field(1024, ge=1, le=1_000_000)
     """Most open connections and WebSockets per gateway process; beyond it new ones get 503."""
-    keep_alive_s: int = Field(5, ge=1, le=3600)
-    """An idle keep-alive connection is closed after this long."""
+    keep_alive_s: int = Field(75, ge=1, le=3600)
+    """An idle keep-alive connection is closed after this long. Keep it longer than the idle timeout of
+    the clients' connection pools and of any proxy in front (httpx and the OpenAI SDK: 5 s; ingress-nginx
+    upstreams: 60 s): a client that reuses a connection just as the server closes it gets a connection
+    reset (docs/decisions/keep-alive.md)."""
     head_timeout_s: float = Field(10.0, ge=0.5, le=600.0)
     """A connection must send a whole request line and headers within this long of connecting (or of its
     first byte after a keep-alive response), else it is closed: slow or silent clients hold no socket."""
