@@ -24,7 +24,7 @@ MAX_DELIVERIES = 3
 """An item delivered this many times without a result goes to the dead-letter stream."""
 
 DEAD_LETTERS_MAX = 10_000
-"""The dead-letter stream keeps about this many newest entries (older ones are trimmed): a poison flood
+"""The dead-letter record keeps this many newest entries (older ones are trimmed): a poison flood
 cannot grow it without bound."""
 
 INTERACTIVE = "interactive"

@@ -382,7 +382,7 @@ class RedisQueue:
                 "at": time.time(),
             },
             maxlen=DEAD_LETTERS_MAX,
-            approximate=True,
+            approximate=False,  # exact: dead letters are rare, and the bound is then what it says
         )
         self.r.hincrby(self.keys.stats, "dead", 1)
         failed = ItemResult(

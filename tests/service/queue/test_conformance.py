@@ -297,3 +297,41 @@ def test_redis_keeps_the_backlog_where_autoscalers_count_it(redis_server: RedisS
     queue.claim("w1", 4, 1.0, 0.0)
     assert (r.llen(queue.keys.waiting(BATCH)), r.xlen(queue.keys.lane(BATCH))) == (11, 4)
     queue.close()
+
+
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("redis", marks=pytest.mark.slow)])
+def test_the_dead_letter_record_keeps_only_the_newest(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fewstep.service.queue import embedded as embedded_module
+    from fewstep.service.queue import redis as redis_module
+
+    monkeypatch.setattr(embedded_module, "DEAD_LETTERS_MAX", 3)
+    monkeypatch.setattr(redis_module, "DEAD_LETTERS_MAX", 3)
+    if kind == "embedded":
+        q: JobQueue = EmbeddedQueue(DEPTH)
+    else:
+        q = RedisQueue(request.getfixturevalue("redis_server").url, DEPTH, prefix=f"t{secrets.token_hex(4)}")
+    job = q.submit(spec(5))
+    assert len(q.claim("dies", 5, 1.0, 0.0)) == 5
+    time.sleep(0.15)
+    assert q.reclaim("w2", 0.1, 1, 10) == []  # a second delivery would pass the cap of 1: all five are dead
+    assert q.status(job.id, "alice").failed == 5  # every item's job learns it failed
+    assert sorted(int(d["index"]) for d in q.dead_letters()) == [2, 3, 4]  # the record kept the newest 3
+    q.close()
+
+
+@pytest.mark.slow
+def test_redis_reclaim_resumes_its_scan_so_items_taken_back_again_do_not_starve_later_ones(
+    redis_server: RedisServer,
+) -> None:
+    queue = RedisQueue(redis_server.url, DEPTH, prefix=f"t{secrets.token_hex(4)}")
+    queue.submit(spec(6))
+    assert len(queue.claim("dies", 6, 1.0, 0.0)) == 6
+    time.sleep(0.15)
+    first = queue.reclaim("also-dies", 0.1, 10, 2)
+    time.sleep(0.15)  # now every item is idle again, the two just taken back included
+    second = queue.reclaim("rescuer", 0.1, 10, 2)
+    assert [d.work.index for d in first] == [0, 1]
+    assert [d.work.index for d in second] == [2, 3]  # from the cursor, not from the start again
+    queue.close()
