@@ -279,101 +279,14 @@ def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _service_threads(args.threads)
-    import signal
-    import threading
-    from collections.abc import Callable
-
-    from fewstep.engines.base import Outcome, StepEngine
-    from fewstep.service.metrics import Metrics
-    from fewstep.service.queue import open_queue
-    from fewstep.service.settings import Settings
-    from fewstep.service.worker import (
-        EngineLookup,
-        Router,
-        Worker,
-        canary_outcome,
-        engine_lookup,
-        interactive_only,
-        worker_name,
-    )
-
     if args.engine:
         os.environ["FEWSTEP_ENGINE"] = args.engine
     if args.noop_step_ms is not None:
         os.environ["FEWSTEP_NOOP_STEP_MS"] = str(args.noop_step_ms)
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.redis_url is None:
-        print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
-        return 2
-    metrics = Metrics(role="worker")
-    name = args.name or worker_name()
-    loaded: EngineLookup | None = None
-    route: Router | None = None
-    maintain: Callable[[], None] | None = None
-    finished: Callable[[str, object, Outcome], None] | None = None
-    stop_watch = threading.Event()
-    worker: Worker | None = None
-    workers: list[Worker] = []
-    stopping = threading.Event()
+    from fewstep.service.settings import Settings
+    from fewstep.service.worker_process import run_worker
 
-    def stop(*_: object) -> None:
-        stopping.set()
-        for w in workers:
-            w.request_stop()
-
-    # Installed before the models load: a SIGTERM while loading (or gating) lets the load finish, so that
-    # it leaves no half-done load mark behind to count against a good version, and then exits 0.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if settings.engine == "image":
-        import torch
-
-        from fewstep.models.registry import Registry
-        from fewstep.service.app import step_kinds
-        from fewstep.service.kinds import Context
-        from fewstep.service.versions import Versions
-        from fewstep.service.watch import subscribe
-
-        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(1)))
-        ctx = Context(settings, Registry(settings.registry))
-        ctx.registry.seed_from(settings.checkpoints)
-        models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
-        models.load()
-        if not models.ready:
-            print(f"fewstep worker: no model loads ({models.load_error or 'see the log'})", file=sys.stderr)
-            return 1
-        loaded, route = models.engine, models.engine
-
-        def finished(model: str, engine: object, outcome: Outcome) -> None:
-            models.record(model, engine, canary_outcome(outcome))
-
-        subscribe(settings, [models.nudged], stop_watch)
-
-        def maintain() -> None:
-            models.maintain([e for w in workers for e in w.scheduler.engines])  # every thread's running engines
-
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
-    queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
-    worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
-    reserved = interactive_only(queue, lookup, settings, metrics, name, route, finished)
-    workers += [worker, *reserved]
-    if stopping.is_set():  # asked to stop while loading: nothing was claimed
-        stop_watch.set()
-        return 0
-    logging.getLogger("fewstep.worker").info(
-        "worker %s consuming %s (%d interactive-only beside it)", worker.name, settings.redis_prefix, len(reserved)
-    )
-    for w in reserved:
-        w.start()
-    worker.run()
-    for w in reserved:
-        w.stop()
-    stop_watch.set()
-    return 0
+    return run_worker(Settings(), args.name, args.metrics_port)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""`fewstep worker`: one worker process on the Redis queue (general worker thread plus the interactive-only
+ones), with the image models loaded, gated and watched for new versions like the gateway's."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from fewstep.engines.base import Outcome, StepEngine
+from fewstep.service.metrics import Metrics
+from fewstep.service.queue import open_queue
+from fewstep.service.settings import Settings
+from fewstep.service.worker import (
+    EngineLookup,
+    Router,
+    Worker,
+    canary_outcome,
+    engine_lookup,
+    interactive_only,
+    worker_name,
+)
+
+
+def run_worker(settings: Settings, name: str | None = None, metrics_port: int | None = None) -> int:
+    """Load the models (image engines), then claim and run items until SIGTERM / SIGINT has drained the
+    running batch; the exit status (2: no Redis configured, 1: no model loads)."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.redis_url is None:
+        print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
+        return 2
+    metrics = Metrics(role="worker")
+    name = name or worker_name()
+    loaded: EngineLookup | None = None
+    route: Router | None = None
+    maintain: Callable[[], None] | None = None
+    finished: Callable[[str, object, Outcome], None] | None = None
+    stop_watch = threading.Event()
+    worker: Worker | None = None
+    workers: list[Worker] = []
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        for w in workers:
+            w.request_stop()
+
+    # Installed before the models load: a SIGTERM while loading (or gating) lets the load finish, so that
+    # it leaves no half-done load mark behind to count against a good version, and then exits 0.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if settings.engine == "image":
+        import torch
+
+        from fewstep.models.registry import Registry
+        from fewstep.service.app import step_kinds
+        from fewstep.service.kinds import Context
+        from fewstep.service.versions import Versions
+        from fewstep.service.watch import subscribe
+
+        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(1)))
+        ctx = Context(settings, Registry(settings.registry))
+        ctx.registry.seed_from(settings.checkpoints)
+        models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
+        models.load()
+        if not models.ready:
+            print(f"fewstep worker: no model loads ({models.load_error or 'see the log'})", file=sys.stderr)
+            return 1
+        loaded, route = models.engine, models.engine
+
+        def finished(model: str, engine: object, outcome: Outcome) -> None:
+            models.record(model, engine, canary_outcome(outcome))
+
+        subscribe(settings, [models.nudged], stop_watch)
+
+        def maintain() -> None:
+            models.maintain([e for w in workers for e in w.scheduler.engines])  # every thread's running engines
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host, registry=metrics.registry)
+    queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
+    worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
+    reserved = interactive_only(queue, lookup, settings, metrics, name, route, finished)
+    workers += [worker, *reserved]
+    if stopping.is_set():  # asked to stop while loading: nothing was claimed
+        stop_watch.set()
+        return 0
+    logging.getLogger("fewstep.worker").info(
+        "worker %s consuming %s (%d interactive-only beside it)", worker.name, settings.redis_prefix, len(reserved)
+    )
+    for w in reserved:
+        w.start()
+    worker.run()
+    for w in reserved:
+        w.stop()
+    stop_watch.set()
+    return 0
