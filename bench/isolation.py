@@ -96,9 +96,9 @@ def sync_loop(url: str, stop: threading.Event, latencies: list[float], count: in
             i += 1
 
 
-def run_job(url: str, items: int, seed0: int) -> float:
-    """Key A: one job of `items` 4-step images; items/s from submission to its last result."""
-    headers = {"Authorization": f"Bearer {KEY_A}"}
+def run_job(url: str, items: int, seed0: int, key: str = KEY_A) -> float:
+    """Key A (or `key`): one job of `items` 4-step images; items/s from submission to its last result."""
+    headers = {"Authorization": f"Bearer {key}"}
     reqs = [{"prompt": "a red circle", "steps": 4, "seed": seed0 + i} for i in range(items)]
     with httpx.Client(timeout=120, headers=headers) as http:
         t0 = time.perf_counter()
