@@ -195,24 +195,31 @@ def main() -> None:
         "",
         "## Under load",
         "",
-        "| C | policy | images/s | × ideal (block) | mean occupancy "
+        f"Each concurrency block divides by its own ideal: the engine alone at batch {args.max_batch}, measured "
+        "just before the block (the column *ideal*), so that drift of this shared machine between blocks "
+        "does not enter the ratio. The targets below use the same figure for C = 16.",
+        "",
+        "| C | policy | images/s | ideal (block) images/s | × ideal | mean occupancy "
         "| p50 / p99 ms, 1 step | 2 steps | 3 steps | 4 steps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in concurrencies:
         for policy in policies:
             rate, lat, occ = rows[(policy, c)]
             cells = [f"{percentile(lat[s], 50) * 1000:.0f} / {percentile(lat[s], 99) * 1000:.0f}" for s in (1, 2, 3, 4)]
+            block = ideals[c][1]
             lines.append(
-                f"| {c} | {policy} | {rate:.1f} | {rate / ideal_b:.2f} | {occ:.1f} | " + " | ".join(cells) + " |"
+                f"| {c} | {policy} | {rate:.1f} | {block:.1f} | {rate / block:.2f} | {occ:.1f} | "
+                + " | ".join(cells)
+                + " |"
             )
     if 16 in concurrencies:
         step, req, none = (rows[(p, 16)] for p in ("step", "request", "none"))
-        ideal_b, speedup = ideals[16][1], ideals[16][1] / ideals[16][0]  # the block's own measurement
+        ideal_16, speedup = ideals[16][1], ideals[16][1] / ideals[16][0]  # the block's own measurement
         gain = step[0] / none[0] - 1
         p99_step, p99_req = percentile(step[1][1], 99), percentile(req[1][1], 99)
         checks = [
-            ("step-level ≥ 0.9 × ideal batched throughput", step[0] / ideal_b, step[0] >= 0.9 * ideal_b),
+            ("step-level ≥ 0.9 × ideal batched throughput", step[0] / ideal_16, step[0] >= 0.9 * ideal_16),
             ("step-level ≥ request-level", step[0] / req[0], step[0] >= req[0]),
             (
                 "gain over no batching ≥ 80% of the engine's batch speed-up",
@@ -221,7 +228,8 @@ def main() -> None:
             ),
             ("1-step p99 ≤ 0.5 × request-level's", p99_step / p99_req, p99_step <= 0.5 * p99_req),
         ]
-        lines += ["", "## Targets at C = 16", "", "| target | measured ratio | met |", "|---|---|---|"]
+        lines += ["", "## Targets at C = 16", "", f"Ideal (the C = 16 block's): {ideal_16:.1f} images/s.", ""]
+        lines += ["| target | measured ratio | met |", "|---|---|---|"]
         lines += [f"| {name} | {ratio:.2f} | {'yes' if ok else 'no'} |" for name, ratio, ok in checks]
         for name, ratio, ok in checks:
             print(f"{'MET ' if ok else 'MISS'} {name}: {ratio:.2f}")
