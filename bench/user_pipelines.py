@@ -16,7 +16,7 @@ channels 48/96, one attention level, 64×64 images from 32×32 latents. It is im
 Both backends of the server (torch, onnxruntime) are measured against the one pipeline (diffusers runs
 torch). Every process gets the same intra-op thread count. Writes docs/benchmarks/diffusers.md.
 
-    .venv/bin/python bench/diffusers.py [--repeats 5] [--requests 64] [--threads 2]
+    .venv/bin/python bench/user_pipelines.py [--repeats 5] [--requests 64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
     lines = [
         "# A user's diffusers student: fewstep vs the diffusers pipeline",
         "",
-        f"`.venv/bin/python bench/diffusers.py --repeats {args.repeats} --requests {args.requests} "
+        f"`.venv/bin/python bench/user_pipelines.py --repeats {args.repeats} --requests {args.requests} "
         f"--clients {args.clients} --threads {args.threads}` — {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, one run, {args.threads} intra-op threads in every process.",
         "",
