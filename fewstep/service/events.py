@@ -95,12 +95,19 @@ class EventHub:
             with self._lock:
                 for job_id, events in got.items():
                     since = cursor_key(cursors[job_id])
+                    waiting: list[_Waiter] = []
                     for w in self._waiters.get(job_id, []):
-                        if cursor_key(w.cursor) < since:
-                            continue  # came in after this read began, from further back: the next read has it
                         fresh = [e for e in events if cursor_key(e.cursor) > cursor_key(w.cursor)]
-                        if fresh:
-                            w.loop.call_soon_threadsafe(w.deliver, fresh)
+                        if cursor_key(w.cursor) < since or not fresh:
+                            waiting.append(w)  # (one from further back came in after this read began)
+                            continue
+                        w.loop.call_soon_threadsafe(w.deliver, fresh)
+                    # A waiter that has its events leaves at once: watched on until its coroutine ran, it made
+                    # every following watch return the same events at once (a busy loop beside the engines).
+                    if waiting:
+                        self._waiters[job_id] = waiting
+                    else:
+                        self._waiters.pop(job_id, None)
 
     def close(self) -> None:
         self._closed.set()
