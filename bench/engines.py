@@ -159,6 +159,20 @@ def main() -> None:
             f"* **{p}** ({prof['_total_us'] / fp32_total:.2f} × FP32 kernel time): "
             + ", ".join(f"{op} {share:.0%}" for op, share in ops)
         )
+    # The goals the quantization work set, next to what this run measured: a miss is called a miss.
+    goals = ["", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
+    for p in ("int8", "int8-dynamic"):
+        ratios = [fp32[k] / v for k, v in results[("onnxruntime", p)].items()]
+        ok = min(ratios) >= 1.3
+        verdict = "met" if ok else "missed"
+        goals.append(f"| {p} ≥ 1.3× ONNX Runtime FP32 speed (CPU) | {min(ratios):.2f}–{max(ratios):.2f}× | {verdict} |")
+    for p in QUANTIZED:
+        q = arts[p]["quality"]["by_steps"]
+        worst = min(q[str(st)]["joint"] - q[str(st)]["joint_fp32"] for st in (1, 2, 3, 4))
+        verdict = "met" if worst >= -0.02 else "missed"
+        goals.append(f"| {p} joint accuracy within 2 points of FP32 | worst {100 * worst:+.1f} points | {verdict} |")
+    goals.append("| fp8 speed | not measurable here: a CPU runs FP8 as QDQ emulation | needs a Hopper GPU (TensorRT) |")
+    lines += goals
     lines += [
         "",
         "Notes for reading: `int8-dynamic` takes activation ranges from the whole batch, so the backend runs it one "
