@@ -40,9 +40,7 @@ async def wait_settled(gw: Gateway, job_id: str, timeout: float, request: Reques
 
 
 @router.post("/v1/images/generations", response_model=ImageGenerationResponse)
-async def generate_images(
-    req: ImageGenerationRequest, request: Request, owner: Owner, gw: GatewayDep
-) -> Response:
+async def generate_images(req: ImageGenerationRequest, request: Request, owner: Owner, gw: GatewayDep) -> Response:
     t0 = time.perf_counter()
     settings = gw.settings
     spec = image_spec(gw, req.model)
