@@ -29,3 +29,27 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: fl
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server not ready:\n{log.read_text(errors='replace')[-4000:]}")
         time.sleep(0.2)
+
+
+def start_serve(tmp: Path, root: Path, env_extra: dict[str, str]) -> tuple[str, subprocess.Popen[bytes], Path]:
+    """`fewstep serve` on a free port with its own registry under `tmp`, the shipped checkpoints of `root`,
+    video off and warnings-only logs (plus `env_extra`); its URL, process and log, once it is ready."""
+    import os
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "FEWSTEP_PORT": str(port),
+        "FEWSTEP_REGISTRY": str(tmp / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(root / "checkpoints"),
+        "FEWSTEP_VIDEO_MAX_SESSIONS": "0",
+        "FEWSTEP_LOG_LEVEL": "warning",
+        **env_extra,
+    }
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=out, stderr=out)
+    wait_ready(url, proc, log)
+    return url, proc, log

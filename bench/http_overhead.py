@@ -24,14 +24,13 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from _server import free_port, wait_ready  # bench/ is on sys.path when run as a script
+from _server import start_serve  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,25 +62,9 @@ def main() -> None:
     engine.warmup()
 
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "FEWSTEP_PORT": str(port),
-            "FEWSTEP_REGISTRY": str(Path(tmp) / "registry"),
-            "FEWSTEP_CHECKPOINTS": str(ROOT / "checkpoints"),
-            "FEWSTEP_THREADS": str(args.threads),
-            "OMP_NUM_THREADS": str(args.threads),
-            "FEWSTEP_VIDEO_MAX_SESSIONS": "0",
-            "FEWSTEP_LOG_LEVEL": "warning",
-        }
-        log = Path(tmp) / "server.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+        threads = {"FEWSTEP_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        url, proc, _log = start_serve(Path(tmp), ROOT, threads)
         try:
-            wait_ready(url, proc, log)
             http_s, engine_s, png_s, json_s = [], [], [], []
             with httpx.Client(timeout=60) as http:
 

@@ -16,15 +16,13 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-from _server import free_port, wait_ready  # bench/ is on sys.path when run as a script
+from _server import start_serve  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "shapes", "prompt": "a red circle", "steps": 2}
@@ -74,21 +72,8 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "FEWSTEP_PORT": str(port),
-            "FEWSTEP_REGISTRY": str(Path(tmp) / "registry"),
-            "FEWSTEP_CHECKPOINTS": str(ROOT / "checkpoints"),
-            "FEWSTEP_VIDEO_MAX_SESSIONS": "0",
-            "FEWSTEP_LOG_LEVEL": "warning",
-        }
-        log = Path(tmp) / "server.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=out, stderr=out)
+        url, proc, log = start_serve(Path(tmp), ROOT, {})
         try:
-            wait_ready(url, proc, log)
             asyncio.run(level(url, 4, 2.0))  # warm-up
             before = rss_mb(proc.pid)
             rows = []
