@@ -154,8 +154,8 @@ def quantize_graph(
                     "activation_type": QuantType.QFLOAT8E4M3FN,
                     "weight_type": QuantType.QFLOAT8E4M3FN,
                     "calibrate_method": CalibrationMethod.Distribution,
-                    # Biases stay FP32 (FP8 has no quantized bias anyway); ORT's FP8 bias path re-scans
-                    # every FP8 initializer per bias in Python, minutes on a CPU for the same graph.
+                    # Biases stay FP32: ORT's FP8 bias path re-scans every FP8 initializer in Python for
+                    # each bias (25 s of the student's 35 s quantization here), for the same images.
                     "extra_options": {"QuantizeBias": False},
                 },
             }

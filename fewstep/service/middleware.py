@@ -107,14 +107,14 @@ class BodyLimit:
         seen = [0]
         try:
             async with asyncio.timeout(self.timeout_s):
-                first, size = await self._read_bounded(receive, seen)
+                first = await self._read_bounded(receive, seen)
         except TimeoutError:
             msg = f"`body_timeout_s` is {self.timeout_s:g}. Given: {seen[0]} bytes of the body in that time"
             body = errors.error_body(msg, "RequestTimeout", "body", 408)
             await JSONResponse(body, status_code=408, headers={"Connection": "close"})(scope, receive, send)
             return
         if first is None:
-            await self._reject(scope, receive, send, size)
+            await self._reject(scope, receive, send, seen[0])
             return
         pending = [first]
 
@@ -123,22 +123,20 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]], seen: list[int]) -> tuple[dict | None, int]:
-        """The whole body as one message, or (None, bytes seen) once it passes `limit`; a disconnect
-        message is passed on as it is. `seen[0]` follows the bytes read so far."""
+    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]], seen: list[int]) -> dict | None:
+        """The whole body as one message, or None once it passes `limit`; a disconnect message is passed on
+        as it is. `seen[0]` counts the bytes read so far (also when a deadline cuts the read short)."""
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return message, size
+                return message
             chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            seen[0] = size
-            if size > self.limit:
-                return None, size
+            seen[0] += len(chunks[-1])
+            if seen[0] > self.limit:
+                return None
             if not message.get("more_body", False):
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}, size
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _reject(self, scope: dict, receive: Any, send: Any, size: int) -> None:
         msg = f"`max_body_bytes` is {self.limit}. Given: {size} bytes"

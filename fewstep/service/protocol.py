@@ -40,6 +40,7 @@ def _over_capacity(max_connections: int) -> Any:
 
 def guarded_protocol(head_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """An `H11Protocol` class for `uvicorn.Config(http=...)` with these limits."""
+    over_capacity = _over_capacity(max_connections)
 
     class Guarded(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
@@ -47,7 +48,7 @@ def guarded_protocol(head_timeout_s: float, max_connections: int) -> type[H11Pro
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                self.app = _over_capacity(max_connections)  # this connection only
+                self.app = over_capacity  # this connection only
             self._arm_head()
 
         def data_received(self, data: bytes) -> None:

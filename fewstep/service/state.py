@@ -54,10 +54,7 @@ class Gateway:
         await self.call(self.limits.spend, owner, what, s.key_requests_per_s, s.key_burst, names)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a wait thread; a method of the embedded queue or the in-process limits runs inline
-        (they only take a lock for a moment, and the hop to a thread and back is most of their cost)."""
-        if self.settings.redis_url is None and getattr(fn, "__self__", None) in (self.queue, self.limits):
-            return fn(*args)
+        """`fn(*args)` in a wait thread."""
         return await asyncio.get_running_loop().run_in_executor(self.waits, functools.partial(fn, *args))
 
 

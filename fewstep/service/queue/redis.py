@@ -337,7 +337,7 @@ class RedisQueue:
                 break
             k = self.keys
             self._feed(keys=[k.lane(lane), k.ring(lane), k.waiting(lane)], args=[k.group, k.backlog_prefix(lane), room])
-            taken += self._read(consumer, {self.keys.lane(lane): ">"}, room, None)
+            taken += self._read(consumer, {k.lane(lane): ">"}, room, None)
         return taken
 
     @_reachable
