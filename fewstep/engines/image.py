@@ -7,9 +7,11 @@ and leave a running batch at step boundaries. Every noise draw is derived from (
 so an item's image is the same whatever else is in its batch (the determinism contract).
 
 With a teacher loaded beside the student, an item may ask for the diversity-distillation
-hybrid: the teacher (with its own classic CFG) takes the first step of the item's timestep
-list, the student the rest. `steps` keeps its meaning: it picks the same timestep list as
-without the hybrid, so a hybrid item costs 2 teacher NFE + (steps - 1) student NFE.
+hybrid: the teacher (with its own classic CFG) takes the first interval of the item's timestep
+list, the student the rest, handed off as the student's manifest says (`sampling.Handoff`: one
+teacher step re-noised, or `teacher_steps` steps along the teacher's own ODE). `steps` keeps its
+meaning: it picks the same student timesteps as without the hybrid, so a hybrid item costs
+2 × `teacher_steps` teacher NFE + (steps - 1) student NFE.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fewstep.engines.base import ImageItem, ImageResult, Outcome, Slot, StopChec
 from fewstep.engines.specs import ImageSpec
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import HybridTeacher, advance, start_trajectory, to_pixels
+from fewstep.models.sampling import Handoff, HybridTeacher, advance, start_trajectory, to_pixels
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
@@ -56,6 +58,7 @@ class ImageEngine:
         if manifest.get("kind") != "image":
             raise CheckpointError(f"{folder}: kind {manifest.get('kind')!r} is not an image student")
         self.manifest = manifest
+        self.handoff = Handoff.from_manifest(manifest)
         self.spec = ImageSpec.from_manifest(
             manifest,
             version or str(manifest.get("version", "1")),
@@ -96,7 +99,7 @@ class ImageEngine:
             raise CheckpointError(f"{folder}: manifest has no valid sampler ({e})") from e
         null_states, null_mask = self.encoder.encode([""])
         net = backend(self.backend).image(folder, manifest, self.precision)
-        return HybridTeacher(net=net, guidance=sampler.guidance, null_states=null_states, null_mask=null_mask)
+        return HybridTeacher(net, sampler.guidance, null_states, null_mask, self.handoff)
 
     def warmup(self) -> None:
         items = [ImageItem("warm-up", seed=0, steps=n) for n in self.spec.steps]
@@ -126,7 +129,7 @@ class ImageEngine:
             for i, slot in enumerate(good):
                 it = slot.item
                 slot.state = start_trajectory(
-                    self.schedule, it.steps, it.seed, states[i], mask[i], self.shape, it.hybrid
+                    self.schedule, it.steps, it.seed, states[i], mask[i], self.shape, it.hybrid, self.handoff
                 )
         return slots
 

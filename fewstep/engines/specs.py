@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from fewstep.errors import CheckpointError, InvalidRequest, limit_error
+from fewstep.models.sampling import Handoff, HybridTeacher
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule
 
 Api = Literal["image", "video"]
@@ -133,7 +134,7 @@ class ImageSpec(Spec):
 
     api: ClassVar[Api] = "image"
     teacher_nfe: int = 2
-    """Network evaluations of the teacher's first step in a hybrid item (classic CFG: 2)."""
+    """Network evaluations of the teacher's part of a hybrid item (classic CFG: 2 per teacher step)."""
     sizes: Sizes | None = None
     guidance: GuidanceRule = GuidanceRule()
     family: str | None = None
@@ -148,10 +149,17 @@ class ImageSpec(Spec):
         hybrid: bool = False,
         hybrid_reason: str | None = None,
     ) -> ImageSpec:
-        """CheckpointError when the manifest has no valid schedule or native size."""
+        """CheckpointError when the manifest has no valid schedule, native size or hybrid hand-off."""
         fields = cls._manifest_fields(manifest, f"{manifest.get('name')}:{version}")
+        handoff = Handoff.from_manifest(manifest)
         return cls(
-            **fields, version=version, backend=backend, precision=precision, hybrid=hybrid, hybrid_reason=hybrid_reason
+            **fields,
+            version=version,
+            backend=backend,
+            precision=precision,
+            hybrid=hybrid,
+            hybrid_reason=hybrid_reason,
+            teacher_nfe=HybridTeacher.NFE_PER_STEP * handoff.teacher_steps,
         )
 
     def validate(self, item: ImageItem) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,16 +42,73 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) ->
     return torch.stack([item_noise(s, 0, shape) for s in seeds])
 
 
+HANDOFFS = ("renoise", "trajectory")
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """How a hybrid item passes from the teacher to the student: a property of the model pair, read from the
+    student's manifest (`"hybrid": {"handoff": ..., "teacher_steps": ...}`).
+
+    * `renoise` (the diversity-distillation paper's recipe): the teacher takes one step at the student's first
+      timestep, t = 1, and the schedule's re-noise moves its x0 prediction to the student's next timestep
+      with fresh noise. Right for a teacher whose noise schedule never reaches zero SNR (SD, SDXL): its x_T
+      still carries the seed, so its first x0 estimate differs from seed to seed.
+    * `trajectory`: the teacher integrates its own probability-flow ODE (Euler, its classic CFG) from t = 1
+      to the student's next timestep in `teacher_steps` equal steps, and the student continues from that
+      state. For a zero-terminal-SNR teacher (flow matching, the shipped pair): its x0 estimate at t = 1 is
+      the prompt's mean image, so a re-noise would throw the seed away; the ODE keeps it.
+    """
+
+    kind: str = "renoise"
+    teacher_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in HANDOFFS:
+            raise ValueError(f"hybrid hand-off must be one of {HANDOFFS}. Given: {self.kind!r}")
+        if self.kind == "renoise" and self.teacher_steps != 1:
+            raise ValueError(f"the renoise hand-off takes one teacher step. Given: {self.teacher_steps}")
+        if not 1 <= self.teacher_steps <= 16:
+            raise ValueError(f"hybrid teacher_steps must be between 1 and 16. Given: {self.teacher_steps}")
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Handoff:
+        """The student manifest's hand-off (`renoise` when it names none); CheckpointError when it is invalid."""
+        pair = manifest.get("hybrid") or {}
+        try:
+            return cls(str(pair.get("handoff", "renoise")), int(pair.get("teacher_steps", 1)))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{manifest.get('name')}: invalid `hybrid` section: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"handoff": self.kind, "teacher_steps": self.teacher_steps}
+
+    def timesteps(self, student: list[float]) -> list[float]:
+        """A hybrid item's whole timestep list for the student's `student` list (≥ 2 entries): the teacher's
+        first `teacher_steps` entries, then the student's from its second on."""
+        if self.kind == "renoise":
+            return list(student)
+        top, end = student[0], student[1]
+        return [top - i * (top - end) / self.teacher_steps for i in range(self.teacher_steps)] + student[1:]
+
+
 @dataclass(frozen=True)
 class HybridTeacher:
-    """The base model that takes the first step of hybrid items, with its own classic CFG."""
+    """The base model that takes the first interval of hybrid items, with its own classic CFG, and the pair's
+    hand-off."""
 
     net: Denoiser
     guidance: float
     null_states: torch.Tensor
     null_mask: torch.Tensor
+    handoff: Handoff = Handoff()
 
     NFE_PER_STEP = 2  # classic CFG: a conditional and an unconditional evaluation
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations the teacher spends on one hybrid item."""
+        return self.NFE_PER_STEP * self.handoff.teacher_steps
 
 
 @dataclass(eq=False)
@@ -65,6 +123,14 @@ class Trajectory:
     hybrid: bool = False
     k: int = 0
     x0: torch.Tensor | None = None
+    teacher_steps: int = 0
+    """Leading entries of `timesteps` the teacher takes (0 unless hybrid)."""
+    teacher_ode: bool = False
+    """Whether the teacher's steps follow its ODE (the `trajectory` hand-off) rather than the schedule's update."""
+
+    @property
+    def by_teacher(self) -> bool:
+        return self.k < self.teacher_steps
 
     @property
     def done(self) -> bool:
@@ -79,12 +145,26 @@ def start_trajectory(
     mask: torch.Tensor,
     shape: tuple[int, ...] = IMAGE_SHAPE,
     hybrid: bool = False,
+    handoff: Handoff | None = None,
 ) -> Trajectory:
-    """A trajectory at step 0: the `steps`-step timestep list and the seed's step-0 noise."""
+    """A trajectory at step 0: the `steps`-step timestep list (a hybrid's begins with its teacher's, as
+    `handoff` says) and the seed's step-0 noise."""
     timesteps = schedule.timesteps_for(steps)
-    if hybrid and len(timesteps) < 2:
+    if not hybrid:
+        return Trajectory(seed, timesteps, states, mask, item_noise(seed, 0, shape))
+    if len(timesteps) < 2:
         raise ValueError("hybrid items need at least 2 steps")
-    return Trajectory(seed, timesteps, states, mask, item_noise(seed, 0, shape), hybrid)
+    h = handoff or Handoff()
+    return Trajectory(
+        seed,
+        h.timesteps(timesteps),
+        states,
+        mask,
+        item_noise(seed, 0, shape),
+        hybrid=True,
+        teacher_steps=h.teacher_steps,
+        teacher_ode=h.kind == "trajectory",
+    )
 
 
 @torch.inference_mode()
@@ -96,13 +176,14 @@ def advance(
     This is the unit of step-level batching: trajectories may be at different steps (and
     timesteps) in the same batch. The next state of each is computed from its own prediction
     and its own (seed, step) noise, so it does not depend on its neighbours. Hybrid
-    trajectories (diversity distillation) take their first step with `teacher` (classic CFG).
+    trajectories (diversity distillation) take their first `teacher_steps` with `teacher` (classic CFG),
+    along the teacher's ODE for the `trajectory` hand-off.
     """
     x = torch.stack([t.x for t in trajs])
     tt = torch.tensor([t.timesteps[t.k] for t in trajs])
     states = torch.stack([t.states for t in trajs])
     mask = torch.stack([t.mask for t in trajs])
-    by_teacher = [j for j, t in enumerate(trajs) if t.k == 0 and t.hybrid]
+    by_teacher = [j for j, t in enumerate(trajs) if t.by_teacher]
     if by_teacher and teacher is None:
         raise ValueError("hybrid items need a teacher")
     if not by_teacher:
@@ -128,6 +209,10 @@ def advance(
         )
     t_next = [t.timesteps[t.k + 1] if t.k + 1 < len(t.timesteps) else None for t in trajs]
     x0, nxt = schedule.step(x, tt, v, t_next, lambda j: item_noise(trajs[j].seed, trajs[j].k + 1, trajs[j].x.shape))
+    for j in by_teacher:
+        tn = t_next[j]
+        if trajs[j].teacher_ode and tn is not None:  # the teacher's own Euler step: the seed's noise is kept
+            nxt[j] = x[j] + (tn - tt[j]) * v[j]
     for j, t in enumerate(trajs):
         state = nxt[j]
         if state is None:
@@ -159,8 +244,9 @@ def student_sample_mixed(
     flags = list(hybrid) if hybrid is not None else [False] * len(steps)
     if any(flags) and teacher is None:
         raise ValueError("hybrid items need a teacher")
+    handoff = teacher.handoff if teacher is not None else None
     trajs = [
-        start_trajectory(schedule, n, seed, states[i], mask[i], shape, h)
+        start_trajectory(schedule, n, seed, states[i], mask[i], shape, h, handoff)
         for i, (n, seed, h) in enumerate(zip(steps, seeds, flags, strict=True))
     ]
     k = 0
