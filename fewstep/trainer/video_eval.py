@@ -21,7 +21,15 @@ import torch
 
 from fewstep.evaluation import clips, shapes
 from fewstep.evaluation.classifier import AttributeClassifier, load_classifier
-from fewstep.evaluation.motion import StreamScores, score_streams
+from fewstep.evaluation.motion import (
+    PASSING,
+    SPAN,
+    SPEED_HIGH,
+    SPEED_LOW,
+    StreamScores,
+    score_streams,
+    speed_band,
+)
 from fewstep.models.sampling import frame_from_image, frame_noise, student_sample_mixed, student_stream, to_pixels
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
@@ -38,10 +46,14 @@ from fewstep.trainer.stages import (
     VIDEO_TEACHER_DIR,
     VideoRecipe,
 )
+from fewstep.trainer.video_judge import motion_confusion
 from fewstep.trainer.video_teacher import sample_stream
 
 WINDOW = 16
 """Frames per reported window: the first 16 and the last 16 of a stream."""
+CONFUSION_CLIPS, CONFUSION_FRAMES = 256, 64
+"""Real clips (the judge stage's `real_clips`, longer) on which the card shows the motion rule telling
+slow from quick and the wrong direction from the right one."""
 SEED_BASE = 5_000_000
 
 
@@ -177,11 +189,16 @@ def stage_evaluate(r: VideoRecipe, out: Path, docs: Path, encoder: TextEncoder) 
 
     check = _drift_check(r, students["self-forcing"], schedule, image, encoder, judge)
     update_metrics(out / VIDEO_STUDENT_DIR, {"drift_check": check})
+    confusion = motion_confusion(r.seed + 1, CONFUSION_CLIPS, CONFUSION_FRAMES, r.size)
+    update_metrics(
+        out / VIDEO_JUDGE_DIR,
+        {"motion_confusion": confusion, "motion_confusion_clips": {"n": CONFUSION_CLIPS, "frames": CONFUSION_FRAMES}},
+    )
     for name, folder in (("self-forcing", VIDEO_STUDENT_DIR), ("teacher forcing only", FORCING_ONLY_DIR)):
         update_metrics(out / folder, {"streams": [row for row in rows if row["model"] == name]})
     _filmstrip(docs, streams, frames)
     _drift_plot(docs, judge, streams, targets, frames)
-    _write_card(docs, r, rows, continued, prompts, frames, n, check)
+    _write_card(docs, r, rows, continued, prompts, frames, n, check, confusion)
 
 
 def _drift_check(
@@ -266,6 +283,7 @@ def _write_card(
     frames: int,
     n: int,
     check: dict[str, Any],
+    confusion: dict[str, dict[str, float]],
 ) -> None:
     late = f"{frames - WINDOW + 1}–{frames}"
     ce, cl = check["early"], check["late"]
@@ -285,6 +303,16 @@ def _write_card(
     continued_header = _header(["model", "steps", "2–17 shape", *rest])
     continued_table = "\n".join(_fmt_continuation(row) for row in continued)
     px = r.size / shapes.SIZE  # clip attributes are in pixels at the renderer's 32×32
+    boundary = speed_band("quickly", r.size)[0]  # the lower edge of the faster speed
+    confusion_header = _header(
+        ["true speed", "clips", "prompted", "other speed", "other axis", "other way: first step", "other way: all"]
+    )
+    confusion_table = "\n".join(
+        f"| {speed} | {c['streams']:.0f} | {c['prompted']:.3f} ({c['streams_prompted']:.2f}) "
+        f"| {c['other_speed']:.3f} ({c['streams_other_speed']:.2f}) | {c['other_axis']:.3f} "
+        f"| {c['reversed_frame_1']:.3f} | {c['reversed']:.3f} |"
+        for speed, c in confusion.items()
+    )
     body = f"""
 ## Video models: `{VIDEO_STUDENT_DIR}` (student), `{FORCING_ONLY_DIR}` (ablation) and `{VIDEO_TEACHER_DIR}`
 
@@ -338,8 +366,18 @@ samples can only be as good as the teacher, and on its own imperfect context thi
 in the continuation table below). The teacher is the multi-step reference the students are compared with.
 
 **Judge** (`evaluation/motion.py`): a frame classifier (shape, colour) trained on clip frames, and a
-centroid tracker for motion: a frame is right when its displacement runs along the prompted axis at
-0.4–2.5 × the prompted speed and changes sign only where the shape's edge is next to a wall (a bounce).
+centroid tracker for motion: a frame is right when its displacement over the last {SPAN} frames runs along
+the prompted axis at the prompted speed (nearer it than the other speed: the boundary is their mean,
+{boundary:.2f} px/frame, and within {SPEED_LOW:g}–{SPEED_HIGH:g} × it), and changes sign only where the shape
+turns next to the wall it was heading for (a bounce). A window that holds a bounce has no speed of its
+own: it takes that of the clean steps around it. The rule on {CONFUSION_CLIPS} real clips of {CONFUSION_FRAMES}
+frames: the share of frames 2–{CONFUSION_FRAMES} judged right when the prompt names the clip's motion, the
+other speed, the other axis or the other way (in brackets, the share of clips with at least {PASSING:.0%} of
+their frames right). A clip played the other way is wrong only at its start: after its first bounce it
+moves as prompted.
+
+{confusion_header}
+{confusion_table}
 
 **Drift over {frames} frames.** {n} held-out prompts (e.g. {prompts[0]!r}), one seed each, the same
 seeds for every model. Accuracies over frames 1–16 and {late}; Δ in points.

@@ -2,14 +2,15 @@
 
 The network is the image judge's (`evaluation.classifier.AttributeClassifier`, size-agnostic by its
 max pooling), trained on frames at the video size, at random points of their motion, with the same
-noise and blur augmentation. How streams are judged with it is `evaluation.motion`.
+noise and blur augmentation. How streams are judged with it is `evaluation.motion`, whose motion rule
+`motion_confusion` checks on real clips.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fewstep.evaluation import clips, shapes
+from fewstep.evaluation import clips, motion, shapes
 from fewstep.evaluation.classifier import AttributeClassifier
 from fewstep.trainer.classifier import train_classifier
 
@@ -38,3 +39,10 @@ def real_streams(seed: int, n: int, frames: int, size: int) -> tuple[np.ndarray,
     rng = np.random.default_rng([seed, 104729])
     targets = clips.sample_clips(rng, n)
     return np.stack([clips.render(c, frames, rng, size) for c in targets]), targets
+
+
+def motion_confusion(seed: int, n: int, frames: int, size: int) -> dict[str, dict[str, float]]:
+    """The motion rule on `n` real clips (`real_streams`), per true speed: right at the true speed, and
+    wrong at the other speed or in the wrong direction (`motion.judge_confusion`). Pixels only: it needs
+    no trained judge."""
+    return motion.judge_confusion(*real_streams(seed, n, frames, size))
