@@ -7,8 +7,9 @@ network whose outputs are not finite. The gate adds what needs the network to ru
 model kind (`service/kinds.py` says how a kind makes its probe outputs):
 
 1. the probe set (the manifest's `evaluation.probes`, else the kind's) must run and give finite outputs;
-2. with a judge (the manifest's `evaluation.judge`, a registry model), every score of the judge must be
-   within `gate_tolerance` of the serving version's;
+2. with a judge (the manifest's `evaluation.judge`, a registry model), every accuracy of the judge must be
+   within `gate_tolerance` of the serving version's, and its Fréchet distance to real data (where the judge
+   gives one: the continuous signal a saturated accuracy lacks) at most `gate_max_frechet_rise` above it;
 3. without one (a user's own model, or a judge the registry lacks), the outputs must agree with the
    serving version's on the same probes: PSNR at least `gate_min_agreement_db`.
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from fewstep.engines.base import Servable
 from fewstep.errors import FewstepError
-from fewstep.evaluation.judges import Judge, load_judge
+from fewstep.evaluation.judges import FRECHET, Judge, load_judge
 from fewstep.evaluation.metrics import psnr
 from fewstep.evaluation.probes import ProbeSet
 from fewstep.models.registry import Registry
@@ -144,16 +145,8 @@ class Gate:
                 reference = serving.scores = judge.score(probes, theirs)
             if serving is not None:
                 metrics["against"] = {"version": serving.version, **(reference or {})}
-            tol = self.settings.gate_tolerance
-            for key, value in scores.items():
-                if serving is not None and reference is not None and key in reference and value < reference[key] - tol:
-                    return Verdict(
-                        False,
-                        f"quality regression: {key.replace('_', ' ')} {value:.3f} on {n} probes is more than "
-                        f"`gate_tolerance` = {tol} below version {serving.version}'s {reference[key]:.3f}",
-                        metrics,
-                        scores,
-                    )
+            if serving is not None and reference is not None and (why := self._regression(scores, reference, n)):
+                return Verdict(False, f"quality regression: {why} version {serving.version}'s", metrics, scores)
             return Verdict(True, None, metrics, scores, made)
         if serving is not None and (theirs := self._outputs(kind, serving, probes)) is not None:
             db = psnr(out, theirs, peak=2.0)
@@ -167,6 +160,22 @@ class Gate:
                     metrics,
                 )
         return Verdict(True, None, metrics, {}, made)
+
+    def _regression(self, scores: dict[str, float], reference: dict[str, float], n: int) -> str | None:
+        """Why `scores` fall short of the serving version's `reference` (accuracies first), or None."""
+        tol, rise = self.settings.gate_tolerance, self.settings.gate_max_frechet_rise
+        for key, value in sorted(scores.items(), key=lambda kv: kv[0] == FRECHET):
+            if key not in reference:
+                continue
+            theirs = reference[key]
+            if key == FRECHET and value > theirs * (1.0 + rise):
+                return (
+                    f"Fréchet distance to real data {value:.2f} on {n} probes is more than `gate_max_frechet_rise` = "
+                    f"{rise} above"
+                )
+            if key != FRECHET and value < theirs - tol:
+                return f"{key.replace('_', ' ')} {value:.3f} on {n} probes is more than `gate_tolerance` = {tol} below"
+        return None
 
     def outputs(self, kind: Kind[Any], engine: Servable, manifest: dict[str, Any]) -> Outputs | None:
         """What a loaded engine makes of its probe set, for a version whose verdict was recorded elsewhere

@@ -277,6 +277,34 @@ def test_a_canary_takes_a_share_of_jobs_then_is_promoted(tmp_path: Path, checkpo
         stop_server(server)
 
 
+# -- the continuous signal: a trainer round passes, a subtle regression does not ---------------------------
+def test_the_frechet_signal_passes_a_trainer_round_and_refuses_a_regression_accuracy_cannot_see(
+    tmp_path: Path, checkpoints: Path
+) -> None:
+    """The default probe set (60 images). Measured when the rule was set: a round +8 % Fréchet distance, the
+    weights with noise at a quarter of what trips the accuracy rule (`jitter(0.5)` above) +44 %."""
+    server = start_server(tmp_path / "serve", {**FAST_GATE, "FEWSTEP_GATE_PROBE_SEEDS": "3"})
+    try:
+        # A real `fewstep trainer` round from the promoted version (small: CI trains for seconds, not minutes).
+        small = ["--steps", "10", "--pairs", "16", "--pair-sampler-steps", "4", "--batch", "8", "--threads", "1"]
+        where = ["--registry", str(server.registry), "--work", str(tmp_path / "work")]
+        assert main(["trainer", "--rounds", "1", *small, *where]) == 0
+        wait_status(server, "2", "serving", timeout=120)
+        passed = json.loads((server.registry / MODEL / ".gate" / "2@torch-fp32.json").read_text())["metrics"]
+        assert passed["frechet_to_real"] <= passed["against"]["frechet_to_real"] * 1.25
+
+        subtle = v.variant(checkpoints / MODEL, tmp_path / "subtle", v.jitter(0.125))
+        assert main(["push", str(subtle), "--registry", str(server.registry), "--version", "subtle"]) == 0
+        why = wait_status(server, "subtle", "refused", timeout=120)
+        assert why is not None and "Fréchet distance to real data" in why and "gate_max_frechet_rise" in why
+        refused = json.loads((server.registry / MODEL / ".gate" / "subtle@torch-fp32.json").read_text())["metrics"]
+        # The accuracy alone would have let it through.
+        assert refused["joint_accuracy"] >= refused["against"]["joint_accuracy"] - 0.10
+        assert generate(server)["model_version"] == "2"
+    finally:
+        stop_server(server)
+
+
 # -- a worker killed while loading -------------------------------------------------------------
 CRASHER = str(Path(__file__).with_name("crash_on_load_worker.py"))
 
