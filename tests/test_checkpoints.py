@@ -1,9 +1,19 @@
-"""The shipped reference models: verified, small, and as good as the model card says."""
+"""The shipped reference models: verified, small, and as good as the model card says (judged here, now)."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from fewstep.engines.base import ImageItem, ImageResult
+from fewstep.engines.image import ImageEngine
+from fewstep.evaluation import modes, shapes
+from fewstep.evaluation.classifier import load_classifier
+from fewstep.evaluation.judges import AttributeJudge
+from fewstep.evaluation.probes import attribute_probes
 from fewstep.models.checkpoint import load_checkpoint
+from fewstep.models.sampling import from_pixels
 from fewstep.models.schedules import FewStepSchedule
 
 SHIPPED = [
@@ -40,16 +50,35 @@ def test_student_serves_one_to_four_steps_and_records_its_teacher(checkpoints: P
     assert student["architecture"] == teacher["architecture"]
 
 
-def test_recorded_quality_meets_the_release_floors(checkpoints: Path) -> None:
-    """The evaluate stage's numbers (docs/MODEL_CARD.md) against the floors a release must meet."""
-    classifier = json.loads((checkpoints / "shapes-classifier" / "manifest.json").read_text())
-    teacher = json.loads((checkpoints / "shapes-teacher" / "manifest.json").read_text())
-    student = json.loads((checkpoints / "shapes" / "manifest.json").read_text())
-    assert classifier["metrics"]["real"]["joint"] >= 0.95
-    assert teacher["metrics"]["joint"] >= 0.85
-    by_steps = student["metrics"]["by_steps"]
-    assert by_steps["1"]["joint"] >= 0.75 * teacher["metrics"]["joint"]
-    assert by_steps["4"]["joint"] >= 0.95 * teacher["metrics"]["joint"]
+def _images(engine: ImageEngine, prompts: Sequence[str], seeds: Sequence[int], steps: int, hybrid: bool = False):  # type: ignore[no-untyped-def]
+    items = [ImageItem(p, seed=s, steps=steps, hybrid=hybrid) for p, s in zip(prompts, seeds, strict=True)]
+    out = engine.run(items)
+    assert all(isinstance(r, ImageResult) for r in out)
+    return from_pixels(np.stack([r.pixels for r in out if isinstance(r, ImageResult)])).numpy()
+
+
+def test_the_shipped_student_draws_what_it_is_asked_for_and_its_hybrid_gives_back_the_mode_it_drops(
+    checkpoints: Path,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    """Judged now, not read from the manifest: the shipped student at 1 and 4 steps on the gate's probes, and
+    the hybrid with the hand-off its manifest names on one prompt's seeds (the student alone almost never
+    draws a gray background; the teacher draws one in about half of its images)."""
+    judge = AttributeJudge(load_classifier(checkpoints / "shapes-classifier"))
+    engine = ImageEngine(checkpoints / "shapes", encoder, teacher_folder=checkpoints / "shapes-teacher")
+    engine.load()
+    probes = attribute_probes(2)
+    for steps in (1, 4):
+        images = _images(engine, probes.prompts, probes.seeds, steps)
+        assert judge.score(probes, images)["joint_accuracy"] >= 0.9, steps
+
+    seeds = list(range(5_000_000, 5_000_032))
+    gray = shapes.BACKGROUND_NAMES.index("gray")
+    student = modes.describe(_images(engine, ["a red circle"] * 32, seeds, 2))
+    hybrid = modes.describe(_images(engine, ["a red circle"] * 32, seeds, 2, hybrid=True))
+    assert student.background[gray] <= 0.15
+    assert 0.2 <= hybrid.background[gray] <= 0.8 and min(hybrid.background) > 0  # every background, gray too
+    assert hybrid.pixel_diversity >= 0.7 * student.pixel_diversity
 
 
 def test_self_forcing_holds_the_video_students_motion_and_most_of_its_shapes_over_256_frames(

@@ -19,8 +19,9 @@ into the session's cache and sends it as frame 0. The video student only ever co
 itself, from noise, like every later frame.
 
 **Hybrid** (diversity distillation, for the first chunk): a session opened with `hybrid` asks the
-image engine for its hybrid first frame: the image teacher takes its first step with its own
-classifier-free guidance, the image student the rest. The first frame sets the stream's layout (where
+image engine for its hybrid first frame: the image teacher takes the first interval with its own
+classifier-free guidance, the image student the rest, handed off as the image student's manifest says
+(`models.sampling.Handoff`). The first frame sets the stream's layout (where
 the shape is, the background), which is where a mode-seeking student loses the most variety; every
 later frame is the video student's. Without an image model with its teacher loaded, `hybrid` is
 refused.

@@ -55,13 +55,17 @@ class Handoff:
       with fresh noise. Right for a teacher whose noise schedule never reaches zero SNR (SD, SDXL): its x_T
       still carries the seed, so its first x0 estimate differs from seed to seed.
     * `trajectory`: the teacher integrates its own probability-flow ODE (Euler, its classic CFG) from t = 1
-      to the student's next timestep in `teacher_steps` equal steps, and the student continues from that
-      state. For a zero-terminal-SNR teacher (flow matching, the shipped pair): its x0 estimate at t = 1 is
-      the prompt's mean image, so a re-noise would throw the seed away; the ODE keeps it.
+      to the student's next timestep in `teacher_steps` steps, and the student continues from that state.
+      For a zero-terminal-SNR teacher (flow matching, the shipped pair): its x0 estimate at t = 1 is the
+      prompt's mean image, so a re-noise would throw the seed away; the ODE keeps it. The steps are
+      `t_i = 1 - (1 - t_end) (i / teacher_steps) ** spacing`: with `spacing` > 1 they crowd near t = 1,
+      where the teacher decides what the seed leaves open (background, layout); coarse equal steps there
+      pull every seed towards the mean image (docs/decisions/hybrid-handoff.md).
     """
 
     kind: str = "renoise"
     teacher_steps: int = 1
+    spacing: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in HANDOFFS:
@@ -70,18 +74,26 @@ class Handoff:
             raise ValueError(f"the renoise hand-off takes one teacher step. Given: {self.teacher_steps}")
         if not 1 <= self.teacher_steps <= 16:
             raise ValueError(f"hybrid teacher_steps must be between 1 and 16. Given: {self.teacher_steps}")
+        if not 0.25 <= self.spacing <= 8.0:
+            raise ValueError(f"hybrid spacing must be between 0.25 and 8. Given: {self.spacing}")
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Handoff:
         """The student manifest's hand-off (`renoise` when it names none); CheckpointError when it is invalid."""
         pair = manifest.get("hybrid") or {}
         try:
-            return cls(str(pair.get("handoff", "renoise")), int(pair.get("teacher_steps", 1)))
+            return cls(
+                str(pair.get("handoff", "renoise")),
+                int(pair.get("teacher_steps", 1)),
+                float(pair.get("spacing", 1.0)),
+            )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{manifest.get('name')}: invalid `hybrid` section: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        return {"handoff": self.kind, "teacher_steps": self.teacher_steps}
+        if self.kind == "renoise":
+            return {"handoff": self.kind}
+        return {"handoff": self.kind, "teacher_steps": self.teacher_steps, "spacing": self.spacing}
 
     def timesteps(self, student: list[float]) -> list[float]:
         """A hybrid item's whole timestep list for the student's `student` list (≥ 2 entries): the teacher's
@@ -89,7 +101,8 @@ class Handoff:
         if self.kind == "renoise":
             return list(student)
         top, end = student[0], student[1]
-        return [top - i * (top - end) / self.teacher_steps for i in range(self.teacher_steps)] + student[1:]
+        m = self.teacher_steps
+        return [top - (top - end) * (i / m) ** self.spacing for i in range(m)] + student[1:]
 
 
 @dataclass(frozen=True)

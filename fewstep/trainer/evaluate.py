@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,17 @@ import torch
 from fewstep.evaluation import shapes
 from fewstep.evaluation.classifier import FEATURE_DIM, AttributeClassifier, load_classifier, predict
 from fewstep.evaluation.metrics import frechet, mean_pairwise
-from fewstep.models.sampling import HybridTeacher, initial_noise, student_sample_mixed, teacher_sample
+from fewstep.models.checkpoint import read_manifest, write_json_atomic
+from fewstep.models.sampling import Handoff, HybridTeacher, initial_noise, student_sample_mixed, teacher_sample
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import as_denoiser, load_unet
 from fewstep.trainer import classifier as clf
+from fewstep.trainer import modes_eval as me
+from fewstep.trainer.judge_report import Sampler, batched, judge_report
 from fewstep.trainer.plots import save_grid
 from fewstep.trainer.report import update_metrics, write_card_section
 from fewstep.trainer.stages import ABLATION_DIR, CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, ImageRecipe
-
-Sampler = Callable[[list[str], list[int]], np.ndarray]
 
 
 @dataclass
@@ -48,10 +48,6 @@ class Row:
     frechet: float
     diversity: float
     ms_per_image: float
-
-
-def _batched(fn: Sampler, prompts: list[str], seeds: list[int], chunk: int = 64) -> np.ndarray:
-    return np.concatenate([fn(prompts[i : i + chunk], seeds[i : i + chunk]) for i in range(0, len(prompts), chunk)])
 
 
 def evaluate_sampler(
@@ -70,14 +66,14 @@ def evaluate_sampler(
     prompts = [p for p, _, _ in held for _ in range(per_prompt)]
     seeds = [1_000_000 + i for i in range(len(prompts))]
     t0 = time.perf_counter()
-    images = _batched(fn, prompts, seeds)
+    images = batched(fn, prompts, seeds)
     ms = (time.perf_counter() - t0) * 1000 / len(prompts)
     s, c, feats = predict(judge, images)
     ys = np.array([shapes.SHAPES.index(sh) for _, _, sh in held for _ in range(per_prompt)])
     yc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in held for _ in range(per_prompt)])
 
     para_prompts = [p for p, _, _ in shapes.PARAPHRASES for _ in range(per_prompt)]
-    pimg = _batched(fn, para_prompts, [2_000_000 + i for i in range(len(para_prompts))])
+    pimg = batched(fn, para_prompts, [2_000_000 + i for i in range(len(para_prompts))])
     ps, pc, _ = predict(judge, pimg)
     pys = np.array([shapes.SHAPES.index(sh) for _, _, sh in shapes.PARAPHRASES for _ in range(per_prompt)])
     pyc = np.array([shapes.COLOUR_NAMES.index(co) for _, co, _ in shapes.PARAPHRASES for _ in range(per_prompt)])
@@ -205,24 +201,77 @@ def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work
     s_manifest, student = load_unet(out / STUDENT_DIR)
     schedule = FewStepSchedule.from_dict(s_manifest["schedule"])
     null_s, null_m = enc.encode([""])
-    hybrid_teacher = HybridTeacher(as_denoiser(teacher), sampler.guidance, null_s, null_m)
+    handoffs = {
+        "renoise": Handoff("renoise"),
+        "trajectory": Handoff("trajectory", r.hybrid_teacher_steps, r.hybrid_spacing),
+    }
+    hybrids = {
+        name: HybridTeacher(as_denoiser(teacher), sampler.guidance, null_s, null_m, h) for name, h in handoffs.items()
+    }
     h_metrics: dict[str, Any] = {}
-    for steps in [n for n in schedule.steps if n > 1]:
-        row, img = evaluate_sampler(
-            f"hybrid: teacher step 1 + student, {steps} steps",
-            steps + HybridTeacher.NFE_PER_STEP - 1,
-            student_fn(student, schedule, steps, enc, hybrid_teacher),
-            *args,
-        )
-        rows.append(row)
-        h_metrics[str(steps)] = {"joint": row.joint, "frechet": row.frechet, "diversity": row.diversity}
+    hybrid_joint: dict[tuple[str, int], float] = {}
+    for name, ht in hybrids.items():
+        for steps in [n for n in schedule.steps if n > 1]:
+            row, img = evaluate_sampler(
+                f"hybrid, {_handoff_label(ht.handoff)}, {steps} steps",
+                ht.nfe + steps - 1,
+                student_fn(student, schedule, steps, enc, ht),
+                *args,
+            )
+            rows.append(row)
+            hybrid_joint[(name, steps)] = row.joint
+            h_metrics.setdefault(name, {})[str(steps)] = {
+                "joint": row.joint,
+                "frechet": row.frechet,
+                "diversity": row.diversity,
+            }
+
+    # Modes: where the seed's freedom goes (background, position, size), per prompt over `mode_seeds` seeds.
+    mode_rows = [
+        me.real_row(r.mode_seeds, r.seed, judge, real_div),
+        me.sampler_row(rows[0].name, rows[0].nfe, teacher_fn(teacher, sampler, enc), r.mode_seeds, judge, real_div),
+    ]
+    t_modes = mode_rows[1]
+    for steps in schedule.steps:
+        fn = student_fn(student, schedule, steps, enc)
+        mode_rows.append(me.sampler_row(f"student, {steps} steps", steps, fn, r.mode_seeds, judge, real_div))
+    scored: dict[str, list[me.HybridGoals]] = {}
+    goal_rows: list[tuple[str, me.HybridGoals]] = []
+    for name, ht in hybrids.items():
+        for steps in [n for n in schedule.steps if n > 1]:
+            label = f"hybrid, {_handoff_label(ht.handoff)}, {steps} steps"
+            fn = student_fn(student, schedule, steps, enc, ht)
+            mr = me.sampler_row(label, ht.nfe + steps - 1, fn, r.mode_seeds, judge, real_div)
+            mode_rows.append(mr)
+            g = me.goals(mr, t_modes, s_metrics[str(steps)]["joint"] - hybrid_joint[(name, steps)])
+            scored.setdefault(name, []).append(g)
+            goal_rows.append((label, g))
+            h_metrics[name][str(steps)]["modes"] = {**mr.modes.as_dict(), "tv_to_teacher": g.tv}
+    chosen = me.choose_handoff(scored)
+    # The pair serves the hand-off that measured best (the manifest says which: `sampling.Handoff`).
+    _set_handoff(out / STUDENT_DIR, handoffs[chosen])
+    modes_metrics = {row.name: row.modes.as_dict() for row in mode_rows}
+    served = hybrids[chosen]
+    judge_text = judge_report(
+        judge,
+        r.seed,
+        {
+            rows[0].name: teacher_fn(teacher, sampler, enc),
+            "student, 1 step": student_fn(student, schedule, 1, enc),
+            "student, 4 steps": student_fn(student, schedule, 4, enc),
+            f"hybrid, {_handoff_label(served.handoff)}, 4 steps": student_fn(student, schedule, 4, enc, served),
+        },
+        per_cell=r.judge_probe_cell,
+        control_images=r.judge_control_images,
+    )
     _seed_grids(
         docs,
         enc,
         {
             "teacher": teacher_fn(teacher, sampler, enc),
             "student": student_fn(student, schedule, 4, enc),
-            "hybrid": student_fn(student, schedule, 4, enc, hybrid_teacher),
+            "hybrid": student_fn(student, schedule, 4, enc, hybrids["renoise"]),
+            "hybrid_trajectory": student_fn(student, schedule, 4, enc, hybrids["trajectory"]),
         },
     )
     teacher_joint = rows[0].joint
@@ -236,7 +285,8 @@ def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work
         },
     )
     update_metrics(
-        out / STUDENT_DIR, {"by_steps": s_metrics, "hybrid_by_steps": h_metrics, "teacher_joint": teacher_joint}
+        out / STUDENT_DIR,
+        {"by_steps": s_metrics, "hybrid_by_steps": h_metrics, "teacher_joint": teacher_joint, "modes": modes_metrics},
     )
 
     per = r.eval_images_per_prompt
@@ -244,7 +294,33 @@ def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work
     order = ["teacher", "student 1", "student 2", "student 3", "student 4"]
     grid = np.concatenate([grids[k][picks] for k in order if k in grids])
     save_grid(grid, docs / "samples.png", cols=len(picks), scale=3)
-    _write_card(docs, rows, teacher_joint, real_acc, real_div, r, [shapes.eval_prompts()[i // per][0] for i in picks])
+    modes_text = ModesText(
+        me.table(mode_rows, t_modes), me.goals_table(goal_rows), chosen, handoffs[chosen], judge_text
+    )
+    grid_prompts = [shapes.eval_prompts()[i // per][0] for i in picks]
+    _write_card(docs, rows, teacher_joint, real_acc, real_div, r, grid_prompts, modes_text)
+
+
+def _handoff_label(h: Handoff) -> str:
+    if h.kind == "renoise":
+        return "teacher step 1 re-noised"
+    return f"teacher ODE {h.teacher_steps} step{'s' if h.teacher_steps > 1 else ''}"
+
+
+def _set_handoff(folder: Path, handoff: Handoff) -> None:
+    """Write the pair's hand-off into the student's manifest (its weights and their hashes are untouched)."""
+    m = read_manifest(folder)
+    m["hybrid"] = handoff.to_dict()
+    write_json_atomic(folder / "manifest.json", m)
+
+
+@dataclass
+class ModesText:
+    table: str
+    goals: str
+    chosen: str
+    handoff: Handoff
+    judge: str
 
 
 SEED_GRID_PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a purple cross")
@@ -266,7 +342,9 @@ def _write_card(
     real_div: float,
     r: ImageRecipe,
     grid_prompts: list[str],
+    m: ModesText,
 ) -> None:
+    chosen = _handoff_label(m.handoff)
     body = f"""
 ## Image models: `shapes` (student) and `shapes-teacher`
 
@@ -299,13 +377,45 @@ NFE counts network evaluations per image: the teacher's classic CFG costs 2 per 
 has CFG baked in. ms/image is wall time of the evaluation loop at batch 64 on this machine (2 CPU
 cores, shared), for orientation only: `bench/` holds the benchmarks.
 
-**Hybrid** rows are the diversity-distillation hybrid (`"hybrid": true`): the teacher, with its own
-CFG, takes the first step of the student's k-step timestep list (t = 1), the schedule's re-noise
-moves its prediction to the next timestep, and the student runs the remaining k − 1 steps
-(NFE = 2 + (k − 1)). Seed grids, one per mode (rows: {", ".join(repr(p) for p in SEED_GRID_PROMPTS)};
-the same 8 seeds in every row and mode; student and hybrid at 4 steps):
+**Hybrid** rows are the diversity-distillation hybrid (`"hybrid": true`), with two hand-offs from the
+teacher (its own classic CFG) to the student (`models/sampling.py`, `Handoff`):
+
+* *teacher step 1 re-noised* (`renoise`, the diversity-distillation paper's recipe): the teacher takes
+  the first step of the student's k-step list at t = 1 and the schedule's re-noise moves its x0
+  prediction to the next timestep with fresh noise (NFE = 2 + (k − 1)). The shipped teacher is a
+  flow-matching model, whose t = 1 is pure noise: its x0 estimate there is the prompt's mean image, so
+  the re-noise keeps nothing of the seed.
+* *teacher ODE* (`trajectory`): the teacher integrates its own probability-flow ODE from t = 1 to the
+  student's second timestep t₁ in {r.hybrid_teacher_steps} Euler steps crowded near t = 1
+  (t_i = 1 − (1 − t₁)(i/{r.hybrid_teacher_steps})^{r.hybrid_spacing:g}), and the student continues from that
+  state: the seed's noise survives the hand-off (NFE = {2 * r.hybrid_teacher_steps} + (k − 1)).
+
+The student's manifest serves **{chosen}** (`"hybrid": {json.dumps(m.handoff.to_dict())}`): of the two, the
+hand-off that meets more of the goals below.
+
+**Modes.** What the prompt leaves to the seed, read from pixels (`evaluation/modes.py`): the share of
+black, gray and white backgrounds (the median colour of the outermost ring), the spread of the shape's
+centroid and size (its mask: pixels far from the background), and the pixel diversity (mean RMS distance
+between two images, [0, 1] units), next to the classifier's feature diversity and joint accuracy. Per
+prompt over {r.mode_seeds} seeds ({", ".join(repr(p) for p, _, _ in me.MODE_PROMPTS)}; the same seeds for every
+sampler), averaged over the prompts. The data draws every background equally; a sampler can score
+perfectly on the classifier and still draw one background only.
+
+{m.table}
+
+Hybrid goals (modes against the teacher's, joint accuracy against the student's at the same steps on the
+held-out prompts, NFE against the teacher's {rows[0].nfe}):
+
+{m.goals}
+
+Seed grids, one per mode (rows: {", ".join(repr(p) for p in SEED_GRID_PROMPTS)};
+the same 8 seeds in every row and mode; student and hybrids at 4 steps):
 teacher ![teacher seeds](seeds_teacher.png) student ![student seeds](seeds_student.png)
-hybrid ![hybrid seeds](seeds_hybrid.png)
+hybrid, re-noised ![hybrid seeds](seeds_hybrid.png) hybrid, teacher ODE ![hybrid seeds](seeds_hybrid_trajectory.png)
+
+## What the judge can and cannot see
+
+{m.judge}
 
 Samples (rows: teacher, then the student at 1, 2, 3 and 4 steps; columns: the prompts
 {", ".join(repr(p) for p in grid_prompts)}; same seed per column):

@@ -47,6 +47,16 @@ class ImageRecipe:
     eval_images_per_prompt: int = 16
     diversity_prompts: int = 8
     diversity_seeds: int = 32
+    mode_seeds: int = 64
+    """Seeds per prompt of the modes table (background mix, position, size, pixel spread)."""
+    hybrid_teacher_steps: int = 6
+    hybrid_spacing: float = 3.0
+    """Teacher Euler steps over the first interval in the `trajectory` hybrid hand-off, and how they crowd
+    near t = 1 (`models.sampling.Handoff`)."""
+    judge_probe_cell: int = 24
+    """Images per (attribute value, phrasing) of the judge report's held-out attribute probes."""
+    judge_control_images: int = 300
+    """Real images the judge's negative controls and corruptions are made from."""
     # Encode every training caption up front (~4800, ~25 s here): worth it for thousands of steps,
     # not for a smoke run that sees a few dozen captions (those are encoded as they come).
     bank_all_captions: bool = True
@@ -68,6 +78,10 @@ class ImageRecipe:
             eval_images_per_prompt=1,
             diversity_prompts=2,
             diversity_seeds=2,
+            mode_seeds=2,
+            hybrid_teacher_steps=1,
+            judge_probe_cell=1,
+            judge_control_images=20,
         )
 
 

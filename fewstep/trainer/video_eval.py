@@ -329,8 +329,8 @@ frame, and 2 CPU cores pay for a frame's pixels and tokens many times over.
 sha256 in the video manifest's `first_frame`) from the same prompt, seed and step count, at 32×32, and
 averaged down to {r.size}×{r.size}; the video models continue it. At 16×16 no network learned to draw the
 shapes from scratch in this CPU budget (`docs/decisions/video-quality.md`), while the image student
-draws them in one step. `hybrid` streams take their first frame from the image hybrid (image teacher's
-first step, image student's rest).
+draws them in one step. `hybrid` streams take their first frame from the image hybrid (the image teacher
+over the first interval, handed off as the image student's manifest says, then the image student).
 
 **Network** (`models/video.py`). Per frame a small U-Net (width {r.width}) whose
 {r.size // r.patch}×{r.size // r.patch} bottleneck is {r.layers} transformer layers (dim {r.dim}, {r.heads} heads).

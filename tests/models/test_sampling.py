@@ -39,6 +39,7 @@ def hand_off_state(seed: int, handoff: Handoff, steps: int = 2) -> torch.Tensor:
 def test_the_trajectory_timesteps_put_the_teachers_steps_before_the_students_second() -> None:
     assert Handoff("trajectory", 4).timesteps([1.0, 0.5]) == [1.0, 0.875, 0.75, 0.625, 0.5]
     assert Handoff("trajectory", 2).timesteps([1.0, 0.75, 0.5, 0.25]) == [1.0, 0.875, 0.75, 0.5, 0.25]
+    assert Handoff("trajectory", 2, spacing=3.0).timesteps([1.0, 0.5]) == [1.0, 0.9375, 0.5]
     assert Handoff().timesteps([1.0, 0.5]) == [1.0, 0.5]
 
 
@@ -64,7 +65,13 @@ def test_a_hybrid_item_costs_the_teachers_steps_and_the_students_rest() -> None:
 
 @pytest.mark.parametrize(
     "section",
-    [{"handoff": "sideways"}, {"handoff": "renoise", "teacher_steps": 2}, {"handoff": "trajectory", "teacher_steps": 0}],
+    [
+        {"handoff": "sideways"},
+        {"handoff": "renoise", "teacher_steps": 2},
+        {"handoff": "trajectory", "teacher_steps": 0},
+        {"handoff": "trajectory", "teacher_steps": 2, "spacing": "wide"},
+        {"handoff": "trajectory", "teacher_steps": 2, "spacing": 100},
+    ],
 )
 def test_an_invalid_hand_off_in_a_manifest_is_a_checkpoint_error(section: dict) -> None:
     with pytest.raises(CheckpointError, match="invalid `hybrid` section"):
