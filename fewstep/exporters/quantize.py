@@ -7,7 +7,12 @@ Precisions (each an artifact `model.<precision>.onnx` + `.json` beside `model.fp
 * `int8-dynamic`: dynamic INT8 on MatMul/Gemm only; on a CPU the variant that is both accurate
   and faster (research/stack-notes.md). Its activation ranges come from the whole batch, which
   breaks batch invariance: the backend runs it one item per call to keep the determinism contract;
-* `fp8`: static QDQ in E4M3FN (Distribution calibration; Softmax left out, ORT cannot range it).
+* `fp8`: static QDQ in E4M3FN, per-tensor, every Conv/MatMul/Gemm (Softmax left out, ORT cannot
+  range it); scales are amax / 448 (E4M3's largest value) for weights and activations, the
+  calibrated absolute maximum, as TensorRT's FP8 recipe. ORT's own FP8 scale (from the standard
+  deviation of |x|; ~2.7σ for a Gaussian) saturates ~1 % of every activation: 17–18 dB PSNR vs
+  FP32 and up to 2.2× its Fréchet distance on the shipped student, against ~27 dB and within 3 %
+  with amax.
   On a CPU it runs only as emulation, to measure its quality; TensorRT runs the same graph on
   Hopper GPUs.
 
@@ -17,7 +22,9 @@ teacher is calibrated on its first-step inputs with CFG, the only way the hybrid
 
 The quality gate: a student artifact is judged by the attribute classifier at every step count
 on held-out prompts, against the FP32 artifact on the same seeds; it passes when its joint
-accuracy is within `GATE_POINTS` of FP32's everywhere. A failed gate is recorded in the manifest
+accuracy is within `GATE_POINTS` of FP32's everywhere and, where the judge gives one, its Fréchet
+distance to real data is at most `FRECHET_RISE` above FP32's (the continuous signal: a saturated
+accuracy does not move for a subtle loss). A failed gate is recorded in the manifest
 and the onnxruntime backend refuses the artifact.
 """
 
@@ -34,7 +41,7 @@ import numpy as np
 import torch
 
 from fewstep.artifacts.onnx import QUANTIZED, artifact_name, describe, session_denoiser
-from fewstep.evaluation.judges import Judge
+from fewstep.evaluation.judges import FRECHET, Judge
 from fewstep.evaluation.metrics import psnr
 from fewstep.evaluation.probes import heldout_probes
 from fewstep.models.checkpoint import read_manifest, sha256_file, write_json_atomic
@@ -44,6 +51,8 @@ from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
 
 GATE_POINTS = 0.02
+FRECHET_RISE = 0.25
+"""As the serving gate's default `gate_max_frechet_rise`."""
 CALIBRATION_PROMPTS = (
     "a red circle",
     "a green square on a black background",
@@ -148,7 +157,10 @@ def quantize_graph(
                     "calibrate_method": CalibrationMethod.MinMax,
                     "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True},
                 },
-                # MinMax raises for FP8 in ORT; Distribution is its supported calibrator.
+                # MinMax raises for FP8 in ORT; Distribution is its supported calibrator. Its scale is
+                # replaced below by amax / 448 (TensorQuantOverrides); per-tensor weights, as TensorRT's FP8.
+                # No node is left out: conv_in/conv_out and the time/text embedding Gemms run in FP8 too,
+                # the whole graph passes the gate with amax scales.
                 "fp8": {
                     "per_channel": False,
                     "activation_type": QuantType.QFLOAT8E4M3FN,
@@ -159,17 +171,75 @@ def quantize_graph(
                     "extra_options": {"QuantizeBias": False},
                 },
             }
+            ops = ["Conv", "MatMul", "Gemm"]
+            calibration: dict[str, Any] = {"calibration_data_reader": Reader()}
+            if precision == "fp8":
+                overrides, cache = _fp8_amax_scales(pre, ops, Reader(), tmp, external_data)
+                static["fp8"]["extra_options"]["TensorQuantOverrides"] = overrides
+                if cache is not None:  # reuse the ranges just collected instead of calibrating again
+                    calibration = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
             quantize_static(
                 str(pre),
                 str(dst),
-                Reader(),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                op_types_to_quantize=ops,
                 use_external_data_format=external_data,
+                **calibration,
                 **static[precision],
             )
         else:
             raise ValueError(f"unknown precision {precision!r}; choose from {QUANTIZED}")
+
+
+FP8_MAX = 448.0
+"""E4M3FN's largest finite value."""
+
+
+def _fp8_amax_scales(
+    pre: Path, ops: list[str], reader: Any, tmp: Path, external_data: bool
+) -> tuple[dict[str, list[dict[str, Any]]], Path | None]:
+    """FP8 scales as TensorRT's recipe sets them: the calibrated absolute maximum of every activation, and
+    each weight's, mapped to `FP8_MAX` (zero point 0); returned as ORT `TensorQuantOverrides`, with the
+    ranges collected here saved as a calibration cache (None on an ORT too old to read one).
+
+    Why not ORT's own FP8 scale: it is std(|x|) / std(E4M3 values), i.e. it saturates at ~4.5 standard
+    deviations of |x|, clipping ~1 % of every SiLU/GELU output, attention probability and residual sum
+    (15-37 % relative error per tensor on the shipped student). E4M3's 3-bit mantissa has the same relative
+    precision over 2^17 of range, so scaling the absolute maximum to 448 clips nothing and costs little."""
+    import inspect
+
+    import onnx
+    from ml_dtypes import float8_e4m3fn
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, quantize_static
+
+    cal = create_calibrator(
+        pre,
+        ops,
+        augmented_model_path=str(tmp / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Distribution,
+        use_external_data_format=external_data,
+    )
+    cal.collect_data(reader)
+    ranges = cal.compute_data()  # Distribution: range_value = (min, max) of |x|
+    del cal
+    zero = np.array(0, dtype=float8_e4m3fn)
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for name, data in ranges.items():
+        amax = np.abs(np.asarray(data.range_value)).max()
+        overrides[name] = [{"scale": np.array(max(float(amax), 1e-12) / FP8_MAX, dtype=amax.dtype), "zero_point": zero}]
+    graph = onnx.load(str(pre))
+    weights = {w.name: w for w in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type in ops and len(node.input) > 1 and node.input[1] in weights:
+            w = np.abs(onnx.numpy_helper.to_array(weights[node.input[1]])).max()
+            overrides[node.input[1]] = [{"scale": np.float32(max(float(w), 1e-12) / FP8_MAX), "zero_point": 0}]
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        return overrides, None
+    from onnxruntime.quantization import save_tensors_data
+
+    cache = tmp / "calibration.json"
+    save_tensors_data(ranges, cache)
+    return overrides, cache
 
 
 def quantize(
@@ -237,15 +307,13 @@ class _StudentReference:
         self.states, self.mask = encoder.encode(list(self.probes.prompts))
         self.scorer = judge
         self.images = {steps: self._sample(ref, steps) for steps in self.schedule.steps}
-        self.accuracy = {steps: self._accuracy(x) for steps, x in self.images.items()}
+        self.scores = {steps: self._scores(x) for steps, x in self.images.items()}
 
     def _sample(self, net: Denoiser, steps: int) -> torch.Tensor:
         return student_sample_mixed(net, self.schedule, [steps] * len(self.seeds), self.states, self.mask, self.seeds)
 
-    def _accuracy(self, x: torch.Tensor) -> float | None:
-        if self.scorer is None:
-            return None
-        return float(self.scorer.score(self.probes, x.clamp(-1, 1).numpy())["joint_accuracy"])
+    def _scores(self, x: torch.Tensor) -> dict[str, float]:
+        return {} if self.scorer is None else self.scorer.score(self.probes, x.clamp(-1, 1).numpy())
 
     def judge(self, net: Denoiser) -> dict[str, Any]:
         by_steps: dict[str, dict[str, float | None]] = {}
@@ -255,15 +323,20 @@ class _StudentReference:
             db = psnr(to_pixels(a), to_pixels(b))
             row: dict[str, float | None] = {"psnr_db_vs_fp32": None if np.isinf(db) else round(db, 2)}
             if self.scorer is not None:
-                acc_fp32, acc = self.accuracy[steps], self._accuracy(b)
-                assert acc_fp32 is not None and acc is not None
-                row.update({"joint_fp32": acc_fp32, "joint": acc})
-                passed = passed and acc >= acc_fp32 - GATE_POINTS
+                theirs, ours = self.scores[steps], self._scores(b)
+                row.update({"joint_fp32": theirs["joint_accuracy"], "joint": ours["joint_accuracy"]})
+                passed = passed and ours["joint_accuracy"] >= theirs["joint_accuracy"] - GATE_POINTS
+                if FRECHET in ours and FRECHET in theirs:
+                    row.update({"frechet_fp32": round(theirs[FRECHET], 3), "frechet": round(ours[FRECHET], 3)})
+                    passed = passed and ours[FRECHET] <= theirs[FRECHET] * (1 + FRECHET_RISE)
             by_steps[str(steps)] = row
         quality = {"by_steps": by_steps, "images": len(self.seeds)}
         if self.scorer is None:
             return {"quality": quality, "gate": {"passed": False, "reason": "no judge given: quality not measured"}}
-        rule = f"joint accuracy >= FP32's - {GATE_POINTS} at every step count"
+        rule = (
+            f"joint accuracy >= FP32's - {GATE_POINTS} and Fréchet distance to real data <= FP32's × "
+            f"{1 + FRECHET_RISE:g} at every step count"
+        )
         return {"quality": quality, "gate": {"passed": passed, "rule": rule}}
 
 
