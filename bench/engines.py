@@ -132,9 +132,10 @@ def main() -> None:
         "",
         "Quality of each artifact (from its manifest: 160 held-out prompt images per step count, same seeds "
         "for every precision; joint = shape and colour both right, judged by the attribute classifier; PSNR "
-        "against the ONNX FP32 images; FP32's PSNR is against torch, blank = identical pixels):",
+        "against the ONNX FP32 images; FP32's PSNR is against torch, blank = identical pixels; Fréchet = the "
+        "judge's Fréchet distance to real images, FP32's → this precision's, which the gate allows to rise 25 %):",
         "",
-        "| precision | gate | " + " | ".join(f"joint @{s} / PSNR dB" for s in (1, 2, 3, 4)) + " |",
+        "| precision | gate | " + " | ".join(f"joint @{s} / PSNR dB / Fréchet" for s in (1, 2, 3, 4)) + " |",
         "|---|---|---|---|---|---|",
     ]
     parity = arts["fp32"]["parity"]["by_steps"]
@@ -142,7 +143,8 @@ def main() -> None:
     for p in QUANTIZED:
         q = arts[p]["quality"]["by_steps"]
         cells = [
-            f"{q[str(s)]['joint']:.3f} (fp32 {q[str(s)]['joint_fp32']:.3f}) / {q[str(s)]['psnr_db_vs_fp32'] or ''}"
+            f"{q[str(s)]['joint']:.3f} (fp32 {q[str(s)]['joint_fp32']:.3f}) / {q[str(s)]['psnr_db_vs_fp32'] or ''} / "
+            f"{q[str(s)].get('frechet_fp32', float('nan')):.2f} → {q[str(s)].get('frechet', float('nan')):.2f}"
             for s in (1, 2, 3, 4)
         ]
         lines.append(f"| {p} | {'passed' if arts[p]['gate']['passed'] else 'FAILED'} | " + " | ".join(cells) + " |")
@@ -171,6 +173,9 @@ def main() -> None:
         worst = min(q[str(st)]["joint"] - q[str(st)]["joint_fp32"] for st in (1, 2, 3, 4))
         verdict = "met" if worst >= -0.02 else "missed"
         goals.append(f"| {p} joint accuracy within 2 points of FP32 | worst {100 * worst:+.1f} points | {verdict} |")
+        rise = max(q[str(st)].get("frechet", 0.0) / q[str(st)].get("frechet_fp32", 1.0) - 1 for st in (1, 2, 3, 4))
+        verdict = "met" if rise <= 0.25 else "missed"
+        goals.append(f"| {p} Fréchet distance at most 25 % above FP32's | worst {100 * rise:+.1f} % | {verdict} |")
     goals.append("| fp8 speed | not measurable here: a CPU runs FP8 as QDQ emulation | needs a Hopper GPU (TensorRT) |")
     lines += goals
     lines += [

@@ -234,7 +234,8 @@ def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work
     t_modes = mode_rows[1]
     for steps in schedule.steps:
         fn = student_fn(student, schedule, steps, enc)
-        mode_rows.append(me.sampler_row(f"student, {steps} steps", steps, fn, r.mode_seeds, judge, real_div))
+        label = f"student, {steps} step{'s' if steps > 1 else ''}"
+        mode_rows.append(me.sampler_row(label, steps, fn, r.mode_seeds, judge, real_div))
     scored: dict[str, list[me.HybridGoals]] = {}
     goal_rows: list[tuple[str, me.HybridGoals]] = []
     for name, ht in hybrids.items():

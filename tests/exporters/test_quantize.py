@@ -44,7 +44,9 @@ def test_quantized_student_stays_within_two_points_and_serves(
 ) -> None:
     folder = quantized.version_dir("shapes", "1")
     art = describe(folder, precision)
-    assert art["quality"]["images"] == 160
+    assert art["quality"]["images"] == 80  # the fixture's gate_seeds=2
+    for row in art["quality"]["by_steps"].values():  # the continuous signal, beside the saturated accuracy
+        assert row["frechet"] <= 1.25 * row["frechet_fp32"]
     assert art["gate"]["passed"], art
     assert art["derived_from"]["artifact"] == "model.fp32.onnx" and art["calibration"]["step_aware"]
     for row in art["quality"]["by_steps"].values():
