@@ -64,6 +64,7 @@ def _images(
     return from_pixels(np.stack([r.pixels for r in out if isinstance(r, ImageResult)])).numpy()
 
 
+@pytest.mark.slow  # ~13 s: samples the teacher's ODE for the hybrid
 def test_the_shipped_student_draws_what_it_is_asked_for_and_its_hybrid_gives_back_the_mode_it_drops(
     checkpoints: Path,
     encoder: TextEncoder,
