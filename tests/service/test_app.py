@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fewstep.models.sampling import Handoff
 from tests.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -66,12 +68,14 @@ def test_same_seed_gives_the_same_image_across_requests(server: Server) -> None:
     assert np.abs(_image(a["b64_json"]).astype(int) - _image(b["b64_json"]).astype(int)).max() <= 1
 
 
-def test_hybrid_requests_report_the_teachers_extra_nfe(server: Server) -> None:
+def test_hybrid_requests_report_the_teachers_extra_nfe(server: Server, checkpoints: Path) -> None:
     req = {"model": "shapes", "prompt": "a yellow square", "seed": 5, "steps": 2}
     plain = httpx.post(server.url + GEN, json=req, timeout=60).json()
     hybrid = httpx.post(server.url + GEN, json={**req, "hybrid": True}, timeout=60).json()
     assert plain["nfe"] == 2 and plain["hybrid"] is False
-    assert hybrid["nfe"] == 3 and hybrid["hybrid"] is True
+    # The teacher's steps are the pair's hand-off (the student's manifest), 2 evaluations each with CFG.
+    handoff = Handoff.from_manifest(json.loads((checkpoints / "shapes" / "manifest.json").read_text()))
+    assert hybrid["nfe"] == 2 * handoff.teacher_steps + 1 and hybrid["hybrid"] is True
     a, b = (_image(r["data"][0]["b64_json"]).astype(int) for r in (plain, hybrid))
     assert np.abs(a - b).mean() > 1
     r = httpx.post(server.url + GEN, json={**req, "steps": 1, "hybrid": True}, timeout=60)
@@ -200,6 +204,7 @@ def test_onnxruntime_backend_serves_exported_versions_and_refuses_unexported_one
         r = httpx.post(
             s.url + GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 2, "hybrid": True}, timeout=60
         )
-        assert r.status_code == 200 and r.json()["nfe"] == 3
+        handoff = Handoff.from_manifest(json.loads((checkpoints / "shapes" / "manifest.json").read_text()))
+        assert r.status_code == 200 and r.json()["nfe"] == 2 * handoff.teacher_steps + 1
     finally:
         stop_server(s)
