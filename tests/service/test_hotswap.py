@@ -283,7 +283,7 @@ def test_the_frechet_signal_passes_a_trainer_round_and_refuses_a_regression_accu
 ) -> None:
     """The default probe set (60 images). Measured when the rule was set: a round +8 % Fréchet distance, the
     weights with noise at a quarter of what trips the accuracy rule (`jitter(0.5)` above) +44 %."""
-    server = start_server(tmp_path / "serve", {**FAST_GATE, "FEWSTEP_GATE_PROBE_SEEDS": "3"})
+    server = start_server(tmp_path, {**FAST_GATE, "FEWSTEP_GATE_PROBE_SEEDS": "3"})
     try:
         # A real `fewstep trainer` round from the promoted version (small: CI trains for seconds, not minutes).
         small = ["--steps", "10", "--pairs", "16", "--pair-sampler-steps", "4", "--batch", "8", "--threads", "1"]
