@@ -22,11 +22,16 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sy
 from fewstep.errors import Overloaded
 from fewstep.models.importing import import_pipeline
 from fewstep.models.registry import Registry
+from fewstep.models.sampling import Handoff
 from fewstep.service.errors import error_response
-from tests.conftest import ROOT, Server, start_server, stop_server
+from tests.conftest import CHECKPOINTS, ROOT, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 WAIT_MS = 90_000
+# The shipped pair's hand-off: 2 evaluations (CFG) per teacher step.
+HYBRID_TEACHER_NFE = (
+    2 * Handoff.from_manifest(json.loads((CHECKPOINTS / "shapes" / "manifest.json").read_text())).teacher_steps
+)
 expect.set_options(timeout=WAIT_MS)  # its default, 5 s, is short for a model call on 2 loaded cores
 SHOTS = Path(os.environ.get("FEWSTEP_SCREENSHOTS", ROOT / "docs" / "img"))
 KEY = "playground-test-key-0123456789abcdef"
@@ -124,7 +129,8 @@ def test_an_image_appears_and_its_nfe_follows_the_steps(page: Page) -> None:
     page.check("#image-hybrid")
     page.click("#image-go")
     expect(page.locator("#image-meta dd[data-field=hybrid]")).to_have_text("yes")
-    assert _field(page, "image", "nfe") == "4"  # the teacher's step on top of the student's three
+    # The teacher's steps (2 evaluations each, as the pair's hand-off says) on top of the student's other two.
+    assert _field(page, "image", "nfe") == str(HYBRID_TEACHER_NFE + 2)
     _set_steps(page, "image", 2)
     page.uncheck("#image-hybrid")
     page.click("#image-go")
@@ -146,7 +152,7 @@ def test_the_seed_grid_shows_eight_different_images_for_student_and_hybrid(page:
         assert len({row.nth(i).get_attribute("src") for i in range(8)}) == 8  # 8 seeds, 8 different images
     captions = page.locator(".seed-row[data-mode=student] figcaption").all_inner_texts()
     assert captions == [f"seed {s}" for s in range(100, 108)]
-    assert "NFE 3" in page.inner_text(".seed-row[data-mode=hybrid] h2")
+    assert f"NFE {HYBRID_TEACHER_NFE + 1}" in page.inner_text(".seed-row[data-mode=hybrid] h2")
     _shot(page, "seeds")
 
 
