@@ -56,7 +56,7 @@ def geometry(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) centroid (x, y) in pixels of each image's shape mask (the image centre where it is empty) and
     (N,) its size: sqrt(area / π), the radius of a disc of the same area (0 for an empty mask)."""
     mask = shape_mask(unit)
-    n, h, w = mask.shape
+    _, h, w = mask.shape
     area = mask.sum((1, 2)).astype(np.float64)
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     safe = np.maximum(area, 1.0)
