@@ -383,6 +383,11 @@ def test_push_under_load_through_redis_with_two_workers(
             t0 = time.monotonic()
             assert main(["push", str(good), "--registry", env["FEWSTEP_REGISTRY"], "--version", "2"]) == 0
             wait_status(gateway, "2", "serving", timeout=60)  # the gateway follows once a worker's gate passed it
+            # Each worker gates on its own: wait until both have swapped (a condition, not a timer).
+            deadline = time.monotonic() + 120
+            while not all("shapes: version 2 serves new items" in w.output() for w in workers):
+                assert time.monotonic() < deadline, [w.output()[-1500:] for w in workers]
+                time.sleep(0.2)
             return time.monotonic() - t0
 
         seen, failures, _ = under_load(gateway.url, refs, push, before_s=3.0)
