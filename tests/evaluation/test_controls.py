@@ -12,6 +12,8 @@ import pytest
 from fewstep.evaluation import controls, modes
 from fewstep.evaluation.classifier import load_classifier
 
+pytestmark = pytest.mark.slow  # renders and judges ~3600 images (~9 s): the fast layer stays under 2 min
+
 TOLERANCE = 0.05
 """How much a corruption's joint accuracy may rise from one strength to the next: sampling noise at `N` images."""
 N = 150
