@@ -24,7 +24,6 @@ import torch
 from fewstep.evaluation import shapes
 from fewstep.evaluation.classifier import FEATURE_DIM, AttributeClassifier, load_classifier, predict
 from fewstep.evaluation.metrics import frechet, mean_pairwise
-from fewstep.models.checkpoint import read_manifest, write_json_atomic
 from fewstep.models.sampling import Handoff, HybridTeacher, initial_noise, student_sample_mixed, teacher_sample
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
@@ -33,7 +32,7 @@ from fewstep.trainer import classifier as clf
 from fewstep.trainer import modes_eval as me
 from fewstep.trainer.judge_report import Sampler, batched, judge_report
 from fewstep.trainer.plots import save_grid
-from fewstep.trainer.report import update_metrics, write_card_section
+from fewstep.trainer.report import set_manifest_field, update_metrics, write_card_section
 from fewstep.trainer.stages import ABLATION_DIR, CLASSIFIER_DIR, STUDENT_DIR, TEACHER_DIR, ImageRecipe
 
 
@@ -250,7 +249,7 @@ def stage_evaluate(r: ImageRecipe, out: Path, docs: Path, enc: TextEncoder, work
             h_metrics[name][str(steps)]["modes"] = {**mr.modes.as_dict(), "tv_to_teacher": g.tv}
     chosen = me.choose_handoff(scored)
     # The pair serves the hand-off that measured best (the manifest says which: `sampling.Handoff`).
-    _set_handoff(out / STUDENT_DIR, handoffs[chosen])
+    set_manifest_field(out / STUDENT_DIR, "hybrid", handoffs[chosen].to_dict())
     modes_metrics = {row.name: row.modes.as_dict() for row in mode_rows}
     served = hybrids[chosen]
     judge_text = judge_report(
@@ -306,13 +305,6 @@ def _handoff_label(h: Handoff) -> str:
     if h.kind == "renoise":
         return "teacher step 1 re-noised"
     return f"teacher ODE {h.teacher_steps} step{'s' if h.teacher_steps > 1 else ''}"
-
-
-def _set_handoff(folder: Path, handoff: Handoff) -> None:
-    """Write the pair's hand-off into the student's manifest (its weights and their hashes are untouched)."""
-    m = read_manifest(folder)
-    m["hybrid"] = handoff.to_dict()
-    write_json_atomic(folder / "manifest.json", m)
 
 
 @dataclass
