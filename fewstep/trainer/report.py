@@ -11,7 +11,8 @@ from fewstep.models.checkpoint import read_manifest, write_json_atomic
 def update_metrics(folder: Path, metrics: dict[str, Any]) -> None:
     """Merge `metrics` into the manifest's `metrics` (the weights and their hashes are untouched)."""
     m = read_manifest(folder)
-    set_manifest_field(folder, "metrics", {**m.get("metrics", {}), **metrics})
+    m["metrics"] = {**m.get("metrics", {}), **metrics}
+    write_json_atomic(folder / "manifest.json", m)
 
 
 def set_manifest_field(folder: Path, key: str, value: Any) -> None:
