@@ -10,11 +10,19 @@ deadline (`middleware.BodyLimit`).
 
 Past `max_connections` open connections, a new connection's requests get 503 with `Retry-After`
 and `Connection: close` from a small ASGI app of its own, instead of uvicorn's plain-text 503.
+
+A header block that outgrows h11's buffer while it is still arriving (`max_head_bytes`) gets 431 in
+OpenAI's error shape, like one that arrives whole and is refused by `middleware.HeaderLimit`, instead
+of uvicorn's plain-text 400. After any refusal of a malformed head the connection closes lingering:
+the response is sent, the write side shut, and what the client is still sending is read and dropped
+(for at most `LINGER_S` and `LINGER_BYTES`). Closing at once with unread bytes in the socket makes the
+kernel answer with a reset, which can reach the client before it has read the response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -23,6 +31,9 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fewstep.service import errors
+
+LINGER_S = 5.0
+LINGER_BYTES = 1 << 20
 
 log = logging.getLogger("fewstep.service")
 
@@ -38,12 +49,22 @@ def _over_capacity(max_connections: int) -> Any:
     return app
 
 
-def guarded_protocol(head_timeout_s: float, max_connections: int) -> type[H11Protocol]:
-    """An `H11Protocol` class for `uvicorn.Config(http=...)` with these limits."""
+def guarded_protocol(head_timeout_s: float, max_connections: int, max_head_bytes: int) -> type[H11Protocol]:
+    """An `H11Protocol` class for `uvicorn.Config(http=...)` with these limits; `max_head_bytes` is the
+    `h11_max_incomplete_event_size` given to the same config."""
     over_capacity = _over_capacity(max_connections)
+    refusal = errors.error_body(
+        f"request headers over {max_head_bytes} bytes while still arriving (`max_header_bytes` is "
+        f"{max_head_bytes // 2})",
+        "HeadersTooLarge",
+        "headers",
+        431,
+    )
 
     class Guarded(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0  # of the request head now arriving
+        _lingering: int | None = None  # bytes dropped since the refusal; None while serving
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -52,11 +73,38 @@ def guarded_protocol(head_timeout_s: float, max_connections: int) -> type[H11Pro
             self._arm_head()
 
         def data_received(self, data: bytes) -> None:
-            if self._head_timer is None and self.conn.their_state is h11.IDLE:
-                self._arm_head()  # the first byte of a new request head
+            if self._lingering is not None:
+                self._lingering += len(data)
+                if self._lingering > LINGER_BYTES:
+                    self.transport.close()
+                return
+            if self.conn.their_state is h11.IDLE:
+                if self._head_timer is None:
+                    self._arm_head()  # the first byte of a new request head
+                self._head_bytes += len(data)
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._disarm_head()  # the head is complete (or the connection is done)
+                self._head_bytes = 0
+
+        def send_400_response(self, msg: str) -> None:
+            """h11 refused the head: 431 in OpenAI's shape when it outgrew the buffer, else uvicorn's plain
+            400; then a lingering close (uvicorn's own closes at once)."""
+            self._disarm_head()
+            if self._head_bytes > max_head_bytes:
+                status, kind, body = 431, b"application/json", json.dumps(refusal).encode()
+            else:
+                status, kind, body = 400, b"text/plain; charset=utf-8", msg.encode("ascii")
+            headers = [(b"content-type", kind), (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self._linger()
+
+        def _linger(self) -> None:
+            self._lingering = 0
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head()

@@ -102,6 +102,26 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_naming_the_setting(server:
     sock.close()
 
 
+def test_a_header_block_outgrowing_the_buffer_while_arriving_gets_431_and_a_lingering_close(server: Server) -> None:
+    # Sent in pieces, the block is never whole in h11's buffer: it is refused at 2 × `max_header_bytes`
+    # (32 KiB) while the client is still sending. Closing at once then reset the connection under the
+    # client before it read the answer (a flaky ReadError in CI).
+    sock = _connect(server)
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    for _ in range(9):
+        sock.sendall(b"a" * 8192)  # the server reads and drops what follows its answer
+        time.sleep(0.05)
+    sock.sendall(b"\r\n\r\n")
+    status, headers, body = _response(sock)
+    assert status == 431 and headers["connection"] == "close"
+    assert body["error"]["code"] == "HeadersTooLarge" and body["error"]["type"] == "invalid_request_error"
+    assert "`max_header_bytes` is 16384" in body["error"]["message"]
+    sock.settimeout(30)
+    assert sock.recv(4096) == b""  # an orderly end of stream, not a reset
+    sock.close()
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
 def test_connections_past_the_cap_get_503_in_openai_shape_and_room_comes_back(server: Server) -> None:
     idle = []
     for _ in range(MAX_CONNECTIONS):
