@@ -42,7 +42,7 @@ prometheus:
 
 # Two layers: the fast in-process one (edit loops: `make test-fast`, under 2 minutes), then the slow one
 # (subprocess servers, redis-server, training, export). `make test` runs both, fast first.
-PYTEST := $(BIN)/python -m pytest -q --durations=15
+PYTEST := $(BIN)/python -m pytest -q --durations=40
 
 test: $(BIN)/fewstep redis chromium prometheus
 	$(PYTEST) -m "not slow"
