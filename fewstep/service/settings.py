@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     key_burst: int = Field(100, ge=1, le=1_000_000)
     """How many work-starting requests one key may make at once before `key_requests_per_s` applies."""
     key_max_sync_cost: int = Field(256, ge=1)
-    """Most network evaluations (steps, +1 for a hybrid's teacher) of one key's synchronous requests queued
-    or running; beyond it 429, so that one key cannot fill the interactive lane (`max_queue` items)."""
+    """Most network evaluations (the model's count: steps, twice with classic guidance, and a hybrid's
+    teacher hand-off) of one key's synchronous requests queued or running; beyond it 429, so that one key
+    cannot fill the interactive lane (`max_queue` items)."""
     key_max_job_cost: int = Field(10_000, ge=1)
     """Most network evaluations of one key's batch jobs queued or running; beyond it `POST /v1/jobs` gets 429,
     so that one key cannot fill the batch lane (`max_job_queue` items)."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.gateway import in_process, settings
+from tests.service.gateway import in_process, settings, tiny_checkpoint
 
 pytestmark = pytest.mark.anyio
 GEN = "/v1/images/generations"
@@ -240,6 +240,23 @@ async def test_per_key_limits_refuse_one_key_with_429_and_leave_the_other_served
         assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "Overloaded"
         r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle", "steps": 1}, headers=two)
         assert r.status_code == 200  # the other key's budget is untouched
+
+
+async def test_a_hybrid_request_is_charged_its_teachers_evaluations_against_the_key_limit(tmp_path: Path) -> None:
+    import hashlib
+
+    seed = tmp_path / "checkpoints"
+    teacher = tiny_checkpoint(seed / "shapes-teacher", "shapes-teacher", kind="image-teacher")
+    digest = hashlib.sha256((teacher / "model.safetensors").read_bytes()).hexdigest()
+    handoff = {"handoff": "trajectory", "teacher_steps": 6, "spacing": 3.0}  # 12 teacher evaluations
+    tiny_checkpoint(seed / "shapes", "shapes", teacher={"name": "shapes-teacher", "sha256": digest}, hybrid=handoff)
+    async with in_process(settings(tmp_path, checkpoints=seed, key_max_job_cost=12)) as c:
+        hybrid = {"prompt": "a red circle", "steps": 2, "hybrid": True}
+        r = await c.post("/v1/jobs", json={"model": "shapes", "requests": [hybrid]})
+        assert r.status_code == 429  # 12 for the teacher's hand-off, then the student's last step
+        assert "this job adds 13, over the per-key limit of 12 (`key_max_job_cost`)" in r.json()["error"]["message"]
+        r = await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "a red circle", "steps": 4}] * 3})
+        assert r.status_code == 202, r.text  # 12 plain steps fit
 
 
 async def test_failed_authentication_is_throttled_per_address_before_the_key_is_checked(tmp_path: Path) -> None:

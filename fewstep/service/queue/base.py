@@ -53,23 +53,29 @@ class JobSpec:
     requests: list[int] | None = None
     """Which request of the body each item came from (a request with `n` > 1 makes n items)."""
     owner_limit: int | None = None
-    """Most cost (`item_cost`) this owner may have queued or running on this lane, this job included;
+    """Most cost (`cost`) this owner may have queued or running on this lane, this job included;
     None: no per-owner limit (the lane's depth still holds)."""
     owner_jobs: int | None = None
     """Most jobs of this owner kept on this lane (queued, running or finished and not yet expired), this
     one included; None: no limit. Bounds what one key makes the queue remember."""
+    costs: list[int] | None = None
+    """Each item's cost in network evaluations, from the model's spec (a hybrid's teacher hand-off,
+    classic guidance); None: `item_cost`'s estimate."""
 
     @property
     def cost(self) -> int:
-        return sum(item_cost(it) for it in self.items)
+        return sum(self.cost_of(i) for i in range(len(self.items)))
+
+    def cost_of(self, index: int) -> int:
+        return self.costs[index] if self.costs is not None else item_cost(self.items[index])
 
     def request_of(self, index: int) -> int:
         return self.requests[index] if self.requests is not None else 0
 
 
 def item_cost(item: ImageItem) -> int:
-    """What an item costs in network evaluations: its steps, and one more for a hybrid's teacher (its
-    first step runs the teacher with classic guidance: two evaluations)."""
+    """An item's cost in network evaluations when its model's spec did not say (`JobSpec.costs`): its
+    steps, and one more for a hybrid's teacher. Items queued by a gateway carry the spec's figure."""
     return item.steps + (1 if item.hybrid else 0)
 
 
@@ -84,9 +90,18 @@ class WorkItem:
     item: ImageItem
     request: int = 0
     owner: str = ""
+    cost: int | None = None
+    """Network evaluations, as the gateway's spec counted them; None: `item_cost`'s estimate."""
+
+    @property
+    def evaluations(self) -> int:
+        """What the queue charged this item's owner, and gives back when it is acknowledged."""
+        return self.cost if self.cost is not None else item_cost(self.item)
 
     def encode(self) -> str:
         fields = {"model": self.model, "request": self.request, "owner": self.owner, **asdict(self.item)}
+        if self.cost is not None:
+            fields["cost"] = self.cost
         return json.dumps(fields, sort_keys=True)
 
     @classmethod
@@ -110,6 +125,7 @@ class WorkItem:
             item=item,
             request=int(d.get("request", 0)),
             owner=str(d.get("owner", "")),
+            cost=None if d.get("cost") is None else int(d["cost"]),  # absent in items queued before costs
         )
 
 

@@ -26,7 +26,6 @@ from fewstep.service.queue.base import (
     QueueStats,
     WorkItem,
     idempotency_conflict,
-    item_cost,
     key_digest,
     owner_over_jobs,
     owner_over_limit,
@@ -123,7 +122,9 @@ class EmbeddedQueue:
             self._owner_cost[(spec.owner, spec.lane)] += spec.cost
             for index, item in enumerate(spec.items):
                 entry_id = str(next(self._ids))
-                work = WorkItem(job.id, index, spec.model, item, spec.request_of(index), spec.owner)
+                work = WorkItem(
+                    job.id, index, spec.model, item, spec.request_of(index), spec.owner, spec.cost_of(index)
+                )
                 self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work, queued_at=now))
                 self._waiting[spec.lane].setdefault(spec.owner, collections.deque()).append(entry_id)
             self._lane_items[spec.lane] += len(spec.items)
@@ -318,7 +319,7 @@ class EmbeddedQueue:
         if self._entries.pop(delivery.entry_id, None) is not None:
             self._lane_items[delivery.lane] -= 1
             owner = (delivery.work.owner, delivery.lane)
-            self._owner_cost[owner] -= item_cost(delivery.work.item)
+            self._owner_cost[owner] -= delivery.work.evaluations
             if self._owner_cost[owner] <= 0:
                 del self._owner_cost[owner]
         job = self._jobs.get(delivery.work.job_id)

@@ -49,7 +49,8 @@ async def generate_images(
     items = build_items(req, spec, settings)
     await gw.spend(owner, "image requests")
     ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
-    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=settings.key_max_sync_cost)
+    costs = [spec.nfe(it) for it in items]
+    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=settings.key_max_sync_cost, costs=costs)
     job = await gw.call(gw.queue.submit, submitted)
     outcome = await wait_settled(gw, job.id, settings.request_timeout_s, request)
     if outcome != "done":

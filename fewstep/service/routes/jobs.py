@@ -74,6 +74,7 @@ async def create_job(
         requests=origin,
         owner_limit=settings.key_max_job_cost,
         owner_jobs=settings.key_max_stored_jobs,
+        costs=[spec.nfe(it) for it in items],
     )
     await gw.spend(owner, "jobs")
     return job_view(await gw.call(gw.queue.submit, job))

@@ -229,6 +229,18 @@ def test_one_owner_cannot_queue_past_its_cost_limit_and_gets_it_back_as_items_fi
     queue.submit(limited(1, "alice"))  # 4 + 5 ≤ 12
 
 
+def test_an_owner_is_charged_the_costs_the_spec_counted_and_gets_exactly_those_back(queue: JobQueue) -> None:
+    # A hybrid's teacher hand-off on the shipped pair costs 12 evaluations, not `item_cost`'s one.
+    items = [ImageItem(prompt="a red circle", seed=i, steps=2, hybrid=i == 0) for i in range(2)]
+    queue.submit(JobSpec("alice", "shapes", items, BATCH, ttl_s=600, owner_limit=20, costs=[13, 2]))
+    with pytest.raises(Overloaded, match=r"15 network evaluations .* adds 13, over the per-key limit of 20"):
+        queue.submit(JobSpec("alice", "shapes", items[:1], BATCH, ttl_s=600, owner_limit=20, costs=[13]))
+    (hybrid,) = [d for d in queue.claim("w1", 10, 1.0, 0.0) if d.work.item.hybrid]
+    assert hybrid.work.evaluations == 13  # the figure travels with the queued item
+    queue.finish([(hybrid, ok(hybrid.work.index, 0))])
+    queue.submit(JobSpec("alice", "shapes", items[:1], BATCH, ttl_s=600, owner_limit=15, costs=[13]))  # 2 + 13
+
+
 @pytest.mark.slow
 def test_redis_at_maxmemory_refuses_new_work_with_not_ready_and_a_result_waits_to_be_written(
     redis_server: RedisServer,
