@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from fewstep.errors import CheckpointError
 from fewstep.models.checkpoint import load_checkpoint
@@ -39,6 +38,10 @@ def image_unet_config(sample_size: int = 32, width: int = 32) -> dict[str, Any]:
 
 def build_unet(config: dict[str, Any]) -> torch.nn.Module:
     """A UNet from a manifest config, in eval mode."""
+    # Imported here: diffusers takes ~7 s to import (it loads every model family it knows), and processes
+    # that never build a UNet (a queue-only gateway, no-op workers, video engines) should not pay it.
+    from diffusers import UNet2DConditionModel
+
     return cast(torch.nn.Module, UNet2DConditionModel(**config)).eval()
 
 
