@@ -47,6 +47,11 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
+IMAGE_ONLY = {"FEWSTEP_VIDEO_MAX_SESSIONS": "0"}
+"""Server settings for tests about images: no video model is loaded (its engine, first-frame UNet and gate
+take ~10 s of a server's start on these 2 cores)."""
+
+
 def start_server(
     tmp: Path,
     env_extra: dict[str, str] | None = None,

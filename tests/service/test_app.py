@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from fewstep.models.sampling import Handoff
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import IMAGE_ONLY, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_a_refused_promoted_version_falls_back_to_the_previous_one(tmp_path: Pat
     reg.seed_from(checkpoints)
     _, v2 = reg.publish(checkpoints / "shapes", promote=True)
     (reg.version_dir("shapes", v2) / "model.safetensors").write_bytes(b"corrupted after publishing")
-    s = start_server(tmp_path)
+    s = start_server(tmp_path, IMAGE_ONLY)
     try:
         (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]
         assert card["version"] == "1"
@@ -165,7 +165,7 @@ def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(
     reg = Registry(tmp_path / "registry")
     reg.seed_from(checkpoints)
     (reg.version_dir("shapes", "1") / "model.safetensors").write_bytes(b"corrupted")
-    s = start_server(tmp_path, wait_ready=False)
+    s = start_server(tmp_path, IMAGE_ONLY, wait_ready=False)
     try:
         import time
 
@@ -195,7 +195,7 @@ def test_onnxruntime_backend_serves_exported_versions_and_refuses_unexported_one
     _, v2 = reg.publish(checkpoints / "shapes", promote=True)  # version 2 is never exported
     export_onnx(reg.version_dir("shapes", "1"), encoder)
     export_onnx(reg.version_dir("shapes-teacher", "1"), encoder)
-    s = start_server(tmp_path, {"FEWSTEP_BACKEND": "onnxruntime"})
+    s = start_server(tmp_path, {**IMAGE_ONLY, "FEWSTEP_BACKEND": "onnxruntime"})
     try:
         (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]
         assert card["backend"] == "onnxruntime" and card["version"] == "1" and card["hybrid"] is True

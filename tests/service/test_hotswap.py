@@ -25,14 +25,19 @@ from PIL import Image
 from fewstep.cli import main
 from fewstep.engines.base import ImageItem, ImageResult
 from fewstep.engines.image import ImageEngine
-from tests.conftest import RedisServer, Server, start_server, start_worker, stop_server, stop_worker
+from tests.conftest import IMAGE_ONLY, RedisServer, Server, start_server, start_worker, stop_server, stop_worker
 from tests.service import versions as v
 
 pytestmark = pytest.mark.slow  # `fewstep serve` and worker processes
 
 MODEL = "shapes"
 ADMIN = "admin-secret-for-tests"
-FAST_GATE = {"FEWSTEP_WATCH_INTERVAL_S": "0.2", "FEWSTEP_GATE_PROBE_SEEDS": "1", "FEWSTEP_ADMIN_KEYS": ADMIN}
+FAST_GATE = {
+    **IMAGE_ONLY,
+    "FEWSTEP_WATCH_INTERVAL_S": "0.2",
+    "FEWSTEP_GATE_PROBE_SEEDS": "1",
+    "FEWSTEP_ADMIN_KEYS": ADMIN,
+}
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +322,7 @@ def redis_env(tmp_path: Path, redis_server: RedisServer, checkpoints: Path, **ex
         "FEWSTEP_REGISTRY": str(tmp_path / "registry"),
         "FEWSTEP_CHECKPOINTS": str(checkpoints),
         "FEWSTEP_GATE_PROBE_SEEDS": "1",
+        **IMAGE_ONLY,
         **extra,
     }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import IMAGE_ONLY, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # a `fewstep serve` process
 
@@ -24,7 +24,7 @@ BOB = {"Authorization": "Bearer key-bob-0123456789"}
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, checkpoints: Path) -> Iterator[Server]:
-    env = {"FEWSTEP_API_KEYS": "key-alice-0123456789,key-bob-0123456789", "FEWSTEP_MAX_JOB_ITEMS": "12"}
+    env = {**IMAGE_ONLY, "FEWSTEP_API_KEYS": "key-alice-0123456789,key-bob-0123456789", "FEWSTEP_MAX_JOB_ITEMS": "12"}
     s = start_server(tmp_path_factory.mktemp("jobs"), env)
     yield s
     stop_server(s)
@@ -146,7 +146,7 @@ def test_delete_cancels_a_queued_job(keyed: Server) -> None:
 
 def test_a_client_that_disconnects_frees_its_slot_at_the_next_step(tmp_path: Path, checkpoints: Path) -> None:
     """About the gateway and the worker, not images: the no-op engine at 300 ms per step."""
-    s = start_server(tmp_path, {"FEWSTEP_ENGINE": "noop", "FEWSTEP_NOOP_STEP_MS": "300"})
+    s = start_server(tmp_path, {**IMAGE_ONLY, "FEWSTEP_ENGINE": "noop", "FEWSTEP_NOOP_STEP_MS": "300"})
     try:
         body = {"model": "shapes", "prompt": "a red circle", "steps": 4, "n": 2}
         with pytest.raises(httpx.ReadTimeout):

@@ -27,6 +27,7 @@ import redis
 from PIL import Image
 
 from tests.conftest import (
+    IMAGE_ONLY,
     RedisServer,
     Server,
     WorkerProc,
@@ -121,6 +122,7 @@ def stack(tmp_path: Path, redis_server: RedisServer, checkpoints: Path) -> Itera
         "FEWSTEP_MAX_BATCH_SIZE": "4",
         "FEWSTEP_BATCH_WAIT_MS": "0",
         "FEWSTEP_MAX_JOB_QUEUE": "100",
+        **IMAGE_ONLY,
     }
     gateway = start_server(tmp_path, env)
     s = Stack(tmp_path, env, gateway, redis_server, prefix, [])
