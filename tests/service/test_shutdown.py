@@ -22,7 +22,7 @@ import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import RedisServer, start_server, start_worker, stop_server, stop_worker
+from tests.conftest import IMAGE_ONLY, RedisServer, start_server, start_worker, stop_server, stop_worker
 
 pytestmark = pytest.mark.slow  # server and worker processes
 
@@ -148,6 +148,7 @@ def test_sigterm_lets_a_worker_finish_its_batch_heartbeating_and_nothing_runs_tw
         "FEWSTEP_HEARTBEAT_S": "0.25",
         "FEWSTEP_MAX_BATCH_SIZE": "4",
         "FEWSTEP_INTERACTIVE_WORKERS": "0",
+        **IMAGE_ONLY,
     }
     gateway = start_server(tmp_path, env)
     leaving = start_worker(tmp_path, env, "leaving", step_ms=4000)  # its batch: 4 steps, 16 s
