@@ -143,3 +143,31 @@ def test_the_checker_catches_an_upward_import_and_a_cycle(tmp_path: Path) -> Non
         "fewstep.models.a → fewstep.service.b (fewstep.models may not import fewstep.service)"
     ]
     assert cycles(graph) == [["fewstep.models.a", "fewstep.service.b"], ["fewstep.service.c", "fewstep.service.d"]]
+
+
+LAZY_LIBRARIES = ("diffusers", "transformers")
+
+
+def direct_imports_of(root: Path, libraries: tuple[str, ...]) -> list[str]:
+    """`module: library` for every import statement (lazy ones too) of `libraries` under `root/fewstep`."""
+    found = []
+    for path in sorted((root / "fewstep").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            found += [f"{module_name(path, root)}: {n}" for n in names if n.split(".")[0] in libraries]
+    return found
+
+
+def test_diffusers_and_transformers_are_reached_only_through_models_lazy() -> None:
+    # Their lazily resolved names are not thread-safe: two engines loading in parallel threads made one
+    # fail with "cannot import name 'UNet2DConditionModel' from 'diffusers'" (`fewstep/models/lazy.py`).
+    assert direct_imports_of(ROOT, LAZY_LIBRARIES) == []
+
+
+def test_the_lazy_import_check_sees_a_function_level_import(tmp_path: Path) -> None:
+    (tmp_path / "fewstep").mkdir()
+    (tmp_path / "fewstep" / "a.py").write_text("def f():\n    from diffusers import UNet2DConditionModel\n")
+    (tmp_path / "fewstep" / "b.py").write_text("import transformers.models\nimport torch\n")
+    assert direct_imports_of(tmp_path, LAZY_LIBRARIES) == ["fewstep.a: diffusers", "fewstep.b: transformers.models"]

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from fewstep.errors import CheckpointError
+from fewstep.models import lazy
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
 
@@ -169,12 +170,10 @@ class Recipe:
 
 def scheduler_class(name: str) -> Any:
     """The diffusers scheduler class called `name` (only the ones the families use)."""
-    import diffusers
-
     allowed = {f.scheduler for f in FAMILIES.values()}
     if name not in allowed:
         raise CheckpointError(f"scheduler {name!r} is not one the families use ({sorted(allowed)})")
-    return getattr(diffusers, name)
+    return lazy.attr("diffusers", name)
 
 
 def resolve(

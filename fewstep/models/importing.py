@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.errors import CheckpointError
-from fewstep.models import families
+from fewstep.models import families, lazy
 from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
 from fewstep.models.registry import Registry
 
@@ -152,7 +152,6 @@ def _configs(src: Source, component: str) -> list[str]:
 def _check_unet_file(path: Path, config: dict[str, Any]) -> None:
     """CheckpointError unless the safetensors file at `path` holds exactly the tensors the UNet config builds."""
     import torch
-    from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
     try:
@@ -160,8 +159,9 @@ def _check_unet_file(path: Path, config: dict[str, Any]) -> None:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own types for bad headers
         raise CheckpointError(f"--unet {path.name} is not a readable safetensors file ({e})") from e
+    unet_class = lazy.attr("diffusers", "UNet2DConditionModel")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        unet = unet_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])

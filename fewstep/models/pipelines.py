@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from fewstep.errors import CheckpointError
+from fewstep.models import lazy
 
 ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 TOKENIZERS = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
@@ -112,11 +113,9 @@ class Tokenizers:
 
 def load_tokenizers(folder: Path, manifest: dict[str, Any]) -> Tokenizers:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
     components = manifest["pipeline"]["components"]
     names = TOKENIZERS[manifest["pipeline"]["arch"]]
-    return Tokenizers([getattr(transformers, components[n]).from_pretrained(str(folder / n)) for n in names])
+    return Tokenizers([lazy.attr("transformers", components[n]).from_pretrained(str(folder / n)) for n in names])
 
 
 class TorchNets:
@@ -124,20 +123,18 @@ class TorchNets:
 
     def __init__(self, folder: Path, manifest: dict[str, Any], device: str, dtype: torch.dtype) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import diffusers
-        import transformers
-
         pipe = manifest["pipeline"]
         self.arch = str(pipe["arch"])
         variants = pipe.get("variants") or {}
         kw: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True}
         try:
-            self.unet_model = diffusers.UNet2DConditionModel.from_pretrained(
+            self.unet_model = lazy.attr("diffusers", "UNet2DConditionModel").from_pretrained(
                 str(folder / "unet"), variant=variants.get("unet"), **kw
             )
-            self.vae = diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"), variant=variants.get("vae"), **kw)
+            vae_class = lazy.attr("diffusers", "AutoencoderKL")
+            self.vae = vae_class.from_pretrained(str(folder / "vae"), variant=variants.get("vae"), **kw)
             self.encoders = [
-                getattr(transformers, pipe["components"][n]).from_pretrained(
+                lazy.attr("transformers", pipe["components"][n]).from_pretrained(
                     str(folder / n), variant=variants.get(n), **kw
                 )
                 for n in ENCODERS[self.arch]

