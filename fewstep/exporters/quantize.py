@@ -157,8 +157,9 @@ def quantize_graph(
                     "calibrate_method": CalibrationMethod.MinMax,
                     "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True},
                 },
-                # MinMax raises for FP8 in ORT; Distribution is its supported calibrator. Its scale is
-                # replaced below by amax / 448 (TensorQuantOverrides); per-tensor weights, as TensorRT's FP8.
+                # quantize_static takes FP8 only with Distribution; the ranges it reads are collected by
+                # MinMax in `_fp8_amax_scales`, and every scale is replaced there by amax / 448
+                # (TensorQuantOverrides); per-tensor weights, as TensorRT's FP8.
                 # No node is left out: conv_in/conv_out and the time/text embedding Gemms run in FP8 too,
                 # the whole graph passes the gate with amax scales.
                 "fp8": {
