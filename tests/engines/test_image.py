@@ -128,7 +128,7 @@ def hybrid_engine(checkpoints: Path, encoder) -> ImageEngine:  # type: ignore[no
     return e
 
 
-@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("steps", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: the slow layer
 def test_hybrid_is_deterministic_whatever_shares_its_batch(hybrid_engine: ImageEngine, steps: int) -> None:
     me = ImageItem("a green circle", seed=9, steps=steps, hybrid=True)
     alone = _pixels(hybrid_engine.run([me])[0])

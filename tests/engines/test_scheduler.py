@@ -62,7 +62,11 @@ STRANGERS = [f"a {c} {s}" for c in ("red", "green", "blue", "purple") for s in (
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
-@pytest.mark.parametrize(("before", "join_at"), [(0, 0), (5, 1), (15, 2), (9, 3)])
+@pytest.mark.parametrize(
+    ("before", "join_at"),
+    # One joining position in the fast layer; the others (at every later step) in the slow one.
+    [(0, 0), *(pytest.param(b, j, marks=pytest.mark.slow) for b, j in [(5, 1), (15, 2), (9, 3)])],
+)
 def test_same_image_alone_or_joining_a_full_batch_of_strangers_at_any_position(
     request: pytest.FixtureRequest, backend: str, before: int, join_at: int
 ) -> None:
