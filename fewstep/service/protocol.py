@@ -49,13 +49,18 @@ def _over_capacity(max_connections: int) -> Any:
     return app
 
 
-def guarded_protocol(head_timeout_s: float, max_connections: int, max_head_bytes: int) -> type[H11Protocol]:
-    """An `H11Protocol` class for `uvicorn.Config(http=...)` with these limits; `max_head_bytes` is the
-    `h11_max_incomplete_event_size` given to the same config."""
+def head_buffer(max_header_bytes: int) -> int:
+    """h11's buffer for a head still arriving (`uvicorn.Config(h11_max_incomplete_event_size=...)`): room
+    for a whole block over `max_header_bytes`, which `middleware.HeaderLimit` then refuses."""
+    return 2 * max_header_bytes
+
+
+def guarded_protocol(head_timeout_s: float, max_connections: int, max_header_bytes: int) -> type[H11Protocol]:
+    """An `H11Protocol` class for `uvicorn.Config(http=...)` with these limits."""
     over_capacity = _over_capacity(max_connections)
+    max_head_bytes = head_buffer(max_header_bytes)
     refusal = errors.error_body(
-        f"request headers over {max_head_bytes} bytes while still arriving (`max_header_bytes` is "
-        f"{max_head_bytes // 2})",
+        f"`max_header_bytes` is {max_header_bytes}. Given: over {max_head_bytes} bytes of headers, still arriving",
         "HeadersTooLarge",
         "headers",
         431,

@@ -11,7 +11,7 @@ import uvicorn
 
 from fewstep.service.app import create_app
 from fewstep.service.drain import Drain
-from fewstep.service.protocol import guarded_protocol
+from fewstep.service.protocol import guarded_protocol, head_buffer
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.service")
@@ -44,7 +44,6 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Run the gateway until a signal has drained it; the exit status."""
     app = create_app(settings)
-    head_buffer = 2 * settings.max_header_bytes  # room for a whole block that `HeaderLimit` then refuses
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -54,9 +53,9 @@ def serve(settings: Settings) -> int:
         ws_max_size=settings.ws_max_bytes,
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,  # after the drain: only idle keep-alive connections are left
-        http=guarded_protocol(settings.head_timeout_s, settings.max_connections, head_buffer),
+        http=guarded_protocol(settings.head_timeout_s, settings.max_connections, settings.max_header_bytes),
         timeout_keep_alive=settings.keep_alive_s,
-        h11_max_incomplete_event_size=head_buffer,  # a header block still arriving
+        h11_max_incomplete_event_size=head_buffer(settings.max_header_bytes),  # a header block still arriving
     )
     server = DrainingServer(config, app.state.gateway.drain, settings.drain_s)
     server.run()

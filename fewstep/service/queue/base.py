@@ -88,21 +88,15 @@ class WorkItem:
     index: int
     model: str
     item: ImageItem
+    cost: int
+    """Network evaluations the queue charged the item's owner (`JobSpec.cost_of`), given back when the item
+    is acknowledged."""
     request: int = 0
     owner: str = ""
-    cost: int | None = None
-    """Network evaluations, as the gateway's spec counted them; None: `item_cost`'s estimate."""
-
-    @property
-    def evaluations(self) -> int:
-        """What the queue charged this item's owner, and gives back when it is acknowledged."""
-        return self.cost if self.cost is not None else item_cost(self.item)
 
     def encode(self) -> str:
-        fields = {"model": self.model, "request": self.request, "owner": self.owner, **asdict(self.item)}
-        if self.cost is not None:
-            fields["cost"] = self.cost
-        return json.dumps(fields, sort_keys=True)
+        fields = {"model": self.model, "request": self.request, "owner": self.owner, "cost": self.cost}
+        return json.dumps({**fields, **asdict(self.item)}, sort_keys=True)
 
     @classmethod
     def decode(cls, job_id: str, index: int, payload: str) -> WorkItem:
@@ -123,9 +117,9 @@ class WorkItem:
             index=index,
             model=d["model"],
             item=item,
+            cost=item_cost(item) if d.get("cost") is None else int(d["cost"]),  # absent: queued before costs
             request=int(d.get("request", 0)),
             owner=str(d.get("owner", "")),
-            cost=None if d.get("cost") is None else int(d["cost"]),  # absent in items queued before costs
         )
 
 

@@ -123,7 +123,7 @@ class EmbeddedQueue:
             for index, item in enumerate(spec.items):
                 entry_id = str(next(self._ids))
                 work = WorkItem(
-                    job.id, index, spec.model, item, spec.request_of(index), spec.owner, spec.cost_of(index)
+                    job.id, index, spec.model, item, spec.cost_of(index), spec.request_of(index), spec.owner
                 )
                 self._entries[entry_id] = _Entry(Delivery(entry_id=entry_id, lane=spec.lane, work=work, queued_at=now))
                 self._waiting[spec.lane].setdefault(spec.owner, collections.deque()).append(entry_id)
@@ -319,7 +319,7 @@ class EmbeddedQueue:
         if self._entries.pop(delivery.entry_id, None) is not None:
             self._lane_items[delivery.lane] -= 1
             owner = (delivery.work.owner, delivery.lane)
-            self._owner_cost[owner] -= delivery.work.evaluations
+            self._owner_cost[owner] -= delivery.work.cost
             if self._owner_cost[owner] <= 0:
                 del self._owner_cost[owner]
         job = self._jobs.get(delivery.work.job_id)

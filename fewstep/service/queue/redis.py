@@ -108,7 +108,7 @@ class RedisQueue:
         has_key = spec.idempotency_key is not None
         idem = self.keys.idempotency(spec.owner, key_digest(spec.idempotency_key or ""))
         payloads = [
-            WorkItem(job_id, i, spec.model, it, spec.request_of(i), spec.owner, spec.cost_of(i)).encode()
+            WorkItem(job_id, i, spec.model, it, spec.cost_of(i), spec.request_of(i), spec.owner).encode()
             for i, it in enumerate(spec.items)
         ]
         args: list[str | int | float] = [
@@ -418,7 +418,7 @@ class RedisQueue:
             job_id = delivery.work.job_id
             w = delivery.work
             args: list[str | int | float] = [result.index, result.encode(), result.outcome, time.time()]
-            args += [delivery.entry_id, k.group, owner_field(w.owner, delivery.lane), w.evaluations]
+            args += [delivery.entry_id, k.group, owner_field(w.owner, delivery.lane), w.cost]
             self._finish(
                 keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane), k.owner_cost],
                 args=args,

@@ -236,7 +236,7 @@ def test_an_owner_is_charged_the_costs_the_spec_counted_and_gets_exactly_those_b
     with pytest.raises(Overloaded, match=r"15 network evaluations .* adds 13, over the per-key limit of 20"):
         queue.submit(JobSpec("alice", "shapes", items[:1], BATCH, ttl_s=600, owner_limit=20, costs=[13]))
     (hybrid,) = [d for d in queue.claim("w1", 10, 1.0, 0.0) if d.work.item.hybrid]
-    assert hybrid.work.evaluations == 13  # the figure travels with the queued item
+    assert hybrid.work.cost == 13  # the figure travels with the queued item
     queue.finish([(hybrid, ok(hybrid.work.index, 0))])
     queue.submit(JobSpec("alice", "shapes", items[:1], BATCH, ttl_s=600, owner_limit=15, costs=[13]))  # 2 + 13
 
