@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.core import Metric
 
@@ -19,6 +20,9 @@ from tests.conftest import ROOT
 
 PROM = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "fewstep.json"
+needs_promtool = pytest.mark.slow
+"""Tests that run the real `promtool`: the slow layer, whose `make test` installs it (`make test-fast` installs
+nothing beyond the venv)."""
 SUFFIX = re.compile(r"_(total|bucket|count|sum|info)$")
 
 
@@ -52,6 +56,7 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
 
 
+@needs_promtool
 def test_promtool_accepts_the_config_and_rules_and_the_rule_unit_tests_pass() -> None:
     for args in (
         ("check", "config", "prometheus.yml"),
@@ -71,6 +76,7 @@ def test_promtool_accepts_the_config_and_rules_and_the_rule_unit_tests_pass() ->
     assert must <= tested and tested <= {r["alert"] for r in rules()}
 
 
+@needs_promtool
 def test_promtool_fails_a_rule_whose_threshold_is_wrong(tmp_path: Path) -> None:
     """Negative control: the unit tests can fail (a backlog alert at 10 minutes instead of 2)."""
     shutil.copy(PROM / "alerts.test.yml", tmp_path)
@@ -89,6 +95,7 @@ def test_every_metric_named_in_rules_and_dashboard_is_exported() -> None:
     assert in_dash - known == set(), f"the dashboard names metrics that do not exist: {in_dash - known}"
 
 
+@needs_promtool
 def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each panel's query (as a recording rule), with Grafana's variables filled in."""
     dash = json.loads(DASHBOARD.read_text())
