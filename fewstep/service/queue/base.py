@@ -304,6 +304,10 @@ class JobQueue(Protocol):
     def interrupt(self) -> None:
         """Make a `watch` in progress (or the next one) return at once: its set of jobs changed."""
 
+    def valid_cursor(self, cursor: str) -> bool:
+        """Whether `cursor` is an event id this queue could have sent ("0": from the start). Cursors come from
+        clients (`Last-Event-ID`); one this queue cannot read must be refused before it joins a shared `watch`."""
+
     def forget(self, job_id: str, owner: str) -> None:
         """Drop a job, its results and events now (a synchronous request's, once its caller has them), so
         that memory holds results only while someone may still read them. Unknown jobs are ignored."""

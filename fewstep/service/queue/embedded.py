@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 import secrets
 import threading
 import time
@@ -32,6 +33,9 @@ from fewstep.service.queue.base import (
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
+
+_CURSOR = re.compile(r"[0-9]{1,19}")
+"""This queue's event ids: a counter."""
 
 
 @dataclass
@@ -180,6 +184,9 @@ class EmbeddedQueue:
         with self._cv:
             self._interrupted = True
             self._cv.notify_all()
+
+    def valid_cursor(self, cursor: str) -> bool:
+        return bool(_CURSOR.fullmatch(cursor))
 
     def forget(self, job_id: str, owner: str) -> None:
         with self._cv:

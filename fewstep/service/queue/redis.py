@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANE
 from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, SUBMIT
 
 P = ParamSpec("P")
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_MAX_ID_PART = 2**64 - 1
+"""A Redis stream id is two unsigned 64-bit numbers; a larger one fails the whole XREAD it is in."""
 R = TypeVar("R")
 
 
@@ -219,6 +223,10 @@ class RedisQueue:
             pipe.xadd(self._wake, {"w": 1}, maxlen=8, approximate=False)
             pipe.expire(self._wake, 3600)
             pipe.execute()
+
+    def valid_cursor(self, cursor: str) -> bool:
+        m = _STREAM_ID.fullmatch(cursor)
+        return m is not None and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
 
     @_reachable
     def stats(self) -> QueueStats:

@@ -29,12 +29,14 @@ async def wait_settled(gw: Gateway, job_id: str, timeout: float, request: Reques
     deadline = time.monotonic() + timeout
     cursor = "0"
     while (left := deadline - time.monotonic()) > 0:
-        events = await gw.events.next(job_id, cursor, min(left, 0.25))
+        # One waiter for the whole wait (the client's presence is asked every quarter second meanwhile):
+        # a waiter made anew each time interrupted the hub's shared read four times a second per request.
+        events = await gw.events.next(job_id, cursor, left, gone=request.is_disconnected)
         if events:
             cursor = events[-1].cursor
             if any(e.kind == "end" for e in events):
                 return "done"
-        if await request.is_disconnected():
+        elif await request.is_disconnected():
             return "gone"
     return "timeout"
 

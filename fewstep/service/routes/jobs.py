@@ -28,8 +28,6 @@ from fewstep.service.state import Gateway, GatewayDep, Owner
 
 router = APIRouter()
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
-EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
-"""Event ids of both queues: the embedded queue's counters and Redis stream ids."""
 
 
 def job_view(st: JobStatus) -> Job:
@@ -128,9 +126,8 @@ async def job_events(
     gw: GatewayDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
-    if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
-        rule = "an event id this stream sent (digits, or digits-digits)"
-        raise limit_error("Last-Event-ID", rule, last_event_id[:64])
+    if last_event_id is not None and not gw.queue.valid_cursor(last_event_id):  # checked by the queue's own rule
+        raise limit_error("Last-Event-ID", "an event id this stream sent", last_event_id[:64])
     first = await gw.call(gw.queue.status, job_id, owner)
     await gw.spend(owner, "event streams")
     s = gw.settings
