@@ -33,7 +33,7 @@ from fewstep.evaluation.judges import FRECHET, Judge, load_judge
 from fewstep.evaluation.metrics import psnr
 from fewstep.evaluation.probes import ProbeSet
 from fewstep.models.registry import Registry
-from fewstep.service.kinds import Kind
+from fewstep.service.kinds import Deadline, Kind
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.gate")
@@ -122,8 +122,9 @@ class Gate:
             return Verdict(False, str(e))
         if probes is None:
             return Verdict(True, None, {"probes": 0})
+        deadline = Deadline.after(self.settings.gate_timeout_s)
         try:
-            out = kind.render(engine, probes)
+            out = kind.render(engine, probes, deadline)
             if not np.isfinite(out).all():
                 raise FewstepError("probe outputs are not finite")
         except FewstepError as e:
@@ -140,7 +141,7 @@ class Gate:
             if (
                 serving is not None
                 and reference is None
-                and (theirs := self._outputs(kind, serving, probes)) is not None
+                and (theirs := self._outputs(kind, serving, probes, deadline)) is not None
             ):
                 reference = serving.scores = judge.score(probes, theirs)
             if serving is not None:
@@ -148,7 +149,7 @@ class Gate:
             if serving is not None and reference is not None and (why := self._regression(scores, reference, n)):
                 return Verdict(False, f"quality regression: {why} version {serving.version}'s", metrics, scores)
             return Verdict(True, None, metrics, scores, made)
-        if serving is not None and (theirs := self._outputs(kind, serving, probes)) is not None:
+        if serving is not None and (theirs := self._outputs(kind, serving, probes, deadline)) is not None:
             db = psnr(out, theirs, peak=2.0)
             least = self.settings.gate_min_agreement_db
             metrics["against"] = {"version": serving.version, "agreement_psnr_db": round(db, 2)}
@@ -182,21 +183,23 @@ class Gate:
         (None when its gate is off or a probe fails): the reference its successors are compared with."""
         try:
             probes = kind.probes(self.settings, manifest)
-            return None if probes is None else (probes, kind.render(engine, probes))
+            deadline = Deadline.after(self.settings.gate_timeout_s)
+            return None if probes is None else (probes, kind.render(engine, probes, deadline))
         except FewstepError as e:
             log.warning("gate: no reference outputs of this version (%s)", e)
             return None
 
     @staticmethod
-    def _outputs(kind: Kind[Any], serving: Reference, probes: ProbeSet) -> np.ndarray | None:
+    def _outputs(kind: Kind[Any], serving: Reference, probes: ProbeSet, deadline: Deadline) -> np.ndarray | None:
         """The serving version's outputs on `probes`: kept from its own gate, or made by its engine now."""
         if serving.outputs is not None and serving.outputs[0] == probes:
             return serving.outputs[1]
         if serving.engine is None:
             return None
         try:
-            serving.outputs = (probes, kind.render(serving.engine, probes))
+            serving.outputs = (probes, kind.render(serving.engine, probes, deadline))
         except FewstepError as e:  # a stream engine whose sessions are all taken, say
+            deadline.check()  # but out of time is the candidate's refusal, not a comparison skipped
             log.warning("gate: the serving version %s cannot make the probes now (%s)", serving.version, e)
             return None
         return serving.outputs[1]

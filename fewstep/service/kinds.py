@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,34 @@ class Kind(Generic[E]):
     engine: Callable[[Context, Version], E]
     probes: Callable[[Settings, dict[str, Any]], ProbeSet | None]
     """The gate's probe set for a manifest (None: this kind's gate is off)."""
-    render: Callable[[E, ProbeSet], np.ndarray]
+    render: Callable[[E, ProbeSet, Deadline], np.ndarray]
     """The engine's outputs for a probe set, in [-1, 1]: images (N, 3, H, W) or streams (N, F, 3, H, W).
-    Raises FewstepError when a probe fails."""
+    Raises FewstepError when a probe fails or the deadline passes (checked at every step boundary)."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the gate must have its answer (`time.monotonic()`), and the setting that put it there."""
+
+    at: float
+    setting: str = "gate_timeout_s"
+    limit_s: float = 0.0
+
+    @classmethod
+    def after(cls, seconds: float, setting: str = "gate_timeout_s") -> Deadline:
+        return cls(time.monotonic() + seconds, setting, seconds)
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() > self.at
+
+    def check(self) -> None:
+        """`CheckpointError` once the deadline has passed."""
+        if self.passed:
+            raise CheckpointError(f"the gate's probes took longer than `{self.setting}` = {self.limit_s:g} s")
+
+
+NO_DEADLINE = Deadline(float("inf"))
 
 
 def named_probes(manifest: dict[str, Any], default: str, count: int, frames: int) -> ProbeSet:
@@ -108,12 +134,14 @@ def teacher_or_none(registry: Registry, name: str, manifest: dict[str, Any]) -> 
 
 
 # -- image: the step-adaptive students -----------------------------------------------------------
-def render_images(engine: StepEngine, probes: ProbeSet) -> np.ndarray:
+def render_images(engine: StepEngine, probes: ProbeSet, deadline: Deadline = NO_DEADLINE) -> np.ndarray:
     """Every probe at the engine's default steps, in one run."""
     steps = engine.spec.default_steps
     items = [ImageItem(p, seed=s, steps=steps) for p, s in zip(probes.prompts, probes.seeds, strict=True)]
+    outcomes = run_to_completion(engine, items, lambda _k, active: list(active) if deadline.passed else [])
+    deadline.check()
     pixels = []
-    for item, r in zip(items, run_to_completion(engine, items), strict=True):
+    for item, r in zip(items, outcomes, strict=True):
         if not isinstance(r, ImageResult):
             raise FewstepError(f"probe {item.prompt!r} seed {item.seed} failed: {r}")
         pixels.append(r.pixels)
@@ -144,7 +172,7 @@ IMAGE: Kind[StepEngine] = Kind(
 
 
 # -- video: the streaming students ---------------------------------------------------------------
-def render_streams(engine: StreamEngine, probes: ProbeSet) -> np.ndarray:
+def render_streams(engine: StreamEngine, probes: ProbeSet, deadline: Deadline = NO_DEADLINE) -> np.ndarray:
     """Every probe stream at the engine's default steps, `engine.capacity` at a time."""
     steps = engine.spec.default_steps
     out: list[np.ndarray] = []
@@ -155,6 +183,7 @@ def render_streams(engine: StreamEngine, probes: ProbeSet) -> np.ndarray:
         try:
             got: dict[int, list[np.ndarray]] = {id(s): [] for s in sessions}
             while not all(s.finished for s in sessions):
+                deadline.check()
                 for f in engine.advance([s for s in sessions if not s.finished]):
                     got[id(f.session)].append(f.pixels)
         finally:

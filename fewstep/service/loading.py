@@ -17,7 +17,7 @@ from typing import Any
 
 from fewstep.engines.base import Servable
 from fewstep.engines.specs import Spec
-from fewstep.errors import CheckpointError, RegistryError
+from fewstep.errors import CheckpointError, FewstepError, RegistryError
 from fewstep.models.registry import Registry
 from fewstep.service.gate import Gate, Reference, Verdict
 from fewstep.service.kinds import KINDS, Context, Version
@@ -87,10 +87,13 @@ class Loader:
         self, kind: str, name: str, version: str, serving: Reference | None, wait_for_others: bool
     ) -> tuple[Servable, Verdict]:
         """A loaded, warmed and gated engine of `version` and its verdict, or the FewstepError that refuses
-        it. `wait_for_others`: raise `Busy` instead of loading while another process loads it."""
+        it. `wait_for_others`: raise `Busy` instead of loading while another process loads it.
+
+        Whatever the version makes go wrong (its files, its configs, its warm-up, its gate: any exception,
+        not only a `CheckpointError`) refuses it, recorded; only a recoverable `FewstepError` (the registry or
+        the queue hiccuped) is left to be tried again."""
         k = KINDS[kind]
         v = self._version(name, version, kind)
-        engine = k.engine(self.ctx, v)
         recorded = self.verdict(kind, name, version)
         if recorded is None:
             dead, live = self.registry.load_marks(name, version, self.MARK_STALE_S)
@@ -104,26 +107,35 @@ class Loader:
         mark = self.registry.begin_load(name, version, self.name)
         fresh = _Freshener(self.registry, mark, self.MARK_TOUCH_S)
         t0 = time.perf_counter()
+        engine: Servable | None = None
         try:
             try:
+                engine = k.engine(self.ctx, v)
                 engine.load()
                 engine.warmup()
-            except CheckpointError as e:
-                self.record(kind, name, version, Verdict(False, self.public(str(e))))
-                raise
-            if recorded is not None:
-                # Judged by another process: take its verdict. A model with no judge still needs its own
-                # outputs on the probes, made now, before it serves, as its successors' reference.
-                made = self.gate.outputs(k, engine, v.manifest) if self.gate.judge(v.manifest) is None else None
-                verdict = Verdict(True, None, recorded.get("metrics") or {}, Verdict.scores_of(recorded) or {}, made)
-            else:
-                verdict = self.gate.check(k, engine, v.manifest, serving)
+                if recorded is not None:
+                    # Judged by another process: take its verdict. A model with no judge still needs its own
+                    # outputs on the probes, made now, before it serves, as its successors' reference.
+                    unjudged = self.gate.judge(v.manifest) is None
+                    made = self.gate.outputs(k, engine, v.manifest) if unjudged else None
+                    scores = Verdict.scores_of(recorded) or {}
+                    verdict = Verdict(True, None, recorded.get("metrics") or {}, scores, made)
+                else:
+                    verdict = self.gate.check(k, engine, v.manifest, serving)
+            except Exception as e:
+                if isinstance(e, FewstepError) and e.recoverable:
+                    raise
+                why = self.public(str(e) if isinstance(e, CheckpointError) else f"load failed: {type(e).__name__}: {e}")
+                self.record(kind, name, version, Verdict(False, why))
+                raise CheckpointError(why) from e
+            if recorded is None:
                 self.record(kind, name, version, verdict)
                 log.info("gate %s %s:%s %s", "passed" if verdict.passed else "refused", name, version, verdict.metrics)
             if not verdict.passed:
                 raise CheckpointError(verdict.reason or "refused by the gate")
         except BaseException:
-            engine.close()
+            if engine is not None:
+                engine.close()
             raise
         finally:
             fresh.stop()

@@ -91,6 +91,12 @@ class Metrics:
         self.models_ready = Gauge(
             "fewstep_models_ready", "Models with a version serving, by kind (image, video).", ["kind"], registry=r
         )
+        self.models_unavailable = Gauge(
+            "fewstep_models_unavailable",
+            "Models with no version serving (every version refused), by kind: their requests get 503.",
+            ["kind"],
+            registry=r,
+        )
         self.model_refused = Counter(
             "fewstep_model_versions_refused",
             "Model versions (or pointers) refused by loading, the serving gate or a canary.",

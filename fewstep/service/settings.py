@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     gate_min_agreement_db: float = Field(9.0, ge=0.0, le=100.0)
     """A new version of a model with no judge is refused when its probe outputs are further than this (PSNR,
     dB) from the serving version's."""
+    gate_timeout_s: float = Field(900.0, gt=0.0, le=86_400.0)
+    """Longest the gate's probes may take (the candidate's and, where needed, the serving version's): past it
+    the version is refused, recorded, so a manifest that makes every item slow never holds the loader."""
     max_load_attempts: int = Field(3, ge=1, le=100)
     """A version whose load was cut short (its process died) this many times is refused."""
     canary_fraction: float = Field(0.0, ge=0.0, lt=1.0)

@@ -46,6 +46,11 @@ log = logging.getLogger("fewstep.runtime")
 E = TypeVar("E", bound=Servable)
 
 
+def refusal(e: Exception) -> FewstepError:
+    """What refuses a version for `e`: a domain error as it is, anything else as a `CheckpointError` naming it."""
+    return e if isinstance(e, FewstepError) else CheckpointError(f"load failed: {type(e).__name__}: {e}")
+
+
 class Versions(Generic[E]):
     """The served models of `kinds`, run here (`run`) or only routed to."""
 
@@ -64,34 +69,49 @@ class Versions(Generic[E]):
         self._bad_pointers: dict[str, str] = {}
         self._unserved: set[str] = set()
         self._loading: dict[str, tuple[str, Future[Loaded]]] = {}
+        self._starting: dict[str, Future[Model | None]] = {}
+        """Models pushed after start, loading in the loader thread."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._lock = threading.Lock()
 
     # -- start ------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Serve every model of these kinds, in the calling thread; `loaded` is set when done."""
+        """Serve every model of these kinds, in the calling thread; `loaded` is set when done. A model none of
+        whose versions loads is kept, reported (`/v1/models`, metrics) and refused per request; the others
+        serve regardless."""
         try:
             for name in self.registry.models():
-                self._start_model(name)
-            self._count_ready()
-        except Exception as e:
+                try:
+                    self._place(name, self._first_version(name))
+                except Exception:  # a surprise in one model's files stops that model, not the ones after it
+                    log.exception("starting %s failed", name)
+        except Exception as e:  # the registry itself cannot be listed
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("model loading failed")
         finally:
+            self._count_ready()
             self._next_look = time.monotonic() + self.settings.watch_interval_s
             self.loaded.set()
 
-    def _start_model(self, name: str) -> None:
+    def _place(self, name: str, model: Model | None) -> None:
+        """Take a model `_first_version` made (None: not of a kind served here) into `models`."""
+        if model is None:
+            self._unserved.add(name)  # another process part's kind, or not served by itself
+            return
+        self.models[name] = model
+        self._count_ready()
+
+    def _first_version(self, name: str) -> Model | None:
+        """A model of these kinds with its first serving version (or none that loads); None when the model is
+        not of these kinds or has no version. Touches no shared state: it may run in the loader thread."""
         versions = self.registry.versions(name)
         if not versions:
-            return
+            return None
         promoted = self._pointer(name) or versions[-1]
         kind = self._kind(name, [promoted, *reversed(versions)])
         if kind not in self.kinds:
-            self._unserved.add(name)  # another process part's kind, or not served by itself
-            return
+            return None
         model = Model(name=name, kind=kind, pointer=promoted)
-        self.models[name] = model
         upto = versions[: versions.index(promoted) + 1] if promoted in versions else versions
         older = [v for v in reversed(upto) if v != promoted]
         passed = [v for v in older if self.loader.passed(model.kind, name, v)]
@@ -104,8 +124,8 @@ class Versions(Generic[E]):
         for version in order:
             try:
                 loaded = self._candidate(model, version)
-            except FewstepError as e:
-                self._refused(model, version, e)
+            except Exception as e:  # whatever one version does wrong refuses that version, never the start
+                self._refused(model, version, refusal(e))
                 continue
             self._serve(model, loaded)
             break
@@ -113,6 +133,7 @@ class Versions(Generic[E]):
             model.pointer = model.serving.version if model.serving else None  # `follow` tries the promoted next
         for v in versions:
             model.statuses.setdefault(v, self._recorded_status(model, v))
+        return model
 
     def _kind(self, name: str, versions: list[str]) -> str | None:
         """The kind of the first of `versions` whose manifest reads (a broken one is refused later, by kind)."""
@@ -178,9 +199,11 @@ class Versions(Generic[E]):
         self._count_ready()
 
     def _count_ready(self) -> None:
-        for kind in {m.kind for m in self.models.values()}:
-            ready = sum(1 for m in self.models.values() if m.kind == kind and m.serving is not None)
+        models = list(self.models.values())
+        for kind in {m.kind for m in models}:
+            ready = sum(1 for m in models if m.kind == kind and m.serving is not None)
             self.metrics.models_ready.labels(kind).set(ready)
+            self.metrics.models_unavailable.labels(kind).set(sum(1 for m in models if m.kind == kind) - ready)
 
     # -- following the registry -------------------------------------------------------------------
     def maintain(self, in_use: Collection[object] = ()) -> None:
@@ -212,8 +235,12 @@ class Versions(Generic[E]):
         announced one); otherwise only new versions' records are read, to keep each look cheap."""
         model = self.models.get(name)
         if model is None:
-            if self.registry.versions(name):
-                self._start_model(name)  # a model pushed after start
+            if name in self._starting or not self.registry.versions(name):
+                return
+            if not self.run:
+                self._place(name, self._first_version(name))  # routing reads manifests only
+            else:  # a model pushed after start loads in the loader thread, not between the engines' steps
+                self._starting[name] = self._pool.submit(self._first_version, name)
             return
         target = self._pointer(name)
         for v in self.registry.versions(name):
@@ -248,7 +275,14 @@ class Versions(Generic[E]):
         self._loading[name] = (target, self._pool.submit(self._candidate, model, target, True))
 
     def _collect(self) -> None:
-        """Adopt (or refuse) the versions whose background load has ended."""
+        """Adopt (or refuse) the versions whose background load has ended, and take in new models."""
+        for name, started in list(self._starting.items()):
+            if started.done():
+                del self._starting[name]
+                try:
+                    self._place(name, started.result())
+                except Exception:  # looked at again at the next look
+                    log.exception("starting %s failed", name)
         for name, (target, future) in list(self._loading.items()):
             if not future.done():
                 continue
@@ -273,7 +307,7 @@ class Versions(Generic[E]):
                 continue
             except Exception as e:  # a loader bug must not take serving down: the version just does not serve
                 log.exception("loading %s:%s failed", name, target)
-                self._refused(model, target, CheckpointError(f"load failed: {type(e).__name__}: {e}"))
+                self._refused(model, target, refusal(e))
                 continue
             if self._pointer(name) != target:
                 if loaded.engine is not None:
@@ -360,8 +394,10 @@ class Versions(Generic[E]):
     # -- requests ---------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Loading finished, nothing failed, and every served model has a working version."""
-        return self.loaded.is_set() and self.load_error is None and all(m.serving for m in self.models.values())
+        """Start-up loading finished and the registry could be read: every model that has a working version
+        serves. A model without one does not make the process unready (it would take every replica out of
+        rotation for one bad push); its requests get 503 naming why (`model`)."""
+        return self.loaded.is_set() and self.load_error is None
 
     def model(self, name: str) -> Model:
         """A served model with a working version; NotReady while loading, NotFound if unknown."""

@@ -26,7 +26,7 @@ from fewstep.service.worker import (
 
 def run_worker(settings: Settings, name: str | None = None, metrics_port: int | None = None) -> int:
     """Load the models (image engines), then claim and run items until SIGTERM / SIGINT has drained the
-    running batch; the exit status (2: no Redis configured, 1: no model loads)."""
+    running batch; the exit status (2: no Redis configured, 1: the registry cannot be read)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.redis_url is None:
         print("fewstep worker: set FEWSTEP_REDIS_URL (workers consume the Redis queue)", file=sys.stderr)
@@ -65,9 +65,11 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
         ctx.registry.seed_from(settings.checkpoints)
         models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
         models.load()
-        if not models.ready:
-            print(f"fewstep worker: no model loads ({models.load_error or 'see the log'})", file=sys.stderr)
+        if models.load_error is not None:  # the registry itself cannot be read: nothing here could ever serve
+            print(f"fewstep worker: the registry cannot be read ({models.load_error})", file=sys.stderr)
             return 1
+        # A model with no version that loads is not a reason to exit (a crash loop would not mend it): this
+        # worker serves the others and follows the registry for a version of it that passes.
         loaded, route = models.engine, models.engine
 
         def finished(model: str, engine: object, outcome: Outcome) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from fewstep.models.sampling import Handoff
-from tests.conftest import IMAGE_ONLY, Server, start_server, stop_server
+from tests.conftest import IMAGE_ONLY, RedisServer, Server, start_server, start_worker, stop_server, stop_worker
 
 pytestmark = pytest.mark.slow
 
@@ -157,28 +158,35 @@ def test_a_refused_promoted_version_falls_back_to_the_previous_one(tmp_path: Pat
         stop_server(s)
 
 
-def test_a_model_with_no_loadable_version_leaves_the_server_live_but_not_ready(
-    tmp_path: Path, checkpoints: Path
+def test_a_model_with_no_loadable_version_is_reported_and_refused_and_serving_goes_on(
+    tmp_path: Path, checkpoints: Path, redis_server: RedisServer
 ) -> None:
+    """Ready means able to serve: the queue answers and the models that have a version serve. One bad push
+    takes no gateway out of rotation and sends no worker into a crash loop."""
     from fewstep.models.registry import Registry
 
     reg = Registry(tmp_path / "registry")
     reg.seed_from(checkpoints)
     (reg.version_dir("shapes", "1") / "model.safetensors").write_bytes(b"corrupted")
-    s = start_server(tmp_path, IMAGE_ONLY, wait_ready=False)
+    s = start_server(tmp_path, IMAGE_ONLY)  # waits for /readyz 200
+    env = {"FEWSTEP_REDIS_URL": redis_server.url, "FEWSTEP_REGISTRY": str(tmp_path / "registry"), **IMAGE_ONLY}
+    worker = start_worker(tmp_path, env, "alone", engine="image")
     try:
-        import time
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and httpx.get(s.url + "/readyz").json().get("reason") == "loading":
-            time.sleep(0.2)
-        r = httpx.get(s.url + "/readyz")
-        assert r.status_code == 503 and str(tmp_path) not in r.text  # why, without the server's paths
-        assert r.json()["reason"] == "a model has no working version"  # /v1/models (with a key) says which and why
         assert httpx.get(s.url + "/healthz").status_code == 200
+        (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]
+        assert card["version"] is None and card["versions"][0]["status"] == "refused"
+        assert str(tmp_path) not in card["versions"][0]["reason"]  # why, without the server's paths
         r = httpx.post(s.url + GEN, json={"model": "shapes", "prompt": "a red circle"})
         assert r.status_code == 503 and "Retry-After" in r.headers
+        assert "has no version that loads" in r.json()["error"]["message"]
+        assert 'fewstep_models_unavailable{kind="image"} 1.0' in httpx.get(s.url + "/metrics").text
+        deadline = time.monotonic() + 90  # the worker gives up on nothing: it consumes, and follows the registry
+        while "consuming" not in worker.output():
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.2)
+        assert worker.proc.poll() is None
     finally:
+        stop_worker(worker)
         stop_server(s)
 
 

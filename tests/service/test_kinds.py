@@ -9,8 +9,10 @@ model: the probes run, their outputs are finite, and a new version agrees with t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -65,7 +67,8 @@ async def _card(c: httpx.AsyncClient, model: str) -> dict:
 async def _wait_status(c: httpx.AsyncClient, model: str, version: str, status: str) -> str | None:
     deadline = time.monotonic() + 30
     while True:
-        versions = {v["version"]: v for v in (await _card(c, model))["versions"]}
+        cards = [m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == model]  # (pushed after start)
+        versions = {v["version"]: v for card in cards for v in card["versions"]}
         if version in versions and versions[version]["status"] == status:
             return versions[version]["reason"]
         assert time.monotonic() < deadline, versions
@@ -103,3 +106,79 @@ async def test_a_kind_registered_with_one_line_is_served_gated_and_swapped(
         r = await c.post(GEN, json={"model": "flat", "prompt": "a red circle"})
         assert r.status_code == 200 and r.json()["model_version"] == "2"  # the serving version went on
         assert (await c.get("/readyz")).status_code == 200
+
+
+class Faulty(NoopEngine):
+    """A version whose own files make it misbehave as users' pipelines do: its warm-up raises an error that is
+    not fewstep's (a tokenizer longer than its text encoder: `ValueError`), or its steps are slow."""
+
+    loaded_by: ClassVar[list[str]] = []
+
+    def load(self) -> None:
+        Faulty.loaded_by.append(threading.current_thread().name)
+        super().load()
+
+    def warmup(self) -> None:
+        if self.spec.model == "broken":
+            raise ValueError("Sequence length must be less than max_position_embeddings (got 78 and 77)")
+
+
+def _faulty(ctx: Context, v: Version) -> NoopEngine:
+    return Faulty(spec=_spec(ctx, v), step_s=float(v.manifest.get("step_s", 0.0)))
+
+
+FAULTY = Kind(
+    serves="steps",
+    flavour=lambda s: "noop",
+    spec=_spec,
+    engine=_faulty,
+    probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", 1, 1),
+    render=render_images,
+)
+
+
+async def test_a_version_that_raises_anything_is_refused_recorded_and_the_other_models_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness means the models that have a version serve: a model none of whose versions loads is listed
+    with why and refused per request, and takes no replica out of rotation."""
+    monkeypatch.setitem(KINDS, "noop", FAULTY)
+    seed = tmp_path / "checkpoints"
+    tiny_checkpoint(seed / "broken", "broken", kind="noop")  # sorted before the good models
+    tiny_checkpoint(seed / "good", "good", kind="noop")
+    tiny_checkpoint(seed / "slow", "slow", kind="noop", step_s=0.5)  # 4 steps: 2 s of probes
+    config = settings(tmp_path, checkpoints=seed, engine="image", gate_timeout_s=1.0)
+    async with in_process(config) as c:  # (ready: the old rule waited here for ever)
+        r = await c.post(GEN, json={"model": "good", "prompt": "a red circle", "steps": 2})
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+        card = await _card(c, "broken")
+        assert card["version"] is None and card["versions"][0]["status"] == "refused"
+        why = card["versions"][0]["reason"]
+        assert "ValueError" in why and "max_position_embeddings" in why
+        r = await c.post(GEN, json={"model": "broken", "prompt": "a red circle"})
+        assert r.status_code == 503 and "max_position_embeddings" in r.json()["error"]["message"]
+        slow = await _card(c, "slow")
+        assert slow["version"] is None and "`gate_timeout_s` = 1 s" in slow["versions"][0]["reason"]
+        metrics = (await c.get("/metrics")).text
+        assert 'fewstep_models_unavailable{kind="noop"} 2.0' in metrics
+        assert 'fewstep_models_ready{kind="noop"} 1.0' in metrics
+    # Recorded: a restart (or another process) does not load them again to find out.
+    registry = Registry(config.registry)
+    assert registry.refused("broken", "1", "noop") is not None and registry.refused("slow", "1", "noop") is not None
+
+
+async def test_a_model_pushed_after_start_loads_in_the_loader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not between the serving thread's steps, where its load and gate would stall every request."""
+    monkeypatch.setitem(KINDS, "noop", FAULTY)
+    Faulty.loaded_by.clear()
+    seed = tmp_path / "checkpoints"
+    tiny_checkpoint(seed / "good", "good", kind="noop")
+    config = settings(tmp_path, checkpoints=seed, engine="image")
+    async with in_process(config) as c:
+        Registry(config.registry).publish(tiny_checkpoint(tmp_path / "new", "later", kind="noop"), promote=True)
+        await _wait_status(c, "later", "1", "serving")
+        r = await c.post(GEN, json={"model": "later", "prompt": "a red circle"})
+        assert r.status_code == 200
+    assert len(Faulty.loaded_by) == 2 and Faulty.loaded_by[1].startswith("model-loader"), Faulty.loaded_by
