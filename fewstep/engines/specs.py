@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from fewstep.errors import CheckpointError, InvalidRequest, limit_error
+from fewstep.models.checkpoint import MAX_SIDE
 from fewstep.models.sampling import Handoff, HybridTeacher
 from fewstep.models.schedules import MAX_SEED, FewStepSchedule
 
@@ -83,6 +84,13 @@ class Spec:
     hybrid: bool = False
     hybrid_reason: str | None = None
 
+    def __post_init__(self) -> None:
+        """CheckpointError for a native size that is not WxH within `MAX_SIDE` (manifests are untrusted: warm-up,
+        the gate's probes and every request without `size` run at it)."""
+        parts = self.size.split("x")
+        if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 and 1 <= int(p) <= MAX_SIDE for p in parts):
+            raise CheckpointError(f"native size {self.size[:40]!r} is not WxH with sides from 1 to {MAX_SIDE}")
+
     @property
     def steps(self) -> list[int]:
         """The step counts served, ascending."""
@@ -138,6 +146,11 @@ class ImageSpec(Spec):
     sizes: Sizes | None = None
     guidance: GuidanceRule = GuidanceRule()
     family: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sizes is not None and max(self.width, self.height) > self.sizes.high:
+            raise CheckpointError(f"its native size {self.size} is larger than `image_max_side` = {self.sizes.high}")
 
     @classmethod
     def from_manifest(

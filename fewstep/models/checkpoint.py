@@ -37,6 +37,9 @@ WEIGHTS = "model.safetensors"
 FORMAT = 1
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_DEPTH = 3
+MAX_SIDE = 8192
+"""Largest native width or height a manifest may give: warm-up, the gate's probes and every request without a
+`size` run at it (the service's `image_max_side` bounds it further)."""
 FILE_SUFFIXES = (".safetensors", ".onnx", ".json", ".txt")
 """What a manifest may name: safetensors weights, ONNX graphs, and JSON / text configs and vocabularies."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")

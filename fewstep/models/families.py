@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
+from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
 
@@ -140,6 +141,25 @@ class Recipe:
     step_kwargs: dict[str, Any]
     custom_timesteps: bool
     """Whether the timesteps are given to the scheduler (`set_timesteps(timesteps=…)`) or are its own."""
+
+    def __post_init__(self) -> None:
+        """Bounds (`schedules.MAX_STEPS`, `MAX_TRAIN_TIMESTEPS`): a recipe is read from untrusted manifests."""
+        trained = self.scheduler_config.get("num_train_timesteps", 1000)
+        if not isinstance(trained, int) or not 1 <= trained <= MAX_TRAIN_TIMESTEPS:
+            raise CheckpointError(
+                f"the recipe's `num_train_timesteps` must be an integer from 1 to {MAX_TRAIN_TIMESTEPS}. Given: "
+                f"{str(trained)[:40]}"
+            )
+        if not self.timesteps or len(self.timesteps) > MAX_STEPS:
+            raise CheckpointError(f"the recipe must serve 1 to {MAX_STEPS} step counts. Given: {len(self.timesteps)}")
+        for n, ts in self.timesteps.items():
+            if not 1 <= n <= MAX_STEPS or len(ts) != n or not all(0 <= t < trained for t in ts):
+                raise CheckpointError(
+                    f"the recipe's {str(n)[:12]}-step list must be {str(n)[:12]} timesteps in [0, {trained}), with at "
+                    f"most {MAX_STEPS} steps (`MAX_STEPS`). Given: {len(ts)} timesteps"
+                )
+        if self.default_steps not in self.timesteps:
+            raise CheckpointError(f"the recipe's default steps {self.default_steps} have no timestep list")
 
     @property
     def steps(self) -> list[int]:

@@ -13,6 +13,8 @@ manifest. Everything is checked before anything is written: a refusal leaves the
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +22,35 @@ from typing import Any
 
 from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy
-from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
+from fewstep.models.checkpoint import MAX_SIDE, PICKLE_SUFFIXES, sha256_file
+from fewstep.models.pipelines import ENCODERS, TOKENIZERS
 from fewstep.models.registry import Registry
 
 CONFIG_LIMIT = 4 << 20
 """Largest config or tokenizer JSON read (bytes): untrusted input is bounded before it is parsed."""
+KNOWN_FILES = frozenset(
+    {
+        "config.json",
+        "scheduler_config.json",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+    }
+)
+"""The config and tokenizer files a component may carry; others (READMEs, notes, anything else) are not copied."""
+BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+"""A hub cache's blob file names: the git (sha1) or LFS (sha256) hash of the content."""
+MAX_TOKENS = 1024
+"""Largest `model_max_length` a tokenizer may have (CLIP's is 77; a larger one the text encoder cannot embed)."""
 SCHEDULER = "scheduler"
 IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 """Optional components fewstep does not run (the safety checker is not applied); they are not copied."""
 WEIGHTED = {"unet", "vae", "text_encoder", "text_encoder_2"}
-TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
 @dataclass(frozen=True)
@@ -46,7 +67,7 @@ SD = Architecture(
         "unet": ("UNet2DConditionModel",),
         "vae": ("AutoencoderKL",),
         "text_encoder": ("CLIPTextModel",),
-        "tokenizer": TOKENIZERS,
+        "tokenizer": CLIP_TOKENIZERS,
     },
 )
 SDXL = Architecture(
@@ -54,7 +75,7 @@ SDXL = Architecture(
     {
         **SD.components,
         "text_encoder_2": ("CLIPTextModelWithProjection",),
-        "tokenizer_2": TOKENIZERS,
+        "tokenizer_2": CLIP_TOKENIZERS,
     },
 )
 PIPELINES = {
@@ -74,20 +95,29 @@ class Source:
             raise CheckpointError(f"{path}: not a folder")
         self.root = path.absolute()
         blobs = self.root.parent.parent / "blobs"
-        self.blobs = blobs.resolve() if self.root.parent.name == "snapshots" and blobs.is_dir() else None
+        # A cache whose `blobs` or `snapshots` is itself a link could send its links anywhere: not a cache.
+        real = self.root.parent.name == "snapshots" and blobs.is_dir()
+        real = real and not blobs.is_symlink() and not self.root.parent.is_symlink()
+        self.blobs = blobs.resolve() if real else None
 
     def file(self, rel: str) -> Path:
-        """The real file behind `rel`, or CheckpointError when it is missing or escapes the folder."""
+        """The real file behind `rel`, or CheckpointError when it is missing or escapes the folder: a link must
+        point at a blob-named file of the snapshot's own cache, and no file may be a hard link (whose other
+        names may be anywhere on the machine)."""
         path = self.root
         for part in rel.split("/"):
             path = path / part
             if path.is_symlink():
                 target = path.resolve()
-                if self.blobs is None or target.parent != self.blobs or not target.is_file():
+                inside = self.blobs is not None and target.parent == self.blobs and BLOB_NAME.fullmatch(target.name)
+                if not inside or not target.is_file():
                     raise CheckpointError(f"{rel} is a link that leaves the pipeline folder; links are refused")
         if not path.is_file():
             raise CheckpointError(f"{rel} is missing")
-        return path.resolve() if path.is_symlink() else path
+        real = path.resolve() if path.is_symlink() else path
+        if real.stat().st_nlink > 1:
+            raise CheckpointError(f"{rel} is a hard link (it has {real.stat().st_nlink} names); copy it instead")
+        return real
 
     def listing(self, folder: str) -> list[str]:
         d = self.root / folder
@@ -141,12 +171,24 @@ def _variant(name: str) -> str | None:
 
 
 def _configs(src: Source, component: str) -> list[str]:
-    """The JSON and text files of a component (configs, tokenizer vocabularies and merges)."""
-    return [
-        f"{component}/{n}"
-        for n in src.listing(component)
-        if n.endswith((".json", ".txt")) and not n.endswith(".safetensors.index.json")
-    ]
+    """The config and tokenizer files of a component (`KNOWN_FILES`: configs, vocabularies and merges)."""
+    return [f"{component}/{n}" for n in src.listing(component) if n in KNOWN_FILES]
+
+
+def _check_index(src: Source, weights: list[str]) -> None:
+    """Every shard a weights index maps to must be one of the safetensors files copied beside it: an index that
+    names another file (a pickle, say) would make serving load what was never hashed or checked."""
+    shards = {rel.rsplit("/", 1)[1] for rel in weights if rel.endswith(".safetensors")}
+    for rel in (r for r in weights if r.endswith(".index.json")):
+        weight_map = src.json(rel).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{rel} has no `weight_map`")
+        strays = sorted({str(v)[:80] for v in weight_map.values() if not isinstance(v, str) or v not in shards})
+        if strays:
+            raise CheckpointError(
+                f"{rel} maps weights to {strays[:3]}: an index may name only the safetensors files beside it "
+                f"({sorted(shards)})"
+            )
 
 
 def _check_unet_file(path: Path, config: dict[str, Any]) -> None:
@@ -249,6 +291,7 @@ def import_pipeline(
             files[rel] = src.file(rel)
         if key in WEIGHTED and not (key == "unet" and unet is not None):
             weights, variants[key] = _weights(src, key)
+            _check_index(src, weights)
             files.update({rel: src.file(rel) for rel in weights})
     shipped_scheduler = src.json("scheduler/scheduler_config.json")
     files["scheduler/scheduler_config.json"] = src.file("scheduler/scheduler_config.json")
@@ -261,7 +304,8 @@ def import_pipeline(
             _check_unet_file(unet_file, unet_config)
             files[UNET_WEIGHTS] = unet_file
             variants["unet"] = None
-        manifest = _manifest(name, arch, cls, components, variants, unet_config, vae_config, src, imported)
+        max_tokens = _check_tokenizers(files, arch, components)
+        manifest = _manifest(name, arch, cls, components, variants, unet_config, vae_config, max_tokens, imported)
         embeds = unet_config.get("time_cond_proj_dim") is not None
         if family == "base":
             manifest["kind"] = "diffusers-teacher"
@@ -286,14 +330,16 @@ def _manifest(
     variants: dict[str, str | None],
     unet_config: dict[str, Any],
     vae_config: dict[str, Any],
-    src: Source,
+    max_tokens: int,
     imported: dict[str, Any],
 ) -> dict[str, Any]:
-    factor = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
-    side = int(unet_config.get("sample_size", 64)) * factor
-    tokenizer = (
-        src.json("tokenizer/tokenizer_config.json") if (src.root / "tokenizer/tokenizer_config.json").exists() else {}
-    )
+    factor = 2 ** (len(_ints(vae_config, "block_out_channels", "vae/config.json", [0])) - 1)
+    side = _int(unet_config, "sample_size", "unet/config.json", 64, MAX_SIDE) * factor
+    if side > MAX_SIDE:
+        raise CheckpointError(f"its native size {side}x{side} (unet `sample_size` × {factor}) is over {MAX_SIDE}")
+    down = unet_config.get("down_block_types", [0])
+    if not isinstance(down, list) or not 1 <= len(down) <= 16:
+        raise CheckpointError("unet/config.json: `down_block_types` must be a list of 1 to 16 block names")
     return {
         "name": name,
         "version": "1",
@@ -301,15 +347,65 @@ def _manifest(
         "pipeline": {"class": cls, "arch": arch.name, "components": components, "variants": variants},
         "native_size": f"{side}x{side}",
         "latent": {
-            "channels": int(unet_config.get("in_channels", 4)),
+            "channels": _int(unet_config, "in_channels", "unet/config.json", 4, 1024),
             "vae_scale_factor": factor,
             # Sides in whole UNet cells (every downsampling halves): what exported graphs can serve, and so
             # what every backend serves, for one spec per version.
-            "size_multiple": factor * 2 ** (len(unet_config.get("down_block_types", [0])) - 1),
+            "size_multiple": factor * 2 ** (len(down) - 1),
         },
-        "text": {"max_tokens": int(tokenizer.get("model_max_length", 77))},
+        "text": {"max_tokens": max_tokens},
         "imported": imported,
     }
+
+
+def _int(config: dict[str, Any], key: str, where: str, default: int, high: int) -> int:
+    """A config's integer field, within [1, `high`]: CheckpointError naming the file, the field and the value
+    (configs are untrusted: a list or a huge number must be a clear refusal, not a TypeError)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise CheckpointError(f"{where}: `{key}` must be an integer from 1 to {high}. Given: {str(value)[:40]}")
+    return value
+
+
+def _ints(config: dict[str, Any], key: str, where: str, default: list[int]) -> list[int]:
+    value = config.get(key, default)
+    if not isinstance(value, list) or not 1 <= len(value) <= 16 or not all(isinstance(v, int) for v in value):
+        raise CheckpointError(f"{where}: `{key}` must be a list of 1 to 16 integers. Given: {str(value)[:60]}")
+    return value
+
+
+def _check_tokenizers(files: dict[str, Path], arch: Architecture, components: dict[str, str]) -> int:
+    """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed:
+    `model_max_length` at most the encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at
+    the first request), ids below its vocabulary. The first tokenizer's `model_max_length`."""
+    lengths = []
+    with tempfile.TemporaryDirectory() as work:
+        for tok_name, enc_name in zip(TOKENIZERS[arch.name], ENCODERS[arch.name], strict=True):
+            folder = Path(work) / tok_name
+            folder.mkdir()
+            for rel, path in files.items():
+                if rel.startswith(f"{tok_name}/"):
+                    shutil.copyfile(path, folder / rel.split("/", 1)[1])
+            encoder = json.loads(files[f"{enc_name}/config.json"].read_text())
+            positions = _int(encoder, "max_position_embeddings", f"{enc_name}/config.json", 77, MAX_TOKENS)
+            vocabulary = _int(encoder, "vocab_size", f"{enc_name}/config.json", 49408, 1 << 24)
+            try:
+                tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
+                length = tok.model_max_length
+                if not isinstance(length, int) or not 1 <= length <= positions:
+                    raise CheckpointError(
+                        f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."
+                        f" Given: {str(length)[:40]}"
+                    )
+                ids = tok(["a red circle"], padding="max_length", max_length=length, truncation=True).input_ids[0]
+            except CheckpointError as e:
+                raise CheckpointError(f"{tok_name}: {e}") from e
+            except Exception as e:  # whatever the tokenizer files make transformers raise
+                raise CheckpointError(f"{tok_name} does not load and encode a prompt ({type(e).__name__}: {e})") from e
+            if len(ids) != length or not all(0 <= i < vocabulary for i in ids):
+                raise CheckpointError(f"{tok_name} makes token ids {enc_name} cannot embed (vocabulary {vocabulary})")
+            lengths.append(length)
+    return lengths[0]
 
 
 def _teacher(

@@ -25,6 +25,13 @@ import torch
 
 from fewstep.errors import limit_error
 
+MAX_STEPS = 16
+"""Most network evaluations of one few-step recipe (a step count): a manifest is untrusted input, and a long
+recipe makes every item, warm-up and gate probe slow. Few-step students serve 1–8."""
+MAX_TRAIN_TIMESTEPS = 10_000
+"""Largest `num_train_timesteps` of a recipe's scheduler (diffusers' are 1000): schedulers allocate per
+training timestep, for every item."""
+
 # splitmix64 constants: a cheap, well-mixed way to turn (seed, step) into a generator seed.
 _MASK64 = (1 << 64) - 1
 MAX_SEED = (1 << 63) - 1
@@ -68,6 +75,8 @@ class FewStepSchedule:
             raise ValueError(f"unsupported prediction type {self.prediction!r}")
         if self.update not in ("renoise", "ode"):
             raise ValueError(f"unsupported update rule {self.update!r}")
+        if not 1 <= len(self.timesteps) <= MAX_STEPS or not all(1 <= n <= MAX_STEPS for n in self.timesteps):
+            raise ValueError(f"step counts must be between 1 and {MAX_STEPS} (`MAX_STEPS`): {sorted(self.timesteps)}")
         for n, ts in self.timesteps.items():
             if len(ts) != n or any(not 0.0 < t <= 1.0 for t in ts) or ts != sorted(ts, reverse=True):
                 raise ValueError(f"timesteps for {n} steps must be {n} decreasing values in (0, 1]: {ts}")

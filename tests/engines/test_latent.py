@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from fewstep.engines.base import ImageItem, ImageResult, StepEngine
-from fewstep.engines.latent import LatentEngine
-from fewstep.errors import InvalidRequest
+from fewstep.engines.latent import LatentEngine, latent_spec
+from fewstep.errors import CheckpointError, InvalidRequest
 from fewstep.models.families import FAMILIES, scheduler_class
 from fewstep.models.importing import import_pipeline
 from fewstep.models.registry import Registry
@@ -290,3 +291,40 @@ def test_half_precision_networks_keep_the_scheduler_in_float32(
     for a, b in zip(full.run(items), half.run(items), strict=True):
         assert isinstance(a, ImageResult) and isinstance(b, ImageResult)
         assert 35.0 <= psnr(a.pixels, b.pixels) < float("inf")  # close, and really computed in another type
+
+
+def _bloated(manifest: dict[str, Any], what: str) -> dict[str, Any]:
+    """A manifest edited as a registry written by hand could be: each edit alone makes every item, warm-up and
+    gate probe slow or huge."""
+    out = json.loads(json.dumps(manifest))
+    recipe = out["recipe"]
+    if what == "steps":
+        recipe["timesteps"] = {"999": list(range(999, 0, -1))}
+        recipe["default_steps"] = 999
+    elif what == "train":
+        recipe["scheduler_config"]["num_train_timesteps"] = 10**7
+    elif what == "native":
+        out["native_size"] = "200000x200000"
+    else:
+        out["native_size"] = "2048x2048"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("what", "needle"),
+    [
+        ("steps", "the recipe's 999-step list must be 999 timesteps in [0, 1000), with at most 16 steps"),
+        ("train", "`num_train_timesteps` must be an integer from 1 to 10000. Given: 10000000"),
+        ("native", "native size '200000x200000' is not WxH with sides from 1 to 8192"),
+        ("past-max-side", "its native size 2048x2048 is larger than `image_max_side` = 1024"),
+    ],
+)
+def test_a_manifest_that_would_make_every_item_slow_or_huge_is_refused(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, what: str, needle: str
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["sd"], "sd", registry, family="turbo")
+    manifest = _bloated(registry.manifest(name, version), what)
+    with pytest.raises(CheckpointError) as refused:
+        latent_spec(manifest, version, "torch", "fp32", (64, 1024))
+    assert needle in str(refused.value), refused.value

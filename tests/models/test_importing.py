@@ -83,6 +83,29 @@ def _escaping_link(folder: Path) -> None:
     os.symlink(outside, folder / "unet/diffusion_pytorch_model.safetensors")
 
 
+def _edit_json(rel: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        data = json.loads((folder / rel).read_text())
+        change(data)
+        (folder / rel).write_text(json.dumps(data))
+
+    return damage
+
+
+def _index_naming_a_pickle(folder: Path) -> None:
+    """A shard index beside the UNet's safetensors that maps its weights to a `torch.save` zip."""
+    torch.save({"w": torch.zeros(1)}, folder / "unet/weights.txt")
+    index = {"metadata": {}, "weight_map": {"conv_in.weight": "weights.txt"}}
+    (folder / "unet/diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _hard_link_from_outside(folder: Path) -> None:
+    secret = folder.parent / "id_rsa"
+    secret.write_text('{"_class_name": "secret"}')
+    (folder / "unet/config.json").unlink()
+    os.link(secret, folder / "unet/config.json")
+
+
 REFUSALS = {
     "no model_index.json": (lambda f: (f / "model_index.json").unlink(), "model_index.json is missing"),
     "pickle weights only": (_pickles_only, "weights only in pickle formats (unet/diffusion_pytorch_model.bin)"),
@@ -96,6 +119,35 @@ REFUSALS = {
     ),
     "a missing component": (_edit_index(lambda i: i.pop("vae")), "the pipeline lacks vae"),
     "a link out of the folder": (_escaping_link, "is a link that leaves the pipeline folder"),
+    "a hard link": (_hard_link_from_outside, "unet/config.json is a hard link (it has 2 names)"),
+    "a tokenizer longer than its text encoder": (
+        _edit_json("tokenizer/tokenizer_config.json", lambda c: c.update(model_max_length=78)),
+        "tokenizer: its `model_max_length` must be at most text_encoder's `max_position_embeddings` (77). Given: 78",
+    ),
+    "a tokenizer without bounds": (
+        _edit_json("tokenizer/tokenizer_config.json", lambda c: c.update(model_max_length=10**12)),
+        "Given: 1000000000000",
+    ),
+    "a tokenizer that does not load": (
+        _edit_json("tokenizer/tokenizer.json", lambda t: t.update(model={"type": "NoSuchModel"})),
+        "tokenizer does not load and encode a prompt",
+    ),
+    "a shard index naming another file": (
+        _index_naming_a_pickle,
+        "maps weights to ['weights.txt']: an index may name only the safetensors files beside it",
+    ),
+    "a list-valued config field": (
+        _edit_json("unet/config.json", lambda c: c.update(sample_size=[32, 32])),
+        "unet/config.json: `sample_size` must be an integer from 1 to 8192. Given: [32, 32]",
+    ),
+    "a native size past every bound": (
+        _edit_json("unet/config.json", lambda c: c.update(sample_size=100000)),
+        "`sample_size` must be an integer from 1 to 8192. Given: 100000",
+    ),
+    "a native size past the bound after the VAE's factor": (
+        _edit_json("unet/config.json", lambda c: c.update(sample_size=8000)),
+        "its native size 16000x16000 (unet `sample_size` × 2) is over 8192",
+    ),
 }
 
 
@@ -131,6 +183,44 @@ def test_a_hub_snapshot_is_followed_into_its_own_blobs_and_no_further(
     os.symlink(stray, target)  # a link out of the cache's blobs
     with pytest.raises(CheckpointError, match=r"unet/config\.json is a link that leaves the pipeline folder"):
         import_pipeline(snapshot, "from-hub-2", registry, family="turbo")
+    target.unlink()
+    os.symlink(os.path.relpath(blobs / sha256_file(tiny_pipelines["sd"] / "unet/config.json"), target.parent), target)
+    notes = blobs / "notes.json"  # in the cache's blobs, but not a blob's name
+    notes.write_text("{}")
+    target = snapshot / "vae" / "config.json"
+    target.unlink()
+    os.symlink(os.path.relpath(notes, target.parent), target)
+    with pytest.raises(CheckpointError, match=r"vae/config\.json is a link that leaves the pipeline folder"):
+        import_pipeline(snapshot, "from-hub-3", registry, family="turbo")
+
+
+def test_a_cache_whose_blobs_folder_is_a_link_is_no_cache(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    """Its `blobs` could point anywhere (an operator's ~/.ssh): every link of such a snapshot is refused."""
+    elsewhere = tmp_path / "home" / ".ssh"
+    elsewhere.mkdir(parents=True)
+    cache = tmp_path / "hub" / "models--someone--tiny-sd"
+    snapshot = cache / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_pipelines["sd"], snapshot)
+    os.symlink(elsewhere, cache / "blobs")
+    key = elsewhere / ("0" * 64)
+    key.write_text('{"private": "key"}')
+    (snapshot / "unet" / "config.json").unlink()
+    os.symlink(os.path.relpath(cache / "blobs" / key.name, snapshot / "unet"), snapshot / "unet" / "config.json")
+    registry = Registry(tmp_path / "registry")
+    with pytest.raises(CheckpointError, match=r"unet/config\.json is a link that leaves the pipeline folder"):
+        import_pipeline(snapshot, "from-hub", registry, family="turbo")
+    assert registry.versions("from-hub") == []
+
+
+def test_only_known_config_and_tokenizer_files_are_copied(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(tiny_pipelines, tmp_path)
+    (folder / "unet" / "README.txt").write_text("notes")
+    (folder / "tokenizer" / "secrets.json").write_text("{}")
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(folder, "tidy", registry, family="turbo")
+    files = registry.validate(name, version)["files"]
+    assert "unet/config.json" in files and "tokenizer/tokenizer.json" in files
+    assert "unet/README.txt" not in files and "tokenizer/secrets.json" not in files
 
 
 def test_a_student_unet_replaces_the_pipelines_and_must_fit_its_config(

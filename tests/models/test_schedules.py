@@ -50,3 +50,10 @@ def test_renoise_and_ode_updates_differ_and_hit_their_targets() -> None:
 def test_teacher_grid_runs_from_one_to_zero() -> None:
     grid = TeacherSampler(steps=4).grid()
     assert grid == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_a_schedule_longer_than_a_few_steps_is_refused() -> None:
+    """A manifest's schedule is untrusted: 999 steps would make every item, warm-up and gate probe 250× slower."""
+    long = [1.0 - i / 999 for i in range(999)]
+    with pytest.raises(ValueError, match="step counts must be between 1 and 16"):
+        FewStepSchedule(timesteps={999: long}, default_steps=999)
