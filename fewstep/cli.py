@@ -124,9 +124,11 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     from fewstep.models.registry import Registry
     from fewstep.service.settings import Settings
     from fewstep.trainer.companion import CompanionRecipe, run_trainer
+    from fewstep.trainer.progress import heartbeat_to
 
     torch.set_num_threads(threads)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    heartbeat_to(Path(args.heartbeat) if args.heartbeat else None)
     registry = Registry(Path(args.registry) if args.registry else Settings().registry)
     recipe = CompanionRecipe(
         pairs=args.pairs,
@@ -192,12 +194,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from fewstep.models.registry import Registry
+    from fewstep.service.kinds import flavour_of
     from fewstep.service.settings import Settings
     from fewstep.service.watch import announce
 
     settings = Settings()
     registry = Registry(Path(args.registry) if args.registry else settings.registry)
-    version = registry.rollback(args.model, args.to, f"{settings.backend}-{settings.precision}")
+    version = registry.rollback(args.model, args.to, flavour_of(registry, settings, args.model))
     heard = announce(settings, args.model, version, "rollback")
     print(f"{args.model} now points at version {version} (announced to {heard} subscribers)")
     return 0
@@ -327,6 +330,11 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=3e-5)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--work", default="var/trainer", help="where round checkpoints are written before the push")
+    tr.add_argument(
+        "--heartbeat",
+        default=None,
+        help="a file touched while training moves (every step, every few seconds): a liveness probe checks its age",
+    )
     tr.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     tr.add_argument("--threads", type=int)
     tr.set_defaults(func=cmd_trainer)

@@ -85,3 +85,15 @@ def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime(
     for a, b in zip(*images, strict=True):
         assert isinstance(a, ImageResult) and isinstance(b, ImageResult), (a, b)
         assert psnr(a.pixels, b.pixels) >= 40.0
+
+
+def test_rollback_skips_what_the_models_own_kind_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A video model's verdicts are kept under its kind's flavour (`video-torch`), not the image backend's."""
+    reg = Registry(tmp_path / "reg")
+    for i in range(3):
+        folder = tmp_path / f"v{i}"
+        save_checkpoint(folder, {"w": torch.full((2,), float(i))}, {"name": "clip", "version": "1", "kind": "video"})
+        reg.publish(folder, promote=True)
+    reg.record_verdict("clip", "2", "video-torch", {"passed": False, "reason": "drifts", "metrics": {}})
+    assert main(["rollback", "clip", "--registry", str(tmp_path / "reg")]) == 0
+    assert reg.promoted("clip") == "1"  # version 2 was refused by the video gate

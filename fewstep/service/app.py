@@ -27,7 +27,7 @@ from fewstep.service.events import EventHub
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
 from fewstep.service.metrics import Metrics, QueueCollector
-from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit
+from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit, TrustedHosts
 from fewstep.service.openapi import document_errors
 from fewstep.service.queue import open_queue
 from fewstep.service.routes import admin, health, images, jobs, models, playground, video
@@ -156,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
+    if (hosts := settings.trusted_hosts(keys.enabled)) != ["*"]:
+        app.add_middleware(TrustedHosts, allowed=hosts)
     app.add_middleware(CountRequests, counter=metrics.requests)
     app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read
     for routes in (health, models, images, jobs, admin, video, playground):

@@ -269,3 +269,21 @@ KINDS: dict[str, Kind[Any]] = {
     "diffusers": DIFFUSERS,
 }
 """Manifest kind → how it is served."""
+
+
+def flavour_of(registry: Registry, settings: Settings, model: str) -> str:
+    """The flavour of the gate verdicts that decide which of `model`'s versions were refused, from its kind (the
+    manifest of its promoted, else newest, version): what a rollback must skip is what the serving processes
+    of that kind refused. Image's flavour when no manifest reads."""
+    try:
+        versions = [v for v in (registry.promoted(model),) if v] + list(reversed(registry.versions(model)))
+    except FewstepError:
+        versions = list(reversed(registry.versions(model)))
+    for version in versions:
+        try:
+            kind = KINDS.get(str(registry.manifest(model, version).get("kind")))
+        except FewstepError:
+            continue
+        if kind is not None:
+            return kind.flavour(settings)
+    return IMAGE.flavour(settings)

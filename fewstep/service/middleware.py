@@ -67,6 +67,41 @@ class Draining:
         await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 
 
+def host_name(host_header: str) -> str:
+    """The name of a `Host` header without its port (`[::1]:8000` → `::1`), lower-cased."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class TrustedHosts:
+    """ASGI middleware: a `/v1/` request (HTTP or WebSocket) whose `Host` is not in `allowed` gets 400 (its
+    WebSocket is closed before accept). A page on another site that rebinds its DNS name to this machine
+    sends its own name as `Host` (and as `Origin`, so the same-origin check passes it): without keys, that
+    page could use a server on the user's loopback. Health, metrics and the playground's page are not
+    checked (probes and scrapers name the pod's address)."""
+
+    def __init__(self, app: Any, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or not scope.get("path", "").startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+        if host_name(host) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "Host not allowed"})
+            return
+        msg = f"`allowed_hosts` is {sorted(self.allowed)}. Given: Host {host[:100]!r}"
+        body = errors.error_body(msg, "InvalidRequest", "Host", 400)
+        await JSONResponse(body, status_code=400)(scope, receive, send)
+
+
 class HeaderLimit:
     """ASGI middleware: 431 (OpenAI's error shape) for a request whose header block is over `limit` bytes."""
 

@@ -56,6 +56,9 @@ def serve(settings: Settings) -> int:
         http=guarded_protocol(settings.head_timeout_s, settings.max_connections, settings.max_header_bytes),
         timeout_keep_alive=settings.keep_alive_s,
         h11_max_incomplete_event_size=head_buffer(settings.max_header_bytes),  # a header block still arriving
+        # Forwarded addresses only from the proxies named (uvicorn's own default trusts any loopback peer).
+        proxy_headers=bool(settings.forwarded_allow_ips.strip()),
+        forwarded_allow_ips=settings.forwarded_allow_ips.strip() or "",
     )
     server = DrainingServer(config, app.state.gateway.drain, settings.drain_s)
     server.run()

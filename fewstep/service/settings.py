@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fewstep.service.queue import keys
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 class Settings(BaseSettings):
     # Inputs never appear in validation errors: they would print keys and Redis passwords at start-up.
@@ -60,6 +62,18 @@ class Settings(BaseSettings):
     the address gets 429 with Retry-After before its key is even checked."""
     auth_failure_burst: int = Field(20, ge=1, le=1_000_000)
     """Failed authentications one client address may make at once before `auth_failures_per_s` applies."""
+    max_rate_buckets: int = Field(100_000, ge=100, le=100_000_000)
+    """Most rate-limit buckets (per key, per client address) a gateway without Redis keeps in memory; the least
+    recently used go first past it (buckets that have refilled are forgotten anyway)."""
+    forwarded_allow_ips: str = Field("", max_length=4096)
+    """Comma-separated addresses or networks (`10.0.0.0/8`) of the proxies whose `X-Forwarded-For` and
+    `X-Forwarded-Proto` are trusted (uvicorn's `forwarded_allow_ips`): a client's address, as the failed-auth
+    budget counts it, is then the one the proxy saw. Empty: none (the peer's address, whatever it sends); set
+    it to the ingress's range, never to `*` on a port clients reach directly."""
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated `Host` names the `/v1/` routes answer (`*`: any). Unset: any when API keys are set or the
+    gateway listens beyond loopback, else only loopback names, so that a web page whose DNS name is rebound to
+    127.0.0.1 cannot use a key-less server on a user's own machine."""
 
     max_n: int = Field(8, ge=1, le=256)
     """Most images one request may ask for (`n`)."""
@@ -104,13 +118,14 @@ class Settings(BaseSettings):
     sessions); beyond it and its burst: 429 with Retry-After."""
     key_burst: int = Field(100, ge=1, le=1_000_000)
     """How many work-starting requests one key may make at once before `key_requests_per_s` applies."""
-    key_max_sync_cost: int = Field(256, ge=1)
+    key_max_sync_cost: int = Field(128, ge=1)
     """Most network evaluations (the model's count: steps, twice with classic guidance, and a hybrid's
-    teacher hand-off) of one key's synchronous requests queued or running; beyond it 429, so that one key
-    cannot fill the interactive lane (`max_queue` items)."""
-    key_max_job_cost: int = Field(10_000, ge=1)
-    """Most network evaluations of one key's batch jobs queued or running; beyond it `POST /v1/jobs` gets 429,
-    so that one key cannot fill the batch lane (`max_job_queue` items)."""
+    teacher hand-off) of one key's synchronous requests queued or running; beyond it 429. At most half of
+    `max_queue` (an item costs at least one evaluation), so one key always leaves the other half of the
+    interactive lane to others; left unset, it is lowered to that half."""
+    key_max_job_cost: int = Field(5_000, ge=1)
+    """Most network evaluations of one key's batch jobs queued or running; beyond it `POST /v1/jobs` gets 429.
+    At most half of `max_job_queue`, as `key_max_sync_cost` is of `max_queue`."""
     key_max_stored_jobs: int = Field(1000, ge=1, le=1_000_000)
     """Most batch jobs one key may have kept at once (queued, running, or finished within `result_ttl_s`);
     beyond it `POST /v1/jobs` gets 429, so that one key cannot fill the queue's memory with results."""
@@ -209,7 +224,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Python logging level of the gateway."""
 
-    @field_validator("api_keys", "admin_keys", "ws_allowed_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "ws_allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):
@@ -230,6 +245,15 @@ class Settings(BaseSettings):
                         f"{name} has a key of {len(key.get_secret_value())} characters; keys must have at least "
                         f"{self.min_key_chars} (`min_key_chars`)"
                     )
+        for cap, lane in (("key_max_sync_cost", "max_queue"), ("key_max_job_cost", "max_job_queue")):
+            half = max(1, getattr(self, lane) // 2)
+            if getattr(self, cap) > half:
+                if cap in self.model_fields_set:
+                    raise ValueError(
+                        f"FEWSTEP_{cap.upper()} must be at most half of FEWSTEP_{lane.upper()} ({half}), so that one "
+                        f"key leaves room for the others. Given: {getattr(self, cap)}"
+                    )
+                setattr(self, cap, half)
         if "embedded_workers" not in self.model_fields_set and self.redis_url is not None:
             self.embedded_workers = 0  # with Redis, `fewstep worker` processes do the work
         if self.heartbeat_s * 2 > self.claim_idle_s:
@@ -238,6 +262,14 @@ class Settings(BaseSettings):
                 f"Given: {self.heartbeat_s}"
             )
         return self
+
+    def trusted_hosts(self, keyed: bool) -> list[str]:
+        """The `Host` names the `/v1/` routes answer (`allowed_hosts`, or its default); ["*"]: any."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if keyed or self.host not in LOOPBACK_HOSTS:
+            return ["*"]
+        return list(LOOPBACK_HOSTS)
 
     def engine_threads(self, general: int) -> int:
         """Threads that run engines in a process with `general` general workers (its interactive ones join

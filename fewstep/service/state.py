@@ -16,7 +16,7 @@ from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.drain import Drain
 from fewstep.service.events import EventHub
-from fewstep.service.limits import Limits
+from fewstep.service.limits import Lease, Limits
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
 from fewstep.service.settings import Settings
@@ -47,11 +47,39 @@ class Gateway:
     drain: Drain = field(default_factory=Drain)
     """Work in flight, and whether the process is shutting down (service/drain.py)."""
 
+    @property
+    def keyed(self) -> bool:
+        """Whether callers have keys (`FEWSTEP_API_KEYS`). Per-key limits are for keys: without auth every client
+        is one "anonymous" owner, and a per-key default would cap the whole server below its capacity; the
+        lanes' depths, the connection cap and the video rows still hold."""
+        return self.keys.enabled
+
     async def spend(self, owner: str, what: str) -> None:
         """Charge one work-starting request (`what`) to the owner's token bucket; 429 when it is empty."""
+        if not self.keyed:
+            return
         s = self.settings
         names = "`key_requests_per_s`, `key_burst`"
         await self.call(self.limits.spend, owner, what, s.key_requests_per_s, s.key_burst, names)
+
+    def owner_limit(self, limit: int) -> int | None:
+        """A per-key cap as the queue takes it: None (no cap) without keys."""
+        return limit if self.keyed else None
+
+    async def hold(self, owner: str, what: str, limit: int, ttl_s: float, setting: str) -> Lease | None:
+        """One of the owner's at most `limit` leases of `what` (429 naming `setting` when all are held); None
+        without keys."""
+        if not self.keyed:
+            return None
+        return await self.call(self.limits.hold, owner, what, limit, ttl_s, setting)
+
+    async def renew(self, lease: Lease | None) -> None:
+        if lease is not None:
+            await self.call(self.limits.renew, lease)
+
+    async def release(self, lease: Lease | None) -> None:
+        if lease is not None:
+            await self.call(self.limits.release, lease)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a wait thread."""
@@ -66,30 +94,34 @@ async def gateway(request: Request) -> Gateway:
 
 
 async def principal(request: Request) -> str:
-    """FastAPI dependency: the caller's key id (401 without a valid key when auth is on; 429 for a client
-    address past its failed-authentication budget, before its key is checked). Inline unless the
-    failure budget lives in Redis."""
+    """FastAPI dependency: the caller's key id (401 without a valid key when auth is on; 429 instead once the
+    client address's failures pass their budget). Inline: only a failure makes a (Redis) call."""
     gw: Gateway = request.app.state.gateway
-    args = (gw, request.headers.get("authorization"), request.client.host if request.client else "")
-    if not gw.keys.enabled or gw.settings.redis_url is None:
-        return authenticate(*args)
-    return await gw.call(authenticate, *args)
+    try:
+        return gw.keys.principal(request.headers.get("authorization"))
+    except Unauthorized:
+        await gw.call(charge_failure, gw, request.client.host if request.client else "")
+        raise
 
 
 def authenticate(gw: Gateway, authorization: str | None, address: str) -> str:
-    """The owner of a request's key; failed attempts are charged to the client `address`, which is refused
-    (429) once they pass `auth_failures_per_s` and `auth_failure_burst`. Blocking (a Redis call with Redis)."""
-    if not gw.keys.enabled:
-        return gw.keys.principal(authorization)
-    s, bucket = gw.settings, f"address:{address}"
-    budget = (bucket, "failed authentications from this address", s.auth_failures_per_s, s.auth_failure_burst)
-    names = "`auth_failures_per_s`, `auth_failure_burst`"
-    gw.limits.spend(*budget, names, cost=0.0)
+    """The owner of a request's key. Blocking (a Redis call with Redis, when the key fails)."""
     try:
         return gw.keys.principal(authorization)
     except Unauthorized:
-        gw.limits.spend(*budget, names)
+        charge_failure(gw, address)
         raise
+
+
+def charge_failure(gw: Gateway, address: str) -> None:
+    """Charge one failed authentication to the client `address`; `Overloaded` (429) once its failures pass
+    `auth_failures_per_s` and `auth_failure_burst`. Only failures are charged, after the key was checked: a
+    valid key is never refused for its address (behind a proxy, every client shares the proxy's), and the
+    address is the peer's unless a trusted proxy (`forwarded_allow_ips`) says otherwise."""
+    s = gw.settings
+    what = "failed authentications from this address"
+    names = "`auth_failures_per_s`, `auth_failure_burst`"
+    gw.limits.spend(f"address:{address}", what, s.auth_failures_per_s, s.auth_failure_burst, names)
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -39,6 +39,7 @@ from fewstep.models.unet import load_unet
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.distill import make_pairs, train_student
 from fewstep.trainer.evaluate import student_fn
+from fewstep.trainer.progress import beat
 
 log = logging.getLogger("fewstep.trainer")
 
@@ -143,6 +144,7 @@ def run_trainer(
     pushed: list[str] = []
     k = 0
     while rounds == 0 or k < rounds:
+        beat()
         try:
             folder = train_round(registry, model, recipe, encoder, k, work)
             version = push(folder)
@@ -150,7 +152,7 @@ def run_trainer(
             if rounds:
                 raise
             log.exception("round %d failed; trying again in %.0f s", k, retry_s)
-            time.sleep(retry_s)
+            time.sleep(retry_s)  # (well under the liveness probe's staleness: the next round beats)
             continue
         pushed.append(version)
         log.info("round %d pushed %s:%s", k, model, version)

@@ -33,7 +33,7 @@ from fewstep.models.schedules import TeacherSampler, default_student_schedule
 from fewstep.models.unet import as_denoiser, denoise, load_unet
 from fewstep.trainer.captions import CaptionBank
 from fewstep.trainer.plots import save_curves
-from fewstep.trainer.progress import Progress
+from fewstep.trainer.progress import Progress, beat
 from fewstep.trainer.stages import ABLATION_DIR, IMAGE_EVALUATION, STUDENT_DIR, TEACHER_DIR, ImageRecipe
 from fewstep.trainer.teacher import cosine_lr
 
@@ -61,6 +61,7 @@ def make_pairs(
         ss.append(states)
         ms.append(mask)
         print(f"  pairs {i + n}/{count} ({time.time() - t0:.0f}s)", flush=True)
+        beat()
     return torch.cat(zs), torch.cat(xs), torch.cat(ss), torch.cat(ms)
 
 

@@ -1,9 +1,36 @@
-"""Progress lines for long training loops: window means, elapsed time and an ETA."""
+"""Progress lines for long training loops (window means, elapsed time and an ETA), and the heartbeat file a
+liveness probe reads: every training step, every chunk of teacher pairs and every round touch it, so a loop
+that stops moving (a hang, not a crash) is seen as dead and restarted."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
+
+_heartbeat: Path | None = None
+_last_beat = 0.0
+BEAT_EVERY_S = 5.0
+"""A file's modification time is touched at most this often (a training step may take milliseconds)."""
+
+
+def heartbeat_to(path: Path | None) -> None:
+    """Touch `path` from now on at every `beat()` (None: no heartbeat). Called once, by the command."""
+    global _heartbeat, _last_beat
+    _heartbeat, _last_beat = path, 0.0
+    beat()
+
+
+def beat() -> None:
+    """The training loop moved: touch the heartbeat file (at most every `BEAT_EVERY_S`)."""
+    global _last_beat
+    if _heartbeat is None or time.monotonic() - _last_beat < BEAT_EVERY_S:
+        return
+    _last_beat = time.monotonic()
+    _heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    _heartbeat.touch()
+    os.utime(_heartbeat)
 
 
 class Progress:
@@ -17,6 +44,7 @@ class Progress:
         self._count = 0
 
     def update(self, **values: float) -> None:
+        beat()
         self.done += 1
         self._count += 1
         for k, v in values.items():

@@ -12,10 +12,12 @@ that every command and setting named is one the code has. hadolint lints the Doc
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -187,8 +189,10 @@ def test_every_container_has_probes_resources_a_pinned_image_and_the_standard_la
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), where
             res = c.get("resources", {})
             assert {"cpu", "memory"} <= set(res.get("requests", {})) and "memory" in res.get("limits", {}), where
-            if workload["kind"] != "Job" and c.get("ports"):  # a server: probes (the trainer has no port)
+            if workload["kind"] != "Job" and c.get("ports"):  # a server: probes
                 assert "livenessProbe" in c and "readinessProbe" in c, where
+            elif workload["kind"] != "Job":  # a loop with no port (the trainer): alive while it moves
+                assert "livenessProbe" in c, where
         if component != "redis":  # Redis writes /data only
             mounts = {m["mountPath"] for c in template["spec"]["containers"] for m in c.get("volumeMounts", [])}
             assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
@@ -267,6 +271,22 @@ def test_trainer_and_export_are_opt_in_and_take_the_model_name() -> None:
     (trainer,) = [d for d in objects("demo", "Deployment") if d["metadata"]["name"] == "fewstep-trainer"]
     assert "$(EXPORT_MODEL)" in export["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "$(TRAINER_MODEL)" in trainer["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_a_trainer_whose_heartbeat_goes_stale_fails_its_liveness_probe(tmp_path: Path) -> None:
+    """The probe really runs (a shell, `find`) against a fresh and a stale copy of the file the command names."""
+    (trainer,) = [d for d in objects("demo", "Deployment") if d["metadata"]["name"] == "fewstep-trainer"]
+    (c,) = trainer["spec"]["template"]["spec"]["containers"]
+    heartbeat = c["command"][c["command"].index("--heartbeat") + 1]
+    script = c["livenessProbe"]["exec"]["command"][-1]
+    assert heartbeat in script and heartbeat.startswith("/tmp/")  # on the writable emptyDir
+    here = tmp_path / "heartbeat"
+    here.touch()
+    probe = [*c["livenessProbe"]["exec"]["command"][:-1], script.replace(heartbeat, str(here))]
+    assert subprocess.run(probe, check=False).returncode == 0
+    stale = time.time() - 16 * 60
+    os.utime(here, (stale, stale))
+    assert subprocess.run(probe, check=False).returncode != 0
 
 
 # -- what the manifests name: commands and settings -----------------------------------------------------

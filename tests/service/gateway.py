@@ -56,7 +56,7 @@ async def in_process(config: Settings, ready_within: float = 60.0) -> AsyncItera
     app = create_app(config)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=60) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
             deadline = time.monotonic() + ready_within
             while (await client.get("/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, (await client.get("/readyz")).text

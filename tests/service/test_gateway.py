@@ -4,6 +4,7 @@ engine: routes, validation messages, error shapes, auth, the jobs API and metric
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -244,6 +245,17 @@ async def test_per_key_limits_refuse_one_key_with_429_and_leave_the_other_served
         assert r.status_code == 200  # the other key's budget is untouched
 
 
+async def test_without_keys_no_per_key_limit_caps_the_server(tmp_path: Path) -> None:
+    """Per-key limits are for keys: without auth every client is the one "anonymous" owner, and a per-key rate
+    or cap would hold the whole server below its capacity (16 closed-loop clients got 429 at 50 requests/s)."""
+    config = settings(tmp_path, key_requests_per_s=0.01, key_burst=2, key_max_sync_cost=4, key_max_event_streams=1)
+    async with in_process(config) as c:
+        many = [c.post(GEN, json={"model": "shapes", "prompt": f"a red circle {i}", "n": 2}) for i in range(8)]
+        assert [r.status_code for r in await asyncio.gather(*many)] == [200] * 8
+        job = (await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "x"}]})).json()
+        assert (await c.get(f"/v1/jobs/{job['id']}/events")).status_code == 200
+
+
 async def test_a_hybrid_request_is_charged_its_teachers_evaluations_against_the_key_limit(tmp_path: Path) -> None:
     import hashlib
 
@@ -252,27 +264,50 @@ async def test_a_hybrid_request_is_charged_its_teachers_evaluations_against_the_
     digest = hashlib.sha256((teacher / "model.safetensors").read_bytes()).hexdigest()
     handoff = {"handoff": "trajectory", "teacher_steps": 6, "spacing": 3.0}  # 12 teacher evaluations
     tiny_checkpoint(seed / "shapes", "shapes", teacher={"name": "shapes-teacher", "sha256": digest}, hybrid=handoff)
-    async with in_process(settings(tmp_path, checkpoints=seed, key_max_job_cost=12)) as c:
+    key = "key-one-0123456789"
+    config = settings(tmp_path, checkpoints=seed, key_max_job_cost=12, api_keys=key)
+    async with in_process(config) as c:
+        auth = {"Authorization": f"Bearer {key}"}
         hybrid = {"prompt": "a red circle", "steps": 2, "hybrid": True}
-        r = await c.post("/v1/jobs", json={"model": "shapes", "requests": [hybrid]})
+        r = await c.post("/v1/jobs", json={"model": "shapes", "requests": [hybrid]}, headers=auth)
         assert r.status_code == 429  # 12 for the teacher's hand-off, then the student's last step
         assert "this job adds 13, over the per-key limit of 12 (`key_max_job_cost`)" in r.json()["error"]["message"]
-        r = await c.post("/v1/jobs", json={"model": "shapes", "requests": [{"prompt": "a red circle", "steps": 4}] * 3})
+        plain = {"model": "shapes", "requests": [{"prompt": "a red circle", "steps": 4}] * 3}
+        r = await c.post("/v1/jobs", json=plain, headers=auth)
         assert r.status_code == 202, r.text  # 12 plain steps fit
 
 
-async def test_failed_authentication_is_throttled_per_address_before_the_key_is_checked(tmp_path: Path) -> None:
+async def test_failed_authentication_is_throttled_per_address_and_a_valid_key_never_is(tmp_path: Path) -> None:
+    """Behind an ingress every client has the proxy's address: a valid key must never pay for the failures of
+    others there. Only failures are charged, after the key was checked; admin keys alike."""
     key = "key-one-0123456789"
-    config = settings(tmp_path, api_keys=key, auth_failures_per_s=0.01, auth_failure_burst=5)
-    async with in_process(config) as c:
+    config = settings(tmp_path, api_keys=key, admin_keys="admin-0123456789ab", auth_failures_per_s=0.01)
+    async with in_process(config.model_copy(update={"auth_failure_burst": 5})) as c:
         for i in range(5):
             r = await c.get("/v1/models", headers={"Authorization": f"Bearer guess-{i:012d}"})
             assert r.status_code == 401
         r = await c.get("/v1/models", headers={"Authorization": "Bearer guess-000000000005"})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "(`auth_failures_per_s`, `auth_failure_burst`)" in r.json()["error"]["message"]
-        # Past the budget even the right key waits: guessing gets no signal until the bucket refills.
-        assert (await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 429
+        valid = {"Authorization": f"Bearer {key}"}
+        assert (await c.get("/v1/models", headers=valid)).status_code == 200
+        assert (await c.post(GEN, json={"model": "shapes", "prompt": "a red circle"}, headers=valid)).status_code == 200
+        r = await c.post("/v1/admin/models/shapes/rollback", headers={"Authorization": "Bearer not-an-admin-key"})
+        assert r.status_code == 429  # admin guesses share the address's budget
+
+
+async def test_a_key_less_server_on_loopback_answers_only_loopback_host_names(tmp_path: Path) -> None:
+    """A page whose DNS name is rebound to 127.0.0.1 sends its own name as Host (and as Origin)."""
+    async with in_process(settings(tmp_path)) as c:
+        r = await c.post(GEN, json={"model": "shapes", "prompt": "a red circle"}, headers={"Host": "evil.example"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "Host"
+        assert "`allowed_hosts`" in r.json()["error"]["message"]
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert (await c.get("/v1/models", headers={"Host": host})).status_code == 200
+        assert (await c.get("/readyz", headers={"Host": "10.1.2.3:8000"})).status_code == 200  # probes name pods
+    async with in_process(settings(tmp_path / "keyed", api_keys="key-one-0123456789")) as c:  # keys guard it
+        r = await c.get("/v1/models", headers={"Host": "api.example", "Authorization": "Bearer key-one-0123456789"})
+        assert r.status_code == 200
 
 
 async def test_a_header_block_over_max_header_bytes_gets_431(client: httpx.AsyncClient) -> None:

@@ -61,3 +61,39 @@ def test_redis_mode_moves_engines_out_of_the_gateway_unless_asked(monkeypatch: p
     assert Settings().embedded_workers == 0
     monkeypatch.setenv("FEWSTEP_EMBEDDED_WORKERS", "2")
     assert Settings().embedded_workers == 2
+
+
+def test_one_keys_caps_leave_half_of_each_lane_to_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item costs at least one evaluation, so a key capped at half a lane's depth in evaluations holds at most
+    half its items: with the old defaults (256 evaluations, 256 items) one key filled the interactive lane."""
+    s = Settings(_env_file=None)
+    assert s.key_max_sync_cost <= s.max_queue // 2 and s.key_max_job_cost <= s.max_job_queue // 2
+    monkeypatch.setenv("FEWSTEP_MAX_QUEUE", "40")
+    assert Settings().key_max_sync_cost == 20  # unset: lowered to half of the lane
+    monkeypatch.setenv("FEWSTEP_KEY_MAX_SYNC_COST", "21")
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert "FEWSTEP_KEY_MAX_SYNC_COST must be at most half of FEWSTEP_MAX_QUEUE (20)" in str(e.value)
+
+
+def test_with_the_default_caps_one_key_cannot_fill_the_interactive_lane() -> None:
+    from fewstep.engines.base import ImageItem
+    from fewstep.errors import Overloaded
+    from fewstep.service.queue.base import JobSpec
+    from fewstep.service.queue.embedded import EmbeddedQueue
+    from fewstep.service.queue.keys import BATCH, INTERACTIVE
+
+    s = Settings(_env_file=None)
+    queue = EmbeddedQueue({INTERACTIVE: s.max_queue, BATCH: s.max_job_queue})
+    greedy = JobSpec(
+        "greedy", "m", [ImageItem("p", seed=0, steps=1)] * s.max_n, INTERACTIVE, 600, owner_limit=s.key_max_sync_cost
+    )
+    with pytest.raises(Overloaded) as refused:
+        for _ in range(s.max_queue):  # `n: 8, steps: 1` requests, as many as it can
+            queue.submit(greedy)
+    assert "`key_max_sync_cost`" in str(refused.value)
+    other = JobSpec(
+        "other", "m", [ImageItem("p", seed=0, steps=4)] * s.max_n, INTERACTIVE, 600, owner_limit=s.key_max_sync_cost
+    )
+    queue.submit(other)  # not "queue full"
+    queue.close()

@@ -17,7 +17,7 @@ def open_limits(settings: Settings) -> Limits:
     if settings.redis_url is None:
         from fewstep.service.limits.local import LocalLimits
 
-        return LocalLimits()
+        return LocalLimits(settings.max_rate_buckets)
     from fewstep.service.limits.redis import RedisLimits
 
     return RedisLimits(settings.redis_url.get_secret_value(), settings.redis_prefix)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 
-from fewstep.errors import CheckpointError, Conflict, InvalidRequest, NotFound, RegistryError
+from fewstep.errors import CheckpointError, Conflict, Forbidden, InvalidRequest, NotFound, RegistryError, Unauthorized
 from fewstep.models.registry import check_name
+from fewstep.service.kinds import flavour_of
 from fewstep.service.schemas import RollbackRequest, RollbackResponse
-from fewstep.service.state import Gateway, GatewayDep
+from fewstep.service.state import GatewayDep, charge_failure
 from fewstep.service.watch import announce
 
 log = logging.getLogger("fewstep.service")
@@ -19,12 +20,17 @@ router = APIRouter()
 @router.post("/v1/admin/models/{model}/rollback", response_model=RollbackResponse)
 async def rollback(
     model: str,
+    request: Request,
     gw: GatewayDep,
     body: RollbackRequest | None = None,
     authorization: str | None = Header(None),
 ) -> RollbackResponse:
     """Point `model` at an older version (default: the newest older one the gate did not refuse)."""
-    gw.admins.require(authorization)
+    try:
+        gw.admins.require(authorization)
+    except (Unauthorized, Forbidden):  # admin keys are guessed like any: the same per-address budget
+        await gw.call(charge_failure, gw, request.client.host if request.client else "")
+        raise
     registry = gw.images.registry
     to = body.to if body is not None else None
     for field, kind, name in (("model", "model", model), ("to", "version", to)):
@@ -40,7 +46,7 @@ async def rollback(
     except RegistryError:
         previous = None  # a broken pointer: the rollback repairs it
     try:
-        version = await gw.call(registry.rollback, model, to, _flavour(gw, model))
+        version = await gw.call(registry.rollback, model, to, flavour_of(registry, gw.settings, model))
     except (RegistryError, CheckpointError) as e:
         raise Conflict(str(e).replace(f"{registry.root}/", "")) from e
     log.warning("admin rollback: %s %s → %s", model, previous, version)
@@ -48,11 +54,3 @@ async def rollback(
     gw.images.nudged.set()
     gw.streams.versions.nudged.set()
     return RollbackResponse(model=model, version=version, previous=previous)
-
-
-def _flavour(gw: Gateway, model: str) -> str:
-    """The flavour of the gate verdicts that decide which of `model`'s versions were refused."""
-    for versions in (gw.images, gw.streams.versions):
-        if model in versions.models:
-            return versions.loader.flavour(versions.models[model].kind)
-    return gw.images.loader.flavour("image")

@@ -52,7 +52,8 @@ async def generate_images(
     await gw.spend(owner, "image requests")
     ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
     costs = [spec.nfe(it) for it in items]
-    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=settings.key_max_sync_cost, costs=costs)
+    cap = gw.owner_limit(settings.key_max_sync_cost)
+    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=cap, costs=costs)
     job = await gw.call(gw.queue.submit, submitted)
     outcome = await wait_settled(gw, job.id, settings.request_timeout_s, request)
     if outcome != "done":

@@ -70,7 +70,7 @@ async def create_job(
         idempotency_key=idempotency_key,
         fingerprint=fingerprint(body.model, [r.model_dump() for r in body.requests]),
         requests=origin,
-        owner_limit=settings.key_max_job_cost,
+        owner_limit=gw.owner_limit(settings.key_max_job_cost),
         owner_jobs=settings.key_max_stored_jobs,
         costs=[spec.nfe(it) for it in items],
     )
@@ -132,21 +132,21 @@ async def job_events(
     await gw.spend(owner, "event streams")
     s = gw.settings
     ttl = 3 * s.sse_keepalive_s + 30  # renewed at least every keep-alive while the stream lives
-    lease = await gw.call(gw.limits.hold, owner, "event streams", s.key_max_event_streams, ttl, "key_max_event_streams")
+    lease = await gw.hold(owner, "event streams", s.key_max_event_streams, ttl, "key_max_event_streams")
 
     async def stream() -> AsyncIterator[str]:
         try:
             async for chunk in events(gw, job_id, owner, first, last_event_id or "0", lease):
                 yield chunk
         finally:
-            await gw.call(gw.limits.release, lease)
+            await gw.release(lease)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
 async def events(
-    gw: Gateway, job_id: str, owner: str, first: JobStatus, cursor: str, lease: Lease
+    gw: Gateway, job_id: str, owner: str, first: JobStatus, cursor: str, lease: Lease | None
 ) -> AsyncIterator[str]:
     """The SSE frames of one job after `cursor`: a status first, then items, a cancel, and an end.
     The stream's lease is renewed every keep-alive interval while it lives."""
@@ -158,7 +158,7 @@ async def events(
             return
         if time.monotonic() - renewed_at >= gw.settings.sse_keepalive_s:
             renewed_at = time.monotonic()
-            await gw.call(gw.limits.renew, lease)
+            await gw.renew(lease)
         fresh = await gw.events.next(job_id, cursor, 1.0)
         try:
             st = await gw.call(gw.queue.status, job_id, owner)

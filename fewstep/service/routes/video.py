@@ -100,7 +100,7 @@ async def video_stream(ws: WebSocket) -> None:
         spec.validate(request, settings.video_max_frames)
         await gw.spend(owner, "video sessions")
         cap = settings.key_max_video_sessions
-        lease = await gw.call(gw.limits.hold, owner, "video sessions", cap, SESSION_LEASE_S, "key_max_video_sessions")
+        lease = await gw.hold(owner, "video sessions", cap, SESSION_LEASE_S, "key_max_video_sessions")
     except FewstepError as e:
         why = "invalid" if errors.ws_close_code(e) == errors.WS_POLICY_VIOLATION else "unavailable"
         await _fail(gw, ws, e, why)
@@ -114,7 +114,7 @@ async def video_stream(ws: WebSocket) -> None:
     try:
         stream = await asyncio.to_thread(streams.open, start.model, request, deliver)
     except FewstepError as e:
-        await gw.call(gw.limits.release, lease)
+        await gw.release(lease)
         await _fail(gw, ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
         return
     listener = asyncio.create_task(_listen(ws, streams, stream, gw, owner))
@@ -128,7 +128,7 @@ async def video_stream(ws: WebSocket) -> None:
                 return
             if time.monotonic() - renewed_at >= SESSION_LEASE_S / 3:
                 renewed_at = time.monotonic()
-                await gw.call(gw.limits.renew, lease)
+                await gw.renew(lease)
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
@@ -168,15 +168,17 @@ async def video_stream(ws: WebSocket) -> None:
         pass  # the client left mid-send
     finally:
         listener.cancel()
-        streams.close_stream(stream)
-        await gw.call(gw.limits.release, lease)
+        await asyncio.to_thread(streams.close_stream, stream)  # it waits for the step in progress: off the loop
+        await gw.release(lease)
 
 
 async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway, owner: str) -> None:
     """Client messages during a stream: prompt changes, at most `video_prompt_changes_per_s` (bursts of
     `video_prompt_change_burst`) per key; returns when the client leaves, raises on bad input."""
     s = gw.settings
-    budget = (owner, "prompt changes", s.video_prompt_changes_per_s, s.video_prompt_change_burst)
+    # Per key; without keys, per session (every client is the one "anonymous" owner then).
+    who = owner if gw.keyed else f"session:{id(stream)}"
+    budget = (who, "prompt changes", s.video_prompt_changes_per_s, s.video_prompt_change_burst)
     names = "`video_prompt_changes_per_s`, `video_prompt_change_burst`"
     while True:
         try:

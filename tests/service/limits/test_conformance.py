@@ -62,3 +62,16 @@ def test_leases_are_capped_per_key_released_once_and_expire(limits: Limits) -> N
         limits.hold("carol", "event streams", 1, 0.3, "key_max_event_streams")
     time.sleep(0.5)  # a dead gateway's lease frees itself
     limits.hold("carol", "event streams", 1, 0.3, "key_max_event_streams")
+
+
+def test_in_process_buckets_stay_bounded_under_rotating_addresses() -> None:
+    """Every new client address (IPv6, or forwarded addresses) used to leave a bucket behind for good."""
+    limits = LocalLimits(max_buckets=100)
+    for i in range(1000):
+        limits.spend(f"address:2001:db8::{i:x}", "failed authentications", 1.0, 5, "`n`")
+    assert limits.buckets == 100
+    fast = LocalLimits()
+    fast.spend("address:a", "b", 1000.0, 5, "`n`")
+    time.sleep(0.05)  # refilled: a full bucket is a new one, nothing to keep
+    fast.spend("address:c", "b", 0.001, 5, "`n`")
+    assert fast.buckets == 1
