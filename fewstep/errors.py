@@ -28,8 +28,18 @@ class InvalidRequest(FewstepError):
 
 
 def limit_error(field: str, rule: str, given: object) -> InvalidRequest:
-    """The house format for limit violations: "`steps` must be <= 4. Given: 9"."""
-    return InvalidRequest(field, f"`{field}` must be {rule}. Given: {given!r}")
+    """The house format for limit violations: "`steps` must be <= 4. Given: 9" (a long value shortened)."""
+    return InvalidRequest(field, f"`{field}` must be {rule}. Given: {shown(given)}")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` for a message, at most about `limit` characters: clients send 5000-digit numbers too (whose
+    repr Python refuses to make)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "an integer of thousands of digits"
+    return text if len(text) <= limit else f"{text[: limit - 20]}… ({len(text)} characters)"
 
 
 class Unauthorized(FewstepError):

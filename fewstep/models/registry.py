@@ -259,13 +259,21 @@ class Registry:
             raise RegistryError(f"invalid flavour {flavour!r}")
         return self._gate_dir(model) / f"{check_name('version', version)}@{flavour}.json"
 
-    def subject(self, model: str, version: str) -> str | None:
+    def subject(self, model: str, version: str, flavour: str) -> str | None:
         """What a verdict on this version judged: the SHA-256 of its manifest, which lists every file's
-        SHA-256 (checked as the files load). None when the version has no readable manifest."""
+        SHA-256 (checked as the files load), and for a flavour that serves exported graphs (not torch's) of
+        every artifact manifest beside it (each names its graph's SHA-256, and its quality gate): graphs
+        exported again, or swapped, are judged again. None when the version has no readable manifest."""
+        folder = self.version_dir(model, version)
+        digest = hashlib.sha256()
         try:
-            return hashlib.sha256((self.version_dir(model, version) / "manifest.json").read_bytes()).hexdigest()
+            digest.update((folder / "manifest.json").read_bytes())
+            if "torch" not in flavour.split("-"):  # (any export re-gates: simpler than knowing whose graphs)
+                for art in sorted([*folder.glob("*.onnx.json"), *folder.glob("onnx/*/manifest.json")]):
+                    digest.update(str(art.relative_to(folder)).encode() + b"\0" + art.read_bytes())
         except OSError:
             return None
+        return digest.hexdigest()
 
     def verdict(self, model: str, version: str, flavour: str) -> dict[str, Any] | None:
         """The gate's recorded verdict on a version ({"passed": bool, "reason", "metrics", ...}), if any.
@@ -282,7 +290,7 @@ class Registry:
             return None  # a torn or foreign file is no verdict: the version is gated again
         if not isinstance(data, dict) or not isinstance(data.get("passed"), bool):
             return None
-        subject = self.subject(model, version)
+        subject = self.subject(model, version, flavour)
         return data if subject is not None and data.get("subject") == subject else None
 
     def record_verdict(self, model: str, version: str, flavour: str, verdict: dict[str, Any]) -> None:
@@ -290,7 +298,7 @@ class Registry:
         (and every restart) agrees without re-judging."""
         path = self._verdict_path(model, version, flavour)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {**verdict, "subject": self.subject(model, version)})
+        write_json_atomic(path, {**verdict, "subject": self.subject(model, version, flavour)})
 
     def refused(self, model: str, version: str, flavour: str) -> str | None:
         """The reason the gate refused this version, or None."""

@@ -49,7 +49,7 @@ def build_items(
     base = req.seed if req.seed is not None else secrets.randbelow(1 << 31)
     if req.negative_prompt is not None:
         check_prompt(req.negative_prompt, settings, where, "negative_prompt")
-    guidance = None if req.guidance_scale is None else float(req.guidance_scale)
+    guidance = None if req.guidance_scale is None else _float(req.guidance_scale)
     if guidance is not None and not math.isfinite(guidance):
         raise limit("guidance_scale", "a finite number", req.guidance_scale)
     items = [
@@ -62,6 +62,14 @@ def build_items(
         except InvalidRequest as e:
             raise InvalidRequest(where + e.field, str(e).replace(f"`{e.field}`", f"`{where}{e.field}`")) from e
     return items
+
+
+def _float(value: float) -> float:
+    """A JSON number as a float; infinity for an integer too large for one (refused as not finite)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")

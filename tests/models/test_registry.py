@@ -133,6 +133,21 @@ def test_a_verdict_counts_only_for_what_it_judged(tmp_path: Path) -> None:
     assert reg.verdict("demo", "1", "torch-fp32") is None
 
 
+def test_a_verdict_on_exported_graphs_counts_only_for_those_graphs(tmp_path: Path) -> None:
+    """Graphs exported again (or swapped, with an artifact manifest claiming its quality gate passed) are judged
+    again by the serving gate; torch's verdicts do not depend on them."""
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_checkpoint(tmp_path / "c0", value=0.0), promote=True)
+    folder = reg.version_dir("demo", "1")
+    art = folder / "model.int8.onnx.json"
+    art.write_text(json.dumps({"sha256": "a" * 64, "gate": {"passed": True}}))
+    for flavour in ("onnxruntime-int8", "torch-fp32"):
+        reg.record_verdict("demo", "1", flavour, {"passed": True, "reason": None})
+    art.write_text(json.dumps({"sha256": "b" * 64, "gate": {"passed": True}}))  # another graph, self-declared good
+    assert reg.verdict("demo", "1", "onnxruntime-int8") is None
+    assert reg.verdict("demo", "1", "torch-fp32") is not None
+
+
 def test_load_marks_tell_dead_loads_from_live_ones(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     reg.publish(_checkpoint(tmp_path / "c"))

@@ -82,6 +82,8 @@ async def test_generation_echoes_seeds_steps_and_nfe(client: httpx.AsyncClient) 
         ({"seed": -1}, 400, "`seed` must be between 0 and"),
         ({"n": "three"}, 400, "`n`: Input should be a valid integer. Given: 'three'"),
         ({"hybrid": True, "steps": 2}, 400, "`hybrid` needs the model's teacher, which is not loaded"),
+        ({"guidance_scale": 10**400}, 400, "`guidance_scale` must be a finite number. Given: 1000"),  # was a 500
+        ({"n": 10**400}, 400, "… (401 characters)"),  # the value shown shortened, not 400 digits
         ({"model": "nope"}, 404, "model 'nope' not found"),
     ],
 )
