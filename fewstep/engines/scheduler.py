@@ -159,13 +159,14 @@ class StepScheduler:
         if free <= 0:
             return
         if self.running:
-            # Items just left: their clients may be about to send the next request. Waiting a
-            # small fraction of a step for them fills the batch; otherwise they would wait a
-            # whole step for the next boundary.
-            wait = self.join_wait * self._last_step_s if self._retired else 0.0
-            new = source.take(min(free, self._retired) if wait else free, wait, wait)
-            if wait and len(new) < free:
-                new += source.take(free - len(new), 0.0, 0.0)
+            new = source.take(free, 0.0, 0.0)  # everything already waiting joins
+            # Items just left: their clients may be about to send the next request. Waiting a small fraction
+            # of a step for that many newcomers fills the batch; otherwise they would wait a whole step for the
+            # next boundary. (Items that were already waiting do not count: they are not those clients.)
+            expect = min(free - len(new), self._retired)
+            if expect > 0 and self.join_wait > 0:
+                wait = self.join_wait * self._last_step_s
+                new += source.take(expect, wait, wait)
         else:
             new = source.take(free, idle_wait_s, self.max_wait_s if self.policy != "none" else 0.0)
         if not new:

@@ -85,6 +85,13 @@ class Gateway:
         """`fn(*args)` in a wait thread."""
         return await asyncio.get_running_loop().run_in_executor(self.waits, functools.partial(fn, *args))
 
+    async def ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call of the queue's (`fn` is one of `queue`'s methods): inline when the queue is in this process,
+        else in a wait thread."""
+        if self.queue.in_process:
+            return fn(*args)
+        return await self.call(fn, *args)
+
 
 async def gateway(request: Request) -> Gateway:
     """FastAPI dependency: the gateway serving this request. (`async`: FastAPI runs a plain `def`

@@ -118,6 +118,30 @@ def test_a_one_step_item_joins_a_running_batch_and_leaves_first() -> None:
     assert [r.slot.steps_run for r in sched.running] == [2]
 
 
+class ClosedLoop(LocalSource):
+    """A source whose clients send their next request a moment after each result, as clients over HTTP do."""
+
+    def done(self, results: list) -> None:  # type: ignore[type-arg]
+        super().done(results)
+        for _ in results:
+            threading.Timer(0.02, self.submit, ["m", [ImageItem("next", seed=9, steps=1)]]).start()
+
+
+def test_the_clients_of_items_that_left_join_at_that_boundary_even_when_others_already_wait() -> None:
+    """The join wait is for newcomers: an item that was waiting already does not stand in for them (with it
+    taken, the scheduler used to stop waiting, and every newcomer lost a whole step)."""
+    source = ClosedLoop(64)
+    steps: list[int] = []
+    engine = NoopEngine(step_s=0.05)  # a join wait of 2 steps: 0.1 s, for clients 0.02 s away
+    observer = Observer(step=lambda m, n, s: steps.append(n))
+    sched = StepScheduler(lambda _m: engine, max_batch=8, max_wait_s=0.0, join_wait=2.0, observer=observer)
+    source.submit("m", [ImageItem("short", seed=0, steps=1), ImageItem("long", seed=1, steps=4)])
+    sched.tick(source, idle_wait_s=0.0)  # both run one step; the short one leaves (its client sends again)
+    source.submit("m", [ImageItem("waiting", seed=2, steps=4)])  # waiting before that boundary
+    sched.tick(source, idle_wait_s=0.0)
+    assert steps == [2, 3]  # the long one, the one that waited, and the short one's next request
+
+
 class PoisonedEngine(NoopEngine):
     """Fails a whole `begin` call when any item's prompt is poison, as a tokenizer encoding the batch does."""
 

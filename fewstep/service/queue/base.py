@@ -276,6 +276,11 @@ def idempotency_conflict(key: str) -> Conflict:
 class JobQueue(Protocol):
     """The queue between gateways (submit, observe, cancel) and workers (claim, finish)."""
 
+    in_process: bool
+    """Whether calls stay in this process (no I/O; a lock held for microseconds): the gateway then makes them on
+    its event loop instead of paying a thread hop for each (with a busy engine thread, every hop also waits
+    for the GIL)."""
+
     # -- gateway side ------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobStatus:
         """Queue all items atomically, or return the job an idempotency key already made.

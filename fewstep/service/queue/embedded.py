@@ -69,6 +69,8 @@ class _Entry:
 class EmbeddedQueue:
     """In-process `JobQueue`. Thread-safe; `claim` and `events` block on one condition variable."""
 
+    in_process = True
+
     def __init__(self, max_depth: dict[str, int]) -> None:
         self.max_depth = max_depth
         self._cv = threading.Condition()

@@ -88,6 +88,8 @@ def _s(v: Any) -> str:
 class RedisQueue:
     """`JobQueue` on Redis Streams. One instance per process; thread-safe (redis-py pools connections)."""
 
+    in_process = False
+
     def __init__(self, url: str, max_depth: dict[str, int], prefix: str = "fewstep") -> None:
         self.keys = Keys(prefix)
         self.max_depth = max_depth

@@ -32,7 +32,7 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     if not gw.streams.ready:
         return JSONResponse({"status": "not ready", "reason": "video models are loading"}, status_code=503)
     try:
-        await gw.call(gw.queue.ping)
+        await gw.ask(gw.queue.ping)
     except NotReady as e:
         return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
     return JSONResponse({"status": "ready"})

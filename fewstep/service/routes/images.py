@@ -54,15 +54,15 @@ async def generate_images(
     costs = [spec.nfe(it) for it in items]
     cap = gw.owner_limit(settings.key_max_sync_cost)
     submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=cap, costs=costs)
-    job = await gw.call(gw.queue.submit, submitted)
+    job = await gw.ask(gw.queue.submit, submitted)
     outcome = await wait_settled(gw, job.id, settings.request_timeout_s, request)
     if outcome != "done":
-        await gw.call(gw.queue.cancel, job.id, owner)  # its items leave the running batch at the next step
+        await gw.ask(gw.queue.cancel, job.id, owner)  # its items leave the running batch at the next step
         if outcome == "gone":
             raise Cancelled("the client disconnected")
         raise NotReady(f"request took longer than `request_timeout_s` = {settings.request_timeout_s}")
-    results = await gw.call(gw.queue.results, job.id, owner)
-    await gw.call(gw.queue.forget, job.id, owner)  # its caller has the images: nobody reads them again
+    results = await gw.ask(gw.queue.results, job.id, owner)
+    await gw.ask(gw.queue.forget, job.id, owner)  # its caller has the images: nobody reads them again
     for r in results:
         if r.outcome == "cancelled":
             raise Cancelled(r.error or "cancelled")

@@ -75,23 +75,23 @@ async def create_job(
         costs=[spec.nfe(it) for it in items],
     )
     await gw.spend(owner, "jobs")
-    return job_view(await gw.call(gw.queue.submit, job))
+    return job_view(await gw.ask(gw.queue.submit, job))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=Job)
 async def get_job(job_id: str, owner: Owner, gw: GatewayDep) -> Job:
-    return job_view(await gw.call(gw.queue.status, job_id, owner))
+    return job_view(await gw.ask(gw.queue.status, job_id, owner))
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=Job)
 async def cancel_job(job_id: str, owner: Owner, gw: GatewayDep) -> Job:
-    return job_view(await gw.call(gw.queue.cancel, job_id, owner))
+    return job_view(await gw.ask(gw.queue.cancel, job_id, owner))
 
 
 @router.get("/v1/jobs/{job_id}/results", response_model=JobResults)
 async def job_results(job_id: str, owner: Owner, gw: GatewayDep) -> JobResults:
-    status = await gw.call(gw.queue.status, job_id, owner)
-    results = await gw.call(gw.queue.results, job_id, owner)
+    status = await gw.ask(gw.queue.status, job_id, owner)
+    results = await gw.ask(gw.queue.results, job_id, owner)
     return JobResults(
         status=status.status,
         data=[
@@ -128,7 +128,7 @@ async def job_events(
 ) -> StreamingResponse:
     if last_event_id is not None and not gw.queue.valid_cursor(last_event_id):  # checked by the queue's own rule
         raise limit_error("Last-Event-ID", "an event id this stream sent", last_event_id[:64])
-    first = await gw.call(gw.queue.status, job_id, owner)
+    first = await gw.ask(gw.queue.status, job_id, owner)
     await gw.spend(owner, "event streams")
     s = gw.settings
     ttl = 3 * s.sse_keepalive_s + 30  # renewed at least every keep-alive while the stream lives
@@ -161,12 +161,12 @@ async def events(
             await gw.renew(lease)
         fresh = await gw.events.next(job_id, cursor, 1.0)
         try:
-            st = await gw.call(gw.queue.status, job_id, owner)
+            st = await gw.ask(gw.queue.status, job_id, owner)
         except FewstepError as gone:  # the job expired or the queue went away mid-stream
             yield sse("error", {"message": str(gone)})
             return
         if not fresh and st.finished is not None:  # finished: what is left after the cursor, then the end
-            fresh = await gw.call(gw.queue.events, job_id, cursor, 0.0)
+            fresh = await gw.ask(gw.queue.events, job_id, cursor, 0.0)
             if not fresh:
                 yield sse("end", job_view(st).model_dump())
                 return
