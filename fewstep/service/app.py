@@ -36,7 +36,7 @@ from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
 from fewstep.service.versions import Versions
 from fewstep.service.watch import subscribe
-from fewstep.service.worker import Worker, canary_outcome, engine_lookup, interactive_only, worker_name
+from fewstep.service.worker import Worker, build_workers, canary_outcome, engine_lookup, worker_name
 
 log = logging.getLogger("fewstep.service")
 
@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Loading and serving in one thread keeps one team."""
         import torch
 
-        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(settings.embedded_workers)))
+        # Loading and the first general worker share this thread: one OpenMP team, with every core until an
+        # interactive-only worker runs beside it (`Cores`).
+        torch.set_num_threads(settings.intra_op_threads(settings.embedded_workers))
         try:
             for model, version in ctx.registry.seed_from(settings.checkpoints):
                 log.info("registry seeded with %s:%s from %s", model, version, settings.checkpoints)
@@ -115,20 +117,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def finished(model: str, engine: object, outcome: Outcome) -> None:
             image_models.record(model, engine, canary_outcome(outcome))
 
-        made = [
-            Worker(
-                queue,
-                lookup,
-                settings,
-                metrics,
-                name=None if i else name,
-                route=route,
-                maintain=None if i else maintain,
-                finished=finished,
-            )
-            for i in range(settings.embedded_workers)
-        ]
-        made += interactive_only(queue, lookup, settings, metrics, name, route, finished)
+        threads = torch.set_num_threads if settings.engine == "image" else None
+        made = build_workers(
+            queue, lookup, settings, metrics, name, settings.embedded_workers, route, maintain, finished, threads
+        )
         workers.extend(made)
         for w in made[1:]:
             w.start()

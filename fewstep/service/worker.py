@@ -35,7 +35,7 @@ from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
-from fewstep.service.queue.keys import INTERACTIVE, LANES
+from fewstep.service.queue.keys import BATCH, INTERACTIVE, LANES
 from fewstep.service.settings import Settings
 
 log = logging.getLogger("fewstep.worker")
@@ -93,22 +93,89 @@ def _job_of(a: Admission) -> str:
     return a.ticket.work.job_id if isinstance(a.ticket, Delivery) else ""
 
 
-def interactive_only(
+class Cores:
+    """How the engine threads of one process share its cores, decided at step boundaries.
+
+    Interactive-only workers exist so that a synchronous request never waits for a batch job's step; they take
+    items only while a general worker runs batch-lane items. Otherwise the general workers serve the
+    interactive lane themselves, in one running batch, not split in two halves on half the cores each. The
+    general workers' torch teams have all the cores (`full` intra-op threads each) while no interactive-only
+    worker runs items; while one does, every engine thread has an even share (`shared`), so that the teams
+    together never oversubscribe the cores (libgomp throttles its spin-waits then: 1.5–2.4× slower here)."""
+
+    def __init__(self, full: int, shared: int, set_threads: Callable[[int], None] | None) -> None:
+        """`set_threads(n)`: sets the calling thread's intra-op threads (torch's); None: nothing to share (the
+        no-op engine)."""
+        self.full, self.shared, self.set_threads = full, shared, set_threads
+        self._cv = threading.Condition()
+        self._batch: set[int] = set()
+        """General workers running batch-lane items."""
+        self._interactive: set[int] = set()
+        """Interactive-only workers running items."""
+
+    def report(self, worker: Worker, lanes: set[str]) -> None:
+        """What `worker` runs now: the lanes of its running items."""
+        key = id(worker)
+        with self._cv:
+            held = self._interactive if worker.interactive_only else self._batch
+            running = bool(lanes) if worker.interactive_only else BATCH in lanes
+            if running != (key in held):
+                (held.add if running else held.discard)(key)
+                self._cv.notify_all()
+
+    def interactive_may_take(self, wait_s: float) -> bool:
+        """Whether an interactive-only worker may take items: a general worker runs batch items (waits up to
+        `wait_s` for one to)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: bool(self._batch), timeout=wait_s)
+
+    def threads(self, worker: Worker) -> int:
+        """The intra-op threads `worker`'s next step may use."""
+        with self._cv:
+            return self.shared if worker.interactive_only or self._interactive else self.full
+
+
+def build_workers(
     queue: JobQueue,
     engine_for: EngineLookup,
     settings: Settings,
     metrics: Metrics | None,
     name: str,
+    general: int,
     route: Router | None,
+    maintain: Callable[[], None] | None,
     finished: Finished | None,
+    set_threads: Callable[[int], None] | None,
 ) -> list[Worker]:
-    """The `interactive_workers` threads of a process: they take only the interactive lane (capacity a batch
-    job cannot fill) and share the process's consumer name `name` (the queue counts processes; each
-    thread's heartbeat refreshes its own items)."""
-    return [
-        Worker(queue, engine_for, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,))
-        for _ in range(settings.interactive_workers)
+    """A process's workers: `general` ones (the first named `name`, and following the registry with
+    `maintain` between its steps: run it in the calling thread) and the `interactive_workers` that take only
+    the interactive lane, all sharing the process's cores (`Cores`) and its consumer name `name` (the queue
+    counts processes; each thread's heartbeat refreshes its own items)."""
+    cores = Cores(
+        settings.intra_op_threads(general), settings.intra_op_threads(settings.engine_threads(general)), set_threads
+    )
+    workers = [
+        Worker(
+            queue,
+            engine_for,
+            settings,
+            metrics,
+            name=None if i else name,
+            route=route,
+            maintain=None if i else maintain,
+            finished=finished,
+            cores=cores,
+        )
+        for i in range(general)
     ]
+    workers += [
+        Worker(
+            queue, engine_for, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,),
+            cores=cores,
+        )
+        for _ in range(settings.interactive_workers if general else 0)
+    ]  # fmt: skip
+    return workers
 
 
 def worker_name() -> str:
@@ -130,6 +197,7 @@ class Worker:
         maintain: Callable[[], None] | None = None,
         finished: Finished | None = None,
         lanes: tuple[str, ...] = LANES,
+        cores: Cores | None = None,
     ) -> None:
         """`engine_for`: the serving engine of a model; `route`: the engine a job's new item starts on
         (the serving one or a canary; default `engine_for`); `maintain`: called between step
@@ -143,6 +211,9 @@ class Worker:
         self.metrics = metrics
         self.name = name or worker_name()
         self.maintain = maintain
+        self.cores = cores
+        self._team = 0
+        """The intra-op threads this thread last took (`Cores.threads`)."""
         self._flight: list[Delivery] = []
         self._next_reclaim = 0.0
         self.scheduler = StepScheduler(
@@ -188,10 +259,25 @@ class Worker:
                 t.join(timeout)
 
     # -- the loop --------------------------------------------------------------------------
+    @property
+    def interactive_only(self) -> bool:
+        return self.lanes == (INTERACTIVE,)
+
+    def _share_cores(self) -> None:
+        """Tell the others what runs here; take this thread's share of the cores for the next step."""
+        if self.cores is None:
+            return
+        self.cores.report(self, {d.lane for d in self._flight})
+        team = self.cores.threads(self)
+        if team != self._team and self.cores.set_threads is not None:
+            self.cores.set_threads(team)
+            self._team = team
+
     def _loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
+                self._share_cores()
                 self.scheduler.tick(self, idle_wait_s=0.5)
                 self._flight = [t for t in self.scheduler.tickets if isinstance(t, Delivery)]
                 if self.maintain is not None:
@@ -225,6 +311,8 @@ class Worker:
                 w = d.work
                 log.warning("retrying %s item %d (delivery %d), alone", w.job_id, w.index, d.deliveries)
                 self._run_alone(d)
+        if self.interactive_only and self.cores is not None and not self.cores.interactive_may_take(wait_s):
+            return []  # no batch step to stand beside: the general workers serve the interactive lane
         deliveries = self.queue.claim(self.name, n, wait_s, gather_s, self.lanes)
         if not deliveries:
             return []
@@ -250,6 +338,7 @@ class Worker:
         # Heartbeated from now on, not from the end of the step they are about to take: a step longer than
         # `claim_idle_s` would otherwise let another worker take them back mid-step.
         self._flight = [*self._flight, *(a.ticket for a in admitted if isinstance(a.ticket, Delivery))]
+        self._share_cores()  # before the step they are about to take: batch items now run here
         return admitted
 
     def dropped(self, tickets: list[Hashable]) -> set[Hashable]:

@@ -17,9 +17,9 @@ from fewstep.service.worker import (
     EngineLookup,
     Router,
     Worker,
+    build_workers,
     canary_outcome,
     engine_lookup,
-    interactive_only,
     worker_name,
 )
 
@@ -34,6 +34,7 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
     metrics = Metrics(role="worker")
     name = name or worker_name()
     loaded: EngineLookup | None = None
+    set_threads: Callable[[int], None] | None = None
     route: Router | None = None
     maintain: Callable[[], None] | None = None
     finished: Callable[[str, object, Outcome], None] | None = None
@@ -60,7 +61,8 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
         from fewstep.service.versions import Versions
         from fewstep.service.watch import subscribe
 
-        torch.set_num_threads(settings.intra_op_threads(settings.engine_threads(1)))
+        torch.set_num_threads(settings.intra_op_threads(1))  # every core until an interactive-only worker runs
+        set_threads = torch.set_num_threads
         ctx = Context(settings, Registry(settings.registry))
         ctx.registry.seed_from(settings.checkpoints)
         models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
@@ -85,9 +87,8 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
 
         start_http_server(metrics_port, addr=settings.host, registry=metrics.registry)
     queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
-    worker = Worker(queue, lookup, settings, metrics, name=name, route=route, maintain=maintain, finished=finished)
-    reserved = interactive_only(queue, lookup, settings, metrics, name, route, finished)
-    workers += [worker, *reserved]
+    workers += build_workers(queue, lookup, settings, metrics, name, 1, route, maintain, finished, set_threads)
+    worker, reserved = workers[0], workers[1:]
     if stopping.is_set():  # asked to stop while loading: nothing was claimed
         stop_watch.set()
         return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from fewstep.service.queue.base import JobSpec
 from fewstep.service.queue.embedded import EmbeddedQueue
 from fewstep.service.queue.keys import BATCH, INTERACTIVE
 from fewstep.service.settings import Settings
-from fewstep.service.worker import Worker
+from fewstep.service.worker import Worker, build_workers
 
 
 class HeldEngine(NoopEngine):
@@ -55,13 +56,16 @@ def engine() -> Iterator[HeldEngine]:
     e.release.set()
 
 
-def run_workers(queue: EmbeddedQueue, engine: HeldEngine, interactive_workers: int) -> list[Worker]:
-    settings = Settings(max_batch_size=4, interactive_workers=interactive_workers, api_keys=[])
-    workers = [Worker(queue, lambda _m: engine, settings, name="general")]
-    workers += [
-        Worker(queue, lambda _m: engine, settings, name=f"interactive-{i}", lanes=(INTERACTIVE,))
-        for i in range(interactive_workers)
-    ]
+def run_workers(
+    queue: EmbeddedQueue,
+    engine: NoopEngine,
+    interactive_workers: int,
+    set_threads: Callable[[int], None] | None = None,
+    **fields: Any,
+) -> list[Worker]:
+    """A process's workers as the gateway builds them (`build_workers`), on 2 cores' worth of threads."""
+    settings = Settings(**{"max_batch_size": 4, "interactive_workers": interactive_workers, "api_keys": [], **fields})
+    workers = build_workers(queue, lambda _m: engine, settings, None, "proc", 1, None, None, None, set_threads)
     for w in workers:
         w.start()
     return workers
@@ -88,6 +92,71 @@ def test_a_synchronous_request_is_served_while_a_batch_step_holds_the_general_wo
             assert queue.status(sync.id, "bob").status == "queued"
         engine.release.set()
         assert ended(queue, sync.id, 30.0)
+    finally:
+        engine.release.set()
+        for w in workers:
+            w.stop()
+        queue.close()
+
+
+class Recorded(NoopEngine):
+    """Records the size of every batched step, and the intra-op threads each engine thread had for it."""
+
+    def __init__(self) -> None:
+        super().__init__(model="shapes", step_s=0.05)
+        self.steps: list[tuple[int, int, int]] = []
+        self.threads: dict[int, int] = {}
+
+    def set_threads(self, n: int) -> None:
+        self.threads[threading.get_ident()] = n
+
+    def advance(self, slots: list[Slot]) -> None:
+        me = threading.get_ident()
+        self.steps.append((me, len(slots), self.threads.get(me, 0)))
+        super().advance(slots)
+
+
+def test_without_batch_work_the_interactive_lane_runs_in_one_batch_on_every_core() -> None:
+    """The interactive-only worker stands beside batch steps only: with none running, two workers used to split
+    every batch of synchronous requests in two, on half the cores each (0.60× the diffusers pipeline's
+    throughput for a user's student)."""
+    engine, queue = Recorded(), EmbeddedQueue({INTERACTIVE: 64, BATCH: 64})
+    workers = run_workers(queue, engine, 1, engine.set_threads, threads=None, max_batch_size=8)
+    try:
+        jobs = [queue.submit(JobSpec("bob", "shapes", items(1, f"square {i}", 4), INTERACTIVE, 600)) for i in range(8)]
+        assert all(ended(queue, j.id, 30.0) for j in jobs)
+        ran = {thread for thread, _, _ in engine.steps}
+        assert ran == {workers[0]._threads[0].ident}, engine.steps  # the general worker alone
+        assert {threads for _, _, threads in engine.steps} == {Settings().intra_op_threads(1)}  # every core
+        assert max(size for _, size, _ in engine.steps) == 8
+    finally:
+        for w in workers:
+            w.stop()
+        queue.close()
+
+
+def test_beside_a_batch_step_each_engine_thread_has_its_share_of_the_cores(engine: HeldEngine) -> None:
+    threads: dict[int | None, list[int]] = {}
+
+    def set_threads(n: int) -> None:
+        threads.setdefault(threading.get_ident(), []).append(n)
+
+    queue = EmbeddedQueue({INTERACTIVE: 16, BATCH: 64})
+    workers = run_workers(queue, engine, 1, set_threads, threads=None)
+    try:
+        queue.submit(JobSpec("alice", "shapes", items(40, "held batch item", 4), BATCH, ttl_s=600))
+        assert engine.holding.wait(30)
+        sync = queue.submit(JobSpec("bob", "shapes", items(1, "a blue square", 1), INTERACTIVE, ttl_s=600))
+        assert ended(queue, sync.id, 30.0)
+        general, reserved = (w._threads[0].ident for w in workers)
+        shared = Settings().intra_op_threads(Settings().engine_threads(1))
+        assert threads[general] == [Settings().intra_op_threads(1)] and threads[reserved] == [shared]
+        cores = workers[0].cores
+        assert cores is not None
+        cores.report(workers[1], {INTERACTIVE})  # while the interactive-only one runs items, the general shares
+        assert cores.threads(workers[0]) == shared
+        cores.report(workers[1], set())
+        assert cores.threads(workers[0]) == Settings().intra_op_threads(1)
     finally:
         engine.release.set()
         for w in workers:
