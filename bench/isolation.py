@@ -170,8 +170,8 @@ def main() -> None:
         "",
         f"Command: `python bench/isolation.py --items {args.items} --sync-requests {args.sync_requests}`. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, shared. One `fewstep serve` process per row "
-        "(embedded queue, the shipped student on torch, `FEWSTEP_THREADS` unset: the cores shared among the "
-        "engine threads, so 2 intra-op threads for one worker and 1 each for two).",
+        "(embedded queue, the shipped student on torch, `FEWSTEP_THREADS` unset: the general worker has every core "
+        "while no interactive-only worker runs items, and each engine thread an even share while one does).",
         "",
         "Key B sends one-image 1-step synchronous requests back to back (one client); key A submits one job of "
         f"{args.items} 4-step images. *Alone*: each by itself; *mixed*: key B keeps sending while key A's job "
@@ -193,8 +193,9 @@ def main() -> None:
     base = rows[0][1]["batch alone"].items_per_s
     lines += [
         "",
-        f"The job alone with an interactive-only worker runs at {rows[1][1]['batch alone'].items_per_s / base:.2f}× "
-        "its rate with one worker (its intra-op threads are halved to leave a core for interactive requests).",
+        f"The job alone with an interactive-only worker beside it runs at "
+        f"{rows[1][1]['batch alone'].items_per_s / base:.2f}× its rate with one worker: the interactive-only worker "
+        "takes items only beside a batch step, and while it has none the general worker keeps every core.",
     ]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")

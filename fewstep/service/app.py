@@ -19,6 +19,7 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
+from fewstep.engines.backends.torch import set_intra_op_threads
 from fewstep.engines.base import Outcome, StepEngine, StreamEngine
 from fewstep.models.registry import Registry
 from fewstep.service import errors
@@ -86,11 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Each thread that runs torch gets its own OpenMP team; two teams of `threads` on a machine with
         no spare cores make libgomp throttle its spin-waits, which slowed inference 1.5–2.4× here.
         Loading and serving in one thread keeps one team."""
-        import torch
-
         # Loading and the first general worker share this thread: one OpenMP team, with every core until an
         # interactive-only worker runs beside it (`Cores`).
-        torch.set_num_threads(settings.intra_op_threads(settings.embedded_workers))
+        set_intra_op_threads(settings.intra_op_threads(settings.embedded_workers))
         try:
             for model, version in ctx.registry.seed_from(settings.checkpoints):
                 log.info("registry seeded with %s:%s from %s", model, version, settings.checkpoints)
@@ -117,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def finished(model: str, engine: object, outcome: Outcome) -> None:
             image_models.record(model, engine, canary_outcome(outcome))
 
-        threads = torch.set_num_threads if settings.engine == "image" else None
+        threads = set_intra_op_threads if settings.engine == "image" else None
         made = build_workers(
             queue, lookup, settings, metrics, name, settings.embedded_workers, route, maintain, finished, threads
         )

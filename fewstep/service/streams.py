@@ -74,9 +74,9 @@ class VideoStreams:
             if self.settings.video_max_sessions == 0:
                 self.versions.loaded.set()  # this process serves no video
                 return
-            import torch
+            from fewstep.engines.backends.torch import set_intra_op_threads
 
-            torch.set_num_threads(
+            set_intra_op_threads(
                 self.settings.intra_op_threads(self.settings.engine_threads(self.settings.embedded_workers))
             )
             self.versions.load()

@@ -53,16 +53,15 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if settings.engine == "image":
-        import torch
-
+        from fewstep.engines.backends.torch import set_intra_op_threads
         from fewstep.models.registry import Registry
         from fewstep.service.app import step_kinds
         from fewstep.service.kinds import Context
         from fewstep.service.versions import Versions
         from fewstep.service.watch import subscribe
 
-        torch.set_num_threads(settings.intra_op_threads(1))  # every core until an interactive-only worker runs
-        set_threads = torch.set_num_threads
+        set_intra_op_threads(settings.intra_op_threads(1))  # every core until an interactive-only worker runs
+        set_threads = set_intra_op_threads
         ctx = Context(settings, Registry(settings.registry))
         ctx.registry.seed_from(settings.checkpoints)
         models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)

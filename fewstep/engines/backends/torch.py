@@ -12,6 +12,18 @@ from fewstep.models.video import load_video_net
 from fewstep.models.video_cache import VideoConfig, VideoNet
 
 
+def set_intra_op_threads(n: int) -> None:
+    """The calling thread's intra-op threads (its OpenMP team), for good. torch sets up a thread's team lazily,
+    at the thread's first parallel op, from the process-wide count that the last `set_num_threads` in *any*
+    thread left; asking for the count first makes that happen now, so that it cannot override `n` later (it
+    did: an interactive-only worker set for one thread ran with two once another thread had set two, and the
+    extra OpenMP threads past the cores made libgomp throttle every team's spin-waits: 0.6× throughput)."""
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 class TorchBackend:
     """Loads checkpoint folders into torch modules (fp32 on CPU)."""
 
