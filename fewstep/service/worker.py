@@ -98,10 +98,12 @@ class Cores:
 
     Interactive-only workers exist so that a synchronous request never waits for a batch job's step; they take
     items only while a general worker runs batch-lane items. Otherwise the general workers serve the
-    interactive lane themselves, in one running batch, not split in two halves on half the cores each. The
-    general workers' torch teams have all the cores (`full` intra-op threads each) while no interactive-only
-    worker runs items; while one does, every engine thread has an even share (`shared`), so that the teams
-    together never oversubscribe the cores (libgomp throttles its spin-waits then: 1.5–2.4× slower here)."""
+    interactive lane themselves, in one running batch, not split in two halves on half the cores each. While
+    the interactive lane is all that runs, the general workers' torch teams have all the cores (`full`
+    intra-op threads each); while batch items run (or an interactive-only worker does), every engine thread
+    has an even share (`shared`): the interactive-only workers' share is kept for synchronous requests, and the
+    teams together never oversubscribe the cores (libgomp throttles its spin-waits then: 1.5–2.4× slower
+    here). docs/decisions/interactive-isolation.md has the measurements behind this."""
 
     def __init__(self, full: int, shared: int, set_threads: Callable[[int], None] | None) -> None:
         """`set_threads(n)`: sets the calling thread's intra-op threads (torch's); None: nothing to share (the
@@ -132,7 +134,7 @@ class Cores:
     def threads(self, worker: Worker) -> int:
         """The intra-op threads `worker`'s next step may use."""
         with self._cv:
-            return self.shared if worker.interactive_only or self._interactive else self.full
+            return self.shared if worker.interactive_only or self._interactive or self._batch else self.full
 
 
 def build_workers(
@@ -170,11 +172,18 @@ def build_workers(
     ]
     workers += [
         Worker(
-            queue, engine_for, settings, metrics, name=name, route=route, finished=finished, lanes=(INTERACTIVE,),
+            queue,
+            engine_for,
+            settings,
+            metrics,
+            name=name,
+            route=route,
+            finished=finished,
+            lanes=(INTERACTIVE,),
             cores=cores,
         )
         for _ in range(settings.interactive_workers if general else 0)
-    ]  # fmt: skip
+    ]
     return workers
 
 

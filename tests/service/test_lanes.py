@@ -136,6 +136,8 @@ def test_without_batch_work_the_interactive_lane_runs_in_one_batch_on_every_core
 
 
 def test_beside_a_batch_step_each_engine_thread_has_its_share_of_the_cores(engine: HeldEngine) -> None:
+    """While batch items run, the interactive-only worker's share of the cores is kept for synchronous requests;
+    once only the interactive lane is left, the general worker has them all again."""
     threads: dict[int | None, list[int]] = {}
 
     def set_threads(n: int) -> None:
@@ -143,20 +145,23 @@ def test_beside_a_batch_step_each_engine_thread_has_its_share_of_the_cores(engin
 
     queue = EmbeddedQueue({INTERACTIVE: 16, BATCH: 64})
     workers = run_workers(queue, engine, 1, set_threads, threads=None)
+    full, shared = Settings().intra_op_threads(1), Settings().intra_op_threads(Settings().engine_threads(1))
     try:
-        queue.submit(JobSpec("alice", "shapes", items(40, "held batch item", 4), BATCH, ttl_s=600))
+        flood = queue.submit(JobSpec("alice", "shapes", items(4, "held batch item", 1), BATCH, ttl_s=600))
         assert engine.holding.wait(30)
         sync = queue.submit(JobSpec("bob", "shapes", items(1, "a blue square", 1), INTERACTIVE, ttl_s=600))
         assert ended(queue, sync.id, 30.0)
         general, reserved = (w._threads[0].ident for w in workers)
-        shared = Settings().intra_op_threads(Settings().engine_threads(1))
-        assert threads[general] == [Settings().intra_op_threads(1)] and threads[reserved] == [shared]
-        cores = workers[0].cores
-        assert cores is not None
-        cores.report(workers[1], {INTERACTIVE})  # while the interactive-only one runs items, the general shares
-        assert cores.threads(workers[0]) == shared
-        cores.report(workers[1], set())
-        assert cores.threads(workers[0]) == Settings().intra_op_threads(1)
+        assert threads[general] == [full, shared]  # every core idle; its share from its first batch step
+        assert threads[reserved] == [shared]
+        engine.release.set()
+        assert ended(queue, flood.id, 30.0)
+        after = queue.submit(JobSpec("bob", "shapes", items(1, "a red circle", 1), INTERACTIVE, ttl_s=600))
+        assert ended(queue, after.id, 30.0)
+        deadline = time.monotonic() + 30  # the interactive lane alone: every core again, at its next boundary
+        while threads[general][-1] != full and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threads[general][-1] == full
     finally:
         engine.release.set()
         for w in workers:
