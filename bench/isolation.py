@@ -171,7 +171,7 @@ def main() -> None:
         f"Command: `python bench/isolation.py --items {args.items} --sync-requests {args.sync_requests}`. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, shared. One `fewstep serve` process per row "
         "(embedded queue, the shipped student on torch, `FEWSTEP_THREADS` unset: the general worker has every core "
-        "while no interactive-only worker runs items, and each engine thread an even share while one does).",
+        "while the interactive lane is all that runs, and each engine thread an even share while batch items run).",
         "",
         "Key B sends one-image 1-step synchronous requests back to back (one client); key A submits one job of "
         f"{args.items} 4-step images. *Alone*: each by itself; *mixed*: key B keeps sending while key A's job "
@@ -194,8 +194,8 @@ def main() -> None:
     lines += [
         "",
         f"The job alone with an interactive-only worker beside it runs at "
-        f"{rows[1][1]['batch alone'].items_per_s / base:.2f}× its rate with one worker: the interactive-only worker "
-        "takes items only beside a batch step, and while it has none the general worker keeps every core.",
+        f"{rows[1][1]['batch alone'].items_per_s / base:.2f}× its rate with one worker: while batch items run, the "
+        "interactive-only worker's share of the cores is kept for synchronous requests.",
     ]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")

@@ -353,6 +353,9 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
         "| the embedded queue's calls on the event loop instead of a thread hop each | 1.59× | 1.49× |",
         "| the interactive-only worker takes items only beside a batch step, and the general worker has every "
         "core while it idles (it used to split each batch in two, on one core each) | 1.60× | 1.51× |",
+        "| each engine thread's OpenMP team made before it sets its size (torch made it lazily from a count "
+        "another thread had changed: the interactive-only worker ran with two threads, and every team was "
+        "throttled) | this page's run | |",
         "",
         "Looked at and left: the UNet in `channels_last` memory (0.92–1.13× in alternating rounds: no clear gain);",
         "splitting a batch of 16 into two UNet calls of 8 (1.47× against 1.54×: none); a longer join wait (0.25",
