@@ -94,16 +94,18 @@ class Versions(Generic[E]):
             self.loaded.set()
 
     def _place(self, name: str, model: Model | None) -> None:
-        """Take a model `_first_version` made (None: not of a kind served here) into `models`."""
+        """Take a model `_first_version` made into `models` (None: none yet, or not of a kind served here)."""
         if model is None:
-            self._unserved.add(name)  # another process part's kind, or not served by itself
+            if self.registry.versions(name):
+                self._unserved.add(name)  # another process part's kind, or not served by itself
             return
         self.models[name] = model
         self._count_ready()
 
     def _first_version(self, name: str) -> Model | None:
         """A model of these kinds with its first serving version (or none that loads); None when the model is
-        not of these kinds or has no version. Touches no shared state: it may run in the loader thread."""
+        not of these kinds or has no version. It changes only the model it makes (and counts refusals): it may
+        run in the loader thread, and `_place` takes its model in."""
         versions = self.registry.versions(name)
         if not versions:
             return None
