@@ -94,6 +94,14 @@ class Loader:
         the queue hiccuped) is left to be tried again."""
         k = KINDS[kind]
         v = self._version(name, version, kind)
+        try:
+            # Not recorded: what building refuses may be the registry's state, not the version's (a first-frame
+            # image model pushed later), and building reads no weights, so it is cheap to try again.
+            engine = k.engine(self.ctx, v)
+        except FewstepError:
+            raise
+        except Exception as e:
+            raise CheckpointError(self.public(f"load failed: {type(e).__name__}: {e}")) from e
         recorded = self.verdict(kind, name, version)
         if recorded is None:
             dead, live = self.registry.load_marks(name, version, self.MARK_STALE_S)
@@ -107,10 +115,8 @@ class Loader:
         mark = self.registry.begin_load(name, version, self.name)
         fresh = _Freshener(self.registry, mark, self.MARK_TOUCH_S)
         t0 = time.perf_counter()
-        engine: Servable | None = None
         try:
             try:
-                engine = k.engine(self.ctx, v)
                 engine.load()
                 engine.warmup()
                 if recorded is not None:
@@ -134,8 +140,7 @@ class Loader:
             if not verdict.passed:
                 raise CheckpointError(verdict.reason or "refused by the gate")
         except BaseException:
-            if engine is not None:
-                engine.close()
+            engine.close()
             raise
         finally:
             fresh.stop()

@@ -79,7 +79,7 @@ def _response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
 def test_a_silent_connection_and_a_slowloris_are_closed_at_the_head_deadline(server: Server) -> None:
     silent = _connect(server)
     slow = _connect(server)
-    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
     # A header line a byte every half second: it never completes within the deadline, yet keeps sending.
     try:
         assert _closed_within(silent, 30)
@@ -93,7 +93,7 @@ def test_a_silent_connection_and_a_slowloris_are_closed_at_the_head_deadline(ser
 
 def test_a_body_that_does_not_arrive_in_time_gets_408_naming_the_setting(server: Server) -> None:
     sock = _connect(server)
-    head = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    head = b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     sock.sendall(head + b'{"model": ')
     status, headers, body = _response(sock)
     assert status == 408 and headers["connection"] == "close"
@@ -107,7 +107,7 @@ def test_a_header_block_outgrowing_the_buffer_while_arriving_gets_431_and_a_ling
     # (32 KiB) while the client is still sending. Closing at once then reset the connection under the
     # client before it read the answer (a flaky ReadError in CI).
     sock = _connect(server)
-    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Big: ")
     for _ in range(9):
         sock.sendall(b"a" * 8192)  # the server reads and drops what follows its answer
         time.sleep(0.05)
@@ -126,11 +126,11 @@ def test_connections_past_the_cap_get_503_in_openai_shape_and_room_comes_back(se
     idle = []
     for _ in range(MAX_CONNECTIONS):
         sock = _connect(server)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert _response(sock)[0] == 200  # then idle, kept alive
         idle.append(sock)
     extra = _connect(server)
-    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     status, headers, body = _response(extra)
     assert status == 503 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
     assert body["error"]["code"] == "Overloaded"

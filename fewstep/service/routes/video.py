@@ -118,6 +118,20 @@ async def video_stream(ws: WebSocket) -> None:
         await _fail(gw, ws, e, None if isinstance(e, Overloaded) else "invalid")  # capacity: counted by `open`
         return
     listener = asyncio.create_task(_listen(ws, streams, stream, gw, owner))
+    ended = False
+
+    async def end() -> None:
+        """Free the session's row (waiting for the step in progress: off the event loop) and the key's lease."""
+        nonlocal ended
+        if ended:
+            return
+        ended = True
+        listener.cancel()
+        try:
+            await asyncio.to_thread(streams.close_stream, stream)
+        finally:
+            await gw.release(lease)
+
     sent = 0
     renewed_at = time.monotonic()
     try:
@@ -149,6 +163,9 @@ async def video_stream(ws: WebSocket) -> None:
                 await ws.close(code=WS_GOING_AWAY, reason="server shutting down")  # after the frame in progress
                 return
         elapsed = time.perf_counter() - t0
+        # The row and the key's lease are free before the client hears "done": its next session never finds
+        # them still held by this one.
+        await end()
         await ws.send_json(
             {
                 "type": "done",
@@ -167,9 +184,7 @@ async def video_stream(ws: WebSocket) -> None:
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client left mid-send
     finally:
-        listener.cancel()
-        await asyncio.to_thread(streams.close_stream, stream)  # it waits for the step in progress: off the loop
-        await gw.release(lease)
+        await end()
 
 
 async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gateway, owner: str) -> None:
