@@ -9,6 +9,7 @@ model: the probes run, their outputs are finite, and a new version agrees with t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -127,14 +128,7 @@ def _faulty(ctx: Context, v: Version) -> NoopEngine:
     return Faulty(spec=_spec(ctx, v), step_s=float(v.manifest.get("step_s", 0.0)))
 
 
-FAULTY = Kind(
-    serves="steps",
-    flavour=lambda s: "noop",
-    spec=_spec,
-    engine=_faulty,
-    probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", 1, 1),
-    render=render_images,
-)
+FAULTY = dataclasses.replace(NOOP, engine=_faulty)
 
 
 async def test_a_version_that_raises_anything_is_refused_recorded_and_the_other_models_serve(
