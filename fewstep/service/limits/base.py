@@ -2,10 +2,8 @@
 
 Both implementations keep the same semantics (tests/service/limits/test_conformance.py):
 
-* `spend` takes `cost` tokens from a bucket that refills at `rate_per_s` up to `burst`; short of
-  tokens it raises `Overloaded` whose `retry_after` is when enough will be there, and takes nothing.
-  A bucket with less than one token refuses every spend, so `cost=0` asks "is this one refused?"
-  without charging (failed authentications are charged only when they fail).
+* `spend` takes one token from a bucket that refills at `rate_per_s` up to `burst`; short of a token
+  it raises `Overloaded` whose `retry_after` is when one will be there, and takes nothing.
 * `hold` grants one of at most `limit` concurrent leases or raises `Overloaded`. A lease lasts
   `ttl_s` unless renewed, so the leases of a gateway that died free themselves; `release` is
   idempotent.
@@ -42,9 +40,9 @@ def cap_reached(what: str, limit: int, setting: str) -> Overloaded:
 
 
 class Limits(Protocol):
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
-        """Take `cost` tokens from the owner's bucket, or raise `Overloaded` (taking nothing) when it holds
-        fewer than `max(cost, 1)`; `settings` names the limits in the refusal."""
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str) -> None:
+        """Take one token from the owner's bucket, or raise `Overloaded` (taking nothing) when it holds less;
+        `settings` names the limits in the refusal."""
 
     def hold(self, owner: str, what: str, limit: int, ttl_s: float, setting: str) -> Lease:
         """One of at most `limit` concurrent leases of `what`; `Overloaded` naming `setting` when all are held."""

@@ -21,17 +21,16 @@ class LocalLimits:
         """(owner, bucket) → (tokens, when counted, when full again), least recently used first."""
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
 
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str) -> None:
         now = time.monotonic()
         with self._lock:
             tokens, at, _ = self._buckets.pop((owner, bucket), (float(burst), now, now))
             tokens = min(float(burst), tokens + (now - at) * rate_per_s)
-            need = max(cost, 1.0)
-            left = tokens if tokens < need else tokens - cost
+            left = tokens if tokens < 1.0 else tokens - 1.0
             self._buckets[(owner, bucket)] = (left, now, now + (burst - left) / rate_per_s)
             self._forget(now)
-            if tokens < need:
-                raise rate_limited(bucket, rate_per_s, burst, settings, (need - tokens) / rate_per_s)
+            if tokens < 1.0:
+                raise rate_limited(bucket, rate_per_s, burst, settings, (1.0 - tokens) / rate_per_s)
 
     def _forget(self, now: float) -> None:
         """Drop the least recently used buckets while there are too many, and those already full again."""

@@ -16,18 +16,17 @@ from fewstep.errors import NotReady
 from fewstep.service.limits.base import Lease, cap_reached, rate_limited
 from fewstep.service.queue.keys import Keys
 
-# KEYS: bucket hash. ARGV: rate per s, burst, cost. Returns "0" when spent, else the seconds to wait.
+# KEYS: bucket hash. ARGV: rate per s, burst. Takes one token: returns "0" when spent, else the seconds to wait.
 SPEND = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(b[1]) or burst
 local at = tonumber(b[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local need = math.max(cost, 1)
 local wait = 0
-if tokens >= need then tokens = tokens - cost else wait = (need - tokens) / rate end
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return tostring(wait)
@@ -73,8 +72,8 @@ class RedisLimits:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise NotReady(f"limits store unreachable: {type(e).__name__}", retry_after=2.0) from e
 
-    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str, cost: float = 1.0) -> None:
-        wait = float(self._call(self._spend, [self.keys.bucket(owner, bucket)], [rate_per_s, burst, cost]))
+    def spend(self, owner: str, bucket: str, rate_per_s: float, burst: int, settings: str) -> None:
+        wait = float(self._call(self._spend, [self.keys.bucket(owner, bucket)], [rate_per_s, burst]))
         if wait > 0:
             raise rate_limited(bucket, rate_per_s, burst, settings, wait)
 

@@ -36,15 +36,6 @@ def test_a_bucket_allows_its_burst_then_refuses_with_the_wait_and_refills(limits
     limits.spend("alice", "jobs", 2.0, 3, "`key_requests_per_s`, `key_burst`")  # refilled at the rate
 
 
-def test_a_zero_cost_spend_checks_without_charging(limits: Limits) -> None:
-    for _ in range(10):
-        limits.spend("addr", "failed authentications", 0.01, 2, "x", cost=0.0)
-    limits.spend("addr", "failed authentications", 0.01, 2, "x")
-    limits.spend("addr", "failed authentications", 0.01, 2, "x")
-    with pytest.raises(Overloaded):
-        limits.spend("addr", "failed authentications", 0.01, 2, "x", cost=0.0)
-
-
 def test_leases_are_capped_per_key_released_once_and_expire(limits: Limits) -> None:
     a = limits.hold("alice", "video sessions", 2, 60.0, "key_max_video_sessions")
     limits.hold("alice", "video sessions", 2, 60.0, "key_max_video_sessions")
