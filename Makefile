@@ -8,7 +8,7 @@ PORT ?= 8000
 # One thread per process by default in tests: several processes share 2 cores there.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-fast train bench lint redis chromium prometheus clean
+.PHONY: install serve test test-fast train bench lint docs screenshots redis chromium prometheus clean
 
 $(BIN)/fewstep: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -57,6 +57,14 @@ train: $(BIN)/fewstep
 
 bench: $(BIN)/fewstep
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# docs/configuration.md is generated from the settings class (a test checks it is current).
+docs: $(BIN)/fewstep
+	$(BIN)/python -m fewstep.service.settings > docs/configuration.md
+
+# The playground's screenshots in docs/img/, refreshed on purpose (a test run writes them to a temporary folder).
+screenshots: $(BIN)/fewstep chromium
+	FEWSTEP_SCREENSHOTS=docs/img $(PYTEST) tests/service/test_playground_browser.py
 
 lint: $(BIN)/fewstep
 	$(BIN)/ruff check fewstep tests bench

@@ -20,7 +20,9 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 class Settings(BaseSettings):
     # Inputs never appear in validation errors: they would print keys and Redis passwords at start-up.
-    model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FEWSTEP_", extra="ignore", hide_input_in_errors=True, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Interface the gateway binds to."""
@@ -39,8 +41,9 @@ class Settings(BaseSettings):
     precision: str = "fp32"
     """Numeric precision of the backend."""
     threads: int | None = Field(None, ge=1, le=256)
-    """torch / ONNX Runtime intra-op threads; unset: this machine's cores shared out among the process's
-    engine threads (`intra_op_threads`). Oversubscribed threads slow a 2-core machine by 100×."""
+    """torch / ONNX Runtime intra-op threads of every engine thread; unset: every core for the general worker
+    while the interactive lane is all that runs, an even share for each engine thread while batch items run
+    (`service/worker.py`, `Cores`). Oversubscribed threads slow a 2-core machine by 100×."""
     latent_device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")
     """Device of imported pipelines' networks and latents (`cpu`, `cuda`, `cuda:N`)."""
     latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -297,3 +300,40 @@ class Settings(BaseSettings):
         if v not in ("torch", "onnxruntime", "tensorrt"):
             raise ValueError(f"FEWSTEP_BACKEND must be torch, onnxruntime or tensorrt. Given: {v!r}")
         return v
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every setting, its default, its bounds and what it means, from this class (the
+    docstring under each field). `python -m fewstep.service.settings > docs/configuration.md` writes it;
+    tests/service/test_settings.py checks it is current."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting of every fewstep process: environment variables with the `FEWSTEP_` prefix, read once at",
+        "start by one class (`fewstep/service/settings.py`) and validated there: a bad value stops the process",
+        "with the variable's name. Lists are comma-separated. This page is generated from that class",
+        "(`python -m fewstep.service.settings > docs/configuration.md`); a test keeps it current.",
+        "",
+        "| variable | default | bounds | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None or default == [] else f"`{default}`"
+        bounds = ", ".join(
+            f"{op} {getattr(m, attr)}"
+            for m in field.metadata
+            for attr, op in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("pattern", "matching"))
+            if getattr(m, attr, None) is not None
+        )
+        annotation = str(field.annotation).replace("typing.", "")
+        if "Literal" in annotation:
+            bounds = " or ".join(f"`{v}`" for v in field.annotation.__args__)  # type: ignore[union-attr]
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        bounds = bounds.replace("|", "\\|")
+        lines.append(f"| `FEWSTEP_{name.upper()}` | {shown} | {bounds} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

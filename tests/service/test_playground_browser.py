@@ -1,9 +1,9 @@
 """The playground page in a real browser (Debian's headless chromium, driven by Playwright) against a real
 `fewstep serve` on the shipped models: every panel used as a person would, with auth off and on.
 
-Each panel's screenshot is written to `docs/img/playground-*.png` (README shows them), or to
-`FEWSTEP_SCREENSHOTS` when set. Waits are on page state (what is drawn, what the page says), with
-generous limits: no timing is asserted.
+Each panel's screenshot is written to `FEWSTEP_SCREENSHOTS` when set (`make screenshots` sets it to
+`docs/img/`, which docs/api.md shows), else to a temporary folder: a test run rewrites no tracked file.
+Waits are on page state (what is drawn, what the page says), with generous limits: no timing is asserted.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from fewstep.models.importing import import_pipeline
 from fewstep.models.registry import Registry
 from fewstep.models.sampling import Handoff
 from fewstep.service.errors import error_response
-from tests.conftest import CHECKPOINTS, ROOT, Server, start_server, stop_server
+from tests.conftest import CHECKPOINTS, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 WAIT_MS = 90_000
@@ -33,7 +34,7 @@ HYBRID_TEACHER_NFE = (
     2 * Handoff.from_manifest(json.loads((CHECKPOINTS / "shapes" / "manifest.json").read_text())).teacher_steps
 )
 expect.set_options(timeout=WAIT_MS)  # its default, 5 s, is short for a model call on 2 loaded cores
-SHOTS = Path(os.environ.get("FEWSTEP_SCREENSHOTS", ROOT / "docs" / "img"))
+SHOTS = Path(os.environ.get("FEWSTEP_SCREENSHOTS") or tempfile.mkdtemp(prefix="fewstep-screenshots-"))
 KEY = "playground-test-key-0123456789abcdef"
 
 
