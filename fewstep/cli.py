@@ -20,22 +20,18 @@ def _threads(n: int | None) -> int:
     return count
 
 
-def _service_threads(n: int | None) -> None:
-    """The flag overrides FEWSTEP_THREADS; with neither, the service shares the cores among its engine threads."""
-    if n:
-        os.environ["FEWSTEP_THREADS"] = str(n)
+def _settings(**flags: Any) -> Any:
+    """The service's `Settings`: the FEWSTEP_ environment, with the flags given on the command line over it
+    (as arguments, not by writing the environment)."""
+    from fewstep.service.settings import Settings
+
+    return Settings(**{name: value for name, value in flags.items() if value is not None})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _service_threads(args.threads)
-    if args.host:
-        os.environ["FEWSTEP_HOST"] = args.host
-    if args.port:
-        os.environ["FEWSTEP_PORT"] = str(args.port)
+    settings = _settings(threads=args.threads, host=args.host, port=args.port)
     from fewstep.service.server import serve
-    from fewstep.service.settings import Settings
 
-    settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(settings)
 
@@ -281,15 +277,10 @@ def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _service_threads(args.threads)
-    if args.engine:
-        os.environ["FEWSTEP_ENGINE"] = args.engine
-    if args.noop_step_ms is not None:
-        os.environ["FEWSTEP_NOOP_STEP_MS"] = str(args.noop_step_ms)
-    from fewstep.service.settings import Settings
+    settings = _settings(threads=args.threads, engine=args.engine, noop_step_ms=args.noop_step_ms)
     from fewstep.service.worker_process import run_worker
 
-    return run_worker(Settings(), args.name, args.metrics_port)
+    return run_worker(settings, args.name, args.metrics_port)
 
 
 def parser() -> argparse.ArgumentParser:

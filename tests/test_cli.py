@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,14 @@ def test_rollback_skips_what_the_models_own_kind_refused(tmp_path: Path, capsys:
     reg.record_verdict("clip", "2", "video-torch", {"passed": False, "reason": "drifts", "metrics": {}})
     assert main(["rollback", "clip", "--registry", str(tmp_path / "reg")]) == 0
     assert reg.promoted("clip") == "1"  # version 2 was refused by the video gate
+
+
+def test_service_flags_go_to_the_settings_not_into_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewstep.cli import _settings
+
+    monkeypatch.setenv("FEWSTEP_PORT", "8123")
+    monkeypatch.delenv("FEWSTEP_HOST", raising=False)
+    monkeypatch.delenv("FEWSTEP_THREADS", raising=False)
+    settings = _settings(threads=3, host="0.0.0.0", port=None)
+    assert (settings.threads, settings.host, settings.port) == (3, "0.0.0.0", 8123)  # unset flags: the env's
+    assert "FEWSTEP_HOST" not in os.environ and "FEWSTEP_THREADS" not in os.environ
