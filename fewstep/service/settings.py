@@ -235,12 +235,16 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _queue_defaults(self) -> Settings:
+    def _sides_in_order(self) -> Settings:
         if self.image_min_side > self.image_max_side:
             raise ValueError(
                 f"FEWSTEP_IMAGE_MIN_SIDE must be at most FEWSTEP_IMAGE_MAX_SIDE ({self.image_max_side}). "
                 f"Given: {self.image_min_side}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _keys_long_enough(self) -> Settings:
         for name, given in (("FEWSTEP_API_KEYS", self.api_keys), ("FEWSTEP_ADMIN_KEYS", self.admin_keys)):
             for key in given:
                 if len(key.get_secret_value()) < self.min_key_chars:
@@ -248,6 +252,11 @@ class Settings(BaseSettings):
                         f"{name} has a key of {len(key.get_secret_value())} characters; keys must have at least "
                         f"{self.min_key_chars} (`min_key_chars`)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _key_caps_leave_room(self) -> Settings:
+        """A key's cap is at most half its lane: refused when set larger, lowered when left at its default."""
         for cap, lane in (("key_max_sync_cost", "max_queue"), ("key_max_job_cost", "max_job_queue")):
             half = max(1, getattr(self, lane) // 2)
             if getattr(self, cap) > half:
@@ -257,8 +266,16 @@ class Settings(BaseSettings):
                         f"key leaves room for the others. Given: {getattr(self, cap)}"
                     )
                 setattr(self, cap, half)
+        return self
+
+    @model_validator(mode="after")
+    def _redis_moves_the_engines_out(self) -> Settings:
         if "embedded_workers" not in self.model_fields_set and self.redis_url is not None:
             self.embedded_workers = 0  # with Redis, `fewstep worker` processes do the work
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_within_claim_idle(self) -> Settings:
         if self.heartbeat_s * 2 > self.claim_idle_s:
             raise ValueError(
                 f"FEWSTEP_HEARTBEAT_S must be at most half of FEWSTEP_CLAIM_IDLE_S ({self.claim_idle_s}). "

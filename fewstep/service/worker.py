@@ -43,7 +43,7 @@ EngineLookup = Callable[[str], StepEngine]
 """model name → its loaded engine; raises NotFound (unknown model) or NotReady (not loaded here)."""
 Router = Callable[[str, str], StepEngine]
 """(model, job id) → the engine a new item starts on: every item of one job gets the same version."""
-Finished = Callable[[str, object, Outcome], None]
+Retired = Callable[[str, object, Outcome], None]
 """(model, engine, outcome) of every item the scheduler retires."""
 
 
@@ -73,7 +73,7 @@ def canary_outcome(outcome: Outcome) -> bool | None:
     return None if isinstance(outcome, FewstepError) else True
 
 
-def observer(metrics: Metrics | None, finished: Finished | None = None) -> Observer:
+def observer(metrics: Metrics | None, finished: Retired | None = None) -> Observer:
     """Scheduler hooks → Prometheus (occupancy and time of each step, wait before the first step),
     and `finished` (each item's outcome and engine: a canary's live error rate)."""
     if metrics is None:
@@ -146,7 +146,7 @@ def build_workers(
     general: int,
     route: Router | None,
     maintain: Callable[[], None] | None,
-    finished: Finished | None,
+    finished: Retired | None,
     set_threads: Callable[[int], None] | None,
 ) -> list[Worker]:
     """A process's workers: `general` ones (the first named `name`, and following the registry with
@@ -204,7 +204,7 @@ class Worker:
         name: str | None = None,
         route: Router | None = None,
         maintain: Callable[[], None] | None = None,
-        finished: Finished | None = None,
+        finished: Retired | None = None,
         lanes: tuple[str, ...] = LANES,
         cores: Cores | None = None,
     ) -> None:

@@ -34,7 +34,8 @@ from fewstep.engines.base import ImageItem
 from fewstep.errors import Conflict, Overloaded
 from fewstep.service.queue.keys import BATCH, LANES
 
-Outcome = Literal["ok", "failed", "cancelled"]
+ItemOutcome = Literal["ok", "failed", "cancelled"]
+"""How an item ended, as its result records it (an engine's `Outcome` is what made it)."""
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -140,7 +141,7 @@ class ItemResult:
     """The one result of one item. `b64_json` is the PNG for `ok`; `error` says why otherwise."""
 
     index: int
-    outcome: Outcome
+    outcome: ItemOutcome
     seed: int
     request: int = 0
     steps: int = 0
@@ -218,7 +219,7 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
-class Finished:
+class Written:
     """What `finish` did: whether it wrote the result, and the job's age if that result completed it."""
 
     wrote: bool
@@ -343,7 +344,7 @@ class JobQueue(Protocol):
     def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
         """Reset the idle time of items still running, and mark the worker alive."""
 
-    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Written]:
         """Write each item's result (once: later writes are ignored) and acknowledge it.
 
         Each item is atomic on its own; the batch is one round trip, not one transaction, so

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from fewstep.errors import NotFound, Overloaded
 from fewstep.service.queue.base import (
     Delivery,
-    Finished,
     ItemResult,
     JobEvent,
     JobSpec,
     JobStatus,
     QueueStats,
     WorkItem,
+    Written,
     idempotency_conflict,
     key_digest,
     owner_over_jobs,
@@ -320,11 +320,11 @@ class EmbeddedQueue:
                 if entry is not None and entry.consumer == consumer:
                     entry.touched = now
 
-    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Written]:
         with self._cv:
             return [self._finish(d, r) for d, r in done]
 
-    def _finish(self, delivery: Delivery, result: ItemResult) -> Finished:
+    def _finish(self, delivery: Delivery, result: ItemResult) -> Written:
         if self._entries.pop(delivery.entry_id, None) is not None:
             self._lane_items[delivery.lane] -= 1
             owner = (delivery.work.owner, delivery.lane)
@@ -333,15 +333,15 @@ class EmbeddedQueue:
                 del self._owner_cost[owner]
         job = self._jobs.get(delivery.work.job_id)
         if job is None or result.index in job.results:
-            return Finished(wrote=False)
+            return Written(wrote=False)
         job.results[result.index] = result
         job.expires = time.time() + job.spec.ttl_s
         self._event(job, "item", result.index, result.outcome)
         if len(job.results) < len(job.spec.items):
-            return Finished(wrote=True)
+            return Written(wrote=True)
         job.finished = time.time()
         self._event(job, "end")
-        return Finished(wrote=True, job_seconds=job.finished - job.created)
+        return Written(wrote=True, job_seconds=job.finished - job.created)
 
     def _event(self, job: _Job, kind: str, index: int | None = None, outcome: str | None = None) -> None:
         job.events.append(JobEvent(cursor=str(next(self._events)), kind=kind, index=index, outcome=outcome))  # type: ignore[arg-type]

@@ -26,13 +26,13 @@ import redis
 from fewstep.errors import NotFound, NotReady, Overloaded
 from fewstep.service.queue.base import (
     Delivery,
-    Finished,
     ItemResult,
     JobEvent,
     JobSpec,
     JobStatus,
     QueueStats,
     WorkItem,
+    Written,
     idempotency_conflict,
     key_digest,
     owner_over_jobs,
@@ -421,7 +421,7 @@ class RedisQueue:
                 self.r.xclaim(stream, self.keys.group, consumer, 0, still, justid=True)
 
     @_reachable
-    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Finished]:
+    def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Written]:
         k = self.keys
         pipe = self.r.pipeline(transaction=False)  # one round trip for the batch; each script is atomic
         for delivery, result in done:
@@ -437,9 +437,9 @@ class RedisQueue:
         out = []
         for reply in pipe.execute():
             if isinstance(reply, bytes | str):  # this result completed the job; the reply is its creation time
-                out.append(Finished(wrote=True, job_seconds=time.time() - float(_s(reply))))
+                out.append(Written(wrote=True, job_seconds=time.time() - float(_s(reply))))
             else:
-                out.append(Finished(wrote=bool(reply)))
+                out.append(Written(wrote=bool(reply)))
         return out
 
     @_reachable
