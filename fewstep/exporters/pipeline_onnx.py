@@ -33,7 +33,6 @@ from fewstep.artifacts.pipeline import (
     ROOT,
     OrtNets,
     artifact_dir,
-    describe,
     graph_entry,
     recording,
     source_digest,
@@ -361,11 +360,3 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
         _place(built, folder, precision)
     return art
 
-
-def exported(folder: Path) -> bool:
-    """Whether the version at `folder` has fp32 ONNX graphs."""
-    try:
-        describe(folder, "fp32")
-        return True
-    except CheckpointError:
-        return False
