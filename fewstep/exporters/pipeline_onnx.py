@@ -359,4 +359,3 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, precision)
     return art
-
