@@ -20,10 +20,11 @@ from importlib import metadata
 from fastapi import FastAPI
 
 from fewstep.engines.backends.torch import set_intra_op_threads
-from fewstep.engines.base import Outcome, StepEngine, StreamEngine
+from fewstep.engines.base import StepEngine, StreamEngine
 from fewstep.models.registry import Registry
 from fewstep.service import errors
 from fewstep.service.auth import AdminKeys, KeyRing
+from fewstep.service.catalog import Catalog, Routing
 from fewstep.service.events import EventHub
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
@@ -37,7 +38,7 @@ from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
 from fewstep.service.versions import Versions
 from fewstep.service.watch import subscribe
-from fewstep.service.worker import Worker, build_workers, canary_outcome, engine_lookup, worker_name
+from fewstep.service.worker import Worker, process_workers, worker_name
 
 log = logging.getLogger("fewstep.service")
 
@@ -59,9 +60,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.registry.register(QueueCollector(queue.stats))
     ctx = Context(settings, Registry(settings.registry))
     name = worker_name()
-    runs_images = settings.embedded_workers > 0 and settings.engine == "image"
-    image_models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=runs_images, loader=name)
-    stream_models: Versions[StreamEngine] = Versions(ctx, metrics, stream_kinds(), run=True, loader=name)
+    # Image models run here with embedded workers on the image engine; otherwise this process only routes to
+    # them (Redis workers run them, or the no-op engine stands in) and reads their manifests.
+    image_models: Catalog
+    if settings.embedded_workers > 0 and settings.engine == "registry":
+        image_models = Versions[StepEngine](ctx, metrics, step_kinds(), loader=name)
+    else:
+        image_models = Routing(ctx, metrics, step_kinds(), loader=name)
+    stream_models: Versions[StreamEngine] = Versions(ctx, metrics, stream_kinds(), loader=name)
     streams = VideoStreams(settings, metrics, stream_models)
     keys = KeyRing(settings)
     if not keys.enabled:
@@ -94,32 +100,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for model, version in ctx.registry.seed_from(settings.checkpoints):
                 log.info("registry seeded with %s:%s from %s", model, version, settings.checkpoints)
         except Exception as e:
-            image_models.load_error = f"{type(e).__name__}: {e}"
             log.exception("seeding the registry failed")
+            image_models.fail(f"{type(e).__name__}: {e}")
+            return
         finally:
             seeded.set()
-        if image_models.load_error is not None:
-            image_models.loaded.set()
-            return
         image_models.load()
-        if image_models.load_error is not None:
+        if not image_models.ready:
             return
-        if not settings.embedded_workers:
+        if isinstance(image_models, Routing) and not settings.embedded_workers:
             image_models.watch_forever(stopping)  # nothing runs here: just follow the registry
             return
-        lookup = engine_lookup(settings, image_models.engine)
-        route = image_models.engine if settings.engine == "image" else None
-
-        def maintain() -> None:
-            image_models.maintain([e for w in workers for e in w.scheduler.engines])
-
-        def finished(model: str, engine: object, outcome: Outcome) -> None:
-            image_models.record(model, engine, canary_outcome(outcome))
-
-        threads = set_intra_op_threads if settings.engine == "image" else None
-        made = build_workers(
-            queue, lookup, settings, metrics, name, settings.embedded_workers, route, maintain, finished, threads
-        )
+        made = process_workers(queue, settings, metrics, name, settings.embedded_workers, image_models)
         workers.extend(made)
         for w in made[1:]:
             w.start()

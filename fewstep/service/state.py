@@ -11,9 +11,9 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
-from fewstep.engines.base import StepEngine
 from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
+from fewstep.service.catalog import Catalog
 from fewstep.service.drain import Drain
 from fewstep.service.events import EventHub
 from fewstep.service.limits import Lease, Limits
@@ -21,20 +21,20 @@ from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import JobQueue
 from fewstep.service.settings import Settings
 from fewstep.service.streams import VideoStreams
-from fewstep.service.versions import Versions
 
 T = TypeVar("T")
 
 
 @dataclass
 class Gateway:
-    """The parts of a running gateway. `images` are the models served through the queue (step engines);
+    """The parts of a running gateway. `images` are the models served through the queue (step engines: run here
+    by embedded workers, or only routed to);
     `streams` the stream sessions and their models."""
 
     settings: Settings
     metrics: Metrics
     queue: JobQueue
-    images: Versions[StepEngine]
+    images: Catalog
     streams: VideoStreams
     keys: KeyRing
     admins: AdminKeys

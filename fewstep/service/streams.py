@@ -72,7 +72,7 @@ class VideoStreams:
         def run() -> None:
             seeded.wait()
             if self.settings.video_max_sessions == 0:
-                self.versions.loaded.set()  # this process serves no video
+                self.versions.skip()  # this process serves no video
                 return
             from fewstep.engines.backends.torch import set_intra_op_threads
 

@@ -1,7 +1,9 @@
-"""One version lifecycle for every model kind: follow → load beside → gate → canary → swap → drain → unload.
+"""The version lifecycle of a process that runs the engines: follow → load beside → gate → canary → swap →
+drain → unload, one for every model kind.
 
-`Versions` holds the models of some kinds (`service/kinds.py`) as this process serves them, and follows
-the registry between steps (`maintain`, called by the thread that drives the engines):
+`Versions` holds the models of some kinds (`service/kinds.py`) as this process serves them (what it shares
+with a process that only routes is `service/catalog.py`'s `Catalog`), and follows the registry between
+steps (`maintain`, called by the thread that drives the engines):
 
 - **Watch.** Each model's `PROMOTED` pointer is read every `FEWSTEP_WATCH_INTERVAL_S` (a file watch
   that works on any shared volume); with Redis, a push announcement wakes it at once (`nudged`).
@@ -16,10 +18,6 @@ the registry between steps (`maintain`, called by the thread that drives the eng
   is closed once nothing in use holds it (`in_use`).
 - **Crashes while loading.** Load marks in the registry (`service/loading.py`): a version whose loads
   keep dying is refused, and a version another process is loading is not gated twice.
-
-A process that only routes (a gateway in Redis mode, for the kinds its workers serve) builds each
-version's spec from its manifest, never loads weights, and follows a new version once a worker's gate
-has recorded its verdict. Other threads read `Model` fields, which are replaced whole.
 """
 
 from __future__ import annotations
@@ -32,13 +30,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar, cast
 
 from fewstep.engines.base import Servable
-from fewstep.engines.specs import Spec
-from fewstep.errors import CheckpointError, FewstepError, NotFound, NotReady, RegistryError
+from fewstep.errors import CheckpointError, FewstepError, NotFound
+from fewstep.service.catalog import Catalog, refusal
 from fewstep.service.gate import Verdict
 from fewstep.service.kinds import Context
 from fewstep.service.loading import Busy, Loader
 from fewstep.service.metrics import Metrics
-from fewstep.service.served import Canary, Loaded, Model, Status, share
+from fewstep.service.served import Canary, Loaded, Model, share
 
 RETIRE_GRACE_S = 2.0
 """A replaced engine stays open at least this long after it leaves routing (see `_close_drained`)."""
@@ -46,222 +44,59 @@ log = logging.getLogger("fewstep.runtime")
 E = TypeVar("E", bound=Servable)
 
 
-def refusal(e: Exception) -> FewstepError:
-    """What refuses a version for `e`: a domain error as it is, anything else as a `CheckpointError` naming it."""
-    return e if isinstance(e, FewstepError) else CheckpointError(f"load failed: {type(e).__name__}: {e}")
+class Versions(Catalog, Generic[E]):
+    """The served models of `kinds`, their engines run by this process."""
 
-
-class Versions(Generic[E]):
-    """The served models of `kinds`, run here (`run`) or only routed to."""
-
-    def __init__(self, ctx: Context, metrics: Metrics, kinds: Collection[str], run: bool, loader: str) -> None:
-        self.ctx, self.metrics, self.run = ctx, metrics, run
-        self.settings, self.registry = ctx.settings, ctx.registry
-        self.kinds = set(kinds)
-        self.models: dict[str, Model] = {}
-        self.loaded = threading.Event()
-        self.load_error: str | None = None
-        self.nudged = threading.Event()
-        """Set by a push announcement: `maintain` looks at the registry without waiting for the interval."""
-        self.loader = Loader(ctx, metrics, loader)
-        self._next_look = 0.0
+    def __init__(self, ctx: Context, metrics: Metrics, kinds: Collection[str], loader: str) -> None:
+        super().__init__(ctx, metrics, kinds, loader)
         self._retiring: list[tuple[str, str, Servable, float]] = []
-        self._bad_pointers: dict[str, str] = {}
-        self._unserved: set[str] = set()
         self._loading: dict[str, tuple[str, Future[Loaded]]] = {}
         self._starting: dict[str, Future[Model | None]] = {}
         """Models pushed after start, loading in the loader thread."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._lock = threading.Lock()
 
+    @property
+    def loading(self) -> bool:
+        """Whether a version (or a model pushed after start) is loading in the loader thread now."""
+        return bool(self._loading or self._starting)
+
     # -- start ------------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Serve every model of these kinds, in the calling thread; `loaded` is set when done. A model none of
-        whose versions loads is kept, reported (`/v1/models`, metrics) and refused per request; the others
-        serve regardless."""
-        try:
-            for name in self.registry.models():
-                try:
-                    self._place(name, self._first_version(name))
-                except Exception:  # a surprise in one model's files stops that model, not the ones after it
-                    log.exception("starting %s failed", name)
-        except Exception as e:  # the registry itself cannot be listed
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("model loading failed")
-        finally:
-            self._count_ready()
-            self._next_look = time.monotonic() + self.settings.watch_interval_s
-            self.loaded.set()
-
-    def _place(self, name: str, model: Model | None) -> None:
-        """Take a model `_first_version` made into `models` (None: none yet, or not of a kind served here)."""
-        if model is None:
-            if self.registry.versions(name):
-                self._unserved.add(name)  # another process part's kind, or not served by itself
-            return
-        self.models[name] = model
-        self._count_ready()
-
-    def _first_version(self, name: str) -> Model | None:
-        """A model of these kinds with its first serving version (or none that loads); None when the model is
-        not of these kinds or has no version. It changes only the model it makes (and counts refusals): it may
-        run in the loader thread, and `_place` takes its model in."""
-        versions = self.registry.versions(name)
-        if not versions:
-            return None
-        promoted = self._pointer(name) or versions[-1]
-        kind = self._kind(name, [promoted, *reversed(versions)])
-        if kind not in self.kinds:
-            return None
-        model = Model(name=name, kind=kind, pointer=promoted)
-        upto = versions[: versions.index(promoted) + 1] if promoted in versions else versions
-        older = [v for v in reversed(upto) if v != promoted]
-        passed = [v for v in older if self.loader.passed(model.kind, name, v)]
-        if self.run and passed and not self.loader.passed(model.kind, name, promoted):
+    def _order(self, model: Model, promoted: str, older: list[str]) -> list[str]:
+        passed = [v for v in older if self.loader.passed(model.kind, model.name, v)]
+        if passed and not self.loader.passed(model.kind, model.name, promoted):
             # The promoted version is new to the gate (or its last load crashed): serve the newest
             # known-good one first; `maintain` then tries the promoted one beside it.
-            order = [*passed, *(v for v in older if v not in passed)]
-        else:
-            order = [promoted, *older]
-        for version in order:
-            try:
-                loaded = self._candidate(model, version)
-            except Exception as e:  # whatever one version does wrong refuses that version, never the start
-                self._refused(model, version, refusal(e))
-                continue
-            self._serve(model, loaded)
-            break
-        if order[0] != promoted:
-            model.pointer = model.serving.version if model.serving else None  # `follow` tries the promoted next
-        for v in versions:
-            model.statuses.setdefault(v, self._recorded_status(model, v))
-        return model
-
-    def _kind(self, name: str, versions: list[str]) -> str | None:
-        """The kind of the first of `versions` whose manifest reads (a broken one is refused later, by kind)."""
-        for version in versions:
-            try:
-                kind = self.registry.manifest(name, version).get("kind")
-            except FewstepError as e:
-                log.warning("cannot read %s:%s manifest: %s", name, version, e)
-                continue
-            return str(kind)
-        return None
+            return [*passed, *(v for v in older if v not in passed)]
+        return [promoted, *older]
 
     def _candidate(self, model: Model, version: str, wait_for_others: bool = False) -> Loaded:
-        """A loaded, warmed and gated version (a spec alone when routing); FewstepError when refused."""
-        if not self.run:
-            spec, scores = self.loader.spec(model.kind, model.name, version)
-            return Loaded(version, None, scores, spec=spec)
+        """A loaded, warmed and gated version; FewstepError when refused (`Busy`: another process loads it)."""
         engine, verdict = self.loader.load(model.kind, model.name, version, model.serving, wait_for_others)
         return Loaded(version, engine, verdict.scores or None, verdict.outputs, spec=engine.spec)
 
-    # -- statuses ---------------------------------------------------------------------------------
-    def _pointer(self, name: str) -> str | None:
-        try:
-            version = self.registry.promoted(name)
-        except RegistryError as e:
-            self._refuse_pointer(name, e)
-            return None
-        self._bad_pointers.pop(name, None)
-        return version
-
-    def _refuse_pointer(self, name: str, e: FewstepError) -> None:
-        if self._bad_pointers.get(name) == str(e):
-            return  # counted and logged when first seen, not at every look
-        self._bad_pointers[name] = str(e)
-        self.metrics.model_refused.labels(name).inc()
-        log.error("refused the pointer of %s: %s", name, e)
-
-    def _recorded_status(self, model: Model, version: str) -> tuple[Status, str | None]:
-        why = self.loader.refused(model.kind, model.name, version)
-        return ("refused", why) if why is not None else ("ready", None)
-
-    def _refused(self, model: Model, version: str, e: FewstepError) -> None:
-        model.statuses[version] = ("refused", self.loader.public(str(e)))
-        self.metrics.model_refused.labels(model.name).inc()
-        log.error("refused %s:%s: %s", model.name, version, e)
-
-    def _serve(self, model: Model, loaded: Loaded) -> None:
-        """Make `loaded` take every new item of the model; the previous one drains, then closes."""
-        old = model.serving
-        model.serving = loaded
-        model.created = int(self.registry.version_dir(model.name, loaded.version).stat().st_mtime)
-        model.statuses[loaded.version] = ("serving", None)
-        if old is not None and old.engine is not loaded.engine:
-            model.statuses[old.version] = self._recorded_status(model, old.version)
-            if old.engine is not None:
-                self._retiring.append((model.name, old.version, old.engine, time.monotonic()))
-            self.metrics.model_swaps.labels(model.name).inc()
-            log.info("%s: version %s serves new items; %s drains", model.name, loaded.version, old.version)
-        else:
-            s = loaded.spec
-            how = "serving" if self.run else "routing"
-            log.info("%s %s:%s on %s/%s", how, model.name, loaded.version, s.backend, s.precision)
-        self._count_ready()
-
-    def _count_ready(self) -> None:
-        models = list(self.models.values())
-        for kind in {m.kind for m in models}:
-            ready = sum(1 for m in models if m.kind == kind and m.serving is not None)
-            self.metrics.models_ready.labels(kind).set(ready)
-            self.metrics.models_unavailable.labels(kind).set(sum(1 for m in models if m.kind == kind) - ready)
-
     # -- following the registry -------------------------------------------------------------------
     def maintain(self, in_use: Collection[object] = ()) -> None:
-        """Between steps: follow pointer changes, settle canaries, close drained engines.
+        """Between steps: follow pointer changes, adopt finished loads, settle canaries, close drained engines.
 
         `in_use`: engines that running work still holds (they are not closed yet)."""
-        if self.loaded.is_set() and self.load_error is None:
-            now = time.monotonic()
-            nudged = self.nudged.is_set()
-            if nudged or now >= self._next_look:
-                self.nudged.clear()
-                self._next_look = now + self.settings.watch_interval_s
-                for name in self.registry.models():
-                    if name in self._unserved:
-                        continue
-                    try:
-                        self.follow(name, recheck=nudged)
-                    except Exception:  # the registry is shared input: a surprise there must not stop serving
-                        log.exception("following %s failed", name)
+        if self.ready:
+            self._look()
             self._collect()
             for model in list(self.models.values()):
                 self._settle_canary(model)
         self._close_drained(in_use)
 
-    def follow(self, name: str, recheck: bool = False) -> None:
-        """Bring one model in line with its pointer (no-op when it already is).
+    def _arrived(self, name: str) -> None:
+        # A model pushed after start loads in the loader thread, not between the engines' steps.
+        if name not in self._starting and self.registry.versions(name):
+            self._starting[name] = self._pool.submit(self._first_version, name)
 
-        `recheck`: also re-read the recorded verdicts of versions shown as ready (another process
-        announced one); otherwise only new versions' records are read, to keep each look cheap."""
-        model = self.models.get(name)
-        if model is None:
-            if name in self._starting or not self.registry.versions(name):
-                return
-            if not self.run:
-                self._place(name, self._first_version(name))  # routing reads manifests only
-            else:  # a model pushed after start loads in the loader thread, not between the engines' steps
-                self._starting[name] = self._pool.submit(self._first_version, name)
-            return
-        target = self._pointer(name)
-        for v in self.registry.versions(name):
-            st = model.statuses.get(v)
-            if st is None or (recheck and st[0] == "ready"):
-                model.statuses[v] = self._recorded_status(model, v)
-        if target is None or target == model.pointer or name in self._loading:
+    def _moved(self, model: Model, target: str) -> None:
+        if model.name in self._loading:
             return  # a pointer that moves during a load is followed once that load ends
-        serving = model.serving.version if model.serving else None
-        if not self.run and target != serving:
-            # This process routes and does not judge: it follows once the workers' gate has spoken.
-            verdict = self.loader.verdict(model.kind, name, target)
-            if verdict is None:
-                return
-            if not verdict["passed"]:
-                model.pointer = target
-                model.statuses[target] = ("refused", verdict.get("reason"))
-                return
         model.pointer = target
+        serving = model.serving.version if model.serving else None
         if target == serving:
             self._drop_canary(model, "the pointer moved back to the serving version")
             return
@@ -269,12 +104,9 @@ class Versions(Generic[E]):
             if model.canary.loaded.version == target:
                 return
             self._drop_canary(model, f"the pointer moved on to {target}")
-        if not self.run:
-            self._adopt(model, self._candidate(model, target))
-            return
         # Load, warm up and gate beside the serving version, off the serving thread: work goes on
         # meanwhile (sharing the cores), and `maintain` adopts the result at a step boundary.
-        self._loading[name] = (target, self._pool.submit(self._candidate, model, target, True))
+        self._loading[model.name] = (target, self._pool.submit(self._candidate, model, target, True))
 
     def _collect(self) -> None:
         """Adopt (or refuse) the versions whose background load has ended, and take in new models."""
@@ -321,7 +153,7 @@ class Versions(Generic[E]):
 
     def _adopt(self, model: Model, loaded: Loaded) -> None:
         """A version that passed the gate: all new work at once, or a canary share first."""
-        if not self.run or self.settings.canary_fraction == 0.0 or model.serving is None:
+        if self.settings.canary_fraction == 0.0 or model.serving is None:
             self._serve(model, loaded)
             return
         model.canary = Canary(loaded)
@@ -377,13 +209,6 @@ class Versions(Generic[E]):
             log.info("%s: version %s drained and unloaded", name, version)
         self._retiring = keep
 
-    def watch_forever(self, stop: threading.Event) -> None:
-        """Follow the registry until `stop` (a process that runs no engine of these kinds)."""
-        self.loaded.wait()
-        while not stop.is_set():
-            self.maintain()
-            self.nudged.wait(self.settings.watch_interval_s)
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for m in self.models.values():
@@ -394,44 +219,17 @@ class Versions(Generic[E]):
             engine.close()
 
     # -- requests ---------------------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        """Start-up loading finished and the registry could be read: every model that has a working version
-        serves. A model without one does not make the process unready (it would take every replica out of
-        rotation for one bad push); its requests get 503 naming why (`model`)."""
-        return self.loaded.is_set() and self.load_error is None
-
-    def model(self, name: str) -> Model:
-        """A served model with a working version; NotReady while loading, NotFound if unknown."""
-        if name not in self.models:
-            if not self.loaded.is_set():
-                raise NotReady("models are still loading")
-            raise NotFound(f"model {name!r} not found; GET /v1/models lists the served models")
-        m = self.models[name]
-        if m.serving is None:
-            why = next((f" (version {v}: {r})" for v, (st, r) in reversed(m.statuses.items()) if st == "refused"), "")
-            raise NotReady(f"model {name!r} has no version that loads{why}")
-        return m
-
-    def spec(self, name: str) -> Spec:
-        """The serving version's spec (NotFound / NotReady as `model`)."""
-        serving = self.model(name).serving
-        assert serving is not None
-        return serving.spec
-
     def engine(self, name: str, key: str | None = None) -> E:
         """The engine new work of `name` starts on: the canary for its share of keys, else the serving one.
 
         The share is a hash of `key` (a job id, a session id), so all items of a job (and every retry)
-        meet one version. Without a key: the serving version. NotReady where this process runs nothing."""
+        meet one version. Without a key: the serving version."""
         m = self.model(name)
         loaded = m.serving
         c = m.canary
         if c is not None and key is not None and share(key) < self.settings.canary_fraction:
             loaded = c.loaded
-        assert loaded is not None
-        if loaded.engine is None:
-            raise NotReady(f"model {name!r} is not run by this process")
+        assert loaded is not None and loaded.engine is not None
         return cast(E, loaded.engine)  # the kinds this instance serves make engines of one protocol
 
     def record(self, name: str, engine: object, ok: bool | None) -> None:

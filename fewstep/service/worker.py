@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,9 @@ from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
 from fewstep.service.queue.keys import BATCH, INTERACTIVE, LANES
 from fewstep.service.settings import Settings
+
+if TYPE_CHECKING:
+    from fewstep.service.catalog import Catalog
 
 log = logging.getLogger("fewstep.worker")
 EngineLookup = Callable[[str], StepEngine]
@@ -52,17 +56,6 @@ def encode_png(pixels: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def engine_lookup(settings: Settings, loaded: EngineLookup | None) -> EngineLookup:
-    """The engines workers run: the registry's models (`loaded`), or one no-op engine for every name."""
-    if settings.engine == "image":
-        assert loaded is not None, "the image engine needs loaded models"
-        return loaded
-    from fewstep.engines.noop import NoopEngine
-
-    noop = NoopEngine(step_s=settings.noop_step_ms / 1000.0)
-    return lambda _model: noop
 
 
 def canary_outcome(outcome: Outcome) -> bool | None:
@@ -187,6 +180,55 @@ def build_workers(
     return workers
 
 
+def process_workers(
+    queue: JobQueue,
+    settings: Settings,
+    metrics: Metrics | None,
+    name: str,
+    general: int,
+    models: Catalog | None,
+) -> list[Worker]:
+    """The workers of one process, wired the same way in the gateway (embedded queue) and in `fewstep worker`.
+
+    `models` as `Versions` runs the engines: new items start on the serving version or its canary, each
+    finished item counts against the canary, and the registry is followed between the first worker's steps,
+    with every worker's running engines kept open. Otherwise the no-op engine answers for every model
+    (`FEWSTEP_ENGINE=noop`), and a routing catalog, if any, is followed between those steps."""
+    from fewstep.service.catalog import Routing
+    from fewstep.service.versions import Versions
+
+    if not isinstance(models, Versions):
+        from fewstep.engines.noop import NoopEngine
+
+        noop = NoopEngine(step_s=settings.noop_step_ms / 1000.0)
+        follow = models.maintain if isinstance(models, Routing) else None
+        return build_workers(queue, lambda _m: noop, settings, metrics, name, general, None, follow, None, None)
+    from fewstep.engines.backends.torch import set_intra_op_threads
+
+    workers: list[Worker] = []
+    serving: Versions[StepEngine] = models
+
+    def maintain() -> None:
+        serving.maintain([e for w in workers for e in w.scheduler.engines])
+
+    def finished(model: str, engine: object, outcome: Outcome) -> None:
+        serving.record(model, engine, canary_outcome(outcome))
+
+    workers += build_workers(
+        queue,
+        serving.engine,
+        settings,
+        metrics,
+        name,
+        general,
+        serving.engine,
+        maintain,
+        finished,
+        set_intra_op_threads,
+    )
+    return workers
+
+
 def worker_name() -> str:
     """Unique per process start: a restarted worker never inherits a dead one's entries by name."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -210,7 +252,7 @@ class Worker:
     ) -> None:
         """`engine_for`: the serving engine of a model; `route`: the engine a job's new item starts on
         (the serving one or a canary; default `engine_for`); `maintain`: called between step
-        boundaries, in this worker's thread (the runtime follows the registry there);
+        boundaries, in this worker's thread (the version lifecycle follows the registry there);
         `finished`: told each retired item's engine and outcome; `lanes`: the lanes it takes items
         from, in order (an interactive-only worker is capacity a batch job cannot fill)."""
         self.queue = queue

@@ -7,21 +7,16 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from fewstep.engines.base import Outcome, StepEngine
+from fewstep.engines.base import StepEngine
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue import open_queue
 from fewstep.service.settings import Settings
-from fewstep.service.worker import (
-    EngineLookup,
-    Router,
-    Worker,
-    build_workers,
-    canary_outcome,
-    engine_lookup,
-    worker_name,
-)
+from fewstep.service.worker import Worker, process_workers, worker_name
+
+if TYPE_CHECKING:
+    from fewstep.service.versions import Versions
 
 
 def run_worker(settings: Settings, name: str | None = None, metrics_port: int | None = None) -> int:
@@ -33,13 +28,8 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
         return 2
     metrics = Metrics(role="worker")
     name = name or worker_name()
-    loaded: EngineLookup | None = None
-    set_threads: Callable[[int], None] | None = None
-    route: Router | None = None
-    maintain: Callable[[], None] | None = None
-    finished: Callable[[str, object, Outcome], None] | None = None
+    models: Versions[StepEngine] | None = None
     stop_watch = threading.Event()
-    worker: Worker | None = None
     workers: list[Worker] = []
     stopping = threading.Event()
 
@@ -52,7 +42,7 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
     # it leaves no half-done load mark behind to count against a good version, and then exits 0.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if settings.engine == "image":
+    if settings.engine == "registry":
         from fewstep.engines.backends.torch import set_intra_op_threads
         from fewstep.models.registry import Registry
         from fewstep.service.app import step_kinds
@@ -61,32 +51,22 @@ def run_worker(settings: Settings, name: str | None = None, metrics_port: int | 
         from fewstep.service.watch import subscribe
 
         set_intra_op_threads(settings.intra_op_threads(1))  # every core until an interactive-only worker runs
-        set_threads = set_intra_op_threads
         ctx = Context(settings, Registry(settings.registry))
         ctx.registry.seed_from(settings.checkpoints)
-        models: Versions[StepEngine] = Versions(ctx, metrics, step_kinds(), run=True, loader=name)
+        models = Versions[StepEngine](ctx, metrics, step_kinds(), loader=name)
         models.load()
         if models.load_error is not None:  # the registry itself cannot be read: nothing here could ever serve
             print(f"fewstep worker: the registry cannot be read ({models.load_error})", file=sys.stderr)
             return 1
         # A model with no version that loads is not a reason to exit (a crash loop would not mend it): this
         # worker serves the others and follows the registry for a version of it that passes.
-        loaded, route = models.engine, models.engine
-
-        def finished(model: str, engine: object, outcome: Outcome) -> None:
-            models.record(model, engine, canary_outcome(outcome))
-
         subscribe(settings, [models.nudged], stop_watch)
-
-        def maintain() -> None:
-            models.maintain([e for w in workers for e in w.scheduler.engines])  # every thread's running engines
 
     if metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=settings.host, registry=metrics.registry)
-    queue, lookup = open_queue(settings), engine_lookup(settings, loaded)
-    workers += build_workers(queue, lookup, settings, metrics, name, 1, route, maintain, finished, set_threads)
+    workers += process_workers(open_queue(settings), settings, metrics, name, 1, models)
     worker, reserved = workers[0], workers[1:]
     if stopping.is_set():  # asked to stop while loading: nothing was claimed
         stop_watch.set()

@@ -39,7 +39,7 @@ def _streams(registry: Registry, encoder: Any, **settings: Any) -> VideoStreams:
     fields = {"video_max_sessions": 1, "threads": 1, **settings}
     ctx = Context(Settings(registry=registry.root, **fields), registry)
     ctx._encoder = encoder
-    return VideoStreams(ctx.settings, Metrics(), Versions(ctx, Metrics(), stream_kinds(), run=True, loader="test"))
+    return VideoStreams(ctx.settings, Metrics(), Versions(ctx, Metrics(), stream_kinds(), loader="test"))
 
 
 def _running(tmp_path: Path, checkpoints: Path, encoder: Any, **settings: Any) -> tuple[Registry, VideoStreams]:
@@ -71,7 +71,7 @@ def settle(streams: VideoStreams, until: float = 120.0) -> None:
     streams.versions.nudged.set()
     while time.monotonic() < deadline:
         streams.maintain()
-        if not streams.versions._loading:
+        if not streams.versions.loading:
             streams.maintain()
             return
         time.sleep(0.05)

@@ -19,7 +19,7 @@ from fewstep.service.versions import Versions
 from tests.service import versions as v
 
 pytestmark = pytest.mark.slow
-FLAVOUR = "torch-fp32"
+RUNTIME = "torch-fp32"
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def runtime(tmp_path: Path, checkpoints: Path) -> Iterator[Versions]:
     )
     ctx = Context(settings, Registry(settings.registry))
     ctx.registry.seed_from(checkpoints)
-    rt = Versions(ctx, Metrics(), step_kinds(), run=True, loader="this-process")
+    rt = Versions(ctx, Metrics(), step_kinds(), loader="this-process")
     rt.load()
     assert rt.ready and version_of(rt, "shapes") == "1"
     yield rt
@@ -46,7 +46,7 @@ def settle(rt: Versions, until: float = 30.0) -> None:
     deadline = time.monotonic() + until
     while time.monotonic() < deadline:
         rt.maintain()
-        if not rt._loading:
+        if not rt.loading:
             rt.maintain()
             return
         time.sleep(0.05)
@@ -62,14 +62,14 @@ def test_a_version_another_process_is_loading_is_not_gated_twice(
     other = reg.begin_load("shapes", "2", "other-process")  # fresh: that process is loading it now
     time.sleep(0.1)
     settle(runtime)
-    assert version_of(runtime, "shapes") == "1" and reg.verdict("shapes", "2", FLAVOUR) is None
+    assert version_of(runtime, "shapes") == "1" and reg.verdict("shapes", "2", RUNTIME) is None
     # The other process ends its load with a verdict: this one adopts the version without gating it.
-    reg.record_verdict("shapes", "2", FLAVOUR, {"passed": True, "reason": None, "metrics": {"mark": 1}})
+    reg.record_verdict("shapes", "2", RUNTIME, {"passed": True, "reason": None, "metrics": {"mark": 1}})
     reg.end_load(other)
     time.sleep(0.1)
     settle(runtime)
     assert version_of(runtime, "shapes") == "2"
-    assert reg.verdict("shapes", "2", FLAVOUR)["metrics"] == {"mark": 1}  # not judged again
+    assert reg.verdict("shapes", "2", RUNTIME)["metrics"] == {"mark": 1}  # not judged again
 
 
 def test_a_version_whose_loader_died_is_refused_after_max_load_attempts(
