@@ -17,11 +17,10 @@ meaning: it picks the same student timesteps as without the hybrid, so a hybrid 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,6 +34,8 @@ from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
 
+log = logging.getLogger("fewstep.engines")
+
 
 class ImageEngine:
     """Runs the few-step student of one registry version on one backend."""
@@ -47,9 +48,12 @@ class ImageEngine:
         precision: str = "fp32",
         version: str | None = None,
         teacher_folder: Path | None = None,
+        trt_cache: Path | None = None,
     ) -> None:
-        """`teacher_folder`: the exact teacher the student was distilled from, for hybrid items."""
+        """`teacher_folder`: the exact teacher the student was distilled from, for hybrid items; `trt_cache`:
+        where the tensorrt backend keeps its plans (the `trt_cache` setting)."""
         self.folder = folder
+        self.trt_cache = trt_cache
         self.teacher_folder = teacher_folder
         self.encoder = encoder
         self.backend = backend
@@ -74,12 +78,9 @@ class ImageEngine:
         # one): torch modules and ONNX Runtime sessions run concurrently, a TensorRT execution context
         # does not, so only that backend's calls are serialised.
         self._lock: AbstractContextManager[object] = threading.Lock() if backend == "tensorrt" else nullcontext()
-        self._count = threading.Lock()
-        self._steps = 0
-        self._last_error: str | None = None
 
     def load(self) -> None:
-        self._net = backend(self.backend).image(self.folder, self.manifest, self.precision)
+        self._net = backend(self.backend, self.trt_cache).image(self.folder, self.manifest, self.precision)
         if self.teacher_folder is not None:
             try:
                 self._teacher = self._load_teacher(self.teacher_folder)
@@ -98,7 +99,7 @@ class ImageEngine:
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{folder}: manifest has no valid sampler ({e})") from e
         null_states, null_mask = self.encoder.encode([""])
-        net = backend(self.backend).image(folder, manifest, self.precision)
+        net = backend(self.backend, self.trt_cache).image(folder, manifest, self.precision)
         return HybridTeacher(net, sampler.guidance, null_states, null_mask, self.handoff)
 
     def warmup(self) -> None:
@@ -144,11 +145,15 @@ class ImageEngine:
                 advance(self._net, self.schedule, [s.state for s in live], self._teacher)
             except Exception as e:  # an engine fault fails items, never the process
                 failed = e
-            finally:
-                with self._count:
-                    self._steps += 1
         if failed is not None:
-            self._last_error = f"{type(failed).__name__}: {failed}"
+            log.warning(
+                "%s:%s step failed for %d items: %s: %s",
+                self.spec.model,
+                self.spec.version,
+                len(live),
+                type(failed).__name__,
+                failed,
+            )
             if len(live) > 1:
                 # A failed call changed no state: run each item alone, so that only an item whose own input
                 # breaks the network fails, never its neighbours (other clients' requests).
@@ -169,15 +174,6 @@ class ImageEngine:
                 px = to_pixels(x0[None])[0]
                 s.outcome = ImageResult(px, it.seed, it.steps, self.spec.nfe(it), self.spec.version)
             s.state = None  # free the tensors as soon as the item is done
-
-    def health(self) -> dict[str, Any]:
-        """Loaded, network evaluations run, the last engine fault (for tests and debugging)."""
-        return {
-            "loaded": self._net is not None,
-            "steps": self._steps,
-            "last_error": self._last_error,
-            "checked_at": time.time(),
-        }
 
     def close(self) -> None:
         self._net = None

@@ -4,7 +4,7 @@ A kind tells the version lifecycle (`service/versions.py`) everything it needs t
 models: how to read a version's spec from its manifest alone, how to build its engine (loaded by the
 lifecycle), which engine protocol it speaks (`steps`: a `StepEngine`, served by the workers through
 the queue; `streams`: a `StreamEngine`, served by the gateway's stream driver), which probe set the
-serving gate runs and how the engine makes it, and the flavour its gate verdicts are kept under.
+serving gate runs and how the engine makes it, and the runtime its gate verdicts are kept under.
 Adding a model kind is one engine and one line here; a manifest kind with no entry is not served
 (judges, teachers, ablations: read by others, never served by themselves).
 """
@@ -78,7 +78,9 @@ class Kind(Generic[E]):
     """How one kind of model is served. See the module docstring."""
 
     serves: Literal["steps", "streams"]
-    flavour: Callable[[Settings], str]
+    runtime: Callable[[Settings], str]
+    """What this process runs the kind's versions on (backend and precision, e.g. `torch-fp32`): gate verdicts
+    are kept per runtime, since a version may pass on one and fail on another."""
     spec: Callable[[Context, Version], Spec]
     engine: Callable[[Context, Version], E]
     probes: Callable[[Settings, dict[str, Any]], ProbeSet | None]
@@ -158,12 +160,20 @@ def _image_spec(ctx: Context, v: Version) -> ImageSpec:
 def _image_engine(ctx: Context, v: Version) -> ImageEngine:
     teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
     s = ctx.settings
-    return ImageEngine(v.folder, ctx.encoder(), s.backend, s.precision, version=v.version, teacher_folder=teacher)
+    return ImageEngine(
+        v.folder,
+        ctx.encoder(),
+        s.backend,
+        s.precision,
+        version=v.version,
+        teacher_folder=teacher,
+        trt_cache=s.trt_cache,
+    )
 
 
 IMAGE: Kind[StepEngine] = Kind(
     serves="steps",
-    flavour=lambda s: f"{s.backend}-{s.precision}",
+    runtime=lambda s: f"{s.backend}-{s.precision}",
     spec=_image_spec,
     engine=_image_engine,
     probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", s.gate_probe_seeds, 1),
@@ -226,7 +236,7 @@ def _video_engine(ctx: Context, v: Version) -> VideoEngine:
 
 VIDEO: Kind[StreamEngine] = Kind(
     serves="streams",
-    flavour=lambda s: f"video-{s.video_backend}",
+    runtime=lambda s: f"video-{s.video_backend}",
     spec=_video_spec,
     engine=_video_engine,
     probes=lambda s, manifest: (
@@ -255,7 +265,7 @@ def _latent_engine(ctx: Context, v: Version) -> LatentEngine:
 
 DIFFUSERS: Kind[StepEngine] = Kind(
     serves="steps",
-    flavour=lambda s: f"{s.backend}-{s.precision}",
+    runtime=lambda s: f"{s.backend}-{s.precision}",
     spec=_latent_spec,
     engine=_latent_engine,
     probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", s.gate_probe_seeds, 1),
@@ -271,10 +281,10 @@ KINDS: dict[str, Kind[Any]] = {
 """Manifest kind → how it is served."""
 
 
-def flavour_of(registry: Registry, settings: Settings, model: str) -> str:
-    """The flavour of the gate verdicts that decide which of `model`'s versions were refused, from its kind (the
+def runtime_of(registry: Registry, settings: Settings, model: str) -> str:
+    """The runtime of the gate verdicts that decide which of `model`'s versions were refused, from its kind (the
     manifest of its promoted, else newest, version): what a rollback must skip is what the serving processes
-    of that kind refused. Image's flavour when no manifest reads."""
+    of that kind refused. Image's runtime when no manifest reads."""
     try:
         versions = [v for v in (registry.promoted(model),) if v] + list(reversed(registry.versions(model)))
     except FewstepError:
@@ -285,5 +295,5 @@ def flavour_of(registry: Registry, settings: Settings, model: str) -> str:
         except FewstepError:
             continue
         if kind is not None:
-            return kind.flavour(settings)
-    return IMAGE.flavour(settings)
+            return kind.runtime(settings)
+    return IMAGE.runtime(settings)

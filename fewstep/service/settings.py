@@ -32,14 +32,19 @@ class Settings(BaseSettings):
     """Registry root (a volume on Kubernetes)."""
     checkpoints: Path = Path("checkpoints")
     """Shipped checkpoints that seed an empty registry on start."""
-    engine: Literal["image", "noop"] = "image"
-    """What workers run: the registry's image models, or `noop` (no network: measures the serving plumbing)."""
+    engine: Literal["registry", "noop"] = "registry"
+    """What workers run: `registry`, the registry's models (the shipped students and imported pipelines, each on
+    its kind's engine), or `noop` (no network: measures the serving plumbing). `image`, this setting's old name
+    for `registry`, is still taken."""
     noop_step_ms: float = Field(0.0, ge=0.0, le=60_000.0)
     """Wall time per denoising step of the `noop` engine."""
     backend: str = "torch"
     """Engine backend for every model (torch; onnxruntime and tensorrt come with the exporters)."""
     precision: str = "fp32"
     """Numeric precision of the backend."""
+    trt_cache: Path = Path("var/trt-cache")
+    """Where the tensorrt backend keeps the engines it builds (each with a manifest; a shared volume lets
+    replicas on one GPU kind build once)."""
     threads: int | None = Field(None, ge=1, le=256)
     """torch / ONNX Runtime intra-op threads of every engine thread; unset: every core for the general worker
     while the interactive lane is all that runs, an even share for each engine thread while batch items run
@@ -303,6 +308,11 @@ class Settings(BaseSettings):
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, engine_threads))
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_old_name(cls, v: object) -> object:
+        return "registry" if v == "image" else v  # `image` served imported pipelines too: the name said less
 
     @field_validator("precision")
     @classmethod

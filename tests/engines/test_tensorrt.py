@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from fewstep.engines.backends import backend
-from fewstep.engines.backends.tensorrt import DEFAULT_PROFILES, ShapeProfile, cache_key, select_profile, split_batches
+from fewstep.engines.backends.tensorrt import (
+    DEFAULT_PROFILES,
+    ShapeProfile,
+    TensorRTBackend,
+    cache_key,
+    select_profile,
+    split_batches,
+)
 from fewstep.errors import CheckpointError
 
 
@@ -53,13 +60,12 @@ def test_without_a_gpu_the_backend_refuses_with_a_clear_reason(checkpoints: Path
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tensorrt_fp16_matches_onnx_fp32(exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoder) -> None:  # type: ignore[no-untyped-def]
+def test_tensorrt_fp16_matches_onnx_fp32(exported, tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     from fewstep.engines.base import ImageItem, ImageResult
     from fewstep.engines.image import ImageEngine
 
-    monkeypatch.setenv("FEWSTEP_TRT_CACHE", str(tmp_path / "cache"))
     folder = exported.version_dir("shapes", "1")
-    trt_engine = ImageEngine(folder, encoder, backend="tensorrt", precision="fp16")
+    trt_engine = ImageEngine(folder, encoder, backend="tensorrt", precision="fp16", trt_cache=tmp_path / "cache")
     ort_engine = ImageEngine(folder, encoder, backend="onnxruntime", precision="fp32")
     trt_engine.load()
     ort_engine.load()
@@ -84,3 +90,18 @@ def test_a_cached_plan_is_used_only_if_its_manifest_vouches_for_its_bytes(tmp_pa
     store_plan(cache, key, b"engine bytes", {})  # the rebuild replaces it
     (cache / f"{key}.plan.json").unlink()  # a plan dropped into the cache without a manifest
     assert load_plan(cache, key) is None
+
+
+def test_plans_are_kept_where_the_trt_cache_setting_says(tmp_path: Path, checkpoints: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    from fewstep.models.registry import Registry
+    from fewstep.service.kinds import KINDS, Context, Version
+    from fewstep.service.settings import Settings
+
+    settings = Settings(registry=tmp_path / "registry", backend="tensorrt", precision="fp16", trt_cache=tmp_path / "p")
+    ctx = Context(settings, Registry(settings.registry), _encoder=encoder)
+    ctx.registry.publish(checkpoints / "shapes", version="1")
+    v = Version("shapes", "1", ctx.registry.version_dir("shapes", "1"), ctx.registry.manifest("shapes", "1"))
+    engine = KINDS["image"].engine(ctx, v)
+    chosen = backend(engine.backend, engine.trt_cache)  # what `load` builds its plans with
+    assert isinstance(chosen, TensorRTBackend) and chosen.cache == tmp_path / "p"
+    assert backend("tensorrt").cache == Settings.model_fields["trt_cache"].default  # type: ignore[attr-defined]

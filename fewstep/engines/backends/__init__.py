@@ -36,8 +36,11 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def backend(name: str) -> Backend:
-    """The backend called `name`; CheckpointError naming the known ones otherwise."""
+def backend(name: str, trt_cache: Path | None = None) -> Backend:
+    """The backend called `name`; CheckpointError naming the known ones otherwise. `trt_cache`: where the
+    tensorrt backend keeps its built plans (the `trt_cache` setting; its default otherwise)."""
     if name not in BACKENDS:
         raise CheckpointError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
+    if name == "tensorrt" and trt_cache is not None:
+        return TensorRTBackend(cache=trt_cache)
     return BACKENDS[name]

@@ -2,7 +2,7 @@
 
 * FP16 is built from `model.fp32.onnx` with the FP16 flag; INT8 and FP8 from the QDQ graphs
   (`model.int8.onnx`, `model.fp8.onnx`), whose scales TensorRT takes as they are.
-* Engines are cached under `FEWSTEP_TRT_CACHE` (default `var/trt-cache`) by a key over
+* Engines are cached under `FEWSTEP_TRT_CACHE` (the `trt_cache` setting, passed in as `cache`) by a key over
   (artifact sha256, GPU name, TensorRT version, shape profiles): a new GPU kind, TensorRT
   release or artifact builds anew; nothing else does. Each plan has a manifest with its sha256
   and is verified as it is read (`plans.py`); the ONNX graph is hashed as it is read for a build.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,10 @@ def split_batches(batch: int, profiles: tuple[ShapeProfile, ...] = DEFAULT_PROFI
     return [(i, min(i + cap, batch)) for i in range(0, batch, cap)]
 
 
+@dataclass
 class TensorRTBackend:
+    cache: Path = Path("var/trt-cache")
+    """Where built plans are kept (the `trt_cache` setting)."""
     precisions: tuple[str, ...] = tuple(ARTIFACT_FOR)
 
     def video(self, folder: Path, manifest: dict[str, Any], cfg: VideoConfig) -> VideoNet:
@@ -109,7 +111,7 @@ class TensorRTBackend:
         onnx_path = folder / artifact_name(source)
         gpu = torch.cuda.get_device_name(0)
         key = cache_key(art["sha256"], gpu, trt.__version__, precision)
-        cache = Path(os.environ.get("FEWSTEP_TRT_CACHE", "var/trt-cache"))
+        cache = self.cache
         plan = load_plan(cache, key)  # verified against its manifest, else None
         if plan is None:
             graph = read_verified(onnx_path, art.get("sha256"), f"{folder.name}: {onnx_path.name}")
