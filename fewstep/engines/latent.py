@@ -10,8 +10,8 @@ sampling math, the hybrid of an imported pair and its hand-offs are documented t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from fewstep.models.checkpoint import read_manifest
 from fewstep.models.families import Recipe
 from fewstep.models.latent_sampler import Draw, LatentSampler
 from fewstep.models.pipelines import LatentNets, size_multiple
+
+log = logging.getLogger("fewstep.engines")
 
 
 def latent_spec(
@@ -88,8 +90,6 @@ class LatentEngine:
         self._cache_prompts = cache_prompts
         self.sampler: LatentSampler | None = None
         self._lock = threading.Lock()
-        self._steps = 0
-        self._last_error: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def load(self) -> None:
@@ -120,14 +120,6 @@ class LatentEngine:
         if self.sampler is not None:
             self.sampler.clear()
         self.sampler = None
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "loaded": self.sampler is not None,
-            "steps": self._steps,
-            "last_error": self._last_error,
-            "checked_at": time.time(),
-        }
 
     # -- steps ------------------------------------------------------------------------------------
     def draw(self, item: ImageItem) -> Draw:
@@ -178,10 +170,15 @@ class LatentEngine:
                         s.outcome = ImageResult(pixels, it.seed, it.steps, self.spec.nfe(it), self.spec.version)
                     s.state = None
             except Exception as e:  # an engine fault fails these items, never the process
-                self._last_error = f"{type(e).__name__}: {e}"
+                log.warning(
+                    "%s:%s step failed for %d items: %s: %s",
+                    self.spec.model,
+                    self.spec.version,
+                    len(live),
+                    type(e).__name__,
+                    e,
+                )
                 for s in live:
                     if not s.done:
                         s.outcome = GenerationFailed(f"generation failed: {type(e).__name__}")
                         s.state = None
-            finally:
-                self._steps += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
 
 import numpy as np
 
@@ -41,7 +40,8 @@ class NoopEngine:
     def __init__(self, model: str = "noop", step_s: float = 0.0, size: int = 32, spec: ImageSpec | None = None) -> None:
         self.step_s = step_s
         self.spec = spec or noop_spec(model, size)
-        self._steps = 0
+        self.evaluations = 0
+        """Batched steps run (what a network evaluation would be): tests and benchmarks count them."""
         self.loaded = False
 
     def load(self) -> None:
@@ -69,7 +69,7 @@ class NoopEngine:
             return
         if self.step_s:
             time.sleep(self.step_s)  # one "network evaluation" for the whole batch
-        self._steps += 1
+        self.evaluations += 1
         for s in live:
             s.steps_run += 1
             if s.steps_run == s.item.steps:
@@ -79,9 +79,6 @@ class NoopEngine:
     def _pixels(self, item: ImageItem) -> np.ndarray:
         rgb = hashlib.sha256(f"{item.prompt}|{item.seed}".encode()).digest()[:3]
         return np.broadcast_to(np.frombuffer(rgb, dtype=np.uint8), (self.spec.height, self.spec.width, 3)).copy()
-
-    def health(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "steps": self._steps, "last_error": None, "checked_at": time.time()}
 
     def close(self) -> None:
         self.loaded = False

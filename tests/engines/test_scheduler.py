@@ -237,4 +237,4 @@ def test_a_slot_finishes_on_the_engine_that_began_it_when_a_new_version_arrives(
     current[0] = new  # a hot swap between two step boundaries
     [second] = source.submit("m", [ImageItem("second", seed=1, steps=2)])
     drive(sched, source, [first, second])
-    assert old.health()["steps"] == 4 and new.health()["steps"] == 2  # never mixed within a trajectory
+    assert old.evaluations == 4 and new.evaluations == 2  # never mixed within a trajectory
