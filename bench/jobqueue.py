@@ -40,7 +40,7 @@ FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 @dataclass
 class Config:
     label: str
-    engine: str  # noop | image
+    engine: str  # noop | registry
     workers: int  # 0: embedded path
 
 
@@ -143,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = [
         Config(label, engine, workers)
-        for engine in ("noop", "image")
+        for engine in ("noop", "registry")
         for label, workers in (("embedded", 0), ("redis + 1 worker", 1), ("redis + 2 workers", 2))
     ]
     rows = []
@@ -162,7 +162,7 @@ def main() -> None:
         print(f"{cfg.engine:6} {cfg.label:18} {n:6d} items  {rate:8.1f} items/s  sync p50 {sync:7.1f} ms", flush=True)
 
     base = {cfg.engine: (rate, sync) for cfg, _, rate, sync in rows if cfg.workers == 0}
-    engine_name = {"noop": "no-op", "image": "student (torch fp32)"}
+    engine_name = {"noop": "no-op", "registry": "student (torch fp32)"}
     lines = [
         "# Job queue throughput: gateway + Redis + workers vs the embedded path",
         "",
@@ -198,7 +198,7 @@ def _plot(rows: list, path: Path, names: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, engine in zip(axes, ("noop", "image"), strict=True):
+    for ax, engine in zip(axes, ("noop", "registry"), strict=True):
         sub = [(cfg.label, rate) for cfg, _, rate, _ in rows if cfg.engine == engine]
         ax.bar([label for label, _ in sub], [rate for _, rate in sub], color=["#888", "#4a7", "#2a5"])
         ax.set_title(f"{names[engine]} engine")

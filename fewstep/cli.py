@@ -190,13 +190,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from fewstep.models.registry import Registry
-    from fewstep.service.kinds import flavour_of
+    from fewstep.service.kinds import runtime_of
     from fewstep.service.settings import Settings
     from fewstep.service.watch import announce
 
     settings = Settings()
     registry = Registry(Path(args.registry) if args.registry else settings.registry)
-    version = registry.rollback(args.model, args.to, flavour_of(registry, settings, args.model))
+    version = registry.rollback(args.model, args.to, runtime_of(registry, settings, args.model))
     heard = announce(settings, args.model, version, "rollback")
     print(f"{args.model} now points at version {version} (announced to {heard} subscribers)")
     return 0
@@ -387,7 +387,11 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     w = sub.add_parser("worker", help="run an engine worker on the Redis queue (FEWSTEP_REDIS_URL)")
-    w.add_argument("--engine", choices=["image", "noop"], help="FEWSTEP_ENGINE; noop: no network (benchmarks)")
+    w.add_argument(
+        "--engine",
+        choices=["registry", "noop", "image"],
+        help="FEWSTEP_ENGINE; noop: no network (benchmarks); image: the old name of registry",
+    )
     w.add_argument("--noop-step-ms", type=float, help="FEWSTEP_NOOP_STEP_MS: wall time per step of the noop engine")
     w.add_argument("--name", help="consumer name (default: host-pid-random, unique per start)")
     w.add_argument("--metrics-port", type=int, default=0, help="serve this worker's /metrics on this port")

@@ -89,7 +89,7 @@ def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime(
 
 
 def test_rollback_skips_what_the_models_own_kind_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A video model's verdicts are kept under its kind's flavour (`video-torch`), not the image backend's."""
+    """A video model's verdicts are kept under its kind's runtime (`video-torch`), not the image backend's."""
     reg = Registry(tmp_path / "reg")
     for i in range(3):
         folder = tmp_path / f"v{i}"

@@ -80,7 +80,7 @@ from tests.service.gateway import in_process, settings
 
 async def main():
     tmp = pathlib.Path(tempfile.mkdtemp())
-    config = settings(tmp, checkpoints=pathlib.Path({checkpoints!r}), engine="image", video_max_sessions=1)
+    config = settings(tmp, checkpoints=pathlib.Path({checkpoints!r}), engine="registry", video_max_sessions=1)
     async with in_process(config, ready_within=300) as c:
         r = await c.post("/v1/images/generations", json={{"model": "shapes", "prompt": "a red circle", "steps": 2}})
         assert r.status_code == 200, r.text

@@ -224,7 +224,7 @@ class Registry:
         self.validate(model, version)
         write_json_atomic(self.model_dir(model) / POINTER, {"version": version})
 
-    def rollback(self, model: str, to: str | None = None, flavour: str = "torch-fp32") -> str:
+    def rollback(self, model: str, to: str | None = None, runtime: str = "torch-fp32") -> str:
         """Promote `to`, or the newest version older than the promoted one that the gate did not refuse.
 
         An unreadable pointer counts as none (then the newest unrefused version): rollback repairs it.
@@ -238,50 +238,50 @@ class Registry:
             older = [
                 v
                 for v in versions
-                if (current is None or _version_key(v) < _version_key(current)) and not self.refused(model, v, flavour)
+                if (current is None or _version_key(v) < _version_key(current)) and not self.refused(model, v, runtime)
             ]
             if not older:
                 raise NotFound(f"model {model!r} has no unrefused version older than {current!r} to roll back to")
             to = older[-1]
-        elif (why := self.refused(model, check_name("version", to), flavour)) is not None:
+        elif (why := self.refused(model, check_name("version", to), runtime)) is not None:
             raise RegistryError(f"{model}:{to} was refused by the serving gate ({why}); push a new version instead")
         self.promote(model, to)
         return to
 
     # -- the serving gate's records ----------------------------------------------------------
-    # Verdicts are kept per flavour ("torch-fp32", "onnxruntime-int8", ...): a version may serve
+    # Verdicts are kept per runtime ("torch-fp32", "onnxruntime-int8", ...): a version may serve
     # on one backend and not yet on another (its ONNX artifacts are exported later).
     def _gate_dir(self, model: str) -> Path:
         return self.model_dir(model) / GATE_DIR
 
-    def _verdict_path(self, model: str, version: str, flavour: str) -> Path:
-        if not NAME.match(flavour):
-            raise RegistryError(f"invalid flavour {flavour!r}")
-        return self._gate_dir(model) / f"{check_name('version', version)}@{flavour}.json"
+    def _verdict_path(self, model: str, version: str, runtime: str) -> Path:
+        if not NAME.match(runtime):
+            raise RegistryError(f"invalid runtime {runtime!r}")
+        return self._gate_dir(model) / f"{check_name('version', version)}@{runtime}.json"
 
-    def subject(self, model: str, version: str, flavour: str) -> str | None:
+    def subject(self, model: str, version: str, runtime: str) -> str | None:
         """What a verdict on this version judged: the SHA-256 of its manifest, which lists every file's
-        SHA-256 (checked as the files load), and for a flavour that serves exported graphs (not torch's) of
+        SHA-256 (checked as the files load), and for a runtime that serves exported graphs (not torch's) of
         every artifact manifest beside it (each names its graph's SHA-256, and its quality gate): graphs
         exported again, or swapped, are judged again. None when the version has no readable manifest."""
         folder = self.version_dir(model, version)
         digest = hashlib.sha256()
         try:
             digest.update((folder / "manifest.json").read_bytes())
-            if "torch" not in flavour.split("-"):  # (any export re-gates: simpler than knowing whose graphs)
+            if "torch" not in runtime.split("-"):  # (any export re-gates: simpler than knowing whose graphs)
                 for art in sorted([*folder.glob("*.onnx.json"), *folder.glob("onnx/*/manifest.json")]):
                     digest.update(str(art.relative_to(folder)).encode() + b"\0" + art.read_bytes())
         except OSError:
             return None
         return digest.hexdigest()
 
-    def verdict(self, model: str, version: str, flavour: str) -> dict[str, Any] | None:
+    def verdict(self, model: str, version: str, runtime: str) -> dict[str, Any] | None:
         """The gate's recorded verdict on a version ({"passed": bool, "reason", "metrics", ...}), if any.
 
         A verdict counts only for what it judged: one whose `subject` is not this version's manifest digest
         as it is now (the version was rewritten, or the file was written by hand) is no verdict, and the
         version is gated again."""
-        path = self._verdict_path(model, version, flavour)
+        path = self._verdict_path(model, version, runtime)
         if not path.is_file() or path.is_symlink():
             return None
         try:
@@ -290,19 +290,19 @@ class Registry:
             return None  # a torn or foreign file is no verdict: the version is gated again
         if not isinstance(data, dict) or not isinstance(data.get("passed"), bool):
             return None
-        subject = self.subject(model, version, flavour)
+        subject = self.subject(model, version, runtime)
         return data if subject is not None and data.get("subject") == subject else None
 
-    def record_verdict(self, model: str, version: str, flavour: str, verdict: dict[str, Any]) -> None:
+    def record_verdict(self, model: str, version: str, runtime: str, verdict: dict[str, Any]) -> None:
         """Keep the gate's verdict, bound to the digest of what it judged (`subject`), so that every process
         (and every restart) agrees without re-judging."""
-        path = self._verdict_path(model, version, flavour)
+        path = self._verdict_path(model, version, runtime)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {**verdict, "subject": self.subject(model, version, flavour)})
+        write_json_atomic(path, {**verdict, "subject": self.subject(model, version, runtime)})
 
-    def refused(self, model: str, version: str, flavour: str) -> str | None:
+    def refused(self, model: str, version: str, runtime: str) -> str | None:
         """The reason the gate refused this version, or None."""
-        v = self.verdict(model, version, flavour)
+        v = self.verdict(model, version, runtime)
         return None if v is None or v["passed"] else str(v.get("reason") or "refused")
 
     def begin_load(self, model: str, version: str, loader: str) -> Path:

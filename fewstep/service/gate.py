@@ -14,7 +14,7 @@ model kind (`service/kinds.py` says how a kind makes its probe outputs):
    serving version's on the same probes: PSNR at least `gate_min_agreement_db`.
 
 The probes are fixed (prompts, seeds, steps), so a version gets the same verdict in every process;
-verdicts are kept in the registry (`Registry.record_verdict`) under the kind's flavour.
+verdicts are kept in the registry (`Registry.record_verdict`) under the kind's runtime.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ class Verdict:
     scores: dict[str, float] = field(default_factory=dict)
     outputs: Outputs | None = field(default=None, repr=False)
 
-    def record(self, flavour: str) -> dict[str, Any]:
+    def record(self, runtime: str) -> dict[str, Any]:
         """As kept in the registry: the scores flat among the metrics, and which keys they are."""
         return {
             "passed": self.passed,
             "reason": self.reason,
             "metrics": {**self.metrics, **self.scores, "scored": sorted(self.scores)},
-            "flavour": flavour,
+            "runtime": runtime,
             "checked_at": round(time.time(), 3),
         }
 

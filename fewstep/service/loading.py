@@ -3,7 +3,7 @@
 A load keeps a mark in the registry fresh until it ends. A process that dies mid-load leaves a mark
 that goes stale; a version with `FEWSTEP_MAX_LOAD_ATTEMPTS` stale marks is refused. While another
 process's mark is fresh, a process waits for that load's verdict (`Busy`) instead of gating the same
-version at the same time. Verdicts are kept in the registry per flavour (a version may serve on one
+version at the same time. Verdicts are kept in the registry per runtime (a version may serve on one
 backend and not yet on another), so every process, and every restart, agrees without judging again.
 """
 
@@ -44,23 +44,23 @@ class Loader:
         self.gate = Gate(ctx.registry, ctx.settings)
 
     # -- recorded verdicts -------------------------------------------------------------------------
-    def flavour(self, kind: str) -> str:
-        return KINDS[kind].flavour(self.ctx.settings)
+    def runtime(self, kind: str) -> str:
+        return KINDS[kind].runtime(self.ctx.settings)
 
     def verdict(self, kind: str, name: str, version: str) -> dict[str, Any] | None:
-        return self.registry.verdict(name, version, self.flavour(kind))
+        return self.registry.verdict(name, version, self.runtime(kind))
 
     def passed(self, kind: str, name: str, version: str) -> bool:
         v = self.verdict(kind, name, version)
         return bool(v and v["passed"])
 
     def refused(self, kind: str, name: str, version: str) -> str | None:
-        return self.registry.refused(name, version, self.flavour(kind))
+        return self.registry.refused(name, version, self.runtime(kind))
 
     def record(self, kind: str, name: str, version: str, verdict: Verdict) -> None:
-        flavour = self.flavour(kind)
+        runtime = self.runtime(kind)
         try:
-            self.registry.record_verdict(name, version, flavour, verdict.record(flavour))
+            self.registry.record_verdict(name, version, runtime, verdict.record(runtime))
         except (OSError, RegistryError) as e:  # a read-only registry still gates, it just cannot remember
             log.warning("cannot record the verdict on %s:%s: %s", name, version, e)
             return

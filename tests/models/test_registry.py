@@ -103,7 +103,7 @@ def _publish(root: Path, src: Path) -> tuple[str, str]:
     return Registry(root).publish(src)
 
 
-def test_verdicts_are_kept_per_flavour_and_rollback_skips_refused_versions(tmp_path: Path) -> None:
+def test_verdicts_are_kept_per_runtime_and_rollback_skips_refused_versions(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     for i in range(3):
         reg.publish(_checkpoint(tmp_path / f"c{i}", value=float(i)), promote=True)
@@ -115,7 +115,7 @@ def test_verdicts_are_kept_per_flavour_and_rollback_skips_refused_versions(tmp_p
     assert reg.rollback("demo") == "1"  # 2 was refused: skipped
     with pytest.raises(RegistryError, match="refused by the serving gate"):
         reg.rollback("demo", to="2")
-    with pytest.raises(RegistryError, match="invalid flavour"):
+    with pytest.raises(RegistryError, match="invalid runtime"):
         reg.verdict("demo", "1", "../x")
 
 
@@ -141,8 +141,8 @@ def test_a_verdict_on_exported_graphs_counts_only_for_those_graphs(tmp_path: Pat
     folder = reg.version_dir("demo", "1")
     art = folder / "model.int8.onnx.json"
     art.write_text(json.dumps({"sha256": "a" * 64, "gate": {"passed": True}}))
-    for flavour in ("onnxruntime-int8", "torch-fp32"):
-        reg.record_verdict("demo", "1", flavour, {"passed": True, "reason": None})
+    for runtime in ("onnxruntime-int8", "torch-fp32"):
+        reg.record_verdict("demo", "1", runtime, {"passed": True, "reason": None})
     art.write_text(json.dumps({"sha256": "b" * 64, "gate": {"passed": True}}))  # another graph, self-declared good
     assert reg.verdict("demo", "1", "onnxruntime-int8") is None
     assert reg.verdict("demo", "1", "torch-fp32") is not None

@@ -26,4 +26,4 @@ def _load(self: ImageEngine) -> None:
 
 if __name__ == "__main__":
     ImageEngine.load = _load  # type: ignore[method-assign]
-    sys.exit(main(["worker", "--engine", "image", "--name", sys.argv[1]]))
+    sys.exit(main(["worker", "--engine", "registry", "--name", sys.argv[1]]))

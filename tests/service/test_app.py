@@ -170,7 +170,7 @@ def test_a_model_with_no_loadable_version_is_reported_and_refused_and_serving_go
     (reg.version_dir("shapes", "1") / "model.safetensors").write_bytes(b"corrupted")
     s = start_server(tmp_path, IMAGE_ONLY)  # waits for /readyz 200
     env = {"FEWSTEP_REDIS_URL": redis_server.url, "FEWSTEP_REGISTRY": str(tmp_path / "registry"), **IMAGE_ONLY}
-    worker = start_worker(tmp_path, env, "alone", engine="image")
+    worker = start_worker(tmp_path, env, "alone", engine="registry")
     try:
         assert httpx.get(s.url + "/healthz").status_code == 200
         (card,) = [m for m in httpx.get(s.url + "/v1/models").json()["data"] if m["id"] == "shapes"]

@@ -376,7 +376,7 @@ def test_push_under_load_through_redis_with_two_workers(
     """The distributed case: each worker gates and swaps on its own; the gateway follows their verdicts."""
     env = redis_env(tmp_path, redis_server, checkpoints)
     gateway = start_server(tmp_path, env)
-    workers = [start_worker(tmp_path, env, f"w{i}", engine="image") for i in range(2)]
+    workers = [start_worker(tmp_path, env, f"w{i}", engine="registry") for i in range(2)]
     try:
         for i in range(2):  # both workers up and serving (each request lands on whichever claims it)
             assert generate(gateway, seed=i)["model_version"] == "1"

@@ -56,7 +56,12 @@ async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_pu
     registry = Registry(tmp_path / "registry")
     import_pipeline(tiny_pipelines["sdxl"], "tiny", registry, family="turbo")
     config = settings(
-        tmp_path, checkpoints=tmp_path / "none", engine="image", image_min_side=16, image_max_side=128, max_batch_size=8
+        tmp_path,
+        checkpoints=tmp_path / "none",
+        engine="registry",
+        image_min_side=16,
+        image_max_side=128,
+        max_batch_size=8,
     )
     async with in_process(config) as c:
         card = next(m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == "tiny")
@@ -131,7 +136,7 @@ async def test_onnxruntime_serves_an_exported_pipeline_like_torch(
     config = settings(
         tmp_path,
         checkpoints=tmp_path / "none",
-        engine="image",
+        engine="registry",
         backend="onnxruntime",
         image_min_side=16,
         image_max_side=128,

@@ -53,7 +53,7 @@ def _engine(ctx: Context, v: Version) -> NoopEngine:
 
 NOOP = Kind(
     serves="steps",
-    flavour=lambda s: "noop",
+    runtime=lambda s: "noop",
     spec=_spec,
     engine=_engine,
     probes=lambda s, manifest: named_probes(manifest, "shapes-attributes", 1, 1),
@@ -82,7 +82,7 @@ async def test_a_kind_registered_with_one_line_is_served_gated_and_swapped(
     monkeypatch.setitem(KINDS, "noop", NOOP)  # the one line
     seed = tmp_path / "checkpoints"
     tiny_checkpoint(seed / "flat", "flat", kind="noop")
-    config = settings(tmp_path, checkpoints=seed, engine="image")  # the registry's engines run in this process
+    config = settings(tmp_path, checkpoints=seed, engine="registry")  # the registry's engines run in this process
     async with in_process(config) as c:
         card = await _card(c, "flat")
         assert card["kind"] == "image" and card["version"] == "1" and card["backend"] == "noop"
@@ -141,7 +141,7 @@ async def test_a_version_that_raises_anything_is_refused_recorded_and_the_other_
     tiny_checkpoint(seed / "broken", "broken", kind="noop")  # sorted before the good models
     tiny_checkpoint(seed / "good", "good", kind="noop")
     tiny_checkpoint(seed / "slow", "slow", kind="noop", step_s=0.5)  # 4 steps: 2 s of probes
-    config = settings(tmp_path, checkpoints=seed, engine="image", gate_timeout_s=1.0)
+    config = settings(tmp_path, checkpoints=seed, engine="registry", gate_timeout_s=1.0)
     async with in_process(config) as c:  # (ready: the old rule waited here for ever)
         r = await c.post(GEN, json={"model": "good", "prompt": "a red circle", "steps": 2})
         assert r.status_code == 200 and r.json()["model_version"] == "1"
@@ -169,7 +169,7 @@ async def test_a_model_pushed_after_start_loads_in_the_loader_thread(
     Faulty.loaded_by.clear()
     seed = tmp_path / "checkpoints"
     tiny_checkpoint(seed / "good", "good", kind="noop")
-    config = settings(tmp_path, checkpoints=seed, engine="image")
+    config = settings(tmp_path, checkpoints=seed, engine="registry")
     async with in_process(config) as c:
         Registry(config.registry).publish(tiny_checkpoint(tmp_path / "new", "later", kind="noop"), promote=True)
         await _wait_status(c, "later", "1", "serving")

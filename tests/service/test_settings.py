@@ -97,3 +97,11 @@ def test_with_the_default_caps_one_key_cannot_fill_the_interactive_lane() -> Non
     )
     queue.submit(other)  # not "queue full"
     queue.close()
+
+
+def test_the_engine_settings_old_name_is_still_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEWSTEP_ENGINE", "image")  # what deployments written before the rename set
+    assert Settings().engine == "registry"
+    monkeypatch.setenv("FEWSTEP_ENGINE", "unet")
+    with pytest.raises(ValidationError, match="engine"):
+        Settings()

@@ -281,7 +281,7 @@ def test_real_student_through_redis_matches_the_engine(stack: Stack, encoder, ch
     from fewstep.engines.base import ImageItem, ImageResult
     from fewstep.engines.image import ImageEngine
 
-    stack.worker("student", engine="image")
+    stack.worker("student", engine="registry")
     r = httpx.post(
         stack.gateway.url + "/v1/images/generations",
         json={"model": "shapes", "prompt": "a yellow triangle", "n": 2, "steps": 3, "seed": 5},

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Request
 
 from fewstep.errors import CheckpointError, Conflict, Forbidden, InvalidRequest, NotFound, RegistryError, Unauthorized
 from fewstep.models.registry import check_name
-from fewstep.service.kinds import flavour_of
+from fewstep.service.kinds import runtime_of
 from fewstep.service.schemas import RollbackRequest, RollbackResponse
 from fewstep.service.state import GatewayDep, charge_failure
 from fewstep.service.watch import announce
@@ -46,7 +46,7 @@ async def rollback(
     except RegistryError:
         previous = None  # a broken pointer: the rollback repairs it
     try:
-        version = await gw.call(registry.rollback, model, to, flavour_of(registry, gw.settings, model))
+        version = await gw.call(registry.rollback, model, to, runtime_of(registry, gw.settings, model))
     except (RegistryError, CheckpointError) as e:
         raise Conflict(str(e).replace(f"{registry.root}/", "")) from e
     log.warning("admin rollback: %s %s → %s", model, previous, version)
