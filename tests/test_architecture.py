@@ -171,3 +171,39 @@ def test_the_lazy_import_check_sees_a_function_level_import(tmp_path: Path) -> N
     (tmp_path / "fewstep" / "a.py").write_text("def f():\n    from diffusers import UNet2DConditionModel\n")
     (tmp_path / "fewstep" / "b.py").write_text("import transformers.models\nimport torch\n")
     assert direct_imports_of(tmp_path, LAZY_LIBRARIES) == ["fewstep.a: diffusers", "fewstep.b: transformers.models"]
+
+
+def test_tests_mirror_the_source_tree() -> None:
+    """Each test folder is a package's (`tests/service/queue/` tests `fewstep/service/queue/`; `tests/deploy/`
+    tests the manifests), and a `test_<module>.py` beside a module of that name imports it, or runs the `fewstep`
+    command whose code it is (`fewstep.cli`, or `tests.conftest`'s `fewstep serve` / `fewstep worker`): a test
+    file named for a module tests that module."""
+    graph = imports(ROOT)
+    command, todo = set(), ["fewstep.cli"]
+    while todo:
+        name = todo.pop()
+        if name not in command:
+            command.add(name)
+            todo += graph.get(name, set())
+    for folder in (p.parent for p in (ROOT / "tests").rglob("test_*.py")):
+        rel = folder.relative_to(ROOT / "tests")
+        assert rel.parts[:1] == ("deploy",) or (ROOT / "fewstep" / rel).is_dir(), f"tests/{rel} mirrors no package"
+    for test in (ROOT / "tests").rglob("test_*.py"):
+        rel = test.relative_to(ROOT / "tests")
+        source = ROOT / "fewstep" / rel.parent / f"{test.stem.removeprefix('test_')}.py"
+        if source.is_file():
+            module = module_name(source, ROOT)
+            uses = imported(test)
+            runs = bool(uses & {"fewstep.cli", "tests.conftest"}) and module in command
+            assert module in uses or runs, f"tests/{rel} never reaches {module}"
+
+
+def imported(path: Path) -> set[str]:
+    """The modules a file imports (`from a.b import c` counts `a.b` and `a.b.c`), anywhere in its body."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
