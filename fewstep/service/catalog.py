@@ -176,7 +176,7 @@ class Catalog:
             model.statuses[old.version] = self._recorded_status(model, old.version)
             self._retire(model, old)
             self.metrics.model_swaps.labels(model.name).inc()
-            log.info("%s: version %s takes new items; %s drains", model.name, loaded.version, old.version)
+            log.info("%s: version %s serves new items; %s drains", model.name, loaded.version, old.version)
         else:
             s = loaded.spec
             log.info("%s %s:%s on %s/%s", self.ACTING, model.name, loaded.version, s.backend, s.precision)
