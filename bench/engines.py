@@ -1,8 +1,9 @@
 """Backends and precisions side by side: per-image latency and quality, in one run.
 
 Exports the shipped student into a scratch registry (ONNX FP32, INT8 static QDQ, INT8 dynamic,
-FP8 QDQ, each quality-gated), then times whole engine calls for torch eager and every ONNX
-Runtime artifact at batch 1 and 8 and at 1, 2 and 4 NFE. Quality columns come from the
+FP8 QDQ, and OpenVINO FP32 and NNCF INT8, each quality-gated), then times whole engine calls for
+torch eager, every ONNX Runtime artifact and both OpenVINO ones at batch 1, 8 and 16 and at 1, 2
+and 4 NFE. Quality columns come from the
 artifacts' manifests (same held-out prompts and seeds for every precision). Writes
 docs/benchmarks/engines.md. Read ratios, not absolute times: these machines are shared.
 
@@ -28,7 +29,10 @@ VARIANTS = (
     ("onnxruntime", "int8"),
     ("onnxruntime", "int8-dynamic"),
     ("onnxruntime", "fp8"),
+    ("openvino", "fp32"),
+    ("openvino", "int8"),
 )
+BATCHES = (1, 8, 16)
 
 
 def op_profile(path: Path, threads: int, batch: int = 8, calls: int = 10) -> dict[str, float]:
@@ -71,12 +75,14 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
+    from fewstep.artifacts import openvino as ov_art
     from fewstep.artifacts.onnx import QUANTIZED, describe
     from fewstep.engines.base import ImageItem
     from fewstep.engines.image import ImageEngine
     from fewstep.evaluation.classifier import load_classifier
     from fewstep.evaluation.judges import AttributeJudge
     from fewstep.exporters.onnx import export_onnx
+    from fewstep.exporters.openvino import export_openvino
     from fewstep.exporters.quantize import quantize
     from fewstep.models.registry import Registry
     from fewstep.models.text import TextEncoder
@@ -91,8 +97,10 @@ def main() -> None:
         t0 = time.time()
         export_onnx(folder, encoder)
         quantize(folder, QUANTIZED, encoder, judge)
+        export_openvino(folder, encoder, ("fp32", "int8"), judge)
         print(f"exported and quantized in {time.time() - t0:.0f}s", flush=True)
         arts = {p: describe(folder, p) for p in ("fp32", *QUANTIZED)}
+        ov_arts = {p: ov_art.describe(folder, p) for p in ov_art.PRECISIONS}
         profiles = {p: op_profile(folder / f"model.{p}.onnx", args.threads) for p in ("fp32", "int8", "int8-dynamic")}
         results: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
         for backend, precision in VARIANTS:
@@ -100,7 +108,7 @@ def main() -> None:
             engine.load()
             engine.warmup()
             timings = {}
-            for batch in (1, 8):
+            for batch in BATCHES:
                 for steps in (1, 2, 4):
                     items = [ImageItem(f"a red circle {i % 4}", seed=i, steps=steps) for i in range(batch)]
                     reps = max(2, args.repeats // 2) if precision == "fp8" else args.repeats
@@ -113,7 +121,7 @@ def main() -> None:
     base = results[("torch", "fp32")]
     fp32 = results[("onnxruntime", "fp32")]
     lines = [
-        "# Engines: torch eager vs ONNX Runtime FP32 / INT8 / FP8 (CPU)",
+        "# Engines: torch eager vs ONNX Runtime FP32 / INT8 / FP8 vs OpenVINO FP32 / INT8 (CPU)",
         "",
         f"`python bench/engines.py --repeats {args.repeats} --threads {args.threads}` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}; model `shapes` v1. Per-image latency = median "
@@ -140,7 +148,11 @@ def main() -> None:
     ]
     parity = arts["fp32"]["parity"]["by_steps"]
     lines.append("| fp32 | parity ≥ 45 dB | " + " | ".join(f"— / {parity[str(s)] or ''}" for s in (1, 2, 3, 4)) + " |")
-    for p in QUANTIZED:
+    ov_parity = ov_arts["fp32"]["parity"]["by_steps"]
+    cells = " | ".join(f"— / {ov_parity[str(s)] or ''}" for s in (1, 2, 3, 4))
+    lines.append(f"| openvino fp32 | parity ≥ 45 dB | {cells} |")
+    arts["openvino int8"] = ov_arts["int8"]
+    for p in (*QUANTIZED, "openvino int8"):
         q = arts[p]["quality"]["by_steps"]
         cells = [
             f"{q[str(s)]['joint']:.3f} (fp32 {q[str(s)]['joint_fp32']:.3f}) / {q[str(s)]['psnr_db_vs_fp32'] or ''} / "
@@ -168,7 +180,18 @@ def main() -> None:
         ok = min(ratios) >= 1.3
         verdict = "met" if ok else "missed"
         goals.append(f"| {p} ≥ 1.3× ONNX Runtime FP32 speed (CPU) | {min(ratios):.2f}–{max(ratios):.2f}× | {verdict} |")
-    for p in QUANTIZED:
+    at16 = [fp32[(16, s)] / results[("openvino", "int8")][(16, s)] for s in (1, 2, 4)]
+    verdict = "met" if min(at16) >= 1.3 else "missed"
+    goals.append(
+        f"| OpenVINO int8 ≥ 1.3× ONNX Runtime FP32 speed at batch 16 (CPU) | {min(at16):.2f}–{max(at16):.2f}× "
+        f"(1, 2, 4 NFE) | {verdict} |"
+    )
+    worst_db = min(v for v in ov_parity.values() if v is not None) if any(ov_parity.values()) else float("inf")
+    goals.append(
+        f"| OpenVINO fp32 within 45 dB of torch at every step count | worst {worst_db:.1f} dB | "
+        f"{'met' if worst_db >= 45 else 'missed'} |"
+    )
+    for p in (*QUANTIZED, "openvino int8"):
         q = arts[p]["quality"]["by_steps"]
         worst = min(q[str(st)]["joint"] - q[str(st)]["joint_fp32"] for st in (1, 2, 3, 4))
         verdict = "met" if worst >= -0.02 else "missed"

@@ -218,16 +218,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not version:
         print(f"fewstep export: model {model!r} has no versions in {registry.root}", file=sys.stderr)
         return 1
+    if args.openvino:
+        _needs("openvino", "openvino", "nncf")
     manifest = registry.validate(model, version)
     if manifest.get("kind") == "diffusers":
-        return _export_pipeline(registry, model, version, manifest, args.precisions or "fp32,int8,int8-dynamic")
+        folders = _export_pipeline(registry, model, version, manifest, args.precisions or "fp32,int8,int8-dynamic")
+        if args.openvino:
+            _export_openvino(folders, None, args.precisions or "fp32,int8", None)
+        return 0
     if manifest.get("kind") == "video":
         from fewstep.exporters.video_onnx import export_video_onnx
 
-        art = export_video_onnx(registry.version_dir(model, version), TextEncoder())
+        folder = registry.version_dir(model, version)
+        art = export_video_onnx(folder, TextEncoder())
         graphs = ", ".join(f"{g['file']} ({g['bytes']} bytes)" for g in art["graphs"].values())
         print(f"exported {model}:{version} → {graphs}, parity {json.dumps(art['parity'])}")
-        return 0  # video runs fp32 on onnxruntime; its quantization is not built yet
+        if args.openvino:
+            _export_openvino([folder], TextEncoder(), "fp32", None)
+        return 0  # video runs fp32 on onnxruntime and openvino; its quantization is not built yet
     targets = [(model, version)]
     teacher = manifest.get("teacher") or {}
     if teacher.get("name") and (tv := registry.find(teacher["name"], teacher["sha256"])):
@@ -250,10 +258,25 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"quantized {name}:{ver} → {q['artifact']} ({q['bytes']} bytes), gate {json.dumps(q['gate'])}, "
                 f"quality {json.dumps(q['quality'])}"
             )
+    if args.openvino:
+        folders = [registry.version_dir(name, ver) for name, ver in targets]
+        _export_openvino(folders, encoder, args.precisions or "fp32,int8", judge)
     return 0
 
 
-def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str, Any], precisions: str) -> int:
+def _export_openvino(folders: list[Path], encoder: Any, precisions: str, judge: Any) -> None:
+    """OpenVINO IR of each version's ONNX FP32 graphs, and its NNCF INT8 where `precisions` names int8."""
+    from fewstep.exporters.openvino import export_openvino
+
+    wanted = ["fp32", *(["int8"] if "int8" in precisions.split(",") else [])]
+    for folder in folders:
+        name, ver = folder.parent.name, folder.name
+        for precision, art in export_openvino(folder, encoder, wanted, judge).items():
+            what = f"parity {json.dumps(art['parity'])}" if precision == "fp32" else f"gate {json.dumps(art['gate'])}"
+            print(f"exported {name}:{ver} → openvino/{precision}, {what}")
+
+
+def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str, Any], precisions: str) -> list[Path]:
     """An imported pipeline (and its hybrid teacher): fp32 graphs, then each quantized UNet."""
     from fewstep.exporters.pipeline_onnx import export_pipeline_onnx, quantize_pipeline
 
@@ -273,7 +296,7 @@ def _export_pipeline(registry: Any, model: str, version: str, manifest: dict[str
                 f"quantized {name}:{ver} → onnx/{precision}, gate {json.dumps(q['gate'])}, "
                 f"quality {json.dumps(q['quality'])}"
             )
-    return 0
+    return folders
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -378,6 +401,12 @@ def parser() -> argparse.ArgumentParser:
         "--precisions",
         help="comma-separated artifacts to write (fp32 is always written; default fp32,int8,int8-dynamic,fp8 "
         "for fewstep's models, fp32,int8,int8-dynamic for imported pipelines)",
+    )
+    e.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also convert the FP32 graphs to OpenVINO IR and, where --precisions names int8, quantize them to "
+        "INT8 with NNCF (FEWSTEP_BACKEND=openvino serves them; needs the openvino extra)",
     )
     e.add_argument(
         "--judge",

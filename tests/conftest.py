@@ -238,6 +238,20 @@ def quantized(exported: Registry, checkpoints: Path, encoder) -> Registry:  # ty
 
 
 @pytest.fixture(scope="session")
+def openvino_exported(quantized: Registry, checkpoints: Path, encoder) -> Registry:  # type: ignore[no-untyped-def]
+    """`quantized`, plus the OpenVINO IR of the student and its teacher, FP32 and INT8 (NNCF): the student's INT8
+    gated by the classifier on 40 images per step count, as `quantized` gates ONNX Runtime's."""
+    from fewstep.evaluation.classifier import load_classifier
+    from fewstep.evaluation.judges import AttributeJudge
+    from fewstep.exporters.openvino import export_openvino
+
+    judge = AttributeJudge(load_classifier(checkpoints / "shapes-classifier"))
+    export_openvino(quantized.version_dir("shapes", "1"), encoder, ("fp32", "int8"), judge, gate_seeds=1)
+    export_openvino(quantized.version_dir("shapes-teacher", "1"), encoder, ("fp32", "int8"))
+    return quantized
+
+
+@pytest.fixture(scope="session")
 def video_student(checkpoints: Path) -> Path:
     """The shipped video student (`fewstep train video`)."""
     folder = checkpoints / "shapes-video"
@@ -247,9 +261,9 @@ def video_student(checkpoints: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def video_exported(tmp_path_factory: pytest.TempPathFactory, video_student: Path, encoder) -> Path:  # type: ignore[no-untyped-def]
-    """The video student pushed into a fresh registry and exported there by `fewstep push` and `fewstep export`
-    (once per session): its version folder, with the three ONNX graphs and `video.onnx.json`. What the
-    export command printed is kept beside the registry in `export.out`."""
+    """The video student pushed into a fresh registry and exported there by `fewstep push` and `fewstep export
+    --openvino` (once per session): its version folder, with the three ONNX graphs and `video.onnx.json`, and
+    their OpenVINO IR. What the export command printed is kept beside the registry in `export.out`."""
     import contextlib
     import io
 
@@ -260,7 +274,7 @@ def video_exported(tmp_path_factory: pytest.TempPathFactory, video_student: Path
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["push", str(video_student), "--registry", reg]) == 0
-        assert main(["export", "shapes-video", "--registry", reg, "--threads", "1"]) == 0
+        assert main(["export", "shapes-video", "--registry", reg, "--threads", "1", "--openvino"]) == 0
     (root / "export.out").write_text(out.getvalue())
     return Registry(root / "registry").version_dir("shapes-video", "1")
 
@@ -278,3 +292,21 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "sd-lcm": pipelines.sd(root / "sd-lcm", time_cond_proj_dim=32),
         "sdxl-lcm": pipelines.sdxl(root / "sdxl-lcm", time_cond_proj_dim=32),
     }
+
+
+@pytest.fixture(scope="session")
+def latent_exported(tiny_pipelines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's turbo student (tiny SD-style pipeline) imported, exported to ONNX and quantized to INT8, and the
+    same as OpenVINO IR, FP32 and INT8 (NNCF)."""
+    from fewstep.exporters.openvino import export_openvino
+    from fewstep.exporters.pipeline_onnx import export_pipeline_onnx, quantize_pipeline
+    from fewstep.models.importing import import_pipeline
+    from fewstep.models.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("latent") / "registry")
+    name, version = import_pipeline(tiny_pipelines["sd"], "turbo", registry, family="turbo")
+    folder = registry.version_dir(name, version)
+    export_pipeline_onnx(folder)
+    quantize_pipeline(folder, "int8")
+    export_openvino(folder, None, ("fp32", "int8"))  # a pipeline brings its own text encoders
+    return folder

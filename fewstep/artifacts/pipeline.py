@@ -106,8 +106,9 @@ def verified_graphs(folder: Path, manifest: dict[str, Any], precision: str) -> t
     return paths, art
 
 
-class OrtNets:
-    """`LatentNets` on ONNX Runtime: the three graphs behind the torch networks' methods."""
+class GraphNets:
+    """`LatentNets` on exported graphs: the three graphs behind the torch networks' methods, as ONNX Runtime
+    sessions of `paths`, or `sessions` already made (OpenVINO's, `artifacts/openvino.py`)."""
 
     def __init__(
         self,
@@ -115,7 +116,24 @@ class OrtNets:
         art: dict[str, Any],
         threads: int | None = None,
         providers: list[str] | None = None,
+        sessions: dict[str, Any] | None = None,
     ) -> None:
+        self.sessions = sessions if sessions is not None else self._ort_sessions(paths, threads, providers)
+        for role, session in self.sessions.items():
+            names = [i.name for i in session.get_inputs()]
+            if names != art["graphs"][role]["inputs"]:
+                raise CheckpointError(
+                    f"the {role} graph has inputs {names}, its manifest says {art['graphs'][role]['inputs']}"
+                )
+        self.arch = str(art["arch"])
+        self.time_cond_dim = art.get("time_cond_dim")
+        self.text_inputs = art["graphs"]["text"]["inputs"]
+        self.unet_inputs = art["graphs"]["unet"]["inputs"]
+        # Dynamic quantization takes ranges from the whole batch: one row per call keeps images independent.
+        self.per_row = not art.get("batch_invariant", True)
+
+    @staticmethod
+    def _ort_sessions(paths: dict[str, Path], threads: int | None, providers: list[str] | None) -> dict[str, Any]:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -126,23 +144,13 @@ class OrtNets:
         # serve HTTP, and spinning threads take them away.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or choose_providers(ort.get_available_providers(), allow_tensorrt=False)
-        self.sessions = {}
+        sessions = {}
         for role, path in paths.items():
             try:
-                self.sessions[role] = ort.InferenceSession(str(path), options, providers=chosen)
+                sessions[role] = ort.InferenceSession(str(path), options, providers=chosen)
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 raise CheckpointError(f"ONNX Runtime cannot load {path.name} ({type(e).__name__})") from e
-            names = [i.name for i in self.sessions[role].get_inputs()]
-            if names != art["graphs"][role]["inputs"]:
-                raise CheckpointError(
-                    f"{path.name} has inputs {names}, its manifest says {art['graphs'][role]['inputs']}"
-                )
-        self.arch = str(art["arch"])
-        self.time_cond_dim = art.get("time_cond_dim")
-        self.text_inputs = art["graphs"]["text"]["inputs"]
-        self.unet_inputs = art["graphs"]["unet"]["inputs"]
-        # Dynamic quantization takes ranges from the whole batch: one row per call keeps images independent.
-        self.per_row = not art.get("batch_invariant", True)
+        return sessions
 
     def _run(self, role: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
@@ -187,7 +195,7 @@ class OrtNets:
         return self._run("vae_decoder", {"latents": latents.float()})[0]
 
 
-def recording(nets: OrtNets, feeds: list[dict[str, np.ndarray]]) -> Callable[..., torch.Tensor]:
+def recording(nets: GraphNets, feeds: list[dict[str, np.ndarray]]) -> Callable[..., torch.Tensor]:
     """`nets.unet` that also keeps every call's inputs (calibration data for quantization)."""
     unet = nets.unet
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,20 +51,29 @@ def graph_file(name: str) -> str:
     return f"video.{name}.onnx"
 
 
-class OnnxVideoNet:
-    """`VideoNet` on ONNX Runtime: the three exported graphs behind the same three methods."""
+class GraphVideoNet:
+    """`VideoNet` on exported graphs: the three graphs behind the same three methods."""
 
     def __init__(
-        self, folder: Path, cfg: VideoConfig, threads: int | None = None, graphs: dict[str, bytes] | None = None
+        self,
+        folder: Path,
+        cfg: VideoConfig,
+        threads: int | None = None,
+        graphs: dict[str, bytes] | None = None,
+        sessions: dict[str, Any] | None = None,
     ) -> None:
-        """The graphs of `folder`, or their bytes as `graphs` (already read and hash-checked)."""
+        """ONNX Runtime sessions of the graphs of `folder`, or of their bytes as `graphs` (already read and
+        hash-checked); or `sessions` already made (OpenVINO's, `artifacts/openvino.py`)."""
+        self.cfg = cfg
+        if sessions is not None:
+            self.sessions = sessions
+            return
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the process's one thread budget
         options.inter_op_num_threads = 1
-        self.cfg = cfg
         self.sessions = {
             name: ort.InferenceSession(
                 graphs[name] if graphs is not None else str(folder / graph_file(name)),
@@ -103,19 +113,25 @@ class OnnxVideoNet:
         return k, v
 
 
-def load_video_graphs(folder: Path, cfg: VideoConfig) -> OnnxVideoNet:
-    """The exported graphs of `folder`, each hash-checked against `video.onnx.json`, which must name the
-    folder's own weights as its source."""
+def read_artifact(folder: Path) -> dict[str, Any]:
+    """`video.onnx.json` of `folder`, when it names the folder's own weights as its source; CheckpointError
+    otherwise."""
     path = folder / ARTIFACT
     if not path.is_file():
         raise CheckpointError(f"{folder.name}: no video ONNX artifact; run `fewstep export`")
-    art = json.loads(path.read_text())
+    art = dict(json.loads(path.read_text()))
     weights = read_manifest(folder)["files"][WEIGHTS]["sha256"]
     if art.get("source", {}).get("sha256") != weights:
         raise CheckpointError(f"{folder.name}: the ONNX graphs were exported from other weights")
+    return art
+
+
+def load_video_graphs(folder: Path, cfg: VideoConfig) -> GraphVideoNet:
+    """The exported graphs of `folder`, each hash-checked against `video.onnx.json` (`read_artifact`)."""
+    art = read_artifact(folder)
     graphs = {}
     for name in GRAPHS:
         entry = art["graphs"][name]
         # read once and hashed: the session is built from exactly these bytes
         graphs[name] = read_verified(folder / entry["file"], entry["sha256"], f"{folder.name}: {entry['file']}")
-    return OnnxVideoNet(folder, cfg, graphs=graphs)
+    return GraphVideoNet(folder, cfg, graphs=graphs)

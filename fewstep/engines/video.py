@@ -54,7 +54,7 @@ from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
-VIDEO_BACKENDS = ("torch", "onnxruntime")
+VIDEO_BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass(eq=False)

@@ -87,9 +87,9 @@ def export_onnx(folder: Path, encoder: TextEncoder, precision: str = "fp32") -> 
             )
         net = _ort_denoiser(tmp_path)
         parity = (
-            _student_parity(manifest, as_denoiser(unet, scale), net, encoder)
+            student_parity(manifest, as_denoiser(unet, scale), net, encoder)
             if manifest.get("kind") == "image"
-            else _teacher_parity(as_denoiser(unet, scale), net, encoder, in_ch, size)
+            else teacher_parity(as_denoiser(unet, scale), net, encoder, in_ch, size)
         )
         os.replace(tmp_path, target)
     import onnx
@@ -136,7 +136,11 @@ def _ort_denoiser(path: Path) -> Denoiser:
     return session_denoiser(path, providers=["CPUExecutionProvider"])
 
 
-def _student_parity(manifest: dict[str, Any], ref: Denoiser, net: Denoiser, encoder: TextEncoder) -> dict[str, Any]:
+def student_parity(
+    manifest: dict[str, Any], ref: Denoiser, net: Denoiser, encoder: TextEncoder, what: str = "ONNX"
+) -> dict[str, Any]:
+    """`net`'s images against `ref`'s (torch) at every step count the student serves; CheckpointError below
+    `MIN_PSNR_DB`."""
     schedule = FewStepSchedule.from_dict(manifest["schedule"])
     prompts = [p for p in PARITY_PROMPTS for _ in range(2)]
     seeds = list(range(len(prompts)))
@@ -146,7 +150,7 @@ def _student_parity(manifest: dict[str, Any], ref: Denoiser, net: Denoiser, enco
         a = to_pixels(student_sample_mixed(ref, schedule, [steps] * len(seeds), states, mask, seeds))
         b = to_pixels(student_sample_mixed(net, schedule, [steps] * len(seeds), states, mask, seeds))
         figures[str(steps)] = psnr(a, b)
-    return psnr_parity(figures, "ONNX", images=len(seeds))
+    return psnr_parity(figures, what, images=len(seeds))
 
 
 def psnr_parity(figures: dict[str, float], what: str, min_db: float = MIN_PSNR_DB, **counts: int) -> dict[str, Any]:
@@ -163,7 +167,7 @@ def psnr_parity(figures: dict[str, float], what: str, min_db: float = MIN_PSNR_D
     }
 
 
-def _teacher_parity(ref: Denoiser, net: Denoiser, encoder: TextEncoder, in_ch: int, size: int) -> dict[str, Any]:
+def teacher_parity(ref: Denoiser, net: Denoiser, encoder: TextEncoder, in_ch: int, size: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     states, mask = encoder.encode(list(PARITY_PROMPTS))
     n = len(PARITY_PROMPTS)

@@ -31,7 +31,7 @@ import torch
 from fewstep.artifacts.pipeline import (
     PRECISIONS,
     ROOT,
-    OrtNets,
+    GraphNets,
     artifact_dir,
     graph_entry,
     recording,
@@ -243,16 +243,16 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
             "source": {"name": manifest["name"], "version": manifest.get("version"), "sha256": source_digest(manifest)},
             "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         }
-        fresh = OrtNets({r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"])
+        fresh = GraphNets({r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"])
         art["parity"] = (
-            _parity(folder, nets, fresh) if "recipe" in manifest else _base_parity(manifest, folder, nets, fresh)
+            pipeline_parity(folder, nets, fresh) if "recipe" in manifest else base_parity(manifest, folder, nets, fresh)
         )
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, "fp32")
     return art
 
 
-def _draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) -> list[Draw]:
+def parity_draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) -> list[Draw]:
     """Every step count the family serves, at the native size and one smaller size, with its default guidance."""
     recipe = Recipe.from_dict(manifest["recipe"])
     g = recipe.guidance
@@ -268,14 +268,14 @@ def _draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) 
     return draws
 
 
-def _images(folder: Path, nets: LatentNets, draws: list[Draw]) -> list[np.ndarray]:
+def pipeline_images(folder: Path, nets: LatentNets, draws: list[Draw]) -> list[np.ndarray]:
     images = LatentSampler(folder, read_manifest(folder), nets).sample(draws)
     if any(x is None for x in images):
         raise CheckpointError(f"{folder.name}: sampling for the parity check made non-finite images")
     return images  # type: ignore[return-value]
 
 
-def _by_steps(draws: list[Draw], a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
+def psnr_by_steps(draws: list[Draw], a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
     figures: dict[str, float] = {}
     for n in sorted({d.steps for d in draws}):
         rows = [i for i, d in enumerate(draws) if d.steps == n]
@@ -283,13 +283,13 @@ def _by_steps(draws: list[Draw], a: list[np.ndarray], b: list[np.ndarray]) -> di
     return figures
 
 
-def _parity(folder: Path, ref: TorchNets, fresh: OrtNets) -> dict[str, Any]:
-    draws = _draws(read_manifest(folder), PARITY_PROMPTS, 9_000_000)
-    figures = _by_steps(draws, _images(folder, ref, draws), _images(folder, fresh, draws))
-    return psnr_parity(figures, "ONNX", MIN_PSNR_DB, images=len(draws))
+def pipeline_parity(folder: Path, ref: LatentNets, fresh: LatentNets, what: str = "ONNX") -> dict[str, Any]:
+    draws = parity_draws(read_manifest(folder), PARITY_PROMPTS, 9_000_000)
+    figures = psnr_by_steps(draws, pipeline_images(folder, ref, draws), pipeline_images(folder, fresh, draws))
+    return psnr_parity(figures, what, MIN_PSNR_DB, images=len(draws))
 
 
-def _base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh: LatentNets) -> dict[str, Any]:
+def base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh: LatentNets) -> dict[str, Any]:
     """A base pipeline only ever takes a hybrid's first step: its networks are compared call by call."""
     ids, masks = load_tokenizers(folder, manifest)(list(PARITY_PROMPTS))
     a, b = ref.encode(ids, masks), fresh.encode(ids, masks)
@@ -314,6 +314,18 @@ def _base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh:
     }
 
 
+def unet_calibration(
+    folder: Path, manifest: dict[str, Any], paths: dict[str, Path], fp32: dict[str, Any]
+) -> list[dict[str, np.ndarray]]:
+    """The UNet's inputs on real trajectories of every step count the family serves, through the fp32 graphs
+    (`paths`): what every quantization of this pipeline is calibrated on."""
+    nets = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
+    feeds: list[dict[str, np.ndarray]] = []
+    nets.unet = recording(nets, feeds)  # type: ignore[method-assign]
+    pipeline_images(folder, nets, parity_draws(manifest, CALIBRATION_PROMPTS, 7_000_000))
+    return feeds
+
+
 def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
     """Write `onnx/<precision>/` (a quantized UNet beside the fp32 text and VAE graphs); returns its manifest
     with calibration, quality by step count and the gate."""
@@ -321,10 +333,7 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
         raise CheckpointError(f"pipelines quantize to {PRECISIONS[1:]}, not {precision!r}")
     manifest = read_manifest(folder)
     paths, fp32 = verified_graphs(folder, manifest, "fp32")
-    nets = OrtNets(paths, fp32, providers=["CPUExecutionProvider"])
-    feeds: list[dict[str, np.ndarray]] = []
-    nets.unet = recording(nets, feeds)  # type: ignore[method-assign]
-    _images(folder, nets, _draws(manifest, CALIBRATION_PROMPTS, 7_000_000))
+    feeds = unet_calibration(folder, manifest, paths, fp32)
     root = folder / ROOT
     with tempfile.TemporaryDirectory(dir=root, prefix=".partial-") as tmp_name:
         tmp = Path(tmp_name)
@@ -343,10 +352,10 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
             "derived_from": {"artifact": "fp32", "unet_sha256": fp32["graphs"]["unet"]["sha256"]},
             "calibration": {"unet_calls": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "step_aware": True},
         }
-        quant = OrtNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"])
-        ref = OrtNets(paths, fp32, providers=["CPUExecutionProvider"])
-        draws = _draws(manifest, GATE_PROMPTS, 8_000_000)
-        figures = _by_steps(draws, _images(folder, ref, draws), _images(folder, quant, draws))
+        quant = GraphNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"])
+        ref = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
+        draws = parity_draws(manifest, GATE_PROMPTS, 8_000_000)
+        figures = psnr_by_steps(draws, pipeline_images(folder, ref, draws), pipeline_images(folder, quant, draws))
         worst = min(figures.values())
         art["quality"] = {
             "psnr_db_vs_fp32_by_steps": {k: round(v, 2) for k, v in figures.items()},

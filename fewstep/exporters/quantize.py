@@ -271,7 +271,7 @@ def quantize(
     feeds = calibration_feeds(folder, manifest, encoder)
     ref = session_denoiser(folder / artifact_name("fp32"), providers=["CPUExecutionProvider"])
     student = manifest.get("kind") == "image"
-    reference = _StudentReference(manifest, ref, encoder, judge, gate_seeds) if student else None
+    reference = StudentReference(manifest, ref, encoder, judge, gate_seeds) if student else None
     arts: dict[str, dict[str, Any]] = {}
     for precision in precisions:
         target = folder / artifact_name(precision)
@@ -280,7 +280,7 @@ def quantize(
             out = tmp / target.name
             quantize_graph(folder / artifact_name("fp32"), out, precision, feeds, tmp)
             net = session_denoiser(out, providers=["CPUExecutionProvider"])
-            quality = reference.judge(net) if reference is not None else _teacher_quality(ref, net, feeds)
+            quality = reference.judge(net) if reference is not None else teacher_quality(ref, net, feeds)
             os.replace(out, target)
         arts[precision] = {
             **{k: fp32[k] for k in ("format", "input_order", "inputs", "outputs", "opset", "source")},
@@ -303,7 +303,7 @@ def quantize(
     return arts
 
 
-class _StudentReference:
+class StudentReference:
     """The FP32 student's images (and their accuracy) on held-out probes at every step count, sampled once;
     `judge` scores a quantized denoiser against them."""
 
@@ -349,7 +349,7 @@ class _StudentReference:
         return {"quality": quality, "gate": {"passed": passed, "rule": rule}}
 
 
-def _teacher_quality(ref: Denoiser, net: Denoiser, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def teacher_quality(ref: Denoiser, net: Denoiser, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     errs = []
     for f in feeds:
         args = [torch.from_numpy(f[k]) for k in ("x", "t", "states", "mask")]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fewstep.artifacts.video import ARTIFACT, BATCH_AXIS, GRAPHS, INPUTS, OUTPUTS, OnnxVideoNet, graph_file
+from fewstep.artifacts.video import ARTIFACT, BATCH_AXIS, GRAPHS, INPUTS, OUTPUTS, GraphVideoNet, graph_file
 from fewstep.errors import CheckpointError
 from fewstep.evaluation.metrics import psnr
 from fewstep.exporters.onnx import provenance, psnr_parity
@@ -28,7 +28,7 @@ from fewstep.models.sampling import frame_noise, student_stream, to_uint8
 from fewstep.models.schedules import FewStepSchedule
 from fewstep.models.text import TextEncoder
 from fewstep.models.video import VideoDenoiser
-from fewstep.models.video_cache import KVCache, TextKV, VideoConfig
+from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
 PARITY_PROMPTS = ("a red circle moving left quickly", "a blue square sliding up slowly")
 
@@ -131,7 +131,7 @@ def export_video_onnx(folder: Path, encoder: TextEncoder) -> dict[str, Any]:
                     external_data=False,
                     verbose=False,
                 )
-        parity = _parity(manifest, net, OnnxVideoNet(Path(tmp), cfg), encoder)
+        parity = video_parity(manifest, net, GraphVideoNet(Path(tmp), cfg), encoder)
         for name in GRAPHS:
             os.replace(Path(tmp) / graph_file(name), folder / graph_file(name))
     art = {
@@ -154,7 +154,9 @@ def export_video_onnx(folder: Path, encoder: TextEncoder) -> dict[str, Any]:
     return art
 
 
-def _parity(manifest: dict[str, Any], ref: VideoDenoiser, net: OnnxVideoNet, encoder: TextEncoder) -> dict[str, Any]:
+def video_parity(
+    manifest: dict[str, Any], ref: VideoDenoiser, net: VideoNet, encoder: TextEncoder, what: str = "video ONNX"
+) -> dict[str, Any]:
     schedule = FewStepSchedule.from_dict(manifest["schedule"])
     cfg = ref.cfg
     frames = cfg.sink + cfg.window + 3  # past the window's roll-over
@@ -169,4 +171,4 @@ def _parity(manifest: dict[str, Any], ref: VideoDenoiser, net: OnnxVideoNet, enc
         a = student_stream(ref, ref.text_kv(states, mask), schedule, steps, frames, noise)
         b = student_stream(net, net.text_kv(states, mask), schedule, steps, frames, noise)
         figures[str(steps)] = psnr(to_uint8(a).numpy(), to_uint8(b).numpy())
-    return psnr_parity(figures, "video ONNX", streams=len(seeds), frames=frames)
+    return psnr_parity(figures, what, streams=len(seeds), frames=frames)

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     noop_step_ms: float = Field(0.0, ge=0.0, le=60_000.0)
     """Wall time per denoising step of the `noop` engine."""
     backend: str = "torch"
-    """Engine backend for every model (torch; onnxruntime and tensorrt come with the exporters)."""
+    """Engine backend of the image models: torch, or the exported artifacts on onnxruntime, openvino (CPU) or
+    tensorrt (GPU)."""
     precision: str = "fp32"
     """Numeric precision of the backend."""
     trt_cache: Path = Path("var/trt-cache")
@@ -219,8 +220,9 @@ class Settings(BaseSettings):
     """Sustained rate of mid-stream prompt changes per key; beyond it and its burst the session is closed 1013."""
     video_prompt_change_burst: int = Field(10, ge=1, le=10_000)
     """Prompt changes a key may send at once before `video_prompt_changes_per_s` applies."""
-    video_backend: Literal["torch", "onnxruntime"] = "torch"
-    """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes)."""
+    video_backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    """Backend of the video engines (onnxruntime runs the graphs `fewstep export` writes; openvino, their IR from
+    `fewstep export --openvino`)."""
     video_gate_streams: int = Field(8, ge=0, le=64)
     """Probe streams a new video version must pass before it takes sessions (`service/gate.py`); 0: no gate."""
     video_gate_frames: int = Field(16, ge=2, le=256)
@@ -324,8 +326,8 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        if v not in ("torch", "onnxruntime", "tensorrt"):
-            raise ValueError(f"FEWSTEP_BACKEND must be torch, onnxruntime or tensorrt. Given: {v!r}")
+        if v not in ("torch", "onnxruntime", "openvino", "tensorrt"):
+            raise ValueError(f"FEWSTEP_BACKEND must be torch, onnxruntime, openvino or tensorrt. Given: {v!r}")
         return v
 
 

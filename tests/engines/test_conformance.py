@@ -1,9 +1,10 @@
 """One conformance suite per engine protocol, run against every engine and backend this machine has.
 
-Step engines (`StepEngine`): the image engine on torch eager and ONNX Runtime (FP32, INT8 static QDQ,
-INT8 dynamic, FP8 QDQ emulated; TensorRT where a CUDA GPU and the `tensorrt` package exist), the latent
-engine of an imported diffusers pipeline (torch; ONNX Runtime FP32 and INT8), and the no-op engine.
-Stream engines (`StreamEngine`): the video engine on torch and on ONNX Runtime.
+Step engines (`StepEngine`): the image engine on torch eager, ONNX Runtime (FP32, INT8 static QDQ, INT8
+dynamic, FP8 QDQ emulated) and OpenVINO (FP32, INT8 by NNCF; TensorRT where a CUDA GPU and the `tensorrt`
+package exist), the latent engine of an imported diffusers pipeline (torch; ONNX Runtime and OpenVINO, FP32
+and INT8), and the no-op engine. Stream engines (`StreamEngine`): the video engine on torch, ONNX Runtime
+and OpenVINO.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ STEP_VARIANTS = [
     ("onnxruntime", "int8"),
     ("onnxruntime", "int8-dynamic"),
     ("onnxruntime", "fp8"),
+    ("openvino", "fp32"),
+    ("openvino", "int8"),
     ("noop", "none"),
     ("latent-torch", "fp32"),
     ("latent-onnxruntime", "fp32"),
     ("latent-onnxruntime", "int8"),
+    ("latent-openvino", "fp32"),
+    ("latent-openvino", "int8"),
 ]
 if torch.cuda.is_available() and importlib.util.find_spec("tensorrt"):
     STEP_VARIANTS += [("tensorrt", "fp16"), ("tensorrt", "int8"), ("tensorrt", "fp8")]
@@ -50,7 +55,7 @@ def engine(request: pytest.FixtureRequest, encoder) -> StepEngine:  # type: igno
         folder = request.getfixturevalue("latent_exported")
         e = LatentEngine(folder, backend=backend.removeprefix("latent-"), precision=precision)
     else:
-        quantized = request.getfixturevalue("quantized")
+        quantized = request.getfixturevalue("openvino_exported" if backend == "openvino" else "quantized")
         e = ImageEngine(
             quantized.version_dir("shapes", "1"),
             encoder,
@@ -61,21 +66,6 @@ def engine(request: pytest.FixtureRequest, encoder) -> StepEngine:  # type: igno
     e.load()
     e.warmup()
     return e
-
-
-@pytest.fixture(scope="module")
-def latent_exported(tiny_pipelines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A user's turbo student (tiny SD-style pipeline) imported, exported to ONNX and quantized to INT8."""
-    from fewstep.exporters.pipeline_onnx import export_pipeline_onnx, quantize_pipeline
-    from fewstep.models.importing import import_pipeline
-    from fewstep.models.registry import Registry
-
-    registry = Registry(tmp_path_factory.mktemp("latent") / "registry")
-    name, version = import_pipeline(tiny_pipelines["sd"], "turbo", registry, family="turbo")
-    folder = registry.version_dir(name, version)
-    export_pipeline_onnx(folder)
-    quantize_pipeline(folder, "int8")
-    return folder
 
 
 def test_step_engine_protocol_and_spec(engine: StepEngine) -> None:
@@ -113,12 +103,12 @@ def test_a_stopped_item_leaves_at_the_next_step_boundary(engine: StepEngine) -> 
     assert isinstance(out[1], ImageResult)
 
 
-STREAM_VARIANTS = ["torch", "onnxruntime"]
+STREAM_VARIANTS = ["torch", "onnxruntime", "openvino"]
 
 
 @pytest.fixture(scope="module", params=STREAM_VARIANTS)
 def streamer(request: pytest.FixtureRequest, video_student: Path, encoder) -> StreamEngine:  # type: ignore[no-untyped-def]
-    folder = request.getfixturevalue("video_exported") if request.param == "onnxruntime" else video_student
+    folder = request.getfixturevalue("video_exported") if request.param != "torch" else video_student
     ref = read_manifest(video_student)["first_frame"]
     image = ImageEngine(
         video_student.parent / ref["name"], encoder, teacher_folder=video_student.parent / "shapes-teacher"

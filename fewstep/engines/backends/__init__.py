@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fewstep.engines.backends.onnxruntime import OnnxRuntimeBackend
+from fewstep.engines.backends.openvino import OpenVinoBackend
 from fewstep.engines.backends.tensorrt import TensorRTBackend
 from fewstep.engines.backends.torch import TorchBackend
 from fewstep.errors import CheckpointError
@@ -32,6 +33,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, Backend] = {
     "torch": TorchBackend(),
     "onnxruntime": OnnxRuntimeBackend(),
+    "openvino": OpenVinoBackend(),
     "tensorrt": TensorRTBackend(),
 }
 

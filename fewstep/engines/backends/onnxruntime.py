@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fewstep.artifacts.onnx import INPUTS, OUTPUTS, QUANTIZED, artifact_name, session_denoiser, verified_artifact
-from fewstep.artifacts.pipeline import OrtNets, verified_graphs
+from fewstep.artifacts.pipeline import GraphNets, verified_graphs
 from fewstep.artifacts.video import load_video_graphs
 from fewstep.errors import CheckpointError
 from fewstep.models.pipelines import LatentNets
@@ -50,7 +50,7 @@ class OnnxRuntimeBackend:
         if dtype != "float32":
             raise CheckpointError(f"onnxruntime serves the pipeline's fp32 graphs (or quantized ones), not {dtype}")
         paths, art = verified_graphs(folder, manifest, precision)
-        return OrtNets(paths, art)
+        return GraphNets(paths, art)
 
 
 def _item_by_item(net: Denoiser) -> Denoiser:
