@@ -70,6 +70,12 @@ def choose_providers(available: Sequence[str], allow_tensorrt: bool = True) -> l
     return chosen or ["CPUExecutionProvider"]
 
 
+def denoiser_feeds(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """A denoiser graph's inputs by name, as float32 arrays."""
+    named = {"x": x, "t": t, "states": states, "mask": mask}
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in named.items()}
+
+
 def session_denoiser(
     graph: Path | bytes, providers: Sequence[str] | None = None, threads: int | None = None
 ) -> Denoiser:
@@ -85,13 +91,7 @@ def session_denoiser(
     session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=chosen)
 
     def net(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        feeds = {
-            "x": x.detach().cpu().numpy().astype(np.float32, copy=False),
-            "t": t.detach().cpu().numpy().astype(np.float32, copy=False),
-            "states": states.detach().cpu().numpy().astype(np.float32, copy=False),
-            "mask": mask.detach().cpu().numpy().astype(np.float32, copy=False),
-        }
-        return torch.from_numpy(session.run(["v"], feeds)[0])
+        return torch.from_numpy(session.run(["v"], denoiser_feeds(x, t, states, mask))[0])
 
     net.session = session  # type: ignore[attr-defined]
     return net

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep.artifacts.onnx import denoiser_feeds
 from fewstep.errors import CheckpointError
 from fewstep.models.checkpoint import check_relative, read_verified, sha256_file
 from fewstep.models.unet import Denoiser
@@ -210,13 +211,7 @@ def ov_denoiser(graph: OvGraph) -> Denoiser:
     """A `Denoiser` on an OpenVINO graph (inputs x, t, states, mask → v)."""
 
     def net(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        feeds = {
-            "x": x.detach().cpu().numpy().astype(np.float32, copy=False),
-            "t": t.detach().cpu().numpy().astype(np.float32, copy=False),
-            "states": states.detach().cpu().numpy().astype(np.float32, copy=False),
-            "mask": mask.detach().cpu().numpy().astype(np.float32, copy=False),
-        }
-        return torch.from_numpy(graph.run(["v"], feeds)[0])
+        return torch.from_numpy(graph.run(["v"], denoiser_feeds(x, t, states, mask))[0])
 
     net.graph = graph  # type: ignore[attr-defined]
     return net
