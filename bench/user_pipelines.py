@@ -15,17 +15,21 @@ channels 48/96, one attention level, 64×64 images from 32×32 latents. It is im
   batch against the same 16 one by one, and the UNet alone at batch 1 and 16. This is the physics the
   throughput ratio cannot beat.
 
-Both backends of the server (torch, onnxruntime) are measured against the one pipeline (diffusers runs
-torch). The server runs with `make serve`'s defaults (no tuned thread count or batch size: the engine
-threads share the cores as they decide); the pipeline gets torch's default, every core. Writes
-docs/benchmarks/diffusers.md.
+The server's torch and onnxruntime backends are measured against the diffusers pipeline (which runs torch);
+its openvino backend against what a CPU user would pick instead, optimum-intel's `OVStableDiffusionPipeline`
+exported from the same folder and called one request after another (`bench/optimum_side.py`, in a venv of its
+own: optimum-intel resolves other torch, transformers and diffusers versions; made on first use). The server
+runs with `make serve`'s defaults (no tuned thread count or batch size: the engine threads share the cores as
+they decide); the pipelines get their runtime's default, every core. Writes docs/benchmarks/diffusers.md.
 
-    .venv/bin/python bench/user_pipelines.py [--repeats 5] [--requests 64] [--rounds 3]
+    .venv/bin/python bench/user_pipelines.py [--repeats 5] [--requests 64] [--rounds 3] [--optimum-venv DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import signal
@@ -35,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,6 +57,12 @@ WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 GOAL_LATENCY = 1.15
 GOAL_THROUGHPUT = 1.5
+OPTIMUM = ("optimum-intel[openvino,diffusers]==2.2.0", "torch==2.13.0")
+"""What the optimum side's venv holds (torch pinned to the CPU build; unpinned it resolves a CUDA one)."""
+AGAINST = {"torch": "diffusers", "onnxruntime": "diffusers", "openvino": "optimum-intel"}
+"""The direct pipeline each server backend is measured against."""
+Direct = Callable[[int, int], None]
+"""A pipeline called directly: (request index, steps) → one image made."""
 
 
 def prompt(i: int) -> str:
@@ -85,7 +95,9 @@ def server(tmp: Path, backend: str) -> Iterator[str]:
 
 
 def build(tmp: Path) -> Path:
-    """The pipeline folder; the registry at tmp/registry holds it imported (`bench`) and exported to ONNX."""
+    """The pipeline folder; the registry at tmp/registry holds it imported (`bench`), exported to ONNX and to
+    OpenVINO IR (FP32)."""
+    from fewstep.exporters.openvino import export_openvino
     from fewstep.exporters.pipeline_onnx import export_pipeline_onnx
     from fewstep.models.importing import import_pipeline
     from fewstep.models.registry import Registry
@@ -96,13 +108,16 @@ def build(tmp: Path) -> Path:
     name, version = import_pipeline(src, "bench", registry, family="turbo")
     art = export_pipeline_onnx(registry.version_dir(name, version))
     print(f"exported: parity {art['parity']['by_steps']}", flush=True)
+    ov = export_openvino(registry.version_dir(name, version), None, ("fp32",))["fp32"]
+    print(f"exported to OpenVINO: parity {ov['parity']['by_steps']}", flush=True)
     (tmp / "no-checkpoints").mkdir()
     return src
 
 
-def direct_pipeline(src: Path):  # type: ignore[no-untyped-def]
+def direct_pipeline(src: Path) -> Direct:
     """The diffusers pipeline as its model card says to run a turbo student."""
     import diffusers
+    import torch
 
     from fewstep.models.families import FAMILIES
 
@@ -110,13 +125,53 @@ def direct_pipeline(src: Path):  # type: ignore[no-untyped-def]
     turbo = FAMILIES["turbo"]
     pipe.scheduler = getattr(diffusers, turbo.scheduler).from_config({**pipe.scheduler.config, **turbo.overrides})
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+    def call(i: int, steps: int) -> None:
+        pipe(prompt(i), num_inference_steps=steps, guidance_scale=0.0, generator=torch.Generator().manual_seed(i))
+
+    return call
 
 
-def call_direct(pipe, i: int, steps: int) -> None:  # type: ignore[no-untyped-def]
-    import torch
+def optimum_venv(path: Path) -> Path:
+    """The optimum side's interpreter, its venv made (and optimum-intel installed) when missing."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *OPTIMUM], check=True)
+        # The torchvision it pulls is built for another torch ("operator torchvision::nms does not exist"), and
+        # transformers imports it when present: the diffusion pipeline needs none of it.
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True)
+    return python
 
-    pipe(prompt(i), num_inference_steps=steps, guidance_scale=0.0, generator=torch.Generator().manual_seed(i))
+
+@contextmanager
+def optimum_pipeline(src: Path, venv: Path, tmp: Path) -> Iterator[Direct]:
+    """optimum-intel's `OVStableDiffusionPipeline` of `src` with the turbo family's scheduler, in its own process
+    (`bench/optimum_side.py`), called one request at a time."""
+    from fewstep.models.families import FAMILIES
+
+    turbo = FAMILIES["turbo"]
+    side = [str(optimum_venv(venv)), str(ROOT / "bench" / "optimum_side.py"), str(src), turbo.scheduler]
+    with open(tmp / "optimum.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*side, json.dumps(turbo.overrides)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    if stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the optimum side did not start: {(tmp / 'optimum.log').read_text()[-2000:]}")
+
+    def call(i: int, steps: int) -> None:
+        stdin.write(json.dumps({"prompt": prompt(i), "steps": steps, "seed": i}) + "\n")
+        stdin.flush()
+        if not json.loads(stdout.readline() or "{}").get("ok"):
+            raise RuntimeError(f"the optimum side failed: {(tmp / 'optimum.log').read_text()[-2000:]}")
+
+    try:
+        yield call
+    finally:
+        stdin.close()
+        proc.wait(60)
 
 
 def call_http(http: httpx.Client, url: str, i: int, steps: int) -> None:
@@ -126,19 +181,19 @@ def call_http(http: httpx.Client, url: str, i: int, steps: int) -> None:
     r.raise_for_status()
 
 
-def latency(pipe, url: str, repeats: int, first: int) -> dict[int, tuple[float, float]]:  # type: ignore[no-untyped-def]
+def latency(pipe: Direct, url: str, repeats: int, first: int) -> dict[int, tuple[float, float]]:
     """Median ms per step count, (pipeline, fewstep over HTTP), timed in turns."""
     times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in (1, 2, 3, 4)}
     i = first
     with httpx.Client(timeout=300) as http:
         for n in (1, 2, 3, 4):  # untimed warm-up of both paths
-            call_direct(pipe, i, n)
+            pipe(i, n)
             call_http(http, url, i + 1, n)
             i += 2
         for _ in range(repeats):
             for n in (1, 2, 3, 4):
                 t0 = time.perf_counter()
-                call_direct(pipe, i, n)
+                pipe(i, n)
                 t1 = time.perf_counter()
                 call_http(http, url, i + 1, n)
                 t2 = time.perf_counter()
@@ -148,11 +203,11 @@ def latency(pipe, url: str, repeats: int, first: int) -> dict[int, tuple[float, 
     return {n: (statistics.median(a) * 1000, statistics.median(b) * 1000) for n, (a, b) in times.items()}
 
 
-def direct_rate(pipe, work: list[tuple[int, int]]) -> float:  # type: ignore[no-untyped-def]
+def direct_rate(pipe: Direct, work: list[tuple[int, int]]) -> float:
     """Images/s of the pipeline over `work` ((request index, steps)), one request after another."""
     t0 = time.perf_counter()
     for i, n in work:
-        call_direct(pipe, i, n)
+        pipe(i, n)
     return len(work) / (time.perf_counter() - t0)
 
 
@@ -187,7 +242,9 @@ def served_rate(url: str, work: list[tuple[int, int]], clients: int) -> float:
     return len(work) / served_s
 
 
-def throughput(pipe, url: str, requests: int, clients: int, rounds: int, first: int) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+def throughput(
+    pipe: Direct, url: str, requests: int, clients: int, rounds: int, first: int
+) -> list[tuple[float, float]]:
     """(pipeline, fewstep) images/s in `rounds` alternating rounds of the same kind of work (new prompts each)."""
     out = []
     for r in range(rounds):
@@ -234,6 +291,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests in the throughput row")
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--rounds", type=int, default=3, help="alternating pipeline/fewstep rounds per row")
+    ap.add_argument("--optimum-venv", type=Path, default=ROOT / "var" / "bench-optimum-venv")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "diffusers.md")
     args = ap.parse_args()
 
@@ -242,14 +300,18 @@ def main() -> None:
     pipe = direct_pipeline(src)
     rows = {}
     first = 0
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "openvino"):
         physics = engine_physics(tmp, backend, args.repeats)
-        with server(tmp, backend) as url:
-            lat = latency(pipe, url, args.repeats, first)
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(server(tmp, backend))
+            direct = (
+                stack.enter_context(optimum_pipeline(src, args.optimum_venv, tmp)) if backend == "openvino" else pipe
+            )
+            lat = latency(direct, url, args.repeats, first)
             first += 1000
             tput = {}
             for clients in args.clients:
-                tput[clients] = throughput(pipe, url, args.requests, clients, args.rounds, first)
+                tput[clients] = throughput(direct, url, args.requests, clients, args.rounds, first)
                 first += 2 * args.rounds * args.requests
         rows[backend] = (lat, tput, physics)
         print(backend, lat, tput, physics, flush=True)
@@ -272,19 +334,23 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
         "the cores as they decide); the pipeline has torch's default threads (every core).",
         "",
         "A tiny random SD-style pipeline made big enough that the UNet dominates (channels 48/96, one attention",
-        "level, 64×64 images from 32×32 latents), imported as a `turbo` student and exported to ONNX. The",
-        "pipeline side is `StableDiffusionPipeline(prompt, num_inference_steps=n, guidance_scale=0)` in the",
-        "benchmark's process with the family's scheduler; the fewstep side is a `fewstep serve` process over HTTP",
-        "(PNG encoding and base64 included). Every prompt is new, so fewstep's prompt cache never helps.",
+        "level, 64×64 images from 32×32 latents), imported as a `turbo` student and exported to ONNX and OpenVINO",
+        "IR (FP32). The direct side is, for the torch and onnxruntime servers, `StableDiffusionPipeline(prompt,",
+        "num_inference_steps=n, guidance_scale=0)` in the benchmark's process with the family's scheduler; for the",
+        "openvino server, optimum-intel 2.2's `OVStableDiffusionPipeline` exported from the same folder with the",
+        "same scheduler, in a process of its own (`bench/optimum_side.py`). The fewstep side is a `fewstep serve`",
+        "process over HTTP (PNG encoding and base64 included). Every prompt is new, so fewstep's prompt cache",
+        "never helps.",
         "",
         "## Latency at concurrency 1 (median ms per image)",
         "",
-        "| server backend | steps | diffusers pipeline | fewstep over HTTP | ratio (goal ≤ 1.15×) |",
-        "|---|---|---|---|---|",
+        "| server backend | steps | direct pipeline | direct | fewstep over HTTP | ratio (goal ≤ 1.15×) |",
+        "|---|---|---|---|---|---|",
     ]
     for backend, (lat, _, _) in rows.items():
         for n, (d, f) in lat.items():
-            lines.append(f"| {backend} | {n} | {d:.0f} | {f:.0f} | {f / d:.2f}× ({verdict(f / d <= GOAL_LATENCY)}) |")
+            ok = verdict(f / d <= GOAL_LATENCY)
+            lines.append(f"| {backend} | {n} | {AGAINST[backend]} | {d:.0f} | {f:.0f} | {f / d:.2f}× ({ok}) |")
     lines += [
         "",
         f"## Throughput, step counts mixed 1–4 ({args.requests} requests a round, {args.rounds} rounds)",
@@ -292,18 +358,17 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
         "Each round runs the pipeline one request after another, then the server with the clients at once, on new",
         "prompts; the ratio is the median round's.",
         "",
-        "| server backend | clients | diffusers, one after another (img/s, each round) | fewstep (img/s, each round) "
-        "| ratio, median round (goal ≥ 1.5×) |",
-        "|---|---|---|---|---|",
+        "| server backend | clients | direct pipeline | direct, one after another (img/s, each round) "
+        "| fewstep (img/s, each round) | ratio, median round (goal ≥ 1.5×) |",
+        "|---|---|---|---|---|---|",
     ]
     for backend, (_, tput, _) in rows.items():
         for n, rounds in tput.items():
             ratio = median_ratio(rounds)
             direct = ", ".join(f"{d:.2f}" for d, _ in rounds)
             served = ", ".join(f"{f:.2f}" for _, f in rounds)
-            lines.append(
-                f"| {backend} | {n} | {direct} | {served} | {ratio:.2f}× ({verdict(ratio >= GOAL_THROUGHPUT)}) |"
-            )
+            ok = verdict(ratio >= GOAL_THROUGHPUT)
+            lines.append(f"| {backend} | {n} | {AGAINST[backend]} | {direct} | {served} | {ratio:.2f}× ({ok}) |")
     lines += [
         "",
         "## The engine's own batch speed-up (fewstep's latent engine in process; ms per image)",
