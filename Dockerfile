@@ -10,7 +10,7 @@ ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY fewstep ./fewstep
-# The runtime set comes from the lock (exact versions, the same in every image); extras (EXTRAS=gpu,
+# The runtime set comes from the lock (exact versions, the same in every image); extras (EXTRAS=gpu, openvino,
 # onnx, ...) are resolved on top of it, constrained by it.
 RUN python -m venv /opt/fewstep \
  && /opt/fewstep/bin/pip install --no-cache-dir --upgrade "pip==25.3" \

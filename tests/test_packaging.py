@@ -15,7 +15,16 @@ from packaging.version import Version
 from tests.conftest import CHECKPOINTS, ROOT
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-TRAIN_OR_EXPORT_ONLY = {"onnx", "onnxruntime", "onnxscript", "matplotlib", "tensorrt", "onnxruntime-gpu"}
+TRAIN_OR_EXPORT_ONLY = {
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "matplotlib",
+    "tensorrt",
+    "onnxruntime-gpu",
+    "openvino",
+    "nncf",
+}
 
 
 def names(requirements: list[str]) -> set[str]:
@@ -25,8 +34,9 @@ def names(requirements: list[str]) -> set[str]:
 def test_a_plain_install_carries_no_training_export_or_gpu_packages() -> None:
     assert names(PROJECT["dependencies"]) & TRAIN_OR_EXPORT_ONLY == set()
     extras = PROJECT["optional-dependencies"]
-    assert {"onnx", "export", "train", "gpu", "dev"} <= set(extras)
+    assert {"onnx", "openvino", "export", "train", "gpu", "dev"} <= set(extras)
     assert "matplotlib" in names(extras["train"]) and {"onnxscript", "onnxruntime"} <= names(extras["export"])
+    assert {"openvino", "nncf"} <= names(extras["openvino"])
 
 
 def test_the_gpu_extra_brings_the_cuda_runtime_and_not_the_cpu_one() -> None:

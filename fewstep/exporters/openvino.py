@@ -10,7 +10,8 @@ with NNCF and gated, written beside the ONNX artifacts (`artifacts/openvino.py` 
   distance against the FP32 graph's at every step count, a teacher's first-step error, a pipeline's image
   PSNR against its FP32 graphs. NNCF is asked for min-max ranges on the inputs of convolutions and matrix
   products only, asymmetric activations: its defaults (quantile ranges, every quantizable op) gave 9.5 dB on
-  the shipped student (docs/decisions/openvino.md). A video student stays FP32, as on ONNX Runtime.
+  the shipped student (docs/decisions/openvino.md). A video student stays FP32, as on ONNX Runtime, and so does
+  a hybrid pipeline's base.
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ def export_openvino(
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, "fp32")
         arts["fp32"] = art
-    if "int8" in precisions and kind != "video":
+    # Video is not quantized (as on ONNX Runtime); nor is a hybrid's base pipeline, which has no recipe to draw
+    # its calibration trajectories from (it takes only the first step).
+    if "int8" in precisions and kind not in ("video", "diffusers-teacher"):
         arts["int8"] = _int8(folder, manifest, models, graphs, onnx_graphs, base, encoder, judge, gate_seeds, threads)
     return arts
 
