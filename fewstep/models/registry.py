@@ -269,7 +269,8 @@ class Registry:
         try:
             digest.update((folder / "manifest.json").read_bytes())
             if "torch" not in runtime.split("-"):  # (any export re-gates: simpler than knowing whose graphs)
-                for art in sorted([*folder.glob("*.onnx.json"), *folder.glob("onnx/*/manifest.json")]):
+                found = [*folder.glob("*.onnx.json"), *folder.glob("onnx/*/manifest.json")]
+                for art in sorted([*found, *folder.glob("openvino/*/manifest.json")]):
                     digest.update(str(art.relative_to(folder)).encode() + b"\0" + art.read_bytes())
         except OSError:
             return None

@@ -146,6 +146,12 @@ def test_a_verdict_on_exported_graphs_counts_only_for_those_graphs(tmp_path: Pat
     art.write_text(json.dumps({"sha256": "b" * 64, "gate": {"passed": True}}))  # another graph, self-declared good
     assert reg.verdict("demo", "1", "onnxruntime-int8") is None
     assert reg.verdict("demo", "1", "torch-fp32") is not None
+    ir = folder / "openvino" / "int8" / "manifest.json"  # OpenVINO's artifacts, the same
+    ir.parent.mkdir(parents=True)
+    ir.write_text(json.dumps({"graphs": {"denoiser": {"xml": {"sha256": "c" * 64}}}, "gate": {"passed": True}}))
+    reg.record_verdict("demo", "1", "openvino-int8", {"passed": True, "reason": None})
+    ir.write_text(json.dumps({"graphs": {"denoiser": {"xml": {"sha256": "d" * 64}}}, "gate": {"passed": True}}))
+    assert reg.verdict("demo", "1", "openvino-int8") is None
 
 
 def test_load_marks_tell_dead_loads_from_live_ones(tmp_path: Path) -> None:
