@@ -58,7 +58,7 @@ def test_export_of_a_video_student_writes_its_three_graphs(video_exported: Path)
 
 
 @pytest.mark.slow  # exports two pipelines
-def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime(
+def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime_and_openvino(
     tmp_path: Path, tiny_pipelines: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fewstep.engines.base import ImageItem, ImageResult
@@ -70,22 +70,24 @@ def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime(
     assert main(["import", sdxl, "--name", "base", "--family", "base", "--registry", reg]) == 0
     student = ["import", sdxl, "--name", "student", "--family", "dmd2", "--teacher", "base", "--teacher-guidance", "3"]
     assert main([*student, "--registry", reg]) == 0
-    assert main(["export", "student", "--registry", reg, "--precisions", "fp32", "--threads", "1"]) == 0
+    assert main(["export", "student", "--registry", reg, "--precisions", "fp32", "--threads", "1", "--openvino"]) == 0
     out = capsys.readouterr().out
     assert "exported student:1 → onnx/fp32" in out and "exported base:1 → onnx/fp32" in out
+    assert "exported student:1 → openvino/fp32" in out and "exported base:1 → openvino/fp32" in out
     registry = Registry(tmp_path / "reg")
     folder = registry.version_dir("student", "1")
     teacher = registry.named_dir(registry.manifest("student", "1"), "teacher")
     items = [ImageItem(prompt, seed, 4, hybrid=True) for seed, prompt in enumerate(("a red circle", "a blue box"))]
     images = []
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "openvino"):
         engine = LatentEngine(folder, backend, teacher_folder=teacher)
         engine.load()
         assert engine.spec.hybrid, engine.spec.hybrid_reason
         images.append(engine.run(items))
-    for a, b in zip(*images, strict=True):
-        assert isinstance(a, ImageResult) and isinstance(b, ImageResult), (a, b)
-        assert psnr(a.pixels, b.pixels) >= 40.0
+    for a, *others in zip(*images, strict=True):
+        for b in others:
+            assert isinstance(a, ImageResult) and isinstance(b, ImageResult), (a, b)
+            assert psnr(a.pixels, b.pixels) >= 40.0
 
 
 def test_rollback_skips_what_the_models_own_kind_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
