@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -70,13 +71,22 @@ def test_import_then_export_of_a_hybrid_pair_serves_it_on_onnxruntime_and_openvi
     assert main(["import", sdxl, "--name", "base", "--family", "base", "--registry", reg]) == 0
     student = ["import", sdxl, "--name", "student", "--family", "dmd2", "--teacher", "base", "--teacher-guidance", "3"]
     assert main([*student, "--registry", reg]) == 0
-    assert main(["export", "student", "--registry", reg, "--precisions", "fp32", "--threads", "1", "--openvino"]) == 0
+    export = ["export", "student", "--registry", reg, "--precisions", "fp32,int8", "--threads", "1", "--openvino"]
+    assert main(export) == 0
     out = capsys.readouterr().out
-    assert "exported student:1 → onnx/fp32" in out and "exported base:1 → onnx/fp32" in out
-    assert "exported student:1 → openvino/fp32" in out and "exported base:1 → openvino/fp32" in out
+    for name in ("student", "base"):
+        for where in ("onnx/fp32", "onnx/int8", "openvino/fp32", "openvino/int8"):
+            assert f"{name}:1 → {where}" in out, (name, where)
     registry = Registry(tmp_path / "reg")
     folder = registry.version_dir("student", "1")
     teacher = registry.named_dir(registry.manifest("student", "1"), "teacher")
+    assert teacher is not None
+    for art in (teacher / "onnx" / "int8" / "manifest.json", teacher / "openvino" / "int8" / "manifest.json"):
+        # The base takes only a walk's first step: calibrated and gated there (it has no recipe to sample by).
+        record = json.loads(art.read_text())
+        assert record["calibration"]["first_step"] and record["calibration"]["unet_calls"] > 0
+        err = record["quality"]["relative_rms_error_vs_fp32"]
+        assert record["gate"]["passed"] == (err <= 0.1)
     items = [ImageItem(prompt, seed, 4, hybrid=True) for seed, prompt in enumerate(("a red circle", "a blue box"))]
     images = []
     for backend in ("torch", "onnxruntime", "openvino"):

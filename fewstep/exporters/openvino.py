@@ -10,8 +10,7 @@ with NNCF and gated, written beside the ONNX artifacts (`artifacts/openvino.py` 
   distance against the FP32 graph's at every step count, a teacher's first-step error, a pipeline's image
   PSNR against its FP32 graphs. NNCF is asked for min-max ranges on the inputs of convolutions and matrix
   products only, asymmetric activations: its defaults (quantile ranges, every quantizable op) gave 9.5 dB on
-  the shipped student (docs/decisions/openvino.md). A video student stays FP32, as on ONNX Runtime, and so does
-  a hybrid pipeline's base.
+  the shipped student (docs/decisions/openvino.md). A video student stays FP32, as on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -45,9 +44,6 @@ from fewstep.errors import CheckpointError
 from fewstep.evaluation.judges import Judge
 from fewstep.models.checkpoint import WEIGHTS, read_manifest, read_verified, write_json_atomic
 from fewstep.models.text import TextEncoder
-
-PIPELINE_GATE_MIN_PSNR_DB = 25.0
-"""As ONNX Runtime's INT8 pipelines (`exporters/pipeline_onnx.py`)."""
 
 
 def _tools() -> dict[str, str]:
@@ -156,9 +152,7 @@ def export_openvino(
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, "fp32")
         arts["fp32"] = art
-    # Video is not quantized (as on ONNX Runtime); nor is a hybrid's base pipeline, which has no recipe to draw
-    # its calibration trajectories from (it takes only the first step).
-    if "int8" in precisions and kind not in ("video", "diffusers-teacher"):
+    if "int8" in precisions and kind != "video":  # video is not quantized, as on ONNX Runtime
         arts["int8"] = _int8(folder, manifest, models, graphs, onnx_graphs, base, encoder, judge, gate_seeds, threads)
     return arts
 
@@ -280,37 +274,16 @@ def _int8(
             quality = teacher_quality(ref, net, feeds)
         calibration = {"inputs": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "step_aware": kind == "image"}
     else:
-        from fewstep.exporters.pipeline_onnx import (
-            CALIBRATION_PROMPTS as PIPELINE_PROMPTS,
-        )
-        from fewstep.exporters.pipeline_onnx import (
-            GATE_PROMPTS,
-            parity_draws,
-            pipeline_images,
-            psnr_by_steps,
-            unet_calibration,
-        )
+        from fewstep.exporters.pipeline_onnx import calibration_record, unet_calibration, unet_gate
 
         paths, onnx_fp32 = verified_graphs(folder, manifest, "fp32")
         feeds = unet_calibration(folder, manifest, paths, onnx_fp32)
         role = "unet"
         quantized = quantize_model(models[role].clone(), feeds, onnx_graphs[role][1])
         ref_nets = GraphNets({}, onnx_fp32, sessions=fp32)
-        quant_nets = GraphNets(
-            {}, onnx_fp32, sessions={**fp32, role: OvGraph(quantized, *onnx_graphs[role][1:], threads)}
-        )
-        draws = parity_draws(manifest, GATE_PROMPTS, 8_000_000)
-        figures = psnr_by_steps(
-            draws, pipeline_images(folder, ref_nets, draws), pipeline_images(folder, quant_nets, draws)
-        )
-        quality = {
-            "quality": {"psnr_db_vs_fp32_by_steps": {k: round(v, 2) for k, v in figures.items()}, "images": len(draws)},
-            "gate": {
-                "passed": bool(min(figures.values()) >= PIPELINE_GATE_MIN_PSNR_DB),
-                "rule": f"image PSNR vs the fp32 graphs >= {PIPELINE_GATE_MIN_PSNR_DB} dB at every step count",
-            },
-        }
-        calibration = {"unet_calls": len(feeds), "prompts": len(PIPELINE_PROMPTS), "step_aware": "recipe" in manifest}
+        unet = OvGraph(quantized, *onnx_graphs[role][1:], threads)
+        quality = unet_gate(folder, manifest, ref_nets, GraphNets({}, onnx_fp32, sessions={**fp32, role: unet}))
+        calibration = calibration_record(manifest, feeds)
     with tempfile.TemporaryDirectory(dir=folder / ROOT, prefix=".partial-") as tmp_name:
         built = Path(tmp_name) / "int8"
         built.mkdir()

@@ -314,16 +314,83 @@ def base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh: 
     }
 
 
+BASE_TIMESTEPS = (999.0, 749.0, 499.0)
+"""Where a hybrid's walk begins: the first timestep of trailing and leading spacings at 1–4 steps."""
+BASE_GATE_MAX_REL_RMS = 0.1
+"""As fewstep's own teachers (`exporters/quantize.py`): a base model takes one step, its prediction error counts."""
+
+
+def base_inputs(
+    folder: Path, manifest: dict[str, Any], nets: LatentNets, prompts: tuple[str, ...], seed: int
+) -> list[tuple[torch.Tensor | None, ...]]:
+    """A hybrid base's UNet inputs where it works, a walk's first step: the seed's noise at `BASE_TIMESTEPS`,
+    the prompts' states and the empty prompt's (its guidance is classifier-free)."""
+    ids, masks = load_tokenizers(folder, manifest)([*prompts, ""])
+    text = nets.encode(ids, masks)
+    native = int(str(manifest["native_size"]).split("x")[0])
+    side = native // int(manifest["latent"]["vae_scale_factor"])
+    n = len(prompts) + 1
+    g = torch.Generator().manual_seed(seed)
+    out: list[tuple[torch.Tensor | None, ...]] = []
+    for t in BASE_TIMESTEPS:
+        x = torch.randn((n, int(manifest["latent"]["channels"]), side, side), generator=g)
+        tcond = None if nets.time_cond_dim is None else guidance_embedding(torch.full((n,), 4.0), nets.time_cond_dim)
+        tids = None if text.pooled is None else torch.cat([time_ids(native, native)] * n)
+        out.append((x, torch.full((n,), t), text.states, tcond, text.pooled, tids))
+    return out
+
+
 def unet_calibration(
     folder: Path, manifest: dict[str, Any], paths: dict[str, Path], fp32: dict[str, Any]
 ) -> list[dict[str, np.ndarray]]:
-    """The UNet's inputs on real trajectories of every step count the family serves, through the fp32 graphs
-    (`paths`): what every quantization of this pipeline is calibrated on."""
+    """The UNet's inputs through the fp32 graphs (`paths`), what every quantization of this pipeline is calibrated
+    on: real trajectories of every step count the family serves, or a hybrid base's first-step inputs (a base
+    has no recipe: it only ever takes that step)."""
     nets = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
     feeds: list[dict[str, np.ndarray]] = []
+    if "recipe" not in manifest:
+        rec = recording(nets, feeds)
+        for args in base_inputs(folder, manifest, nets, CALIBRATION_PROMPTS, 7_000_000):
+            rec(*args)
+        return feeds
     nets.unet = recording(nets, feeds)  # type: ignore[method-assign]
     pipeline_images(folder, nets, parity_draws(manifest, CALIBRATION_PROMPTS, 7_000_000))
     return feeds
+
+
+def unet_gate(folder: Path, manifest: dict[str, Any], ref: LatentNets, quant: LatentNets) -> dict[str, Any]:
+    """A quantized UNet judged against the fp32 graphs (`ref`) on other prompts and seeds: a student's images at
+    every step count (PSNR), a hybrid base's first-step prediction (relative RMS error). Its `quality` and
+    `gate`."""
+    if "recipe" not in manifest:
+        errs = []
+        for args in base_inputs(folder, manifest, ref, GATE_PROMPTS, 8_000_000):
+            p, q = ref.unet(*args), quant.unet(*args)  # type: ignore[arg-type]
+            errs.append(float((p - q).pow(2).mean().sqrt() / p.pow(2).mean().sqrt().clamp(min=1e-8)))
+        worst = max(errs)
+        return {
+            "quality": {"relative_rms_error_vs_fp32": round(worst, 4), "calls": len(errs)},
+            "gate": {
+                "passed": bool(worst <= BASE_GATE_MAX_REL_RMS),
+                "rule": f"relative RMS error of the first-step prediction vs fp32 <= {BASE_GATE_MAX_REL_RMS}",
+            },
+        }
+    draws = parity_draws(manifest, GATE_PROMPTS, 8_000_000)
+    figures = psnr_by_steps(draws, pipeline_images(folder, ref, draws), pipeline_images(folder, quant, draws))
+    return {
+        "quality": {"psnr_db_vs_fp32_by_steps": {k: round(v, 2) for k, v in figures.items()}, "images": len(draws)},
+        "gate": {
+            "passed": bool(min(figures.values()) >= GATE_MIN_PSNR_DB),
+            "rule": f"image PSNR vs the fp32 graphs >= {GATE_MIN_PSNR_DB} dB at every step count",
+        },
+    }
+
+
+def calibration_record(manifest: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """What a quantized UNet was calibrated on, for its manifest."""
+    if "recipe" not in manifest:
+        return {"unet_calls": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "first_step": list(BASE_TIMESTEPS)}
+    return {"unet_calls": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "step_aware": True}
 
 
 def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
@@ -350,21 +417,11 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
             # Dynamic quantization takes activation ranges from the whole batch: served one row per call.
             "batch_invariant": precision != "int8-dynamic",
             "derived_from": {"artifact": "fp32", "unet_sha256": fp32["graphs"]["unet"]["sha256"]},
-            "calibration": {"unet_calls": len(feeds), "prompts": len(CALIBRATION_PROMPTS), "step_aware": True},
+            "calibration": calibration_record(manifest, feeds),
         }
         quant = GraphNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"])
         ref = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
-        draws = parity_draws(manifest, GATE_PROMPTS, 8_000_000)
-        figures = psnr_by_steps(draws, pipeline_images(folder, ref, draws), pipeline_images(folder, quant, draws))
-        worst = min(figures.values())
-        art["quality"] = {
-            "psnr_db_vs_fp32_by_steps": {k: round(v, 2) for k, v in figures.items()},
-            "images": len(draws),
-        }
-        art["gate"] = {
-            "passed": bool(worst >= GATE_MIN_PSNR_DB),
-            "rule": f"image PSNR vs the fp32 graphs >= {GATE_MIN_PSNR_DB} dB at every step count",
-        }
+        art.update(unet_gate(folder, manifest, ref, quant))
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, precision)
     return art
