@@ -15,7 +15,6 @@ with NNCF and gated, written beside the ONNX artifacts (`artifacts/openvino.py` 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from fewstep.artifacts.pipeline import GraphNets, source_digest, verified_graphs
 from fewstep.artifacts.video import GraphVideoNet
 from fewstep.errors import CheckpointError
 from fewstep.evaluation.judges import Judge
-from fewstep.models.checkpoint import WEIGHTS, read_manifest, read_verified, write_json_atomic
+from fewstep.models.checkpoint import WEIGHTS, read_manifest, read_verified, replace_dir, write_json_atomic
 from fewstep.models.text import TextEncoder
 
 
@@ -91,11 +90,8 @@ def _save(model: Any, built: Path, role: str) -> None:
 
 
 def _place(built: Path, folder: Path, precision: str) -> None:
-    """Move a finished artifact folder into place, replacing an older one."""
-    target = artifact_dir(folder, precision)
-    if target.exists():
-        shutil.rmtree(target)
-    built.rename(target)
+    """Move a finished artifact folder into `openvino/<precision>`, replacing an older one whole."""
+    replace_dir(built, artifact_dir(folder, precision))
 
 
 def export_openvino(

@@ -17,8 +17,6 @@ inputs at every step count and gated on image PSNR against the fp32 graphs.
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -42,7 +40,7 @@ from fewstep.errors import CheckpointError
 from fewstep.evaluation.metrics import psnr
 from fewstep.exporters.onnx import psnr_parity
 from fewstep.exporters.quantize import quantize_graph
-from fewstep.models.checkpoint import read_manifest, write_json_atomic
+from fewstep.models.checkpoint import read_manifest, replace_dir, write_json_atomic
 from fewstep.models.families import Recipe
 from fewstep.models.latent_sampler import Draw, LatentSampler
 from fewstep.models.pipelines import (
@@ -187,12 +185,7 @@ def _save(raw: Path, target: Path, external_data_bytes: int) -> None:
 
 def _place(built: Path, folder: Path, precision: str) -> None:
     """Move a finished artifact folder into `onnx/<precision>`, replacing an older one whole."""
-    target = artifact_dir(folder, precision)
-    if target.exists():
-        old = target.with_name(f".old-{precision}-{secrets.token_hex(8)}")  # unique per writer, not per PID
-        os.replace(target, old)
-        shutil.rmtree(old)
-    os.replace(built, target)
+    replace_dir(built, artifact_dir(folder, precision))
 
 
 def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_dir(built: Path, target: Path) -> None:
+    """Move the finished folder `built` to `target`, replacing an older one whole: the old one is moved aside
+    first (a writer-unique name), so `target` is never half removed."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{secrets.token_hex(8)}")
+        os.replace(target, old)
+        shutil.rmtree(old)
+    os.replace(built, target)
 
 
 def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
