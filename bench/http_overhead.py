@@ -53,8 +53,8 @@ def main() -> None:
 
     from fewstep.engines.base import ImageItem, ImageResult
     from fewstep.engines.image import ImageEngine
+    from fewstep.engines.pixels import encode_png
     from fewstep.models.text import TextEncoder
-    from fewstep.service.worker import encode_png
 
     torch.set_num_threads(args.threads)
     engine = ImageEngine(ROOT / "checkpoints" / "shapes", TextEncoder())

@@ -26,10 +26,19 @@ import torch
 
 from fewstep.engines.backends import backend
 from fewstep.engines.base import ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.engines.pixels import decode_png
 from fewstep.engines.specs import ImageSpec
-from fewstep.errors import CheckpointError, FewstepError, GenerationFailed
+from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest
 from fewstep.models.checkpoint import read_manifest
-from fewstep.models.sampling import Handoff, HybridTeacher, advance, start_trajectory, to_pixels
+from fewstep.models.sampling import (
+    Handoff,
+    HybridTeacher,
+    advance,
+    from_pixels,
+    start_edit,
+    start_trajectory,
+    to_pixels,
+)
 from fewstep.models.schedules import FewStepSchedule, TeacherSampler
 from fewstep.models.text import TextEncoder
 from fewstep.models.unet import Denoiser
@@ -129,9 +138,18 @@ class ImageEngine:
             states, mask = self.encoder.encode([s.item.prompt for s in good])
             for i, slot in enumerate(good):
                 it = slot.item
-                slot.state = start_trajectory(
-                    self.schedule, it.steps, it.seed, states[i], mask[i], self.shape, it.hybrid, self.handoff
-                )
+                if it.image is None:
+                    slot.state = start_trajectory(
+                        self.schedule, it.steps, it.seed, states[i], mask[i], self.shape, it.hybrid, self.handoff
+                    )
+                    continue
+                try:
+                    image = from_pixels(decode_png(it.image, self.spec.width, self.spec.height))
+                except (ValueError, OSError) as e:  # a starting image that is not the item's PNG
+                    slot.outcome = InvalidRequest("image", f"the starting image does not decode: {e}")
+                    continue
+                strength = 1.0 if it.strength is None else it.strength
+                slot.state = start_edit(self.schedule, it.steps, strength, it.seed, states[i], mask[i], image)
         return slots
 
     def advance(self, slots: list[Slot]) -> None:

@@ -17,14 +17,16 @@ from typing import Any
 
 from fewstep.engines.backends import backend
 from fewstep.engines.base import ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.engines.pixels import decode_png
 from fewstep.engines.specs import GuidanceRule, ImageSpec, Sizes
-from fewstep.errors import CheckpointError, FewstepError, GenerationFailed
+from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest
 from fewstep.models.checkpoint import read_manifest
 from fewstep.models.families import Recipe
 from fewstep.models.latent_sampler import Draw, LatentSampler
 from fewstep.models.pipelines import LatentNets, size_multiple
 
 log = logging.getLogger("fewstep.engines")
+EDITS_NEED_TORCH = "an edit needs the pipeline's VAE encoder, which is not among the exported graphs: serve on torch"
 
 
 def latent_spec(
@@ -56,6 +58,8 @@ def latent_spec(
         sizes=None if sides is None else Sizes(max(sides[0], multiple), sides[1], multiple),
         guidance=GuidanceRule(g.mode, g.low, g.high, g.default),
         family=recipe.family,
+        edits=backend_name == "torch",
+        edits_reason=None if backend_name == "torch" else EDITS_NEED_TORCH,
     )
 
 
@@ -125,16 +129,19 @@ class LatentEngine:
     def draw(self, item: ImageItem) -> Draw:
         """What the sampler makes for a (validated) item: sizes and guidance defaults applied."""
         guidance = self.spec.guidance.default if item.guidance is None else item.guidance
+        width, height = item.width or self.spec.width, item.height or self.spec.height
         return Draw(
             item.prompt,
             item.seed,
             item.steps,
-            item.width or self.spec.width,
-            item.height or self.spec.height,
+            width,
+            height,
             guidance,
             item.negative_prompt,
             self.spec.uses_cfg(item),
             item.hybrid,
+            None if item.image is None else decode_png(item.image, width, height),
+            1.0 if item.strength is None else item.strength,
         )
 
     def begin(self, items: list[ImageItem]) -> list[Slot]:
@@ -148,7 +155,14 @@ class LatentEngine:
                 good.append(slot)
             except FewstepError as e:
                 slot.outcome = e
-        for slot, walk in zip(good, self.sampler.start([self.draw(s.item) for s in good]), strict=True):
+        draws = []
+        for slot in list(good):
+            try:
+                draws.append(self.draw(slot.item))
+            except (ValueError, OSError) as e:  # a starting image that is not the item's PNG (a queue record gone bad)
+                slot.outcome = InvalidRequest("image", f"the starting image does not decode: {e}")
+                good.remove(slot)
+        for slot, walk in zip(good, self.sampler.start(draws), strict=True):
             slot.state = walk
         return slots
 

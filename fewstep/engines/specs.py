@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from fewstep.errors import CheckpointError, InvalidRequest, limit_error
 from fewstep.models.checkpoint import MAX_SIDE
 from fewstep.models.sampling import Handoff, HybridTeacher
-from fewstep.models.schedules import MAX_SEED, FewStepSchedule
+from fewstep.models.schedules import MAX_SEED, FewStepSchedule, kept_steps
 
 Api = Literal["image", "video"]
 """Which API serves a model: `POST /v1/images/generations` and jobs, or `WS /v1/video/stream`."""
@@ -35,6 +35,17 @@ class ImageItem:
     height: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    image: str | None = None
+    """An edit's starting image: a base64 PNG of exactly the item's size (the gateway decodes, bounds and
+    resizes uploads; the engine decodes this trusted form). None: text to image."""
+    strength: float | None = None
+    """How much of an edit is made anew, in (0, 1]: the item runs the last `kept_steps(steps, strength)` of
+    its `steps`-step list, from the starting image noised to the first of them (diffusers' img2img rule)."""
+
+    @property
+    def run_steps(self) -> int:
+        """Steps the item really runs: all of them, or an edit's kept ones."""
+        return self.steps if self.image is None else kept_steps(self.steps, self.strength or 1.0)
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,9 @@ class ImageSpec(Spec):
     sizes: Sizes | None = None
     guidance: GuidanceRule = GuidanceRule()
     family: str | None = None
+    edits: bool = True
+    """Whether the model takes a starting image (`POST /v1/images/edits`) on this backend."""
+    edits_reason: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +194,8 @@ class ImageSpec(Spec):
         self._check_steps_and_seed(item.steps, item.seed)
         self._check_size(item.width, item.height)
         self._check_guidance(item.guidance, item.negative_prompt)
+        if item.image is not None:
+            self._check_edit(item)
         if item.hybrid:
             if not self.hybrid:
                 why = f" ({self.hybrid_reason})" if self.hybrid_reason else ""
@@ -188,6 +204,30 @@ class ImageSpec(Spec):
                 )
             if item.steps < 2:
                 raise limit_error("steps", f"between 2 and {max(self.steps)} when `hybrid` is true", item.steps)
+
+    def _check_edit(self, item: ImageItem) -> None:
+        if not self.edits:
+            why = f" ({self.edits_reason})" if self.edits_reason else ""
+            raise InvalidRequest("image", f"this model does not take a starting image on {self.backend}{why}")
+        if item.hybrid:
+            raise InvalidRequest("hybrid", "`hybrid` is for text to image; an edit starts from its image. Given: true")
+        strength = item.strength
+        if strength is None or not 0.0 < strength <= 1.0:
+            raise limit_error("strength", "a number in (0, 1]", strength)
+        if item.run_steps < 1:
+            raise InvalidRequest(
+                "strength",
+                f"`strength` × `steps` must be at least 1, or the edit keeps no step (diffusers' rule: "
+                f"int(steps × strength) steps run). Given: strength {strength:g} × steps {item.steps}",
+            )
+
+    def edit_steps(self, strength: float) -> int:
+        """The step count an edit at `strength` runs with when the request names none: the model's default, or
+        the smallest served count that keeps a step at that strength (the default itself if none does: the
+        item is then refused, naming the rule)."""
+        if kept_steps(self.default_steps, strength) >= 1:
+            return self.default_steps
+        return next((n for n in self.steps if kept_steps(n, strength) >= 1), self.default_steps)
 
     def _check_size(self, width: int | None, height: int | None) -> None:
         if width is None and height is None:
@@ -225,7 +265,7 @@ class ImageSpec(Spec):
         """Network evaluations an item costs: its steps (twice with classic CFG), plus the teacher's extra ones
         if hybrid."""
         per_step = 2 if self.uses_cfg(item) else 1
-        return item.steps * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
+        return item.run_steps * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
 
     def uses_cfg(self, item: ImageItem) -> bool:
         """Whether the item runs classic CFG (two evaluations per step): a `cfg` model above guidance 1."""

@@ -30,7 +30,7 @@ import copy
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ from fewstep.models.pipelines import (
     time_ids,
     vae_factor,
 )
-from fewstep.models.schedules import item_noise, step_generator
+from fewstep.models.sampling import from_pixels
+from fewstep.models.schedules import ENCODE_DRAW, item_noise, kept_steps, step_generator
 
 TRAJECTORY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "DDIMScheduler")
 
@@ -67,6 +68,9 @@ class Draw:
     negative_prompt: str | None = None
     cfg: bool = False
     hybrid: bool = False
+    image: np.ndarray | None = field(default=None, compare=False)
+    """An edit's starting image, (H, W, 3) uint8 at the draw's size; None: text to image."""
+    strength: float = 1.0
 
 
 @dataclass(eq=False)
@@ -172,17 +176,39 @@ class LatentSampler:
 
     # -- walks ------------------------------------------------------------------------------------
     def start(self, draws: list[Draw]) -> list[Walk]:
-        """Walks at their first step: each with its own scheduler and the seed's initial latents."""
+        """Walks at their first step: each with its own scheduler and the seed's initial latents (an edit's: its
+        image encoded and noised to the first timestep it keeps)."""
         conds = self.text([(d.prompt, None) for d in draws]) if draws else []
         walks = []
         for d, cond in zip(draws, conds, strict=True):
             sched = copy.deepcopy(self.templates[d.steps])
             shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
-            latents = item_noise(d.seed, 0, shape).to(self.device) * sched.init_noise_sigma
+            noise = item_noise(d.seed, 0, shape).to(self.device)
+            first = 0
+            if d.image is None:
+                latents = noise * sched.init_noise_sigma
+            else:
+                first, latents = self._edit_start(d, sched, noise)
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
             uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
-            walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond))
+            walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond, k=first))
         return walks
+
+    def _edit_start(self, d: Draw, sched: Any, noise: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """An edit's first step and starting latents, as diffusers' img2img pipelines make them: the last
+        `kept_steps` timesteps of the list (the scheduler told where it begins), the image's latents (its VAE
+        posterior sampled with the (seed, `ENCODE_DRAW`) noise) noised by the scheduler to the first of them
+        with the (seed, 0) noise."""
+        encode = getattr(self.nets, "encode_image", None)
+        if encode is None:
+            raise CheckpointError("these networks have no VAE encoder: edits are not served on them")
+        assert d.image is not None
+        first = d.steps - kept_steps(d.steps, d.strength)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(first * sched.order)
+        pixels = from_pixels(d.image)[None].to(self.device)
+        clean = encode(pixels, item_noise(d.seed, ENCODE_DRAW, tuple(noise.shape)))
+        return first, sched.add_noise(clean, noise, sched.timesteps[first : first + 1])
 
     def advance(self, walks: list[Walk]) -> None:
         """Every unfinished walk one step on: one UNet call per (size, network) group."""

@@ -63,6 +63,16 @@ class LatentNets(Protocol):
         ...
 
 
+class EncodingNets(LatentNets, Protocol):
+    """Latent networks with the VAE's encoder too: what an edit (img2img) needs."""
+
+    def encode_image(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → latents as the sampler starts from them: the VAE's posterior sampled
+        with `noise` (its mean + its std × noise, as `latent_dist.sample` draws it), scaled as the pipelines
+        scale it."""
+        ...
+
+
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The LCM guidance embedding of scales `w` (B,): what the pipelines pass as `timestep_cond` for w − 1."""
     w = w * 1000.0
@@ -185,6 +195,10 @@ class TorchNets:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents.to(self.device, self.vae_dtype)).float()
 
+    @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return encode_latents(self.vae, images.to(self.device, self.vae_dtype), noise.to(self.device)).float()
+
 
 def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
     """The UNet's conditioning as the pipelines compute it: SD the (optionally masked) last hidden state; SDXL
@@ -215,6 +229,22 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     else:
         latents = latents / scaling
     return vae.decode(latents, return_dict=False)[0]
+
+
+def encode_latents(vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → scaled latents, as the img2img pipelines make their starting latents: the posterior
+    sampled (mean + std × `noise`), then scaled (and normalised by the per-channel latent statistics where the
+    VAE has them: SDXL-style)."""
+    dist = vae.encode(images, return_dict=False)[0]
+    x = dist.mean + dist.std * noise.to(dist.mean)
+    cfg = vae.config
+    scaling = float(cfg.scaling_factor)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        c = x.shape[1]
+        m, s = torch.tensor(mean).view(1, c, 1, 1).to(x), torch.tensor(std).view(1, c, 1, 1).to(x)
+        return (x - m) * scaling / s
+    return x * scaling
 
 
 def vae_factor(manifest: dict[str, Any]) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.errors import CheckpointError
-from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise
+from fewstep.models.schedules import FewStepSchedule, TeacherSampler, item_noise, kept_steps
 from fewstep.models.unet import Denoiser
 from fewstep.models.video_cache import KVCache, TextKV, VideoConfig, VideoNet
 
@@ -178,6 +178,27 @@ def start_trajectory(
         teacher_steps=h.teacher_steps,
         teacher_ode=h.kind == "trajectory",
     )
+
+
+def start_edit(
+    schedule: FewStepSchedule,
+    steps: int,
+    strength: float,
+    seed: int,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    image: torch.Tensor,
+) -> Trajectory:
+    """An edit's trajectory (img2img): the last `kept_steps(steps, strength)` timesteps of the `steps`-step list,
+    from `image` (C, H, W) in [-1, 1] noised to the first of them with the seed's step-0 noise, as the flow's
+    forward process does (x_t = (1 − t) x0 + t ε). At strength 1 it is the text-to-image trajectory."""
+    timesteps = schedule.timesteps_for(steps)
+    kept = timesteps[steps - kept_steps(steps, strength) :]
+    if not kept:
+        raise ValueError(f"strength {strength} keeps no step of {steps}")
+    t0 = kept[0]
+    x = (1.0 - t0) * image + t0 * item_noise(seed, 0, tuple(image.shape))
+    return Trajectory(seed, kept, states, mask, x)
 
 
 @torch.inference_mode()

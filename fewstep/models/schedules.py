@@ -51,6 +51,16 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return g
 
 
+ENCODE_DRAW = 1 << 20
+"""The (seed, step) index of an edit's one extra draw: the noise that samples its image's VAE posterior."""
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """The steps an edit at `strength` keeps of a `steps`-step list: diffusers' img2img pipelines' rule
+    (`get_timesteps`: `min(int(steps × strength), steps)`, the last ones of the list)."""
+    return min(int(steps * strength), steps)
+
+
 def item_noise(seed: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of `shape` derived only from (seed, step).
 

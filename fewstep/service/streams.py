@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fewstep.engines.base import Frame, Session, StreamEngine, StreamRequest
+from fewstep.engines.pixels import encode_png
 from fewstep.engines.specs import VideoSpec
 from fewstep.errors import Overloaded
 from fewstep.service.metrics import Metrics
 from fewstep.service.settings import Settings
 from fewstep.service.versions import Versions
-from fewstep.service.worker import encode_png
 
 log = logging.getLogger("fewstep.service")
 Deliver = Callable[[Frame | None, str], None]

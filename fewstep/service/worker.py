@@ -17,8 +17,6 @@ cannot be written (Redis away) is retried until it is: work done is not thrown a
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import secrets
@@ -28,10 +26,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
 from fewstep.engines.base import ImageResult, Outcome, StepEngine, run_to_completion
+from fewstep.engines.pixels import encode_png
 from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
@@ -49,13 +45,6 @@ Router = Callable[[str, str], StepEngine]
 """(model, job id) → the engine a new item starts on: every item of one job gets the same version."""
 Retired = Callable[[str, object, Outcome], None]
 """(model, engine, outcome) of every item the scheduler retires."""
-
-
-def encode_png(pixels: np.ndarray) -> str:
-    """(H, W, 3) uint8 → base64 PNG, as the API returns it."""
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def canary_outcome(outcome: Outcome) -> bool | None:

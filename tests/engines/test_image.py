@@ -169,3 +169,49 @@ def test_stopped_items_leave_the_batch_at_the_step_boundary(engine: ImageEngine)
     assert calls == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1]), (3, [1])]  # item 0 ran 2 of its 4 steps
     alone = engine.run([items[1]])[0]
     assert np.abs(_pixels(out[1]) - _pixels(alone)).max() <= 1  # its neighbour is unaffected (batch-size rounding)
+
+
+def _start(seed: int) -> np.ndarray:
+    """A 32×32 starting image: a blue field with a red square."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[...] = (20, 40, 200)
+    img[8 + seed % 4 : 20, 6:18] = (220, 30, 30)
+    return img
+
+
+def _edit(seed: int, steps: int, strength: float) -> ImageItem:
+    from fewstep.engines.pixels import encode_png
+
+    return ImageItem("a red square", seed, steps, image=encode_png(_start(seed)), strength=strength)
+
+
+def test_an_edit_runs_the_kept_steps_from_its_image_and_at_full_strength_is_text_to_image(
+    engine: ImageEngine,
+) -> None:
+    """The shipped student's img2img: the last int(steps × strength) timesteps, from the image noised to the first
+    of them by the flow's forward process; strength 1 starts from pure noise, so it is the text-to-image image."""
+    (full,) = engine.run([_edit(5, 4, 1.0)])
+    (text,) = engine.run([ImageItem("a red square", 5, 4)])
+    assert np.array_equal(_pixels(full), _pixels(text))
+    edits = engine.run([_edit(5, 4, 0.5), _edit(5, 4, 0.25), ImageItem("a red square", 6, 2), _edit(7, 3, 0.7)])
+    half, quarter = edits[0], edits[1]
+    assert isinstance(half, ImageResult) and half.nfe == 2 and isinstance(quarter, ImageResult) and quarter.nfe == 1
+    start = _start(5).astype(int)
+    gap = [np.abs(_pixels(r).astype(int) - start).mean() for r in (quarter, half, text)]
+    assert gap[0] < gap[1] < gap[2], gap  # the less strength, the more of the image is kept
+    for item, got in zip(
+        [_edit(5, 4, 0.5), _edit(5, 4, 0.25), ImageItem("a red square", 6, 2), _edit(7, 3, 0.7)], edits, strict=True
+    ):
+        (alone,) = engine.run([item])
+        assert np.array_equal(_pixels(got), _pixels(alone))  # whatever shares the batch
+
+
+def test_edits_outside_the_rule_are_refused(engine: ImageEngine) -> None:
+    cases = [
+        (_edit(1, 1, 0.5), "`strength` × `steps` must be at least 1"),
+        (ImageItem("x", 1, 4, hybrid=True, image=_edit(1, 4, 0.5).image, strength=0.5), "`hybrid`"),
+        (ImageItem("x", 1, 4, image="aGVsbG8=", strength=0.5), "the starting image does not decode"),
+    ]
+    for item, needle in cases:
+        (out,) = engine.run([item])
+        assert isinstance(out, InvalidRequest) and needle in str(out), (needle, out)

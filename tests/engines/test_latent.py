@@ -41,6 +41,52 @@ def _engine(tiny_pipelines: dict[str, Path], tmp: Path, arch: str, family: str, 
     return engine
 
 
+def run_diffusers(
+    cls: Any, src: Path, engine: LatentEngine, item: ImageItem, noise: dict[str, Any], **kwargs: Any
+) -> np.ndarray:
+    """`cls` (a diffusers pipeline) loaded from `src` with the engine's family scheduler, called for `item` with
+    `randn_tensor` replaced in the modules `noise` names (`"scheduler"` for the scheduler's own module)."""
+    pipe = cls.from_pretrained(str(src))
+    pipe.set_progress_bar_config(disable=True)
+    recipe = engine.sampler.recipe
+    pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
+    names = {"scheduler": type(pipe.scheduler).__module__}
+    patched = {importlib.import_module(names.get(m, m)): f for m, f in noise.items()}
+    real = {m: m.randn_tensor for m in patched}
+    when = (
+        {"timesteps": recipe.timesteps[item.steps]} if recipe.custom_timesteps else {"num_inference_steps": item.steps}
+    )
+    guidance = recipe.guidance.default if item.guidance is None else item.guidance
+    for m, f in patched.items():
+        m.randn_tensor = f
+    try:
+        out = pipe(item.prompt, guidance_scale=guidance, output_type="np", **when, **recipe.step_kwargs, **kwargs)
+    finally:
+        for m, f in real.items():
+            m.randn_tensor = f
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def drawing(seed: int, step: Any) -> Any:
+    """A `randn_tensor` stand-in drawing the engine's (seed, step) noise; `step` a number or a counter to call."""
+
+    def draw(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> Any:
+        return item_noise(seed, step() if callable(step) else step, tuple(shape)).to(dtype or torch.float32)
+
+    return draw
+
+
+def counter(start: int) -> Any:
+    """start + 1, start + 2, … on each call."""
+    at = [start]
+
+    def next_step() -> int:
+        at[0] += 1
+        return at[0]
+
+    return next_step
+
+
 def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndarray:
     """The diffusers pipeline's own image for `item`, with the family's scheduler and the engine's noise: the
     initial latents from (seed, 0), and the k-th noise the scheduler draws from (seed, k)."""
@@ -48,42 +94,12 @@ def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndar
 
     arch = engine.manifest["pipeline"]["arch"]
     cls = diffusers.StableDiffusionPipeline if arch == "sd" else diffusers.StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(str(src))
-    pipe.set_progress_bar_config(disable=True)
-    recipe = engine.sampler.recipe
-    pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
-    module = importlib.import_module(type(pipe.scheduler).__module__)
-    drawn = [0]
-
-    def noise(
-        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
-    ) -> torch.Tensor:
-        drawn[0] += 1
-        return item_noise(item.seed, drawn[0], tuple(shape)).to(dtype or torch.float32)
-
     w, h = item.width or engine.spec.width, item.height or engine.spec.height
     latents = item_noise(item.seed, 0, (1, 4, h // engine.sampler.factor, w // engine.sampler.factor))
-    when = (
-        {"timesteps": recipe.timesteps[item.steps]} if recipe.custom_timesteps else {"num_inference_steps": item.steps}
+    noise = {"scheduler": drawing(item.seed, counter(0))}
+    return run_diffusers(
+        cls, src, engine, item, noise, negative_prompt=item.negative_prompt, latents=latents, height=h, width=w
     )
-    guidance = recipe.guidance.default if item.guidance is None else item.guidance
-    real = module.randn_tensor
-    module.randn_tensor = noise
-    try:
-        out = pipe(
-            item.prompt,
-            negative_prompt=item.negative_prompt,
-            latents=latents,
-            guidance_scale=guidance,
-            height=h,
-            width=w,
-            output_type="np",
-            **when,
-            **recipe.step_kwargs,
-        )
-    finally:
-        module.randn_tensor = real
-    return (out.images[0] * 255).round().astype(np.uint8)
 
 
 @pytest.mark.parametrize(("arch", "family"), [_case(a, f) for a, f in CASES])
@@ -182,6 +198,99 @@ def test_prompts_past_the_tokenizers_limit_are_cut_as_diffusers_cuts_them(
     assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
     theirs = diffusers_image(tiny_pipelines["sd"], engine, ImageItem(long, 3, 1))
     assert np.abs(a.pixels.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def start_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """A starting image for edits: a smooth colour field with a square in it (what a VAE keeps)."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    img = np.stack([200 * x + 30, 180 * y + 40, 120 + 60 * np.sin(6 * x + seed)], axis=-1)
+    img[height // 4 : height // 2, width // 4 : width // 2] = (230, 40, 40)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def edit_item(seed: int, steps: int, strength: float, height: int = 64, width: int = 64, **kw: Any) -> ImageItem:
+    from fewstep.engines.pixels import encode_png
+
+    b64 = encode_png(start_image(seed, height, width))
+    size = {} if (height, width) == (64, 64) else {"width": width, "height": height}
+    return ImageItem(PROMPT, seed, steps, image=b64, strength=strength, **size, **kw)
+
+
+def diffusers_edit(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndarray:
+    """The diffusers img2img pipeline's own image for an edit item: the family's scheduler, the item's starting
+    image, and the engine's noise (the VAE posterior sampled with (seed, ENCODE_DRAW), the image noised with
+    (seed, 0), the noise of the scheduler's k-th step from (seed, k), k counted over the whole list)."""
+    import diffusers
+    from PIL import Image
+
+    from fewstep.engines.pixels import decode_png
+    from fewstep.models.schedules import ENCODE_DRAW, kept_steps
+
+    arch = engine.manifest["pipeline"]["arch"]
+    cls = diffusers.StableDiffusionImg2ImgPipeline if arch == "sd" else diffusers.StableDiffusionXLImg2ImgPipeline
+    assert item.image is not None and item.strength is not None
+    w, h = item.width or engine.spec.width, item.height or engine.spec.height
+    noise = {
+        "scheduler": drawing(item.seed, counter(item.steps - kept_steps(item.steps, item.strength))),
+        cls.__module__: drawing(item.seed, 0),
+        "diffusers.models.autoencoders.vae": drawing(item.seed, ENCODE_DRAW),
+    }
+    image = Image.fromarray(decode_png(item.image, w, h))
+    return run_diffusers(cls, src, engine, item, noise, image=image, strength=item.strength)
+
+
+@pytest.mark.parametrize(("arch", "family"), [_case(a, f) for a, f in CASES])
+def test_every_familys_edit_is_the_diffusers_img2img_pipelines(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str, family: str
+) -> None:
+    """An edit keeps diffusers' timesteps for its strength (int(steps × strength), the last of the list) and
+    makes the img2img pipeline's image; it starts from its image, not from noise alone."""
+    engine = _engine(tiny_pipelines, tmp_path, arch, family)
+    src = tiny_pipelines[f"{arch}-lcm" if family == "lcm" else arch]
+    counts = [n for n in engine.spec.steps if int(n * 0.6) >= 1][:2]
+    for steps in counts:
+        item = edit_item(3, steps, 0.6)
+        (ours,) = engine.run([item])
+        assert isinstance(ours, ImageResult) and ours.nfe == int(steps * 0.6)
+        theirs = diffusers_edit(src, engine, item)
+        assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2, (family, steps)
+    (plain,) = engine.run([ImageItem(PROMPT, 3, counts[-1])])
+    assert isinstance(plain, ImageResult) and not np.array_equal(plain.pixels, ours.pixels)
+
+
+def test_edits_and_text_to_image_share_a_batch_and_each_image_is_its_own(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = _engine(tiny_pipelines, tmp_path, "sd", "turbo")
+    items = [
+        edit_item(1, 4, 0.5),
+        ImageItem(PROMPT, 2, 3),
+        edit_item(3, 2, 1.0, height=32, width=48),
+        edit_item(4, 4, 0.75),
+    ]
+    together = engine.run(items)
+    for item, got in zip(items, together, strict=True):
+        (alone,) = engine.run([item])
+        assert isinstance(got, ImageResult) and isinstance(alone, ImageResult)
+        assert np.abs(got.pixels.astype(int) - alone.pixels.astype(int)).max() <= 1
+    theirs = diffusers_edit(tiny_pipelines["sd"], engine, items[2])
+    assert np.abs(together[2].pixels.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def test_edits_the_rule_cannot_serve_are_refused_naming_it(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(tiny_pipelines, tmp_path, "sd", "turbo")
+    cases = [
+        (edit_item(1, 1, 0.5), "`strength` × `steps` must be at least 1"),
+        (edit_item(1, 2, 0.0), "`strength` must be a number in (0, 1]. Given: 0.0"),
+        (edit_item(1, 2, 1.5), "`strength` must be a number in (0, 1]. Given: 1.5"),
+        (ImageItem(PROMPT, 1, 2, image="bm90IGEgcG5n", strength=0.5), "the starting image does not decode"),
+    ]
+    for item, needle in cases:
+        (out,) = engine.run([item])
+        assert isinstance(out, InvalidRequest) and needle in str(out), (needle, out)
+    assert engine.spec.edit_steps(0.5) == 2  # turbo's default, 1 step, keeps none at 0.5: the next count does
+    onnx = latent_spec(engine.manifest, "1", "onnxruntime", "fp32", None)
+    assert not onnx.edits and "VAE encoder" in (onnx.edits_reason or "")
 
 
 def _pair(tiny_pipelines: dict[str, Path], tmp: Path, handoff: str) -> tuple[LatentEngine, Path]:

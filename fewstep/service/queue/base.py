@@ -77,7 +77,7 @@ class JobSpec:
 def item_cost(item: ImageItem) -> int:
     """An item's cost in network evaluations when its model's spec did not say (`JobSpec.costs`): its
     steps, and one more for a hybrid's teacher. Items queued by a gateway carry the spec's figure."""
-    return item.steps + (1 if item.hybrid else 0)
+    return item.run_steps + (1 if item.hybrid else 0)
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,8 @@ class WorkItem:
             height=None if d.get("height") is None else int(d["height"]),
             guidance=None if guidance is None else float(guidance),
             negative_prompt=d.get("negative_prompt"),
+            image=d.get("image"),
+            strength=None if d.get("strength") is None else float(d["strength"]),
         )
         return cls(
             job_id=job_id,
