@@ -137,7 +137,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = gw
     errors.install(app)
     document_errors(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        uploads=settings.upload_max_bytes,
+    )
     app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
     if (hosts := settings.trusted_hosts(keys.enabled)) != ["*"]:
         app.add_middleware(TrustedHosts, allowed=hosts)

@@ -120,36 +120,45 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+UPLOAD_PATHS = frozenset({"/v1/images/edits"})
+"""Routes whose bodies carry images: bounded by `upload_max_bytes` rather than `max_body_bytes`."""
+
+
 class BodyLimit:
     """ASGI middleware: 413 for bodies over `limit` bytes: at once by their declared length, else while
     reading them (bounded) before the app runs; 408 for a body not whole within `timeout_s`. The app
     gets the body replayed as one message; counting inside the app's own read instead would surface
     as the framework's 400."""
 
-    def __init__(self, app: Any, limit: int, timeout_s: float = 30.0) -> None:
+    def __init__(self, app: Any, limit: int, timeout_s: float = 30.0, uploads: int | None = None) -> None:
+        """`uploads`: the larger limit of the upload routes (`UPLOAD_PATHS`; the `upload_max_bytes` setting)."""
         self.app = app
         self.limit = limit
+        self.uploads = uploads
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, name = self.limit, "max_body_bytes"
+        if self.uploads is not None and scope.get("path") in UPLOAD_PATHS:
+            limit, name = self.uploads, "upload_max_bytes"
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, receive, send, int(declared))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, receive, send, int(declared), limit, name)
             return
         seen = [0]
         try:
             async with asyncio.timeout(self.timeout_s):
-                first = await self._read_bounded(receive, seen)
+                first = await self._read_bounded(receive, seen, limit)
         except TimeoutError:
             msg = f"`body_timeout_s` is {self.timeout_s:g}. Given: {seen[0]} bytes of the body in that time"
             body = errors.error_body(msg, "RequestTimeout", "body", 408)
             await JSONResponse(body, status_code=408, headers={"Connection": "close"})(scope, receive, send)
             return
         if first is None:
-            await self._reject(scope, receive, send, seen[0])
+            await self._reject(scope, receive, send, seen[0], limit, name)
             return
         pending = [first]
 
@@ -158,7 +167,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]], seen: list[int]) -> dict | None:
+    async def _read_bounded(self, receive: Callable[[], Awaitable[dict]], seen: list[int], limit: int) -> dict | None:
         """The whole body as one message, or None once it passes `limit`; a disconnect message is passed on
         as it is. `seen[0]` counts the bytes read so far (also when a deadline cuts the read short)."""
         chunks: list[bytes] = []
@@ -168,13 +177,13 @@ class BodyLimit:
                 return message
             chunks.append(message.get("body", b""))
             seen[0] += len(chunks[-1])
-            if seen[0] > self.limit:
+            if seen[0] > limit:
                 return None
             if not message.get("more_body", False):
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-    async def _reject(self, scope: dict, receive: Any, send: Any, size: int) -> None:
-        msg = f"`max_body_bytes` is {self.limit}. Given: {size} bytes"
+    async def _reject(self, scope: dict, receive: Any, send: Any, size: int, limit: int, name: str) -> None:
+        msg = f"`{name}` is {limit}. Given: {size} bytes"
         resp = JSONResponse(errors.error_body(msg, "PayloadTooLarge", "body", 413), status_code=413)
         await resp(scope, receive, send)
 

@@ -19,17 +19,30 @@ from fewstep.engines.base import ImageItem
 from fewstep.engines.specs import ImageSpec
 from fewstep.errors import InvalidRequest, limit_error
 from fewstep.models.schedules import MAX_SEED
-from fewstep.service.schemas import ImageGenerationRequest, JobRequestItem, PromptChange, StreamStart
+from fewstep.service.schemas import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    JobRequestItem,
+    PromptChange,
+    StreamStart,
+)
 from fewstep.service.settings import Settings
 
 RESPONSE_FORMATS = ("b64_json",)
+Start = tuple[str, int, int]
+"""An edit's starting image as the gateway made it: (base64 PNG, width, height)."""
 M = TypeVar("M", bound=BaseModel)
 
 
 def build_items(
-    req: ImageGenerationRequest | JobRequestItem, spec: ImageSpec, settings: Settings, where: str = ""
+    req: ImageGenerationRequest | ImageEditRequest | JobRequestItem,
+    spec: ImageSpec,
+    settings: Settings,
+    where: str = "",
+    starts: list[Start] | None = None,
 ) -> list[ImageItem]:
-    """Validate one image request against the settings and the model's spec; one item per image.
+    """Validate one image request against the settings and the model's spec; one item per image (an edit's:
+    `n` per starting image, in the order given).
 
     `where` prefixes field names in messages ("requests[3]." inside a job)."""
 
@@ -39,10 +52,20 @@ def build_items(
     check_prompt(req.prompt, settings, where)
     if not 1 <= req.n <= settings.max_n:
         raise limit("n", f"between 1 and {settings.max_n}", req.n)
+    strength = req.strength if isinstance(req, ImageEditRequest) else None
+    if starts is not None and len(starts) * req.n > settings.max_n:
+        raise limit(
+            "n", f"at most {settings.max_n} images in all (`max_n`)", f"{req.n} for each of {len(starts)} images"
+        )
     width, height = parse_size(req.size, where)
     if req.response_format not in RESPONSE_FORMATS:
         raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
-    steps = spec.default_steps if req.steps is None else req.steps
+    if req.steps is not None:
+        steps = req.steps
+    elif strength is not None and 0.0 < strength <= 1.0:
+        steps = spec.edit_steps(strength)
+    else:
+        steps = spec.default_steps
     spec.check_steps(steps, where)
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - settings.max_n:
         raise limit("seed", f"between 0 and {MAX_SEED - settings.max_n}", req.seed)
@@ -52,10 +75,16 @@ def build_items(
     guidance = None if req.guidance_scale is None else _float(req.guidance_scale)
     if guidance is not None and not math.isfinite(guidance):
         raise limit("guidance_scale", "a finite number", req.guidance_scale)
-    items = [
-        ImageItem(req.prompt, base + i, steps, req.hybrid, width, height, guidance, req.negative_prompt)
-        for i in range(req.n)
-    ]
+    if starts is None:
+        items = [
+            ImageItem(req.prompt, base + i, steps, req.hybrid, width, height, guidance, req.negative_prompt)
+            for i in range(req.n)
+        ]
+    else:
+        items = [
+            ImageItem(req.prompt, base + i, steps, req.hybrid, w, h, guidance, req.negative_prompt, image, strength)
+            for i, (image, w, h) in enumerate(s for s in starts for _ in range(req.n))
+        ]
     for it in items:
         try:
             spec.validate(it)

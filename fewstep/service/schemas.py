@@ -26,6 +26,30 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: StrictStr | None = Field(None, description="Models with classic CFG only.")
 
 
+class ImageEditRequest(BaseModel):
+    """`POST /v1/images/edits`'s form fields (multipart: values arrive as text and are read as their types). The
+    images are the form's `image` (or `image[]`) files; unknown OpenAI fields (quality, background, user) are
+    ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    steps: int | None = Field(
+        None, description="Student steps of the whole list, before `strength` keeps its last ones."
+    )
+    seed: int | None = None
+    strength: float = Field(0.8, description="How much of the image is made anew, in (0, 1] (diffusers' default 0.8).")
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    hybrid: bool = False
+    stream: bool = False
+    partial_images: int = 0
+
+
 class ImageDatum(BaseModel):
     b64_json: str
     seed: int

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     """Longest prompt, in characters (the text encoder reads its first 16 tokens)."""
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     """Largest request body; bigger bodies get 413 before they are read."""
+    upload_max_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest body of an upload (`POST /v1/images/edits`: its images and fields); bigger bodies get 413 before
+    they are read. Other routes keep `max_body_bytes`."""
+    upload_max_pixels: int = Field(2048 * 2048, ge=64, le=64 * 1024 * 1024)
+    """Most pixels (width × height) an uploaded image may say it has; more is refused with 400 from the image's
+    header, before it is decoded (a decompression bomb: a few kilobytes that inflate to gigabytes)."""
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     """Largest request header block; bigger ones get 431. The HTTP parser also stops buffering a header
     block that is still arriving at twice this (a slow flood is cut off before it is complete)."""

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
+from fewstep.engines.base import ImageItem
 from fewstep.engines.specs import ImageSpec
-from fewstep.errors import Cancelled, GenerationFailed, NotReady
+from fewstep.errors import Cancelled, GenerationFailed, InvalidRequest, NotReady, limit_error
 from fewstep.service.queue.base import JobSpec
 from fewstep.service.queue.keys import INTERACTIVE, SYNC_RESULT_TTL_S
-from fewstep.service.requests import build_items
-from fewstep.service.schemas import ImageDatum, ImageGenerationRequest, ImageGenerationResponse
+from fewstep.service.requests import build_items, parse, parse_size
+from fewstep.service.schemas import ImageDatum, ImageEditRequest, ImageGenerationRequest, ImageGenerationResponse
 from fewstep.service.state import Gateway, GatewayDep, Owner
+from fewstep.service.uploads import edit_start, snap
 
 router = APIRouter()
 
@@ -46,14 +53,98 @@ async def generate_images(
     req: ImageGenerationRequest, request: Request, owner: Owner, gw: GatewayDep
 ) -> ImageGenerationResponse:
     t0 = time.perf_counter()
-    settings = gw.settings
     spec = image_spec(gw, req.model)
-    items = build_items(req, spec, settings)
+    items = build_items(req, spec, gw.settings)
+    return await make_images(gw, owner, req.model, spec, items, req.hybrid, request, t0)
+
+
+EDIT_FIELDS = ("model", "prompt", "n", "size", "response_format", "steps", "seed", "strength", "guidance_scale")
+EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt", "model"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        **{k: {"type": "string"} for k in EDIT_FIELDS},
+    },
+}
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImageGenerationResponse,
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": EDIT_FORM}}, "required": True}},
+)
+async def edit_images(request: Request, owner: Owner, gw: GatewayDep) -> ImageGenerationResponse:
+    """OpenAI's image edits: each uploaded image restyled by the prompt (img2img), `n` results per image."""
+    t0 = time.perf_counter()
+    settings = gw.settings
+    form = await read_form(request)
+    try:
+        req = parse(ImageEditRequest, {k: v for k, v in form.items() if isinstance(v, str)}, settings)
+        spec = image_spec(gw, req.model)
+        if "mask" in form:
+            raise InvalidRequest("mask", "`mask` (inpainting) is not served: no family here has an inpainting path")
+        files = [f for key in ("image", "image[]") for f in form.getlist(key)]
+        if not files or not all(isinstance(f, UploadFile) for f in files):
+            raise limit_error("image", "one or more image files (multipart `image` or `image[]`)", len(files))
+        if len(files) > settings.max_n:
+            raise limit_error("image", f"at most {settings.max_n} images (`max_n`)", len(files))
+        size = None if req.size in (None, "auto") else parse_size(req.size)
+        target = edit_size(spec, size)
+        starts = []
+        for f in files:
+            assert isinstance(f, UploadFile)
+            data = await f.read()
+            starts.append(await asyncio.to_thread(edit_start, data, "image", settings.upload_max_pixels, target))
+    finally:
+        await form.close()  # the uploads' spooled files
+    req = req.model_copy(update={"size": None})  # each start carries its own size
+    items = build_items(req, spec, settings, starts=starts)
+    return await make_images(gw, owner, req.model, spec, items, False, request, t0)
+
+
+async def read_form(request: Request) -> Any:
+    """The multipart form, its body already bounded by `upload_max_bytes`; InvalidRequest when it is not one."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("body", "`POST /v1/images/edits` takes multipart/form-data (images and fields)")
+    try:
+        return await request.form(max_files=64, max_fields=64, max_part_size=64 * 1024)
+    except (MultiPartException, HTTPException) as e:  # starlette answers a bad form with its own 400
+        why = getattr(e, "detail", None) or getattr(e, "message", "")
+        raise InvalidRequest("body", f"the multipart form does not parse ({str(why)[:80]})") from e
+
+
+def edit_size(spec: ImageSpec, size: tuple[int | None, int | None] | None) -> Callable[[int, int], tuple[int, int]]:
+    """The size an edit of a w × h upload is made at: the request's `size`, else the upload's own size made one
+    the model serves (cut to its multiple, within its sides), else the model's native size."""
+
+    def target(w: int, h: int) -> tuple[int, int]:
+        if size is not None and size[0] is not None and size[1] is not None:
+            return size[0], size[1]
+        if spec.sizes is not None:
+            return snap(w, h, spec.sizes.low, spec.sizes.high, spec.sizes.multiple)
+        return spec.width, spec.height
+
+    return target
+
+
+async def make_images(
+    gw: Gateway,
+    owner: str,
+    model: str,
+    spec: ImageSpec,
+    items: list[ImageItem],
+    hybrid: bool,
+    request: Request,
+    t0: float,
+) -> ImageGenerationResponse:
+    """Run validated items as one small job on the interactive lane and answer with their images."""
+    settings = gw.settings
     await gw.spend(owner, "image requests")
     ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
     costs = [spec.nfe(it) for it in items]
     cap = gw.owner_limit(settings.key_max_sync_cost)
-    submitted = JobSpec(owner, req.model, items, INTERACTIVE, ttl, owner_limit=cap, costs=costs)
+    submitted = JobSpec(owner, model, items, INTERACTIVE, ttl, owner_limit=cap, costs=costs)
     job = await gw.ask(gw.queue.submit, submitted)
     outcome = await wait_settled(gw, job.id, settings.request_timeout_s, request)
     if outcome != "done":
@@ -69,15 +160,15 @@ async def generate_images(
         if r.outcome != "ok":
             raise GenerationFailed(r.error or "generation failed")
     steps = items[0].steps
-    gw.metrics.request_seconds.labels(req.model, str(steps)).observe(time.perf_counter() - t0)
-    gw.metrics.images.labels(req.model, str(steps)).inc(len(results))
+    gw.metrics.request_seconds.labels(model, str(steps)).observe(time.perf_counter() - t0)
+    gw.metrics.images.labels(model, str(steps)).inc(len(results))
     return ImageGenerationResponse(
         created=int(time.time()),
-        model=req.model,
+        model=model,
         model_version=results[0].model_version or "",
         steps=steps,
         nfe=sum(r.nfe for r in results) // len(results),
-        hybrid=req.hybrid,
+        hybrid=hybrid,
         size=f"{items[0].width or spec.width}x{items[0].height or spec.height}",
         data=[ImageDatum(b64_json=r.b64_json or "", seed=r.seed) for r in results],
     )
