@@ -53,6 +53,9 @@ class Slot:
     state: Any = None
     steps_run: int = 0
     outcome: Outcome | None = None
+    partial: np.ndarray | None = None
+    """A partial image (H, W, 3) uint8 the last `advance` made (the item asked for partials and that step is
+    one of its `partial_steps`); whoever drives the engine sends it on and clears it."""
 
     @property
     def done(self) -> bool:
@@ -144,6 +147,16 @@ class StreamEngine(Servable, Protocol):
     def end(self, session: Session) -> None: ...
 
     def advance(self, sessions: list[Session]) -> list[Frame]: ...
+
+
+def partial_steps(run_steps: int, partials: int) -> tuple[int, ...]:
+    """After which of its steps (1-based, of those it runs) an item asking for `partials` partial images gets one:
+    spread evenly over the steps before its last (whose image is the final one, not a partial), so fewer than
+    asked when it runs fewer steps (OpenAI's rule: partials may be fewer than asked)."""
+    before = run_steps - 1
+    if partials <= 0 or before <= 0:
+        return ()
+    return tuple(sorted({-(-(i + 1) * before // min(partials, before)) for i in range(min(partials, before))}))
 
 
 def run_to_completion(engine: StepEngine, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from fewstep.engines.backends import backend
-from fewstep.engines.base import ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.engines.base import (
+    ImageItem,
+    ImageResult,
+    Outcome,
+    Slot,
+    StopCheck,
+    partial_steps,
+    run_to_completion,
+)
 from fewstep.engines.pixels import decode_png
 from fewstep.engines.specs import ImageSpec
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest
@@ -184,6 +192,8 @@ class ImageEngine:
             s.steps_run += 1
             x0 = s.state.x0
             if x0 is None:
+                if s.steps_run in partial_steps(s.item.run_steps, s.item.partials):
+                    s.partial = to_pixels(s.state.estimate.nan_to_num(0.0)[None])[0]
                 continue
             if not torch.isfinite(x0).all():
                 s.outcome = GenerationFailed("generation failed: non-finite output")

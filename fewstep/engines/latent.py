@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.engines.backends import backend
-from fewstep.engines.base import ImageItem, ImageResult, Outcome, Slot, StopCheck, run_to_completion
+from fewstep.engines.base import (
+    ImageItem,
+    ImageResult,
+    Outcome,
+    Slot,
+    StopCheck,
+    partial_steps,
+    run_to_completion,
+)
 from fewstep.engines.pixels import decode_png
 from fewstep.engines.specs import GuidanceRule, ImageSpec, Sizes
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest
@@ -166,6 +174,10 @@ class LatentEngine:
             slot.state = walk
         return slots
 
+    @staticmethod
+    def _shows_partial(s: Slot) -> bool:
+        return not s.state.done and s.steps_run in partial_steps(s.item.run_steps, s.item.partials)
+
     def advance(self, slots: list[Slot]) -> None:
         live = [s for s in slots if not s.done]
         if not live or self.sampler is None:
@@ -175,6 +187,9 @@ class LatentEngine:
                 self.sampler.advance([s.state for s in live])
                 for s in live:
                     s.steps_run += 1
+                showing = [s for s in live if self._shows_partial(s)]
+                for s, pixels in zip(showing, self.sampler.decode([s.state for s in showing], True), strict=True):
+                    s.partial = pixels
                 finished = [s for s in live if s.state.done]
                 for s, pixels in zip(finished, self.sampler.decode([s.state for s in finished]), strict=True):
                     it = s.item

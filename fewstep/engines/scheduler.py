@@ -39,7 +39,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from fewstep.engines.base import ImageItem, Outcome, Slot, StepEngine, cancelled
+import numpy as np
+
+from fewstep.engines.base import ImageItem, Outcome, Slot, StepEngine, cancelled, partial_steps
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, Overloaded
 
 Policy = Literal["step", "request", "none"]
@@ -67,6 +69,9 @@ class WorkSource(Protocol):
 
     def done(self, results: list[tuple[Admission, Outcome]]) -> None:
         """Outcomes of finished items, in the order they finished."""
+
+    def progress(self, partials: list[tuple[Admission, int, np.ndarray]]) -> None:
+        """Partial images of running items: (the item, its partial-image index, pixels (H, W, 3) uint8)."""
 
 
 @dataclass
@@ -134,6 +139,7 @@ class StepScheduler:
         if not self.running:
             return
         finished: list[_Running] = []
+        shown: list[tuple[Admission, int, np.ndarray]] = []
         for (model, engine), group in self._by_engine().items():
             now = time.time()
             for r in group:
@@ -151,7 +157,21 @@ class StepScheduler:
             if self.observer.step is not None:
                 self.observer.step(model, len(group), self._last_step_s)
             finished += [r for r in group if r.slot.done]
+            shown += self._partials(group)
+        if shown:
+            source.progress(shown)
         self._retire(source, finished)
+
+    @staticmethod
+    def _partials(group: list[_Running]) -> list[tuple[Admission, int, np.ndarray]]:
+        """The partial images the last step made, each with its index among its item's partials; taken off the slots."""
+        out = []
+        for r in group:
+            pixels, r.slot.partial = r.slot.partial, None
+            if pixels is not None and not r.slot.done:
+                it = r.slot.item
+                out.append((r.admission, partial_steps(it.run_steps, it.partials).index(r.slot.steps_run), pixels))
+        return out
 
     def _admit(self, source: WorkSource, idle_wait_s: float) -> None:
         busy = len(self.running) if self.policy == "step" else self.max_batch * bool(self.running)
@@ -297,3 +317,6 @@ class LocalSource:
         for a, outcome in results:
             assert isinstance(a.ticket, LocalTicket)
             a.ticket.future.set_result(outcome)
+
+    def progress(self, partials: list[tuple[Admission, int, np.ndarray]]) -> None:
+        """Partial images are not kept: a library caller that wants them drives the engine itself."""

@@ -42,6 +42,10 @@ class ImageItem:
     """How much of an edit is made anew, in (0, 1]: the item runs the last `kept_steps(steps, strength)` of
     its `steps`-step list, from the starting image noised to the first of them (diffusers' img2img rule)."""
 
+    partials: int = 0
+    """Partial images to send on the way (0–3, `partial_images`): the decoded x0 estimate after the steps
+    `partial_steps` names."""
+
     @property
     def run_steps(self) -> int:
         """Steps the item really runs: all of them, or an edit's kept ones."""

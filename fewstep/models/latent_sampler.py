@@ -52,6 +52,8 @@ from fewstep.models.sampling import from_pixels
 from fewstep.models.schedules import ENCODE_DRAW, item_noise, kept_steps, step_generator
 
 TRAJECTORY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "DDIMScheduler")
+ESTIMATES = ("pred_original_sample", "denoised", "pred_noised_sample")
+"""Where a scheduler's step output keeps its x0 estimate, best first."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Walk:
     cond: TextOut
     uncond: TextOut | None
     k: int = 0
+    estimate: torch.Tensor | None = None
+    """The scheduler's x0 estimate at the last step (`pred_original_sample`, LCM's `denoised`; TCD's
+    `pred_noised_sample`, the nearest it gives): what a partial image shows."""
 
     @property
     def done(self) -> bool:
@@ -255,37 +260,45 @@ class LatentSampler:
             scale = self.base_guidance if by_base else w.draw.guidance
             eps = out[0:1] + scale * (out[1:2] - out[0:1]) if n == 2 else out
             if by_base and self.trajectory:
-                w.latents = self._ddim_to_next(w, eps)
+                w.estimate, w.latents = self._ddim_to_next(w, eps)
             else:
                 g = step_generator(w.draw.seed, w.k + 1)
                 t = w.scheduler.timesteps[w.k]
-                w.latents = w.scheduler.step(
-                    eps, t, w.latents, generator=g, **self.recipe.step_kwargs, return_dict=False
-                )[0]
+                out = w.scheduler.step(eps, t, w.latents, generator=g, **self.recipe.step_kwargs, return_dict=True)
+                w.latents = out.prev_sample
+                w.estimate = next(
+                    (e for e in (getattr(out, n, None) for n in ESTIMATES) if e is not None), out.prev_sample
+                )
             w.k += 1
 
     @staticmethod
-    def _ddim_to_next(w: Walk, eps: torch.Tensor) -> torch.Tensor:
-        """A deterministic DDIM step from the walk's first timestep to its second (the seed's noise kept)."""
+    def _ddim_to_next(w: Walk, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A deterministic DDIM step from the walk's first timestep to its second (the seed's noise kept): the x0
+        estimate and the next latents."""
         a = w.scheduler.alphas_cumprod
         a0, a1 = a[w.timesteps[0]], a[w.timesteps[1]]
         x0 = (w.latents - (1 - a0) ** 0.5 * eps) / a0**0.5
-        return a1**0.5 * x0 + (1 - a1) ** 0.5 * eps
+        return x0, a1**0.5 * x0 + (1 - a1) ** 0.5 * eps
 
-    def decode(self, walks: list[Walk]) -> list[np.ndarray | None]:
-        """Pixels (H, W, 3) uint8 of finished walks, decoded in one VAE call per size; None where the output is
-        not finite."""
+    def decode(self, walks: list[Walk], estimates: bool = False) -> list[np.ndarray | None]:
+        """Pixels (H, W, 3) uint8 of finished walks (or, with `estimates`, of the walks' last x0 estimates: partial
+        images), decoded in one VAE call per size; None where the output is not finite."""
         out: list[np.ndarray | None] = [None] * len(walks)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, w in enumerate(walks):
             by_size.setdefault(w.size, []).append(i)
         for rows in by_size.values():
-            images = self.nets.decode(torch.cat([walks[i].latents for i in rows]))
+            latents = [self._shown(walks[i], estimates) for i in rows]
+            images = self.nets.decode(torch.cat(latents))
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             pixels = postprocess(images.nan_to_num(0.0))
             for j, i in enumerate(rows):
                 out[i] = pixels[j] if bool(finite[j]) else None
         return out
+
+    @staticmethod
+    def _shown(w: Walk, estimate: bool) -> torch.Tensor:
+        return w.estimate if estimate and w.estimate is not None else w.latents
 
     def sample(self, draws: list[Draw]) -> list[np.ndarray | None]:
         """Every draw to completion, in one running batch."""

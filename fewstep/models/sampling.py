@@ -140,6 +140,8 @@ class Trajectory:
     """Leading entries of `timesteps` the teacher takes (0 unless hybrid)."""
     teacher_ode: bool = False
     """Whether the teacher's steps follow its ODE (the `trajectory` hand-off) rather than the schedule's update."""
+    estimate: torch.Tensor | None = None
+    """The x0 estimate of the last step taken (what a partial image shows)."""
 
     @property
     def by_teacher(self) -> bool:
@@ -249,6 +251,7 @@ def advance(
             nxt[j] = x[j] + (tn - tt[j]) * v[j]
     for j, t in enumerate(trajs):
         state = nxt[j]
+        t.estimate = x0[j]
         if state is None:
             t.x0 = x0[j]
         else:

@@ -18,15 +18,23 @@ once per read however many waiters arrive meanwhile.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fewstep.errors import NotReady, limit_error
 from fewstep.service.queue.base import JobEvent, JobQueue
 
 log = logging.getLogger("fewstep.service")
+
+
+def sse(event: str, data: dict[str, Any], cursor: str | None = None) -> str:
+    """One Server-Sent Event; `id` lets a client resume with `Last-Event-ID`."""
+    head = f"id: {cursor}\n" if cursor else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def cursor_key(cursor: str) -> tuple[int, ...]:

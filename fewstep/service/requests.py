@@ -7,6 +7,7 @@ format ("`steps` must be between 1 and 4. Given: 9"). Messages are parsed by pyd
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -60,6 +61,10 @@ def build_items(
     width, height = parse_size(req.size, where)
     if req.response_format not in RESPONSE_FORMATS:
         raise limit("response_format", " or ".join(repr(f) for f in RESPONSE_FORMATS), req.response_format)
+    partials = getattr(req, "partial_images", 0)
+    if not 0 <= partials <= settings.max_partial_images:
+        raise limit("partial_images", f"between 0 and {settings.max_partial_images}", partials)
+    partials = partials if getattr(req, "stream", False) else 0
     if req.steps is not None:
         steps = req.steps
     elif strength is not None and 0.0 < strength <= 1.0:
@@ -85,6 +90,8 @@ def build_items(
             ImageItem(req.prompt, base + i, steps, req.hybrid, w, h, guidance, req.negative_prompt, image, strength)
             for i, (image, w, h) in enumerate(s for s in starts for _ in range(req.n))
         ]
+    if partials:
+        items = [dataclasses.replace(it, partials=partials) for it in items]
     for it in items:
         try:
             spec.validate(it)

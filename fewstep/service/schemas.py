@@ -24,6 +24,8 @@ class ImageGenerationRequest(BaseModel):
         None, description="Models whose family takes guidance (classic CFG or an embedding); default: the model's."
     )
     negative_prompt: StrictStr | None = Field(None, description="Models with classic CFG only.")
+    stream: StrictBool = Field(False, description="Server-Sent Events: partial images, then the completed ones.")
+    partial_images: StrictInt = Field(0, description="Partial images to stream before each final one (with `stream`).")
 
 
 class ImageEditRequest(BaseModel):

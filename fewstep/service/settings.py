@@ -86,6 +86,8 @@ class Settings(BaseSettings):
 
     max_n: int = Field(8, ge=1, le=256)
     """Most images one request may ask for (`n`)."""
+    max_partial_images: int = Field(3, ge=0, le=8)
+    """Most partial images one streamed image request may ask for (`partial_images`; OpenAI's own limit is 3)."""
     max_prompt_chars: int = Field(500, ge=1, le=100_000)
     """Longest prompt, in characters (the text encoder reads its first 16 tokens)."""
     max_body_bytes: int = Field(64 * 1024, ge=1024)

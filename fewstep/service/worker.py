@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fewstep.engines.base import ImageResult, Outcome, StepEngine, run_to_completion
 from fewstep.engines.pixels import encode_png
 from fewstep.engines.scheduler import Admission, Observer, StepScheduler
@@ -388,6 +390,15 @@ class Worker:
         except NotReady:
             return set()  # keep running; the next boundary asks again
         return {t for t in tickets if isinstance(t, Delivery) and t.work.job_id in gone}
+
+    def progress(self, partials: list[tuple[Admission, int, np.ndarray]]) -> None:
+        for a, k, pixels in partials:
+            assert isinstance(a.ticket, Delivery)
+            w = a.ticket.work
+            try:
+                self.queue.partial(w.job_id, w.index, k, encode_png(pixels))
+            except NotReady as e:  # a partial is a courtesy: the item's result is what must not be lost
+                log.warning("partial image %d of %s item %d not sent: %s", k, w.job_id, w.index, e)
 
     def done(self, results: list[tuple[Admission, Outcome]]) -> None:
         out = []

@@ -114,6 +114,7 @@ class WorkItem:
             negative_prompt=d.get("negative_prompt"),
             image=d.get("image"),
             strength=None if d.get("strength") is None else float(d["strength"]),
+            partials=int(d.get("partials", 0)),
         )
         return cls(
             job_id=job_id,
@@ -202,9 +203,13 @@ class JobEvent:
     """One progress event. `cursor` resumes the event stream after this event."""
 
     cursor: str
-    kind: Literal["item", "cancel", "end"]
+    kind: Literal["item", "cancel", "end", "partial"]
     index: int | None = None
     outcome: str | None = None
+    partial: int | None = None
+    """A `partial` event's partial-image index (0-based) of item `index`."""
+    data: str | None = None
+    """A `partial` event's image: base64 PNG."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,11 @@ class JobQueue(Protocol):
         Each item is atomic on its own; the batch is one round trip, not one transaction, so
         retrying a batch after a partial failure is safe.
         """
+
+    def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
+        """Add a partial image of item `index` to the job's events (a streamed request's, `partial_images`). Best
+        effort, not a result: nothing is written for a job that is gone or already finished."""
+        ...
 
     def cancelled(self, job_ids: set[str]) -> set[str]:
         """Which of these jobs have been cancelled (or have expired)."""

@@ -343,6 +343,15 @@ class EmbeddedQueue:
         self._event(job, "end")
         return Written(wrote=True, job_seconds=job.finished - job.created)
 
+    def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is None or job.finished is not None or index in job.results:
+                return
+            event = JobEvent(str(next(self._events)), "partial", index, partial=partial, data=b64_png)
+            job.events.append(event)
+            self._cv.notify_all()
+
     def _event(self, job: _Job, kind: str, index: int | None = None, outcome: str | None = None) -> None:
         job.events.append(JobEvent(cursor=str(next(self._events)), kind=kind, index=index, outcome=outcome))  # type: ignore[arg-type]
         self._cv.notify_all()

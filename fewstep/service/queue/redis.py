@@ -40,7 +40,7 @@ from fewstep.service.queue.base import (
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
-from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, SUBMIT
+from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, SUBMIT
 
 P = ParamSpec("P")
 _STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
@@ -73,6 +73,8 @@ def _event(entry_id: Any, fields: dict[Any, Any]) -> JobEvent:
         kind=f["kind"],  # type: ignore[arg-type]  # written only by our scripts
         index=int(f["index"]) if "index" in f else None,
         outcome=f.get("outcome"),
+        partial=int(f["partial"]) if "partial" in f else None,
+        data=f.get("data"),
     )
 
 
@@ -99,6 +101,7 @@ class RedisQueue:
         self._submit = self.r.register_script(SUBMIT)
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
+        self._partial = self.r.register_script(PARTIAL)
         self._feed = self.r.register_script(FEED)
         self._groups_ready = False
         self._wake = f"{self.keys.prefix}:wake:{secrets.token_hex(6)}"
@@ -441,6 +444,11 @@ class RedisQueue:
             else:
                 out.append(Written(wrote=bool(reply)))
         return out
+
+    @_reachable
+    def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
+        keys = [self.keys.job(job_id), self.keys.results(job_id), self.keys.events(job_id)]
+        self._partial(keys=keys, args=[index, partial, b64_png])
 
     @_reachable
     def cancelled(self, job_ids: set[str]) -> set[str]:

@@ -125,3 +125,14 @@ redis.call('XADD', KEYS[2], '*', 'kind', 'cancel')
 redis.call('EXPIRE', KEYS[2], c[6])
 return 1
 """
+
+PARTIAL = """
+-- A partial image of a streamed item, as an event of its job: only while the job lives and the item has no
+-- result yet (a late partial after the final image would be shown over it).
+-- KEYS: job hash, results hash, events stream. ARGV: index, partial index, base64 PNG.
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local ttl = redis.call('HGET', KEYS[1], 'ttl')
+redis.call('XADD', KEYS[3], '*', 'kind', 'partial', 'index', ARGV[1], 'partial', ARGV[2], 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ttl)
+return 1
+"""

@@ -7,17 +7,16 @@ events stream is Server-Sent Events: a `status` event, then `item`, `cancel` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
 from fewstep.engines.base import ImageItem
 from fewstep.errors import FewstepError, limit_error
+from fewstep.service.events import sse
 from fewstep.service.limits import Lease
 from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
 from fewstep.service.queue.keys import BATCH
@@ -32,12 +31,6 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 def job_view(st: JobStatus) -> Job:
     return Job(**dataclasses.asdict(st))
-
-
-def sse(event: str, data: dict[str, Any], cursor: str | None = None) -> str:
-    """One Server-Sent Event; `id` lets a client resume with `Last-Event-ID`."""
-    head = f"id: {cursor}\n" if cursor else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 @router.post("/v1/jobs", status_code=202, response_model=Job)
@@ -183,6 +176,6 @@ async def events(
                 yield sse("item", {"index": ev.index, "outcome": ev.outcome, **counts}, ev.cursor)
             elif ev.kind == "cancel":
                 yield sse("cancel", counts, ev.cursor)
-            else:
+            elif ev.kind == "end":
                 yield sse("end", job_view(st).model_dump(), ev.cursor)
-                return
+                return  # (partial images are for the request that streams them, not for a job's events)

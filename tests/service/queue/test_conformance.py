@@ -189,6 +189,28 @@ def test_events_wait_for_progress_and_resume_from_a_cursor(queue: JobQueue) -> N
     assert [e.kind for e in queue.events(job.id, first.cursor, 0.1)] == ["item", "end"]
 
 
+def test_partial_images_are_events_of_a_running_item_and_none_follow_its_result(queue: JobQueue) -> None:
+    job = queue.submit(spec(2))
+    [d0, d1] = queue.claim("w1", 2, 1.0, 0.0)
+    queue.partial(job.id, 0, 0, "cG5nMA==")
+    queue.partial(job.id, 1, 0, "cG5nMQ==")
+    queue.finish([(d0, ok(0, 0))])
+    queue.partial(job.id, 0, 1, "bGF0ZQ==")  # after its result: dropped
+    queue.partial(job.id, 1, 1, "cG5nMg==")
+    queue.partial("no-such-job-0000", 0, 0, "eA==")  # a job gone: nothing, no error
+    queue.finish([(d1, ok(1, 1))])
+    queue.partial(job.id, 1, 2, "bGF0ZQ==")  # after the end
+    seen = [(e.kind, e.index, e.partial, e.data) for e in queue.events(job.id, "0", 0.1)]
+    assert seen == [
+        ("partial", 0, 0, "cG5nMA=="),
+        ("partial", 1, 0, "cG5nMQ=="),
+        ("item", 0, None, None),
+        ("partial", 1, 1, "cG5nMg=="),
+        ("item", 1, None, None),
+        ("end", None, None, None),
+    ]
+
+
 def test_stats_report_depth_in_flight_and_workers(queue: JobQueue) -> None:
     queue.submit(spec(4))
     queue.claim("w1", 1, 1.0, 0.0)
