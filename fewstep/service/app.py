@@ -38,6 +38,7 @@ from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
 from fewstep.service.versions import Versions
 from fewstep.service.watch import subscribe
+from fewstep.service.webhooks import WebhookSender
 from fewstep.service.worker import Worker, process_workers, worker_name
 
 log = logging.getLogger("fewstep.service")
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_limits(settings),
         EventHub(queue),
     )
+    webhooks = WebhookSender(queue, settings, metrics) if settings.webhook_secret is not None else None
     seeded, stopping = threading.Event(), threading.Event()
     workers: list[Worker] = []
 
@@ -122,8 +124,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threading.Thread(target=serve_images, name="runtime-load", daemon=True).start()
         streams.start(seeded)
         subscribe(settings, [image_models.nudged, streams.versions.nudged], stopping)
+        if webhooks is not None:
+            webhooks.start()
         yield
         stopping.set()
+        if webhooks is not None:
+            await asyncio.to_thread(webhooks.stop)
         for w in workers:
             await asyncio.to_thread(w.stop)
         gw.events.close()

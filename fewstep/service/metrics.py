@@ -54,6 +54,13 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("fewstep_images", "Images generated, by model and steps.", ["model", "steps"], registry=r)
+        self.webhook_attempts = Counter(
+            "fewstep_webhook_attempts",
+            "Webhook delivery attempts by outcome: delivered, failed (retried later), expired (given up after "
+            "`webhook_retry_for_s`), refused (an address the settings do not allow).",
+            ["outcome"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "fewstep_batch_size",
             "Running-batch occupancy: items in one denoising step (network evaluation).",

@@ -137,6 +137,9 @@ class JobCreateRequest(BaseModel):
 
     model: StrictStr
     requests: list[JobRequestItem]
+    webhook_url: StrictStr | None = Field(
+        None, description="Announce the job's end here (signed, Standard Webhooks); a host `webhook_hosts` allows."
+    )
 
 
 class Job(BaseModel):
@@ -204,3 +207,10 @@ class PromptChange(BaseModel):
 
     type: Literal["prompt"]
     prompt: StrictStr
+
+
+class WebhookSecret(BaseModel):
+    """`GET /v1/webhooks/secret`: the calling key's signing secret, as Standard Webhooks libraries take it."""
+
+    object: str = "webhook_secret"
+    secret: str

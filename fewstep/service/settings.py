@@ -236,13 +236,36 @@ class Settings(BaseSettings):
     video_gate_frames: int = Field(16, ge=2, le=256)
     """Frames per video probe stream."""
 
+    webhook_secret: SecretStr | None = None
+    """Master key of the webhooks' signatures: each API key's signing secret is derived from it (HMAC-SHA256 of the
+    key's id) and read by that key at `GET /v1/webhooks/secret`. Unset: `webhook_url` is refused. Every gateway
+    of a deployment needs the same value (a Kubernetes Secret)."""
+    webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated host names a `webhook_url` may name: `hooks.example.com`, or `*.example.com` for its
+    subdomains. Empty: webhooks are refused."""
+    webhook_allow_private: bool = False
+    """Whether a webhook may go to a private, loopback, link-local or otherwise non-public address. Off: the
+    host's every resolved address must be public, and the delivery connects to the address checked (no second
+    lookup a DNS rebinding could answer differently)."""
+    webhook_max_url_chars: int = Field(2048, ge=32, le=16_384)
+    """Longest `webhook_url`."""
+    webhook_timeout_s: float = Field(10.0, ge=0.5, le=120.0)
+    """One delivery attempt's limit (connect, send, answer); no redirect is followed."""
+    webhook_backoff_s: float = Field(2.0, ge=0.05, le=3600.0)
+    """Wait before the first retry of a failed delivery; doubled each attempt up to `webhook_backoff_max_s`, each
+    wait drawn between half and the whole of it (jitter)."""
+    webhook_backoff_max_s: float = Field(600.0, ge=0.05, le=86_400.0)
+    """Longest wait between two attempts."""
+    webhook_retry_for_s: float = Field(86_400.0, ge=1.0, le=7 * 86_400.0)
+    """A delivery is retried for this long after its job finished, then given up (counted and logged)."""
+
     playground: bool = True
     """Serve the playground page at `/` (static files; every API call it makes carries the key as usual)."""
 
     log_level: str = "info"
     """Python logging level of the gateway."""
 
-    @field_validator("api_keys", "admin_keys", "ws_allowed_origins", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "admin_keys", "ws_allowed_origins", "allowed_hosts", "webhook_hosts", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):

@@ -62,6 +62,10 @@ class JobSpec:
     costs: list[int] | None = None
     """Each item's cost in network evaluations, from the model's spec (a hybrid's teacher hand-off,
     classic guidance); None: `item_cost`'s estimate."""
+    webhook: str | None = None
+    """Where the job's end is announced (`job.completed`, `job.failed`, `job.cancelled`): a URL the gateway
+    checked against the webhook settings. The queue schedules the delivery in the same step that records the
+    job's last result, so no finished job loses its webhook (`WebhookDue`)."""
 
     @property
     def cost(self) -> int:
@@ -210,6 +214,43 @@ class JobEvent:
     """A `partial` event's partial-image index (0-based) of item `index`."""
     data: str | None = None
     """A `partial` event's image: base64 PNG."""
+
+
+@dataclass(frozen=True)
+class WebhookDue:
+    """A job's end to announce, as the queue recorded it when the job finished: the job's figures then, the URL,
+    and how many attempts were made before this one. `id` is the message id (the same at every attempt, so
+    that receivers drop repeats)."""
+
+    id: str
+    job: str
+    owner: str
+    url: str
+    model: str
+    counts: tuple[int, int, int, int]
+    """(total, done, failed, cancelled)."""
+    cancel: bool
+    created: float
+    finished: float
+    attempts: int = 0
+
+    @property
+    def state(self) -> JobState:
+        return job_state(self.cancel, True, *self.counts)
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def decode(cls, payload: str | bytes, attempts: int) -> WebhookDue:
+        d = json.loads(payload)
+        d["counts"] = tuple(int(c) for c in d["counts"])
+        return cls(**{**d, "attempts": attempts})
+
+
+def webhook_id(job_id: str) -> str:
+    """The message id of a job's end: one per job."""
+    return f"msg_{job_id}"
 
 
 @dataclass(frozen=True)
@@ -365,6 +406,19 @@ class JobQueue(Protocol):
 
     def cancelled(self, job_ids: set[str]) -> set[str]:
         """Which of these jobs have been cancelled (or have expired)."""
+
+    def webhooks_due(self, now: float, lease_s: float, n: int) -> list[WebhookDue]:
+        """Up to `n` webhook deliveries due by `now`, each leased for `lease_s` (not handed out again meanwhile;
+        a sender that dies leaves them to another once the lease ends)."""
+        ...
+
+    def webhook_retry(self, due: WebhookDue, at: float) -> None:
+        """Try `due` again at `at` (one more attempt counted)."""
+        ...
+
+    def webhook_done(self, due: WebhookDue) -> None:
+        """`due` is delivered, or given up: forget it."""
+        ...
 
     def close(self) -> None:
         """Release connections; pending waits end."""

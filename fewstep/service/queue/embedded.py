@@ -9,6 +9,7 @@ same contract as the Redis queue, which the conformance suite checks.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import re
 import secrets
@@ -24,6 +25,7 @@ from fewstep.service.queue.base import (
     JobSpec,
     JobStatus,
     QueueStats,
+    WebhookDue,
     WorkItem,
     Written,
     idempotency_conflict,
@@ -31,6 +33,7 @@ from fewstep.service.queue.base import (
     owner_over_jobs,
     owner_over_limit,
     valid_job_id,
+    webhook_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
 
@@ -88,6 +91,7 @@ class EmbeddedQueue:
         self._workers: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._events = itertools.count(1)
+        self._webhooks: dict[str, tuple[float, WebhookDue]] = {}  # id → (next attempt due, record)
         self._reclaims = self._retries = 0
         self._closed = False
         self._interrupted = False
@@ -341,7 +345,33 @@ class EmbeddedQueue:
             return Written(wrote=True)
         job.finished = time.time()
         self._event(job, "end")
+        if job.spec.webhook is not None:
+            st = job.status()
+            counts = (st.total, st.done, st.failed, st.cancelled)
+            due = WebhookDue(webhook_id(job.id), job.id, job.spec.owner, job.spec.webhook, job.spec.model, counts,
+                             job.cancel_requested, job.created, job.finished)  # fmt: skip
+            self._webhooks[due.id] = (job.finished, due)
         return Written(wrote=True, job_seconds=job.finished - job.created)
+
+    def webhooks_due(self, now: float, lease_s: float, n: int) -> list[WebhookDue]:
+        with self._cv:
+            due = sorted((at, d.id) for at, d in self._webhooks.values() if at <= now)[:n]
+            out = []
+            for _, wid in due:
+                record = self._webhooks[wid][1]
+                self._webhooks[wid] = (now + lease_s, record)
+                out.append(record)
+            return out
+
+    def webhook_retry(self, due: WebhookDue, at: float) -> None:
+        with self._cv:
+            if due.id in self._webhooks:
+                held = self._webhooks[due.id][1]
+                self._webhooks[due.id] = (at, dataclasses.replace(held, attempts=held.attempts + 1))
+
+    def webhook_done(self, due: WebhookDue) -> None:
+        with self._cv:
+            self._webhooks.pop(due.id, None)
 
     def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
         with self._cv:

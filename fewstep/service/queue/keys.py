@@ -100,6 +100,16 @@ class Keys:
         """Stream of progress events of one job, read by SSE clients and synchronous waiters."""
         return f"{self.prefix}:job:{job_id}:events"
 
+    @property
+    def webhooks(self) -> str:
+        """Sorted set: webhook message id → when its next attempt is due."""
+        return f"{self.prefix}:webhooks"
+
+    @property
+    def webhook_records(self) -> str:
+        """Hash: webhook message id → its record (`WebhookDue` as JSON); `<id>:attempts` → attempts made."""
+        return f"{self.prefix}:webhook-records"
+
     def idempotency(self, owner: str, key_digest: str) -> str:
         """String: the job an owner's `Idempotency-Key` created, with the body's fingerprint."""
         return f"{self.prefix}:idem:{owner}:{key_digest}"

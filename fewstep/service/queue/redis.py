@@ -31,6 +31,7 @@ from fewstep.service.queue.base import (
     JobSpec,
     JobStatus,
     QueueStats,
+    WebhookDue,
     WorkItem,
     Written,
     idempotency_conflict,
@@ -40,7 +41,7 @@ from fewstep.service.queue.base import (
     valid_job_id,
 )
 from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
-from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, SUBMIT
+from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, SUBMIT, WEBHOOKS_DUE
 
 P = ParamSpec("P")
 _STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
@@ -102,6 +103,7 @@ class RedisQueue:
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
         self._partial = self.r.register_script(PARTIAL)
+        self._webhooks_due = self.r.register_script(WEBHOOKS_DUE)
         self._feed = self.r.register_script(FEED)
         self._groups_ready = False
         self._wake = f"{self.keys.prefix}:wake:{secrets.token_hex(6)}"
@@ -131,7 +133,7 @@ class RedisQueue:
         limit = -1 if spec.owner_limit is None else spec.owner_limit
         jobs = -1 if spec.owner_jobs is None else spec.owner_jobs
         args += [owner_field(spec.owner, spec.lane), spec.cost, limit, jobs, int(time.time() * 1000)]
-        args += [self.keys.group, self.keys.backlog_prefix(spec.lane), *payloads]
+        args += [self.keys.group, self.keys.backlog_prefix(spec.lane), spec.webhook or "", *payloads]
         keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats, self.keys.owner_cost]
         keys += [self.keys.owner_jobs(spec.owner, spec.lane), self.keys.backlog_prefix(spec.lane) + spec.owner]
         keys += [self.keys.ring(spec.lane), self.keys.waiting(spec.lane)]
@@ -431,12 +433,9 @@ class RedisQueue:
             job_id = delivery.work.job_id
             w = delivery.work
             args: list[str | int | float] = [result.index, result.encode(), result.outcome, time.time()]
-            args += [delivery.entry_id, k.group, owner_field(w.owner, delivery.lane), w.cost]
-            self._finish(
-                keys=[k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane), k.owner_cost],
-                args=args,
-                client=pipe,
-            )
+            args += [delivery.entry_id, k.group, owner_field(w.owner, delivery.lane), w.cost, job_id]
+            keys = [k.job(job_id), k.results(job_id), k.events(job_id), k.lane(delivery.lane), k.owner_cost]
+            self._finish(keys=[*keys, k.webhooks, k.webhook_records], args=args, client=pipe)
         out = []
         for reply in pipe.execute():
             if isinstance(reply, bytes | str):  # this result completed the job; the reply is its creation time
@@ -449,6 +448,32 @@ class RedisQueue:
     def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
         keys = [self.keys.job(job_id), self.keys.results(job_id), self.keys.events(job_id)]
         self._partial(keys=keys, args=[index, partial, b64_png])
+
+    @_reachable
+    def webhooks_due(self, now: float, lease_s: float, n: int) -> list[WebhookDue]:
+        reply = self._webhooks_due(keys=[self.keys.webhooks, self.keys.webhook_records], args=[now, now + lease_s, n])
+        out = []
+        for i in range(0, len(reply), 3):
+            wid, record, attempts = _s(reply[i]), _s(reply[i + 1]), int(_s(reply[i + 2]))
+            if not record:  # a record lost (an operator's cleanup): nothing to send, never retried
+                self.r.zrem(self.keys.webhooks, wid)
+                continue
+            out.append(WebhookDue.decode(record, attempts))
+        return out
+
+    @_reachable
+    def webhook_retry(self, due: WebhookDue, at: float) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self.keys.webhook_records, f"{due.id}:attempts", 1)
+        pipe.zadd(self.keys.webhooks, {due.id: at}, xx=True)
+        pipe.execute()
+
+    @_reachable
+    def webhook_done(self, due: WebhookDue) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(self.keys.webhooks, due.id)
+        pipe.hdel(self.keys.webhook_records, due.id, f"{due.id}:attempts")
+        pipe.execute()
 
     @_reachable
     def cancelled(self, job_ids: set[str]) -> set[str]:

@@ -72,10 +72,11 @@ end
 redis.call('HINCRBY', KEYS[5], ARGV[12], ARGV[13])
 redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
            'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
+if ARGV[19] ~= '' then redis.call('HSET', KEYS[2], 'webhook', ARGV[19]) end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 local had = redis.call('LLEN', KEYS[7])
 for i = 1, n do
-  redis.call('RPUSH', KEYS[7], ARGV[1] .. '|' .. (i - 1) .. '|' .. ARGV[16] .. '|' .. ARGV[18 + i])
+  redis.call('RPUSH', KEYS[7], ARGV[1] .. '|' .. (i - 1) .. '|' .. ARGV[16] .. '|' .. ARGV[19 + i])
   redis.call('RPUSH', KEYS[9], '1')
 end
 if had == 0 then redis.call('RPUSH', KEYS[8], ARGV[9]) end
@@ -89,9 +90,10 @@ return {'created', ARGV[1]}
 # KEYS: lane stream, the lane's ring, the lane's waiting list. ARGV: group, backlog prefix, want.
 FEED = _FEED_FUNCTION + "\nreturn feed(KEYS[1], ARGV[1], KEYS[2], ARGV[2], KEYS[3], tonumber(ARGV[3]))\n"
 
-# KEYS: job hash, results hash, events stream, lane stream, owners' cost hash.
-# ARGV: index, result JSON, outcome, now, entry id, group, owner field, item cost.
-# The first acknowledgement of an entry gives its cost back to its owner (once, whatever the redeliveries).
+# KEYS: job hash, results hash, events stream, lane stream, owners' cost hash, webhook schedule, webhook records.
+# ARGV: index, result JSON, outcome, now, entry id, group, owner field, item cost, job id.
+# The first acknowledgement of an entry gives its cost back to its owner (once, whatever the redeliveries). The
+# job's last result schedules its webhook in the same step (a finished job never loses its announcement).
 FINISH = """
 local wrote = 0
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
@@ -105,6 +107,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HSETNX', KEYS[2], ARGV[1],
     redis.call('HSET', KEYS[1], 'finished', ARGV[4])
     redis.call('XADD', KEYS[3], '*', 'kind', 'end')
     wrote = redis.call('HGET', KEYS[1], 'created')
+    local j = redis.call('HMGET', KEYS[1], 'webhook', 'owner', 'model', 'cancel')
+    if j[1] then
+      local id = 'msg_' .. ARGV[9]
+      local record = cjson.encode({id = id, job = ARGV[9], owner = j[2], url = j[1], model = j[3],
+        counts = {tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])}, cancel = (j[4] == '1'),
+        created = tonumber(wrote), finished = tonumber(ARGV[4])})
+      redis.call('HSET', KEYS[7], id, record)
+      redis.call('ZADD', KEYS[6], ARGV[4], id)
+    end
   end
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], c[5]) end
 end
@@ -135,4 +146,19 @@ local ttl = redis.call('HGET', KEYS[1], 'ttl')
 redis.call('XADD', KEYS[3], '*', 'kind', 'partial', 'index', ARGV[1], 'partial', ARGV[2], 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ttl)
 return 1
+"""
+
+# KEYS: webhook schedule, webhook records. ARGV: now, lease end, n.
+# The deliveries due, each with its record and attempts so far, leased (rescheduled at the lease's end).
+WEBHOOKS_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  local r = redis.call('HMGET', KEYS[2], id, id .. ':attempts')
+  table.insert(out, id)
+  table.insert(out, r[1] or '')
+  table.insert(out, r[2] or '0')
+end
+return out
 """

@@ -15,15 +15,16 @@ from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
 from fewstep.engines.base import ImageItem
-from fewstep.errors import FewstepError, limit_error
+from fewstep.errors import FewstepError, InvalidRequest, limit_error
 from fewstep.service.events import sse
 from fewstep.service.limits import Lease
 from fewstep.service.queue.base import JobSpec, JobStatus, fingerprint
 from fewstep.service.queue.keys import BATCH
 from fewstep.service.requests import build_items
 from fewstep.service.routes.images import image_spec
-from fewstep.service.schemas import Job, JobCreateRequest, JobError, JobResult, JobResults
+from fewstep.service.schemas import Job, JobCreateRequest, JobError, JobResult, JobResults, WebhookSecret
 from fewstep.service.state import Gateway, GatewayDep, Owner
+from fewstep.service.webhooks import check_url, signing_secret, whsec
 
 router = APIRouter()
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -66,9 +67,18 @@ async def create_job(
         owner_limit=gw.owner_limit(settings.key_max_job_cost),
         owner_jobs=settings.key_max_stored_jobs,
         costs=[spec.nfe(it) for it in items],
+        webhook=None if body.webhook_url is None else check_url(body.webhook_url, settings),
     )
     await gw.spend(owner, "jobs")
     return job_view(await gw.ask(gw.queue.submit, job))
+
+
+@router.get("/v1/webhooks/secret", response_model=WebhookSecret)
+async def webhook_secret(owner: Owner, gw: GatewayDep) -> WebhookSecret:
+    """The calling key's webhook signing secret (each key has its own; no key sees another's)."""
+    if gw.settings.webhook_secret is None:
+        raise InvalidRequest("webhook_url", "webhooks are not enabled here (`webhook_secret` is not set)")
+    return WebhookSecret(secret=whsec(signing_secret(gw.settings, owner)))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=Job)

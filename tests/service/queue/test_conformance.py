@@ -211,6 +211,35 @@ def test_partial_images_are_events_of_a_running_item_and_none_follow_its_result(
     ]
 
 
+def test_a_finished_jobs_webhook_is_scheduled_leased_retried_and_forgotten(queue: JobQueue) -> None:
+    import dataclasses
+
+    hooked = queue.submit(dataclasses.replace(spec(2), webhook="https://hooks.example/ends?t=1"))
+    plain = queue.submit(spec(1))
+    taken = queue.claim("w1", 10, 1.0, 0.0)
+    assert queue.webhooks_due(time.time() + 1, 30, 10) == []  # nothing finished yet
+    queue.finish([(d, ok(d.work.index, d.work.item.seed)) for d in taken if d.work.job_id == plain.id])
+    [first] = [d for d in taken if d.work.job_id == hooked.id and d.work.index == 0]
+    [second] = [d for d in taken if d.work.job_id == hooked.id and d.work.index == 1]
+    queue.finish([(first, ok(0, 0))])
+    assert queue.webhooks_due(time.time() + 1, 30, 10) == []
+    failed = ItemResult(index=1, outcome="failed", seed=1, error="boom")
+    queue.finish([(second, failed)])
+    [due] = queue.webhooks_due(time.time() + 1, 30, 10)
+    assert (due.id, due.job, due.owner, due.url, due.model) == (
+        f"msg_{hooked.id}", hooked.id, "alice", "https://hooks.example/ends?t=1", "shapes"
+    )
+    assert (due.counts, due.state, due.attempts) == ((2, 1, 1, 0), "failed", 0) and due.finished >= due.created
+    assert queue.webhooks_due(time.time() + 1, 30, 10) == []  # leased: not handed out again meanwhile
+    assert [d.id for d in queue.webhooks_due(time.time() + 31, 30, 10)] == [due.id]  # the lease ran out
+    queue.webhook_retry(due, time.time() + 100)
+    assert queue.webhooks_due(time.time() + 50, 30, 10) == []
+    [again] = queue.webhooks_due(time.time() + 101, 30, 10)
+    assert again.attempts == 1 and again.id == due.id
+    queue.webhook_done(again)
+    assert queue.webhooks_due(time.time() + 10_000, 30, 10) == []
+
+
 def test_stats_report_depth_in_flight_and_workers(queue: JobQueue) -> None:
     queue.submit(spec(4))
     queue.claim("w1", 1, 1.0, 0.0)
