@@ -32,7 +32,7 @@ from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit, TrustedHosts
 from fewstep.service.openapi import document_errors
 from fewstep.service.queue import open_queue
-from fewstep.service.routes import admin, health, images, jobs, models, playground, video
+from fewstep.service.routes import admin, health, images, jobs, models, playground, realtime, video
 from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
@@ -154,6 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(TrustedHosts, allowed=hosts)
     app.add_middleware(CountRequests, counter=metrics.requests)
     app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read
-    for routes in (health, models, images, jobs, admin, video, playground):
+    for routes in (health, models, images, jobs, admin, video, realtime, playground):
         app.include_router(routes.router)
     return app

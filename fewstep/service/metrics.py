@@ -54,6 +54,20 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("fewstep_images", "Images generated, by model and steps.", ["model", "steps"], registry=r)
+        self.realtime_frames = Counter(
+            "fewstep_realtime_frames",
+            "Frames of real-time image sessions by outcome: served, dropped (a newer frame came before it was "
+            "started: newest wins), failed.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.realtime_seconds = Histogram(
+            "fewstep_realtime_frame_seconds",
+            "Real-time image frames: from the frame's arrival to its answer leaving.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.webhook_attempts = Counter(
             "fewstep_webhook_attempts",
             "Webhook delivery attempts by outcome: delivered, failed (retried later), expired (given up after "

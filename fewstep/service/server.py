@@ -50,7 +50,7 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         ws="websockets-sansio",
-        ws_max_size=settings.ws_max_bytes,
+        ws_max_size=max(settings.ws_max_bytes, settings.realtime_max_frame_bytes),  # text: checked in the app
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,  # after the drain: only idle keep-alive connections are left
         http=guarded_protocol(settings.head_timeout_s, settings.max_connections, settings.max_header_bytes),

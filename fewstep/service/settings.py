@@ -215,6 +215,14 @@ class Settings(BaseSettings):
     """Largest WebSocket message a client may send (a start or a prompt change is well under 1 KiB);
     bigger ones close the socket with 1009 before they are parsed. Per-message compression is off, so
     a small frame cannot inflate past this."""
+    realtime_max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest frame (one binary message: a JPEG, PNG or WebP) a client may send on `WS /v1/images/stream`; a
+    bigger one closes the socket with 1009. The WebSocket layer takes messages up to the larger of this and
+    `ws_max_bytes`; text messages on any socket stay bounded by `ws_max_bytes`."""
+    realtime_max_session_s: float = Field(900.0, gt=0.0, le=86_400.0)
+    """Longest a real-time image session may last; then it is closed 1008."""
+    key_max_realtime_sessions: int = Field(2, ge=1, le=100_000)
+    """Real-time image sessions (`WS /v1/images/stream`) one key may hold open at once, across gateways."""
     ws_first_message_bytes: int = Field(4096, ge=256, le=1024 * 1024)
     """Largest first message of a WebSocket that sent no Authorization header (its key is in it): an
     unauthenticated client gets no more than this read and parsed."""

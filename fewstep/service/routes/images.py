@@ -36,19 +36,21 @@ def image_spec(gw: Gateway, model: str) -> ImageSpec:
     return spec
 
 
-async def wait_settled(gw: Gateway, job_id: str, timeout: float, request: Request) -> str:
-    """Wait for a job's end event: "done", "timeout", or "gone" (the client disconnected)."""
+async def wait_settled(gw: Gateway, job_id: str, timeout: float, request: Request | None) -> str:
+    """Wait for a job's end event: "done", "timeout", or "gone" (the client disconnected; `request` None: a
+    caller that watches its client itself)."""
     deadline = time.monotonic() + timeout
     cursor = "0"
+    gone = request.is_disconnected if request is not None else None
     while (left := deadline - time.monotonic()) > 0:
         # One waiter for the whole wait (the client's presence is asked every quarter second meanwhile):
         # a waiter made anew each time interrupted the hub's shared read four times a second per request.
-        events = await gw.events.next(job_id, cursor, left, gone=request.is_disconnected)
+        events = await gw.events.next(job_id, cursor, left, gone=gone)
         if events:
             cursor = events[-1].cursor
             if any(e.kind == "end" for e in events):
                 return "done"
-        elif await request.is_disconnected():
+        elif gone is not None and await gone():
             return "gone"
     return "timeout"
 

@@ -14,15 +14,15 @@ import asyncio
 import logging
 import secrets
 import time
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from fewstep.engines.base import Frame, StreamRequest
 from fewstep.errors import FewstepError, InvalidRequest, Overloaded
 from fewstep.service import errors
-from fewstep.service.requests import json_object, prompt_change, stream_start
-from fewstep.service.state import Gateway, authenticate
+from fewstep.service.requests import prompt_change, stream_start
+from fewstep.service.routes.sockets import WS_MESSAGE_TOO_BIG, handshake, too_big
+from fewstep.service.state import Gateway
 from fewstep.service.streams import Stream, VideoStreams
 
 router = APIRouter()
@@ -31,6 +31,11 @@ WS_GOING_AWAY = 1001
 SESSION_LEASE_S = 120.0
 """A session's per-key lease lasts this long unless renewed (every third of it while frames flow), so the
 sessions of a gateway that died stop counting against their key within two minutes."""
+
+
+def refusal(e: FewstepError) -> str:
+    """How a refused session is counted: `invalid` (the client's fault) or `unavailable`."""
+    return "invalid" if errors.ws_close_code(e) == errors.WS_POLICY_VIOLATION else "unavailable"
 
 
 async def _fail(gw: Gateway, ws: WebSocket, e: FewstepError, reason: str | None) -> None:
@@ -43,55 +48,16 @@ async def _fail(gw: Gateway, ws: WebSocket, e: FewstepError, reason: str | None)
     await ws.close(code=code)
 
 
-def same_origin_or_allowed(ws: WebSocket, allowed: list[str]) -> bool:
-    """A browser's `Origin` must be this gateway's own (the playground) or in `ws_allowed_origins`; clients
-    that send none (not browsers) pass: the key is what guards them."""
-    origin = ws.headers.get("origin")
-    if origin is None or origin in allowed or "*" in allowed:
-        return True
-    return urlsplit(origin).netloc.lower() == ws.headers.get("host", "").lower()
-
-
 @router.websocket("/v1/video/stream")
 async def video_stream(ws: WebSocket) -> None:
     gw: Gateway = ws.app.state.gateway
     settings, streams = gw.settings, gw.streams
-    if not same_origin_or_allowed(ws, settings.ws_allowed_origins):
-        log.info("video stream refused before accept: origin %r is not allowed", ws.headers.get("origin", "")[:200])
-        await ws.close(code=errors.WS_POLICY_VIOLATION)  # before accept: the handshake gets 403
+    opened = await handshake(ws, gw, "video stream", lambda e: _fail(gw, ws, e, refusal(e)))
+    if opened is None:
         return
-    header = ws.headers.get("authorization")
-    address = ws.client.host if ws.client else ""
-    owner: str | None = None
-    if header:  # the key is checked before the socket is accepted
-        try:
-            owner = await asyncio.to_thread(authenticate, gw, header, address)
-        except FewstepError as e:
-            log.info("video stream refused before accept: %s", e)
-            await ws.close(code=errors.ws_close_code(e))
-            return
-    await ws.accept()
+    owner, msg = opened
     loop = asyncio.get_running_loop()
     try:
-        raw = await asyncio.wait_for(ws.receive_text(), settings.video_first_message_s)
-    except TimeoutError:
-        limit = f"`video_first_message_s` = {settings.video_first_message_s} s"
-        await _fail(gw, ws, InvalidRequest("message", f"no first message within {limit}"), "invalid")
-        return
-    except WebSocketDisconnect:
-        return  # gone before asking for anything
-    except KeyError:  # Starlette's sign of a binary message
-        await _fail(gw, ws, InvalidRequest("message", "the first message must be JSON text, not binary"), "invalid")
-        return
-    try:
-        if owner is None and gw.keys.enabled and len(raw) > settings.ws_first_message_bytes:
-            # Not authenticated yet: no more than a start message is read from an unknown client.
-            limit = f"`ws_first_message_bytes` = {settings.ws_first_message_bytes}"
-            raise InvalidRequest("message", f"a first message without an Authorization header is over {limit}")
-        msg = json_object(raw, "the first message")
-        if owner is None:  # no header: the key is in the first message, checked before its fields
-            key = msg.get("api_key") if isinstance(msg.get("api_key"), str) else None
-            owner = await asyncio.to_thread(authenticate, gw, f"Bearer {key}" if key else None, address)
         start = stream_start(msg, settings)
         spec = streams.spec(start.model)
         steps = start.steps if start.steps is not None else spec.default_steps
@@ -102,8 +68,7 @@ async def video_stream(ws: WebSocket) -> None:
         cap = settings.key_max_video_sessions
         lease = await gw.hold(owner, "video sessions", cap, SESSION_LEASE_S, "key_max_video_sessions")
     except FewstepError as e:
-        why = "invalid" if errors.ws_close_code(e) == errors.WS_POLICY_VIOLATION else "unavailable"
-        await _fail(gw, ws, e, why)
+        await _fail(gw, ws, e, refusal(e))
         return
     queue: asyncio.Queue[tuple[Frame | None, str]] = asyncio.Queue()
 
@@ -202,6 +167,9 @@ async def _listen(ws: WebSocket, streams: VideoStreams, stream: Stream, gw: Gate
             return
         except KeyError as e:  # a binary message
             raise InvalidRequest("message", "messages must be JSON text") from e
+        if too_big(raw, s.ws_max_bytes):
+            await ws.close(code=WS_MESSAGE_TOO_BIG)
+            return
         prompt = prompt_change(raw, gw.settings)
         await gw.call(gw.limits.spend, *budget, names)
         await asyncio.to_thread(streams.steer, stream, prompt)
