@@ -182,38 +182,43 @@ class LatentSampler:
     # -- walks ------------------------------------------------------------------------------------
     def start(self, draws: list[Draw]) -> list[Walk]:
         """Walks at their first step: each with its own scheduler and the seed's initial latents (an edit's: its
-        image encoded and noised to the first timestep it keeps)."""
+        image encoded and noised to the first timestep it keeps; the images of one size in one VAE call)."""
         conds = self.text([(d.prompt, None) for d in draws]) if draws else []
         walks = []
         for d, cond in zip(draws, conds, strict=True):
             sched = copy.deepcopy(self.templates[d.steps])
             shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
             noise = item_noise(d.seed, 0, shape).to(self.device)
-            first = 0
-            if d.image is None:
-                latents = noise * sched.init_noise_sigma
-            else:
-                first, latents = self._edit_start(d, sched, noise)
+            first = 0 if d.image is None else d.steps - kept_steps(d.steps, d.strength)
+            if d.image is not None and hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(first * sched.order)
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
             uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
+            latents = noise * sched.init_noise_sigma if d.image is None else noise
             walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond, k=first))
+        self._edit_starts([w for w in walks if w.draw.image is not None])
         return walks
 
-    def _edit_start(self, d: Draw, sched: Any, noise: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """An edit's first step and starting latents, as diffusers' img2img pipelines make them: the last
-        `kept_steps` timesteps of the list (the scheduler told where it begins), the image's latents (its VAE
-        posterior sampled with the (seed, `ENCODE_DRAW`) noise) noised by the scheduler to the first of them
-        with the (seed, 0) noise."""
+    def _edit_starts(self, walks: list[Walk]) -> None:
+        """Edits' starting latents, as diffusers' img2img pipelines make them: the image's latents (its VAE
+        posterior sampled with the (seed, `ENCODE_DRAW`) noise) noised by the walk's scheduler to the first
+        timestep it keeps with the (seed, 0) noise the walk holds; the images of one size in one VAE call."""
+        if not walks:
+            return
         encode = getattr(self.nets, "encode_image", None)
         if encode is None:
             raise CheckpointError("these networks have no VAE encoder: edits are not served on them")
-        assert d.image is not None
-        first = d.steps - kept_steps(d.steps, d.strength)
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(first * sched.order)
-        pixels = from_pixels(d.image)[None].to(self.device)
-        clean = encode(pixels, item_noise(d.seed, ENCODE_DRAW, tuple(noise.shape)))
-        return first, sched.add_noise(clean, noise, sched.timesteps[first : first + 1])
+        by_size: dict[tuple[int, int], list[Walk]] = {}
+        for w in walks:
+            by_size.setdefault(w.size, []).append(w)
+        for group in by_size.values():
+            pixels = torch.stack([from_pixels(w.draw.image) for w in group if w.draw.image is not None])
+            shape = tuple(group[0].latents.shape)
+            draws = torch.cat([item_noise(w.draw.seed, ENCODE_DRAW, shape) for w in group])
+            clean = encode(pixels.to(self.device), draws)
+            for j, w in enumerate(group):
+                t = w.scheduler.timesteps[w.k : w.k + 1]
+                w.latents = w.scheduler.add_noise(clean[j : j + 1], w.latents, t)
 
     def advance(self, walks: list[Walk]) -> None:
         """Every unfinished walk one step on: one UNet call per (size, network) group."""
