@@ -107,6 +107,7 @@ class ModelCard(BaseModel):
     family: str | None = Field(None, description="An imported student's few-step family.")
     sizes: dict[str, int] | None = Field(None, description="Sizes besides the native one: min, max, multiple.")
     guidance: dict[str, str | float] | None = Field(None, description="How `guidance_scale` is taken, if at all.")
+    edits: bool | None = Field(None, description="Whether `POST /v1/images/edits` takes this model (image models).")
 
 
 class ModelList(BaseModel):

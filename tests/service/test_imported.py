@@ -67,6 +67,7 @@ async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_pu
         card = next(m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == "tiny")
         assert card["family"] == "turbo" and card["steps"] == [1, 2, 3, 4] and card["size"] == "64x64"
         assert card["sizes"] == {"min": 16, "max": 128, "multiple": 4} and card["guidance"] == {"mode": "none"}
+        assert card["edits"] is True  # on torch: the VAE encoder is there
 
         requests = [
             {"prompt": "a red circle", "seed": 1, "steps": 1},

@@ -139,6 +139,24 @@ def test_an_image_appears_and_its_nfe_follows_the_steps(page: Page) -> None:
     _shot(page, "image")
 
 
+def test_streamed_partial_images_arrive_before_the_final_one(page: Page) -> None:
+    _ready(page)
+    page.evaluate(
+        """() => { const img = document.querySelector('#image-out'); window.shown = [];
+               new MutationObserver(() => window.shown.push(img.alt))
+                 .observe(img, { attributes: true, attributeFilter: ['alt'] }); }"""
+    )
+    _set_steps(page, "image", 4)
+    page.check("#image-partials")
+    page.click("#image-go")
+    expect(page.locator("#image-meta dd[data-field=partials]")).to_have_text("3")
+    assert _field(page, "image", "nfe") == "4"
+    shown = page.evaluate("window.shown")
+    partial = [a for a in shown if ": partial image " in a]
+    assert partial[:3] == [f"a red circle on a white background: partial image {i}" for i in (1, 2, 3)], shown
+    assert shown[-1].endswith("4 steps)")  # the final image last
+
+
 def test_the_seed_grid_shows_eight_different_images_for_student_and_hybrid(page: Page) -> None:
     _ready(page)
     page.focus("#tab-image")

@@ -43,9 +43,11 @@ async def list_models(gw: GatewayDep) -> ModelList:
 
 
 def _image_fields(spec: Spec | None) -> dict[str, Any]:
-    """What an image model takes beyond steps: its family, sizes and guidance (for imported students)."""
-    if not isinstance(spec, ImageSpec) or spec.family is None:
+    """What an image model takes beyond steps: edits, and its family, sizes and guidance (imported students)."""
+    if not isinstance(spec, ImageSpec):
         return {}
+    if spec.family is None:
+        return {"edits": spec.edits}
     g = spec.guidance
     sizes = (
         None if spec.sizes is None else {"min": spec.sizes.low, "max": spec.sizes.high, "multiple": spec.sizes.multiple}
@@ -53,4 +55,4 @@ def _image_fields(spec: Spec | None) -> dict[str, Any]:
     guidance = (
         {"mode": g.mode} if g.mode == "none" else {"mode": g.mode, "min": g.low, "max": g.high, "default": g.default}
     )
-    return {"family": spec.family, "sizes": sizes, "guidance": guidance}
+    return {"family": spec.family, "sizes": sizes, "guidance": guidance, "edits": spec.edits}

@@ -62,6 +62,35 @@ async function api(path, { method = "GET", body, signal } = {}) {
 
 const apiJson = async (path, opts) => (await api(path, opts)).json();
 
+// A streamed image request (Server-Sent Events): `onPartial` for each partial image as it arrives; resolves to the
+// unstreamed response's shape once the completed image comes, rejects with the server's error event.
+async function streamImage(path, body, onPartial) {
+  const res = await api(path, { method: "POST", body });
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new ApiError(0, "the stream ended before the image was complete");
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const name = /^event: (.*)$/m.exec(frame)?.[1];
+      const data = /^data: (.*)$/m.exec(frame)?.[1];
+      if (!name || !data) continue;
+      const event = JSON.parse(data);
+      if (name === "error") throw new ApiError(500, event.error?.message ?? "the image failed");
+      if (name.endsWith(".partial_image")) onPartial(event);
+      if (name.endsWith(".completed")) {
+        reader.cancel();
+        const { b64_json, seed, size, steps, nfe, model_version } = event;
+        return { model: body.model, model_version, steps, nfe, size, hybrid: Boolean(body.hybrid), data: [{ b64_json, seed }] };
+      }
+    }
+  }
+}
+
 function describe(err) {
   if (!(err instanceof ApiError)) return String(err?.message ?? err);
   let text = err.message;
@@ -325,13 +354,26 @@ function initImage() {
       body.guidance_scale = Number($("image-guidance").value);
     }
     if (m?.guidance?.mode === "cfg" && $("image-negative").value) body.negative_prompt = $("image-negative").value;
+    const streamed = $("image-partials").checked;
+    if (streamed) Object.assign(body, { stream: true, partial_images: 3 });
     busy($("image-go"), async () => {
       clearError("image");
       const t0 = performance.now();
+      const img = $("image-out");
       try {
-        const r = await apiJson("v1/images/generations", { method: "POST", body });
+        let r;
+        let partials = 0;
+        if (streamed) {
+          r = await streamImage("v1/images/generations", body, (event) => {
+            partials += 1;
+            img.src = pngUrl(event.b64_json);
+            img.alt = `${body.prompt}: partial image ${event.partial_image_index + 1}`;
+            img.hidden = false;
+          });
+        } else {
+          r = await apiJson("v1/images/generations", { method: "POST", body });
+        }
         const ms = performance.now() - t0;
-        const img = $("image-out");
         img.src = pngUrl(r.data[0].b64_json);
         img.alt = `${body.prompt} (seed ${r.data[0].seed}, ${r.steps} steps)`;
         img.hidden = false;
@@ -343,6 +385,7 @@ function initImage() {
           ["Seed", "seed", r.data[0].seed],
           ["Size", "size", r.size],
           ["Hybrid", "hybrid", r.hybrid ? "yes" : "no"],
+          ...(streamed ? [["Partial images", "partials", partials]] : []),
         ]);
       } catch (err) {
         showError("image", err);
