@@ -1,8 +1,9 @@
-"""Test support: tiny random diffusers pipelines (SD-style and SDXL-style) saved as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL- and FLUX-style) saved as users save theirs.
 
-The components follow diffusers' own pipeline tests (tiny UNets, VAEs and CLIP text encoders); the
-tokenizer is a character-level CLIP vocabulary written here (nothing is downloaded). `width` scales the
-UNet for the benchmark, where it must dominate the cost.
+The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP and T5 text
+encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, and a
+T5 Unigram model built with the `tokenizers` package. `width` scales the UNet for the benchmark, where it must
+dominate the cost.
 """
 
 from __future__ import annotations
@@ -148,6 +149,71 @@ def sdxl(folder: Path, seed: int = 0, time_cond_proj_dim: int | None = None) -> 
         tokenizer_2=tokenizer(folder / "_tok2"),
         scheduler=diffusers.EulerDiscreteScheduler.from_config(SCHEDULER),
         add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    _drop(folder / "_tok2")
+    return folder
+
+
+def t5_tokenizer(folder: Path, max_length: int = 512) -> Any:
+    """A T5 tokenizer (fast, Unigram) whose pieces are every letter and digit, with and without the word-start
+    mark, saved to `folder`: `</s>` ends every prompt, as T5's does."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{c}", -3.0) for c in CHARS] + [(c, -4.0) for c in CHARS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = transformers.T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        model_max_length=max_length,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return transformers.T5TokenizerFast.from_pretrained(str(folder))
+
+
+def _t5(vocab: int) -> Any:
+    """A tiny T5 encoder (diffusers' own tests' shape, written in code: no hub config)."""
+    import transformers
+
+    config = transformers.T5Config(
+        d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, vocab_size=vocab, feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new", is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config).eval()
+
+
+def flux(folder: Path, seed: int = 0, latent_channels: int = 4) -> Path:
+    """A tiny FluxPipeline (FLUX.1-schnell-style: no guidance embedding) saved to `folder`: 1 + 1 transformer
+    blocks, a two-level VAE (latents at half the pixels, packed 2×2 into tokens), CLIP-L-style and T5 encoders."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    t5_tok = t5_tokenizer(folder / "_tok2")
+    pipe = diffusers.FluxPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=_text(32, 2),
+        text_encoder_2=_t5(len(t5_tok)),
+        tokenizer=tokenizer(folder / "_tok"),
+        tokenizer_2=t5_tok,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")
