@@ -282,7 +282,7 @@ def video_exported(tmp_path_factory: pytest.TempPathFactory, video_student: Path
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random diffusers pipelines saved as users save theirs: SD- and SDXL-style, each also with the
-    guidance embedding of LCM students (`-lcm`)."""
+    guidance embedding of LCM students (`-lcm`), and FLUX.1-schnell-style (`flux`)."""
     from tests import pipelines
 
     root = tmp_path_factory.mktemp("pipelines")
@@ -291,6 +291,7 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "sdxl": pipelines.sdxl(root / "sdxl"),
         "sd-lcm": pipelines.sd(root / "sd-lcm", time_cond_proj_dim=32),
         "sdxl-lcm": pipelines.sdxl(root / "sdxl-lcm", time_cond_proj_dim=32),
+        "flux": pipelines.flux(root / "flux"),
     }
 
 

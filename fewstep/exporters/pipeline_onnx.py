@@ -188,6 +188,10 @@ def _place(built: Path, folder: Path, precision: str) -> None:
     replace_dir(built, artifact_dir(folder, precision))
 
 
+UNET_ARCHITECTURES = ("sd", "sdxl")
+"""The architectures whose graphs the exporter writes (the transformers' are not built yet)."""
+
+
 def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """Write `onnx/fp32/` into the imported pipeline version at `folder`; returns its artifact manifest.
 
@@ -198,6 +202,9 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
     manifest = read_manifest(folder)
     if manifest.get("kind") not in ("diffusers", "diffusers-teacher"):
         raise CheckpointError(f"{folder.name}: not an imported diffusers pipeline")
+    arch = manifest.get("pipeline", {}).get("arch")
+    if arch not in UNET_ARCHITECTURES:
+        raise CheckpointError(f"{folder.name}: exporting a {arch} pipeline is not built yet (UNet pipelines only)")
     nets = TorchNets(folder, manifest, "cpu", torch.float32)
     root = folder / ROOT
     root.mkdir(exist_ok=True)

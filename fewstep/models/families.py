@@ -21,7 +21,13 @@ it into the registry version's manifest: the engine reads the recipe, never this
 * dmd2: tianweiy/DMD2 model card (`LCMScheduler` with timesteps [999, 749, 499, 249] for the 4-step UNet,
   [399] for the 1-step one, guidance 0);
 * hyper-sd: ByteDance/Hyper-SD model card (`DDIMScheduler` with trailing spacing, guidance 0, the step count
-  of the N-step checkpoint).
+  of the N-step checkpoint);
+* flux-schnell: black-forest-labs/FLUX.1-schnell model card and diffusers' `FluxPipeline` (`FlowMatchEulerDiscrete
+  Scheduler`, shift 1, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, 1–4 steps, 4 recommended, guidance 0,
+  T5 prompts of at most 256 tokens).
+
+A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
+`flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
@@ -68,6 +76,10 @@ class Family:
     """`prediction_type` of the family's 1-step checkpoints when it differs (SDXL-Lightning's predicts x0)."""
     step_count_is_the_checkpoints: bool = False
     """A checkpoint is distilled for one step count: `--steps` picks which (default `default_steps`)."""
+    kind: Literal["unet", "flow"] = "unet"
+    """The architectures it samples (`Architecture.schedulers`)."""
+    max_sequence_length: int | None = None
+    """Tokens of the T5-style prompt encoding (the pipeline's `max_sequence_length`), where there is one."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -124,6 +136,16 @@ FAMILIES: dict[str, Family] = {
         step_kwargs={"eta": 0.0},
         step_count_is_the_checkpoints=True,
     ),
+    "flux-schnell": Family(
+        "flux-schnell",
+        "black-forest-labs/FLUX.1-schnell model card; diffusers' FluxPipeline",
+        "FlowMatchEulerDiscreteScheduler",
+        {"shift": 1.0, "use_dynamic_shifting": False},
+        steps=(1, 2, 3, 4),
+        default_steps=4,
+        kind="flow",
+        max_sequence_length=256,
+    ),
 }
 
 
@@ -141,6 +163,10 @@ class Recipe:
     step_kwargs: dict[str, Any]
     custom_timesteps: bool
     """Whether the timesteps are given to the scheduler (`set_timesteps(timesteps=…)`) or are its own."""
+    sigmas: dict[int, list[float]] = field(default_factory=dict)
+    """Flow families: the sigmas each step count is set with (`set_timesteps(sigmas=…)`); `timesteps` are then the
+    scheduler's sigma × 1000, not integers."""
+    max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         """Bounds (`schedules.MAX_STEPS`, `MAX_TRAIN_TIMESTEPS`): a recipe is read from untrusted manifests."""
@@ -152,12 +178,20 @@ class Recipe:
             )
         if not self.timesteps or len(self.timesteps) > MAX_STEPS:
             raise CheckpointError(f"the recipe must serve 1 to {MAX_STEPS} step counts. Given: {len(self.timesteps)}")
+        top = trained + 1 if self.sigmas else trained  # a flow list starts at sigma 1: t = num_train_timesteps
         for n, ts in self.timesteps.items():
-            if not 1 <= n <= MAX_STEPS or len(ts) != n or not all(0 <= t < trained for t in ts):
+            if not 1 <= n <= MAX_STEPS or len(ts) != n or not all(0 <= t < top for t in ts):
                 raise CheckpointError(
-                    f"the recipe's {str(n)[:12]}-step list must be {str(n)[:12]} timesteps in [0, {trained}), with at "
+                    f"the recipe's {str(n)[:12]}-step list must be {str(n)[:12]} timesteps in [0, {top}), with at "
                     f"most {MAX_STEPS} steps (`MAX_STEPS`). Given: {len(ts)} timesteps"
                 )
+        for n, sig in self.sigmas.items():
+            if n not in self.timesteps or len(sig) != n or not all(0.0 < x <= 1.0 for x in sig):
+                raise CheckpointError(f"the recipe's {str(n)[:12]}-step sigmas must be {str(n)[:12]} values in (0, 1]")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 1024:
+            raise CheckpointError(
+                f"the recipe's `max_sequence_length` must be 1 to 1024. Given: {self.max_sequence_length}"
+            )
         if self.default_steps not in self.timesteps:
             raise CheckpointError(f"the recipe's default steps {self.default_steps} have no timestep list")
 
@@ -168,24 +202,34 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timesteps"] = {str(k): v for k, v in sorted(self.timesteps.items())}
+        d["sigmas"] = {str(k): v for k, v in sorted(self.sigmas.items())}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         try:
+            sigmas = dict(d.get("sigmas") or {})
+            flow = bool(sigmas)
             return cls(
                 family=str(d["family"]),
                 source=str(d["source"]),
                 scheduler=str(d["scheduler"]),
                 scheduler_config=dict(d["scheduler_config"]),
-                timesteps={int(k): [int(t) for t in v] for k, v in d["timesteps"].items()},
+                timesteps={int(k): [_time(t, flow) for t in v] for k, v in d["timesteps"].items()},
                 default_steps=int(d["default_steps"]),
                 guidance=Guidance(**d["guidance"]),
                 step_kwargs=dict(d.get("step_kwargs") or {}),
                 custom_timesteps=bool(d["custom_timesteps"]),
+                sigmas={int(k): [float(x) for x in v] for k, v in sigmas.items()},
+                max_sequence_length=None if d.get("max_sequence_length") is None else int(d["max_sequence_length"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"manifest has no valid recipe ({e})") from e
+
+
+def _time(t: Any, flow: bool) -> Any:
+    """A recipe's timestep: an integer (the DDPM-era schedulers'), or sigma × 1000 as a float (flow's)."""
+    return float(t) if flow else int(t)
 
 
 def scheduler_class(name: str) -> Any:
@@ -197,14 +241,22 @@ def scheduler_class(name: str) -> Any:
 
 
 def resolve(
-    family: str, shipped_config: dict[str, Any], embeds_guidance: bool, steps: list[int] | None = None
+    family: str,
+    shipped_config: dict[str, Any],
+    embeds_guidance: bool,
+    steps: list[int] | None = None,
+    kind: str = "unet",
 ) -> Recipe:
-    """`family`'s recipe for a pipeline whose scheduler config is `shipped_config` and whose UNet does (or does
-    not) take a guidance embedding. `steps`: the step counts to serve (default the family's; a family whose
-    checkpoints are distilled for one step count serves only `default_steps` unless told otherwise)."""
+    """`family`'s recipe for a pipeline whose scheduler config is `shipped_config`, whose denoiser does (or does
+    not) take a guidance embedding, and whose architecture `kind` samples (`unet` or `flow`). `steps`: the step
+    counts to serve (default the family's; a family whose checkpoints are distilled for one step count serves only
+    `default_steps` unless told otherwise)."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
     f = FAMILIES[family]
+    if f.kind != kind:
+        fits = sorted(n for n, g in FAMILIES.items() if g.kind == kind)
+        raise CheckpointError(f"family {family!r} samples {f.kind} models, not this pipeline; choose from {fits}")
     wanted = steps or ([f.default_steps] if f.step_count_is_the_checkpoints else list(f.steps))
     bad = [n for n in wanted if n not in f.steps]
     if bad:
@@ -219,8 +271,14 @@ def resolve(
     scheduler = cls.from_config({**base, **overrides})
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     custom = all(n in f.timesteps for n in wanted)
-    timesteps = {}
+    timesteps: dict[int, list[Any]] = {}
+    sigmas: dict[int, list[float]] = {}
     for n in wanted:
+        if f.kind == "flow":
+            sigmas[n] = flow_sigmas(n)
+            scheduler.set_timesteps(sigmas=sigmas[n])
+            timesteps[n] = [float(t) for t in scheduler.timesteps]
+            continue
         if custom:
             scheduler.set_timesteps(timesteps=f.timesteps[n])
         else:
@@ -230,13 +288,26 @@ def resolve(
     guidance = f.guidance if embeds_guidance or f.cfg_guidance is None else f.cfg_guidance
     if f.guidance.mode == "embedded" and not embeds_guidance and f.cfg_guidance is None:
         raise CheckpointError(f"family {family!r} needs a UNet with a guidance embedding (`time_cond_proj_dim`)")
-    return Recipe(f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom)
+    if f.kind == "flow" and embeds_guidance and f.guidance.mode == "none":
+        raise CheckpointError(f"family {family!r} is guidance-free; this transformer embeds guidance (a dev model?)")
+    return Recipe(
+        f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom, sigmas,
+        f.max_sequence_length,
+    )  # fmt: skip
 
 
-def detect(shipped_config: dict[str, Any], embeds_guidance: bool) -> str:
-    """The family a pipeline's own scheduler config says it is; CheckpointError listing the families when it
-    cannot tell (then `--family` must say)."""
+def flow_sigmas(steps: int) -> list[float]:
+    """The sigmas flow pipelines set for `steps` steps (FluxPipeline's `np.linspace(1.0, 1 / N, N)`)."""
+    return [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)]
+
+
+def detect(shipped_config: dict[str, Any], embeds_guidance: bool, kind: str = "unet") -> str:
+    """The family a pipeline's own scheduler config (and its denoiser) says it is; CheckpointError listing the
+    families when it cannot tell (then `--family` must say)."""
     cls = shipped_config.get("_class_name")
+    dynamic = shipped_config.get("use_dynamic_shifting")
+    if kind == "flow" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
+        return "flux-schnell"  # schnell: no shifting, no guidance embedding (dev has both)
     if cls == "TCDScheduler":
         return "tcd"
     if cls == "LCMScheduler" and embeds_guidance:

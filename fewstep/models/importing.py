@@ -16,14 +16,13 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy
-from fewstep.models.checkpoint import MAX_SIDE, PICKLE_SUFFIXES, sha256_file
-from fewstep.models.pipelines import ENCODERS, TOKENIZERS
+from fewstep.models.architectures import Architecture, by_pipeline, config_int
+from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
 from fewstep.models.registry import Registry
 
 CONFIG_LIMIT = 4 << 20
@@ -49,40 +48,9 @@ MAX_TOKENS = 1024
 SCHEDULER = "scheduler"
 IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 """Optional components fewstep does not run (the safety checker is not applied); they are not copied."""
-WEIGHTED = {"unet", "vae", "text_encoder", "text_encoder_2"}
-CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+WEIGHTED = {"unet", "transformer", "vae", "text_encoder", "text_encoder_2"}
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """What a supported pipeline class is made of: component → the classes accepted for it."""
-
-    name: str
-    components: dict[str, tuple[str, ...]]
-
-
-SD = Architecture(
-    "sd",
-    {
-        "unet": ("UNet2DConditionModel",),
-        "vae": ("AutoencoderKL",),
-        "text_encoder": ("CLIPTextModel",),
-        "tokenizer": CLIP_TOKENIZERS,
-    },
-)
-SDXL = Architecture(
-    "sdxl",
-    {
-        **SD.components,
-        "text_encoder_2": ("CLIPTextModelWithProjection",),
-        "tokenizer_2": CLIP_TOKENIZERS,
-    },
-)
-PIPELINES = {
-    "StableDiffusionPipeline": SD,
-    "LatentConsistencyModelPipeline": SD,
-    "StableDiffusionXLPipeline": SDXL,
-}
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -263,10 +231,8 @@ def import_pipeline(
     `family="base"` imports a base model, served only as a student's teacher (`teacher`)."""
     src = Source(path)
     index = src.json("model_index.json")
-    cls = index.get("_class_name")
-    if cls not in PIPELINES:
-        raise CheckpointError(f"pipeline class {cls!r} is not supported; supported: {sorted(PIPELINES)}")
-    arch = PIPELINES[cls]
+    cls = str(index.get("_class_name"))
+    arch = by_pipeline(cls)
     files: dict[str, Path] = {"model_index.json": src.file("model_index.json")}
     components: dict[str, str] = {}
     variants: dict[str, str | None] = {}
@@ -295,27 +261,33 @@ def import_pipeline(
             files.update({rel: src.file(rel) for rel in weights})
     shipped_scheduler = src.json("scheduler/scheduler_config.json")
     files["scheduler/scheduler_config.json"] = src.file("scheduler/scheduler_config.json")
-    unet_config = src.json("unet/config.json")
+    network_config = src.json(f"{arch.network}/config.json")
     vae_config = src.json("vae/config.json")
     with tempfile.TemporaryDirectory() as work:
         imported: dict[str, Any] = {"pipeline": cls}
         if unet is not None:
+            if arch.network != "unet":
+                raise CheckpointError(f"--unet replaces a UNet; a {cls} has a {arch.network}")
             unet_file, imported["unet"] = _student_unet(Path(unet), convert_pickle, Path(work))
-            _check_unet_file(unet_file, unet_config)
+            _check_unet_file(unet_file, network_config)
             files[UNET_WEIGHTS] = unet_file
             variants["unet"] = None
-        max_tokens = _check_tokenizers(files, arch, components)
-        manifest = _manifest(name, arch, cls, components, variants, unet_config, vae_config, max_tokens, imported)
-        embeds = unet_config.get("time_cond_proj_dim") is not None
+        embeds = network_config.get("time_cond_proj_dim") is not None or bool(network_config.get("guidance_embeds"))
+        recipe = None
+        if family != "base":
+            recipe = families.resolve(
+                family or families.detect(shipped_scheduler, embeds, arch.schedulers), shipped_scheduler, embeds, steps,
+                arch.schedulers,
+            )  # fmt: skip
+        lengths = _check_tokenizers(files, arch, components, recipe.max_sequence_length if recipe else None)
+        manifest = _manifest(name, arch, cls, components, variants, network_config, vae_config, lengths, imported)
         if family == "base":
             manifest["kind"] = "diffusers-teacher"
             manifest["scheduler"] = {k: v for k, v in shipped_scheduler.items() if not k.startswith("_")} | {
                 "_class_name": shipped_scheduler.get("_class_name")
             }
         else:
-            recipe = families.resolve(
-                family or families.detect(shipped_scheduler, embeds), shipped_scheduler, embeds, steps
-            )
+            assert recipe is not None
             manifest["recipe"] = recipe.to_dict()
         if teacher is not None:
             manifest["teacher"], manifest["hybrid"] = _teacher(registry, teacher, files, handoff, teacher_guidance)
@@ -328,70 +300,49 @@ def _manifest(
     cls: str,
     components: dict[str, str],
     variants: dict[str, str | None],
-    unet_config: dict[str, Any],
+    network_config: dict[str, Any],
     vae_config: dict[str, Any],
-    max_tokens: int,
+    lengths: list[int],
     imported: dict[str, Any],
 ) -> dict[str, Any]:
-    factor = 2 ** (len(_ints(vae_config, "block_out_channels", "vae/config.json", [0])) - 1)
-    side = _int(unet_config, "sample_size", "unet/config.json", 64, MAX_SIDE) * factor
-    if side > MAX_SIDE:
-        raise CheckpointError(f"its native size {side}x{side} (unet `sample_size` × {factor}) is over {MAX_SIDE}")
-    down = unet_config.get("down_block_types", [0])
-    if not isinstance(down, list) or not 1 <= len(down) <= 16:
-        raise CheckpointError("unet/config.json: `down_block_types` must be a list of 1 to 16 block names")
+    g = arch.adapter.geometry(network_config, vae_config)
     return {
         "name": name,
         "version": "1",
         "kind": "diffusers",
         "pipeline": {"class": cls, "arch": arch.name, "components": components, "variants": variants},
-        "native_size": f"{side}x{side}",
-        "latent": {
-            "channels": _int(unet_config, "in_channels", "unet/config.json", 4, 1024),
-            "vae_scale_factor": factor,
-            # Sides in whole UNet cells (every downsampling halves): what exported graphs can serve, and so
-            # what every backend serves, for one spec per version.
-            "size_multiple": factor * 2 ** (len(down) - 1),
-        },
-        "text": {"max_tokens": max_tokens},
+        "native_size": f"{g.side}x{g.side}",
+        "latent": {"channels": g.channels, "vae_scale_factor": g.vae_factor, "size_multiple": g.multiple},
+        "text": {"max_tokens": lengths[0], "lengths": lengths},
         "imported": imported,
     }
 
 
-def _int(config: dict[str, Any], key: str, where: str, default: int, high: int) -> int:
-    """A config's integer field, within [1, `high`]: CheckpointError naming the file, the field and the value
-    (configs are untrusted: a list or a huge number must be a clear refusal, not a TypeError)."""
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise CheckpointError(f"{where}: `{key}` must be an integer from 1 to {high}. Given: {str(value)[:40]}")
-    return value
-
-
-def _ints(config: dict[str, Any], key: str, where: str, default: list[int]) -> list[int]:
-    value = config.get(key, default)
-    if not isinstance(value, list) or not 1 <= len(value) <= 16 or not all(isinstance(v, int) for v in value):
-        raise CheckpointError(f"{where}: `{key}` must be a list of 1 to 16 integers. Given: {str(value)[:60]}")
-    return value
-
-
-def _check_tokenizers(files: dict[str, Path], arch: Architecture, components: dict[str, str]) -> int:
-    """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed:
-    `model_max_length` at most the encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at
-    the first request), ids below its vocabulary. The first tokenizer's `model_max_length`."""
+def _check_tokenizers(
+    files: dict[str, Path], arch: Architecture, components: dict[str, str], sequence: int | None
+) -> list[int]:
+    """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed: its
+    padded length (`model_max_length`; a T5's: the family's `max_sequence_length`) at most the encoder's positions
+    (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its vocabulary. Each
+    tokenizer's padded length."""
     lengths = []
     with tempfile.TemporaryDirectory() as work:
-        for tok_name, enc_name in zip(TOKENIZERS[arch.name], ENCODERS[arch.name], strict=True):
+        for tok_name, enc_name in zip(arch.tokenizers, arch.encoders, strict=True):
             folder = Path(work) / tok_name
             folder.mkdir()
             for rel, path in files.items():
                 if rel.startswith(f"{tok_name}/"):
                     shutil.copyfile(path, folder / rel.split("/", 1)[1])
             encoder = json.loads(files[f"{enc_name}/config.json"].read_text())
-            positions = _int(encoder, "max_position_embeddings", f"{enc_name}/config.json", 77, MAX_TOKENS)
-            vocabulary = _int(encoder, "vocab_size", f"{enc_name}/config.json", 49408, 1 << 24)
+            relative = "relative_attention_num_buckets" in encoder  # T5: relative positions, no table to overrun
+            where = f"{enc_name}/config.json"
+            positions = config_int(
+                encoder, "max_position_embeddings", where, MAX_TOKENS if relative else 77, MAX_TOKENS
+            )
+            vocabulary = config_int(encoder, "vocab_size", f"{enc_name}/config.json", 49408, 1 << 24)
             try:
                 tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
-                length = tok.model_max_length
+                length = sequence if relative and sequence is not None else tok.model_max_length
                 if not isinstance(length, int) or not 1 <= length <= positions:
                     raise CheckpointError(
                         f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."
@@ -405,7 +356,7 @@ def _check_tokenizers(files: dict[str, Path], arch: Architecture, components: di
             if len(ids) != length or not all(0 <= i < vocabulary for i in ids):
                 raise CheckpointError(f"{tok_name} makes token ids {enc_name} cannot embed (vocabulary {vocabulary})")
             lengths.append(length)
-    return lengths[0]
+    return lengths
 
 
 def _teacher(

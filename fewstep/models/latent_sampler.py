@@ -104,6 +104,19 @@ class Walk:
         return self.draw.hybrid and self.k == 0
 
 
+def scaled(scheduler: Any, latents: torch.Tensor, t: Any) -> torch.Tensor:
+    """The denoiser's input at `t`: the scheduler's `scale_model_input` (flow schedulers have none: identity)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
+
+
+def noised(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`clean` latents noised to timestep `t` by the scheduler's own rule (`add_noise`; flow schedulers:
+    `scale_noise`, x_t = (1 − σ) x0 + σ ε)."""
+    add = getattr(scheduler, "add_noise", None)
+    return add(clean, noise, t) if add is not None else scheduler.scale_noise(clean, t, noise)
+
+
 class LatentSampler:
     """One imported pipeline version's sampling, on the networks given (and the base model's, for hybrids)."""
 
@@ -144,11 +157,16 @@ class LatentSampler:
         templates = {}
         for n, ts in self.recipe.timesteps.items():
             sched = cls.from_config(self.recipe.scheduler_config)
-            if self.recipe.custom_timesteps:
-                sched.set_timesteps(timesteps=ts, device=self.device)
+            if n in self.recipe.sigmas:
+                sched.set_timesteps(sigmas=self.recipe.sigmas[n], device=self.device)
+                same = all(abs(float(a) - b) < 1e-3 for a, b in zip(sched.timesteps, ts, strict=True))
             else:
-                sched.set_timesteps(n, device=self.device)
-            if [int(t) for t in sched.timesteps] != ts:
+                if self.recipe.custom_timesteps:
+                    sched.set_timesteps(timesteps=ts, device=self.device)
+                else:
+                    sched.set_timesteps(n, device=self.device)
+                same = [int(t) for t in sched.timesteps] == ts
+            if not same:
                 raise CheckpointError(f"{folder.name}: the scheduler's {n}-step timesteps are not the recipe's {ts}")
             templates[n] = sched
         return templates
@@ -194,7 +212,7 @@ class LatentSampler:
                 sched.set_begin_index(first * sched.order)
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
             uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
-            latents = noise * sched.init_noise_sigma if d.image is None else noise
+            latents = noise * getattr(sched, "init_noise_sigma", 1.0) if d.image is None else noise
             walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond, k=first))
         self._edit_starts([w for w in walks if w.draw.image is not None])
         return walks
@@ -218,7 +236,7 @@ class LatentSampler:
             clean = encode(pixels.to(self.device), draws)
             for j, w in enumerate(group):
                 t = w.scheduler.timesteps[w.k : w.k + 1]
-                w.latents = w.scheduler.add_noise(clean[j : j + 1], w.latents, t)
+                w.latents = noised(w.scheduler, clean[j : j + 1], w.latents, t)
 
     def advance(self, walks: list[Walk]) -> None:
         """Every unfinished walk one step on: one UNet call per (size, network) group."""
@@ -236,7 +254,7 @@ class LatentSampler:
         xs, ts, states, pooled, tids, tconds, spans = [], [], [], [], [], [], []
         for w in group:
             t = w.scheduler.timesteps[w.k]
-            x = w.latents if by_base and self.trajectory else w.scheduler.scale_model_input(w.latents, t)
+            x = w.latents if by_base and self.trajectory else scaled(w.scheduler, w.latents, t)
             rows = [w.uncond, w.cond] if (self.base_cfg if by_base else w.draw.cfg) else [w.cond]
             spans.append(len(rows))
             for r in rows:

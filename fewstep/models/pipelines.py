@@ -1,7 +1,8 @@
-"""Users' diffusers pipelines as parts the latent engine runs: components loaded from a registry version, and
-the prompt encoding, guidance embedding and conditioning of Stable Diffusion (1.x/2.x) and SDXL pipelines,
-written as diffusers writes them (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`), so that fewstep's
-images are the pipeline's images (tests/engines/test_latent.py checks it, family by family).
+"""Users' diffusers pipelines as parts the latent engine runs: components loaded from a registry version, the
+guidance embedding and conditioning helpers, and the VAE's normalisation, written as diffusers writes them, so
+that fewstep's images are the pipeline's images (tests/engines/test_latent.py checks it, family by family). What
+differs between architectures (text conditioning, the denoiser's call) is their adapter's
+(`models.architectures`).
 
 `LatentNets` is what any backend provides (torch here; ONNX Runtime graphs in `artifacts`): the text
 encoders, the UNet and the VAE decoder as tensor functions. Tokenizers are not networks: the engine runs them.
@@ -18,20 +19,7 @@ import torch
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
-
-ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
-TOKENIZERS = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
-
-
-@dataclass(frozen=True)
-class TextOut:
-    """What the UNet is conditioned on: token states (B, L, D), and for SDXL the pooled text embeds (B, P)."""
-
-    states: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def take(self, rows: list[int]) -> TextOut:
-        return TextOut(self.states[rows], None if self.pooled is None else self.pooled[rows])
+from fewstep.models.architectures import Conditioning, TextOut, architecture
 
 
 class LatentNets(Protocol):
@@ -99,19 +87,23 @@ class Tokenizers:
     """The pipeline's tokenizers, one per text encoder, truncating as the pipelines do."""
 
     items: list[Any]
+    lengths: list[int] | None = None
+    """Each tokenizer's padded length: its `model_max_length` unless the family says (FLUX's T5: the pipeline's
+    `max_sequence_length`)."""
+
+    def length(self, i: int) -> int:
+        return int(self.lengths[i] if self.lengths else self.items[i].model_max_length)
 
     @property
     def max_tokens(self) -> int:
-        return int(self.items[0].model_max_length)
+        return self.length(0)
 
     def __call__(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Ids and attention masks per tokenizer, (B, model_max_length) each: padded, and cut at the limit
-        (diffusers' rule: the prompt's first model_max_length − 2 tokens are kept)."""
+        """Ids and attention masks per tokenizer, (B, length) each: padded, and cut at the limit (diffusers' rule:
+        the prompt's first tokens are kept, the end mark last)."""
         ids, masks = [], []
-        for tok in self.items:
-            batch = tok(
-                prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            )
+        for i, tok in enumerate(self.items):
+            batch = tok(prompts, padding="max_length", max_length=self.length(i), truncation=True, return_tensors="pt")
             ids.append(batch.input_ids)
             masks.append(batch.attention_mask)
         return ids, masks
@@ -124,8 +116,10 @@ class Tokenizers:
 def load_tokenizers(folder: Path, manifest: dict[str, Any]) -> Tokenizers:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     components = manifest["pipeline"]["components"]
-    names = TOKENIZERS[manifest["pipeline"]["arch"]]
-    return Tokenizers([lazy.attr("transformers", components[n]).from_pretrained(str(folder / n)) for n in names])
+    names = architecture(manifest["pipeline"]["arch"]).tokenizers
+    lengths = manifest.get("text", {}).get("lengths")
+    items = [lazy.attr("transformers", components[n]).from_pretrained(str(folder / n)) for n in names]
+    return Tokenizers(items, [int(n) for n in lengths] if isinstance(lengths, list) else None)
 
 
 class TorchNets:
@@ -134,12 +128,14 @@ class TorchNets:
     def __init__(self, folder: Path, manifest: dict[str, Any], device: str, dtype: torch.dtype) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         pipe = manifest["pipeline"]
-        self.arch = str(pipe["arch"])
+        spec = architecture(pipe["arch"])
+        self.arch, self.adapter = spec.name, spec.adapter
         variants = pipe.get("variants") or {}
         kw: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True}
         try:
-            self.unet_model = lazy.attr("diffusers", "UNet2DConditionModel").from_pretrained(
-                str(folder / "unet"), variant=variants.get("unet"), **kw
+            network = lazy.attr("diffusers", spec.components[spec.network][0])
+            self.unet_model = network.from_pretrained(
+                str(folder / spec.network), variant=variants.get(spec.network), **kw
             )
             vae_class = lazy.attr("diffusers", "AutoencoderKL")
             self.vae = vae_class.from_pretrained(str(folder / "vae"), variant=variants.get("vae"), **kw)
@@ -147,7 +143,7 @@ class TorchNets:
                 lazy.attr("transformers", pipe["components"][n]).from_pretrained(
                     str(folder / n), variant=variants.get(n), **kw
                 )
-                for n in ENCODERS[self.arch]
+                for n in spec.encoders
             ]
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(
@@ -159,13 +155,11 @@ class TorchNets:
         self.vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
         self.vae.to(self.vae_dtype)
         self.device, self.dtype = device, dtype
-        self.time_cond_dim = self.unet_model.config.time_cond_proj_dim
+        self.time_cond_dim = getattr(self.unet_model.config, "time_cond_proj_dim", None)
 
     @torch.inference_mode()
     def encode(self, ids: list[torch.Tensor], masks: list[torch.Tensor]) -> TextOut:
-        return encode_text(
-            self.arch, self.encoders, [x.to(self.device) for x in ids], [m.to(self.device) for m in masks]
-        )
+        return self.adapter.encode(self.encoders, [x.to(self.device) for x in ids], [m.to(self.device) for m in masks])
 
     @torch.inference_mode()
     def unet(
@@ -181,15 +175,9 @@ class TorchNets:
         def cast(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(self.device, self.dtype)
 
-        added = {"text_embeds": cast(pooled), "time_ids": cast(time_ids)} if pooled is not None else None
-        return self.unet_model(
-            cast(sample),
-            timestep.to(self.device),
-            encoder_hidden_states=cast(states),
-            timestep_cond=cast(timestep_cond),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0].float()
+        cond = Conditioning(states.to(self.device, self.dtype), cast(timestep_cond), cast(pooled), cast(time_ids))
+        x = sample.to(self.device, self.dtype)
+        return self.adapter.denoise(self.unet_model, x, timestep.to(self.device), cond).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -201,33 +189,23 @@ class TorchNets:
 
 
 def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
-    """The UNet's conditioning as the pipelines compute it: SD the (optionally masked) last hidden state; SDXL
-    the penultimate hidden states of both encoders side by side and the projection model's pooled embeds."""
-    if arch == "sd":
-        enc = encoders[0]
-        mask = masks[0] if getattr(enc.config, "use_attention_mask", False) else None
-        return TextOut(enc(ids[0], attention_mask=mask)[0])
-    states, pooled = [], None
-    for enc, x in zip(encoders, ids, strict=True):
-        out = enc(x, output_hidden_states=True)
-        if out[0].ndim == 2:  # the projection model's text embeds: the pooled conditioning
-            pooled = out[0]
-        states.append(out.hidden_states[-2])
-    return TextOut(torch.cat(states, dim=-1), pooled)
+    """The denoiser's conditioning as the pipelines compute it: the architecture's adapter's."""
+    return architecture(arch).adapter.encode(encoders, ids, masks)
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents as the sampler ends with them → images in [-1, 1], undoing the VAE's scaling (and SDXL-style
-    per-channel latent statistics where the VAE has them)."""
+    """Latents as the sampler ends with them → images in [-1, 1], undoing the VAE's scaling (and its shift, FLUX's
+    and SD3's, or SDXL-style per-channel latent statistics, where the VAE has them)."""
     cfg = vae.config
     scaling = float(cfg.scaling_factor)
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    shift = getattr(cfg, "shift_factor", None)
     if mean is not None and std is not None:
         c = latents.shape[1]
         m = torch.tensor(mean).view(1, c, 1, 1).to(latents)
         latents = latents * torch.tensor(std).view(1, c, 1, 1).to(latents) / scaling + m
     else:
-        latents = latents / scaling
+        latents = latents / scaling + (float(shift) if shift is not None else 0.0)
     return vae.decode(latents, return_dict=False)[0]
 
 
@@ -244,7 +222,8 @@ def encode_latents(vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch
         c = x.shape[1]
         m, s = torch.tensor(mean).view(1, c, 1, 1).to(x), torch.tensor(std).view(1, c, 1, 1).to(x)
         return (x - m) * scaling / s
-    return x * scaling
+    shift = getattr(cfg, "shift_factor", None)
+    return (x - (float(shift) if shift is not None else 0.0)) * scaling
 
 
 def vae_factor(manifest: dict[str, Any]) -> int:

@@ -21,7 +21,7 @@ from fewstep.models.registry import Registry
 from fewstep.models.schedules import item_noise
 
 PROMPT = "a red circle on a white table"
-CASES = [(arch, family) for arch in ("sd", "sdxl") for family in FAMILIES]
+CASES = [(arch, family) for arch in ("sd", "sdxl") for family, f in FAMILIES.items() if f.kind == "unet"]
 FAST_SDXL = "lightning"
 """Every family's sampling on SD in the fast layer, and on SDXL (the same schedulers, SDXL's conditioning)
 once there; SDXL's other families in the slow layer (~11 s)."""
@@ -198,6 +198,55 @@ def test_prompts_past_the_tokenizers_limit_are_cut_as_diffusers_cuts_them(
     assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
     theirs = diffusers_image(tiny_pipelines["sd"], engine, ImageItem(long, 3, 1))
     assert np.abs(a.pixels.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def diffusers_flux(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndarray:
+    """FluxPipeline's own image for `item`: the family's scheduler settings, the engine's initial noise (drawn
+    unpacked from (seed, 0), packed as the pipeline packs its own), its T5 length."""
+    import diffusers
+
+    pipe = diffusers.FluxPipeline.from_pretrained(str(src))
+    pipe.set_progress_bar_config(disable=True)
+    recipe = engine.sampler.recipe
+    pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
+    w, h = item.width or engine.spec.width, item.height or engine.spec.height
+    c, f = engine.sampler.channels, engine.sampler.factor
+    latents = pipe._pack_latents(item_noise(item.seed, 0, (1, c, h // f, w // f)), 1, c, h // f, w // f)
+    out = pipe(
+        item.prompt, num_inference_steps=item.steps, guidance_scale=0.0, height=h, width=w, latents=latents,
+        max_sequence_length=recipe.max_sequence_length, output_type="np",
+    )  # fmt: skip
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def test_flux_schnell_makes_the_flux_pipelines_image_at_every_step_count_and_size(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    """The family is told from the pipeline (FlowMatchEuler without shifting, no guidance embedding); its images
+    are FluxPipeline's at 1–4 steps and at sizes of its own; mixed in one batch, each is the one it gets alone."""
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["flux"], "schnell", registry)
+    engine = LatentEngine(registry.version_dir(name, version), sides=(16, 256))  # native: 128 latent cells
+    engine.load()
+    assert (engine.spec.family, engine.spec.steps, engine.spec.guidance.mode) == ("flux-schnell", [1, 2, 3, 4], "none")
+    assert engine.sampler.recipe.sigmas[4] == [1.0, 0.75, 0.5, 0.25]
+    items = [
+        ImageItem(PROMPT, 1, 1, width=64, height=64),
+        ImageItem("a blue square", 2, 4, width=48, height=64),
+        ImageItem(PROMPT, 3, 2, width=64, height=32),
+        ImageItem("a green cross", 4, 3, width=32, height=32),
+    ]
+    together = engine.run(items)
+    for item, got in zip(items, together, strict=True):
+        assert isinstance(got, ImageResult) and got.pixels.shape == (item.height, item.width, 3)
+        theirs = diffusers_flux(tiny_pipelines["flux"], engine, item)
+        assert np.abs(got.pixels.astype(int) - theirs.astype(int)).max() <= 2, item
+        (alone,) = engine.run([item])
+        assert isinstance(alone, ImageResult) and np.abs(got.pixels.astype(int) - alone.pixels.astype(int)).max() <= 1
+    (other,) = engine.run([ImageItem(PROMPT, 9, 1, width=64, height=64)])
+    assert isinstance(other, ImageResult) and np.abs(other.pixels.astype(int) - together[0].pixels).mean() > 1
+    (bad,) = engine.run([ImageItem(PROMPT, 1, 1, width=30, height=32)])
+    assert isinstance(bad, InvalidRequest) and "multiple of 4" in str(bad)
 
 
 def start_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:

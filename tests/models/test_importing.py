@@ -110,8 +110,12 @@ REFUSALS = {
     "no model_index.json": (lambda f: (f / "model_index.json").unlink(), "model_index.json is missing"),
     "pickle weights only": (_pickles_only, "weights only in pickle formats (unet/diffusion_pytorch_model.bin)"),
     "an unsupported pipeline": (
+        _edit_index(lambda i: i.update(_class_name="WanPipeline")),
+        "pipeline class 'WanPipeline' is not supported; supported: ['FluxPipeline', 'LatentConsistencyModelPipeline'",
+    ),
+    "a pipeline whose components are another architecture's": (
         _edit_index(lambda i: i.update(_class_name="FluxPipeline")),
-        "pipeline class 'FluxPipeline' is not supported; supported: ['LatentConsistencyModelPipeline'",
+        "component 'unet' (UNet2DConditionModel) is not supported in a FluxPipeline",
     ),
     "an unsupported component": (
         _edit_index(lambda i: i.update(unet=["diffusers", "UNet2DModel"])),

@@ -227,7 +227,11 @@ def test_a_finished_jobs_webhook_is_scheduled_leased_retried_and_forgotten(queue
     queue.finish([(second, failed)])
     [due] = queue.webhooks_due(time.time() + 1, 30, 10)
     assert (due.id, due.job, due.owner, due.url, due.model) == (
-        f"msg_{hooked.id}", hooked.id, "alice", "https://hooks.example/ends?t=1", "shapes"
+        f"msg_{hooked.id}",
+        hooked.id,
+        "alice",
+        "https://hooks.example/ends?t=1",
+        "shapes",
     )
     assert (due.counts, due.state, due.attempts) == ((2, 1, 1, 0), "failed", 0) and due.finished >= due.created
     assert queue.webhooks_due(time.time() + 1, 30, 10) == []  # leased: not handed out again meanwhile

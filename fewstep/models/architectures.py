@@ -1,0 +1,279 @@
+"""Pipeline architectures as data: what each supported diffusers pipeline class is made of, and how its networks are
+called.
+
+An `Architecture` is one table entry: the pipeline classes it covers, its components and the classes accepted
+for each, which component is the denoiser (`unet` or `transformer`), its text encoders and tokenizers, the
+kind of families that sample it (`unet`: the DDPM-era schedulers; `flow`: flow matching), and its `Adapter`.
+The adapter is the part that differs in code, kept small:
+
+* `geometry`: the native size, latent channels, VAE factor and the size multiple, from the configs;
+* `encode`: the text encoders' outputs as the pipeline conditions its denoiser on them (`TextOut`);
+* `denoise`: the denoiser's call convention: latents (B, C, h, w) as the sampler keeps them, the scheduler's
+  timestep, the conditioning; any packing into tokens, position ids and timestep scale are the adapter's.
+
+Everything else is shared: `fewstep import` copies and checks the components the entry names, the sampler walks
+the family's scheduler on unpacked latents (the schedulers' updates are elementwise, so packing is invisible to
+them), the VAE decode and encode normalise by the VAE config's own fields (`scaling_factor`, `shift_factor`,
+`latents_mean`/`latents_std`). Adding an architecture is an entry here and its adapter (docs/architecture.md;
+`tests/models/test_architectures.py` adds one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from fewstep.errors import CheckpointError
+from fewstep.models.checkpoint import MAX_SIDE
+
+CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
+
+
+@dataclass(frozen=True)
+class TextOut:
+    """What the denoiser is conditioned on: token states (B, L, D), and pooled text embeds (B, P) where the
+    architecture has them (SDXL, FLUX)."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def take(self, rows: list[int]) -> TextOut:
+        return TextOut(self.states[rows], None if self.pooled is None else self.pooled[rows])
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One denoiser call's conditioning, row by row: token states, the guidance embedding (LCM's `timestep_cond`,
+    a FLUX-dev-style guidance), pooled text embeds and SDXL's size time ids, each where the architecture has it."""
+
+    states: torch.Tensor
+    timestep_cond: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of an imported pipeline: its native side (pixels), latent channels (as the sampler keeps them,
+    unpacked), pixels per latent cell, and the multiple every served side must be."""
+
+    side: int
+    channels: int
+    vae_factor: int
+    multiple: int
+
+
+class Adapter(Protocol):
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry: ...
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut: ...
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for latents `sample` (B, C, h, w) at per-row `timestep` (B,)."""
+        ...
+
+
+def config_int(config: dict[str, Any], key: str, where: str, default: int, high: int) -> int:
+    """A config's integer field, within [1, `high`]: CheckpointError naming the file, the field and the value
+    (configs are untrusted: a list or a huge number must be a clear refusal, not a TypeError)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise CheckpointError(f"{where}: `{key}` must be an integer from 1 to {high}. Given: {str(value)[:40]}")
+    return value
+
+
+def config_ints(config: dict[str, Any], key: str, where: str, default: list[int]) -> list[int]:
+    value = config.get(key, default)
+    if not isinstance(value, list) or not 1 <= len(value) <= 16 or not all(isinstance(v, int) for v in value):
+        raise CheckpointError(f"{where}: `{key}` must be a list of 1 to 16 integers. Given: {str(value)[:60]}")
+    return value
+
+
+def vae_scale(vae: dict[str, Any]) -> int:
+    """Pixels per latent cell: 2 to the number of the VAE's downsamplings."""
+    return int(2 ** (len(config_ints(vae, "block_out_channels", "vae/config.json", [0])) - 1))
+
+
+class UNetSD:
+    """Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`): one CLIP encoder's last hidden state (masked where the
+    encoder says so), the UNet called as the pipeline calls it."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = vae_scale(vae)
+        side = config_int(network, "sample_size", "unet/config.json", 64, MAX_SIDE) * factor
+        if side > MAX_SIDE:
+            raise CheckpointError(f"its native size {side}x{side} (unet `sample_size` × {factor}) is over {MAX_SIDE}")
+        down = network.get("down_block_types", [0])
+        if not isinstance(down, list) or not 1 <= len(down) <= 16:
+            raise CheckpointError("unet/config.json: `down_block_types` must be a list of 1 to 16 block names")
+        channels = config_int(network, "in_channels", "unet/config.json", 4, 1024)
+        # Sides in whole UNet cells (every downsampling halves): what exported graphs can serve, and so what every
+        # backend serves, for one spec per version.
+        return Geometry(side, channels, factor, factor * 2 ** (len(down) - 1))
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        enc = encoders[0]
+        mask = masks[0] if getattr(enc.config, "use_attention_mask", False) else None
+        return TextOut(enc(ids[0], attention_mask=mask)[0])
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids} if cond.pooled is not None else None
+        return network(
+            sample,
+            timestep,
+            encoder_hidden_states=cond.states,
+            timestep_cond=cond.timestep_cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+class UNetSDXL(UNetSD):
+    """SDXL (`StableDiffusionXLPipeline`): both CLIP encoders' penultimate hidden states side by side and the
+    projection model's pooled embeds; the UNet takes them with the size time ids."""
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        states, pooled = [], None
+        for enc, x in zip(encoders, ids, strict=True):
+            out = enc(x, output_hidden_states=True)
+            if out[0].ndim == 2:  # the projection model's text embeds: the pooled conditioning
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return TextOut(torch.cat(states, dim=-1), pooled)
+
+
+class Flux:
+    """FLUX.1 (`FluxPipeline`): CLIP's pooled output and T5's last hidden state (no attention mask, as the pipeline
+    encodes); the transformer takes the latents packed 2×2 into tokens, (0, row, column) position ids, zero text
+    ids and the timestep divided by 1000; a guidance embedding only where the transformer has one."""
+
+    PATCH = 2
+    DEFAULT_SAMPLE_SIZE = 128
+    """FluxPipeline's `default_sample_size`: its native side is this many latent cells (1024 pixels)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = vae_scale(vae)
+        channels = config_int(vae, "latent_channels", "vae/config.json", 16, 1024)
+        packed = config_int(network, "in_channels", "transformer/config.json", 64, 4096)
+        if packed != channels * self.PATCH**2:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels × 4 (2×2 "
+                f"patches). Given: {packed}"
+            )
+        side = min(self.DEFAULT_SAMPLE_SIZE * factor, MAX_SIDE)
+        return Geometry(side, channels, factor, factor * self.PATCH)
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        clip, t5 = encoders
+        pooled = clip(ids[0], output_hidden_states=False).pooler_output
+        return TextOut(t5(ids[1], output_hidden_states=False)[0], pooled)
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = sample.shape
+        p = self.PATCH
+        tokens = (
+            sample.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * 4)
+        )
+        rows = torch.arange(h // p, device=sample.device, dtype=sample.dtype)
+        cols = torch.arange(w // p, device=sample.device, dtype=sample.dtype)
+        img_ids = torch.stack(
+            [
+                torch.zeros(h // p, w // p, device=sample.device, dtype=sample.dtype),
+                *torch.meshgrid(rows, cols, indexing="ij"),
+            ],
+            dim=-1,
+        ).reshape(-1, 3)
+        txt_ids = torch.zeros(cond.states.shape[1], 3, device=sample.device, dtype=sample.dtype)
+        guidance = cond.timestep_cond if getattr(network.config, "guidance_embeds", False) else None
+        out = network(
+            hidden_states=tokens,
+            timestep=timestep.to(sample.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return out.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a supported pipeline class is made of (see the module docstring)."""
+
+    name: str
+    pipelines: tuple[str, ...]
+    network: Literal["unet", "transformer"]
+    components: dict[str, tuple[str, ...]]
+    encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    schedulers: Literal["unet", "flow"]
+    """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
+    adapter: Adapter
+
+
+_SD_PARTS = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": CLIP_TOKENIZERS,
+}
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd": Architecture(
+        "sd",
+        ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
+        "unet",
+        _SD_PARTS,
+        ("text_encoder",),
+        ("tokenizer",),
+        "unet",
+        UNetSD(),
+    ),
+    "sdxl": Architecture(
+        "sdxl",
+        ("StableDiffusionXLPipeline",),
+        "unet",
+        {**_SD_PARTS, "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": CLIP_TOKENIZERS},
+        ("text_encoder", "text_encoder_2"),
+        ("tokenizer", "tokenizer_2"),
+        "unet",
+        UNetSDXL(),
+    ),
+    "flux": Architecture(
+        "flux",
+        ("FluxPipeline",),
+        "transformer",
+        {
+            "transformer": ("FluxTransformer2DModel",),
+            "vae": ("AutoencoderKL",),
+            "text_encoder": ("CLIPTextModel",),
+            "text_encoder_2": ("T5EncoderModel",),
+            "tokenizer": CLIP_TOKENIZERS,
+            "tokenizer_2": T5_TOKENIZERS,
+        },
+        ("text_encoder", "text_encoder_2"),
+        ("tokenizer", "tokenizer_2"),
+        "flow",
+        Flux(),
+    ),
+}
+
+
+def by_pipeline(cls: object) -> Architecture:
+    """The architecture of a pipeline class name; CheckpointError listing the supported ones."""
+    for arch in ARCHITECTURES.values():
+        if cls in arch.pipelines:
+            return arch
+    supported = sorted(c for a in ARCHITECTURES.values() for c in a.pipelines)
+    raise CheckpointError(f"pipeline class {str(cls)[:80]!r} is not supported; supported: {supported}")
+
+
+def architecture(name: object) -> Architecture:
+    """The architecture a manifest names; CheckpointError otherwise."""
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise CheckpointError(f"unknown pipeline architecture {str(name)[:40]!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
