@@ -53,9 +53,10 @@ class Slot:
     state: Any = None
     steps_run: int = 0
     outcome: Outcome | None = None
-    partial: np.ndarray | None = None
-    """A partial image (H, W, 3) uint8 the last `advance` made (the item asked for partials and that step is
-    one of its `partial_steps`); whoever drives the engine sends it on and clears it."""
+    partial: tuple[int, np.ndarray] | None = None
+    """A partial image the last `advance` made (the item asked for partials and that step is one of its
+    `partial_steps`): its index among the item's partials and its (H, W, 3) uint8 pixels; whoever drives the
+    engine sends it on and clears it."""
 
     @property
     def done(self) -> bool:
@@ -157,6 +158,12 @@ def partial_steps(run_steps: int, partials: int) -> tuple[int, ...]:
     if partials <= 0 or before <= 0:
         return ()
     return tuple(sorted({-(-(i + 1) * before // min(partials, before)) for i in range(min(partials, before))}))
+
+
+def partial_index(run_steps: int, partials: int, steps_run: int) -> int | None:
+    """Which partial image (0-based) an item shows after its `steps_run`-th step, or None."""
+    shown = partial_steps(run_steps, partials)
+    return shown.index(steps_run) if steps_run in shown else None
 
 
 def run_to_completion(engine: StepEngine, items: list[ImageItem], stop: StopCheck | None = None) -> list[Outcome]:

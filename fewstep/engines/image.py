@@ -31,7 +31,7 @@ from fewstep.engines.base import (
     Outcome,
     Slot,
     StopCheck,
-    partial_steps,
+    partial_index,
     run_to_completion,
 )
 from fewstep.engines.pixels import decode_png
@@ -192,8 +192,9 @@ class ImageEngine:
             s.steps_run += 1
             x0 = s.state.x0
             if x0 is None:
-                if s.steps_run in partial_steps(s.item.run_steps, s.item.partials):
-                    s.partial = to_pixels(s.state.estimate.nan_to_num(0.0)[None])[0]
+                k = partial_index(self.spec.run_steps(s.item), s.item.partials, s.steps_run)
+                if k is not None:
+                    s.partial = (k, to_pixels(s.state.estimate.nan_to_num(0.0)[None])[0])
                 continue
             if not torch.isfinite(x0).all():
                 s.outcome = GenerationFailed("generation failed: non-finite output")

@@ -22,7 +22,7 @@ from fewstep.engines.base import (
     Outcome,
     Slot,
     StopCheck,
-    partial_steps,
+    partial_index,
     run_to_completion,
 )
 from fewstep.engines.pixels import decode_png
@@ -67,6 +67,7 @@ def latent_spec(
         guidance=GuidanceRule(g.mode, g.low, g.high, g.default),
         family=recipe.family,
         edits=backend_name == "torch",
+        edit_rule="flow" if recipe.sigmas else "floor",
         edits_reason=None if backend_name == "torch" else EDITS_NEED_TORCH,
     )
 
@@ -174,9 +175,9 @@ class LatentEngine:
             slot.state = walk
         return slots
 
-    @staticmethod
-    def _shows_partial(s: Slot) -> bool:
-        return not s.state.done and s.steps_run in partial_steps(s.item.run_steps, s.item.partials)
+    def _shown(self, s: Slot) -> int | None:
+        """The partial image index `s` shows after the step it just took, if any."""
+        return None if s.state.done else partial_index(self.spec.run_steps(s.item), s.item.partials, s.steps_run)
 
     def advance(self, slots: list[Slot]) -> None:
         live = [s for s in slots if not s.done]
@@ -187,9 +188,10 @@ class LatentEngine:
                 self.sampler.advance([s.state for s in live])
                 for s in live:
                     s.steps_run += 1
-                showing = [s for s in live if self._shows_partial(s)]
-                for s, pixels in zip(showing, self.sampler.decode([s.state for s in showing], True), strict=True):
-                    s.partial = pixels
+                showing = [(s, k) for s in live if (k := self._shown(s)) is not None]
+                decoded = self.sampler.decode([s.state for s, _ in showing], True)
+                for (s, k), pixels in zip(showing, decoded, strict=True):
+                    s.partial = None if pixels is None else (k, pixels)
                 finished = [s for s in live if s.state.done]
                 for s, pixels in zip(finished, self.sampler.decode([s.state for s in finished]), strict=True):
                     it = s.item

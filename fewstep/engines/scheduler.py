@@ -41,7 +41,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from fewstep.engines.base import ImageItem, Outcome, Slot, StepEngine, cancelled, partial_steps
+from fewstep.engines.base import ImageItem, Outcome, Slot, StepEngine, cancelled
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, Overloaded
 
 Policy = Literal["step", "request", "none"]
@@ -167,10 +167,9 @@ class StepScheduler:
         """The partial images the last step made, each with its index among its item's partials; taken off the slots."""
         out = []
         for r in group:
-            pixels, r.slot.partial = r.slot.partial, None
-            if pixels is not None and not r.slot.done:
-                it = r.slot.item
-                out.append((r.admission, partial_steps(it.run_steps, it.partials).index(r.slot.steps_run), pixels))
+            shown, r.slot.partial = r.slot.partial, None
+            if shown is not None and not r.slot.done:
+                out.append((r.admission, *shown))
         return out
 
     def _admit(self, source: WorkSource, idle_wait_s: float) -> None:

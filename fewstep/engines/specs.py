@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from fewstep.errors import CheckpointError, InvalidRequest, limit_error
 from fewstep.models.checkpoint import MAX_SIDE
 from fewstep.models.sampling import Handoff, HybridTeacher
-from fewstep.models.schedules import MAX_SEED, FewStepSchedule, kept_steps
+from fewstep.models.schedules import MAX_SEED, EditRule, FewStepSchedule, kept_steps
 
 Api = Literal["image", "video"]
 """Which API serves a model: `POST /v1/images/generations` and jobs, or `WS /v1/video/stream`."""
@@ -39,17 +39,11 @@ class ImageItem:
     """An edit's starting image: a base64 PNG of exactly the item's size (the gateway decodes, bounds and
     resizes uploads; the engine decodes this trusted form). None: text to image."""
     strength: float | None = None
-    """How much of an edit is made anew, in (0, 1]: the item runs the last `kept_steps(steps, strength)` of
-    its `steps`-step list, from the starting image noised to the first of them (diffusers' img2img rule)."""
-
+    """How much of an edit is made anew, in (0, 1]: the item runs the last steps of its `steps`-step list its model's
+    rule keeps (`ImageSpec.run_steps`, diffusers' img2img rule), from the starting image noised to the first."""
     partials: int = 0
     """Partial images to send on the way (0–3, `partial_images`): the decoded x0 estimate after the steps
     `partial_steps` names."""
-
-    @property
-    def run_steps(self) -> int:
-        """Steps the item really runs: all of them, or an edit's kept ones."""
-        return self.steps if self.image is None else kept_steps(self.steps, self.strength or 1.0)
 
 
 @dataclass(frozen=True)
@@ -164,6 +158,12 @@ class ImageSpec(Spec):
     edits: bool = True
     """Whether the model takes a starting image (`POST /v1/images/edits`) on this backend."""
     edits_reason: str | None = None
+    edit_rule: EditRule = "floor"
+    """How its img2img pipeline counts the steps a strength keeps (`schedules.EditRule`)."""
+
+    def run_steps(self, item: ImageItem) -> int:
+        """Steps an item really runs: all of them, or an edit's kept ones."""
+        return item.steps if item.image is None else kept_steps(item.steps, item.strength or 1.0, self.edit_rule)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,7 +218,7 @@ class ImageSpec(Spec):
         strength = item.strength
         if strength is None or not 0.0 < strength <= 1.0:
             raise limit_error("strength", "a number in (0, 1]", strength)
-        if item.run_steps < 1:
+        if self.run_steps(item) < 1:
             raise InvalidRequest(
                 "strength",
                 f"`strength` × `steps` must be at least 1, or the edit keeps no step (diffusers' rule: "
@@ -229,9 +229,9 @@ class ImageSpec(Spec):
         """The step count an edit at `strength` runs with when the request names none: the model's default, or
         the smallest served count that keeps a step at that strength (the default itself if none does: the
         item is then refused, naming the rule)."""
-        if kept_steps(self.default_steps, strength) >= 1:
+        if kept_steps(self.default_steps, strength, self.edit_rule) >= 1:
             return self.default_steps
-        return next((n for n in self.steps if kept_steps(n, strength) >= 1), self.default_steps)
+        return next((n for n in self.steps if kept_steps(n, strength, self.edit_rule) >= 1), self.default_steps)
 
     def _check_size(self, width: int | None, height: int | None) -> None:
         if width is None and height is None:
@@ -269,7 +269,7 @@ class ImageSpec(Spec):
         """Network evaluations an item costs: its steps (twice with classic CFG), plus the teacher's extra ones
         if hybrid."""
         per_step = 2 if self.uses_cfg(item) else 1
-        return item.run_steps * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
+        return self.run_steps(item) * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
 
     def uses_cfg(self, item: ImageItem) -> bool:
         """Whether the item runs classic CFG (two evaluations per step): a `cfg` model above guidance 1."""

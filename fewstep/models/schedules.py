@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -55,9 +55,16 @@ ENCODE_DRAW = 1 << 20
 """The (seed, step) index of an edit's one extra draw: the noise that samples its image's VAE posterior."""
 
 
-def kept_steps(steps: int, strength: float) -> int:
-    """The steps an edit at `strength` keeps of a `steps`-step list: diffusers' img2img pipelines' rule
-    (`get_timesteps`: `min(int(steps × strength), steps)`, the last ones of the list)."""
+EditRule = Literal["floor", "flow"]
+"""How diffusers' img2img pipelines count the steps a strength keeps (`get_timesteps`): the UNet pipelines keep
+`int(steps × strength)` (`floor`); the flow pipelines (FluxImg2ImgPipeline and its kin) start at
+`int(steps − steps × strength)`, so they keep the rest (`flow`): 3 steps at 0.7 keep 2 and 3."""
+
+
+def kept_steps(steps: int, strength: float, rule: EditRule = "floor") -> int:
+    """The steps an edit at `strength` keeps of a `steps`-step list (the last ones of it), by `rule`."""
+    if rule == "flow":
+        return steps - int(max(steps - steps * strength, 0))
     return min(int(steps * strength), steps)
 
 

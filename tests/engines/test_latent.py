@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -305,6 +306,49 @@ def test_every_familys_edit_is_the_diffusers_img2img_pipelines(
         assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2, (family, steps)
     (plain,) = engine.run([ImageItem(PROMPT, 3, counts[-1])])
     assert isinstance(plain, ImageResult) and not np.array_equal(plain.pixels, ours.pixels)
+
+
+def test_a_flux_schnell_edit_is_the_flux_img2img_pipelines(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    """FluxImg2ImgPipeline's rule and draws: from sigma int(steps − steps × strength) on (the flow pipelines' own
+    count, not the UNet pipelines'), the image's latents (shifted and scaled) noised by `scale_noise` with the
+    (seed, 0) noise, the posterior sampled with (seed, ENCODE_DRAW)."""
+    import diffusers
+    from PIL import Image
+
+    from fewstep.engines.pixels import decode_png
+    from fewstep.models.schedules import ENCODE_DRAW
+
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["flux"], "schnell", registry)
+    engine = LatentEngine(registry.version_dir(name, version), sides=(16, 256))
+    engine.load()
+    recipe = engine.sampler.recipe
+    for steps, strength, kept in [(4, 0.5, 2), (3, 0.7, 3)]:  # the flow pipelines' rule: 3 steps at 0.7 keep 3
+        item = dataclasses.replace(edit_item(5, steps, strength), width=64, height=64)  # native is 256
+        (ours,) = engine.run([item])
+        assert isinstance(ours, ImageResult) and ours.nfe == kept
+        pipe = diffusers.FluxImg2ImgPipeline.from_pretrained(str(tiny_pipelines["flux"]))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = scheduler_class(recipe.scheduler).from_config(recipe.scheduler_config)
+        noise = {
+            "diffusers.pipelines.flux.pipeline_flux_img2img": drawing(item.seed, 0),
+            "diffusers.models.autoencoders.vae": drawing(item.seed, ENCODE_DRAW),
+        }
+        patched = {importlib.import_module(m): f for m, f in noise.items()}
+        real = {m: m.randn_tensor for m in patched}
+        for m, f in patched.items():
+            m.randn_tensor = f
+        try:
+            out = pipe(
+                item.prompt, image=Image.fromarray(decode_png(item.image or "", 64, 64)), strength=strength,
+                num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
+                max_sequence_length=recipe.max_sequence_length, output_type="np",
+            )  # fmt: skip
+        finally:
+            for m, f in real.items():
+                m.randn_tensor = f
+        theirs = (out.images[0] * 255).round().astype(np.uint8)
+        assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2, (steps, strength)
 
 
 def test_edits_and_text_to_image_share_a_batch_and_each_image_is_its_own(

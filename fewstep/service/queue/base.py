@@ -81,7 +81,7 @@ class JobSpec:
 def item_cost(item: ImageItem) -> int:
     """An item's cost in network evaluations when its model's spec did not say (`JobSpec.costs`): its
     steps, and one more for a hybrid's teacher. Items queued by a gateway carry the spec's figure."""
-    return item.run_steps + (1 if item.hybrid else 0)
+    return item.steps + (1 if item.hybrid else 0)  # an edit runs at most its steps
 
 
 @dataclass(frozen=True)
