@@ -85,7 +85,7 @@ class LatentEngine:
         sides: tuple[int, int] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        cache_prompts: int = 1024,
+        prompt_cache_bytes: int = 256 << 20,
     ) -> None:
         manifest = read_manifest(folder)
         if manifest.get("kind") != "diffusers":
@@ -100,7 +100,7 @@ class LatentEngine:
             sides,
             teacher_folder is not None,
         )
-        self._cache_prompts = cache_prompts
+        self._cache_bytes = prompt_cache_bytes
         self.sampler: LatentSampler | None = None
         self._lock = threading.Lock()
 
@@ -115,7 +115,7 @@ class LatentEngine:
                 base = b.latent(self.teacher_folder, teacher, self.precision, self.device, self.dtype)
             except CheckpointError as e:
                 self.spec = dataclasses.replace(self.spec, hybrid=False, hybrid_reason=str(e))
-        self.sampler = LatentSampler(self.folder, self.manifest, nets, base, self.device, self._cache_prompts)
+        self.sampler = LatentSampler(self.folder, self.manifest, nets, base, self.device, self._cache_bytes)
 
     def warmup(self) -> None:
         items = [ImageItem("warm-up", seed=0, steps=n) for n in self.spec.steps]

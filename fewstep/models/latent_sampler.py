@@ -117,6 +117,11 @@ def noised(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, t: torch.Te
     return add(clean, noise, t) if add is not None else scheduler.scale_noise(clean, t, noise)
 
 
+def text_bytes(t: TextOut) -> int:
+    """Bytes one prompt's conditioning holds."""
+    return sum(x.numel() * x.element_size() for x in (t.states, t.pooled) if x is not None)
+
+
 class LatentSampler:
     """One imported pipeline version's sampling, on the networks given (and the base model's, for hybrids)."""
 
@@ -127,7 +132,7 @@ class LatentSampler:
         nets: LatentNets,
         base: LatentNets | None = None,
         device: str = "cpu",
-        cache_prompts: int = 1024,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self.folder, self.nets, self.base, self.device = folder, nets, base, device
         self.recipe = Recipe.from_dict(manifest.get("recipe") or {})
@@ -144,7 +149,7 @@ class LatentSampler:
         self.templates = self._schedulers(folder)
         self.edit_rule: EditRule = "flow" if self.recipe.sigmas else "floor"
         self._cache: OrderedDict[tuple[str, str | None], TextOut] = OrderedDict()
-        self._cache_size = cache_prompts
+        self._cache_budget, self._cache_bytes = cache_bytes, 0
         self._cache_lock = threading.Lock()
 
     @property
@@ -174,17 +179,29 @@ class LatentSampler:
 
     # -- conditioning -----------------------------------------------------------------------------
     def text(self, prompts: list[tuple[str, str | None]]) -> list[TextOut]:
-        """Conditioning per (prompt, negative-or-None), cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        """Conditioning per (prompt, negative-or-None), from the prompt cache where it is there: least recently used
+        entries leave once the cache holds more than its byte budget (a T5 or LLM encoding of one prompt is
+        megabytes; the encoders are the expensive part of a 1–4 step request)."""
+        found: dict[tuple[str, str | None], TextOut] = {}
+        with self._cache_lock:
+            for key in dict.fromkeys(prompts):
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    found[key] = self._cache[key]
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             ids, masks = self.tokenizers([p for p, _ in missing])
             out = self.nets.encode(ids, masks)
             with self._cache_lock:
                 for i, key in enumerate(missing):
-                    self._cache[key] = out.take([i])
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return [self._cache[p] for p in prompts]
+                    found[key] = entry = out.take([i])
+                    if key not in self._cache:
+                        self._cache[key] = entry
+                        self._cache_bytes += text_bytes(entry)
+                while self._cache and self._cache_bytes > self._cache_budget:
+                    _, dropped = self._cache.popitem(last=False)
+                    self._cache_bytes -= text_bytes(dropped)
+        return [found[p] for p in prompts]
 
     def _uncond(self, cond: TextOut, negative: str | None) -> TextOut:
         """The unconditional row, as the pipelines make it: SDXL zeros when no negative prompt is given (and the
@@ -196,7 +213,9 @@ class LatentSampler:
         return self.text([(negative or "", None)])[0]
 
     def clear(self) -> None:
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
     # -- walks ------------------------------------------------------------------------------------
     def start(self, draws: list[Draw]) -> list[Walk]:

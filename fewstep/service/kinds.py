@@ -260,7 +260,8 @@ def _latent_engine(ctx: Context, v: Version) -> LatentEngine:
     s = ctx.settings
     teacher = teacher_or_none(ctx.registry, v.name, v.manifest)
     sides = (s.image_min_side, s.image_max_side)
-    return LatentEngine(v.folder, s.backend, s.precision, v.version, teacher, sides, s.latent_device, s.latent_dtype)
+    args = (v.folder, s.backend, s.precision, v.version, teacher, sides, s.latent_device, s.latent_dtype)
+    return LatentEngine(*args, prompt_cache_bytes=s.prompt_cache_bytes)
 
 
 DIFFUSERS: Kind[StepEngine] = Kind(

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     first byte after a keep-alive response), else it is closed: slow or silent clients hold no socket."""
     body_timeout_s: float = Field(30.0, ge=0.5, le=3600.0)
     """A request body must arrive whole within this long of its headers, else 408."""
+    prompt_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, le=1 << 40)
+    """Bytes of prompt encodings each imported model keeps (least recently used leave first): a prompt seen again
+    skips its text encoders (a T5's or an LLM's encoding is megabytes, and the encoders cost more than a 1–4
+    step image's denoiser). 0: none kept."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     """Most items in one worker's running batch (one network evaluation)."""
     batch_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0)

@@ -250,6 +250,30 @@ def test_flux_schnell_makes_the_flux_pipelines_image_at_every_step_count_and_siz
     assert isinstance(bad, InvalidRequest) and "multiple of 4" in str(bad)
 
 
+def test_the_prompt_cache_keeps_the_recent_prompts_within_its_byte_budget(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    from fewstep.models.latent_sampler import text_bytes
+
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["flux"], "schnell", registry)
+    probe = LatentEngine(registry.version_dir(name, version), sides=(16, 256))
+    probe.load()
+    one = text_bytes(probe.sampler.text([("x", None)])[0])  # a T5 encoding: 256 tokens × 32
+    engine = LatentEngine(registry.version_dir(name, version), sides=(16, 256), prompt_cache_bytes=2 * one)
+    engine.load()
+    items = [ImageItem(p, 1, 1, width=32, height=32) for p in ("a red circle", "a blue square", "a green cross")]
+    first = engine.run(items)  # three prompts in one batch: more than the budget holds, none lost
+    cache = engine.sampler._cache
+    assert list(cache) == [("a blue square", None), ("a green cross", None)] and engine.sampler._cache_bytes == 2 * one
+    engine.run([items[1]])  # a hit moves it to the back: the next new prompt drops "a green cross"
+    engine.run([ImageItem("a white ring", 1, 1, width=32, height=32)])
+    assert list(cache) == [("a blue square", None), ("a white ring", None)]
+    again = engine.run(items)
+    for a, b in zip(first, again, strict=True):
+        assert isinstance(a, ImageResult) and isinstance(b, ImageResult) and np.array_equal(a.pixels, b.pixels)
+
+
 def start_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
     """A starting image for edits: a smooth colour field with a square in it (what a VAE keeps)."""
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
