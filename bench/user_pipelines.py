@@ -22,7 +22,13 @@ own: optimum-intel resolves other torch, transformers and diffusers versions; ma
 runs with `make serve`'s defaults (no tuned thread count or batch size: the engine threads share the cores as
 they decide); the pipelines get their runtime's default, every core. Writes docs/benchmarks/diffusers.md.
 
-    .venv/bin/python bench/user_pipelines.py [--repeats 5] [--requests 64] [--rounds 3] [--optimum-venv DIR]
+With `--arch flux` the pipeline is a tiny random FLUX.1-schnell-style one instead (`tests/pipelines.py: flux`,
+4 heads of 16 and 2 + 4 transformer blocks so that the transformer dominates, 64×64 images, 256 T5 tokens),
+imported as `flux-schnell` and served on torch (its export is not built yet) against `FluxPipeline(prompt,
+num_inference_steps=n, guidance_scale=0, max_sequence_length=256)`. Writes docs/benchmarks/diffusers-flux.md.
+
+    .venv/bin/python bench/user_pipelines.py [--arch sd|flux] [--repeats 5] [--requests 64] [--rounds 3]
+                                             [--optimum-venv DIR]
 """
 
 from __future__ import annotations
@@ -92,6 +98,33 @@ def server(tmp: Path, backend: str) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def build_flux(tmp: Path) -> Path:
+    """The FLUX-style pipeline folder; the registry at tmp/registry holds it imported (`bench`, flux-schnell)."""
+    from fewstep.models.importing import import_pipeline
+    from fewstep.models.registry import Registry
+    from tests import pipelines
+
+    src = pipelines.flux(tmp / "pipeline", heads=4, layers=(2, 4))
+    import_pipeline(src, "bench", Registry(tmp / "registry"))
+    (tmp / "no-checkpoints").mkdir()
+    return src
+
+
+def flux_pipeline(src: Path) -> Direct:
+    """The diffusers FluxPipeline as FLUX.1-schnell's model card says to run it, at 64×64."""
+    import diffusers
+    import torch
+
+    pipe = diffusers.FluxPipeline.from_pretrained(str(src))
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(i: int, steps: int) -> None:
+        pipe(prompt(i), num_inference_steps=steps, guidance_scale=0.0, height=64, width=64, max_sequence_length=256,
+             generator=torch.Generator().manual_seed(i))  # fmt: skip
+
+    return call
 
 
 def build(tmp: Path) -> Path:
@@ -174,10 +207,13 @@ def optimum_pipeline(src: Path, venv: Path, tmp: Path) -> Iterator[Direct]:
         proc.wait(60)
 
 
+SIZE: dict[str, str] = {}
+"""The size requests ask for (`--arch flux`: 64×64, below the pipeline's native size)."""
+
+
 def call_http(http: httpx.Client, url: str, i: int, steps: int) -> None:
-    r = http.post(
-        url + "/v1/images/generations", json={"model": "bench", "prompt": prompt(i), "steps": steps, "seed": i}
-    )
+    body = {"model": "bench", "prompt": prompt(i), "steps": steps, "seed": i, **SIZE}
+    r = http.post(url + "/v1/images/generations", json=body)
     r.raise_for_status()
 
 
@@ -267,9 +303,10 @@ def engine_physics(tmp: Path, backend: str, repeats: int) -> dict[str, float]:
     from fewstep.models.registry import Registry
 
     folder = Registry(tmp / "registry").version_dir("bench", "1")
-    engine = LatentEngine(folder, backend)
+    engine = LatentEngine(folder, backend, sides=(64, 1024))
     engine.load()
-    items = [ImageItem(prompt(10_000 + k), seed=k, steps=1 + k % 4) for k in range(16)]
+    side = int(SIZE["size"].split("x")[0]) if SIZE else None
+    items = [ImageItem(prompt(10_000 + k), seed=k, steps=1 + k % 4, width=side, height=side) for k in range(16)]
     engine.run(items)  # prompt embeddings cached: both sides below time only steps and decodes
     batched, alone = interleaved_ms(
         [lambda: engine.run(items), lambda: [engine.run([it]) for it in items]], max(2, repeats // 2)
@@ -277,8 +314,11 @@ def engine_physics(tmp: Path, backend: str, repeats: int) -> dict[str, float]:
     nets = engine.sampler.nets  # type: ignore[union-attr]
     cond = engine.sampler.text([(prompt(10_000), None)])[0]  # type: ignore[union-attr]
 
+    c = engine.sampler.channels  # type: ignore[union-attr]
+
     def unet(b: int) -> None:
-        nets.unet(torch.randn(b, 4, 32, 32), torch.full((b,), 999.0), cond.states.expand(b, -1, -1), None, None, None)
+        pooled = None if cond.pooled is None else cond.pooled.expand(b, -1)
+        nets.unet(torch.randn(b, c, 32, 32), torch.full((b,), 999.0), cond.states.expand(b, -1, -1), None, pooled, None)
 
     u1, u16 = interleaved_ms([lambda: unet(1), lambda: unet(16)], repeats)
     return {"run_batched_ms_per_item": batched / 16, "run_alone_ms_per_item": alone / 16,
@@ -292,15 +332,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--rounds", type=int, default=3, help="alternating pipeline/fewstep rounds per row")
     ap.add_argument("--optimum-venv", type=Path, default=ROOT / "var" / "bench-optimum-venv")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "diffusers.md")
+    ap.add_argument("--arch", choices=("sd", "flux"), default="sd")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    flux = args.arch == "flux"
+    args.out = args.out or ROOT / "docs" / "benchmarks" / ("diffusers-flux.md" if flux else "diffusers.md")
 
     tmp = Path(tempfile.mkdtemp(prefix="fewstep-diffusers-"))
-    src = build(tmp)
-    pipe = direct_pipeline(src)
+    if flux:
+        SIZE["size"] = "64x64"
+    src = build_flux(tmp) if flux else build(tmp)
+    pipe = flux_pipeline(src) if flux else direct_pipeline(src)
     rows = {}
     first = 0
-    for backend in ("torch", "onnxruntime", "openvino"):
+    for backend in ("torch",) if flux else ("torch", "onnxruntime", "openvino"):
         physics = engine_physics(tmp, backend, args.repeats)
         with contextlib.ExitStack() as stack:
             url = stack.enter_context(server(tmp, backend))
@@ -341,6 +386,26 @@ def optimum_reading(rows: dict) -> list[str]:  # type: ignore[type-arg]
     ]
 
 
+SD_SETUP = [
+    "A tiny random SD-style pipeline made big enough that the UNet dominates (channels 48/96, one attention",
+    "level, 64×64 images from 32×32 latents), imported as a `turbo` student and exported to ONNX and OpenVINO",
+    "IR (FP32). The direct side is, for the torch and onnxruntime servers, `StableDiffusionPipeline(prompt,",
+    "num_inference_steps=n, guidance_scale=0)` in the benchmark's process with the family's scheduler; for the",
+    "openvino server, optimum-intel 2.2's `OVStableDiffusionPipeline` exported from the same folder with the",
+    "same scheduler, in a process of its own (`bench/optimum_side.py`). The fewstep side is a `fewstep serve`",
+    "process over HTTP (PNG encoding and base64 included). Every prompt is new, so fewstep's prompt cache",
+    "never helps.",
+]
+FLUX_SETUP = [
+    "A tiny random FLUX.1-schnell-style pipeline made big enough that the transformer dominates (4 heads of 16,",
+    "2 double and 4 single blocks; 64×64 images: 256 image tokens beside 256 T5 tokens), imported as",
+    "`flux-schnell` and served on torch (the transformers' export is not built yet). The direct side is",
+    "`FluxPipeline(prompt, num_inference_steps=n, guidance_scale=0, max_sequence_length=256)` in the benchmark's",
+    "process. The fewstep side is a `fewstep serve` process over HTTP (PNG encoding and base64 included). Every",
+    "prompt is new, so fewstep's prompt cache never helps.",
+]
+
+
 def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-arg]
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
     clients = " ".join(map(str, args.clients))
@@ -348,18 +413,12 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
         "# A user's diffusers student: fewstep vs the diffusers pipeline",
         "",
         f"`.venv/bin/python bench/user_pipelines.py --repeats {args.repeats} --requests {args.requests} "
-        f"--clients {clients} --rounds {args.rounds}` — {platform.processor() or platform.machine()}, "
+        f"--clients {clients} --rounds {args.rounds}{' --arch flux' if args.arch == 'flux' else ''}` — "
+        f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, one run. The server runs with `make serve`'s defaults (its engine threads share "
         "the cores as they decide); the pipeline has torch's default threads (every core).",
         "",
-        "A tiny random SD-style pipeline made big enough that the UNet dominates (channels 48/96, one attention",
-        "level, 64×64 images from 32×32 latents), imported as a `turbo` student and exported to ONNX and OpenVINO",
-        "IR (FP32). The direct side is, for the torch and onnxruntime servers, `StableDiffusionPipeline(prompt,",
-        "num_inference_steps=n, guidance_scale=0)` in the benchmark's process with the family's scheduler; for the",
-        "openvino server, optimum-intel 2.2's `OVStableDiffusionPipeline` exported from the same folder with the",
-        "same scheduler, in a process of its own (`bench/optimum_side.py`). The fewstep side is a `fewstep serve`",
-        "process over HTTP (PNG encoding and base64 included). Every prompt is new, so fewstep's prompt cache",
-        "never helps.",
+        *(FLUX_SETUP if args.arch == "flux" else SD_SETUP),
         "",
         "## Latency at concurrency 1 (median ms per image)",
         "",
@@ -393,7 +452,7 @@ def report(rows: dict, args: argparse.Namespace) -> None:  # type: ignore[type-a
         "## The engine's own batch speed-up (fewstep's latent engine in process; ms per image)",
         "",
         "| backend | 16 mixed items, one by one | the same 16 in one running batch | speed-up | "
-        "UNet batch 1 | UNet batch 16, per item | speed-up |",
+        "denoiser batch 1 | denoiser batch 16, per item | speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
     for backend, (_, _, p) in rows.items():

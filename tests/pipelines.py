@@ -189,15 +189,20 @@ def _t5(vocab: int) -> Any:
     return transformers.T5EncoderModel(config).eval()
 
 
-def flux(folder: Path, seed: int = 0, latent_channels: int = 4) -> Path:
-    """A tiny FluxPipeline (FLUX.1-schnell-style: no guidance embedding) saved to `folder`: 1 + 1 transformer
-    blocks, a two-level VAE (latents at half the pixels, packed 2×2 into tokens), CLIP-L-style and T5 encoders."""
+def flux(
+    folder: Path, seed: int = 0, latent_channels: int = 4, heads: int = 2, layers: tuple[int, int] = (1, 1)
+) -> Path:
+    """A tiny FluxPipeline (FLUX.1-schnell-style: no guidance embedding) saved to `folder`: `layers` (double,
+    single) transformer blocks of `heads` heads of 16, a two-level VAE (latents at half the pixels, packed 2×2
+    into tokens), CLIP-L-style and T5 encoders. More heads and blocks make the transformer dominate (the
+    benchmark's)."""
     import diffusers
 
     torch.manual_seed(seed)
     transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers[0], num_single_layers=layers[1],
+        attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
     )  # fmt: skip
     vae = diffusers.AutoencoderKL(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,

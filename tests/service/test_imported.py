@@ -150,3 +150,28 @@ async def test_onnxruntime_serves_an_exported_pipeline_like_torch(
             assert resp.status_code == 200, resp.text
             assert isinstance(ref, ImageResult)
             assert psnr(_pixels(resp.json()), ref.pixels) >= 40.0, r
+
+
+@pytest.mark.slow  # its warm-up runs every step count at the native 256×256
+async def test_a_flux_schnell_student_is_served_over_http(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    import_pipeline(tiny_pipelines["flux"], "schnell", registry)
+    config = settings(
+        tmp_path, checkpoints=tmp_path / "none", engine="registry", image_min_side=16, image_max_side=256,
+        gate_probe_seeds=1,
+    )  # fmt: skip
+    async with in_process(config, ready_within=300) as c:  # the gate's probes run at 256×256 too
+        card = next(m for m in (await c.get("/v1/models")).json()["data"] if m["id"] == "schnell")
+        assert (card["family"], card["steps"], card["size"]) == ("flux-schnell", [1, 2, 3, 4], "256x256")
+        assert card["sizes"] == {"min": 16, "max": 256, "multiple": 4} and card["guidance"] == {"mode": "none"}
+        body = {"model": "schnell", "prompt": "a red circle", "seed": 3, "size": "64x48"}
+        r = await c.post(GEN, json={**body, "steps": 2})
+        assert r.status_code == 200, r.text
+        assert _pixels(r.json()).shape == (48, 64, 3) and r.json()["nfe"] == 2
+        engine = LatentEngine(registry.version_dir("schnell", "1"), sides=(16, 256))
+        engine.load()
+        (direct,) = engine.run([ImageItem("a red circle", 3, 2, width=64, height=48)])
+        assert isinstance(direct, ImageResult)
+        assert np.abs(_pixels(r.json()).astype(int) - direct.pixels.astype(int)).max() <= 1
+        bad = await c.post(GEN, json={**body, "guidance_scale": 3.5})
+        assert bad.status_code == 400 and "flux-schnell students have guidance distilled in" in bad.text
