@@ -166,6 +166,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         steps=steps,
         handoff=args.handoff,
         teacher_guidance=args.teacher_guidance,
+        lora=Path(args.lora) if args.lora else None,
+        lora_scale=args.lora_scale,
     )
     manifest = registry.manifest(model, version)
     recipe = manifest.get("recipe") or {}
@@ -384,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--teacher", help="an imported base pipeline that shares the VAE and text encoders (hybrid)")
     im.add_argument("--handoff", default="renoise", choices=["renoise", "trajectory"], help="the hybrid's hand-off")
     im.add_argument("--teacher-guidance", type=float, default=0.0, help="the teacher's CFG scale in the hybrid")
+    im.add_argument("--lora", help="a distillation LoRA (safetensors) fused into the networks as diffusers fuses it")
+    im.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in the fusion (default 1)")
     im.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     im.set_defaults(func=cmd_import)
 

@@ -23,6 +23,7 @@ from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy
 from fewstep.models.architectures import Architecture, by_pipeline, config_int
 from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
+from fewstep.models.lora import fuse as fuse_lora
 from fewstep.models.registry import Registry
 
 CONFIG_LIMIT = 4 << 20
@@ -52,6 +53,7 @@ WEIGHTED = {"unet", "transformer", "vae", "text_encoder", "text_encoder_2"}
 
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
 class Source:
@@ -226,9 +228,12 @@ def import_pipeline(
     steps: list[int] | None = None,
     handoff: str = "renoise",
     teacher_guidance: float = 0.0,
+    lora: Path | None = None,
+    lora_scale: float = 1.0,
 ) -> tuple[str, str]:
     """Import the pipeline at `path` as the next version of `name`; returns (name, version).
-    `family="base"` imports a base model, served only as a student's teacher (`teacher`)."""
+    `family="base"` imports a base model, served only as a student's teacher (`teacher`); `lora`: a distillation
+    LoRA fused into its networks at `lora_scale` (`models.lora`)."""
     src = Source(path)
     index = src.json("model_index.json")
     cls = str(index.get("_class_name"))
@@ -272,6 +277,14 @@ def import_pipeline(
             _check_unet_file(unet_file, network_config)
             files[UNET_WEIGHTS] = unet_file
             variants["unet"] = None
+        if lora is not None:
+            weighted = [c for c in components if c in WEIGHTED]
+            fused, imported["lora"] = fuse_lora(cls, files, weighted, Path(lora), lora_scale, Path(work))
+            for component in imported["lora"]["fused_into"]:
+                for rel in [r for r in files if r.startswith(f"{component}/") and r.endswith(WEIGHT_SUFFIXES)]:
+                    del files[rel]
+                variants[component] = None
+            files.update(fused)
         embeds = network_config.get("time_cond_proj_dim") is not None or bool(network_config.get("guidance_embeds"))
         recipe = None
         if family != "base":

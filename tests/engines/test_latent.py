@@ -332,6 +332,7 @@ def test_every_familys_edit_is_the_diffusers_img2img_pipelines(
     assert isinstance(plain, ImageResult) and not np.array_equal(plain.pixels, ours.pixels)
 
 
+@pytest.mark.slow  # FluxImg2ImgPipeline loaded twice
 def test_a_flux_schnell_edit_is_the_flux_img2img_pipelines(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
     """FluxImg2ImgPipeline's rule and draws: from sigma int(steps − steps × strength) on (the flow pipelines' own
     count, not the UNet pipelines'), the image's latents (shifted and scaled) noised by `scale_noise` with the

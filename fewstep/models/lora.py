@@ -1,0 +1,94 @@
+"""Distillation LoRAs fused at import: `fewstep import BASE --lora FILE [--lora-scale S]`.
+
+Many few-step students ship as a LoRA over their base model (Qwen-Image-Lightning, Hyper-SD, LCM-LoRA,
+SDXL-Lightning's LoRAs, TCD). fewstep serves one fused network per version: the LoRA is applied exactly as
+diffusers applies it, with the pipeline's own `load_lora_weights` (whatever key layout the file has: diffusers,
+PEFT, kohya) and `fuse_lora(lora_scale=S)`, and the fused networks are what the version stores. Serving then
+costs nothing more than the base model; a different LoRA is a different version.
+
+Safetensors only, read with `safetensors` before diffusers sees it (a dict of tensors, bounded in count); the
+file's sha256, the scale and the components it changed are recorded in the manifest. It needs `peft` (diffusers'
+LoRA backend): `pip install 'fewstep[lora]'`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fewstep.errors import CheckpointError
+from fewstep.models import lazy
+from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
+
+MAX_LORA_TENSORS = 100_000
+"""Most tensors a LoRA file may hold (an SDXL LoRA on every attention and feed-forward layer has a few thousand)."""
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_WEIGHTS = "model.safetensors"
+
+
+def read_lora(path: Path) -> dict[str, Any]:
+    """The LoRA's tensors; CheckpointError for a pickle, a link, an unreadable file or an unbounded one."""
+    if path.is_symlink() or not path.is_file():
+        raise CheckpointError(f"--lora {path}: not a regular file")
+    if path.name.lower().endswith(PICKLE_SUFFIXES) or not path.name.endswith(".safetensors"):
+        raise CheckpointError(f"--lora {path.name}: LoRAs are read from safetensors files only")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            count = len(list(f.keys()))
+    except Exception as e:  # safetensors raises its own types for bad headers
+        raise CheckpointError(f"--lora {path.name} is not a readable safetensors file ({e})") from e
+    if not 1 <= count <= MAX_LORA_TENSORS:
+        raise CheckpointError(f"--lora {path.name} holds {count} tensors; a LoRA holds 1 to {MAX_LORA_TENSORS}")
+    return load_file(str(path))
+
+
+def fuse(
+    cls: str, files: dict[str, Path], weighted: list[str], lora: Path, scale: float, work: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The pipeline `files` (relative path → verified source file) with `lora` fused at `scale`: the new weight
+    files of the components it changed (written under `work`, replacing theirs), and the manifest's record."""
+    import torch
+
+    if not 0.0 < scale <= 4.0:
+        raise CheckpointError(f"--lora-scale must be in (0, 4]. Given: {scale}")
+    try:
+        importlib.import_module("peft")
+    except ImportError as e:
+        raise CheckpointError("--lora needs diffusers' LoRA backend: pip install 'fewstep[lora]' (peft)") from e
+    state = read_lora(lora)
+    with tempfile.TemporaryDirectory(dir=work) as staged:
+        root = Path(staged)
+        for rel, src in files.items():  # the pipeline as it will be stored, so diffusers reads only checked files
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, root / rel)
+        try:
+            pipe = lazy.attr("diffusers", cls).from_pretrained(str(root), torch_dtype=torch.float32)
+            before = {c: _fingerprint(getattr(pipe, c)) for c in weighted}
+            pipe.load_lora_weights(state, adapter_name="fewstep")
+            pipe.fuse_lora(lora_scale=scale, adapter_names=["fewstep"])
+            pipe.unload_lora_weights()
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"--lora {lora.name} does not apply to this {cls} ({type(e).__name__}: {e})") from e
+        changed = [c for c in weighted if _fingerprint(getattr(pipe, c)) != before[c]]
+        if not changed:
+            raise CheckpointError(f"--lora {lora.name} changed no weight of this {cls}: none of its keys matched")
+        out: dict[str, Path] = {}
+        for component in changed:
+            target = work / "fused" / component
+            getattr(pipe, component).save_pretrained(str(target), safe_serialization=True, max_shard_size="1000GB")
+            name = WEIGHTS if (target / WEIGHTS).is_file() else TEXT_WEIGHTS
+            out[f"{component}/{name}"] = target / name
+    record = {"file": lora.name, "sha256": sha256_file(lora), "scale": scale, "fused_into": changed}
+    return out, record
+
+
+def _fingerprint(module: Any) -> tuple[float, float]:
+    """Numbers that change when any weight does (every parameter's sum and sum of squares, in float64)."""
+    params = [p.detach().double() for p in module.parameters()]
+    return float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params))
