@@ -117,8 +117,11 @@ class GraphNets:
         threads: int | None = None,
         providers: list[str] | None = None,
         sessions: dict[str, Any] | None = None,
+        arena: bool = True,
     ) -> None:
-        self.sessions = sessions if sessions is not None else self._ort_sessions(paths, threads, providers)
+        """`arena` False: no memory arena (the exporters' checks, which run many shapes once each: an arena keeps
+        the peak of every shape it met)."""
+        self.sessions = sessions if sessions is not None else self._ort_sessions(paths, threads, providers, arena)
         for role, session in self.sessions.items():
             names = [i.name for i in session.get_inputs()]
             if names != art["graphs"][role]["inputs"]:
@@ -133,10 +136,13 @@ class GraphNets:
         self.per_row = not art.get("batch_invariant", True)
 
     @staticmethod
-    def _ort_sessions(paths: dict[str, Path], threads: int | None, providers: list[str] | None) -> dict[str, Any]:
+    def _ort_sessions(
+        paths: dict[str, Path], threads: int | None, providers: list[str] | None, arena: bool = True
+    ) -> dict[str, Any]:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = arena
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the process's one thread budget
         options.inter_op_num_threads = 1

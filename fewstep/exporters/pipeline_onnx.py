@@ -16,10 +16,12 @@ inputs at every step count and gated on image PSNR against the fp32 graphs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from fewstep.errors import CheckpointError
 from fewstep.evaluation.metrics import psnr
 from fewstep.exporters.onnx import psnr_parity
 from fewstep.exporters.quantize import quantize_graph
+from fewstep.models.architectures import Conditioning, architecture
 from fewstep.models.checkpoint import read_manifest, replace_dir, write_json_atomic
 from fewstep.models.families import Recipe
 from fewstep.models.latent_sampler import Draw, LatentSampler
@@ -90,24 +93,19 @@ class TextGraph(torch.nn.Module):
 
 
 class UNetGraph(torch.nn.Module):
-    """The UNet with its optional inputs as positional graph inputs."""
+    """The denoiser (a UNet, or a transformer with its packing) as its architecture's adapter calls it, its
+    optional inputs as positional graph inputs."""
 
     def __init__(self, nets: TorchNets, inputs: list[str]) -> None:
         super().__init__()
         self.unet = nets.unet_model
+        self.adapter = nets.adapter
         self.inputs = inputs
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         a = dict(zip(self.inputs, args, strict=True))
-        added = {"text_embeds": a["pooled"], "time_ids": a["time_ids"]} if "pooled" in a else None
-        return self.unet(
-            a["sample"],
-            a["timestep"],
-            encoder_hidden_states=a["states"],
-            timestep_cond=a.get("timestep_cond"),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        cond = Conditioning(a["states"], a.get("timestep_cond"), a.get("pooled"), a.get("time_ids"))
+        return self.adapter.denoise(self.unet, a["sample"], a["timestep"], cond)
 
 
 class DecoderGraph(torch.nn.Module):
@@ -125,13 +123,14 @@ def _graphs(
     nets: TorchNets, manifest: dict[str, Any]
 ) -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]]:
     """Each graph: module, example inputs, input and output names, dynamic axes."""
-    max_tokens = int(manifest.get("text", {}).get("max_tokens", 77))
-    ids = torch.ones((2, max_tokens), dtype=torch.int64)
+    text_info = manifest.get("text", {})
+    lengths = [int(n) for n in text_info.get("lengths") or [text_info.get("max_tokens", 77)] * len(nets.encoders)]
     text = TextGraph(nets)
     text_in = [f"ids_{i}" for i in range(len(nets.encoders))] + (["mask_0"] if text.masked else [])
-    text_out = ["states"] if nets.arch == "sd" else ["states", "pooled"]
+    text_ex = tuple(torch.ones((2, lengths[min(i, len(lengths) - 1)]), dtype=torch.int64) for i in range(len(text_in)))
     with torch.inference_mode(False), torch.no_grad():
-        sample_text = text(*[ids] * len(text_in))
+        sample_text = text(*text_ex)
+    text_out = ["states", "pooled"][: len(sample_text)]
     side = 2 * size_multiple(manifest) // int(manifest.get("latent", {}).get("vae_scale_factor", 8))
     channels = int(manifest.get("latent", {}).get("channels", 4))
     unet_ex: dict[str, torch.Tensor] = {
@@ -141,12 +140,13 @@ def _graphs(
     }
     if nets.time_cond_dim is not None:
         unet_ex["timestep_cond"] = torch.randn(2, int(nets.time_cond_dim))
-    if nets.arch == "sdxl":
+    if len(sample_text) > 1:
         unet_ex["pooled"] = sample_text[1]
+    if nets.arch == "sdxl":
         unet_ex["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
     spatial = {0: "batch", 2: "height", 3: "width"}
     return {
-        "text": (text, tuple([ids] * len(text_in)), text_in, text_out, {n: {0: "batch"} for n in text_in + text_out}),
+        "text": (text, text_ex, text_in, text_out, {n: {0: "batch"} for n in text_in + text_out}),
         "unet": (
             UNetGraph(nets, list(unet_ex)),
             tuple(unet_ex.values()),
@@ -162,6 +162,34 @@ def _graphs(
             {"latents": spatial, "images": spatial},
         ),
     }
+
+
+def _dims(axes: dict[int, str], multiple: int) -> dict[int, Any]:
+    """torch.export's dynamic dimensions for one input from its ONNX dynamic axes (spatial ones in `multiple`s)."""
+    made = {}
+    for dim, label in axes.items():
+        made[dim] = torch.export.Dim(label) if label == "batch" else multiple * torch.export.Dim(label, max=4096)
+    return made
+
+
+@contextlib.contextmanager
+def exportable_rms_norm() -> Iterator[None]:
+    """`F.rms_norm` spelled in ops opset 17 has, while a graph is exported (T5's and the FLUX transformer's
+    norms call it; the exporter has no symbolic for it): the same math, x · rsqrt(mean(x²) + eps) · weight."""
+    fn = torch.nn.functional
+    real = fn.rms_norm
+
+    def rms_norm(x: torch.Tensor, shape: Any, weight: torch.Tensor | None = None, eps: float | None = None) -> Any:
+        dims = tuple(range(-len(shape), 0))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y if weight is None else y * weight
+
+    fn.rms_norm = rms_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fn.rms_norm = real
 
 
 def _save(raw: Path, target: Path, external_data_bytes: int) -> None:
@@ -188,10 +216,6 @@ def _place(built: Path, folder: Path, precision: str) -> None:
     replace_dir(built, artifact_dir(folder, precision))
 
 
-UNET_ARCHITECTURES = ("sd", "sdxl")
-"""The architectures whose graphs the exporter writes (the transformers' are not built yet)."""
-
-
 def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """Write `onnx/fp32/` into the imported pipeline version at `folder`; returns its artifact manifest.
 
@@ -202,10 +226,8 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
     manifest = read_manifest(folder)
     if manifest.get("kind") not in ("diffusers", "diffusers-teacher"):
         raise CheckpointError(f"{folder.name}: not an imported diffusers pipeline")
-    arch = manifest.get("pipeline", {}).get("arch")
-    if arch not in UNET_ARCHITECTURES:
-        raise CheckpointError(f"{folder.name}: exporting a {arch} pipeline is not built yet (UNet pipelines only)")
     nets = TorchNets(folder, manifest, "cpu", torch.float32)
+    transformer = architecture(manifest["pipeline"]["arch"]).network == "transformer"
     root = folder / ROOT
     root.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".partial-") as tmp_name:
@@ -216,18 +238,27 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
         for role, (module, example, inputs, outputs, axes) in _graphs(nets, manifest).items():
             raw = tmp / "raw" / role / "graph.onnx"
             raw.parent.mkdir(parents=True)
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), exportable_rms_norm():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    example,
-                    str(raw),
-                    dynamo=False,
-                    input_names=inputs,
-                    output_names=outputs,
-                    dynamic_axes=axes,
-                    opset_version=OPSET,
-                )
+                if role == "unet" and transformer:
+                    # The TorchScript exporter freezes a transformer's token reshapes to the example's sizes;
+                    # torch.export keeps them symbolic (sides in whole 2×2 patches).
+                    shapes = (tuple(_dims(axes[name], 2) for name in inputs),)
+                    torch.onnx.export(
+                        module, example, str(raw), dynamo=True, input_names=inputs, output_names=outputs,
+                        dynamic_shapes=shapes, opset_version=18, verbose=False,
+                    )  # fmt: skip
+                else:
+                    torch.onnx.export(
+                        module,
+                        example,
+                        str(raw),
+                        dynamo=False,
+                        input_names=inputs,
+                        output_names=outputs,
+                        dynamic_axes=axes,
+                        opset_version=OPSET,
+                    )
             _save(raw, built / f"{role}.onnx", external_data_bytes)
             graphs[role] = graph_entry(tmp, built / f"{role}.onnx", inputs, outputs)
         shutil.rmtree(tmp / "raw")
@@ -243,7 +274,9 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
             "source": {"name": manifest["name"], "version": manifest.get("version"), "sha256": source_digest(manifest)},
             "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         }
-        fresh = GraphNets({r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"])
+        fresh = GraphNets(
+            {r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"], arena=False
+        )
         art["parity"] = (
             pipeline_parity(folder, nets, fresh) if "recipe" in manifest else base_parity(manifest, folder, nets, fresh)
         )
@@ -268,8 +301,14 @@ def parity_draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed:
     return draws
 
 
+SAMPLE_CHUNK = 2
+"""Draws sampled together in the exporters' checks: a transformer at its native size attends over thousands of
+tokens, and a batch of every draw at once held gigabytes of attention (each image is its own whatever its batch)."""
+
+
 def pipeline_images(folder: Path, nets: LatentNets, draws: list[Draw]) -> list[np.ndarray]:
-    images = LatentSampler(folder, read_manifest(folder), nets).sample(draws)
+    sampler = LatentSampler(folder, read_manifest(folder), nets)
+    images = [x for i in range(0, len(draws), SAMPLE_CHUNK) for x in sampler.sample(draws[i : i + SAMPLE_CHUNK])]
     if any(x is None for x in images):
         raise CheckpointError(f"{folder.name}: sampling for the parity check made non-finite images")
     return images  # type: ignore[return-value]
@@ -346,7 +385,7 @@ def unet_calibration(
     """The UNet's inputs through the fp32 graphs (`paths`), what every quantization of this pipeline is calibrated
     on: real trajectories of every step count the family serves, or a hybrid base's first-step inputs (a base
     has no recipe: it only ever takes that step)."""
-    nets = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
+    nets = GraphNets(paths, fp32, providers=["CPUExecutionProvider"], arena=False)
     feeds: list[dict[str, np.ndarray]] = []
     if "recipe" not in manifest:
         rec = recording(nets, feeds)
@@ -419,8 +458,8 @@ def quantize_pipeline(folder: Path, precision: str) -> dict[str, Any]:
             "derived_from": {"artifact": "fp32", "unet_sha256": fp32["graphs"]["unet"]["sha256"]},
             "calibration": calibration_record(manifest, feeds),
         }
-        quant = GraphNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"])
-        ref = GraphNets(paths, fp32, providers=["CPUExecutionProvider"])
+        quant = GraphNets({**paths, "unet": target}, art, providers=["CPUExecutionProvider"], arena=False)
+        ref = GraphNets(paths, fp32, providers=["CPUExecutionProvider"], arena=False)
         art.update(unet_gate(folder, manifest, ref, quant))
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, precision)

@@ -111,6 +111,7 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # a gateway with an imported pipeline, the SDK's multipart
 async def test_edits_through_the_openai_sdk_are_the_engines_edits(
     tiny_pipelines: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -134,6 +134,7 @@ def verified(receiver: Receiver, secret: str) -> list[dict[str, Any]]:
     return [hook.verify(body, headers) for _, headers, body in receiver.seen]
 
 
+@pytest.mark.slow  # a gateway and a receiver server
 async def test_a_job_is_announced_once_after_a_500_then_a_200_and_never_outside_the_allowlist(
     tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -159,6 +160,7 @@ async def test_a_job_is_announced_once_after_a_500_then_a_200_and_never_outside_
         assert 'fewstep_webhook_attempts_total{outcome="delivered"} 1.0' in metrics
 
 
+@pytest.mark.slow  # a gateway and a receiver server
 async def test_a_private_address_is_refused_unless_allowed(tmp_path: Path, receiver: Receiver) -> None:
     async with in_process(hooked(tmp_path, webhook_allow_private=False)) as c:
         made = await c.post("/v1/jobs", json=job(receiver.url()))

@@ -31,6 +31,7 @@ def decoded(b64: str | None) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64 or ""))))
 
 
+@pytest.mark.slow  # a gateway with an imported pipeline
 async def test_streamed_generations_and_edits_send_partials_then_the_unstreamed_image(
     tiny_pipelines: dict[str, Path], tmp_path: Path
 ) -> None:

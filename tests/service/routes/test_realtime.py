@@ -35,6 +35,7 @@ def frame(shift: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # a gateway with an imported pipeline
 def test_frames_are_edited_newest_first_and_sessions_survive_a_bad_frame(
     tiny_pipelines: dict[str, Path], tmp_path: Path
 ) -> None:
