@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -53,3 +55,35 @@ def start_serve(tmp: Path, root: Path, env_extra: dict[str, str]) -> tuple[str, 
         proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=out, stderr=out)
     wait_ready(url, proc, log)
     return url, proc, log
+
+
+@contextmanager
+def clean_serve(tmp: Path, env_extra: dict[str, str], log_name: str = "server.log") -> Iterator[str]:
+    """`fewstep serve` on a free port over the registry in `tmp` (no shipped checkpoints), with `make serve`'s
+    defaults: no FEWSTEP_ setting of this environment leaks in, only `env_extra`. Its base URL while it runs;
+    SIGTERM (the drain) afterwards."""
+    import os
+    import signal
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEWSTEP_")}
+    env |= {
+        "FEWSTEP_PORT": str(port),
+        "FEWSTEP_REGISTRY": str(tmp / "registry"),
+        "FEWSTEP_CHECKPOINTS": str(tmp / "no-checkpoints"),
+        "FEWSTEP_LOG_LEVEL": "warning",
+        **env_extra,
+    }
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / log_name
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp
+        )
+    try:
+        wait_ready(url, proc, log, timeout_s=300)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

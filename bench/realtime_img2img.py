@@ -26,15 +26,11 @@ import io
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._server import free_port, wait_ready  # noqa: E402  (after the path is set)
+from bench._server import clean_serve  # noqa: E402  (after the path is set)
 
 SESSIONS = (1, 2, 4)
 READING = (
@@ -67,30 +63,6 @@ def frames(n: int, seed: int) -> list[bytes]:
         Image.fromarray(np.roll(base, i + seed, axis=1)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-@contextmanager
-def server(tmp: Path) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEWSTEP_")}
-    env |= {
-        "FEWSTEP_PORT": str(port),
-        "FEWSTEP_REGISTRY": str(tmp / "registry"),
-        "FEWSTEP_CHECKPOINTS": str(tmp / "no-checkpoints"),
-        "FEWSTEP_LOG_LEVEL": "warning",
-        "FEWSTEP_KEY_MAX_REALTIME_SESSIONS": "8",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fewstep.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
-        )
-    try:
-        wait_ready(url, proc, tmp / "server.log", timeout_s=300)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def session(url: str, start: dict, sent: list[bytes], rate: float | None) -> tuple[list[float], int, float]:
@@ -194,7 +166,7 @@ def main() -> None:
             pipe(f)  # type: ignore[operator]
         rows: dict[int, list[tuple[float, float, float, float]]] = {n: [] for n in SESSIONS}
         direct_fps, direct_ms = [], []
-        with server(tmp) as url:
+        with clean_serve(tmp, {"FEWSTEP_KEY_MAX_REALTIME_SESSIONS": "8"}) as url:
             served(url, 1, 4, args.steps, args.strength)  # warm-up
             for r in range(args.rounds):
                 sent = frames(args.frames, 50 + r)

@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 
-from bench._server import free_port, wait_ready  # noqa: E402  (after the path is set)
+from bench._server import clean_serve  # noqa: E402  (after the path is set)
 
 WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
@@ -81,26 +80,9 @@ def prompt(i: int) -> str:
 @contextmanager
 def server(tmp: Path, backend: str) -> Iterator[str]:
     """A `fewstep serve` process on the registry in `tmp` (the imported model only), with `make serve`'s
-    defaults (no FEWSTEP_ setting of this environment leaks in); its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEWSTEP_")}
-    env |= {
-        "FEWSTEP_PORT": str(port),
-        "FEWSTEP_REGISTRY": str(tmp / "registry"),
-        "FEWSTEP_CHECKPOINTS": str(tmp / "no-checkpoints"),
-        "FEWSTEP_BACKEND": backend,
-        "FEWSTEP_LOG_LEVEL": "warning",
-        **GATE,
-    }
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp / f"server-{backend}.log", "wb") as log:
-        proc = subprocess.Popen([*FEWSTEP, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-    try:
-        wait_ready(url, proc, tmp / f"server-{backend}.log", timeout_s=300)
+    defaults on `backend`; its base URL."""
+    with clean_serve(tmp, {"FEWSTEP_BACKEND": backend, **GATE}, f"server-{backend}.log") as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def build_flux(tmp: Path) -> Path:
