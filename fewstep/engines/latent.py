@@ -67,7 +67,7 @@ def latent_spec(
         guidance=GuidanceRule(g.mode, g.low, g.high, g.default),
         family=recipe.family,
         edits=backend_name == "torch",
-        edit_rule="flow" if recipe.sigmas else "floor",
+        edit_rule=recipe.edit_rule,
         edits_reason=None if backend_name == "torch" else EDITS_NEED_TORCH,
     )
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
-from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS
+from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS, EditRule
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
 
@@ -198,6 +198,11 @@ class Recipe:
     @property
     def steps(self) -> list[int]:
         return sorted(self.timesteps)
+
+    @property
+    def edit_rule(self) -> EditRule:
+        """How its img2img pipeline counts the steps a strength keeps: the flow pipelines' way for flow families."""
+        return "flow" if self.sigmas else "floor"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

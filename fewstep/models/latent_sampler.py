@@ -49,7 +49,7 @@ from fewstep.models.pipelines import (
     vae_factor,
 )
 from fewstep.models.sampling import from_pixels
-from fewstep.models.schedules import ENCODE_DRAW, EditRule, item_noise, kept_steps, step_generator
+from fewstep.models.schedules import ENCODE_DRAW, item_noise, kept_steps, step_generator
 
 TRAJECTORY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "DDIMScheduler")
 ESTIMATES = ("pred_original_sample", "denoised", "pred_noised_sample")
@@ -147,7 +147,6 @@ class LatentSampler:
         index = json.loads((folder / "model_index.json").read_text())
         self.zero_negative = nets.arch == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
         self.templates = self._schedulers(folder)
-        self.edit_rule: EditRule = "flow" if self.recipe.sigmas else "floor"
         self._cache: OrderedDict[tuple[str, str | None], TextOut] = OrderedDict()
         self._cache_budget, self._cache_bytes = cache_bytes, 0
         self._cache_lock = threading.Lock()
@@ -227,7 +226,7 @@ class LatentSampler:
             sched = copy.deepcopy(self.templates[d.steps])
             shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
             noise = item_noise(d.seed, 0, shape).to(self.device)
-            first = 0 if d.image is None else d.steps - kept_steps(d.steps, d.strength, self.edit_rule)
+            first = 0 if d.image is None else d.steps - kept_steps(d.steps, d.strength, self.recipe.edit_rule)
             if d.image is not None and hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(first * sched.order)
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
