@@ -215,6 +215,11 @@ class Architecture:
     """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
     adapter: Adapter
 
+    @property
+    def weighted(self) -> tuple[str, ...]:
+        """The components with weights: the denoiser, the VAE and the text encoders."""
+        return (self.network, "vae", *self.encoders)
+
 
 _SD_PARTS = {
     "unet": ("UNet2DConditionModel",),

@@ -49,9 +49,6 @@ MAX_TOKENS = 1024
 SCHEDULER = "scheduler"
 IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 """Optional components fewstep does not run (the safety checker is not applied); they are not copied."""
-WEIGHTED = {"unet", "transformer", "vae", "text_encoder", "text_encoder_2"}
-
-
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
@@ -260,7 +257,7 @@ def import_pipeline(
     for key in components:
         for rel in _configs(src, key):
             files[rel] = src.file(rel)
-        if key in WEIGHTED and not (key == "unet" and unet is not None):
+        if key in arch.weighted and not (key == "unet" and unet is not None):
             weights, variants[key] = _weights(src, key)
             _check_index(src, weights)
             files.update({rel: src.file(rel) for rel in weights})
@@ -278,7 +275,7 @@ def import_pipeline(
             files[UNET_WEIGHTS] = unet_file
             variants["unet"] = None
         if lora is not None:
-            weighted = [c for c in components if c in WEIGHTED]
+            weighted = [c for c in components if c in arch.weighted]
             fused, imported["lora"] = fuse_lora(cls, files, weighted, Path(lora), lora_scale, Path(work))
             for component in imported["lora"]["fused_into"]:
                 for rel in [r for r in files if r.startswith(f"{component}/") and r.endswith(WEIGHT_SUFFIXES)]:
@@ -303,7 +300,9 @@ def import_pipeline(
             assert recipe is not None
             manifest["recipe"] = recipe.to_dict()
         if teacher is not None:
-            manifest["teacher"], manifest["hybrid"] = _teacher(registry, teacher, files, handoff, teacher_guidance)
+            manifest["teacher"], manifest["hybrid"] = _teacher(
+                registry, teacher, files, ("vae", *arch.encoders), handoff, teacher_guidance
+            )
         return registry.publish_files(files, manifest, model=name, promote=True)
 
 
@@ -373,7 +372,7 @@ def _check_tokenizers(
 
 
 def _teacher(
-    registry: Registry, teacher: str, files: dict[str, Path], handoff: str, guidance: float
+    registry: Registry, teacher: str, files: dict[str, Path], parts: tuple[str, ...], handoff: str, guidance: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The reference to a base pipeline in the registry that shares the student's VAE and text encoders."""
     if handoff not in ("renoise", "trajectory"):
@@ -384,9 +383,7 @@ def _teacher(
     theirs = registry.validate(teacher, version)
     if theirs.get("kind") not in ("diffusers", "diffusers-teacher"):
         raise CheckpointError(f"--teacher {teacher!r} is not an imported diffusers pipeline")
-    shared = [
-        r for r in files if r.split("/")[0] in ("vae", "text_encoder", "text_encoder_2") and r.endswith("tensors")
-    ]
+    shared = [r for r in files if r.split("/")[0] in parts and r.endswith("tensors")]
     for rel in shared:
         if theirs["files"].get(rel, {}).get("sha256") != sha256_file(files[rel]):
             raise CheckpointError(f"--teacher {teacher!r} does not share the student's {rel.split('/')[0]}")
