@@ -226,6 +226,39 @@ def flux(
     return folder
 
 
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's chat template, cut to what text-to-image pipelines send: messages, the assistant's turn opened, and the
+empty thinking block `enable_thinking=False` asks for."""
+
+
+def qwen_tokenizer(folder: Path, max_length: int = 512) -> Any:
+    """A Qwen2 tokenizer (fast, byte-level BPE) with one token per byte and no merges, Qwen's chat special tokens
+    and a chat template, saved to `folder`: what the Qwen-encoded pipelines (Z-Image, Qwen-Image, FLUX.2 klein)
+    load, built here instead of downloaded."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = transformers.Qwen2TokenizerFast(
+        tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL[1:]), model_max_length=max_length,
+    )  # fmt: skip
+    fast.add_special_tokens({"pad_token": "<|endoftext|>"})
+    fast.chat_template = QWEN_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return transformers.Qwen2TokenizerFast.from_pretrained(str(folder))
+
+
 def _drop(folder: Path) -> None:
     for p in folder.iterdir():
         p.unlink()

@@ -176,7 +176,10 @@ class GraphNets:
         timestep_cond: torch.Tensor | None,
         pooled: torch.Tensor | None,
         time_ids: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if mask is not None:  # prompts of their own lengths: exported graphs take fixed-length states only
+            raise CheckpointError("the exported denoiser takes no token mask: serve this model on torch")
         given = {
             "sample": sample,
             "timestep": timestep,
@@ -205,9 +208,9 @@ def recording(nets: GraphNets, feeds: list[dict[str, np.ndarray]]) -> Callable[.
     """`nets.unet` that also keeps every call's inputs (calibration data for quantization)."""
     unet = nets.unet
 
-    def rec(*args: torch.Tensor | None) -> torch.Tensor:
+    def rec(*args: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         named = dict(zip(("sample", "timestep", "states", "timestep_cond", "pooled", "time_ids"), args, strict=True))
         feeds.append({k: named[k].float().numpy().copy() for k in nets.unet_inputs})  # type: ignore[union-attr]
-        return unet(*args)  # type: ignore[arg-type]
+        return unet(*args, mask=mask)  # type: ignore[arg-type,misc]
 
     return rec

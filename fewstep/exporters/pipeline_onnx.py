@@ -49,7 +49,6 @@ from fewstep.models.latent_sampler import Draw, LatentSampler
 from fewstep.models.pipelines import (
     LatentNets,
     TorchNets,
-    decode_latents,
     encode_text,
     guidance_embedding,
     load_tokenizers,
@@ -114,9 +113,10 @@ class DecoderGraph(torch.nn.Module):
     def __init__(self, nets: TorchNets) -> None:
         super().__init__()
         self.vae = nets.vae
+        self.adapter = nets.adapter
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
+        return self.adapter.decode(self.vae, latents)
 
 
 def _graphs(

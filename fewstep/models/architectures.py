@@ -21,7 +21,7 @@ them), the VAE decode and encode normalise by the VAE config's own fields (`scal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
@@ -35,24 +35,51 @@ T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
 @dataclass(frozen=True)
 class TextOut:
     """What the denoiser is conditioned on: token states (B, L, D), and pooled text embeds (B, P) where the
-    architecture has them (SDXL, FLUX)."""
+    architecture has them (SDXL, FLUX). `mask` (B, L), 1 for a real token, where the architecture keeps each
+    prompt's own length (LLM encoders: Z-Image, Qwen-Image): the states are then padded to the longest row."""
 
     states: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def take(self, rows: list[int]) -> TextOut:
-        return TextOut(self.states[rows], None if self.pooled is None else self.pooled[rows])
+        """These rows; a masked output's one row cut to its own tokens (how the prompt cache keeps it)."""
+        pooled = None if self.pooled is None else self.pooled[rows]
+        if self.mask is None:
+            return TextOut(self.states[rows], pooled)
+        mask = self.mask[rows]
+        if len(rows) == 1:
+            n = int(mask.sum())
+            return TextOut(self.states[rows][:, :n], pooled, mask[:, :n])
+        return TextOut(self.states[rows], pooled, mask)
+
+
+def stack(texts: list[TextOut]) -> TextOut:
+    """Rows of several outputs as one batch: masked ones padded with zeros to the longest, their masks with 0."""
+    pooled = None if texts[0].pooled is None else torch.cat([t.pooled for t in texts if t.pooled is not None])
+    if all(t.mask is None for t in texts):
+        return TextOut(torch.cat([t.states for t in texts]), pooled)
+    length = max(t.states.shape[1] for t in texts)
+    states, masks = [], []
+    for t in texts:
+        pad = length - t.states.shape[1]
+        mask = t.mask if t.mask is not None else torch.ones(t.states.shape[:2], dtype=torch.int64)
+        states.append(torch.nn.functional.pad(t.states, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(mask.to(torch.int64), (0, pad)))
+    return TextOut(torch.cat(states), pooled, torch.cat(masks))
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """One denoiser call's conditioning, row by row: token states, the guidance embedding (LCM's `timestep_cond`,
-    a FLUX-dev-style guidance), pooled text embeds and SDXL's size time ids, each where the architecture has it."""
+    a FLUX-dev-style guidance), pooled text embeds, SDXL's size time ids and the token mask (`TextOut.mask`), each
+    where the architecture has it."""
 
     states: torch.Tensor
     timestep_cond: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -66,14 +93,78 @@ class Geometry:
     multiple: int
 
 
-class Adapter(Protocol):
-    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry: ...
+class Adapter:
+    """What differs in code between architectures. `geometry`, `encode` and `denoise` are each adapter's own; the
+    VAE's normalisation (`decode`, `encode_image`) is shared unless an architecture's VAE differs (a video VAE's
+    frame axis, batch-norm statistics)."""
 
-    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut: ...
+    size_ids: bool = False
+    """Whether the denoiser takes SDXL's size time ids."""
+    patch: int = 1
+    """Latent cells per token side (FLUX's 2×2 packing: 2): an image's sequence length, which size-dependent
+    schedules (`mu`) read, is (h / patch) × (w / patch)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        raise NotImplementedError
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        """The text encoders' outputs as the pipeline conditions its denoiser on them."""
+        raise NotImplementedError
 
     def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The denoiser's prediction for latents `sample` (B, C, h, w) at per-row `timestep` (B,)."""
-        ...
+        """The denoiser's prediction for latents `sample` (B, C, h, w) at per-row `timestep` (B,), as the family's
+        scheduler takes it."""
+        raise NotImplementedError
+
+    def decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the sampler ends with them → images (B, 3, H, W) in [-1, 1]."""
+        return decode_latents(vae, latents)
+
+    def encode_image(self, vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → latents as the sampler starts an edit from them (`encode_latents`)."""
+        return encode_latents(vae, images, noise)
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        """The text tokenizer `index` is given for `prompt`: the prompt itself, or the pipeline's chat template
+        around it (LLM-encoded pipelines)."""
+        return prompt
+
+    def tokens(self, height: int, width: int) -> int:
+        """The image's sequence length for latents of `height` × `width` cells."""
+        return (height // self.patch) * (width // self.patch)
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the sampler ends with them → images in [-1, 1], undoing the VAE's scaling (and its shift, FLUX's
+    and SD3's, or SDXL-style per-channel latent statistics, where the VAE has them)."""
+    cfg = vae.config
+    scaling = float(getattr(cfg, "scaling_factor", None) or 1.0)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    shift = getattr(cfg, "shift_factor", None)
+    if mean is not None and std is not None:
+        c = latents.shape[1]
+        m = torch.tensor(mean).view(1, c, 1, 1).to(latents)
+        latents = latents * torch.tensor(std).view(1, c, 1, 1).to(latents) / scaling + m
+    else:
+        latents = latents / scaling + (float(shift) if shift is not None else 0.0)
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def encode_latents(vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → scaled latents, as the img2img pipelines make their starting latents: the posterior
+    sampled (mean + std × `noise`), then scaled (and normalised by the per-channel latent statistics where the
+    VAE has them: SDXL-style)."""
+    dist = vae.encode(images, return_dict=False)[0]
+    x = dist.mean + dist.std * noise.to(dist.mean)
+    cfg = vae.config
+    scaling = float(getattr(cfg, "scaling_factor", None) or 1.0)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        c = x.shape[1]
+        m, s = torch.tensor(mean).view(1, c, 1, 1).to(x), torch.tensor(std).view(1, c, 1, 1).to(x)
+        return (x - m) * scaling / s
+    shift = getattr(cfg, "shift_factor", None)
+    return (x - (float(shift) if shift is not None else 0.0)) * scaling
 
 
 def config_int(config: dict[str, Any], key: str, where: str, default: int, high: int) -> int:
@@ -97,7 +188,7 @@ def vae_scale(vae: dict[str, Any]) -> int:
     return int(2 ** (len(config_ints(vae, "block_out_channels", "vae/config.json", [0])) - 1))
 
 
-class UNetSD:
+class UNetSD(Adapter):
     """Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`): one CLIP encoder's last hidden state (masked where the
     encoder says so), the UNet called as the pipeline calls it."""
 
@@ -135,6 +226,8 @@ class UNetSDXL(UNetSD):
     """SDXL (`StableDiffusionXLPipeline`): both CLIP encoders' penultimate hidden states side by side and the
     projection model's pooled embeds; the UNet takes them with the size time ids."""
 
+    size_ids = True
+
     def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
         states, pooled = [], None
         for enc, x in zip(encoders, ids, strict=True):
@@ -145,12 +238,12 @@ class UNetSDXL(UNetSD):
         return TextOut(torch.cat(states, dim=-1), pooled)
 
 
-class Flux:
+class Flux(Adapter):
     """FLUX.1 (`FluxPipeline`): CLIP's pooled output and T5's last hidden state (no attention mask, as the pipeline
     encodes); the transformer takes the latents packed 2×2 into tokens, (0, row, column) position ids, zero text
     ids and the timestep divided by 1000; a guidance embedding only where the transformer has one."""
 
-    PATCH = 2
+    patch = 2
     DEFAULT_SAMPLE_SIZE = 128
     """FluxPipeline's `default_sample_size`: its native side is this many latent cells (1024 pixels)."""
 
@@ -158,13 +251,13 @@ class Flux:
         factor = vae_scale(vae)
         channels = config_int(vae, "latent_channels", "vae/config.json", 16, 1024)
         packed = config_int(network, "in_channels", "transformer/config.json", 64, 4096)
-        if packed != channels * self.PATCH**2:
+        if packed != channels * self.patch**2:
             raise CheckpointError(
                 f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels × 4 (2×2 "
                 f"patches). Given: {packed}"
             )
         side = min(self.DEFAULT_SAMPLE_SIZE * factor, MAX_SIDE)
-        return Geometry(side, channels, factor, factor * self.PATCH)
+        return Geometry(side, channels, factor, factor * self.patch)
 
     def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
         clip, t5 = encoders
@@ -173,7 +266,7 @@ class Flux:
 
     def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, c, h, w = sample.shape
-        p = self.PATCH
+        p = self.patch
         tokens = (
             sample.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * 4)
         )

@@ -40,6 +40,7 @@ import numpy as np
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
+from fewstep.models.architectures import architecture
 from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS, EditRule
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
@@ -77,7 +78,18 @@ class Family:
     step_count_is_the_checkpoints: bool = False
     """A checkpoint is distilled for one step count: `--steps` picks which (default `default_steps`)."""
     kind: Literal["unet", "flow"] = "unet"
-    """The architectures it samples (`Architecture.schedulers`)."""
+    """Its sampling math (`Architecture.schedulers`): the DDPM-era schedulers' timesteps or flow's sigmas."""
+    architectures: tuple[str, ...] = ()
+    """The architectures (`models.architectures`) its students are, where a family is distilled from one base
+    (the transformers'); empty: any architecture its `kind` samples (the UNet families: SD and SDXL alike)."""
+
+    def fits(self, arch: str) -> bool:
+        return arch in self.architectures if self.architectures else architecture(arch).schedulers == self.kind
+
+    mu: dict[str, Any] | None = None
+    """Flow families whose scheduler shifts dynamically: how `mu` follows the image's sequence length and the step
+    count (`mu_of`): `{"rule": "constant", "value": v}`, `{"rule": "linear", "base_seq", "max_seq",
+    "base_shift", "max_shift"}` (FluxPipeline's `calculate_shift`) or `{"rule": "flux2-empirical"}`."""
     max_sequence_length: int | None = None
     """Tokens of the T5-style prompt encoding (the pipeline's `max_sequence_length`), where there is one."""
 
@@ -144,6 +156,7 @@ FAMILIES: dict[str, Family] = {
         steps=(1, 2, 3, 4),
         default_steps=4,
         kind="flow",
+        architectures=("flux",),
         max_sequence_length=256,
     ),
 }
@@ -167,6 +180,9 @@ class Recipe:
     """Flow families: the sigmas each step count is set with (`set_timesteps(sigmas=…)`); `timesteps` are then the
     scheduler's sigma × 1000, not integers."""
     max_sequence_length: int | None = None
+    mu: dict[str, Any] | None = None
+    """The family's `mu` rule (`Family.mu`); then `timesteps` are those of the native size, and each image's are
+    set for its own sequence length (`mu_of`)."""
 
     def __post_init__(self) -> None:
         """Bounds (`schedules.MAX_STEPS`, `MAX_TRAIN_TIMESTEPS`): a recipe is read from untrusted manifests."""
@@ -192,6 +208,8 @@ class Recipe:
             raise CheckpointError(
                 f"the recipe's `max_sequence_length` must be 1 to 1024. Given: {self.max_sequence_length}"
             )
+        if self.mu is not None:
+            mu_of(self.mu, 4096, self.default_steps)  # a manifest's rule is checked before any image needs it
         if self.default_steps not in self.timesteps:
             raise CheckpointError(f"the recipe's default steps {self.default_steps} have no timestep list")
 
@@ -227,6 +245,7 @@ class Recipe:
                 custom_timesteps=bool(d["custom_timesteps"]),
                 sigmas={int(k): [float(x) for x in v] for k, v in sigmas.items()},
                 max_sequence_length=None if d.get("max_sequence_length") is None else int(d["max_sequence_length"]),
+                mu=None if d.get("mu") is None else dict(d["mu"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"manifest has no valid recipe ({e})") from e
@@ -250,18 +269,19 @@ def resolve(
     shipped_config: dict[str, Any],
     embeds_guidance: bool,
     steps: list[int] | None = None,
-    kind: str = "unet",
+    arch: str = "sd",
+    native_tokens: int = 4096,
 ) -> Recipe:
     """`family`'s recipe for a pipeline whose scheduler config is `shipped_config`, whose denoiser does (or does
-    not) take a guidance embedding, and whose architecture `kind` samples (`unet` or `flow`). `steps`: the step
-    counts to serve (default the family's; a family whose checkpoints are distilled for one step count serves only
-    `default_steps` unless told otherwise)."""
+    not) take a guidance embedding, and whose architecture is `arch`. `steps`: the step counts to serve (default
+    the family's; a family whose checkpoints are distilled for one step count serves only `default_steps` unless
+    told otherwise). `native_tokens`: the native image's sequence length (the recipe's timesteps are for it)."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
     f = FAMILIES[family]
-    if f.kind != kind:
-        fits = sorted(n for n, g in FAMILIES.items() if g.kind == kind)
-        raise CheckpointError(f"family {family!r} samples {f.kind} models, not this pipeline; choose from {fits}")
+    if not f.fits(arch):
+        fits = sorted(n for n, g in FAMILIES.items() if g.fits(arch))
+        raise CheckpointError(f"family {family!r} does not sample {arch} pipelines; choose from {fits}")
     wanted = steps or ([f.default_steps] if f.step_count_is_the_checkpoints else list(f.steps))
     bad = [n for n in wanted if n not in f.steps]
     if bad:
@@ -281,7 +301,8 @@ def resolve(
     for n in wanted:
         if f.kind == "flow":
             sigmas[n] = flow_sigmas(n)
-            scheduler.set_timesteps(sigmas=sigmas[n])
+            mu = None if f.mu is None else mu_of(f.mu, native_tokens, n)
+            scheduler.set_timesteps(sigmas=sigmas[n], mu=mu)
             timesteps[n] = [float(t) for t in scheduler.timesteps]
             continue
         if custom:
@@ -297,7 +318,7 @@ def resolve(
         raise CheckpointError(f"family {family!r} is guidance-free; this transformer embeds guidance (a dev model?)")
     return Recipe(
         f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom, sigmas,
-        f.max_sequence_length,
+        f.max_sequence_length, None if f.mu is None else dict(f.mu),
     )  # fmt: skip
 
 
@@ -306,12 +327,35 @@ def flow_sigmas(steps: int) -> list[float]:
     return [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)]
 
 
-def detect(shipped_config: dict[str, Any], embeds_guidance: bool, kind: str = "unet") -> str:
+def mu_of(rule: dict[str, Any], tokens: int, steps: int) -> float:
+    """`mu` for an image of `tokens` sequence length sampled in `steps` steps, by the family's rule; CheckpointError
+    for a rule that is not one of these (a manifest is untrusted)."""
+    kind = rule.get("rule")
+    try:
+        if kind == "constant":
+            return float(rule["value"])
+        if kind == "linear":  # FluxPipeline's calculate_shift
+            lo, hi = float(rule["base_seq"]), float(rule["max_seq"])
+            m = (float(rule["max_shift"]) - float(rule["base_shift"])) / (hi - lo)
+            return tokens * m + float(rule["base_shift"]) - m * lo
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"the recipe's `mu` rule is not valid ({type(e).__name__})") from e
+    if kind == "flux2-empirical":  # Flux2KleinPipeline's compute_empirical_mu
+        a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+        if tokens > 4300:
+            return a2 * tokens + b2
+        m200, m10 = a2 * tokens + b2, a1 * tokens + b1
+        a = (m200 - m10) / 190.0
+        return a * steps + (m200 - 200.0 * a)
+    raise CheckpointError(f"unknown `mu` rule {str(kind)[:40]!r}; known: constant, linear, flux2-empirical")
+
+
+def detect(shipped_config: dict[str, Any], embeds_guidance: bool, arch: str = "sd") -> str:
     """The family a pipeline's own scheduler config (and its denoiser) says it is; CheckpointError listing the
     families when it cannot tell (then `--family` must say)."""
     cls = shipped_config.get("_class_name")
     dynamic = shipped_config.get("use_dynamic_shifting")
-    if kind == "flow" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
+    if arch == "flux" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
         return "flux-schnell"  # schnell: no shifting, no guidance embedding (dev has both)
     if cls == "TCDScheduler":
         return "tcd"
@@ -322,5 +366,5 @@ def detect(shipped_config: dict[str, Any], embeds_guidance: bool, kind: str = "u
     raise CheckpointError(
         f"cannot tell the family from the pipeline's scheduler ({cls}"
         f"{', trailing' if shipped_config.get('timestep_spacing') == 'trailing' else ''}): "
-        f"pass `--family` with one of {sorted(FAMILIES)}"
+        f"pass `--family` with one of {sorted(n for n, f in FAMILIES.items() if f.fits(arch))}"
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy
-from fewstep.models.architectures import Architecture, by_pipeline, config_int
+from fewstep.models.architectures import CLIP_TOKENIZERS, Architecture, by_pipeline, config_int
 from fewstep.models.checkpoint import PICKLE_SUFFIXES, sha256_file
 from fewstep.models.lora import fuse as fuse_lora
 from fewstep.models.registry import Registry
@@ -39,6 +39,8 @@ KNOWN_FILES = frozenset(
         "vocab.json",
         "vocab.txt",
         "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
     }
 )
 """The config and tokenizer files a component may carry; others (READMEs, notes, anything else) are not copied."""
@@ -285,9 +287,11 @@ def import_pipeline(
         embeds = network_config.get("time_cond_proj_dim") is not None or bool(network_config.get("guidance_embeds"))
         recipe = None
         if family != "base":
+            g = arch.adapter.geometry(network_config, vae_config)
+            cells = g.side // g.vae_factor
             recipe = families.resolve(
-                family or families.detect(shipped_scheduler, embeds, arch.schedulers), shipped_scheduler, embeds, steps,
-                arch.schedulers,
+                family or families.detect(shipped_scheduler, embeds, arch.name), shipped_scheduler, embeds, steps,
+                arch.name, arch.adapter.tokens(cells, cells),
             )  # fmt: skip
         lengths = _check_tokenizers(files, arch, components, recipe.max_sequence_length if recipe else None)
         manifest = _manifest(name, arch, cls, components, variants, network_config, vae_config, lengths, imported)
@@ -334,9 +338,9 @@ def _check_tokenizers(
     files: dict[str, Path], arch: Architecture, components: dict[str, str], sequence: int | None
 ) -> list[int]:
     """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed: its
-    padded length (`model_max_length`; a T5's: the family's `max_sequence_length`) at most the encoder's positions
-    (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its vocabulary. Each
-    tokenizer's padded length."""
+    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`) at most the
+    encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its
+    vocabulary. Each tokenizer's padded length."""
     lengths = []
     with tempfile.TemporaryDirectory() as work:
         for tok_name, enc_name in zip(arch.tokenizers, arch.encoders, strict=True):
@@ -348,13 +352,16 @@ def _check_tokenizers(
             encoder = json.loads(files[f"{enc_name}/config.json"].read_text())
             relative = "relative_attention_num_buckets" in encoder  # T5: relative positions, no table to overrun
             where = f"{enc_name}/config.json"
-            positions = config_int(
-                encoder, "max_position_embeddings", where, MAX_TOKENS if relative else 77, MAX_TOKENS
+            positions = min(
+                config_int(encoder, "max_position_embeddings", where, MAX_TOKENS if relative else 77, 1 << 20),
+                MAX_TOKENS,
             )
             vocabulary = config_int(encoder, "vocab_size", f"{enc_name}/config.json", 49408, 1 << 24)
+            # CLIP encodes its own 77 tokens; a T5 or LLM encoder the family's `max_sequence_length`.
+            clip = components[tok_name] in CLIP_TOKENIZERS
             try:
                 tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
-                length = sequence if relative and sequence is not None else tok.model_max_length
+                length = sequence if not clip and sequence is not None else tok.model_max_length
                 if not isinstance(length, int) or not 1 <= length <= positions:
                     raise CheckpointError(
                         f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from fewstep.errors import CheckpointError
-from fewstep.models.families import Recipe, scheduler_class
+from fewstep.models.architectures import architecture, stack
+from fewstep.models.families import Recipe, mu_of, scheduler_class
 from fewstep.models.pipelines import (
     LatentNets,
     TextOut,
@@ -81,7 +82,8 @@ class Walk:
 
     draw: Draw
     scheduler: Any
-    timesteps: list[int]
+    timesteps: list[Any]
+    """Its timesteps: integers, or a flow family's sigma × 1000."""
     latents: torch.Tensor
     cond: TextOut
     uncond: TextOut | None
@@ -119,7 +121,7 @@ def noised(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, t: torch.Te
 
 def text_bytes(t: TextOut) -> int:
     """Bytes one prompt's conditioning holds."""
-    return sum(x.numel() * x.element_size() for x in (t.states, t.pooled) if x is not None)
+    return sum(x.numel() * x.element_size() for x in (t.states, t.pooled, t.mask) if x is not None)
 
 
 class LatentSampler:
@@ -142,6 +144,12 @@ class LatentSampler:
         if self.trajectory and self.recipe.scheduler not in TRAJECTORY_SCHEDULERS:
             raise CheckpointError(f"{folder.name}: the trajectory hand-off needs one of {TRAJECTORY_SCHEDULERS}")
         self.factor = vae_factor(manifest)
+        try:
+            side = int(str(manifest.get("native_size", "512x512")).split("x")[0]) // self.factor
+        except ValueError as e:
+            raise CheckpointError(f"{folder.name}: manifest's `native_size` is not WxH") from e
+        self.native = (side, side)
+        self.adapter = architecture(nets.arch).adapter
         self.channels = int(manifest.get("latent", {}).get("channels", 4))
         self.tokenizers = load_tokenizers(folder, manifest)
         index = json.loads((folder / "model_index.json").read_text())
@@ -163,7 +171,7 @@ class LatentSampler:
         for n, ts in self.recipe.timesteps.items():
             sched = cls.from_config(self.recipe.scheduler_config)
             if n in self.recipe.sigmas:
-                sched.set_timesteps(sigmas=self.recipe.sigmas[n], device=self.device)
+                sched.set_timesteps(sigmas=self.recipe.sigmas[n], mu=self._mu(self.native, n), device=self.device)
                 same = all(abs(float(a) - b) < 1e-3 for a, b in zip(sched.timesteps, ts, strict=True))
             else:
                 if self.recipe.custom_timesteps:
@@ -175,6 +183,11 @@ class LatentSampler:
                 raise CheckpointError(f"{folder.name}: the scheduler's {n}-step timesteps are not the recipe's {ts}")
             templates[n] = sched
         return templates
+
+    def _mu(self, cells: tuple[int, int], steps: int) -> float | None:
+        """The recipe's `mu` for latents of `cells` (h, w) in `steps` steps; None for a static shift."""
+        rule = self.recipe.mu
+        return None if rule is None else mu_of(rule, self.adapter.tokens(*cells), steps)
 
     # -- conditioning -----------------------------------------------------------------------------
     def text(self, prompts: list[tuple[str, str | None]]) -> list[TextOut]:
@@ -207,7 +220,9 @@ class LatentSampler:
         pipeline says so), else the negative prompt's (or the empty prompt's) encoding."""
         if negative is None and self.zero_negative:
             return TextOut(
-                torch.zeros_like(cond.states), None if cond.pooled is None else torch.zeros_like(cond.pooled)
+                torch.zeros_like(cond.states),
+                None if cond.pooled is None else torch.zeros_like(cond.pooled),
+                cond.mask,
             )
         return self.text([(negative or "", None)])[0]
 
@@ -224,6 +239,11 @@ class LatentSampler:
         walks = []
         for d, cond in zip(draws, conds, strict=True):
             sched = copy.deepcopy(self.templates[d.steps])
+            timesteps: list[Any] = list(self.recipe.timesteps[d.steps])
+            if self.recipe.mu is not None:  # the shift follows this image's sequence length
+                mu = self._mu((d.height // self.factor, d.width // self.factor), d.steps)
+                sched.set_timesteps(sigmas=self.recipe.sigmas[d.steps], mu=mu, device=self.device)
+                timesteps = [float(t) for t in sched.timesteps]
             shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
             noise = item_noise(d.seed, 0, shape).to(self.device)
             first = 0 if d.image is None else d.steps - kept_steps(d.steps, d.strength, self.recipe.edit_rule)
@@ -232,7 +252,7 @@ class LatentSampler:
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
             uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
             latents = noise * getattr(sched, "init_noise_sigma", 1.0) if d.image is None else noise
-            walks.append(Walk(d, sched, self.recipe.timesteps[d.steps], latents, cond, uncond, k=first))
+            walks.append(Walk(d, sched, timesteps, latents, cond, uncond, k=first))
         self._edit_starts([w for w in walks if w.draw.image is not None])
         return walks
 
@@ -270,7 +290,8 @@ class LatentSampler:
         nets = self.base if by_base else self.nets
         if nets is None:
             raise CheckpointError("a hybrid walk needs the base model's networks")
-        xs, ts, states, pooled, tids, tconds, spans = [], [], [], [], [], [], []
+        xs, ts, texts, tids, tconds, spans = [], [], [], [], [], []
+        sized = architecture(nets.arch).adapter.size_ids  # the base model's nets may be another architecture's
         for w in group:
             t = w.scheduler.timesteps[w.k]
             x = w.latents if by_base and self.trajectory else scaled(w.scheduler, w.latents, t)
@@ -280,20 +301,21 @@ class LatentSampler:
                 assert r is not None
                 xs.append(x)
                 ts.append(float(t))
-                states.append(r.states)
-                if r.pooled is not None:
-                    pooled.append(r.pooled)
+                texts.append(r)
+                if sized:
                     tids.append(time_ids(*w.size))
                 if nets.time_cond_dim is not None:
                     tconds.append(guidance_embedding(torch.tensor([w.draw.guidance - 1.0]), nets.time_cond_dim))
         dev = self.device
+        text = stack(texts)
         pred = nets.unet(
             torch.cat(xs),
             torch.tensor(ts, device=dev),
-            torch.cat(states),
+            text.states,
             torch.cat(tconds).to(dev) if tconds else None,
-            torch.cat(pooled) if pooled else None,
+            text.pooled,
             torch.cat(tids).to(dev) if tids else None,
+            mask=text.mask,
         )
         at = 0
         for w, n in zip(group, spans, strict=True):

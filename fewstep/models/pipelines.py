@@ -19,7 +19,7 @@ import torch
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
-from fewstep.models.architectures import Conditioning, TextOut, architecture
+from fewstep.models.architectures import Adapter, Conditioning, TextOut, architecture
 
 
 class LatentNets(Protocol):
@@ -42,8 +42,10 @@ class LatentNets(Protocol):
         timestep_cond: torch.Tensor | None,
         pooled: torch.Tensor | None,
         time_ids: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The UNet's prediction for latents `sample` (B, C, h, w) at per-row `timestep` (B,)."""
+        """The denoiser's prediction for latents `sample` (B, C, h, w) at per-row `timestep` (B,); `mask`: the
+        token mask of `states` where prompts keep their own lengths (`TextOut.mask`)."""
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,8 @@ class Tokenizers:
 
     items: list[Any]
     lengths: list[int] | None = None
+    adapter: Adapter | None = None
+    """The architecture's adapter: what text each tokenizer is given for a prompt (`Adapter.template`)."""
     """Each tokenizer's padded length: its `model_max_length` unless the family says (FLUX's T5: the pipeline's
     `max_sequence_length`)."""
 
@@ -103,7 +107,8 @@ class Tokenizers:
         the prompt's first tokens are kept, the end mark last)."""
         ids, masks = [], []
         for i, tok in enumerate(self.items):
-            batch = tok(prompts, padding="max_length", max_length=self.length(i), truncation=True, return_tensors="pt")
+            texts = prompts if self.adapter is None else [self.adapter.template(tok, i, p) for p in prompts]
+            batch = tok(texts, padding="max_length", max_length=self.length(i), truncation=True, return_tensors="pt")
             ids.append(batch.input_ids)
             masks.append(batch.attention_mask)
         return ids, masks
@@ -119,7 +124,8 @@ def load_tokenizers(folder: Path, manifest: dict[str, Any]) -> Tokenizers:
     names = architecture(manifest["pipeline"]["arch"]).tokenizers
     lengths = manifest.get("text", {}).get("lengths")
     items = [lazy.attr("transformers", components[n]).from_pretrained(str(folder / n)) for n in names]
-    return Tokenizers(items, [int(n) for n in lengths] if isinstance(lengths, list) else None)
+    spec = architecture(manifest["pipeline"]["arch"])
+    return Tokenizers(items, [int(n) for n in lengths] if isinstance(lengths, list) else None, spec.adapter)
 
 
 class TorchNets:
@@ -133,11 +139,12 @@ class TorchNets:
         variants = pipe.get("variants") or {}
         kw: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True}
         try:
-            network = lazy.attr("diffusers", spec.components[spec.network][0])
+            # The classes the manifest names (checked against the architecture's at import).
+            network = lazy.attr("diffusers", _component(pipe, spec.components, spec.network))
             self.unet_model = network.from_pretrained(
                 str(folder / spec.network), variant=variants.get(spec.network), **kw
             )
-            vae_class = lazy.attr("diffusers", "AutoencoderKL")
+            vae_class = lazy.attr("diffusers", _component(pipe, spec.components, "vae"))
             self.vae = vae_class.from_pretrained(str(folder / "vae"), variant=variants.get("vae"), **kw)
             self.encoders = [
                 lazy.attr("transformers", pipe["components"][n]).from_pretrained(
@@ -170,60 +177,43 @@ class TorchNets:
         timestep_cond: torch.Tensor | None,
         pooled: torch.Tensor | None,
         time_ids: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The networks run in their dtype (half types on CUDA); the scheduler's math stays in float32.
         def cast(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(self.device, self.dtype)
 
-        cond = Conditioning(states.to(self.device, self.dtype), cast(timestep_cond), cast(pooled), cast(time_ids))
+        cond = Conditioning(
+            states.to(self.device, self.dtype),
+            cast(timestep_cond),
+            cast(pooled),
+            cast(time_ids),
+            None if mask is None else mask.to(self.device),
+        )
         x = sample.to(self.device, self.dtype)
         return self.adapter.denoise(self.unet_model, x, timestep.to(self.device), cond).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents.to(self.device, self.vae_dtype)).float()
+        return self.adapter.decode(self.vae, latents.to(self.device, self.vae_dtype)).float()
 
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images.to(self.device, self.vae_dtype), noise.to(self.device)).float()
+        images = images.to(self.device, self.vae_dtype)
+        return self.adapter.encode_image(self.vae, images, noise.to(self.device)).float()
+
+
+def _component(pipe: dict[str, Any], allowed: dict[str, tuple[str, ...]], key: str) -> str:
+    """The class the manifest names for component `key`, if the architecture allows it (a manifest is untrusted)."""
+    cls = pipe.get("components", {}).get(key, allowed[key][0])
+    if cls not in allowed[key]:
+        raise CheckpointError(f"{key} class {str(cls)[:60]!r} is not one a {pipe.get('class')} takes")
+    return str(cls)
 
 
 def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
     """The denoiser's conditioning as the pipelines compute it: the architecture's adapter's."""
     return architecture(arch).adapter.encode(encoders, ids, masks)
-
-
-def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents as the sampler ends with them → images in [-1, 1], undoing the VAE's scaling (and its shift, FLUX's
-    and SD3's, or SDXL-style per-channel latent statistics, where the VAE has them)."""
-    cfg = vae.config
-    scaling = float(cfg.scaling_factor)
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    shift = getattr(cfg, "shift_factor", None)
-    if mean is not None and std is not None:
-        c = latents.shape[1]
-        m = torch.tensor(mean).view(1, c, 1, 1).to(latents)
-        latents = latents * torch.tensor(std).view(1, c, 1, 1).to(latents) / scaling + m
-    else:
-        latents = latents / scaling + (float(shift) if shift is not None else 0.0)
-    return vae.decode(latents, return_dict=False)[0]
-
-
-def encode_latents(vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] → scaled latents, as the img2img pipelines make their starting latents: the posterior
-    sampled (mean + std × `noise`), then scaled (and normalised by the per-channel latent statistics where the
-    VAE has them: SDXL-style)."""
-    dist = vae.encode(images, return_dict=False)[0]
-    x = dist.mean + dist.std * noise.to(dist.mean)
-    cfg = vae.config
-    scaling = float(cfg.scaling_factor)
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        c = x.shape[1]
-        m, s = torch.tensor(mean).view(1, c, 1, 1).to(x), torch.tensor(std).view(1, c, 1, 1).to(x)
-        return (x - m) * scaling / s
-    shift = getattr(cfg, "shift_factor", None)
-    return (x - (float(shift) if shift is not None else 0.0)) * scaling
 
 
 def vae_factor(manifest: dict[str, Any]) -> int:
