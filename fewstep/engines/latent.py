@@ -28,6 +28,7 @@ from fewstep.engines.base import (
 from fewstep.engines.pixels import decode_png
 from fewstep.engines.specs import GuidanceRule, ImageSpec, Sizes
 from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, InvalidRequest
+from fewstep.models.architectures import architecture
 from fewstep.models.checkpoint import read_manifest
 from fewstep.models.families import Recipe
 from fewstep.models.latent_sampler import Draw, LatentSampler
@@ -51,6 +52,14 @@ def latent_spec(
     g = recipe.guidance
     multiple = size_multiple(manifest)
     pair = manifest.get("hybrid") or {}
+    arch = architecture(manifest["pipeline"]["arch"])
+    edits_reason = (
+        EDITS_NEED_TORCH
+        if backend_name != "torch"
+        else None
+        if arch.edits
+        else f"edits of {arch.name} pipelines are not served yet (no img2img parity test)"
+    )
     teacher_nfe = 2 if float(pair.get("teacher_guidance", 0.0)) > 1.0 else 1
     return ImageSpec(
         model=manifest["name"],
@@ -66,9 +75,9 @@ def latent_spec(
         sizes=None if sides is None else Sizes(max(sides[0], multiple), sides[1], multiple),
         guidance=GuidanceRule(g.mode, g.low, g.high, g.default),
         family=recipe.family,
-        edits=backend_name == "torch",
+        edits=edits_reason is None,
         edit_rule=recipe.edit_rule,
-        edits_reason=None if backend_name == "torch" else EDITS_NEED_TORCH,
+        edits_reason=edits_reason,
     )
 
 

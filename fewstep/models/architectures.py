@@ -307,6 +307,9 @@ class Architecture:
     schedulers: Literal["unet", "flow"]
     """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
     adapter: Adapter
+    edits: bool = False
+    """Whether its edits are served: only where a test shows them equal to the architecture's diffusers img2img
+    pipeline (`tests/engines/test_latent.py`)."""
 
     @property
     def weighted(self) -> tuple[str, ...]:
@@ -330,6 +333,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer",),
         "unet",
         UNetSD(),
+        edits=True,  # StableDiffusionImg2ImgPipeline
     ),
     "sdxl": Architecture(
         "sdxl",
@@ -340,6 +344,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer", "tokenizer_2"),
         "unet",
         UNetSDXL(),
+        edits=True,  # StableDiffusionXLImg2ImgPipeline
     ),
     "flux": Architecture(
         "flux",
@@ -357,6 +362,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer", "tokenizer_2"),
         "flow",
         Flux(),
+        edits=True,  # FluxImg2ImgPipeline
     ),
 }
 
