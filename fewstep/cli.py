@@ -384,7 +384,11 @@ def parser() -> argparse.ArgumentParser:
     )
     im.add_argument("--steps", help="comma-separated step counts to serve (default: the family's)")
     im.add_argument("--teacher", help="an imported base pipeline that shares the VAE and text encoders (hybrid)")
-    im.add_argument("--handoff", default="renoise", choices=["renoise", "trajectory"], help="the hybrid's hand-off")
+    im.add_argument(
+        "--handoff",
+        choices=["renoise", "trajectory"],
+        help="the hybrid's hand-off (default: trajectory for flow pairs, renoise for UNet pairs)",
+    )
     im.add_argument("--teacher-guidance", type=float, default=0.0, help="the teacher's CFG scale in the hybrid")
     im.add_argument("--lora", help="a distillation LoRA (safetensors) fused into the networks as diffusers fuses it")
     im.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in the fusion (default 1)")

@@ -225,14 +225,15 @@ def import_pipeline(
     teacher: str | None = None,
     convert_pickle: bool = False,
     steps: list[int] | None = None,
-    handoff: str = "renoise",
+    handoff: str | None = None,
     teacher_guidance: float = 0.0,
     lora: Path | None = None,
     lora_scale: float = 1.0,
 ) -> tuple[str, str]:
     """Import the pipeline at `path` as the next version of `name`; returns (name, version).
-    `family="base"` imports a base model, served only as a student's teacher (`teacher`); `lora`: a distillation
-    LoRA fused into its networks at `lora_scale` (`models.lora`)."""
+    `family="base"` imports a base model, served only as a student's teacher (`teacher`); `handoff`: the hybrid's
+    (default `trajectory` for flow pairs, `renoise` for UNet pairs); `lora`: a distillation LoRA fused into its
+    networks at `lora_scale` (`models.lora`)."""
     src = Source(path)
     index = src.json("model_index.json")
     cls = str(index.get("_class_name"))
@@ -304,9 +305,10 @@ def import_pipeline(
             assert recipe is not None
             manifest["recipe"] = recipe.to_dict()
         if teacher is not None:
-            manifest["teacher"], manifest["hybrid"] = _teacher(
-                registry, teacher, files, ("vae", *arch.encoders), handoff, teacher_guidance
-            )
+            # Flow teachers hand off along their ODE by default: their x0 estimate at t = 1 is the same for every
+            # seed, so re-noising it forgets the seed (tests/engines/test_latent.py shows it).
+            chosen = handoff or ("trajectory" if arch.schedulers == "flow" else "renoise")
+            manifest["teacher"], manifest["hybrid"] = _teacher(registry, teacher, files, arch, chosen, teacher_guidance)
         return registry.publish_files(files, manifest, model=name, promote=True)
 
 
@@ -379,9 +381,10 @@ def _check_tokenizers(
 
 
 def _teacher(
-    registry: Registry, teacher: str, files: dict[str, Path], parts: tuple[str, ...], handoff: str, guidance: float
+    registry: Registry, teacher: str, files: dict[str, Path], arch: Architecture, handoff: str, guidance: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The reference to a base pipeline in the registry that shares the student's VAE and text encoders."""
+    """The reference to a base pipeline in the registry of the student's architecture that shares its VAE and text
+    encoders (identified by its denoiser's first weights file)."""
     if handoff not in ("renoise", "trajectory"):
         raise CheckpointError(f"--handoff must be renoise or trajectory. Given: {handoff!r}")
     version = registry.promoted(teacher)
@@ -390,9 +393,14 @@ def _teacher(
     theirs = registry.validate(teacher, version)
     if theirs.get("kind") not in ("diffusers", "diffusers-teacher"):
         raise CheckpointError(f"--teacher {teacher!r} is not an imported diffusers pipeline")
-    shared = [r for r in files if r.split("/")[0] in parts and r.endswith("tensors")]
+    if theirs.get("pipeline", {}).get("arch") != arch.name:
+        raise CheckpointError(f"--teacher {teacher!r} is not a {arch.name} pipeline, as the student is")
+    shared = [r for r in files if r.split("/")[0] in ("vae", *arch.encoders) and r.endswith("tensors")]
     for rel in shared:
         if theirs["files"].get(rel, {}).get("sha256") != sha256_file(files[rel]):
             raise CheckpointError(f"--teacher {teacher!r} does not share the student's {rel.split('/')[0]}")
-    ref = {"name": teacher, "version": version, "sha256": theirs["files"][UNET_WEIGHTS]["sha256"], "file": UNET_WEIGHTS}
+    weights = sorted(r for r in theirs["files"] if r.startswith(f"{arch.network}/") and r.endswith(".safetensors"))
+    if not weights:
+        raise CheckpointError(f"--teacher {teacher!r} has no {arch.network} weights")
+    ref = {"name": teacher, "version": version, "sha256": theirs["files"][weights[0]]["sha256"], "file": weights[0]}
     return ref, {"handoff": handoff, "teacher_guidance": float(guidance)}

@@ -17,11 +17,13 @@ a set of walks one step:
 `decode` turns finished walks into pixels, batched by size. The latent engine schedules walks across
 requests; exporters call `sample` to compare their graphs with the torch networks.
 
-The hybrid of an imported pair: the base model's UNet takes the first timestep, with its guidance as the pair
+The hybrid of an imported pair: the base model's denoiser takes the first timestep, with its guidance as the pair
 says, and the student the rest. The hand-off is the pair's: `renoise` (the diversity-distillation paper's
 code: the base prediction goes through the student's own scheduler step, e.g. DMD2's LCM step, x0 re-noised
 to the next timestep) or `trajectory` (a deterministic DDIM step of the base model to the student's next
-timestep, which keeps the seed's noise; schedulers that work in ᾱ-space only).
+timestep, which keeps the seed's noise; schedulers that work in ᾱ-space only). For flow pairs the same two:
+the base's Euler step to the next sigma (`trajectory`, their default: a flow model's x0 estimate at σ = 1 is
+the same for every seed, so re-noising it forgets the seed) or its x0 estimate re-noised with fresh noise.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class LatentSampler:
         self.pair = dict(manifest.get("hybrid") or {})
         self.base_guidance = float(self.pair.get("teacher_guidance", 0.0))
         self.trajectory = self.pair.get("handoff") == "trajectory"
-        if self.trajectory and self.recipe.scheduler not in TRAJECTORY_SCHEDULERS:
+        self.flow = bool(self.recipe.sigmas)
+        if self.trajectory and not self.flow and self.recipe.scheduler not in TRAJECTORY_SCHEDULERS:
             raise CheckpointError(f"{folder.name}: the trajectory hand-off needs one of {TRAJECTORY_SCHEDULERS}")
         self.factor = vae_factor(manifest)
         try:
@@ -323,7 +326,9 @@ class LatentSampler:
             at += n
             scale = self.base_guidance if by_base else w.draw.guidance
             eps = out[0:1] + scale * (out[1:2] - out[0:1]) if n == 2 else out
-            if by_base and self.trajectory:
+            if by_base and self.flow:
+                w.estimate, w.latents = self._flow_handoff(w, eps)
+            elif by_base and self.trajectory:
                 w.estimate, w.latents = self._ddim_to_next(w, eps)
             else:
                 g = step_generator(w.draw.seed, w.k + 1)
@@ -334,6 +339,17 @@ class LatentSampler:
                     (e for e in (getattr(out, n, None) for n in ESTIMATES) if e is not None), out.prev_sample
                 )
             w.k += 1
+
+    def _flow_handoff(self, w: Walk, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A flow base model's step: its x0 estimate (x − σ v) and the next latents, along its ODE (the scheduler's
+        Euler step: the seed's noise kept) or re-noised to the next sigma with the (seed, k + 1) noise."""
+        t = w.scheduler.timesteps[w.k]
+        sigma, after = float(w.scheduler.sigmas[w.k]), float(w.scheduler.sigmas[w.k + 1])
+        euler = w.scheduler.step(v, t, w.latents, return_dict=True).prev_sample  # also moves its step index on
+        x0 = w.latents - sigma * v
+        if self.trajectory:
+            return x0, euler
+        return x0, (1 - after) * x0 + after * item_noise(w.draw.seed, w.k + 1, tuple(x0.shape)).to(x0)
 
     @staticmethod
     def _ddim_to_next(w: Walk, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

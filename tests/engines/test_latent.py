@@ -498,6 +498,105 @@ def test_the_hybrid_of_an_imported_pair_is_the_papers_recipe(
     assert isinstance(one, ImageResult)
 
 
+def _flux_pair(tiny_pipelines: dict[str, Path], tmp: Path, handoff: str | None) -> tuple[LatentEngine, Path]:
+    """A FLUX-style base (the teacher) and a student whose transformer is the base's, perturbed, over the same VAE
+    and text encoders (how a Qwen-Image + Lightning or a Z-Image + Turbo pair shares them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    registry = Registry(tmp / "registry")
+    import_pipeline(tiny_pipelines["flux"], "flux-base", registry, family="base")
+    student = tmp / "student"
+    shutil.copytree(tiny_pipelines["flux"], student)
+    weights = student / "transformer/diffusion_pytorch_model.safetensors"
+    g = torch.Generator().manual_seed(5)
+    state = load_file(str(weights))
+    save_file({k: v + 0.2 * v.std().nan_to_num(0) * torch.randn(v.shape, generator=g) for k, v in state.items()},
+              str(weights))  # fmt: skip
+    name, version = import_pipeline(student, "flux-student", registry, teacher="flux-base", handoff=handoff)
+    folder = registry.version_dir(name, version)
+    teacher = registry.named_dir(registry.manifest(name, version), "teacher")
+    engine = LatentEngine(folder, teacher_folder=teacher, sides=(16, 256))
+    engine.load()
+    return engine, student
+
+
+@pytest.mark.slow  # two imports and FluxPipeline loaded twice
+def test_a_flow_pairs_hybrid_follows_the_base_models_ode_by_default(
+    tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    """The hybrid of a flow pair hands off along the base model's ODE unless told otherwise: its image is
+    FluxPipeline's with the base transformer for the first step and the student's for the rest."""
+    import diffusers
+
+    engine, student = _flux_pair(tiny_pipelines, tmp_path, None)
+    assert engine.manifest["hybrid"]["handoff"] == "trajectory" and engine.spec.hybrid
+    item = ImageItem(PROMPT, 11, 3, hybrid=True, width=64, height=64)
+    (ours,) = engine.run([item])
+    assert isinstance(ours, ImageResult) and ours.nfe == 3
+
+    pipe = diffusers.FluxPipeline.from_pretrained(str(tiny_pipelines["flux"]))
+    pipe.set_progress_bar_config(disable=True)
+    theirs_student = diffusers.FluxTransformer2DModel.from_pretrained(str(student / "transformer"))
+
+    def to_student(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        p.transformer = theirs_student  # the base model's step is done: the student takes the rest
+        return {}
+
+    c, f = engine.sampler.channels, engine.sampler.factor
+    latents = pipe._pack_latents(item_noise(item.seed, 0, (1, c, 64 // f, 64 // f)), 1, c, 64 // f, 64 // f)
+    out = pipe(
+        PROMPT, num_inference_steps=3, guidance_scale=0.0, height=64, width=64, latents=latents, output_type="np",
+        max_sequence_length=engine.sampler.recipe.max_sequence_length, callback_on_step_end=to_student,
+    )  # fmt: skip
+    theirs = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2
+    (plain,) = engine.run([ImageItem(PROMPT, 11, 3, width=64, height=64)])
+    assert isinstance(plain, ImageResult) and np.abs(plain.pixels.astype(int) - ours.pixels).mean() > 1
+
+
+class MeanImageBase:
+    """A flow base model whose x0 estimate is one image at every point, as a trained flow model's is at σ = 1 (its
+    best estimate of x0 from pure noise is the data mean): v = (x − M) / σ."""
+
+    arch, time_cond_dim = "flux", None
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: Any, mask: Any = None) -> torch.Tensor:
+        return (sample - self.mean) / (timestep.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("handoff", ["renoise", "trajectory"])
+def test_on_a_flow_pair_renoise_forgets_the_seeds_noise_and_trajectory_keeps_it(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, handoff: str
+) -> None:
+    from fewstep.models.latent_sampler import Draw, LatentSampler
+
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(tiny_pipelines["flux"], "schnell", registry)
+    folder = registry.version_dir(name, version)
+    student = LatentEngine(folder)
+    student.load()
+    manifest = {**student.manifest, "hybrid": {"handoff": handoff, "teacher_guidance": 0.0}}
+    shape = (1, 4, 16, 16)
+    mean = torch.linspace(-0.5, 0.5, 4 * 16 * 16).reshape(shape)
+    sampler = LatentSampler(folder, manifest, student.sampler.nets, MeanImageBase(mean))  # type: ignore[arg-type]
+    walks = sampler.start([Draw(PROMPT, seed, 4, 32, 32, hybrid=True) for seed in (3, 4)])
+    sampler.advance(walks)  # the base model's step, σ 1 → 0.75
+    for w in walks:
+        assert torch.allclose(w.estimate, mean, atol=1e-5)  # the same x0 estimate for every seed  # type: ignore[arg-type]
+        seeds_noise = item_noise(w.draw.seed, 0, shape)
+        kept = torch.allclose(w.latents, 0.25 * mean + 0.75 * seeds_noise, atol=1e-5)
+        fresh = torch.allclose(w.latents, 0.25 * mean + 0.75 * item_noise(w.draw.seed, 1, shape), atol=1e-5)
+        assert (kept, fresh) == ((True, False) if handoff == "trajectory" else (False, True))
+    while not all(w.done for w in walks):
+        sampler.advance(walks)
+    assert all(p is not None for p in sampler.decode(walks))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_networks_keep_the_scheduler_in_float32(
     tiny_pipelines: dict[str, Path], tmp_path: Path, dtype: str
