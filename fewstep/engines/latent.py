@@ -72,6 +72,7 @@ def latent_spec(
         hybrid=hybrid,
         hybrid_reason=hybrid_reason,
         teacher_nfe=teacher_nfe,
+        text_cost=arch.text_cost,
         sizes=None if sides is None else Sizes(max(sides[0], multiple), sides[1], multiple),
         guidance=GuidanceRule(g.mode, g.low, g.high, g.default),
         family=recipe.family,

@@ -152,6 +152,9 @@ class ImageSpec(Spec):
     api: ClassVar[Api] = "image"
     teacher_nfe: int = 2
     """Network evaluations of the teacher's part of a hybrid item (classic CFG: 2 per teacher step)."""
+    text_cost: int = 0
+    """What encoding an item's prompt costs, in denoiser evaluations (`Architecture.text_cost`): counted in its
+    cost, not in its `nfe`."""
     sizes: Sizes | None = None
     guidance: GuidanceRule = GuidanceRule()
     family: str | None = None
@@ -270,6 +273,11 @@ class ImageSpec(Spec):
         if hybrid."""
         per_step = 2 if self.uses_cfg(item) else 1
         return self.run_steps(item) * per_step + (self.teacher_nfe - per_step if item.hybrid else 0)
+
+    def cost(self, item: ImageItem) -> int:
+        """What an item is charged against per-key limits: its evaluations and its prompt's encoding (charged even
+        when the prompt cache will have it: the charge is made before the item runs)."""
+        return self.nfe(item) + self.text_cost
 
     def uses_cfg(self, item: ImageItem) -> bool:
         """Whether the item runs classic CFG (two evaluations per step): a `cfg` model above guidance 1."""

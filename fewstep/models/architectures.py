@@ -307,6 +307,11 @@ class Architecture:
     schedulers: Literal["unet", "flow"]
     """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
     adapter: Adapter
+    text_cost: int = 0
+    """What encoding one prompt costs, in denoiser evaluations, counted in an item's cost (per-key limits): 0 where
+    CLIP encoders are small beside the denoiser; 1 for T5 and LLM encoders (FLUX's T5-XXL is ~4.7B parameters
+    beside a 12B transformer, Qwen-Image's 7B encoder beside a 20B one: at 1–4 steps the encoding is a
+    step's worth)."""
     edits: bool = False
     """Whether its edits are served: only where a test shows them equal to the architecture's diffusers img2img
     pipeline (`tests/engines/test_latent.py`)."""
@@ -362,6 +367,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer", "tokenizer_2"),
         "flow",
         Flux(),
+        text_cost=1,
         edits=True,  # FluxImg2ImgPipeline
     ),
 }

@@ -109,6 +109,7 @@ def test_every_family_makes_the_diffusers_pipelines_image(
 ) -> None:
     engine = _engine(tiny_pipelines, tmp_path, arch, family)
     assert isinstance(engine, StepEngine)
+    assert engine.spec.cost(ImageItem(PROMPT, 1, 1)) == engine.spec.nfe(ImageItem(PROMPT, 1, 1))  # CLIP: not charged
     src = tiny_pipelines[f"{arch}-lcm" if family == "lcm" else arch]
     images = []
     for steps in engine.spec.steps[:4]:
@@ -231,6 +232,8 @@ def test_flux_schnell_makes_the_flux_pipelines_image_at_every_step_count_and_siz
     engine.load()
     assert (engine.spec.family, engine.spec.steps, engine.spec.guidance.mode) == ("flux-schnell", [1, 2, 3, 4], "none")
     assert engine.sampler.recipe.sigmas[4] == [1.0, 0.75, 0.5, 0.25]
+    one = ImageItem(PROMPT, 1, 2)
+    assert (engine.spec.nfe(one), engine.spec.cost(one)) == (2, 3)  # the T5 encoding is charged as a step
     items = [
         ImageItem(PROMPT, 1, 1, width=64, height=64),
         ImageItem("a blue square", 2, 4, width=48, height=64),

@@ -185,7 +185,7 @@ async def submit(gw: Gateway, owner: str, model: str, spec: ImageSpec, items: li
     settings = gw.settings
     await gw.spend(owner, "image requests")
     ttl = max(SYNC_RESULT_TTL_S, int(settings.request_timeout_s) + 60)
-    costs = [spec.nfe(it) for it in items]
+    costs = [spec.cost(it) for it in items]
     cap = gw.owner_limit(settings.key_max_sync_cost)
     submitted = JobSpec(owner, model, items, INTERACTIVE, ttl, owner_limit=cap, costs=costs)
     job = await gw.ask(gw.queue.submit, submitted)

@@ -66,7 +66,7 @@ async def create_job(
         requests=origin,
         owner_limit=gw.owner_limit(settings.key_max_job_cost),
         owner_jobs=settings.key_max_stored_jobs,
-        costs=[spec.nfe(it) for it in items],
+        costs=[spec.cost(it) for it in items],
         webhook=None if body.webhook_url is None else check_url(body.webhook_url, settings),
     )
     await gw.spend(owner, "jobs")
