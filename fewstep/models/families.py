@@ -24,7 +24,10 @@ it into the registry version's manifest: the engine reads the recipe, never this
   of the N-step checkpoint);
 * flux-schnell: black-forest-labs/FLUX.1-schnell model card and diffusers' `FluxPipeline` (`FlowMatchEulerDiscrete
   Scheduler`, shift 1, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, 1–4 steps, 4 recommended, guidance 0,
-  T5 prompts of at most 256 tokens).
+  T5 prompts of at most 256 tokens);
+* sd35-turbo: stabilityai/stable-diffusion-3.5-large-turbo model card and diffusers' `StableDiffusion3Pipeline`
+  (`FlowMatchEulerDiscreteScheduler` as the pipeline ships it, spaced by its own `set_timesteps(N)`, 4 steps,
+  guidance 0, T5 prompts of 256 tokens: the pipeline's default).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
@@ -165,6 +168,17 @@ FAMILIES: dict[str, Family] = {
         kind="flow",
         architectures=("flux",),
         max_sequence_length=256,
+    ),
+    "sd35-turbo": Family(
+        "sd35-turbo",
+        "stabilityai/stable-diffusion-3.5-large-turbo model card; diffusers' StableDiffusion3Pipeline",
+        "FlowMatchEulerDiscreteScheduler",
+        steps=(1, 2, 3, 4),
+        default_steps=4,
+        kind="flow",
+        architectures=("sd3",),
+        max_sequence_length=256,
+        sigma_rule="scheduler",
     ),
 }
 
