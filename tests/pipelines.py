@@ -1,4 +1,4 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL- and FLUX-style) saved as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX- and SD3-style) saved as users save theirs.
 
 The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP and T5 text
 encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, and a
@@ -189,6 +189,19 @@ def _t5(vocab: int) -> Any:
     return transformers.T5EncoderModel(config).eval()
 
 
+def _shifted_vae(latent_channels: int) -> Any:
+    """A two-level VAE with a latent shift, as FLUX's and SD3's have (diffusers' tests' scaling and shift):
+    latents at half the pixels."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+
+
 def flux(
     folder: Path, seed: int = 0, latent_channels: int = 4, heads: int = 2, layers: tuple[int, int] = (1, 1)
 ) -> Path:
@@ -204,12 +217,7 @@ def flux(
         attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
     )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )  # fmt: skip
+    vae = _shifted_vae(latent_channels)
     t5_tok = t5_tokenizer(folder / "_tok2")
     pipe = diffusers.FluxPipeline(
         transformer=transformer,
@@ -223,6 +231,38 @@ def flux(
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")
     _drop(folder / "_tok2")
+    return folder
+
+
+def sd3(folder: Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusion3Pipeline (SD3.5-style: QK-normed joint attention, three text encoders) saved to
+    `folder`: diffusers' own test transformer with 2×2 patches, a two-level VAE (latents at half the pixels: 64×64
+    images natively, sides a multiple of 4), CLIP-L- and CLIP-G-style encoders 8 and 16 wide (their states padded
+    to T5's 32, their pooled outputs 24 together), T5, and a FlowMatchEuler scheduler shifted by 3 as SD3's ship."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=24, out_channels=4,
+        qk_norm="rms_norm",
+    )  # fmt: skip
+    vae = _shifted_vae(4)
+    t5_tok = t5_tokenizer(folder / "_tok3")
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=_text(8, 2, projection=True),
+        text_encoder_2=_text(16, 2, projection=True),
+        text_encoder_3=_t5(len(t5_tok)),
+        tokenizer=tokenizer(folder / "_tok"),
+        tokenizer_2=tokenizer(folder / "_tok2"),
+        tokenizer_3=t5_tok,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for tok in ("_tok", "_tok2", "_tok3"):
+        _drop(folder / tok)
     return folder
 
 

@@ -294,6 +294,48 @@ class Flux(Adapter):
         return out.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+class SD3(Adapter):
+    """Stable Diffusion 3 and 3.5 (`StableDiffusion3Pipeline`): both CLIP encoders' penultimate hidden states side
+    by side, padded with zeros to T5's width, then T5's last hidden state (no attention masks) on the token axis;
+    both CLIPs' projected pooled outputs side by side. The transformer patchifies the latents itself (its own
+    `patch_size`) and takes the scheduler's timestep as it is (0–1000)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = vae_scale(vae)
+        where = "transformer/config.json"
+        channels = config_int(network, "in_channels", where, 16, 1024)
+        latent = config_int(vae, "latent_channels", "vae/config.json", 16, 1024)
+        if channels != latent:
+            raise CheckpointError(
+                f"{where}: `in_channels` must be the VAE's {latent} latent channels. Given: {channels}"
+            )
+        patch = config_int(network, "patch_size", where, 2, 16)
+        side = min(config_int(network, "sample_size", where, 128, MAX_SIDE) * factor, MAX_SIDE)
+        return Geometry(side, channels, factor, factor * patch)
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        clip_l, clip_g, t5 = encoders
+        states, pooled = [], []
+        for enc, x in ((clip_l, ids[0]), (clip_g, ids[1])):
+            out = enc(x, output_hidden_states=True)
+            pooled.append(out[0])  # the projection model's text embeds
+            states.append(out.hidden_states[-2])
+        clip = torch.cat(states, dim=-1)
+        t5_states = t5(ids[2])[0]
+        # The pipeline's pad: zeros up to T5's width (a wider CLIP pair would be cut to it, as there).
+        clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+        return TextOut(torch.cat([clip, t5_states], dim=-2), torch.cat(pooled, dim=-1))
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return network(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=cond.states,
+            pooled_projections=cond.pooled,
+            return_dict=False,
+        )[0]
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a supported pipeline class is made of (see the module docstring)."""
@@ -369,6 +411,25 @@ ARCHITECTURES: dict[str, Architecture] = {
         Flux(),
         text_cost=1,
         edits=True,  # FluxImg2ImgPipeline
+    ),
+    "sd3": Architecture(
+        "sd3",
+        ("StableDiffusion3Pipeline",),
+        "transformer",
+        {
+            "transformer": ("SD3Transformer2DModel",),
+            "vae": ("AutoencoderKL",),
+            "text_encoder": ("CLIPTextModelWithProjection",),
+            "text_encoder_2": ("CLIPTextModelWithProjection",),
+            "text_encoder_3": ("T5EncoderModel",),
+            "tokenizer": CLIP_TOKENIZERS,
+            "tokenizer_2": CLIP_TOKENIZERS,
+            "tokenizer_3": T5_TOKENIZERS,
+        },
+        ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        ("tokenizer", "tokenizer_2", "tokenizer_3"),
+        "flow",
+        SD3(),
     ),
 }
 

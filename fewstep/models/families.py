@@ -24,7 +24,10 @@ it into the registry version's manifest: the engine reads the recipe, never this
   of the N-step checkpoint);
 * flux-schnell: black-forest-labs/FLUX.1-schnell model card and diffusers' `FluxPipeline` (`FlowMatchEulerDiscrete
   Scheduler`, shift 1, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, 1–4 steps, 4 recommended, guidance 0,
-  T5 prompts of at most 256 tokens).
+  T5 prompts of at most 256 tokens);
+* sd35-turbo: stabilityai/stable-diffusion-3.5-large-turbo model card and diffusers' `StableDiffusion3Pipeline`
+  (`FlowMatchEulerDiscreteScheduler` as the pipeline ships it, spaced by its own `set_timesteps(N)`, 4 steps,
+  guidance 0, T5 prompts of 256 tokens: the pipeline's default).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
@@ -44,6 +47,11 @@ from fewstep.models.architectures import architecture
 from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS, EditRule
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
+SigmaRule = Literal["linspace", "scheduler"]
+"""How a flow family's pipeline spaces a step count's sigmas: FluxPipeline's `linspace(1, 1/N, N)`, given to the
+scheduler (`linspace`), or the scheduler's own spacing (`scheduler`: StableDiffusion3Pipeline calls
+`set_timesteps(N)`, which spaces them from the scheduler's largest sigma to its smallest, then shifts them)."""
+SIGMA_RULES: tuple[SigmaRule, ...] = ("linspace", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,8 @@ class Family:
     "base_shift", "max_shift"}` (FluxPipeline's `calculate_shift`) or `{"rule": "flux2-empirical"}`."""
     max_sequence_length: int | None = None
     """Tokens of the T5-style prompt encoding (the pipeline's `max_sequence_length`), where there is one."""
+    sigma_rule: SigmaRule = "linspace"
+    """Flow families: how its pipeline spaces the sigmas (`SigmaRule`)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -159,6 +169,17 @@ FAMILIES: dict[str, Family] = {
         architectures=("flux",),
         max_sequence_length=256,
     ),
+    "sd35-turbo": Family(
+        "sd35-turbo",
+        "stabilityai/stable-diffusion-3.5-large-turbo model card; diffusers' StableDiffusion3Pipeline",
+        "FlowMatchEulerDiscreteScheduler",
+        steps=(1, 2, 3, 4),
+        default_steps=4,
+        kind="flow",
+        architectures=("sd3",),
+        max_sequence_length=256,
+        sigma_rule="scheduler",
+    ),
 }
 
 
@@ -177,12 +198,14 @@ class Recipe:
     custom_timesteps: bool
     """Whether the timesteps are given to the scheduler (`set_timesteps(timesteps=…)`) or are its own."""
     sigmas: dict[int, list[float]] = field(default_factory=dict)
-    """Flow families: the sigmas each step count is set with (`set_timesteps(sigmas=…)`); `timesteps` are then the
-    scheduler's sigma × 1000, not integers."""
+    """Flow families: the sigmas each step count is set with, before the scheduler's shift (`set_timesteps`);
+    `timesteps` are then the scheduler's sigma × 1000, not integers."""
     max_sequence_length: int | None = None
     mu: dict[str, Any] | None = None
     """The family's `mu` rule (`Family.mu`); then `timesteps` are those of the native size, and each image's are
     set for its own sequence length (`mu_of`)."""
+    sigma_rule: SigmaRule = "linspace"
+    """Flow families: how the pipeline spaces `sigmas` (`SigmaRule`; `set_timesteps`)."""
 
     def __post_init__(self) -> None:
         """Bounds (`schedules.MAX_STEPS`, `MAX_TRAIN_TIMESTEPS`): a recipe is read from untrusted manifests."""
@@ -204,6 +227,10 @@ class Recipe:
         for n, sig in self.sigmas.items():
             if n not in self.timesteps or len(sig) != n or not all(0.0 < x <= 1.0 for x in sig):
                 raise CheckpointError(f"the recipe's {str(n)[:12]}-step sigmas must be {str(n)[:12]} values in (0, 1]")
+        if self.sigma_rule not in SIGMA_RULES:
+            raise CheckpointError(
+                f"the recipe's `sigma_rule` must be one of {list(SIGMA_RULES)}. Given: {str(self.sigma_rule)[:40]}"
+            )
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 1024:
             raise CheckpointError(
                 f"the recipe's `max_sequence_length` must be 1 to 1024. Given: {self.max_sequence_length}"
@@ -216,6 +243,16 @@ class Recipe:
     @property
     def steps(self) -> list[int]:
         return sorted(self.timesteps)
+
+    def set_timesteps(self, scheduler: Any, steps: int, mu: float | None = None, device: Any = None) -> None:
+        """`scheduler` (one of the recipe's) set for `steps` steps as the family's pipeline sets it (`mu`: a
+        dynamically shifting scheduler's, for this image)."""
+        if steps in self.sigmas:
+            set_flow_timesteps(scheduler, self.sigma_rule, self.sigmas[steps], mu, device)
+        elif self.custom_timesteps:
+            scheduler.set_timesteps(timesteps=self.timesteps[steps], device=device)
+        else:
+            scheduler.set_timesteps(steps, device=device)
 
     @property
     def edit_rule(self) -> EditRule:
@@ -246,6 +283,7 @@ class Recipe:
                 sigmas={int(k): [float(x) for x in v] for k, v in sigmas.items()},
                 max_sequence_length=None if d.get("max_sequence_length") is None else int(d["max_sequence_length"]),
                 mu=None if d.get("mu") is None else dict(d["mu"]),
+                sigma_rule=d.get("sigma_rule", "linspace"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"manifest has no valid recipe ({e})") from e
@@ -298,11 +336,16 @@ def resolve(
     custom = all(n in f.timesteps for n in wanted)
     timesteps: dict[int, list[Any]] = {}
     sigmas: dict[int, list[float]] = {}
+    if f.kind == "flow" and f.mu is None and config.get("use_dynamic_shifting"):
+        raise CheckpointError(
+            f"the pipeline's scheduler shifts dynamically (`use_dynamic_shifting`); family {family!r} samples with a "
+            f"static shift"
+        )
     for n in wanted:
         if f.kind == "flow":
-            sigmas[n] = flow_sigmas(n)
+            sigmas[n] = flow_sigmas(n, f.sigma_rule, scheduler)
             mu = None if f.mu is None else mu_of(f.mu, native_tokens, n)
-            scheduler.set_timesteps(sigmas=sigmas[n], mu=mu)
+            set_flow_timesteps(scheduler, f.sigma_rule, sigmas[n], mu)
             timesteps[n] = [float(t) for t in scheduler.timesteps]
             continue
         if custom:
@@ -318,13 +361,32 @@ def resolve(
         raise CheckpointError(f"family {family!r} is guidance-free; this transformer embeds guidance (a dev model?)")
     return Recipe(
         f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom, sigmas,
-        f.max_sequence_length, None if f.mu is None else dict(f.mu),
+        f.max_sequence_length, None if f.mu is None else dict(f.mu), f.sigma_rule,
     )  # fmt: skip
 
 
-def flow_sigmas(steps: int) -> list[float]:
-    """The sigmas flow pipelines set for `steps` steps (FluxPipeline's `np.linspace(1.0, 1 / N, N)`)."""
+def flow_sigmas(steps: int, rule: SigmaRule = "linspace", scheduler: Any = None) -> list[float]:
+    """The sigmas a flow pipeline sets for `steps` steps, before the scheduler's shift: FluxPipeline's
+    `np.linspace(1.0, 1 / N, N)` (`linspace`), or the spacing `scheduler`'s own `set_timesteps(N)` computes, from
+    its largest sigma to its smallest (`scheduler`)."""
+    if rule == "scheduler":
+        trained = scheduler.config.num_train_timesteps
+        spaced = np.linspace(scheduler.sigma_max * trained, scheduler.sigma_min * trained, steps) / trained
+        return [float(x) for x in spaced]
     return [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)]
+
+
+def set_flow_timesteps(
+    scheduler: Any, rule: SigmaRule, sigmas: list[float], mu: float | None = None, device: Any = None
+) -> None:
+    """A flow `scheduler` set to walk `sigmas` (`flow_sigmas`) as the family's pipeline sets it: given to it
+    (`linspace`), or left to its own `set_timesteps(N)` (`scheduler`), which computes the same sigmas in float64
+    before its shift; given ones would be rounded to float32 first, and its timesteps would differ from the
+    pipeline's by a float32 step."""
+    if rule == "scheduler":
+        scheduler.set_timesteps(len(sigmas), mu=mu, device=device)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
 
 
 def mu_of(rule: dict[str, Any], tokens: int, steps: int) -> float:

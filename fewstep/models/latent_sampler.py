@@ -173,14 +173,10 @@ class LatentSampler:
         templates = {}
         for n, ts in self.recipe.timesteps.items():
             sched = cls.from_config(self.recipe.scheduler_config)
+            self.recipe.set_timesteps(sched, n, self._mu(self.native, n), self.device)
             if n in self.recipe.sigmas:
-                sched.set_timesteps(sigmas=self.recipe.sigmas[n], mu=self._mu(self.native, n), device=self.device)
                 same = all(abs(float(a) - b) < 1e-3 for a, b in zip(sched.timesteps, ts, strict=True))
             else:
-                if self.recipe.custom_timesteps:
-                    sched.set_timesteps(timesteps=ts, device=self.device)
-                else:
-                    sched.set_timesteps(n, device=self.device)
                 same = [int(t) for t in sched.timesteps] == ts
             if not same:
                 raise CheckpointError(f"{folder.name}: the scheduler's {n}-step timesteps are not the recipe's {ts}")
@@ -245,7 +241,7 @@ class LatentSampler:
             timesteps: list[Any] = list(self.recipe.timesteps[d.steps])
             if self.recipe.mu is not None:  # the shift follows this image's sequence length
                 mu = self._mu((d.height // self.factor, d.width // self.factor), d.steps)
-                sched.set_timesteps(sigmas=self.recipe.sigmas[d.steps], mu=mu, device=self.device)
+                self.recipe.set_timesteps(sched, d.steps, mu, self.device)
                 timesteps = [float(t) for t in sched.timesteps]
             shape = (1, self.channels, d.height // self.factor, d.width // self.factor)
             noise = item_noise(d.seed, 0, shape).to(self.device)
