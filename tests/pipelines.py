@@ -1,9 +1,10 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX- and SD3-style) saved as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3- and Z-Image-style) saved as users save
+theirs.
 
-The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP and T5 text
-encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, and a
-T5 Unigram model built with the `tokenizers` package. `width` scales the UNet for the benchmark, where it must
-dominate the cost.
+The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5 and Qwen3 text
+encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, a T5
+Unigram model built with the `tokenizers` package, and a byte-level Qwen BPE with a chat template. `width` scales
+the UNet for the benchmark, where it must dominate the cost.
 """
 
 from __future__ import annotations
@@ -297,6 +298,44 @@ def qwen_tokenizer(folder: Path, max_length: int = 512) -> Any:
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     return transformers.Qwen2TokenizerFast.from_pretrained(str(folder))
+
+
+def zimage(folder: Path, seed: int = 0) -> Path:
+    """A tiny ZImagePipeline (Z-Image-Turbo-style: FlowMatchEuler with shift 3, no dynamic shifting) saved to
+    `folder`: diffusers' own test transformer and VAE (16 latent channels at half the pixels), a Qwen3 encoder
+    whose vocabulary covers `qwen_tokenizer`'s."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )  # fmt: skip
+    with torch.no_grad():  # the pad tokens are left uninitialised by some diffusers versions: NaNs in a saved model
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1, latent_channels=16,
+        norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+    )  # fmt: skip
+    tok = qwen_tokenizer(folder / "_tok")
+    config = transformers.Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=512,
+    )  # fmt: skip
+    pipe = diffusers.ZImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=transformers.Qwen3Model(config).eval(),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
 
 
 def _drop(folder: Path) -> None:

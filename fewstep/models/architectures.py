@@ -30,6 +30,7 @@ from fewstep.models.checkpoint import MAX_SIDE
 
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
+QWEN_TOKENIZERS = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,60 @@ class SD3(Adapter):
         )[0]
 
 
+class ZImage(Adapter):
+    """Z-Image (`ZImagePipeline`): the prompt in Qwen's chat template (the assistant's turn opened, thinking on),
+    the Qwen3 encoder's second-to-last hidden state, each prompt kept to its own tokens; the transformer takes a
+    list of per-image latents (C, 1, h, w) and a list of per-prompt captions, patchifies 2×2 itself, is given
+    1 − t/1000 and predicts the negated velocity."""
+
+    patch = 2
+    NATIVE_SIDE = 1024
+    """ZImagePipeline's default height and width (pixels, whatever the VAE)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = vae_scale(vae)
+        channels = config_int(vae, "latent_channels", "vae/config.json", 16, 1024)
+        if config_int(network, "in_channels", "transformer/config.json", 16, 1024) != channels:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels. Given: "
+                f"{network.get('in_channels')}"
+            )
+        where = "transformer/config.json"
+        patches = config_ints(network, "all_patch_size", where, [2])
+        frames = config_ints(network, "all_f_patch_size", where, [1])
+        # The pipeline calls the transformer with its default 2×2 patches of one frame: it must have that embedder.
+        if len(patches) != len(frames) or (self.patch, 1) not in zip(patches, frames, strict=True):
+            raise CheckpointError(
+                f"{where}: the transformer has no 2×2 patch embedder (`all_patch_size` 2, `all_f_patch_size` 1)"
+            )
+        return Geometry(min(self.NATIVE_SIDE, MAX_SIDE), channels, factor, factor * self.patch)
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
+        )
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        mask = masks[0].bool()
+        # `base_model`: a Qwen3ForCausalLM's inner Qwen3Model (the same hidden states, without the LM head's logits).
+        hidden = (
+            encoders[0].base_model(input_ids=ids[0], attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        )
+        # Each prompt's own tokens first (whichever side the tokenizer pads): the prompt cache cuts a row to them.
+        rows = [h[m] for h, m in zip(hidden, mask, strict=True)]
+        states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        own = [torch.ones(len(r), dtype=torch.int64, device=states.device) for r in rows]
+        return TextOut(states, None, torch.nn.utils.rnn.pad_sequence(own, batch_first=True))
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        lengths = [cond.states.shape[1]] * len(sample) if cond.mask is None else cond.mask.sum(dim=1).tolist()
+        captions = [s[:n] for s, n in zip(cond.states, lengths, strict=True)]
+        out = network(list(sample.unsqueeze(2).unbind(0)), (1000 - timestep) / 1000, captions, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a supported pipeline class is made of (see the module docstring)."""
@@ -430,6 +485,24 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer", "tokenizer_2", "tokenizer_3"),
         "flow",
         SD3(),
+        text_cost=1,
+    ),
+    "zimage": Architecture(
+        "zimage",
+        ("ZImagePipeline",),
+        "transformer",
+        {
+            "transformer": ("ZImageTransformer2DModel",),
+            "vae": ("AutoencoderKL",),
+            # The pipeline reads only the encoder's hidden states: a causal LM's are its inner model's.
+            "text_encoder": ("Qwen3Model", "Qwen3ForCausalLM"),
+            "tokenizer": QWEN_TOKENIZERS,
+        },
+        ("text_encoder",),
+        ("tokenizer",),
+        "flow",
+        ZImage(),
+        text_cost=1,
     ),
 }
 

@@ -27,7 +27,11 @@ it into the registry version's manifest: the engine reads the recipe, never this
   T5 prompts of at most 256 tokens);
 * sd35-turbo: stabilityai/stable-diffusion-3.5-large-turbo model card and diffusers' `StableDiffusion3Pipeline`
   (`FlowMatchEulerDiscreteScheduler` as the pipeline ships it, spaced by its own `set_timesteps(N)`, 4 steps,
-  guidance 0, T5 prompts of 256 tokens: the pipeline's default).
+  guidance 0, T5 prompts of 256 tokens: the pipeline's default);
+* z-image-turbo: Tongyi-MAI/Z-Image-Turbo model card and diffusers' `ZImagePipeline` (`FlowMatchEulerDiscrete
+  Scheduler`, shift 3, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, guidance 0, 8 NFEs: the card's
+  `num_inference_steps=9` predates diffusers' dropping of the pipeline's zero-length last step, and is 8 steps
+  now; Qwen3 prompts of 512 tokens).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
@@ -179,6 +183,17 @@ FAMILIES: dict[str, Family] = {
         architectures=("sd3",),
         max_sequence_length=256,
         sigma_rule="scheduler",
+    ),
+    "z-image-turbo": Family(
+        "z-image-turbo",
+        "Tongyi-MAI/Z-Image-Turbo model card; diffusers' ZImagePipeline",
+        "FlowMatchEulerDiscreteScheduler",
+        {"shift": 3.0, "use_dynamic_shifting": False},
+        steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        default_steps=8,
+        kind="flow",
+        architectures=("zimage",),
+        max_sequence_length=512,
     ),
 }
 
@@ -419,6 +434,13 @@ def detect(shipped_config: dict[str, Any], embeds_guidance: bool, arch: str = "s
     dynamic = shipped_config.get("use_dynamic_shifting")
     if arch == "flux" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
         return "flux-schnell"  # schnell: no shifting, no guidance embedding (dev has both)
+    if (
+        arch == "zimage"
+        and cls == "FlowMatchEulerDiscreteScheduler"
+        and not dynamic
+        and shipped_config.get("shift") == 3
+    ):
+        return "z-image-turbo"  # the turbo's own shift; the undistilled Z-Image ships 6 (and is sampled with CFG)
     if cls == "TCDScheduler":
         return "tcd"
     if cls == "LCMScheduler" and embeds_guidance:
