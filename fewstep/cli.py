@@ -373,7 +373,8 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--name", required=True, help="model name in the registry")
     im.add_argument(
         "--family",
-        help="few-step family: turbo, lightning, lcm, tcd, dmd2, hyper-sd; `base` for a teacher "
+        help="few-step family (docs/serve-your-own-model.md): turbo, lightning, lcm, tcd, dmd2, hyper-sd, "
+        "flux-schnell, sd35-turbo, z-image-turbo, qwen-image-lightning, flux2-klein, sana-sprint; `base` for a teacher "
         "(default: read from the pipeline's scheduler, refused when it cannot tell)",
     )
     im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
