@@ -1,5 +1,5 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3- and Z-Image-style) saved as users save
-theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image- and FLUX.2-klein-style) saved
+as users save theirs.
 
 The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5 and Qwen3 text
 encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, a T5
@@ -332,6 +332,54 @@ def zimage(folder: Path, seed: int = 0) -> Path:
         text_encoder=transformers.Qwen3Model(config).eval(),
         tokenizer=tok,
         transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
+
+
+KLEIN_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+"""FLUX.2 [klein]'s shipped scheduler settings (black-forest-labs/FLUX.2-klein-4B `scheduler_config.json`): the
+shift follows `mu`, which the pipeline computes per image (`compute_empirical_mu`)."""
+
+
+def flux2_klein(folder: Path, seed: int = 0, latent_channels: int = 4, distilled: bool = True) -> Path:
+    """A tiny Flux2KleinPipeline (`is_distilled` as given) saved to `folder`, as diffusers' own klein test builds
+    it but for: a two-level VAE (latents at half the pixels, patchified 2×2 into channels) with batch-norm
+    statistics that are not the identity, and a Qwen3 of 28 layers (hidden 16), so the pipeline's default
+    layers (9, 18, 27) exist."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer(folder / "_tok")
+    hidden = 16
+    transformer = diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )  # fmt: skip
+    text = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            hidden_size=hidden, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=8, vocab_size=len(tok), max_position_embeddings=512,
+        )
+    ).eval()  # fmt: skip
+    vae = diffusers.AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    with torch.no_grad():  # statistics as a trained VAE's: the normalisation is then visible in every image
+        vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    pipe = diffusers.Flux2KleinPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER),
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        transformer=transformer,
+        is_distilled=distilled,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")

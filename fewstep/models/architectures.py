@@ -391,6 +391,84 @@ class ZImage(Adapter):
         return -torch.stack(out).squeeze(2)
 
 
+class Flux2Klein(Adapter):
+    """FLUX.2 [klein] (`Flux2KleinPipeline`): the prompt in Qwen3's chat template (no thinking), padded to the
+    family's length and encoded whole (the transformer attends to the padding too: no mask), hidden states of
+    layers 9, 18 and 27 side by side per token. The sampler keeps the latents as the pipeline draws them: the
+    VAE's latents patchified 2×2 into channels and normalised by the VAE's batch-norm statistics, one token per
+    cell; the transformer takes them as tokens with (0, row, column, 0) ids, text ids (0, 0, 0, index), the
+    timestep divided by 1000 and no guidance. Decoding undoes the normalisation and the patches."""
+
+    DEFAULT_SAMPLE_SIZE = 128
+    """Flux2KleinPipeline's `default_sample_size`: its native side is this many VAE cells (1024 pixels)."""
+    LAYERS = (9, 18, 27)
+    """The text encoder's hidden states the pipeline stacks (its `text_encoder_out_layers` default)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = vae_scale(vae)
+        channels = config_int(vae, "latent_channels", "vae/config.json", 32, 1024)
+        if vae.get("patch_size", [2, 2]) != [2, 2]:
+            raise CheckpointError(
+                f"vae/config.json: `patch_size` must be [2, 2] (the pipeline patchifies 2×2). Given: "
+                f"{str(vae.get('patch_size'))[:40]}"
+            )
+        if config_int(network, "patch_size", "transformer/config.json", 1, 16) != 1:
+            raise CheckpointError("transformer/config.json: `patch_size` must be 1 (one token per patchified cell)")
+        packed = config_int(network, "in_channels", "transformer/config.json", 128, 4096)
+        if packed != channels * 4:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels × 4 (2×2 "
+                f"patches). Given: {packed}"
+            )
+        side = min(self.DEFAULT_SAMPLE_SIZE * factor, MAX_SIDE)
+        return Geometry(side, packed, 2 * factor, 2 * factor)
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        return str(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        )
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        # The causal LM's body alone: the same hidden states without a vocabulary-wide logit per token.
+        out = encoders[0].model(input_ids=ids[0], attention_mask=masks[0], output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states
+        if len(hidden) <= max(self.LAYERS):
+            raise CheckpointError(f"the text encoder has {len(hidden) - 1} layers; klein reads layers {self.LAYERS}")
+        states = torch.stack([hidden[k] for k in self.LAYERS], dim=1)
+        b, n, length, d = states.shape
+        return TextOut(states.permute(0, 2, 1, 3).reshape(b, length, n * d))
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = sample.shape
+        tokens = sample.reshape(b, c, h * w).permute(0, 2, 1)
+        rows, cols = torch.meshgrid(
+            torch.arange(h, device=sample.device), torch.arange(w, device=sample.device), indexing="ij"
+        )
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols, torch.zeros_like(rows)], dim=-1).reshape(-1, 4)
+        length = cond.states.shape[1]
+        txt_ids = torch.zeros(length, 4, dtype=torch.int64, device=sample.device)
+        txt_ids[:, 3] = torch.arange(length, device=sample.device)
+        out = network(
+            hidden_states=tokens,
+            timestep=timestep.to(sample.dtype) / 1000,
+            guidance=None,
+            encoder_hidden_states=cond.states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    def decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        x = latents * std + mean
+        b, c, h, w = x.shape
+        x = x.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        return vae.decode(x, return_dict=False)[0]
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a supported pipeline class is made of (see the module docstring)."""
@@ -502,6 +580,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer",),
         "flow",
         ZImage(),
+        text_cost=1,
+    ),
+    "flux2": Architecture(
+        "flux2",
+        ("Flux2KleinPipeline",),
+        "transformer",
+        {
+            "transformer": ("Flux2Transformer2DModel",),
+            "vae": ("AutoencoderKLFlux2",),
+            "text_encoder": ("Qwen3ForCausalLM",),
+            "tokenizer": QWEN_TOKENIZERS,
+        },
+        ("text_encoder",),
+        ("tokenizer",),
+        "flow",
+        Flux2Klein(),
         text_cost=1,
     ),
 }

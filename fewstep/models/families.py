@@ -32,6 +32,10 @@ it into the registry version's manifest: the engine reads the recipe, never this
   Scheduler`, shift 3, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, guidance 0, 8 NFEs: the card's
   `num_inference_steps=9` predates diffusers' dropping of the pipeline's zero-length last step, and is 8 steps
   now; Qwen3 prompts of 512 tokens).
+* flux2-klein: black-forest-labs/FLUX.2-klein-4B and FLUX.2-klein-9B model cards and diffusers'
+  `Flux2KleinPipeline` with `is_distilled` (`FlowMatchEulerDiscreteScheduler` as shipped, dynamic shifting by
+  `compute_empirical_mu` of the image's sequence length and the step count, sigmas `linspace(1, 1/N, N)`,
+  4 steps, no guidance, Qwen3 prompts of 512 tokens).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
@@ -193,6 +197,17 @@ FAMILIES: dict[str, Family] = {
         default_steps=8,
         kind="flow",
         architectures=("zimage",),
+        max_sequence_length=512,
+    ),
+    "flux2-klein": Family(
+        "flux2-klein",
+        "black-forest-labs/FLUX.2-klein-4B and -9B model cards; diffusers' Flux2KleinPipeline (is_distilled)",
+        "FlowMatchEulerDiscreteScheduler",
+        steps=(1, 2, 3, 4),
+        default_steps=4,
+        kind="flow",
+        architectures=("flux2",),
+        mu={"rule": "flux2-empirical"},
         max_sequence_length=512,
     ),
 }
@@ -427,11 +442,15 @@ def mu_of(rule: dict[str, Any], tokens: int, steps: int) -> float:
     raise CheckpointError(f"unknown `mu` rule {str(kind)[:40]!r}; known: constant, linear, flux2-empirical")
 
 
-def detect(shipped_config: dict[str, Any], embeds_guidance: bool, arch: str = "sd") -> str:
-    """The family a pipeline's own scheduler config (and its denoiser) says it is; CheckpointError listing the
-    families when it cannot tell (then `--family` must say)."""
+def detect(
+    shipped_config: dict[str, Any], embeds_guidance: bool, arch: str = "sd", index: dict[str, Any] | None = None
+) -> str:
+    """The family a pipeline's own scheduler config, its denoiser and its `model_index.json` (`index`) say it
+    is; CheckpointError listing the families when they cannot tell (then `--family` must say)."""
     cls = shipped_config.get("_class_name")
     dynamic = shipped_config.get("use_dynamic_shifting")
+    if arch == "flux2" and (index or {}).get("is_distilled") is True and not embeds_guidance:
+        return "flux2-klein"  # the pipeline's own flag: a base klein says false (and samples ~50 steps with CFG)
     if arch == "flux" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
         return "flux-schnell"  # schnell: no shifting, no guidance embedding (dev has both)
     if (

@@ -291,8 +291,8 @@ def import_pipeline(
             g = arch.adapter.geometry(network_config, vae_config)
             cells = g.side // g.vae_factor
             recipe = families.resolve(
-                family or families.detect(shipped_scheduler, embeds, arch.name), shipped_scheduler, embeds, steps,
-                arch.name, arch.adapter.tokens(cells, cells),
+                family or families.detect(shipped_scheduler, embeds, arch.name, index), shipped_scheduler, embeds,
+                steps, arch.name, arch.adapter.tokens(cells, cells),
             )  # fmt: skip
         lengths = _check_tokenizers(files, arch, components, recipe.max_sequence_length if recipe else None)
         manifest = _manifest(name, arch, cls, components, variants, network_config, vae_config, lengths, imported)

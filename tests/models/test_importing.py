@@ -111,7 +111,8 @@ REFUSALS = {
     "pickle weights only": (_pickles_only, "weights only in pickle formats (unet/diffusion_pytorch_model.bin)"),
     "an unsupported pipeline": (
         _edit_index(lambda i: i.update(_class_name="WanPipeline")),
-        "pipeline class 'WanPipeline' is not supported; supported: ['FluxPipeline', 'LatentConsistencyModelPipeline'",
+        "pipeline class 'WanPipeline' is not supported; supported: ['Flux2KleinPipeline', 'FluxPipeline', "
+        "'LatentConsistencyModelPipeline'",
     ),
     "a pipeline whose components are another architecture's": (
         _edit_index(lambda i: i.update(_class_name="FluxPipeline")),
