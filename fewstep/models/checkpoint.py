@@ -41,8 +41,9 @@ MAX_DEPTH = 3
 MAX_SIDE = 8192
 """Largest native width or height a manifest may give: warm-up, the gate's probes and every request without a
 `size` run at it (the service's `image_max_side` bounds it further)."""
-FILE_SUFFIXES = (".safetensors", ".onnx", ".json", ".txt")
-"""What a manifest may name: safetensors weights, ONNX graphs, and JSON / text configs and vocabularies."""
+FILE_SUFFIXES = (".safetensors", ".onnx", ".json", ".txt", ".jinja")
+"""What a manifest may name: safetensors weights, ONNX graphs, and JSON / text configs, vocabularies and chat
+templates (`chat_template.jinja`, which transformers saves beside an LLM tokenizer)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Formats that may execute code when loaded: a folder holding one is refused without opening it."""
 
