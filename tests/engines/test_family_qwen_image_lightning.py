@@ -201,6 +201,44 @@ def test_the_family_must_be_named_and_fit(qwen: dict[str, Any], tmp_path: Path) 
     assert "lora" not in registry.manifest(name, version)["imported"]
 
 
+def test_a_diffusers_lora_is_scaled_by_its_own_adapter_metadata(qwen: dict[str, Any], tmp_path: Path) -> None:
+    """A diffusers-format LoRA keeps its `lora_alpha` in the file's header: the fused transformer is the one
+    `load_lora_weights` from the file makes (alpha / rank = 2 here, not 1)."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    pipe = diffusers.QwenImagePipeline.from_pretrained(str(qwen["src"]))
+    torch.manual_seed(5)
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    metadata = pipe.transformer.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    diffusers.QwenImagePipeline.save_lora_weights(
+        str(tmp_path / "lora"), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=metadata, safe_serialization=True,
+    )  # fmt: skip
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    registry = Registry(tmp_path / "registry")
+    name, version = import_pipeline(qwen["src"], "meta", registry, family=FAMILY, lora=lora)
+    ours = load_file(str(registry.version_dir(name, version) / "transformer/diffusion_pytorch_model.safetensors"))
+    reference = diffusers.QwenImagePipeline.from_pretrained(str(qwen["src"]))
+    reference.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    reference.fuse_lora()
+    reference.unload_lora_weights()
+    theirs = reference.transformer.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    base = load_file(str(qwen["src"] / "transformer/diffusion_pytorch_model.safetensors"))
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.allclose(ours[key], base[key], atol=1e-3)
+
+
 def test_the_vae_normalisation_is_the_pipelines(qwen: dict[str, Any]) -> None:
     """Decode and encode go through the frame axis and the VAE's latent mean and std as QwenImagePipeline's decode
     and QwenImageImg2ImgPipeline's `_encode_vae_image` do (the posterior sampled with the given noise)."""
