@@ -1,5 +1,5 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image- and FLUX.2-klein-style) saved
-as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image-, FLUX.2-klein- and
+Qwen-Image-style) saved as users save theirs.
 
 The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5 and Qwen3 text
 encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, a T5
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fewstep.models.families import QWEN_IMAGE_LIGHTNING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -380,6 +382,54 @@ def flux2_klein(folder: Path, seed: int = 0, latent_channels: int = 4, distilled
         tokenizer=tok,
         transformer=transformer,
         is_distilled=distilled,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
+
+
+QWEN_IMAGE_SCHEDULER = {**QWEN_IMAGE_LIGHTNING, "base_shift": 0.5, "max_shift": 0.9, "shift_terminal": 0.02}
+"""Qwen/Qwen-Image's own scheduler config (the base model's, before any Lightning LoRA): the keys of the Lightning
+README's config, with the base model's shifts and terminal sigma."""
+
+
+def qwen_image(folder: Path, seed: int = 0) -> Path:
+    """A tiny QwenImagePipeline (the base model a Lightning LoRA goes over) saved to `folder`, shaped as diffusers'
+    own test builds it: a two-block transformer of three heads of 16 taking 2×2-packed latents, a video-style VAE
+    (4 latent channels, two downsamplings: 4 pixels a cell) with latent statistics that are not the identity, a
+    two-layer Qwen2.5-VL text encoder whose vocabulary covers `qwen_tokenizer`'s, and Qwen-Image's own scheduler
+    config."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0],
+    )  # fmt: skip
+    tok = qwen_tokenizer(folder / "_tok", max_length=32768)
+    text = {
+        "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default",
+        "type": "default"}, "rope_theta": 1000000.0, "vocab_size": len(tok) + 3,
+        "bos_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+    }  # fmt: skip
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tok) + 3, vision_end_token_id=151653, vision_start_token_id=151652,
+        vision_token_id=151654,
+    )  # fmt: skip
+    pipe = diffusers.QwenImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=transformers.Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=tok,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")

@@ -104,6 +104,9 @@ class Adapter:
     patch: int = 1
     """Latent cells per token side (FLUX's 2×2 packing: 2): an image's sequence length, which size-dependent
     schedules (`mu`) read, is (h / patch) × (w / patch)."""
+    template_tokens: int = 0
+    """Tokens of the chat template before the prompt that the encoding drops (Qwen-Image's 34): the tokenizer pads
+    to the family's `max_sequence_length` plus these, so that the prompt keeps its `max_sequence_length` tokens."""
 
     def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
         raise NotImplementedError
@@ -266,11 +269,9 @@ class Flux(Adapter):
         return TextOut(t5(ids[1], output_hidden_states=False)[0], pooled)
 
     def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        b, c, h, w = sample.shape
+        h, w = sample.shape[2:]
         p = self.patch
-        tokens = (
-            sample.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * 4)
-        )
+        tokens = pack(sample, p)
         rows = torch.arange(h // p, device=sample.device, dtype=sample.dtype)
         cols = torch.arange(w // p, device=sample.device, dtype=sample.dtype)
         img_ids = torch.stack(
@@ -292,7 +293,98 @@ class Flux(Adapter):
             img_ids=img_ids,
             return_dict=False,
         )[0]
-        return out.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack(out, sample.shape, p)
+
+
+def pack(sample: torch.Tensor, p: int) -> torch.Tensor:
+    """Latents (B, C, h, w) → tokens (B, (h / p)(w / p), C p²): p × p patches in row order, as FluxPipeline and
+    QwenImagePipeline pack theirs."""
+    b, c, h, w = sample.shape
+    return sample.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack(tokens: torch.Tensor, shape: torch.Size, p: int) -> torch.Tensor:
+    """`pack` undone: tokens back to latents of `shape` (B, C, h, w)."""
+    b, c, h, w = shape
+    return tokens.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class QwenImage(Adapter):
+    """Qwen-Image (`QwenImagePipeline`): the prompt inside the pipeline's fixed system template, encoded by
+    Qwen2.5-VL (its last hidden state), the template's first 34 tokens dropped and each prompt kept at its own
+    length (`TextOut.mask`); the transformer takes the latents packed 2×2 into tokens, the token mask (none when no
+    row is padded, as the pipeline passes it), the image's (frames, rows, columns) of tokens and the timestep divided
+    by 1000. Its VAE is a video VAE: latents gain a frame axis and are normalised by its `latents_mean` and
+    `latents_std`."""
+
+    patch = 2
+    template_tokens = 34
+    """The pipeline's `prompt_template_encode_start_idx`: the system turn and the user turn's opening."""
+    TEMPLATE = (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+        "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    DEFAULT_SAMPLE_SIZE = 128
+    """QwenImagePipeline's `default_sample_size`: its native side is this many latent cells (1024 pixels)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        where = "vae/config.json"
+        downsample = vae.get("temperal_downsample", [False, True, True])
+        if not isinstance(downsample, list) or not 1 <= len(downsample) <= 8:
+            raise CheckpointError(f"{where}: `temperal_downsample` must be a list of 1 to 8 flags")
+        factor = 2 ** len(downsample)  # the pipeline's `vae_scale_factor`: one spatial halving per level
+        channels = config_int(vae, "z_dim", where, 16, 1024)
+        packed = config_int(network, "in_channels", "transformer/config.json", 64, 4096)
+        out = config_int(network, "out_channels", "transformer/config.json", 16, 4096)
+        if packed != channels * self.patch**2 or out != channels:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` and `out_channels` must be the VAE's {channels} latent "
+                f"channels × 4 (2×2 patches) and {channels}. Given: {packed} and {out}"
+            )
+        side = min(self.DEFAULT_SAMPLE_SIZE * factor, MAX_SIDE)
+        return Geometry(side, channels, factor, factor * self.patch)
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        return self.TEMPLATE.format(prompt)
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        # No logits are needed: only the last one is computed (a 152k-word head over every token otherwise).
+        out = encoders[0](input_ids=ids[0], attention_mask=masks[0], output_hidden_states=True, logits_to_keep=1)
+        kept = zip(out.hidden_states[-1], masks[0], strict=True)
+        rows = [states[keep.bool()][self.template_tokens :] for states, keep in kept]
+        return stack([TextOut(r[None], None, torch.ones(1, len(r), dtype=torch.int64, device=r.device)) for r in rows])
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, _, h, w = sample.shape
+        mask = cond.mask if cond.mask is not None and not bool(cond.mask.all()) else None
+        out = network(
+            hidden_states=pack(sample, self.patch),
+            timestep=timestep.to(sample.dtype) / 1000,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=cond.states,
+            img_shapes=[[(1, h // self.patch, w // self.patch)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack(out, sample.shape, self.patch)
+
+    def decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._statistics(vae, latents)
+        return vae.decode(latents.unsqueeze(2) / inverse_std + mean, return_dict=False)[0][:, :, 0]
+
+    def encode_image(self, vae: Any, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        dist = vae.encode(images.unsqueeze(2), return_dict=False)[0]
+        x = dist.mean + dist.std * noise.unsqueeze(2).to(dist.mean)
+        mean, inverse_std = self._statistics(vae, x)
+        return ((x - mean) * inverse_std)[:, :, 0]
+
+    @staticmethod
+    def _statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent mean and 1 / std, shaped (1, C, 1, 1, 1) (frames, rows, columns), as the pipelines hold
+        them."""
+        c = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(like.device, like.dtype)
+        return mean, 1.0 / torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(like.device, like.dtype)
 
 
 class SD3(Adapter):
@@ -596,6 +688,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer",),
         "flow",
         Flux2Klein(),
+        text_cost=1,
+    ),
+    "qwenimage": Architecture(
+        "qwenimage",
+        ("QwenImagePipeline",),
+        "transformer",
+        {
+            "transformer": ("QwenImageTransformer2DModel",),
+            "vae": ("AutoencoderKLQwenImage",),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration",),
+            "tokenizer": QWEN_TOKENIZERS,
+        },
+        ("text_encoder",),
+        ("tokenizer",),
+        "flow",
+        QwenImage(),
         text_cost=1,
     ),
 }

@@ -36,6 +36,12 @@ it into the registry version's manifest: the engine reads the recipe, never this
   `Flux2KleinPipeline` with `is_distilled` (`FlowMatchEulerDiscreteScheduler` as shipped, dynamic shifting by
   `compute_empirical_mu` of the image's sequence length and the step count, sigmas `linspace(1, 1/N, N)`,
   4 steps, no guidance, Qwen3 prompts of 512 tokens).
+* qwen-image-lightning: ModelTC/Qwen-Image-Lightning README and its `generate_with_diffusers.py`, and diffusers'
+  `QwenImagePipeline` (a LoRA over Qwen/Qwen-Image, fused at import: `FlowMatchEulerDiscreteScheduler` with the
+  README's config, exponential dynamic shifting with base = max shift = log 3 ("we use shift=3 in distillation"),
+  so the pipeline's `calculate_shift` gives mu = log 3 at every size; sigmas `linspace(1, 1/N, N)`; 4 or 8 steps,
+  each LoRA file distilled for one; `true_cfg_scale=1.0`: no guidance; the pipeline's default
+  `max_sequence_length` of 512 prompt tokens).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
@@ -44,6 +50,7 @@ A family is for one kind of architecture (`models.architectures`): `unet` famili
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -111,6 +118,24 @@ class Family:
     sigma_rule: SigmaRule = "linspace"
     """Flow families: how its pipeline spaces the sigmas (`SigmaRule`)."""
 
+
+QWEN_IMAGE_LIGHTNING = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+"""The scheduler config the Qwen-Image-Lightning README gives diffusers' `FlowMatchEulerDiscreteScheduler`."""
 
 FAMILIES: dict[str, Family] = {
     "turbo": Family(
@@ -208,6 +233,26 @@ FAMILIES: dict[str, Family] = {
         kind="flow",
         architectures=("flux2",),
         mu={"rule": "flux2-empirical"},
+        max_sequence_length=512,
+    ),
+    "qwen-image-lightning": Family(
+        "qwen-image-lightning",
+        "ModelTC/Qwen-Image-Lightning README (generate_with_diffusers.py); diffusers' QwenImagePipeline",
+        "FlowMatchEulerDiscreteScheduler",
+        QWEN_IMAGE_LIGHTNING,
+        steps=(4, 8),
+        default_steps=8,
+        step_count_is_the_checkpoints=True,
+        kind="flow",
+        architectures=("qwenimage",),
+        # QwenImagePipeline's calculate_shift over the config's sequence lengths and shifts (equal: mu = log 3).
+        mu={
+            "rule": "linear",
+            "base_seq": QWEN_IMAGE_LIGHTNING["base_image_seq_len"],
+            "max_seq": QWEN_IMAGE_LIGHTNING["max_image_seq_len"],
+            "base_shift": QWEN_IMAGE_LIGHTNING["base_shift"],
+            "max_shift": QWEN_IMAGE_LIGHTNING["max_shift"],
+        },
         max_sequence_length=512,
     ),
 }

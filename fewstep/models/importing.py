@@ -340,9 +340,10 @@ def _check_tokenizers(
     files: dict[str, Path], arch: Architecture, components: dict[str, str], sequence: int | None
 ) -> list[int]:
     """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed: its
-    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`) at most the
-    encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its
-    vocabulary. Each tokenizer's padded length."""
+    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`, plus the chat
+    template's tokens the encoding drops) at most the encoder's positions (a CLIP tokenizer saying 78 for 77
+    positions fails at the first request), ids below its vocabulary (a vision-language encoder's: its `text_config`).
+    Each tokenizer's padded length."""
     lengths = []
     with tempfile.TemporaryDirectory() as work:
         for tok_name, enc_name in zip(arch.tokenizers, arch.encoders, strict=True):
@@ -352,6 +353,8 @@ def _check_tokenizers(
                 if rel.startswith(f"{tok_name}/"):
                     shutil.copyfile(path, folder / rel.split("/", 1)[1])
             encoder = json.loads(files[f"{enc_name}/config.json"].read_text())
+            if isinstance(encoder.get("text_config"), dict):  # a vision-language encoder's text settings (Qwen2.5-VL)
+                encoder = {**encoder, **encoder["text_config"]}
             relative = "relative_attention_num_buckets" in encoder  # T5: relative positions, no table to overrun
             where = f"{enc_name}/config.json"
             positions = min(
@@ -363,7 +366,8 @@ def _check_tokenizers(
             clip = components[tok_name] in CLIP_TOKENIZERS
             try:
                 tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
-                length = sequence if not clip and sequence is not None else tok.model_max_length
+                template = arch.adapter.template_tokens  # dropped from the states: the prompt keeps `sequence`
+                length = sequence + template if not clip and sequence is not None else tok.model_max_length
                 if not isinstance(length, int) or not 1 <= length <= positions:
                     raise CheckpointError(
                         f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."

@@ -6,8 +6,10 @@ diffusers applies it, with the pipeline's own `load_lora_weights` (whatever key 
 PEFT, kohya) and `fuse_lora(lora_scale=S)`, and the fused networks are what the version stores. Serving then
 costs nothing more than the base model; a different LoRA is a different version.
 
-Safetensors only, read with `safetensors` before diffusers sees it (a dict of tensors, bounded in count); the
-file's sha256, the scale and the components it changed are recorded in the manifest. It needs `peft` (diffusers'
+Safetensors only, its header read with `safetensors` before diffusers sees it (a dict of tensors, bounded in
+count); diffusers then loads a copy of the file, so that a diffusers-format LoRA's adapter metadata (its
+`lora_alpha`, kept in the file's header) scales it as `load_lora_weights` from the file does. The file's sha256,
+the scale and the components it changed are recorded in the manifest. It needs `peft` (diffusers'
 LoRA backend): `pip install 'fewstep[lora]'`.
 """
 
@@ -27,16 +29,25 @@ MAX_LORA_TENSORS = 100_000
 """Most tensors a LoRA file may hold (an SDXL LoRA on every attention and feed-forward layer has a few thousand)."""
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "model.safetensors"
+LORA_WEIGHTS = "lora.safetensors"
 
 
 def read_lora(path: Path) -> dict[str, Any]:
     """The LoRA's tensors; CheckpointError for a pickle, a link, an unreadable file or an unbounded one."""
+    check_lora(path)
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def check_lora(path: Path) -> None:
+    """CheckpointError unless `path` is a regular safetensors file whose header names 1 to `MAX_LORA_TENSORS`
+    tensors (no tensor is read)."""
     if path.is_symlink() or not path.is_file():
         raise CheckpointError(f"--lora {path}: not a regular file")
     if path.name.lower().endswith(PICKLE_SUFFIXES) or not path.name.endswith(".safetensors"):
         raise CheckpointError(f"--lora {path.name}: LoRAs are read from safetensors files only")
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), "pt") as f:
@@ -45,7 +56,6 @@ def read_lora(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"--lora {path.name} is not a readable safetensors file ({e})") from e
     if not 1 <= count <= MAX_LORA_TENSORS:
         raise CheckpointError(f"--lora {path.name} holds {count} tensors; a LoRA holds 1 to {MAX_LORA_TENSORS}")
-    return load_file(str(path))
 
 
 def fuse(
@@ -61,16 +71,22 @@ def fuse(
         importlib.import_module("peft")
     except ImportError as e:
         raise CheckpointError("--lora needs diffusers' LoRA backend: pip install 'fewstep[lora]' (peft)") from e
-    state = read_lora(lora)
+    check_lora(lora)
     with tempfile.TemporaryDirectory(dir=work) as staged:
         root = Path(staged)
         for rel, src in files.items():  # the pipeline as it will be stored, so diffusers reads only checked files
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, root / rel)
+        adapter = root / "_lora" / LORA_WEIGHTS
+        adapter.parent.mkdir()
+        shutil.copyfile(lora, adapter)
+        check_lora(adapter)  # the copy diffusers reads is the file checked
         try:
             pipe = lazy.attr("diffusers", cls).from_pretrained(str(root), torch_dtype=torch.float32)
             before = {c: _fingerprint(getattr(pipe, c)) for c in weighted}
-            pipe.load_lora_weights(state, adapter_name="fewstep")
+            pipe.load_lora_weights(
+                str(adapter.parent), weight_name=adapter.name, use_safetensors=True, adapter_name="fewstep"
+            )
             pipe.fuse_lora(lora_scale=scale, adapter_names=["fewstep"])
             pipe.unload_lora_weights()
         except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -89,6 +105,11 @@ def fuse(
 
 
 def _fingerprint(module: Any) -> tuple[float, float]:
-    """Numbers that change when any weight does (every parameter's sum and sum of squares, in float64)."""
-    params = [p.detach().double() for p in module.parameters()]
-    return float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params))
+    """Numbers that change when any weight does (every parameter's sum and sum of squares, in float64), one
+    parameter at a time: a float64 copy of a whole 20B-parameter transformer (Qwen-Image's) would be 160 GB."""
+    total, squares = 0.0, 0.0
+    for p in module.parameters():
+        x = p.detach().double()
+        total += float(x.sum())
+        squares += float((x * x).sum())
+    return total, squares
