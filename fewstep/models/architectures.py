@@ -3,7 +3,8 @@ called.
 
 An `Architecture` is one table entry: the pipeline classes it covers, its components and the classes accepted
 for each, which component is the denoiser (`unet` or `transformer`), its text encoders and tokenizers, the
-kind of families that sample it (`unet`: the DDPM-era schedulers; `flow`: flow matching), and its `Adapter`.
+kind of families that sample it (`unet`: the DDPM-era schedulers; `flow`: flow matching; `trigflow`: SANA-Sprint's
+sCM), and its `Adapter`.
 The adapter is the part that differs in code, kept small:
 
 * `geometry`: the native size, latent channels, VAE factor and the size multiple, from the configs;
@@ -30,28 +31,37 @@ from fewstep.models.checkpoint import MAX_SIDE
 
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
+SamplingKind = Literal["unet", "flow", "trigflow"]
+"""The sampling math of a family (`Family.kind`) and of the architectures it samples (`Architecture.schedulers`): the
+DDPM-era schedulers' integer timesteps, flow matching's sigmas, or TrigFlow's angles (SANA-Sprint's `SCMScheduler`)."""
 
 
 @dataclass(frozen=True)
 class TextOut:
     """What the denoiser is conditioned on: token states (B, L, D), and pooled text embeds (B, P) where the
     architecture has them (SDXL, FLUX). `mask` (B, L), 1 for a real token, where the architecture keeps each
-    prompt's own length (LLM encoders: Z-Image, Qwen-Image): the states are then padded to the longest row."""
+    prompt's own length (LLM encoders: Z-Image, Qwen-Image): the states are then padded to the longest row; or,
+    with `padded`, where every prompt keeps the encoder's padded length and the mask only tells the denoiser's
+    attention which tokens are real (SANA)."""
 
     states: torch.Tensor
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    padded: bool = False
+    """Whether each row keeps its full padded length (the pipeline gives its denoiser every prompt at one length,
+    with the mask), instead of being cut to its own tokens."""
 
     def take(self, rows: list[int]) -> TextOut:
-        """These rows; a masked output's one row cut to its own tokens (how the prompt cache keeps it)."""
+        """These rows; a masked output's one row cut to its own tokens (how the prompt cache keeps it), unless
+        the rows keep their padded length."""
         pooled = None if self.pooled is None else self.pooled[rows]
         if self.mask is None:
             return TextOut(self.states[rows], pooled)
         mask = self.mask[rows]
-        if len(rows) == 1:
+        if len(rows) == 1 and not self.padded:
             n = int(mask.sum())
             return TextOut(self.states[rows][:, :n], pooled, mask[:, :n])
-        return TextOut(self.states[rows], pooled, mask)
+        return TextOut(self.states[rows], pooled, mask, self.padded)
 
 
 def stack(texts: list[TextOut]) -> TextOut:
@@ -100,6 +110,12 @@ class Adapter:
 
     size_ids: bool = False
     """Whether the denoiser takes SDXL's size time ids."""
+    padding_side: Literal["left", "right"] | None = None
+    """The side the pipeline pads its prompts on where it sets one (SANA's: right, whatever its tokenizer says);
+    None: the tokenizer's own."""
+    float_sample: bool = False
+    """Whether `denoise` takes the latents in float32 and casts them for the network itself (SANA's pipeline
+    rescales its latents in float32 before the cast); else they come in the network's dtype."""
     patch: int = 1
     """Latent cells per token side (FLUX's 2×2 packing: 2): an image's sequence length, which size-dependent
     schedules (`mu`) read, is (h / patch) × (w / patch)."""
@@ -128,6 +144,12 @@ class Adapter:
         """The text tokenizer `index` is given for `prompt`: the prompt itself, or the pipeline's chat template
         around it (LLM-encoded pipelines)."""
         return prompt
+
+    def length(self, tokenizer: Any, index: int, sequence: int) -> int:
+        """The padded length tokenizer `index` is given for a family's `max_sequence_length` `sequence`: the
+        sequence itself, unless the pipeline pads to more (SANA: the instruction its template prepends, too).
+        Called at import; the manifest keeps it."""
+        return sequence
 
     def tokens(self, height: int, width: int) -> int:
         """The image's sequence length for latents of `height` × `width` cells."""
@@ -304,8 +326,8 @@ class Architecture:
     components: dict[str, tuple[str, ...]]
     encoders: tuple[str, ...]
     tokenizers: tuple[str, ...]
-    schedulers: Literal["unet", "flow"]
-    """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
+    schedulers: SamplingKind
+    """Which families sample it: the DDPM-era schedulers' (`unet`), flow matching's (`flow`) or TrigFlow's."""
     adapter: Adapter
     edits: bool = False
     """Whether its edits are served: only where a test shows them equal to the architecture's diffusers img2img

@@ -338,10 +338,10 @@ def _check_tokenizers(
     files: dict[str, Path], arch: Architecture, components: dict[str, str], sequence: int | None
 ) -> list[int]:
     """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed: its
-    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`) at most the
-    encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its
-    vocabulary. Each tokenizer's padded length."""
-    lengths = []
+    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`, or what the
+    architecture pads that to: `Adapter.length`) at most the encoder's positions (a CLIP tokenizer saying 78 for
+    77 positions fails at the first request), ids below its vocabulary. Each tokenizer's padded length."""
+    lengths: list[int] = []
     with tempfile.TemporaryDirectory() as work:
         for tok_name, enc_name in zip(arch.tokenizers, arch.encoders, strict=True):
             folder = Path(work) / tok_name
@@ -361,7 +361,11 @@ def _check_tokenizers(
             clip = components[tok_name] in CLIP_TOKENIZERS
             try:
                 tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
-                length = sequence if not clip and sequence is not None else tok.model_max_length
+                length = (
+                    arch.adapter.length(tok, len(lengths), sequence)
+                    if not clip and sequence is not None
+                    else tok.model_max_length
+                )
                 if not isinstance(length, int) or not 1 <= length <= positions:
                     raise CheckpointError(
                         f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."
