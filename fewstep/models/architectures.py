@@ -21,16 +21,21 @@ them), the VAE decode and encode normalise by the VAE config's own fields (`scal
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from fewstep.errors import CheckpointError
+from fewstep.models import lazy
 from fewstep.models.checkpoint import MAX_SIDE
 
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
+GEMMA_TOKENIZERS = ("GemmaTokenizerFast", "GemmaTokenizer")
 SamplingKind = Literal["unet", "flow", "trigflow"]
 """The sampling math of a family (`Family.kind`) and of the architectures it samples (`Architecture.schedulers`): the
 DDPM-era schedulers' integer timesteps, flow matching's sigmas, or TrigFlow's angles (SANA-Sprint's `SCMScheduler`)."""
@@ -316,6 +321,80 @@ class Flux(Adapter):
         return out.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+@functools.cache
+def sana_instruction() -> str:
+    """SanaSprintPipeline's default `complex_human_instruction`, its lines joined as the pipeline joins them: what the
+    pipeline puts before every prompt when called with its defaults (as the model card calls it). Read from the
+    installed diffusers, so that the two never disagree."""
+    call = lazy.attr("diffusers", "SanaSprintPipeline").__call__
+    return "\n".join(inspect.signature(call).parameters["complex_human_instruction"].default)
+
+
+class Sana(Adapter):
+    """SANA-Sprint (`SanaSprintPipeline`): Gemma-2's last hidden state of the pipeline's instruction followed by the
+    prompt (lower-cased and stripped, as the pipeline does without `clean_caption`), padded on the right; the
+    transformer is given the first token and the last 299 with their mask (every prompt at 300 tokens), the TrigFlow
+    time and latents turned into the flow convention it was trained in (SANA-Sprint's sCM transform), and the
+    guidance scale times its `guidance_embeds_scale`. Latents reach `denoise` in the VAE's units: the sampler
+    divides out the scheduler's `sigma_data` (`Recipe.latent_scale`)."""
+
+    padding_side = "right"
+    float_sample = True
+    SEQUENCE = 300
+    """Prompt tokens the transformer is given: the pipeline's `max_sequence_length` (the model card's), its first
+    token and the last 299 of the encoding."""
+    SIDE_MULTIPLE = 32
+    """The pipeline refuses sides that are not a multiple of 32 (`check_inputs`)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = 2 ** (len(config_ints(vae, "encoder_block_out_channels", "vae/config.json", [0])) - 1)
+        channels = config_int(vae, "latent_channels", "vae/config.json", 32, 1024)
+        if config_int(network, "in_channels", "transformer/config.json", 32, 1024) != channels:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels"
+            )
+        side = config_int(network, "sample_size", "transformer/config.json", 32, MAX_SIDE) * factor
+        if side > MAX_SIDE:
+            raise CheckpointError(
+                f"its native size {side}x{side} (transformer `sample_size` × {factor}) is over {MAX_SIDE}"
+            )
+        patch = config_int(network, "patch_size", "transformer/config.json", 1, 64)
+        return Geometry(side, channels, factor, math.lcm(self.SIDE_MULTIPLE, factor * patch))
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        return sana_instruction() + prompt.lower().strip()
+
+    def length(self, tokenizer: Any, index: int, sequence: int) -> int:
+        if sequence != self.SEQUENCE:
+            raise CheckpointError(f"SANA pipelines give the transformer {self.SEQUENCE} tokens. Given: {sequence}")
+        # The pipeline pads the instruction and prompt to the instruction's tokens (its begin mark among them) and
+        # the sequence, less the begin mark and one more.
+        return len(tokenizer.encode(sana_instruction())) + sequence - 2
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        states = encoders[0](ids[0], attention_mask=masks[0])[0]
+        keep = [0, *range(1 - self.SEQUENCE, 0)]
+        return TextOut(states[:, keep], mask=masks[0][:, keep], padded=True)
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # TrigFlow's angle t as the flow time s the transformer was trained on, and its input and output rescaled
+        # to match (the sCM transform of SANA-Sprint).
+        flow_t = torch.sin(timestep) / (torch.cos(timestep) + torch.sin(timestep))
+        s = flow_t.view(-1, 1, 1, 1)
+        norm = torch.sqrt(s**2 + (1 - s) ** 2)
+        x = sample * norm
+        guidance = None if cond.timestep_cond is None else cond.timestep_cond * network.config.guidance_embeds_scale
+        out = network(
+            x.to(network.dtype),
+            encoder_hidden_states=cond.states,
+            encoder_attention_mask=cond.mask,
+            guidance=guidance,
+            timestep=flow_t,
+            return_dict=False,
+        )[0]
+        return ((1 - 2 * s) * x + (1 - 2 * s + 2 * s**2) * out) / norm
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a supported pipeline class is made of (see the module docstring)."""
@@ -385,6 +464,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         "flow",
         Flux(),
         edits=True,  # FluxImg2ImgPipeline
+    ),
+    "sana": Architecture(
+        "sana",
+        ("SanaSprintPipeline",),
+        "transformer",
+        {
+            "transformer": ("SanaTransformer2DModel",),
+            "vae": ("AutoencoderDC",),
+            "text_encoder": ("Gemma2Model",),
+            "tokenizer": GEMMA_TOKENIZERS,
+        },
+        ("text_encoder",),
+        ("tokenizer",),
+        "trigflow",
+        Sana(),
     ),
 }
 

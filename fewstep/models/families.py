@@ -24,7 +24,11 @@ it into the registry version's manifest: the engine reads the recipe, never this
   of the N-step checkpoint);
 * flux-schnell: black-forest-labs/FLUX.1-schnell model card and diffusers' `FluxPipeline` (`FlowMatchEulerDiscrete
   Scheduler`, shift 1, no dynamic shifting, sigmas `linspace(1, 1/N, N)`, 1–4 steps, 4 recommended, guidance 0,
-  T5 prompts of at most 256 tokens).
+  T5 prompts of at most 256 tokens);
+* sana-sprint: Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers model card, diffusers' `SanaSprintPipeline`
+  and NVlabs/Sana's SANA-Sprint demo (`SCMScheduler`, TrigFlow angles from `max_timesteps` 1.5708 down to 0, the
+  2-step list through `intermediate_timesteps` 1.3, 1–4 steps, 2 by default, the guidance embedding at 1–30,
+  4.5 by default, 300 prompt tokens).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
 `flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers,
@@ -168,6 +172,21 @@ FAMILIES: dict[str, Family] = {
         kind="flow",
         architectures=("flux",),
         max_sequence_length=256,
+    ),
+    "sana-sprint": Family(
+        "sana-sprint",
+        "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers model card; diffusers' SanaSprintPipeline; "
+        "NVlabs/Sana's SANA-Sprint demo (guidance 1–30)",
+        "SCMScheduler",
+        {"prediction_type": "trigflow", "sigma_data": 0.5},
+        steps=(1, 2, 3, 4),
+        default_steps=2,
+        guidance=Guidance("embedded", 1.0, 30.0, 4.5),
+        kind="trigflow",
+        architectures=("sana",),
+        max_sequence_length=300,
+        max_timesteps=TRIGFLOW_TOP,
+        intermediate_timesteps=1.3,
     ),
 }
 
@@ -406,6 +425,8 @@ def detect(shipped_config: dict[str, Any], embeds_guidance: bool, arch: str = "s
     dynamic = shipped_config.get("use_dynamic_shifting")
     if arch == "flux" and cls == "FlowMatchEulerDiscreteScheduler" and not dynamic and not embeds_guidance:
         return "flux-schnell"  # schnell: no shifting, no guidance embedding (dev has both)
+    if arch == "sana" and cls == "SCMScheduler":
+        return "sana-sprint"  # the sCM students ship this scheduler; SANA's base pipelines, flow ones
     if cls == "TCDScheduler":
         return "tcd"
     if cls == "LCMScheduler" and embeds_guidance:
