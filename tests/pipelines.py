@@ -1,10 +1,10 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image-, FLUX.2-klein- and
-Qwen-Image-style) saved as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image-, FLUX.2-klein-, Qwen-Image- and
+SANA-Sprint-style) saved as users save theirs.
 
-The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5 and Qwen3 text
+The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5, Qwen and Gemma text
 encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, a T5
-Unigram model built with the `tokenizers` package, and a byte-level Qwen BPE with a chat template. `width` scales
-the UNet for the benchmark, where it must dominate the cost.
+Unigram model and a Gemma BPE model built with the `tokenizers` package, and a byte-level Qwen BPE with a chat
+template. `width` scales the UNet for the benchmark, where it must dominate the cost.
 """
 
 from __future__ import annotations
@@ -430,6 +430,86 @@ def qwen_image(folder: Path, seed: int = 0) -> Path:
         text_encoder=transformers.Qwen2_5_VLForConditionalGeneration(config).eval(),
         tokenizer=tok,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
+
+
+GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+
+
+def gemma_tokenizer(folder: Path, words: list[str], max_length: int = 512) -> Any:
+    """A Gemma tokenizer (fast, BPE with byte fallback, as Gemma's), saved to `folder`: every ASCII letter, digit and
+    mark, and merges that make each of `words` (alone, and after a space) one token, so that a long instruction
+    stays a few hundred tokens. Begins each prompt with `<bos>`; pads with `<pad>`."""
+    import string
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(GEMMA_SPECIAL)}
+    for c in "\u2581\n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for word in dict.fromkeys(words):
+        for piece in ("\u2581" + word, word):
+            left = piece[0]
+            for c in piece[1:]:
+                if left + c not in vocab:
+                    vocab[left + c] = len(vocab)
+                    merges.append((left, c))
+                left += c
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast = transformers.GemmaTokenizerFast(
+        tokenizer_object=tok, add_bos_token=True, add_eos_token=False, model_max_length=max_length
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return transformers.GemmaTokenizerFast.from_pretrained(str(folder))
+
+
+def sana(folder: Path, seed: int = 0) -> Path:
+    """A tiny SanaSprintPipeline saved to `folder`, as diffusers' own SANA-Sprint test builds it (a one-block
+    transformer with the guidance embedding, a two-level DC-AE: 64×64 images of 32×32 latents, a one-layer
+    Gemma-2), with `SCMScheduler`. Its Gemma tokenizer knows the words of the pipeline's default instruction and
+    of the tests' prompts."""
+    import diffusers
+    import transformers
+
+    from fewstep.models.architectures import sana_instruction
+
+    torch.manual_seed(seed)
+    transformer = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32, qk_norm="rms_norm_across_heads", guidance_embeds=True,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )  # fmt: skip
+    words = [*sana_instruction().split(), "a", "red", "circle", "on", "white", "table", "blue", "square", "cross"]
+    tok = gemma_tokenizer(folder / "_tok", words)
+    config = transformers.Gemma2Config(
+        head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tok),
+        attn_implementation="eager",
+    )  # fmt: skip
+    pipe = diffusers.SanaSprintPipeline(
+        tokenizer=tok,
+        text_encoder=transformers.Gemma2Model(config).eval(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=diffusers.SCMScheduler(),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")

@@ -3,7 +3,8 @@ called.
 
 An `Architecture` is one table entry: the pipeline classes it covers, its components and the classes accepted
 for each, which component is the denoiser (`unet` or `transformer`), its text encoders and tokenizers, the
-kind of families that sample it (`unet`: the DDPM-era schedulers; `flow`: flow matching), and its `Adapter`.
+kind of families that sample it (`unet`: the DDPM-era schedulers; `flow`: flow matching; `trigflow`: SANA-Sprint's
+sCM), and its `Adapter`.
 The adapter is the part that differs in code, kept small:
 
 * `geometry`: the native size, latent channels, VAE factor and the size multiple, from the configs;
@@ -20,39 +21,53 @@ them), the VAE decode and encode normalise by the VAE config's own fields (`scal
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from fewstep.errors import CheckpointError
+from fewstep.models import lazy
 from fewstep.models.checkpoint import MAX_SIDE
 
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
 QWEN_TOKENIZERS = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+GEMMA_TOKENIZERS = ("GemmaTokenizerFast", "GemmaTokenizer")
+SamplingKind = Literal["unet", "flow", "trigflow"]
+"""The sampling math of a family (`Family.kind`) and of the architectures it samples (`Architecture.schedulers`): the
+DDPM-era schedulers' integer timesteps, flow matching's sigmas, or TrigFlow's angles (SANA-Sprint's `SCMScheduler`)."""
 
 
 @dataclass(frozen=True)
 class TextOut:
     """What the denoiser is conditioned on: token states (B, L, D), and pooled text embeds (B, P) where the
     architecture has them (SDXL, FLUX). `mask` (B, L), 1 for a real token, where the architecture keeps each
-    prompt's own length (LLM encoders: Z-Image, Qwen-Image): the states are then padded to the longest row."""
+    prompt's own length (LLM encoders: Z-Image, Qwen-Image): the states are then padded to the longest row; or,
+    with `padded`, where every prompt keeps the encoder's padded length and the mask only tells the denoiser's
+    attention which tokens are real (SANA)."""
 
     states: torch.Tensor
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    padded: bool = False
+    """Whether each row keeps its full padded length (the pipeline gives its denoiser every prompt at one length,
+    with the mask), instead of being cut to its own tokens."""
 
     def take(self, rows: list[int]) -> TextOut:
-        """These rows; a masked output's one row cut to its own tokens (how the prompt cache keeps it)."""
+        """These rows; a masked output's one row cut to its own tokens (how the prompt cache keeps it), unless
+        the rows keep their padded length."""
         pooled = None if self.pooled is None else self.pooled[rows]
         if self.mask is None:
             return TextOut(self.states[rows], pooled)
         mask = self.mask[rows]
-        if len(rows) == 1:
+        if len(rows) == 1 and not self.padded:
             n = int(mask.sum())
             return TextOut(self.states[rows][:, :n], pooled, mask[:, :n])
-        return TextOut(self.states[rows], pooled, mask)
+        return TextOut(self.states[rows], pooled, mask, self.padded)
 
 
 def stack(texts: list[TextOut]) -> TextOut:
@@ -101,12 +116,15 @@ class Adapter:
 
     size_ids: bool = False
     """Whether the denoiser takes SDXL's size time ids."""
+    padding_side: Literal["left", "right"] | None = None
+    """The side the pipeline pads its prompts on where it sets one (SANA's: right, whatever its tokenizer says);
+    None: the tokenizer's own."""
+    float_sample: bool = False
+    """Whether `denoise` takes the latents in float32 and casts them for the network itself (SANA's pipeline
+    rescales its latents in float32 before the cast); else they come in the network's dtype."""
     patch: int = 1
     """Latent cells per token side (FLUX's 2×2 packing: 2): an image's sequence length, which size-dependent
     schedules (`mu`) read, is (h / patch) × (w / patch)."""
-    template_tokens: int = 0
-    """Tokens of the chat template before the prompt that the encoding drops (Qwen-Image's 34): the tokenizer pads
-    to the family's `max_sequence_length` plus these, so that the prompt keeps its `max_sequence_length` tokens."""
 
     def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
         raise NotImplementedError
@@ -132,6 +150,12 @@ class Adapter:
         """The text tokenizer `index` is given for `prompt`: the prompt itself, or the pipeline's chat template
         around it (LLM-encoded pipelines)."""
         return prompt
+
+    def length(self, tokenizer: Any, index: int, sequence: int) -> int:
+        """The padded length tokenizer `index` is given for a family's `max_sequence_length` `sequence`: the
+        sequence itself, unless the pipeline pads to more (SANA: the instruction its template prepends, too).
+        Called at import; the manifest keeps it."""
+        return sequence
 
     def tokens(self, height: int, width: int) -> int:
         """The image's sequence length for latents of `height` × `width` cells."""
@@ -327,6 +351,10 @@ class QwenImage(Adapter):
     )
     DEFAULT_SAMPLE_SIZE = 128
     """QwenImagePipeline's `default_sample_size`: its native side is this many latent cells (1024 pixels)."""
+
+    def length(self, tokenizer: Any, index: int, sequence: int) -> int:
+        # The template's tokens are dropped from the states: the prompt itself keeps `sequence` tokens.
+        return sequence + self.template_tokens
 
     def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
         where = "vae/config.json"
@@ -561,6 +589,80 @@ class Flux2Klein(Adapter):
         return vae.decode(x, return_dict=False)[0]
 
 
+@functools.cache
+def sana_instruction() -> str:
+    """SanaSprintPipeline's default `complex_human_instruction`, its lines joined as the pipeline joins them: what the
+    pipeline puts before every prompt when called with its defaults (as the model card calls it). Read from the
+    installed diffusers, so that the two never disagree."""
+    call = lazy.attr("diffusers", "SanaSprintPipeline").__call__
+    return "\n".join(inspect.signature(call).parameters["complex_human_instruction"].default)
+
+
+class Sana(Adapter):
+    """SANA-Sprint (`SanaSprintPipeline`): Gemma-2's last hidden state of the pipeline's instruction followed by the
+    prompt (lower-cased and stripped, as the pipeline does without `clean_caption`), padded on the right; the
+    transformer is given the first token and the last 299 with their mask (every prompt at 300 tokens), the TrigFlow
+    time and latents turned into the flow convention it was trained in (SANA-Sprint's sCM transform), and the
+    guidance scale times its `guidance_embeds_scale`. Latents reach `denoise` in the VAE's units: the sampler
+    divides out the scheduler's `sigma_data` (`Recipe.latent_scale`)."""
+
+    padding_side = "right"
+    float_sample = True
+    SEQUENCE = 300
+    """Prompt tokens the transformer is given: the pipeline's `max_sequence_length` (the model card's), its first
+    token and the last 299 of the encoding."""
+    SIDE_MULTIPLE = 32
+    """The pipeline refuses sides that are not a multiple of 32 (`check_inputs`)."""
+
+    def geometry(self, network: dict[str, Any], vae: dict[str, Any]) -> Geometry:
+        factor = 2 ** (len(config_ints(vae, "encoder_block_out_channels", "vae/config.json", [0])) - 1)
+        channels = config_int(vae, "latent_channels", "vae/config.json", 32, 1024)
+        if config_int(network, "in_channels", "transformer/config.json", 32, 1024) != channels:
+            raise CheckpointError(
+                f"transformer/config.json: `in_channels` must be the VAE's {channels} latent channels"
+            )
+        side = config_int(network, "sample_size", "transformer/config.json", 32, MAX_SIDE) * factor
+        if side > MAX_SIDE:
+            raise CheckpointError(
+                f"its native size {side}x{side} (transformer `sample_size` × {factor}) is over {MAX_SIDE}"
+            )
+        patch = config_int(network, "patch_size", "transformer/config.json", 1, 64)
+        return Geometry(side, channels, factor, math.lcm(self.SIDE_MULTIPLE, factor * patch))
+
+    def template(self, tokenizer: Any, index: int, prompt: str) -> str:
+        return sana_instruction() + prompt.lower().strip()
+
+    def length(self, tokenizer: Any, index: int, sequence: int) -> int:
+        if sequence != self.SEQUENCE:
+            raise CheckpointError(f"SANA pipelines give the transformer {self.SEQUENCE} tokens. Given: {sequence}")
+        # The pipeline pads the instruction and prompt to the instruction's tokens (its begin mark among them) and
+        # the sequence, less the begin mark and one more.
+        return len(tokenizer.encode(sana_instruction())) + sequence - 2
+
+    def encode(self, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
+        states = encoders[0](ids[0], attention_mask=masks[0])[0]
+        keep = [0, *range(1 - self.SEQUENCE, 0)]
+        return TextOut(states[:, keep], mask=masks[0][:, keep], padded=True)
+
+    def denoise(self, network: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # TrigFlow's angle t as the flow time s the transformer was trained on, and its input and output rescaled
+        # to match (the sCM transform of SANA-Sprint).
+        flow_t = torch.sin(timestep) / (torch.cos(timestep) + torch.sin(timestep))
+        s = flow_t.view(-1, 1, 1, 1)
+        norm = torch.sqrt(s**2 + (1 - s) ** 2)
+        x = sample * norm
+        guidance = None if cond.timestep_cond is None else cond.timestep_cond * network.config.guidance_embeds_scale
+        out = network(
+            x.to(network.dtype),
+            encoder_hidden_states=cond.states,
+            encoder_attention_mask=cond.mask,
+            guidance=guidance,
+            timestep=flow_t,
+            return_dict=False,
+        )[0]
+        return ((1 - 2 * s) * x + (1 - 2 * s + 2 * s**2) * out) / norm
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a supported pipeline class is made of (see the module docstring)."""
@@ -571,8 +673,8 @@ class Architecture:
     components: dict[str, tuple[str, ...]]
     encoders: tuple[str, ...]
     tokenizers: tuple[str, ...]
-    schedulers: Literal["unet", "flow"]
-    """Which families sample it: the DDPM-era schedulers' (`unet`) or flow matching's (`flow`)."""
+    schedulers: SamplingKind
+    """Which families sample it: the DDPM-era schedulers' (`unet`), flow matching's (`flow`) or TrigFlow's."""
     adapter: Adapter
     text_cost: int = 0
     """What encoding one prompt costs, in denoiser evaluations, counted in an item's cost (per-key limits): 0 where
@@ -704,6 +806,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("tokenizer",),
         "flow",
         QwenImage(),
+        text_cost=1,
+    ),
+    "sana": Architecture(
+        "sana",
+        ("SanaSprintPipeline",),
+        "transformer",
+        {
+            "transformer": ("SanaTransformer2DModel",),
+            "vae": ("AutoencoderDC",),
+            "text_encoder": ("Gemma2Model",),
+            "tokenizer": GEMMA_TOKENIZERS,
+        },
+        ("text_encoder",),
+        ("tokenizer",),
+        "trigflow",
+        Sana(),
         text_cost=1,
     ),
 }

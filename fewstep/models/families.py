@@ -42,9 +42,15 @@ it into the registry version's manifest: the engine reads the recipe, never this
   so the pipeline's `calculate_shift` gives mu = log 3 at every size; sigmas `linspace(1, 1/N, N)`; 4 or 8 steps,
   each LoRA file distilled for one; `true_cfg_scale=1.0`: no guidance; the pipeline's default
   `max_sequence_length` of 512 prompt tokens).
+* sana-sprint: Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers model card, diffusers' `SanaSprintPipeline`
+  and NVlabs/Sana's SANA-Sprint demo (`SCMScheduler`, TrigFlow angles from `max_timesteps` 1.5708 down to 0, the
+  2-step list through `intermediate_timesteps` 1.3, 1–4 steps, 2 by default, the guidance embedding at 1–30,
+  4.5 by default, 300 prompt tokens).
 
 A family is for one kind of architecture (`models.architectures`): `unet` families for the SD/SDXL UNets,
-`flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers.
+`flow` families (flow matching: the scheduler walks sigmas, timesteps are sigma × 1000) for the transformers,
+`trigflow` ones (TrigFlow: timesteps are angles in radians, from π/2, pure noise, to 0; the sampler's latents are
+the VAE's times the scheduler's `sigma_data`, and the image is the last step's x0 estimate) for SANA-Sprint.
 """
 
 from __future__ import annotations
@@ -52,13 +58,13 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
 from fewstep.errors import CheckpointError
 from fewstep.models import lazy
-from fewstep.models.architectures import architecture
+from fewstep.models.architectures import SamplingKind, architecture
 from fewstep.models.schedules import MAX_STEPS, MAX_TRAIN_TIMESTEPS, EditRule
 
 GuidanceMode = Literal["none", "embedded", "cfg"]
@@ -67,6 +73,8 @@ SigmaRule = Literal["linspace", "scheduler"]
 scheduler (`linspace`), or the scheduler's own spacing (`scheduler`: StableDiffusion3Pipeline calls
 `set_timesteps(N)`, which spaces them from the scheduler's largest sigma to its smallest, then shifts them)."""
 SIGMA_RULES: tuple[SigmaRule, ...] = ("linspace", "scheduler")
+TRIGFLOW_TOP = 1.5708
+"""The largest TrigFlow timestep a recipe may hold: π/2 (pure noise) as the SCM pipelines round it (`max_timesteps`)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,9 @@ class Family:
     """`prediction_type` of the family's 1-step checkpoints when it differs (SDXL-Lightning's predicts x0)."""
     step_count_is_the_checkpoints: bool = False
     """A checkpoint is distilled for one step count: `--steps` picks which (default `default_steps`)."""
-    kind: Literal["unet", "flow"] = "unet"
-    """Its sampling math (`Architecture.schedulers`): the DDPM-era schedulers' timesteps or flow's sigmas."""
+    kind: SamplingKind = "unet"
+    """Its sampling math (`Architecture.schedulers`): the DDPM-era schedulers' timesteps, flow's sigmas or TrigFlow's
+    angles."""
     architectures: tuple[str, ...] = ()
     """The architectures (`models.architectures`) its students are, where a family is distilled from one base
     (the transformers'); empty: any architecture its `kind` samples (the UNet families: SD and SDXL alike)."""
@@ -117,6 +126,11 @@ class Family:
     """Tokens of the T5-style prompt encoding (the pipeline's `max_sequence_length`), where there is one."""
     sigma_rule: SigmaRule = "linspace"
     """Flow families: how its pipeline spaces the sigmas (`SigmaRule`)."""
+    max_timesteps: float | None = None
+    """TrigFlow families: the first timestep (radians), as the pipeline sets its scheduler (`max_timesteps`)."""
+    intermediate_timesteps: float | None = None
+    """TrigFlow families: the 2-step list's second timestep (`intermediate_timesteps`); the other lists are spaced
+    evenly down to 0."""
 
 
 QWEN_IMAGE_LIGHTNING = {
@@ -255,6 +269,21 @@ FAMILIES: dict[str, Family] = {
         },
         max_sequence_length=512,
     ),
+    "sana-sprint": Family(
+        "sana-sprint",
+        "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers model card; diffusers' SanaSprintPipeline; "
+        "NVlabs/Sana's SANA-Sprint demo (guidance 1–30)",
+        "SCMScheduler",
+        {"prediction_type": "trigflow", "sigma_data": 0.5},
+        steps=(1, 2, 3, 4),
+        default_steps=2,
+        guidance=Guidance("embedded", 1.0, 30.0, 4.5),
+        kind="trigflow",
+        architectures=("sana",),
+        max_sequence_length=300,
+        max_timesteps=TRIGFLOW_TOP,
+        intermediate_timesteps=1.3,
+    ),
 }
 
 
@@ -281,9 +310,17 @@ class Recipe:
     set for its own sequence length (`mu_of`)."""
     sigma_rule: SigmaRule = "linspace"
     """Flow families: how the pipeline spaces `sigmas` (`SigmaRule`; `set_timesteps`)."""
+    kind: SamplingKind = "unet"
+    """The family's sampling math (`Family.kind`). TrigFlow's `timesteps` are the angles the scheduler is set with
+    (`set_timesteps(timesteps=…)`, the final 0 added)."""
 
     def __post_init__(self) -> None:
         """Bounds (`schedules.MAX_STEPS`, `MAX_TRAIN_TIMESTEPS`): a recipe is read from untrusted manifests."""
+        if self.kind not in get_args(SamplingKind) or bool(self.sigmas) != (self.kind == "flow"):
+            raise CheckpointError(
+                f"the recipe's kind must be one of {get_args(SamplingKind)}, with sigmas for flow only. Given: "
+                f"{str(self.kind)[:20]}"
+            )
         trained = self.scheduler_config.get("num_train_timesteps", 1000)
         if not isinstance(trained, int) or not 1 <= trained <= MAX_TRAIN_TIMESTEPS:
             raise CheckpointError(
@@ -293,12 +330,22 @@ class Recipe:
         if not self.timesteps or len(self.timesteps) > MAX_STEPS:
             raise CheckpointError(f"the recipe must serve 1 to {MAX_STEPS} step counts. Given: {len(self.timesteps)}")
         top = trained + 1 if self.sigmas else trained  # a flow list starts at sigma 1: t = num_train_timesteps
+        trig = self.kind == "trigflow"
+        bounds = f"(0, {TRIGFLOW_TOP}] radians, decreasing" if trig else f"[0, {top})"
         for n, ts in self.timesteps.items():
-            if not 1 <= n <= MAX_STEPS or len(ts) != n or not all(0 <= t < top for t in ts):
+            inside = (
+                all(0.0 < t <= TRIGFLOW_TOP for t in ts) and ts == sorted(ts, reverse=True)
+                if trig
+                else all(0 <= t < top for t in ts)
+            )
+            if not 1 <= n <= MAX_STEPS or len(ts) != n or not inside:
                 raise CheckpointError(
-                    f"the recipe's {str(n)[:12]}-step list must be {str(n)[:12]} timesteps in [0, {top}), with at "
+                    f"the recipe's {str(n)[:12]}-step list must be {str(n)[:12]} timesteps in {bounds}, with at "
                     f"most {MAX_STEPS} steps (`MAX_STEPS`). Given: {len(ts)} timesteps"
                 )
+        sigma = self.scheduler_config.get("sigma_data", 0.5)
+        if trig and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 < sigma < float("inf")):
+            raise CheckpointError(f"the recipe's `sigma_data` must be a positive number. Given: {str(sigma)[:40]}")
         for n, sig in self.sigmas.items():
             if n not in self.timesteps or len(sig) != n or not all(0.0 < x <= 1.0 for x in sig):
                 raise CheckpointError(f"the recipe's {str(n)[:12]}-step sigmas must be {str(n)[:12]} values in (0, 1]")
@@ -324,10 +371,25 @@ class Recipe:
         dynamically shifting scheduler's, for this image)."""
         if steps in self.sigmas:
             set_flow_timesteps(scheduler, self.sigma_rule, self.sigmas[steps], mu, device)
+        elif self.kind == "trigflow":  # the angles given, and the 0 the last step goes to
+            ts = [*self.timesteps[steps], 0.0]
+            scheduler.set_timesteps(steps, timesteps=ts, device=device, max_timesteps=None, intermediate_timesteps=None)
         elif self.custom_timesteps:
             scheduler.set_timesteps(timesteps=self.timesteps[steps], device=device)
         else:
             scheduler.set_timesteps(steps, device=device)
+
+    @property
+    def latent_scale(self) -> float:
+        """The sampler's latents are the VAE's (scaled) latents times this: TrigFlow's `sigma_data` (its scheduler
+        walks noise of that deviation, and its denoiser takes latents divided by it); 1 otherwise."""
+        return float(self.scheduler_config.get("sigma_data", 0.5)) if self.kind == "trigflow" else 1.0
+
+    @property
+    def ends_on_estimate(self) -> bool:
+        """Whether the image is the last step's x0 estimate (the SCM pipeline decodes `denoised`), not the sample
+        the last step goes on to."""
+        return self.kind == "trigflow"
 
     @property
     def edit_rule(self) -> EditRule:
@@ -344,13 +406,13 @@ class Recipe:
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         try:
             sigmas = dict(d.get("sigmas") or {})
-            flow = bool(sigmas)
+            kind = str(d.get("kind") or ("flow" if sigmas else "unet"))  # manifests before `kind`: unet or flow
             return cls(
                 family=str(d["family"]),
                 source=str(d["source"]),
                 scheduler=str(d["scheduler"]),
                 scheduler_config=dict(d["scheduler_config"]),
-                timesteps={int(k): [_time(t, flow) for t in v] for k, v in d["timesteps"].items()},
+                timesteps={int(k): [_time(t, kind != "unet") for t in v] for k, v in d["timesteps"].items()},
                 default_steps=int(d["default_steps"]),
                 guidance=Guidance(**d["guidance"]),
                 step_kwargs=dict(d.get("step_kwargs") or {}),
@@ -359,14 +421,16 @@ class Recipe:
                 max_sequence_length=None if d.get("max_sequence_length") is None else int(d["max_sequence_length"]),
                 mu=None if d.get("mu") is None else dict(d["mu"]),
                 sigma_rule=d.get("sigma_rule", "linspace"),
+                kind=cast(SamplingKind, kind),  # checked in __post_init__
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"manifest has no valid recipe ({e})") from e
 
 
-def _time(t: Any, flow: bool) -> Any:
-    """A recipe's timestep: an integer (the DDPM-era schedulers'), or sigma × 1000 as a float (flow's)."""
-    return float(t) if flow else int(t)
+def _time(t: Any, real: bool) -> Any:
+    """A recipe's timestep: an integer (the DDPM-era schedulers'), or a float (flow's sigma × 1000, TrigFlow's
+    angle)."""
+    return float(t) if real else int(t)
 
 
 def scheduler_class(name: str) -> Any:
@@ -408,7 +472,7 @@ def resolve(
         overrides["prediction_type"] = f.one_step_prediction
     scheduler = cls.from_config({**base, **overrides})
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    custom = all(n in f.timesteps for n in wanted)
+    custom = all(n in f.timesteps for n in wanted) or f.kind == "trigflow"
     timesteps: dict[int, list[Any]] = {}
     sigmas: dict[int, list[float]] = {}
     if f.kind == "flow" and f.mu is None and config.get("use_dynamic_shifting"):
@@ -417,6 +481,11 @@ def resolve(
             f"static shift"
         )
     for n in wanted:
+        if f.kind == "trigflow":  # the pipeline's own call: the list ends at 0, where no step is taken
+            two = f.intermediate_timesteps if n == 2 else None
+            scheduler.set_timesteps(n, max_timesteps=f.max_timesteps, intermediate_timesteps=two)
+            timesteps[n] = [float(t) for t in scheduler.timesteps[:-1]]
+            continue
         if f.kind == "flow":
             sigmas[n] = flow_sigmas(n, f.sigma_rule, scheduler)
             mu = None if f.mu is None else mu_of(f.mu, native_tokens, n)
@@ -431,12 +500,14 @@ def resolve(
     default = f.default_steps if f.default_steps in wanted else wanted[0]
     guidance = f.guidance if embeds_guidance or f.cfg_guidance is None else f.cfg_guidance
     if f.guidance.mode == "embedded" and not embeds_guidance and f.cfg_guidance is None:
-        raise CheckpointError(f"family {family!r} needs a UNet with a guidance embedding (`time_cond_proj_dim`)")
+        raise CheckpointError(
+            f"family {family!r} needs a denoiser with a guidance embedding (`time_cond_proj_dim`, `guidance_embeds`)"
+        )
     if f.kind == "flow" and embeds_guidance and f.guidance.mode == "none":
         raise CheckpointError(f"family {family!r} is guidance-free; this transformer embeds guidance (a dev model?)")
     return Recipe(
         f.name, f.source, f.scheduler, config, timesteps, default, guidance, dict(f.step_kwargs), custom, sigmas,
-        f.max_sequence_length, None if f.mu is None else dict(f.mu), f.sigma_rule,
+        f.max_sequence_length, None if f.mu is None else dict(f.mu), f.sigma_rule, f.kind,
     )  # fmt: skip
 
 
@@ -505,6 +576,8 @@ def detect(
         and shipped_config.get("shift") == 3
     ):
         return "z-image-turbo"  # the turbo's own shift; the undistilled Z-Image ships 6 (and is sampled with CFG)
+    if arch == "sana" and cls == "SCMScheduler":
+        return "sana-sprint"  # the sCM students ship this scheduler; SANA's base pipelines, flow ones
     if cls == "TCDScheduler":
         return "tcd"
     if cls == "LCMScheduler" and embeds_guidance:

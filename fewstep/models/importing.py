@@ -340,11 +340,11 @@ def _check_tokenizers(
     files: dict[str, Path], arch: Architecture, components: dict[str, str], sequence: int | None
 ) -> list[int]:
     """Each tokenizer, as it will be copied, loads and encodes a prompt into ids its text encoder can embed: its
-    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`, plus the chat
-    template's tokens the encoding drops) at most the encoder's positions (a CLIP tokenizer saying 78 for 77
-    positions fails at the first request), ids below its vocabulary (a vision-language encoder's: its `text_config`).
-    Each tokenizer's padded length."""
-    lengths = []
+    padded length (`model_max_length`; a T5 or LLM encoder's: the family's `max_sequence_length`, or what the
+    architecture pads that to: `Adapter.length`, e.g. with the chat template's tokens the encoding drops) at most
+    the encoder's positions (a CLIP tokenizer saying 78 for 77 positions fails at the first request), ids below its
+    vocabulary (a vision-language encoder's: its `text_config`). Each tokenizer's padded length."""
+    lengths: list[int] = []
     with tempfile.TemporaryDirectory() as work:
         for tok_name, enc_name in zip(arch.tokenizers, arch.encoders, strict=True):
             folder = Path(work) / tok_name
@@ -366,8 +366,11 @@ def _check_tokenizers(
             clip = components[tok_name] in CLIP_TOKENIZERS
             try:
                 tok = lazy.attr("transformers", components[tok_name]).from_pretrained(str(folder))
-                template = arch.adapter.template_tokens  # dropped from the states: the prompt keeps `sequence`
-                length = sequence + template if not clip and sequence is not None else tok.model_max_length
+                length = (
+                    arch.adapter.length(tok, len(lengths), sequence)
+                    if not clip and sequence is not None
+                    else tok.model_max_length
+                )
                 if not isinstance(length, int) or not 1 <= length <= positions:
                     raise CheckpointError(
                         f"its `model_max_length` must be at most {enc_name}'s `max_position_embeddings` ({positions})."

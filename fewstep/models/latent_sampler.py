@@ -14,6 +14,10 @@ a set of walks one step:
    `tests/engines/test_latent.py` checks every family against the diffusers pipeline), the noise drawn from
    a generator seeded by (seed, step) alone, so an image never depends on its neighbours.
 
+A TrigFlow family's walks (SANA-Sprint's SCM scheduler) hold the VAE's latents times the scheduler's `sigma_data`,
+as its pipeline does; its denoiser is given and gives the VAE's units, and its image is the last step's x0 estimate
+(`Recipe.latent_scale`, `Recipe.ends_on_estimate`).
+
 `decode` turns finished walks into pixels, batched by size. The latent engine schedules walks across
 requests; exporters call `sample` to compare their graphs with the torch networks.
 
@@ -85,7 +89,7 @@ class Walk:
     draw: Draw
     scheduler: Any
     timesteps: list[Any]
-    """Its timesteps: integers, or a flow family's sigma × 1000."""
+    """Its timesteps: integers, a flow family's sigma × 1000, or a TrigFlow family's angles."""
     latents: torch.Tensor
     cond: TextOut
     uncond: TextOut | None
@@ -176,6 +180,8 @@ class LatentSampler:
             self.recipe.set_timesteps(sched, n, self._mu(self.native, n), self.device)
             if n in self.recipe.sigmas:
                 same = all(abs(float(a) - b) < 1e-3 for a, b in zip(sched.timesteps, ts, strict=True))
+            elif self.recipe.kind == "trigflow":
+                same = [float(t) for t in sched.timesteps[:-1]] == ts
             else:
                 same = [int(t) for t in sched.timesteps] == ts
             if not same:
@@ -250,7 +256,8 @@ class LatentSampler:
                 sched.set_begin_index(first * sched.order)
             needs_uncond = d.cfg or (d.hybrid and self.base_cfg)
             uncond = self._uncond(cond, d.negative_prompt) if needs_uncond else None
-            latents = noise * getattr(sched, "init_noise_sigma", 1.0) if d.image is None else noise
+            start = noise * getattr(sched, "init_noise_sigma", 1.0) * self.recipe.latent_scale
+            latents = start if d.image is None else noise
             walks.append(Walk(d, sched, timesteps, latents, cond, uncond, k=first))
         self._edit_starts([w for w in walks if w.draw.image is not None])
         return walks
@@ -305,16 +312,22 @@ class LatentSampler:
                     tids.append(time_ids(*w.size))
                 if nets.time_cond_dim is not None:
                     tconds.append(guidance_embedding(torch.tensor([w.draw.guidance - 1.0]), nets.time_cond_dim))
+                elif not by_base and self.recipe.guidance.mode == "embedded":  # a transformer's: the scale itself
+                    tconds.append(torch.tensor([w.draw.guidance]))
         dev = self.device
         text = stack(texts)
-        pred = nets.unet(
-            torch.cat(xs),
-            torch.tensor(ts, device=dev),
-            text.states,
-            torch.cat(tconds).to(dev) if tconds else None,
-            text.pooled,
-            torch.cat(tids).to(dev) if tids else None,
-            mask=text.mask,
+        units = self.recipe.latent_scale  # the denoiser takes and gives the VAE's units
+        pred = (
+            nets.unet(
+                torch.cat(xs) / units,
+                torch.tensor(ts, device=dev),
+                text.states,
+                torch.cat(tconds).to(dev) if tconds else None,
+                text.pooled,
+                torch.cat(tids).to(dev) if tids else None,
+                mask=text.mask,
+            )
+            * units
         )
         at = 0
         for w, n in zip(group, spans, strict=True):
@@ -364,7 +377,7 @@ class LatentSampler:
         for i, w in enumerate(walks):
             by_size.setdefault(w.size, []).append(i)
         for rows in by_size.values():
-            latents = [self._shown(walks[i], estimates) for i in rows]
+            latents = [self._shown(walks[i], estimates or self.recipe.ends_on_estimate) for i in rows]
             images = self.nets.decode(torch.cat(latents))
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             pixels = postprocess(images.nan_to_num(0.0))
@@ -372,9 +385,10 @@ class LatentSampler:
                 out[i] = pixels[j] if bool(finite[j]) else None
         return out
 
-    @staticmethod
-    def _shown(w: Walk, estimate: bool) -> torch.Tensor:
-        return w.estimate if estimate and w.estimate is not None else w.latents
+    def _shown(self, w: Walk, estimate: bool) -> torch.Tensor:
+        """The walk's latents (or its x0 estimate) in the VAE's units."""
+        x = w.estimate if estimate and w.estimate is not None else w.latents
+        return x / self.recipe.latent_scale
 
     def sample(self, draws: list[Draw]) -> list[np.ndarray | None]:
         """Every draw to completion, in one running batch."""

@@ -106,9 +106,13 @@ class Tokenizers:
         """Ids and attention masks per tokenizer, (B, length) each: padded, and cut at the limit (diffusers' rule:
         the prompt's first tokens are kept, the end mark last)."""
         ids, masks = [], []
+        side = None if self.adapter is None else self.adapter.padding_side
+        padding = {} if side is None else {"padding_side": side}
         for i, tok in enumerate(self.items):
             texts = prompts if self.adapter is None else [self.adapter.template(tok, i, p) for p in prompts]
-            batch = tok(texts, padding="max_length", max_length=self.length(i), truncation=True, return_tensors="pt")
+            batch = tok(
+                texts, padding="max_length", max_length=self.length(i), truncation=True, return_tensors="pt", **padding
+            )
             ids.append(batch.input_ids)
             masks.append(batch.attention_mask)
         return ids, masks
@@ -190,7 +194,7 @@ class TorchNets:
             cast(time_ids),
             None if mask is None else mask.to(self.device),
         )
-        x = sample.to(self.device, self.dtype)
+        x = sample.to(self.device, torch.float32 if self.adapter.float_sample else self.dtype)
         return self.adapter.denoise(self.unet_model, x, timestep.to(self.device), cond).float()
 
     @torch.inference_mode()
