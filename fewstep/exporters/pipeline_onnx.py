@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import shutil
 import tempfile
 import warnings
@@ -177,6 +178,17 @@ def _dims(axes: dict[int, str], multiple: int) -> dict[int, Any]:
     return made
 
 
+def floor_division(a: Any, b: Any) -> Any:
+    """Python's `a // b` of symbolic ints in ONNX, for torch.export's graphs. onnxscript's own translation is
+    ONNX `Div`, which truncates: right for non-negative numerators only (microsoft/onnxscript#2342), and
+    torch.export's simplifier writes SD3's centred crop of its position embeddings, `(max - n) // 2 + n`, as
+    `max // 2 + n + (-n) // 2`: one token too many at odd patch counts. ONNX `Mod` takes the divisor's sign, as
+    Python's `%`, so `a - a % b` divides exactly."""
+    from onnxscript import opset18 as op
+
+    return op.Div(op.Sub(a, op.Mod(a, b)), b)
+
+
 @contextlib.contextmanager
 def exportable_rms_norm() -> Iterator[None]:
     """`F.rms_norm` spelled in ops opset 17 has, while a graph is exported (T5's and the FLUX transformer's
@@ -258,6 +270,7 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
                     torch.onnx.export(
                         module, example, str(raw), dynamo=True, input_names=inputs, output_names=outputs,
                         dynamic_shapes=shapes, opset_version=18, verbose=False,
+                        custom_translation_table={operator.floordiv: floor_division},
                     )  # fmt: skip
                 else:
                     torch.onnx.export(
@@ -289,27 +302,37 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
         fresh = GraphNets(
             {r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"], arena=False
         )
-        art["parity"] = (
-            pipeline_parity(folder, nets, fresh) if "recipe" in manifest else base_parity(manifest, folder, nets, fresh)
-        )
+        try:
+            art["parity"] = (
+                pipeline_parity(folder, nets, fresh)
+                if "recipe" in manifest
+                else base_parity(manifest, folder, nets, fresh)
+            )
+        except CheckpointError:
+            raise
+        except Exception as e:  # onnxruntime's own exception types: a graph that fails at a size it was not traced at
+            raise CheckpointError(f"ONNX parity failed: sampling raised {type(e).__name__}: {str(e)[:300]}") from e
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, "fp32")
     return art
 
 
 def parity_draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) -> list[Draw]:
-    """Every step count the family serves, at the native size and one smaller size, with its default guidance."""
+    """Every step count the family serves, at the native size and a smaller one, with its default guidance. The
+    smaller one is an odd number of size multiples wide and one more high: odd token counts along a side (where
+    a centred crop's or a floor division's rounding goes wrong) and height and width told apart."""
     recipe = Recipe.from_dict(manifest["recipe"])
     g = recipe.guidance
     multiple = size_multiple(manifest)
     native = int(str(manifest["native_size"]).split("x")[0])
-    small = max(multiple, native // 2 // multiple * multiple)
+    width = (max(1, native // 2 // multiple) | 1) * multiple
+    height = min(width + multiple, native)
     draws: list[Draw] = []
     for n in recipe.steps:
         for i, p in enumerate(prompts):
-            side = native if i % 2 == 0 else small
+            w, h = (native, native) if i % 2 == 0 else (width, height)
             cfg = g.mode == "cfg" and g.default > 1.0
-            draws.append(Draw(p, first_seed + len(draws), n, side, side, g.default, None, cfg))
+            draws.append(Draw(p, first_seed + len(draws), n, w, h, g.default, None, cfg))
     return draws
 
 
