@@ -3,11 +3,12 @@
 Layout inside a registry version (artifacts are additions; the version's manifest is never rewritten):
 
     onnx/fp32/manifest.json     what the graphs are, their sha256, parity, the source they came from
-    onnx/fp32/text.onnx         ids_0 [, ids_1] [, mask_0] → states [, pooled]   (all text encoders)
+    onnx/fp32/text.onnx         ids_0 [, ids_1 …] [, mask_i …] → states [, pooled]   (all text encoders)
     onnx/fp32/unet.onnx         sample, timestep, states [, timestep_cond] [, pooled, time_ids] → pred
     onnx/fp32/vae_decoder.onnx  latents → images in [-1, 1] (the VAE's scaling folded in)
     onnx/int8/manifest.json     a quantized UNet (`onnx/int8/unet.onnx`); text and VAE stay the fp32 graphs
 
+The text graph takes the masks its encoders read (none but an SD encoder with `use_attention_mask`).
 A graph over the protobuf limit keeps its weights in `<graph>.onnx.data` beside it, hashed like the graph.
 Graph files are named relative to `onnx/` and contained there. Batch and spatial axes are dynamic: sides in
 multiples of the version's `latent.size_multiple`.

@@ -2,8 +2,10 @@
 
 `export_pipeline_onnx` writes `onnx/fp32/` (layout in `fewstep.artifacts.pipeline`). The graphs are traced
 with torch's TorchScript exporter: diffusers' UNets trace in seconds there, against minutes through
-torch.export, with the same outputs (docs/decisions/pipeline-onnx.md). A graph whose weights pass
-`external_data_bytes` (default: under protobuf's 2 GiB limit) keeps them in `<graph>.onnx.data`.
+torch.export, with the same outputs (docs/decisions/pipeline-onnx.md). A transformer (FLUX, SD3) goes through
+torch.export, which keeps its token counts symbolic (sides in whole patches, `latent.size_multiple`). A graph
+whose weights pass `external_data_bytes` (default: under protobuf's 2 GiB limit) keeps them in
+`<graph>.onnx.data`.
 
 Parity: the version is sampled by fewstep's latent engine on torch and on the fresh graphs, the same
 prompts, seeds, sizes and guidance at every step count the family serves; the export fails (nothing is
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import shutil
 import tempfile
 import warnings
@@ -49,12 +52,12 @@ from fewstep.models.latent_sampler import Draw, LatentSampler
 from fewstep.models.pipelines import (
     LatentNets,
     TorchNets,
-    encode_text,
     guidance_embedding,
     load_tokenizers,
     postprocess,
     size_multiple,
     time_ids,
+    vae_factor,
 )
 
 MIN_PSNR_DB = 40.0
@@ -77,17 +80,18 @@ GATE_PROMPTS = ("a lighthouse at dusk", "a plate of pasta", "a forest path in au
 
 
 class TextGraph(torch.nn.Module):
-    """All text encoders as one graph, as `TorchNets.encode` computes the conditioning."""
+    """All text encoders as one graph, as `TorchNets.encode` computes the conditioning: every tokenizer's ids,
+    then every tokenizer's attention mask. The exported graph keeps the masks its adapter reads (an SD encoder
+    with `use_attention_mask`) and drops the others: its manifest lists the inputs the graph really has."""
 
     def __init__(self, nets: TorchNets) -> None:
         super().__init__()
-        self.arch = nets.arch
+        self.adapter = nets.adapter
         self.encoders = torch.nn.ModuleList(nets.encoders)
-        self.masked = nets.arch == "sd" and bool(getattr(nets.encoders[0].config, "use_attention_mask", False))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = len(self.encoders)
-        out = encode_text(self.arch, list(self.encoders), list(inputs[:n]), list(inputs[n:]) or [None])
+        out = self.adapter.encode(list(self.encoders), list(inputs[:n]), list(inputs[n:]))
         return (out.states,) if out.pooled is None else (out.states, out.pooled)
 
 
@@ -126,12 +130,13 @@ def _graphs(
     text_info = manifest.get("text", {})
     lengths = [int(n) for n in text_info.get("lengths") or [text_info.get("max_tokens", 77)] * len(nets.encoders)]
     text = TextGraph(nets)
-    text_in = [f"ids_{i}" for i in range(len(nets.encoders))] + (["mask_0"] if text.masked else [])
-    text_ex = tuple(torch.ones((2, lengths[min(i, len(lengths) - 1)]), dtype=torch.int64) for i in range(len(text_in)))
+    n = len(nets.encoders)
+    text_in = [f"ids_{i}" for i in range(n)] + [f"mask_{i}" for i in range(n)]
+    text_ex = tuple(torch.ones((2, lengths[min(i % n, len(lengths) - 1)]), dtype=torch.int64) for i in range(2 * n))
     with torch.inference_mode(False), torch.no_grad():
         sample_text = text(*text_ex)
     text_out = ["states", "pooled"][: len(sample_text)]
-    side = 2 * size_multiple(manifest) // int(manifest.get("latent", {}).get("vae_scale_factor", 8))
+    side = 2 * size_multiple(manifest) // vae_factor(manifest)
     channels = int(manifest.get("latent", {}).get("channels", 4))
     unet_ex: dict[str, torch.Tensor] = {
         "sample": torch.randn(2, channels, side, side),
@@ -142,7 +147,7 @@ def _graphs(
         unet_ex["timestep_cond"] = torch.randn(2, int(nets.time_cond_dim))
     if len(sample_text) > 1:
         unet_ex["pooled"] = sample_text[1]
-    if nets.arch == "sdxl":
+    if nets.adapter.size_ids:
         unet_ex["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
     spatial = {0: "batch", 2: "height", 3: "width"}
     return {
@@ -165,11 +170,23 @@ def _graphs(
 
 
 def _dims(axes: dict[int, str], multiple: int) -> dict[int, Any]:
-    """torch.export's dynamic dimensions for one input from its ONNX dynamic axes (spatial ones in `multiple`s)."""
+    """torch.export's dynamic dimensions for one input from its ONNX dynamic axes (spatial ones in `multiple`s of
+    latent cells)."""
     made = {}
     for dim, label in axes.items():
         made[dim] = torch.export.Dim(label) if label == "batch" else multiple * torch.export.Dim(label, max=4096)
     return made
+
+
+def floor_division(a: Any, b: Any) -> Any:
+    """Python's `a // b` of symbolic ints in ONNX, for torch.export's graphs. onnxscript's own translation is
+    ONNX `Div`, which truncates: right for non-negative numerators only (microsoft/onnxscript#2342), and
+    torch.export's simplifier writes SD3's centred crop of its position embeddings, `(max - n) // 2 + n`, as
+    `max // 2 + n + (-n) // 2`: one token too many at odd patch counts. ONNX `Mod` takes the divisor's sign, as
+    Python's `%`, so `a - a % b` divides exactly."""
+    from onnxscript import opset18 as op
+
+    return op.Div(op.Sub(a, op.Mod(a, b)), b)
 
 
 @contextlib.contextmanager
@@ -192,11 +209,14 @@ def exportable_rms_norm() -> Iterator[None]:
         fn.rms_norm = real
 
 
-def _save(raw: Path, target: Path, external_data_bytes: int) -> None:
-    """The exported graph at `raw` as `target`, its weights external when they pass `external_data_bytes`."""
+def _save(raw: Path, target: Path, external_data_bytes: int) -> tuple[list[str], int]:
+    """The exported graph at `raw` as `target`, its weights external when they pass `external_data_bytes`; the
+    graph's inputs (those the traced module read) and its default-domain opset."""
     import onnx
 
     model = onnx.load(str(raw), load_external_data=True)
+    inputs = [i.name for i in model.graph.input]
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights > external_data_bytes:
         onnx.save_model(
@@ -209,6 +229,7 @@ def _save(raw: Path, target: Path, external_data_bytes: int) -> None:
         )
     else:
         onnx.save_model(model, str(target))
+    return inputs, opset
 
 
 def _place(built: Path, folder: Path, precision: str) -> None:
@@ -228,6 +249,7 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
         raise CheckpointError(f"{folder.name}: not an imported diffusers pipeline")
     nets = TorchNets(folder, manifest, "cpu", torch.float32)
     transformer = architecture(manifest["pipeline"]["arch"]).network == "transformer"
+    cells = size_multiple(manifest) // vae_factor(manifest)  # latent cells per served side step: whole patches
     root = folder / ROOT
     root.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".partial-") as tmp_name:
@@ -235,6 +257,7 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
         built = tmp / "fp32"
         built.mkdir()
         graphs: dict[str, Any] = {}
+        opsets = []
         for role, (module, example, inputs, outputs, axes) in _graphs(nets, manifest).items():
             raw = tmp / "raw" / role / "graph.onnx"
             raw.parent.mkdir(parents=True)
@@ -242,11 +265,12 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
                 warnings.simplefilter("ignore")
                 if role == "unet" and transformer:
                     # The TorchScript exporter freezes a transformer's token reshapes to the example's sizes;
-                    # torch.export keeps them symbolic (sides in whole 2×2 patches).
-                    shapes = (tuple(_dims(axes[name], 2) for name in inputs),)
+                    # torch.export keeps them symbolic (sides in whole patches).
+                    shapes = (tuple(_dims(axes[name], cells) for name in inputs),)
                     torch.onnx.export(
                         module, example, str(raw), dynamo=True, input_names=inputs, output_names=outputs,
                         dynamic_shapes=shapes, opset_version=18, verbose=False,
+                        custom_translation_table={operator.floordiv: floor_division},
                     )  # fmt: skip
                 else:
                     torch.onnx.export(
@@ -259,15 +283,16 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
                         dynamic_axes=axes,
                         opset_version=OPSET,
                     )
-            _save(raw, built / f"{role}.onnx", external_data_bytes)
-            graphs[role] = graph_entry(tmp, built / f"{role}.onnx", inputs, outputs)
+            kept, opset = _save(raw, built / f"{role}.onnx", external_data_bytes)
+            opsets.append(opset)
+            graphs[role] = graph_entry(tmp, built / f"{role}.onnx", kept, outputs)
         shutil.rmtree(tmp / "raw")
         art: dict[str, Any] = {
             "format": 1,
             "precision": "fp32",
             "arch": nets.arch,
             "time_cond_dim": nets.time_cond_dim,
-            "opset": OPSET,
+            "opset": max(opsets),
             "size_multiple": size_multiple(manifest),
             "graphs": graphs,
             "batch_invariant": True,
@@ -277,27 +302,37 @@ def export_pipeline_onnx(folder: Path, external_data_bytes: int = EXTERNAL_DATA_
         fresh = GraphNets(
             {r: built / f"{r}.onnx" for r in graphs}, art, providers=["CPUExecutionProvider"], arena=False
         )
-        art["parity"] = (
-            pipeline_parity(folder, nets, fresh) if "recipe" in manifest else base_parity(manifest, folder, nets, fresh)
-        )
+        try:
+            art["parity"] = (
+                pipeline_parity(folder, nets, fresh)
+                if "recipe" in manifest
+                else base_parity(manifest, folder, nets, fresh)
+            )
+        except CheckpointError:
+            raise
+        except Exception as e:  # onnxruntime's own exception types: a graph that fails at a size it was not traced at
+            raise CheckpointError(f"ONNX parity failed: sampling raised {type(e).__name__}: {str(e)[:300]}") from e
         write_json_atomic(built / "manifest.json", art)
         _place(built, folder, "fp32")
     return art
 
 
 def parity_draws(manifest: dict[str, Any], prompts: tuple[str, ...], first_seed: int) -> list[Draw]:
-    """Every step count the family serves, at the native size and one smaller size, with its default guidance."""
+    """Every step count the family serves, at the native size and a smaller one, with its default guidance. The
+    smaller one is an odd number of size multiples wide and one more high: odd token counts along a side (where
+    a centred crop's or a floor division's rounding goes wrong) and height and width told apart."""
     recipe = Recipe.from_dict(manifest["recipe"])
     g = recipe.guidance
     multiple = size_multiple(manifest)
     native = int(str(manifest["native_size"]).split("x")[0])
-    small = max(multiple, native // 2 // multiple * multiple)
+    width = (max(1, native // 2 // multiple) | 1) * multiple
+    height = min(width + multiple, native)
     draws: list[Draw] = []
     for n in recipe.steps:
         for i, p in enumerate(prompts):
-            side = native if i % 2 == 0 else small
+            w, h = (native, native) if i % 2 == 0 else (width, height)
             cfg = g.mode == "cfg" and g.default > 1.0
-            draws.append(Draw(p, first_seed + len(draws), n, side, side, g.default, None, cfg))
+            draws.append(Draw(p, first_seed + len(draws), n, w, h, g.default, None, cfg))
     return draws
 
 
@@ -337,7 +372,8 @@ def base_parity(manifest: dict[str, Any], folder: Path, ref: LatentNets, fresh: 
     x = torch.randn((len(PARITY_PROMPTS), int(manifest["latent"]["channels"]), side, side), generator=g)
     t = torch.tensor([999.0, 499.0])
     tcond = None if ref.time_cond_dim is None else guidance_embedding(torch.full((2,), 4.0), ref.time_cond_dim)
-    tids = None if a.pooled is None else torch.cat([time_ids(side, side)] * 2)
+    sized = architecture(manifest["pipeline"]["arch"]).adapter.size_ids
+    tids = torch.cat([time_ids(side, side)] * 2) if sized else None
     p = ref.unet(x, t, a.states, tcond, a.pooled, tids)
     q = fresh.unet(x, t, b.states, tcond, b.pooled, tids)
     rel = float((p - q).abs().max() / p.abs().max().clamp(min=1e-8))
@@ -370,11 +406,12 @@ def base_inputs(
     side = native // int(manifest["latent"]["vae_scale_factor"])
     n = len(prompts) + 1
     g = torch.Generator().manual_seed(seed)
+    sized = architecture(manifest["pipeline"]["arch"]).adapter.size_ids
     out: list[tuple[torch.Tensor | None, ...]] = []
     for t in BASE_TIMESTEPS:
         x = torch.randn((n, int(manifest["latent"]["channels"]), side, side), generator=g)
         tcond = None if nets.time_cond_dim is None else guidance_embedding(torch.full((n,), 4.0), nets.time_cond_dim)
-        tids = None if text.pooled is None else torch.cat([time_ids(native, native)] * n)
+        tids = torch.cat([time_ids(native, native)] * n) if sized else None
         out.append((x, torch.full((n,), t), text.states, tcond, text.pooled, tids))
     return out
 

@@ -215,11 +215,6 @@ def _component(pipe: dict[str, Any], allowed: dict[str, tuple[str, ...]], key: s
     return str(cls)
 
 
-def encode_text(arch: str, encoders: list[Any], ids: list[torch.Tensor], masks: list[Any]) -> TextOut:
-    """The denoiser's conditioning as the pipelines compute it: the architecture's adapter's."""
-    return architecture(arch).adapter.encode(encoders, ids, masks)
-
-
 def vae_factor(manifest: dict[str, Any]) -> int:
     """Pixels per latent cell (8 for Stable Diffusion)."""
     return int(manifest.get("latent", {}).get("vae_scale_factor", 8))
