@@ -1,5 +1,5 @@
-"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image-, FLUX.2-klein-, Qwen-Image- and
-SANA-Sprint-style) saved as users save theirs.
+"""Test support: tiny random diffusers pipelines (SD-, SDXL-, FLUX-, SD3-, Z-Image-, FLUX.2-klein-, Qwen-Image-,
+SANA-Sprint- and Wan-style) saved as users save theirs.
 
 The components follow diffusers' own pipeline tests (tiny UNets, transformers, VAEs, CLIP, T5, Qwen and Gemma text
 encoders); the tokenizers are written here (nothing is downloaded): a character-level CLIP vocabulary, a T5
@@ -510,6 +510,47 @@ def sana(folder: Path, seed: int = 0) -> Path:
         vae=vae,
         transformer=transformer,
         scheduler=diffusers.SCMScheduler(),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop(folder / "_tok")
+    return folder
+
+
+def _umt5(vocab: int) -> Any:
+    """A tiny UMT5 encoder (Wan's text encoder class), of the tiny T5's shape."""
+    import transformers
+
+    config = transformers.UMT5Config(
+        d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, vocab_size=vocab, feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new", is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.UMT5EncoderModel(config).eval()
+
+
+def wan(folder: Path, seed: int = 0, layers: int = 2, heads: int = 2) -> Path:
+    """A tiny WanPipeline saved to `folder`, as diffusers' own Wan test builds it: a transformer of `layers` blocks
+    of `heads` heads of 12 (2×2 patches of 16 latent channels; rotary positions for 32 latent frames), the Wan VAE
+    (4× in time after the first frame, 8× in space) and a UMT5 encoder with the Unigram tokenizer built here. The
+    base a causal student's checkpoint goes over (`tests/models/test_wan_causal.py`)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    tok = t5_tokenizer(folder / "_tok")
+    pipe = diffusers.WanPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=_umt5(len(tok)),
+        tokenizer=tok,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _drop(folder / "_tok")
