@@ -38,7 +38,8 @@ has one anyway (a fork that registered it) has it dropped: diffusers computes it
 its wrapper prefix and FSDP / activation-checkpointing / `torch.compile` name segments removed, renamed, and
 checked against the `WanTransformer3DModel` its config builds (on the meta device: nothing is allocated). A file
 already in diffusers names (a converted student, `proj_out.weight` at the top) is taken as it is. It returns the
-state in diffusers names and a record of the renaming for the manifest.
+state in diffusers names and a record of the renaming for the manifest. `load_lora` maps a LongLive-style PEFT
+LoRA (`lora.pt`) onto the same diffusers names, ready for `models.lora.fuse`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ that also carry the critic and optimizer states are larger: keep the generator s
 MAX_KEY_CHARS = 256
 """Longest tensor name accepted: the longest Wan name is under 60 characters, about 100 with FSDP's segments."""
 MAX_TENSORS = 100_000
-"""Most tensors a state may hold (Wan 2.1 14B has about 1,100)."""
+"""Most tensors a state may hold (Wan 2.1 14B has about 1,100; a rank-256 LoRA on it about 1,000)."""
 
 Which = Literal["ema", "generator"]
 PREFIXES = ("model.diffusion_model.", "model.", "diffusion_model.", "")
@@ -75,6 +76,8 @@ WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 they name no module of the model and are removed."""
 DROPPED = frozenset({"freqs"})
 """Original names of tensors that are not weights: the rotary table, recomputed by diffusers from the config."""
+PEFT_PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 _TOP_MODULES = {
     "patch_embedding": "patch_embedding",
@@ -238,6 +241,53 @@ def check_fits(state: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     parts += [f"{len(integral)} not floating-point (e.g. {integral[:2]})"] if integral else []
     if parts:
         raise CheckpointError(f"the student does not fit the transformer config: {'; '.join(parts)} tensors")
+
+
+def load_lora(
+    path: Path, convert_pickle: bool = False, alpha: float | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PEFT LoRA over an original-layout Wan model (LongLive's `lora.pt`: `{'generator_lora': state}` or a bare
+    state, `base_model.model.blocks.N.self_attn.q.lora_A.weight`) as a diffusers Wan LoRA
+    (`transformer.blocks.N.attn1.to_q.lora_A.weight`) that `WanPipeline.load_lora_weights` takes, and its record.
+
+    A PEFT state does not carry `lora_alpha` (it is in the training config: LongLive's `adapter.alpha` 256, equal
+    to its rank); `alpha` None takes it equal to each layer's rank, as diffusers does for a file without it;
+    another value is folded into `lora_B` (× alpha / rank), so the fused weight is what PEFT merges."""
+    import torch
+
+    kind = _check_file(path, convert_pickle)
+    if kind == "safetensors":
+        state = _read_safetensors(path)
+    else:
+        loaded = _read_pickle(path)
+        state = loaded.get("generator_lora", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path.name}: not a LoRA state (a dict of tensors, or one under `generator_lora`)")
+    _check_names(state, path.name)
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, tensor in state.items():
+        name = _unwrap(key).removeprefix(PEFT_PREFIX).removeprefix("model.")
+        suffix = next((s for s in LORA_SUFFIXES if name.endswith(s)), None)
+        module = diffusers_name(name.removesuffix(suffix) + ".weight") if suffix else None
+        if module is None or not isinstance(tensor, torch.Tensor):
+            unknown.append(key)
+            continue
+        out[f"transformer.{module.removesuffix('.weight')}{suffix}"] = tensor
+    if unknown:
+        raise CheckpointError(
+            f"{path.name}: {len(unknown)} entries are not LoRA weights of a Wan layer (e.g. {sorted(unknown)[:3]})"
+        )
+    pairs = {k.removesuffix(LORA_SUFFIXES[0]) for k in out if k.endswith(LORA_SUFFIXES[0])}
+    if {k.removesuffix(LORA_SUFFIXES[1]) for k in out if k.endswith(LORA_SUFFIXES[1])} != pairs:
+        raise CheckpointError(f"{path.name}: some layers have `lora_A` without `lora_B` or the other way round")
+    ranks = sorted({int(out[m + LORA_SUFFIXES[0]].shape[0]) for m in pairs})
+    if alpha is not None:
+        for m in pairs:
+            rank = out[m + LORA_SUFFIXES[0]].shape[0]
+            out[m + LORA_SUFFIXES[1]] = out[m + LORA_SUFFIXES[1]] * (alpha / rank)
+    record = {"map_version": MAP_VERSION, "file": path.name, "format": kind, "layers": len(pairs), "ranks": ranks}
+    return out, record | {"alpha": alpha if alpha is not None else "rank"}
 
 
 def _check_file(path: Path, convert_pickle: bool) -> Literal["safetensors", "pickle"]:

@@ -1,7 +1,7 @@
 """Causal Wan students' checkpoints in their own layout: a pickle written as Self-Forcing saves it (original Wan names
 under `model.`, `{'generator', 'generator_ema'}`) reads back as exactly the tiny diffusers transformer it was
 written from, and its output is the same; pickles are refused unless asked for, unsafe ones always; a state that
-does not fit is refused naming the tensor.
+does not fit is refused naming the tensor; a LongLive-style PEFT LoRA fuses as PEFT merges it.
 
 The original model's parameter tree is rebuilt here (`OriginalWan`: names and shapes only, from the original Wan
 `WanModel`), so the renaming is checked against that tree, not against itself."""
@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fewstep.errors import CheckpointError
 from fewstep.models import wan_keys
-from fewstep.models.wan_keys import diffusers_name, load_student, original_name, to_diffusers
+from fewstep.models.wan_keys import diffusers_name, load_lora, load_student, original_name, to_diffusers
 
 pytestmark = pytest.mark.slow  # builds the tiny WanPipeline (UMT5, the Wan VAE) and loads it through diffusers
 
@@ -296,3 +296,45 @@ def test_files_and_names_are_bounded(tiny_wan: Path, tmp_path: Path, monkeypatch
     (tmp_path / "weights.gguf").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="neither safetensors nor a known pickle"):
         load_student(tmp_path / "weights.gguf", config)
+
+
+def test_a_longlive_peft_lora_fuses_as_peft_merges_it(tiny_wan: Path, tmp_path: Path) -> None:
+    """LongLive wraps its `CausalWanModel` in `peft.get_peft_model` on every Linear of the blocks and saves
+    `get_peft_model_state_dict`; merged by PEFT, then renamed, it must equal the LoRA mapped here and fused by
+    `models.lora.fuse` into the diffusers transformer."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from fewstep.models.lora import fuse
+
+    model = transformer(tiny_wan)
+    original = OriginalWan(config_of(model))
+    original.load_state_dict(as_original(model.state_dict(), prefix=""), strict=True)
+    targets = sorted(n for n, m in original.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear))
+    torch.manual_seed(5)
+    wrapped = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    torch.save({"generator_lora": get_peft_model_state_dict(wrapped), "step": 100}, tmp_path / "lora.pt")
+    merged, _ = to_diffusers(wrapped.merge_and_unload().state_dict())
+
+    with pytest.raises(CheckpointError, match="pickle file"):
+        load_lora(tmp_path / "lora.pt")
+    layers, record = load_lora(tmp_path / "lora.pt", convert_pickle=True, alpha=8)
+    assert record["layers"] == len(targets) == 20 and record["ranks"] == [4] and record["alpha"] == 8
+    assert "transformer.blocks.1.attn2.to_out.0.lora_B.weight" in layers
+    save_file({k: v.contiguous() for k, v in layers.items()}, tmp_path / "lora.safetensors")
+
+    files = {str(p.relative_to(tiny_wan)): p for p in tiny_wan.rglob("*") if p.is_file()}
+    work = tmp_path / "work"
+    work.mkdir()
+    fused, fuse_record = fuse("WanPipeline", files, ["transformer"], tmp_path / "lora.safetensors", 1.0, work)
+    assert fuse_record["fused_into"] == ["transformer"]
+    ours = load_file(str(fused["transformer/diffusion_pytorch_model.safetensors"]))
+    assert ours.keys() == merged.keys()
+    for name in merged:
+        torch.testing.assert_close(ours[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
+    changed = [k for k in merged if not torch.equal(merged[k], model.state_dict()[k])]
+    assert len(changed) == len(targets)  # every targeted Linear's weight, and nothing else (no LoRA bias)
