@@ -329,6 +329,8 @@ class CausalWan:
         (C, n, h, w), the frames [first, committed) of `family.recache_span`, encoded again with `prompt` (one row)
         into its slot, before its next block. The engine keeps a session's last `window` clean frames for this
         (full causal: all of them)."""
+        if self.family.prompt_switch != "recache":
+            raise ValueError(f"family {self.family.name!r} swaps prompts; it does not recache")
         first, end = self.family.recache_span(self.committed[slot], self.max_frames)
         if end == 0:
             return
