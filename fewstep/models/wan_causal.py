@@ -550,10 +550,11 @@ class ReferenceStream:
         """A `recache` switch to `prompt`: the family's span encoded again, seeing itself both ways and the kept
         sink."""
         first, end = self.family.recache_span(len(self.current), self.runner.max_frames)
+        if end == first:
+            return
         kept = [self.current[f] for f in range(min(self.family.sink, first))] if first > 0 else []
         clean = torch.stack([self.nodes[self.current[f]].latent for f in range(first, end)], dim=1)
-        if end > first:
-            self.current[first:end] = self._block(clean, first, prompt, self.family.context_timestep, kept)
+        self.current[first:end] = self._block(clean, first, prompt, self.family.context_timestep, kept)
 
     def _visible(self, first: int, end: int) -> list[int]:
         frames = torch.arange(first)
@@ -572,6 +573,8 @@ class ReferenceStream:
         return ids
 
     def _run(self, query: list[int]) -> torch.Tensor:
+        """The prediction (C, F, h, w) for nodes `query`: one forward over every node they depend on, each token
+        seeing the tokens of the nodes its node sees, rotated at its frame, with its node's prompt and timestep."""
         runner, tokens = self.runner, self.runner.tokens
         needed, todo = set(query), list(query)
         while todo:
