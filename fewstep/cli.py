@@ -147,42 +147,87 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from fewstep.models.importing import import_pipeline
+    from fewstep.models.causal_families import CAUSAL_FAMILIES
+    from fewstep.models.importing import import_causal_video, import_pipeline
     from fewstep.models.registry import Registry
     from fewstep.service.settings import Settings
     from fewstep.service.watch import announce
 
     settings = Settings()
     registry = Registry(Path(args.registry) if args.registry else settings.registry)
-    steps = [int(n) for n in args.steps.split(",")] if args.steps else None
-    model, version = import_pipeline(
-        Path(args.path),
-        args.name,
-        registry,
-        family=args.family,
-        unet=Path(args.unet) if args.unet else None,
-        teacher=args.teacher,
-        convert_pickle=args.convert_pickle,
-        steps=steps,
-        handoff=args.handoff,
-        teacher_guidance=args.teacher_guidance,
-        lora=Path(args.lora) if args.lora else None,
-        lora_scale=args.lora_scale,
-    )
+    if args.family in CAUSAL_FAMILIES:
+        _not_taken(args, ("unet", "steps", "teacher", "handoff", "lora_scale"), f"a causal family ({args.family})")
+        model, version = import_causal_video(
+            Path(args.path),
+            args.name,
+            registry,
+            args.family,
+            student=Path(args.student) if args.student else None,
+            convert_pickle=args.convert_pickle,
+            which=args.which or "ema",
+            size=_size(args.size) if args.size else None,
+            max_frames=args.max_frames,
+            lora=Path(args.lora) if args.lora else None,
+            lora_alpha=args.lora_alpha,
+        )
+    else:
+        _not_taken(args, ("student", "which", "size", "max_frames", "lora_alpha"), "an image family")
+        model, version = import_pipeline(
+            Path(args.path),
+            args.name,
+            registry,
+            family=args.family,
+            unet=Path(args.unet) if args.unet else None,
+            teacher=args.teacher,
+            convert_pickle=args.convert_pickle,
+            steps=[int(n) for n in args.steps.split(",")] if args.steps else None,
+            handoff=args.handoff,
+            teacher_guidance=args.teacher_guidance,
+            lora=Path(args.lora) if args.lora else None,
+            lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+        )
     manifest = registry.manifest(model, version)
-    recipe = manifest.get("recipe") or {}
     heard = announce(settings, model, version, "push")
+    print(
+        f"imported {model}:{version} ({manifest['pipeline']['class']}, {_described(manifest)}; "
+        f"announced to {heard} subscribers)",
+        flush=True,
+    )
+    return 0
+
+
+def _described(manifest: dict[str, Any]) -> str:
+    """What an imported version serves, in a few words."""
+    if "causal" in manifest:
+        video = manifest["video"]
+        frame = f"{video['width']}x{video['height']}"
+        return f"causal family {manifest['causal']['name']}, {frame}, up to {video['max_frames']} latent frames"
+    recipe = manifest.get("recipe") or {}
     what = (
         f"family {recipe.get('family')}, steps {sorted(int(k) for k in recipe.get('timesteps', {}))}"
         if recipe
         else "a teacher"
     )
-    print(
-        f"imported {model}:{version} ({manifest['pipeline']['class']}, {what}, native {manifest['native_size']}; "
-        f"announced to {heard} subscribers)",
-        flush=True,
-    )
-    return 0
+    return f"{what}, native {manifest['native_size']}"
+
+
+def _not_taken(args: argparse.Namespace, flags: tuple[str, ...], what: str) -> None:
+    """CheckpointError naming the flags given that `what` does not take (they would be silently ignored)."""
+    from fewstep.errors import CheckpointError
+
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if given:
+        raise CheckpointError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not taken by {what}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`--size WxH` as (width, height)."""
+    from fewstep.errors import CheckpointError
+
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise CheckpointError(f"--size must be WIDTHxHEIGHT in pixels (832x480). Given: {text[:40]}")
+    return int(width), int(height)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -375,13 +420,30 @@ def parser() -> argparse.ArgumentParser:
         "--family",
         help="few-step family (docs/serve-your-own-model.md): turbo, lightning, lcm, tcd, dmd2, hyper-sd, "
         "flux-schnell, sd35-turbo, z-image-turbo, qwen-image-lightning, flux2-klein, sana-sprint; `base` for a teacher "
-        "(default: read from the pipeline's scheduler, refused when it cannot tell)",
+        "(default: read from the pipeline's scheduler, refused when it cannot tell); a causal video student over a "
+        "Wan 2.1 WanPipeline: self-forcing, causvid, longlive",
     )
     im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
     im.add_argument(
+        "--student",
+        help="causal families: the student's checkpoint (.pt or safetensors, its own layout or diffusers names) "
+        "that replaces the WanPipeline's transformer (default: the pipeline's own transformer is the student)",
+    )
+    im.add_argument(
+        "--which",
+        choices=["ema", "generator"],
+        help="causal families: the --student file's state to take (default ema: generator_ema where it has one)",
+    )
+    im.add_argument(
         "--convert-pickle",
         action="store_true",
-        help="allow a pickle --unet (loaded with weights_only, stored as safetensors)",
+        help="allow a pickle --unet, --student or --lora (loaded with weights_only, stored as safetensors)",
+    )
+    im.add_argument("--size", help="causal families: the served frame WIDTHxHEIGHT in pixels (default 832x480)")
+    im.add_argument(
+        "--max-frames",
+        type=int,
+        help="causal families: the longest stream in latent frames (default 21; windowed families: the RoPE table)",
     )
     im.add_argument("--steps", help="comma-separated step counts to serve (default: the family's)")
     im.add_argument("--teacher", help="an imported base pipeline that shares the VAE and text encoders (hybrid)")
@@ -392,7 +454,12 @@ def parser() -> argparse.ArgumentParser:
     )
     im.add_argument("--teacher-guidance", type=float, default=0.0, help="the teacher's CFG scale in the hybrid")
     im.add_argument("--lora", help="a distillation LoRA (safetensors) fused into the networks as diffusers fuses it")
-    im.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in the fusion (default 1)")
+    im.add_argument("--lora-scale", type=float, help="the LoRA's scale in the fusion (default 1)")
+    im.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="causal families: the LoRA's `lora_alpha` (LongLive's adapter.alpha; default: its rank)",
+    )
     im.add_argument("--registry", help="registry root (FEWSTEP_REGISTRY)")
     im.set_defaults(func=cmd_import)
 

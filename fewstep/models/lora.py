@@ -11,6 +11,10 @@ count); diffusers then loads a copy of the file, so that a diffusers-format LoRA
 `lora_alpha`, kept in the file's header) scales it as `load_lora_weights` from the file does. The file's sha256,
 the scale and the components it changed are recorded in the manifest. It needs `peft` (diffusers'
 LoRA backend): `pip install 'fewstep[lora]'`.
+
+A causal video student's LoRA (LongLive's) is fused into the one network it changes, without loading the rest of
+its pipeline (a Wan base's UMT5-XXL alone is 5.7B parameters): `fuse_network`, the same diffusers calls on the
+network itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +72,7 @@ def fuse(
 
     if not 0.0 < scale <= 4.0:
         raise CheckpointError(f"--lora-scale must be in (0, 4]. Given: {scale}")
-    try:
-        importlib.import_module("peft")
-    except ImportError as e:
-        raise CheckpointError("--lora needs diffusers' LoRA backend: pip install 'fewstep[lora]' (peft)") from e
+    _needs_peft()
     check_lora(lora)
     with tempfile.TemporaryDirectory(dir=work) as staged:
         root = Path(staged)
@@ -102,6 +104,39 @@ def fuse(
             out[f"{component}/{name}"] = target / name
     record = {"file": lora.name, "sha256": sha256_file(lora), "scale": scale, "fused_into": changed}
     return out, record
+
+
+def fuse_network(
+    network_class: str, config: Mapping[str, Any], state: dict[str, Any], lora: dict[str, Any], name: str
+) -> dict[str, Any]:
+    """`state` (the weights, in diffusers names, of the `network_class` that `config` builds) with the LoRA `lora`
+    fused, as diffusers fuses it into that network: `load_lora_adapter` (keys under `transformer.`, the layout a
+    pipeline's `load_lora_weights` hands its transformer), `fuse_lora`, `unload_lora`. The network is built on the
+    meta device and takes `state`'s own tensors, so nothing but the changed weights is allocated. CheckpointError
+    (naming the file `name`) when the LoRA does not apply or changes nothing."""
+    import torch
+
+    _needs_peft()
+    with torch.device("meta"):
+        network = lazy.attr("diffusers", network_class).from_config(dict(config))
+    network.load_state_dict(state, strict=True, assign=True)
+    before = _fingerprint(network)
+    try:
+        network.load_lora_adapter(dict(lora), prefix="transformer", adapter_name="fewstep")
+        network.fuse_lora(lora_scale=1.0, adapter_names=["fewstep"])
+        network.unload_lora()
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"--lora {name} does not apply to this {network_class} ({type(e).__name__}: {e})") from e
+    if _fingerprint(network) == before:
+        raise CheckpointError(f"--lora {name} changed no weight of this {network_class}: none of its keys matched")
+    return dict(network.state_dict())
+
+
+def _needs_peft() -> None:
+    try:
+        importlib.import_module("peft")
+    except ImportError as e:
+        raise CheckpointError("--lora needs diffusers' LoRA backend: pip install 'fewstep[lora]' (peft)") from e
 
 
 def _fingerprint(module: Any) -> tuple[float, float]:

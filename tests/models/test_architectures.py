@@ -35,8 +35,8 @@ def test_each_architecture_reads_its_geometry_from_the_configs(tiny_pipelines: d
     with pytest.raises(CheckpointError, match=r"`in_channels` must be the VAE's 4 latent channels × 4"):
         ARCHITECTURES["flux"].adapter.geometry({**network, "in_channels": 8}, vae)
     assert by_pipeline("FluxPipeline").name == "flux" and by_pipeline("StableDiffusionXLPipeline").name == "sdxl"
-    with pytest.raises(CheckpointError, match="pipeline class 'WanPipeline' is not supported"):
-        by_pipeline("WanPipeline")
+    with pytest.raises(CheckpointError, match="pipeline class 'PixArtSigmaPipeline' is not supported"):
+        by_pipeline("PixArtSigmaPipeline")
 
 
 class Counting(UNetSD):

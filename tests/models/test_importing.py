@@ -110,8 +110,8 @@ REFUSALS = {
     "no model_index.json": (lambda f: (f / "model_index.json").unlink(), "model_index.json is missing"),
     "pickle weights only": (_pickles_only, "weights only in pickle formats (unet/diffusion_pytorch_model.bin)"),
     "an unsupported pipeline": (
-        _edit_index(lambda i: i.update(_class_name="WanPipeline")),
-        "pipeline class 'WanPipeline' is not supported; supported: ['Flux2KleinPipeline', 'FluxPipeline', "
+        _edit_index(lambda i: i.update(_class_name="PixArtSigmaPipeline")),
+        "pipeline class 'PixArtSigmaPipeline' is not supported; supported: ['Flux2KleinPipeline', 'FluxPipeline', "
         "'LatentConsistencyModelPipeline'",
     ),
     "a pipeline whose components are another architecture's": (

@@ -131,6 +131,29 @@ def write_student(path: Path, ema: dict[str, torch.Tensor], generator: dict[str,
     return path
 
 
+def write_longlive_lora(
+    path: Path, state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A LoRA as LongLive saves it (`peft.get_peft_model` over the original model, rank 4, `lora_alpha` 8, on every
+    Linear of the blocks; `{'generator_lora': get_peft_model_state_dict}`) over the transformer of `state`; returns
+    PEFT's merge of it in diffusers names, and the original names of the layers it targets."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    original = OriginalWan(config)
+    original.load_state_dict(as_original(state, prefix=""), strict=True)
+    targets = sorted(n for n, m in original.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear))
+    torch.manual_seed(5)
+    wrapped = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    torch.save({"generator_lora": get_peft_model_state_dict(wrapped), "step": 100}, path)
+    merged, _ = to_diffusers(wrapped.merge_and_unload().state_dict())
+    return merged, targets
+
+
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v + 0.25 for k, v in state.items()}
 
@@ -302,23 +325,10 @@ def test_a_longlive_peft_lora_fuses_as_peft_merges_it(tiny_wan: Path, tmp_path: 
     """LongLive wraps its `CausalWanModel` in `peft.get_peft_model` on every Linear of the blocks and saves
     `get_peft_model_state_dict`; merged by PEFT, then renamed, it must equal the LoRA mapped here and fused by
     `models.lora.fuse` into the diffusers transformer."""
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
-
     from fewstep.models.lora import fuse
 
     model = transformer(tiny_wan)
-    original = OriginalWan(config_of(model))
-    original.load_state_dict(as_original(model.state_dict(), prefix=""), strict=True)
-    targets = sorted(n for n, m in original.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear))
-    torch.manual_seed(5)
-    wrapped = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    torch.save({"generator_lora": get_peft_model_state_dict(wrapped), "step": 100}, tmp_path / "lora.pt")
-    merged, _ = to_diffusers(wrapped.merge_and_unload().state_dict())
+    merged, targets = write_longlive_lora(tmp_path / "lora.pt", model.state_dict(), config_of(model))
 
     with pytest.raises(CheckpointError, match="pickle file"):
         load_lora(tmp_path / "lora.pt")
