@@ -141,17 +141,20 @@ def test_an_image_appears_and_its_nfe_follows_the_steps(page: Page) -> None:
 
 def test_streamed_partial_images_arrive_before_the_final_one(page: Page) -> None:
     _ready(page)
+    # Every value the alt takes, in order: each change's old value, then the last one. (Reading `img.alt` once
+    # per observer callback would miss values: several changes can land before the callback runs, as they do
+    # when a loaded machine delivers the partials in one burst.)
     page.evaluate(
-        """() => { const img = document.querySelector('#image-out'); window.shown = [];
-               new MutationObserver(() => window.shown.push(img.alt))
-                 .observe(img, { attributes: true, attributeFilter: ['alt'] }); }"""
+        """() => { const img = document.querySelector('#image-out'); window.olds = [];
+               new MutationObserver((records) => records.forEach((r) => window.olds.push(r.oldValue)))
+                 .observe(img, { attributes: true, attributeFilter: ['alt'], attributeOldValue: true }); }"""
     )
     _set_steps(page, "image", 4)
     page.check("#image-partials")
     page.click("#image-go")
     expect(page.locator("#image-meta dd[data-field=partials]")).to_have_text("3")
     assert _field(page, "image", "nfe") == "4"
-    shown = page.evaluate("window.shown")
+    shown = page.evaluate("window.olds.slice(1).concat([document.querySelector('#image-out').alt])")
     partial = [a for a in shown if ": partial image " in a]
     assert partial[:3] == [f"a red circle on a white background: partial image {i}" for i in (1, 2, 3)], shown
     assert shown[-1].endswith("4 steps)")  # the final image last
