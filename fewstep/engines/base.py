@@ -185,3 +185,16 @@ def run_to_completion(engine: StepEngine, items: list[ImageItem], stop: StopChec
 
 def cancelled(slot: Slot) -> Cancelled:
     return Cancelled(f"cancelled before step {slot.steps_run + 1} of {slot.item.steps}")
+
+
+def stream_alone(engine: StreamEngine, request: StreamRequest) -> list[Frame]:
+    """A session of `request` on `engine`, advanced alone until it finishes and then ended (also when it fails): its
+    frames, in order. What a warm-up runs."""
+    session = engine.open(request)
+    frames: list[Frame] = []
+    try:
+        while not session.finished:
+            frames += engine.advance([session])
+    finally:
+        engine.end(session)
+    return frames

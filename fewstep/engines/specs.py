@@ -295,6 +295,9 @@ class VideoSpec(Spec):
     sink: int
     window: int
     first_frame: str | None = None
+    max_frames: int | None = None
+    """The most frames one stream of this model may ask for (a causal Wan student's stream bound); None: only the
+    service's `video_max_frames` bounds it."""
 
     @classmethod
     def from_manifest(
@@ -331,7 +334,10 @@ class VideoSpec(Spec):
         )
 
     def validate(self, request: StreamRequest, max_frames: int) -> None:
-        """InvalidRequest when this model cannot stream `request` (at most `max_frames` frames)."""
+        """InvalidRequest when this model cannot stream `request` (at most `max_frames` frames, and at most the
+        model's own bound)."""
+        if self.max_frames is not None and self.max_frames < max_frames:
+            max_frames = self.max_frames
         if not 1 <= request.frames <= max_frames:
             raise limit_error("frames", f"between 1 and {max_frames}", request.frames)
         self.check(request)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from fewstep.engines.backends import backend
-from fewstep.engines.base import Frame, ImageItem, Session, StreamRequest, run_to_completion
+from fewstep.engines.base import Frame, ImageItem, Session, StreamRequest, run_to_completion, stream_alone
 from fewstep.engines.image import ImageEngine
 from fewstep.engines.specs import VideoSpec
 from fewstep.errors import CheckpointError, FewstepError, Overloaded
@@ -153,12 +153,7 @@ class VideoEngine:
         if self.spec.hybrid:
             runs.append((max(self.schedule.steps), True))
         for steps, hybrid in runs:
-            s = self.open(StreamRequest("warm-up", 1, steps, 0, hybrid))
-            try:
-                while not s.finished:
-                    self.advance([s])
-            finally:
-                self.end(s)
+            stream_alone(self, StreamRequest("warm-up", 1, steps, 0, hybrid))
 
     def close(self) -> None:
         """End every session and drop the network."""

@@ -34,6 +34,7 @@ from fewstep.engines.image import ImageEngine
 from fewstep.engines.latent import LatentEngine, latent_spec
 from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
 from fewstep.engines.video import VideoEngine
+from fewstep.engines.wan_stream import CausalVideo, WanStreamEngine, causal_video_spec
 from fewstep.errors import CheckpointError, FewstepError
 from fewstep.evaluation.probes import PROBE_SETS, ProbeSet
 from fewstep.models.checkpoint import read_manifest
@@ -274,10 +275,42 @@ DIFFUSERS: Kind[StepEngine] = Kind(
 )
 
 
+# -- diffusers-causal-video: users' imported causal Wan students ----------------------------------------------
+def _causal_spec(ctx: Context, v: Version) -> VideoSpec:
+    s = ctx.settings
+    return causal_video_spec(v.manifest, v.version, s.video_max_sessions, s.latent_dtype)
+
+
+def _causal_engine(ctx: Context, v: Version) -> WanStreamEngine:
+    s = ctx.settings
+    return WanStreamEngine(
+        v.folder, s.video_max_sessions, s.latent_device, s.latent_dtype, v.version, s.prompt_cache_bytes
+    )
+
+
+def _causal_probes(s: Settings, manifest: dict[str, Any]) -> ProbeSet | None:
+    """The video gate's probe streams, each as long as `video_gate_frames` or the model's stream bound if shorter."""
+    if not s.video_gate_streams:
+        return None
+    frames = min(s.video_gate_frames, CausalVideo.from_manifest(manifest).max_pixel_frames)
+    return named_probes(manifest, "shapes-motion", s.video_gate_streams, frames)
+
+
+CAUSAL_VIDEO: Kind[StreamEngine] = Kind(
+    serves="streams",
+    runtime=lambda s: f"causal-video-torch-{s.latent_dtype}",
+    spec=_causal_spec,
+    engine=_causal_engine,
+    probes=_causal_probes,
+    render=render_streams,
+)
+
+
 KINDS: dict[str, Kind[Any]] = {
     "image": IMAGE,
     "video": VIDEO,
     "diffusers": DIFFUSERS,
+    "diffusers-causal-video": CAUSAL_VIDEO,
 }
 """Manifest kind → how it is served."""
 

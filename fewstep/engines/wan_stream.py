@@ -1,0 +1,490 @@
+"""Causal Wan students streamed: many sessions, one preallocated key/value cache, frames a block at a time.
+
+A `StreamEngine` over an imported causal Wan student (`kind: "diffusers-causal-video"`: the version's folder holds
+WanPipeline's components and a manifest naming the student's family, `models.causal_families`). It serves each
+session the way the student was trained to sample (the Self-Forcing loop, `models.wan_causal`), and serves it on the
+toy video engine's terms (`engines.video`): the same WebSocket, `open` / `steer` / `end` from any thread, one
+`advance` per step boundary for every session at once.
+
+What a session is here:
+
+* a **slot** of the `CausalWan` runner's cache (`capacity` slots, allocated at load, never resized) and a
+  **`StreamDecoder`** of its own on the shared VAE;
+* a **block** of latent frames in progress (`BlockState`), `family.steps` denoising steps long. `advance` moves
+  every session's block one step in one batched network call, whatever block and step each is at; the blocks that
+  took their last step are written into their slots in one more call, decoded in batched VAE calls, and their
+  pixel frames leave together, in order, in that same `advance`: 1 + 4 (F − 1) pixel frames for the stream's first
+  block of F latent frames, 4 F for each later one (the VAE's temporal factor). A frame's index is its pixel
+  frame's index in the stream.
+* a **frame count** asked for in pixel frames, at most the manifest's `video.max_frames` latent frames' worth (whole
+  blocks: `CausalVideo.max_pixel_frames`); the last block's frames past the count are dropped.
+
+Every session takes the family's step count: `steps` is the family's list's length, and no other count is served
+(the students were distilled for their list; a shorter list would be another model). The step count is not a
+per-session choice here, as it is for the toy student.
+
+**Prompts.** A prompt is encoded by the version's UMT5 encoder as WanPipeline encodes it (`PromptEncoder`: cleaned,
+padded to the manifest's length, the embeddings past the prompt's tokens zeroed), cached per prompt within a byte
+budget, then turned into the cross-attention keys and values of every layer (`CausalWan.prompt`). A `steer` takes
+effect from the session's next block (the block in progress keeps its prompt), by the family's policy: `swap` (the
+new prompt's keys and values from then on) or `recache` (LongLive: the frames of the attention window encoded
+again, clean, with the new prompt, from the session's last clean latents, which the engine keeps for it).
+
+Every noise draw is a function of (seed, block, step) (`CausalFamily.noise`), so a session's frames are the same
+whatever other sessions share its batches, and they equal the whole-clip decode of the stream the runner's
+reference computes with no cache (`tests/engines/test_wan_stream.py`).
+
+Device and dtype: the networks and the cache run on `device` in `dtype` (float32 on CPU is what the tests check;
+bfloat16 on CUDA is the served configuration at Wan sizes, built the same way and awaiting a GPU check). The VAE
+decodes in the same dtype.
+
+Thread-safety: `open`, `steer` and `end` may be called from any thread (the WebSocket handlers); `advance` from one
+driver thread. One lock orders the sessions' state; prompts are encoded outside it (under the encoder's own lock),
+so a new session's prompt does not wait for a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.engines.base import Frame, Session, StreamRequest, stream_alone
+from fewstep.engines.specs import VideoSpec
+from fewstep.errors import CheckpointError, GenerationFailed, Overloaded, limit_error
+from fewstep.models import lazy
+from fewstep.models.causal_families import MAX_STREAM_FRAMES, CausalFamily
+from fewstep.models.checkpoint import MAX_SIDE, read_manifest
+from fewstep.models.pipelines import dtype_of, postprocess
+from fewstep.models.wan_causal import BlockState, CausalWan, PromptKV
+from fewstep.models.wan_vae import StreamDecoder, decode_streams
+
+log = logging.getLogger("fewstep.engines")
+
+KIND = "diffusers-causal-video"
+"""The manifest kind of an imported causal Wan student."""
+COMPONENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "transformer": ("diffusers", "WanTransformer3DModel", ("WanTransformer3DModel",)),
+    "vae": ("diffusers", "AutoencoderKLWan", ("AutoencoderKLWan",)),
+    "text_encoder": ("transformers", "UMT5EncoderModel", ("UMT5EncoderModel",)),
+    "tokenizer": ("transformers", "T5TokenizerFast", ("T5TokenizerFast", "T5Tokenizer")),
+}
+"""Each component: the library, its default class, and the classes a manifest may name (a manifest is untrusted)."""
+MAX_TEXT_TOKENS = 4096
+"""Longest padded prompt a manifest may ask for (Wan's is 512)."""
+PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class CausalVideo:
+    """What the engine reads from a version's manifest (checked: a manifest is untrusted): the family, the served
+    frame size, the stream bound, the latent layout and the prompt's padded length."""
+
+    name: str
+    family: CausalFamily
+    height: int
+    width: int
+    fps: float
+    max_frames: int
+    """The stream bound in latent frames."""
+    channels: int
+    spatial: int
+    temporal: int
+    patch: tuple[int, int, int]
+    text_length: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> CausalVideo:
+        """CheckpointError naming what is wrong when the manifest is not a causal Wan student's."""
+        where = str(manifest.get("name", "?"))[:64]
+        if manifest.get("kind") != KIND:
+            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {KIND!r}")
+        causal = manifest.get("causal")
+        if not isinstance(causal, dict):
+            raise CheckpointError(f"{where}: manifest has no causal family")
+        family = CausalFamily.from_dict(causal)
+        try:
+            video, text = manifest["video"], manifest["text"]
+            latent = video["latent"]
+            lengths = text["lengths"]
+            if not isinstance(lengths, list) or len(lengths) != 1:
+                raise ValueError("`text.lengths` must list one length (one tokenizer)")
+            patch = tuple(latent["patch"])
+            values = {
+                "height": video["height"],
+                "width": video["width"],
+                "max_frames": video["max_frames"],
+                "channels": latent["channels"],
+                "spatial": latent["spatial"],
+                "temporal": latent["temporal"],
+                "text_length": lengths[0],
+            }
+            fps = video["fps"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
+        bounds = {
+            "height": MAX_SIDE,
+            "width": MAX_SIDE,
+            "max_frames": MAX_STREAM_FRAMES,
+            "channels": 1024,
+            "spatial": 64,
+            "temporal": 16,
+            "text_length": MAX_TEXT_TOKENS,
+        }
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
+                raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
+        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
+            raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+            raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
+        spec = cls(where, family, fps=float(fps), patch=(patch[0], patch[1], patch[2]), **values)
+        for side, cells in (("height", patch[1]), ("width", patch[2])):
+            multiple = spec.spatial * cells
+            if getattr(spec, side) % multiple:
+                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
+        if spec.max_frames < family.block_frames:
+            raise CheckpointError(f"{where}: `video.max_frames` is shorter than one block of {family.block_frames}")
+        return spec
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """A latent frame's (height, width)."""
+        return self.height // self.spatial, self.width // self.spatial
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Pixel frames `latent_frames` latent frames decode to, from the stream's start."""
+        return 0 if latent_frames < 1 else 1 + self.temporal * (latent_frames - 1)
+
+    @property
+    def max_pixel_frames(self) -> int:
+        """The most pixel frames a stream may ask for: the whole blocks within `max_frames`."""
+        return self.pixel_frames(self.max_frames // self.family.block_frames * self.family.block_frames)
+
+    def blocks_for(self, frames: int) -> int:
+        """Blocks a stream of `frames` pixel frames takes."""
+        latent = 1 + math.ceil((frames - 1) / self.temporal)
+        return math.ceil(latent / self.family.block_frames)
+
+
+def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype: str = "float32") -> VideoSpec:
+    """The spec of a causal Wan student from its manifest alone (a gateway that runs no engine builds the same).
+    One step count, the family's; `max_frames` in pixel frames; `sink` and `window` in latent frames (the window:
+    frames a block attends to, itself and the sink included; a full-causal family's is the stream bound)."""
+    video = CausalVideo.from_manifest(manifest)
+    family = video.family
+    return VideoSpec(
+        model=str(manifest["name"]),
+        version=version,
+        step_counts=(family.steps,),
+        default_steps=family.steps,
+        size=f"{video.width}x{video.height}",
+        backend="torch",
+        precision=PRECISIONS.get(dtype, dtype),
+        capacity=capacity,
+        sink=family.sink,
+        window=family.span(video.max_frames),
+        max_frames=video.max_pixel_frames,
+        hybrid=False,
+        hybrid_reason="a causal Wan student draws every frame itself",
+    )
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+def _clean(prompt: str) -> str:
+    """The prompt as WanPipeline cleans it before tokenizing (`pipeline_wan.prompt_clean`)."""
+    return str(lazy.attr("diffusers.pipelines.wan.pipeline_wan", "prompt_clean")(prompt))
+
+
+class PromptEncoder:
+    """Prompt embeddings (1, length, text_dim) as WanPipeline's `encode_prompt` makes them (cleaned, padded to
+    `length`, truncated, the encoder's states past the prompt's tokens zeroed), in the encoder's dtype, on its
+    device. Least recently used prompts leave once the cache holds more than `cache_bytes`. Thread-safe: one
+    lock around the tokenizer (a fast tokenizer's padding state is not safe to share between threads) and the
+    encoder."""
+
+    def __init__(self, tokenizer: Any, encoder: Any, length: int, cache_bytes: int) -> None:
+        self.tokenizer, self.encoder, self.length, self.budget = tokenizer, encoder, length, cache_bytes
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str) -> torch.Tensor:
+        with self._lock:
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                return self._cache[prompt]
+            batch = self.tokenizer(
+                [_clean(prompt)],
+                padding="max_length",
+                max_length=self.length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            device = self.encoder.device
+            mask = batch.attention_mask.to(device)
+            states = self.encoder(batch.input_ids.to(device), mask).last_hidden_state
+            states = states * mask.gt(0)[..., None].to(states.dtype)
+            self._cache[prompt] = states
+            self._bytes += states.numel() * states.element_size()
+            while self._cache and self._bytes > self.budget:
+                _, dropped = self._cache.popitem(last=False)
+                self._bytes -= dropped.numel() * dropped.element_size()
+            return states
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._bytes = 0
+
+
+# -- sessions ----------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Stream:
+    """The engine's state of one session."""
+
+    slot: int
+    decoder: StreamDecoder
+    prompt: PromptKV
+    latent_frames: int = 0
+    """Latent frames finished (and written into the slot)."""
+    block: BlockState | None = None
+    """The block in progress; None between blocks."""
+    pending: tuple[str, PromptKV] | None = None
+    """A new prompt, taken when the next block starts."""
+    clean: list[torch.Tensor] = field(default_factory=list)
+    """A `recache` family's last clean latent blocks (C, F, h, w), enough to cover its attention span."""
+
+
+class WanStreamEngine:
+    """Serves one causal Wan student version to up to `capacity` concurrent sessions (a `StreamEngine`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        capacity: int,
+        device: str = "cpu",
+        dtype: str = "float32",
+        version: str | None = None,
+        prompt_cache_bytes: int = 256 << 20,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
+        manifest = read_manifest(folder)
+        self.video = CausalVideo.from_manifest(manifest)
+        self.family = self.video.family
+        self.torch_dtype = dtype_of(dtype)
+        self.folder, self.manifest, self.device = folder, manifest, device
+        self._spec = causal_video_spec(manifest, version or str(manifest.get("version", "1")), capacity, dtype)
+        self._cache_bytes = prompt_cache_bytes
+        self.runner: CausalWan | None = None
+        self.vae: Any = None
+        self.prompts: PromptEncoder | None = None
+        self._lock = threading.Lock()
+        self._free = list(range(capacity))
+        self._sessions: set[Session] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> VideoSpec:
+        return self._spec
+
+    @property
+    def capacity(self) -> int:
+        return self._spec.capacity
+
+    @property
+    def active(self) -> int:
+        return len(self._sessions)
+
+    def load(self) -> None:
+        """Load the transformer, VAE, text encoder and tokenizer the manifest names (safetensors only, the classes
+        checked), check them against the manifest, and allocate the cache of `capacity` slots."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        transformer = self._component("transformer")
+        vae = self._component("vae")
+        encoder = self._component("text_encoder")
+        tokenizer = self._component("tokenizer")
+        self._check(transformer.config, vae.config)
+        try:
+            runner = CausalWan(transformer, self.family, self.capacity, self.video.max_frames, self.video.latent)
+        except ValueError as e:
+            raise CheckpointError(f"{self.folder.name}: {e}") from e
+        self.runner, self.vae = runner, vae
+        self.prompts = PromptEncoder(tokenizer, encoder, self.video.text_length, self._cache_bytes)
+
+    def _component(self, key: str) -> Any:
+        library, default, allowed = COMPONENTS[key]
+        pipe = self.manifest.get("pipeline") or {}
+        name = (pipe.get("components") or {}).get(key, default)
+        if name not in allowed:
+            raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one a causal Wan student takes ({allowed})")
+        cls = lazy.attr(library, name)
+        path = str(self.folder / key)
+        try:
+            if key == "tokenizer":
+                return cls.from_pretrained(path, local_files_only=True)
+            variant = (pipe.get("variants") or {}).get(key)
+            kw = {"torch_dtype": self.torch_dtype, "use_safetensors": True, "local_files_only": True}
+            module = cls.from_pretrained(path, variant=variant, **kw)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.folder.name}: {key} does not load ({type(e).__name__}: {e})") from e
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def _check(self, transformer: Any, vae: Any) -> None:
+        """CheckpointError when the components disagree with the manifest's latent layout."""
+        v = self.video
+        found = {
+            "latent channels": (int(transformer.in_channels), int(vae.z_dim), v.channels),
+            "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), v.patch),
+            "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), v.spatial),
+            "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), v.temporal),
+        }
+        for what, (net, decoder, manifest) in found.items():
+            if not net == decoder == manifest:
+                raise CheckpointError(
+                    f"{self.folder.name}: the {what} of the transformer ({net}), the VAE ({decoder}) and the "
+                    f"manifest ({manifest}) differ"
+                )
+        if vae.get("patch_size") is not None:
+            raise CheckpointError(f"{self.folder.name}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
+
+    def warmup(self) -> None:
+        """One block of one session (the text encoder, a denoising step, the cache write, the VAE's first frames),
+        so the first session pays no first-call costs; GenerationFailed when its frames are not finite."""
+        stream_alone(
+            self, StreamRequest("warm-up", self.video.pixel_frames(self.family.block_frames), self.family.steps, 0)
+        )
+
+    def close(self) -> None:
+        """End every session and drop the networks and the cache."""
+        with self._lock:
+            for s in list(self._sessions):
+                s.closed = True
+            self._sessions.clear()
+            self._free = list(range(self.capacity))
+            if self.prompts is not None:
+                self.prompts.clear()
+            self.runner, self.vae, self.prompts = None, None, None
+
+    def _loaded(self) -> tuple[CausalWan, PromptEncoder]:
+        if self.runner is None or self.prompts is None:
+            raise RuntimeError("engine not loaded")
+        return self.runner, self.prompts
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def prompt_kv(self, prompt: str) -> PromptKV:
+        """`prompt`'s cross-attention keys and values in every layer (its embeddings from the prompt cache). Any
+        thread, beside a running `advance`: it reads the transformer's weights and nothing of the cache."""
+        runner, prompts = self._loaded()
+        return runner.prompt(prompts(prompt))
+
+    def open(self, request: StreamRequest) -> Session:
+        """A new session in a free slot; `Overloaded` when all `capacity` are taken. Its steps must be the family's
+        count, its seed in range, its frames from 1 to the manifest's bound (`InvalidRequest`)."""
+        self._spec.check(request)
+        limit = self.video.max_pixel_frames
+        if not 1 <= request.frames <= limit:
+            raise limit_error("frames", f"between 1 and {limit} (the model's stream bound)", request.frames)
+        runner, _ = self._loaded()
+        if not self._free:  # refuse before the slow part; the check under the lock below is the one that counts
+            raise self._full()
+        prompt = self.prompt_kv(request.prompt)  # outside the lock: the text encoder is the slow part
+        with self._lock:
+            if not self._free:
+                raise self._full()
+            slot = self._free.pop(0)
+            runner.reset(slot)
+            session = Session(request, request.prompt, state=_Stream(slot, StreamDecoder(self.vae), prompt))
+            self._sessions.add(session)
+        return session
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+
+    def steer(self, session: Session, prompt: str) -> None:
+        """Change the prompt from the session's next block on (the block in progress keeps its own). Steering to
+        the prompt in effect changes nothing."""
+        text = self.prompt_kv(prompt)
+        with self._lock:
+            session.state.pending = (prompt, text)
+
+    def end(self, session: Session) -> None:
+        """Free the session's slot now; a later `advance` skips it."""
+        with self._lock:
+            if session.closed:
+                return
+            session.closed = True
+            self._sessions.discard(session)
+            self._free.append(session.state.slot)
+            self._free.sort()
+
+    # -- one step boundary ------------------------------------------------------------------------
+    def advance(self, sessions: list[Session]) -> list[Frame]:
+        """One denoising step for each open, unfinished session (one batched network call), then the cache write of
+        the blocks that finished and their decode: their pixel frames, each block's together and in order.
+        GenerationFailed when a finished block is not finite (the driver ends the sessions given)."""
+        runner, _ = self._loaded()
+        with self._lock:
+            live = [s for s in sessions if not s.closed and not s.finished]
+            if not live:
+                return []
+            for s in live:
+                if s.state.block is None:
+                    self._start_block(runner, s)
+            results = runner.advance([s.state.block for s in live])
+            done = [(s, x0) for s, x0 in zip(live, results, strict=True) if x0 is not None]
+            if not done:
+                return []
+            if not all(bool(torch.isfinite(x0).all()) for _, x0 in done):
+                raise GenerationFailed("generation failed: a finished block is not finite")
+            pixels = decode_streams([s.state.decoder for s, _ in done], [x0[None] for _, x0 in done])
+            out: list[Frame] = []
+            for (s, x0), frames in zip(done, pixels, strict=True):
+                self._finish_block(s, x0)
+                if not bool(torch.isfinite(frames).all()):
+                    raise GenerationFailed("generation failed: a decoded frame is not finite")
+                kept = postprocess(frames[: s.request.frames - s.frame].float().cpu())
+                for image in kept:
+                    out.append(Frame(s, s.frame, image))
+                    s.frame += 1
+            return out
+
+    def _start_block(self, runner: CausalWan, s: Session) -> None:
+        """The session's next block at its first step, after the prompt switch waiting for it (if any)."""
+        st: _Stream = s.state
+        if st.pending is not None:
+            text, prompt = st.pending
+            st.pending = None
+            if text != s.prompt:
+                if self.family.prompt_switch == "recache" and st.latent_frames:
+                    runner.recache(st.slot, self._clean_span(st), prompt)
+                st.prompt, s.prompt = prompt, text
+        st.block = runner.next_block(st.slot, s.request.seed, st.prompt)
+
+    def _clean_span(self, st: _Stream) -> torch.Tensor:
+        """The clean latent frames (C, n, h, w) a `recache` switch encodes again now (`recache_span`)."""
+        first, end = self.family.recache_span(st.latent_frames, self.video.max_frames)
+        kept = torch.cat(st.clean, dim=1)
+        held_from = st.latent_frames - kept.shape[1]
+        return kept[:, first - held_from : end - held_from]
+
+    def _finish_block(self, s: Session, x0: torch.Tensor) -> None:
+        st: _Stream = s.state
+        st.block = None
+        st.latent_frames += x0.shape[1]
+        if self.family.prompt_switch == "recache":
+            st.clean.append(x0)
+            span = self.family.span(self.video.max_frames)
+            while sum(c.shape[1] for c in st.clean[1:]) >= span:
+                st.clean.pop(0)
