@@ -1,5 +1,5 @@
 """A causal Wan student on a real `fewstep serve` (uvicorn), over the video WebSocket the toy student streams on: a
-tiny imported version (`tests.causal_versions`: Self-Forcing's family on the tiny WanPipeline, 32 × 32 frames,
+tiny student imported by `fewstep import` (Self-Forcing's family on the tiny WanPipeline, 32 × 32 frames,
 streams of at most 12 latent frames, 45 pixel frames) is seeded into the registry, loaded, warmed and gated like
 any version, listed by `/v1/models`, and streamed to a real WebSocket client (`websockets`): frames in order, PNGs of
 the served size, the count asked for, the same frames as the engine makes in this process, a prompt change
@@ -24,7 +24,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from fewstep.engines.base import StreamRequest, stream_alone
 from fewstep.engines.wan_stream import WanStreamEngine
-from tests.causal_versions import causal_version, family
+from fewstep.models.importing import import_causal_video
+from fewstep.models.registry import Registry
 from tests.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # a `fewstep serve` process with a causal Wan student
@@ -35,22 +36,32 @@ CAPACITY = 2
 
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's folder, its registry holding the tiny student as `fewstep import` writes it."""
     from tests import pipelines
 
+    home = tmp_path_factory.mktemp("serve")
     src = pipelines.wan(tmp_path_factory.mktemp("wan") / "wan")
-    return causal_version(src, tmp_path_factory.mktemp("checkpoints") / MODEL, family("self-forcing"), name=MODEL)
+    import_causal_video(src, MODEL, Registry(home / "registry"), "self-forcing", size=(32, 32), max_frames=12,
+                        max_tokens=32)  # fmt: skip
+    return home
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, version: Path) -> Iterator[Server]:
+def version(home: Path) -> Path:
+    registry = Registry(home / "registry")
+    return registry.version_dir(MODEL, registry.promoted(MODEL) or "1")
+
+
+@pytest.fixture(scope="module")
+def server(home: Path) -> Iterator[Server]:
     env = {
         "FEWSTEP_VIDEO_MAX_SESSIONS": str(CAPACITY),
         "FEWSTEP_VIDEO_BUFFER_FRAMES": "4",
         "FEWSTEP_VIDEO_GATE_STREAMS": "2",
         "FEWSTEP_VIDEO_GATE_FRAMES": "16",
     }
-    s = start_server(tmp_path_factory.mktemp("serve"), env, checkpoints=version.parent)
+    s = start_server(home, env)
     yield s
     stop_server(s)
 
