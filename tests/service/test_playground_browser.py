@@ -202,6 +202,47 @@ def test_a_video_streams_into_the_canvas_and_takes_a_new_prompt(page: Page) -> N
     _shot(page, "video")
 
 
+CAUSAL = "tiny-self-forcing"
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server streaming a user's causal video student: a tiny WanPipeline imported by `fewstep import` as a
+    Self-Forcing student (64 × 64 frames, streams of at most 30 latent frames: 117 pixel frames, long enough on
+    this machine for a person's prompt change to land mid-stream)."""
+    from fewstep.models.importing import import_causal_video
+    from tests import pipelines
+
+    home = tmp_path_factory.mktemp("causal")
+    src = pipelines.wan(tmp_path_factory.mktemp("wan") / "wan")
+    import_causal_video(src, CAUSAL, Registry(home / "registry"), "self-forcing", size=(64, 64), max_frames=30,
+                        max_tokens=32)  # fmt: skip
+    env = {"FEWSTEP_VIDEO_GATE_STREAMS": "1", "FEWSTEP_VIDEO_GATE_FRAMES": "9"}
+    s = start_server(home, env)
+    yield s
+    stop_server(s)
+
+
+def test_an_imported_causal_student_streams_into_the_canvas_and_takes_a_new_prompt(
+    browser: Browser, causal: Server
+) -> None:
+    with opened(browser, causal.url) as pg:
+        _ready(pg)
+        pg.click("#tab-video")
+        pg.select_option("#video-model", CAUSAL)
+        frames, steered = 117, "a boat on a lake at night"
+        pg.fill("#video-frames", str(frames))
+        pg.fill("#steer-prompt", steered)
+        pg.click("#video-go")
+        pg.wait_for_selector("#video-canvas[data-state=streaming]:not([data-frames-drawn='0'])")
+        pg.click("#steer-go")
+        pg.wait_for_selector("#video-canvas[data-state=done]")
+        assert pg.get_attribute("#video-canvas", "data-frames-drawn") == str(frames)
+        assert _field(pg, "video", "frame") == f"{frames} / {frames}"
+        assert _field(pg, "video", "prompt") == steered  # the server took the new prompt mid-stream
+        assert _field(pg, "video", "version") == f"{CAUSAL} v1"
+
+
 def test_a_job_shows_progress_and_results_and_can_be_cancelled(page: Page) -> None:
     _ready(page)
     page.click("#tab-jobs")
