@@ -32,6 +32,7 @@ from fewstep.models.architectures import (
     T5_TOKENIZERS,
     Adapter,
     Architecture,
+    Geometry,
     by_pipeline,
     config_int,
 )
@@ -281,15 +282,15 @@ def import_pipeline(
             files.update(fused)
         embeds = network_config.get("time_cond_proj_dim") is not None or bool(network_config.get("guidance_embeds"))
         recipe = None
+        g = arch.adapter.geometry(network_config, vae_config)
         if family != "base":
-            g = arch.adapter.geometry(network_config, vae_config)
             cells = g.side // g.vae_factor
             recipe = families.resolve(
                 family or families.detect(shipped_scheduler, embeds, arch.name, index), shipped_scheduler, embeds,
                 steps, arch.name, arch.adapter.tokens(cells, cells),
             )  # fmt: skip
         lengths = _check_tokenizers(files, arch, components, recipe.max_sequence_length if recipe else None)
-        manifest = _manifest(name, arch, cls, components, variants, network_config, vae_config, lengths, imported)
+        manifest = _manifest(name, arch, cls, components, variants, g, lengths, imported)
         if family == "base":
             manifest["kind"] = "diffusers-teacher"
             manifest["scheduler"] = {k: v for k, v in shipped_scheduler.items() if not k.startswith("_")} | {
@@ -357,12 +358,10 @@ def _manifest(
     cls: str,
     components: dict[str, str],
     variants: dict[str, str | None],
-    network_config: dict[str, Any],
-    vae_config: dict[str, Any],
+    g: Geometry,
     lengths: list[int],
     imported: dict[str, Any],
 ) -> dict[str, Any]:
-    g = arch.adapter.geometry(network_config, vae_config)
     return {
         "name": name,
         "version": "1",

@@ -297,7 +297,6 @@ class LatentSampler:
         if nets is None:
             raise CheckpointError("a hybrid walk needs the base model's networks")
         xs, ts, texts, tids, tconds, spans = [], [], [], [], [], []
-        sized = architecture(nets.arch).adapter.size_ids  # the base model's nets may be another architecture's
         for w in group:
             t = w.scheduler.timesteps[w.k]
             x = w.latents if by_base and self.trajectory else scaled(w.scheduler, w.latents, t)
@@ -308,7 +307,7 @@ class LatentSampler:
                 xs.append(x)
                 ts.append(float(t))
                 texts.append(r)
-                if sized:
+                if self.adapter.size_ids:  # a hybrid's base is of the student's architecture (import checks)
                     tids.append(time_ids(*w.size))
                 if nets.time_cond_dim is not None:
                     tconds.append(guidance_embedding(torch.tensor([w.draw.guidance - 1.0]), nets.time_cond_dim))
