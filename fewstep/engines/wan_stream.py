@@ -422,18 +422,23 @@ class WanStreamEngine:
     def end(self, session: Session) -> None:
         """Free the session's slot now; a later `advance` skips it."""
         with self._lock:
-            if session.closed:
-                return
-            session.closed = True
-            self._sessions.discard(session)
-            self._free.append(session.state.slot)
-            self._free.sort()
+            self._release(session)
+
+    def _release(self, session: Session) -> None:
+        """Close `session` and free its slot (under the lock; once)."""
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.discard(session)
+        self._free.append(session.state.slot)
+        self._free.sort()
 
     # -- one step boundary ------------------------------------------------------------------------
     def advance(self, sessions: list[Session]) -> list[Frame]:
         """One denoising step for each open, unfinished session (one batched network call), then the cache write of
-        the blocks that finished and their decode: their pixel frames, each block's together and in order.
-        GenerationFailed when a finished block is not finite (the driver ends the sessions given)."""
+        the blocks that finished and their decode: their pixel frames, each block's together and in order. A session
+        whose finished block or decoded frames are not finite fails alone (`Session.error`, ended); the others'
+        rows are their own (attention, the cache and the decoder never mix rows), so they go on."""
         runner, _ = self._loaded()
         with self._lock:
             live = [s for s in sessions if not s.closed and not s.finished]
@@ -443,22 +448,33 @@ class WanStreamEngine:
                 if s.state.block is None:
                     self._start_block(runner, s)
             results = runner.advance([s.state.block for s in live])
-            done = [(s, x0) for s, x0 in zip(live, results, strict=True) if x0 is not None]
+            done = []
+            for s, x0 in zip(live, results, strict=True):
+                if x0 is None:
+                    continue
+                if bool(torch.isfinite(x0).all()):
+                    done.append((s, x0))
+                else:
+                    self._fail(s, "a finished block is not finite")
             if not done:
                 return []
-            if not all(bool(torch.isfinite(x0).all()) for _, x0 in done):
-                raise GenerationFailed("generation failed: a finished block is not finite")
             pixels = decode_streams([s.state.decoder for s, _ in done], [x0[None] for _, x0 in done])
             out: list[Frame] = []
             for (s, x0), frames in zip(done, pixels, strict=True):
                 self._finish_block(s, x0)
                 if not bool(torch.isfinite(frames).all()):
-                    raise GenerationFailed("generation failed: a decoded frame is not finite")
+                    self._fail(s, "a decoded frame is not finite")
+                    continue
                 kept = postprocess(frames[: s.request.frames - s.frame].float().cpu())
                 for image in kept:
                     out.append(Frame(s, s.frame, image))
                     s.frame += 1
             return out
+
+    def _fail(self, s: Session, why: str) -> None:
+        """End `s` as failed alone (under the lock)."""
+        s.error = GenerationFailed(f"generation failed: {why}")
+        self._release(s)
 
     def _start_block(self, runner: CausalWan, s: Session) -> None:
         """The session's next block at its first step, after the prompt switch waiting for it (if any)."""
