@@ -33,14 +33,16 @@ Sources:
   (`pipeline/interactive_causal_inference.py: _recache_after_switch`, `wan/modules/causal_model.py`): see
   `recache_span`.
 
-Rolling Forcing (`TencentARC/RollingForcing`, commit a1477d0, `pipeline/rolling_forcing_inference.py`,
+Rolling Forcing (`TencentARC/RollingForcing`, commit a1477d0: `pipeline/rolling_forcing_inference.py:170-296`,
 `wan/modules/causal_model.py:195-300`, `configs/rolling_forcing_dmd.yaml`) samples otherwise (`sampling:
 rolling`): a **window** of as many blocks as the list has steps is denoised jointly, in one network call, block b
 at step (call − b), so each call starts a new block from noise (step 0), moves every other block of the window one
 step on (x0, then fresh noise into its next step), and finishes the oldest (its last step); a stream of N blocks
 takes N + steps − 1 calls: the window fills over the first steps − 1 calls (nothing finishes) and drains over the
 last (no new block). The blocks of a window attend to each other both ways, per-frame timesteps. After each call
-the finished block is run clean at the context timestep and cached (`commit`). Its cache is not rotated by
+the finished block is run clean at the context timestep and cached (`commit`; the source re-runs the window's
+oldest block after every call, and its denoising calls write that block too, but every such write is overwritten
+before a call reads it, so the cache holds finished blocks only). Its cache is not rotated by
 absolute frame alone (`positions: sink-shifted`): with W = `window` (`max_attention_size`, 21 frames), a call over
 q frames from frame s sees the window, the W − q − sink frames cached just before s (fewer near the stream's
 start) at their absolute positions, and the sink (the first block) rotated to sit just before those; a call at
