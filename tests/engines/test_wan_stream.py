@@ -135,7 +135,12 @@ def expected(engine: WanStreamEngine, seed: int, prompts: list[PromptKV], frames
     """The stream of `len(prompts)` blocks (block b with `prompts[b]`) computed with no cache (`reference_stream`),
     its first `frames` pixel frames decoded whole as WanPipeline decodes its latents."""
     assert engine.runner is not None
-    latents = reference_stream(engine.runner, seed, prompts)
+    return decoded(engine, reference_stream(engine.runner, seed, prompts), frames)
+
+
+@torch.no_grad()
+def decoded(engine: WanStreamEngine, latents: torch.Tensor, frames: int) -> Stream:
+    """Latents (C, frames, h, w) and their first `frames` pixel frames decoded whole as WanPipeline decodes."""
     vae = engine.vae
     c = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
