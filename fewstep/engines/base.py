@@ -68,7 +68,8 @@ class Session:
     """One open stream. The engine keeps its own per-session state in `state`.
 
     `frame` is the index of the frame being made; `prompt` is the prompt of the frames from the next
-    one on (a `steer` takes effect at the next frame)."""
+    one on (a `steer` takes effect at the next frame). `error`: set by `advance` when this session failed
+    alone (its neighbours in the call went on); the engine has ended it, and whoever drives it reports the error."""
 
     request: StreamRequest
     prompt: str
@@ -76,6 +77,7 @@ class Session:
     closed: bool = False
     opened_at: float = field(default_factory=time.perf_counter)
     state: Any = None
+    error: FewstepError | None = None
 
     @property
     def finished(self) -> bool:

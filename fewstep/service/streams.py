@@ -214,3 +214,8 @@ class VideoStreams:
                     with self._cv:
                         s.buffered += 1
                     s.deliver(f, encode_png(f.pixels))
+                for s in streams:
+                    if s.session.error is not None and not s.failed:  # it failed alone; the engine ended it
+                        log.warning("video session on %s:%s failed: %s", model, engine.spec.version, s.session.error)
+                        s.failed = True
+                        s.deliver(None, "")
