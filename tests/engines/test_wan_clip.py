@@ -286,3 +286,25 @@ def test_the_kind_serves_streams_and_gates_on_clips_the_vae_makes(engines: dict[
     assert kind.probes(Settings(video_gate_streams=0), manifest) is None
     video = kind.render(engines["turbowan"], probes)
     assert video.shape == (2, 5, 3, 32, 32) and np.isfinite(video).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_cuda_a_clip_is_the_cpu_clip(engines: dict[str, WanClipEngine], dtype: str) -> None:
+    """The served configuration (CUDA, bfloat16 networks, float32 latents) makes the float32 CPU clip to within its
+    precision, batched with another clip at another step. Not yet run: no GPU was lent to the task that wrote it."""
+    cpu = engines["turbowan"]
+    cuda = WanClipEngine(cpu.folder, capacity=2, device="cuda", dtype=dtype)
+    cuda.load()
+    cuda.warmup()
+    try:
+        clips = {}
+        for label, engine in (("cpu", cpu), ("cuda", cuda)):
+            requests = [StreamRequest(PROMPT, 9, 4, 1), StreamRequest("a boat", 5, 2, 2)]
+            clips[label] = pixels(run(engine, requests, starts=[0, 1])[0]).astype(int)
+        gap = np.abs(clips["cpu"] - clips["cuda"])
+        print(f"cuda {dtype} vs cpu float32: mean {gap.mean():.3f}, max {gap.max()} levels")
+        assert gap.mean() < (0.1 if dtype == "float32" else 3.0)
+    finally:
+        cuda.close()
