@@ -57,7 +57,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -205,6 +205,63 @@ def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dty
     )
 
 
+# -- components -------------------------------------------------------------------------------------
+class Layout(Protocol):
+    """A Wan version's latent layout, as its manifest gives it."""
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def spatial(self) -> int: ...
+
+    @property
+    def temporal(self) -> int: ...
+
+    @property
+    def patch(self) -> tuple[int, int, int]: ...
+
+
+def load_component(folder: Path, manifest: dict[str, Any], key: str, device: str, torch_dtype: torch.dtype) -> Any:
+    """Component `key` of the Wan version in `folder`, of the class its manifest names (one of `COMPONENTS`' for
+    it: a manifest is untrusted), safetensors only, on `device` in `torch_dtype` (a tokenizer as it is).
+    CheckpointError when it does not load."""
+    library, default, allowed = COMPONENTS[key]
+    pipe = manifest.get("pipeline") or {}
+    name = (pipe.get("components") or {}).get(key, default)
+    if name not in allowed:
+        raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one a Wan student takes ({allowed})")
+    cls = lazy.attr(library, name)
+    path = str(folder / key)
+    try:
+        if key == "tokenizer":
+            return cls.from_pretrained(path, local_files_only=True)
+        variant = (pipe.get("variants") or {}).get(key)
+        kw = {"torch_dtype": torch_dtype, "use_safetensors": True, "local_files_only": True}
+        module = cls.from_pretrained(path, variant=variant, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder.name}: {key} does not load ({type(e).__name__}: {e})") from e
+    return module.to(device).eval().requires_grad_(False)
+
+
+def check_layout(where: str, transformer: Any, vae: Any, layout: Layout) -> None:
+    """CheckpointError when the transformer's and the VAE's configs disagree with the manifest's latent layout."""
+    found = {
+        "latent channels": (int(transformer.in_channels), int(vae.z_dim), layout.channels),
+        "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), layout.patch),
+        "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), layout.spatial),
+        "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), layout.temporal),
+    }
+    for what, (net, decoder, manifest) in found.items():
+        if not net == decoder == manifest:
+            raise CheckpointError(
+                f"{where}: the {what} of the transformer ({net}), the VAE ({decoder}) and the manifest ({manifest}) "
+                "differ"
+            )
+    if vae.get("patch_size") is not None:
+        raise CheckpointError(f"{where}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
+
+
 # -- prompts -----------------------------------------------------------------------------------------
 def _clean(prompt: str) -> str:
     """The prompt as WanPipeline cleans it before tokenizing (`pipeline_wan.prompt_clean`)."""
@@ -334,40 +391,10 @@ class WanStreamEngine:
         self.prompts = PromptEncoder(tokenizer, encoder, self.video.text_length, self._cache_bytes)
 
     def _component(self, key: str) -> Any:
-        library, default, allowed = COMPONENTS[key]
-        pipe = self.manifest.get("pipeline") or {}
-        name = (pipe.get("components") or {}).get(key, default)
-        if name not in allowed:
-            raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one a causal Wan student takes ({allowed})")
-        cls = lazy.attr(library, name)
-        path = str(self.folder / key)
-        try:
-            if key == "tokenizer":
-                return cls.from_pretrained(path, local_files_only=True)
-            variant = (pipe.get("variants") or {}).get(key)
-            kw = {"torch_dtype": self.torch_dtype, "use_safetensors": True, "local_files_only": True}
-            module = cls.from_pretrained(path, variant=variant, **kw)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.folder.name}: {key} does not load ({type(e).__name__}: {e})") from e
-        return module.to(self.device).eval().requires_grad_(False)
+        return load_component(self.folder, self.manifest, key, self.device, self.torch_dtype)
 
     def _check(self, transformer: Any, vae: Any) -> None:
-        """CheckpointError when the components disagree with the manifest's latent layout."""
-        v = self.video
-        found = {
-            "latent channels": (int(transformer.in_channels), int(vae.z_dim), v.channels),
-            "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), v.patch),
-            "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), v.spatial),
-            "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), v.temporal),
-        }
-        for what, (net, decoder, manifest) in found.items():
-            if not net == decoder == manifest:
-                raise CheckpointError(
-                    f"{self.folder.name}: the {what} of the transformer ({net}), the VAE ({decoder}) and the "
-                    f"manifest ({manifest}) differ"
-                )
-        if vae.get("patch_size") is not None:
-            raise CheckpointError(f"{self.folder.name}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
+        check_layout(self.folder.name, transformer, vae, self.video)
 
     def warmup(self) -> None:
         """One block of one session (the text encoder, a denoising step, the cache write, the VAE's first frames),

@@ -39,8 +39,9 @@ from fewstep.models.architectures import (
 from fewstep.models.causal_families import CAUSAL_FAMILIES, MAX_STREAM_FRAMES, CausalFamily
 from fewstep.models.checkpoint import MAX_SIDE, PICKLE_SUFFIXES, sha256_file
 from fewstep.models.lora import fuse as fuse_lora
-from fewstep.models.lora import fuse_network
+from fewstep.models.lora import fuse_network, read_wan_lora
 from fewstep.models.registry import Registry
+from fewstep.models.wan_clip import CLIP_FAMILIES
 from fewstep.models.wan_keys import Which
 
 CONFIG_LIMIT = 4 << 20
@@ -258,7 +259,8 @@ def import_pipeline(
         given = f" (given {family[:40]!r})" if family else ""
         raise CheckpointError(
             f"a {cls} is the base of causal video students: import it with a causal family, "
-            f"--family {' | '.join(CAUSAL_FAMILIES)}{given}"
+            f"--family {' | '.join(CAUSAL_FAMILIES)}; a few-step clip student (or a base with its distillation LoRA) "
+            f"with a clip family, --family {' | '.join(CLIP_FAMILIES)}{given}"
         )
     arch = by_pipeline(cls)
     files, components, variants = _components(src, index, arch, cls, replaced="unet" if unet is not None else None)
@@ -479,6 +481,9 @@ WAN_FPS = 16
 WAN_TOKENS = 512
 """Wan's `max_sequence_length`: UMT5 prompts padded to 512 tokens."""
 STUDENT_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+CLIP_KIND = "diffusers-video"
+CLIP_FRAMES = 81
+"""Pixel frames a bidirectional Wan clip may have by default: Wan 2.1's (and its students') 5 s at 16 fps."""
 MAX_LORA_ALPHA = 65536.0
 """Largest `lora_alpha` taken (LongLive's is 256, its rank)."""
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}
@@ -533,12 +538,7 @@ def import_causal_video(
     files, components, variants = _components(src, index, CAUSAL_VIDEO, cls, replaced)
     network_config = src.json("transformer/config.json")
     video = _video(causal, network_config, src.json("vae/config.json"), size, max_frames)
-    text_dim = config_int(network_config, "text_dim", "transformer/config.json", 4096, 1 << 16)
-    encoder_dim = config_int(src.json("text_encoder/config.json"), "d_model", "text_encoder/config.json", 4096, 1 << 16)
-    if text_dim != encoder_dim:
-        raise CheckpointError(
-            f"transformer/config.json: `text_dim` must be the text encoder's width ({encoder_dim}). Given: {text_dim}"
-        )
+    _check_text_width(src, network_config)
     with tempfile.TemporaryDirectory() as work:
         imported: dict[str, Any] = {"pipeline": cls}
         state: dict[str, Any] | None = None
@@ -576,6 +576,100 @@ def import_causal_video(
         return registry.publish_files(files, manifest, model=name, promote=True)
 
 
+def _check_text_width(src: Source, network: dict[str, Any]) -> None:
+    """CheckpointError unless the transformer's `text_dim` is the text encoder's width."""
+    text_dim = config_int(network, "text_dim", "transformer/config.json", 4096, 1 << 16)
+    encoder_dim = config_int(src.json("text_encoder/config.json"), "d_model", "text_encoder/config.json", 4096, 1 << 16)
+    if text_dim != encoder_dim:
+        raise CheckpointError(
+            f"transformer/config.json: `text_dim` must be the text encoder's width ({encoder_dim}). Given: {text_dim}"
+        )
+
+
+def import_clip_video(
+    path: Path,
+    name: str,
+    registry: Registry,
+    family: str,
+    lora: Path | None = None,
+    lora_scale: float = 1.0,
+    size: tuple[int, int] | None = None,
+    frames: int | None = None,
+    max_tokens: int = WAN_TOKENS,
+) -> tuple[str, str]:
+    """Import the Wan 2.1 text-to-video pipeline at `path` (a folder or a hub snapshot, under `Source`'s
+    containment), whose transformer is a few-step bidirectional student (or becomes one with `lora`), as the next
+    version of `name`, kind `diffusers-video`, sampled by the clip `family` (`models.wan_clip`); returns (name,
+    version).
+
+    `lora`: a distillation LoRA over the transformer (LightX2V's, Kijai's or diffusers' layout: read as WanPipeline's
+    `load_lora_weights` reads it, safetensors only) fused into it at `lora_scale`, as `fuse_lora(lora_scale=...)`
+    fuses it. `size` (width, height): the served frame, default 832×480, a multiple of the VAE's factor × the
+    transformer's patch; `frames`: the longest clip in pixel frames (1 + 4k, default 81, within the transformer's
+    RoPE table); `max_tokens`: the prompts' padded length. The manifest keeps the family, the video sizes (its
+    `video.max_frames` in latent frames, as a causal student's), the text length and the LoRA's record. Everything is
+    checked before anything is written."""
+    if family not in CLIP_FAMILIES:
+        raise CheckpointError(f"unknown clip family {str(family)[:40]!r}; known: {list(CLIP_FAMILIES)}")
+    clip = CLIP_FAMILIES[family]
+    if lora is None and lora_scale != 1.0:
+        raise CheckpointError(f"--lora-scale is taken with --lora only. Given: {lora_scale}")
+    if not 0.0 < lora_scale <= 4.0:
+        raise CheckpointError(f"--lora-scale must be in (0, 4]. Given: {lora_scale}")
+    src = Source(path)
+    index = src.json("model_index.json")
+    cls = str(index.get("_class_name"))
+    if cls not in CAUSAL_VIDEO.pipelines:
+        raise CheckpointError(
+            f"a bidirectional video student is a {' or '.join(CAUSAL_VIDEO.pipelines)} (Wan 2.1 text-to-video in "
+            f"diffusers format). Given: {cls[:80]!r}"
+        )
+    files, components, variants = _components(src, index, CAUSAL_VIDEO, cls)
+    network_config = src.json("transformer/config.json")
+    video, rope = _wan_video(network_config, src.json("vae/config.json"), size)
+    temporal = video["latent"]["temporal"]
+    most = 1 + temporal * (rope - 1)
+    count = CLIP_FRAMES if frames is None else frames
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most or (count - 1) % temporal:
+        raise CheckpointError(
+            f"--frames must be 1 + {temporal}·k pixel frames (the VAE's), from 1 to {most} (the transformer's RoPE "
+            f"table: `rope_max_seq_len` {rope}). Given: {str(count)[:20]}"
+        )
+    video["max_frames"] = 1 + (count - 1) // temporal
+    _check_text_width(src, network_config)
+    weights = {r: p for r, p in files.items() if r.startswith("transformer/") and r.endswith(".safetensors")}
+    wan_keys.check_fits(_tensors(weights, read=False), network_config)
+    with tempfile.TemporaryDirectory() as work:
+        imported: dict[str, Any] = {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}}
+        if lora is not None:
+            layers, metadata = read_wan_lora(Path(lora), Path(work))
+            state = fuse_network(
+                "WanTransformer3DModel", network_config, _tensors(weights, read=True), layers, Path(lora).name,
+                scale=lora_scale, metadata=metadata,
+            )  # fmt: skip
+            imported["lora"] = {
+                "file": Path(lora).name, "sha256": sha256_file(Path(lora)), "scale": lora_scale,
+                "fused_into": ["transformer"],
+            }  # fmt: skip
+            from safetensors.torch import save_file
+
+            _drop_weights(files, variants, "transformer")
+            files[STUDENT_WEIGHTS] = Path(work) / "student.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(files[STUDENT_WEIGHTS]))
+        lengths = _check_tokenizers(files, CAUSAL_VIDEO, components, max_tokens)
+        manifest = {
+            "name": name,
+            "version": "1",
+            "kind": CLIP_KIND,
+            "pipeline": {"class": cls, "components": components, "variants": variants},
+            "clip": clip.to_dict(),
+            "video": video,
+            "text": {"max_tokens": lengths[0], "lengths": lengths},
+            "imported": imported,
+        }
+        return registry.publish_files(files, manifest, model=name, promote=True)
+
+
 def _video(
     causal: CausalFamily,
     network: dict[str, Any],
@@ -585,6 +679,24 @@ def _video(
 ) -> dict[str, Any]:
     """The manifest's `video`: the served frame, the stream's bound in latent frames and the latent geometry, from
     the configs; CheckpointError for a size or bound the transformer cannot serve, or configs that disagree."""
+    video, rope = _wan_video(network, vae, size)
+    block = causal.block_frames
+    longest = rope // block * block
+    frames = max_frames if max_frames is not None else FULL_CAUSAL_FRAMES if causal.window is None else longest
+    if isinstance(frames, bool) or not isinstance(frames, int) or not block <= frames <= longest or frames % block:
+        raise CheckpointError(
+            f"--max-frames must be a multiple of the {causal.name} block ({block} latent frames) from {block} to "
+            f"{longest} (the transformer's RoPE table: `rope_max_seq_len` {rope}). Given: {str(frames)[:20]}"
+        )
+    return video | {"max_frames": frames}
+
+
+def _wan_video(
+    network: dict[str, Any], vae: dict[str, Any], size: tuple[int, int] | None
+) -> tuple[dict[str, Any], int]:
+    """A Wan manifest's `video` without its frame bound (the served frame, its rate and the latent geometry), and
+    the transformer's RoPE positions (the most latent frames or patches a side it can place), from the configs;
+    CheckpointError for a size the transformer cannot serve, or configs that disagree."""
     where_t, where_v = "transformer/config.json", "vae/config.json"
     channels = config_int(vae, "z_dim", where_v, 16, 1024)
     spatial = config_int(vae, "scale_factor_spatial", where_v, 8, 64)
@@ -616,16 +728,8 @@ def _video(
                 f"--size: the {what} must be a multiple of {step} (the VAE's {spatial} × the transformer's patch) "
                 f"from {step} to {most}. Given: {str(side)[:20]}"
             )
-    block = causal.block_frames
-    longest = rope // block * block
-    frames = max_frames if max_frames is not None else FULL_CAUSAL_FRAMES if causal.window is None else longest
-    if isinstance(frames, bool) or not isinstance(frames, int) or not block <= frames <= longest or frames % block:
-        raise CheckpointError(
-            f"--max-frames must be a multiple of the {causal.name} block ({block} latent frames) from {block} to "
-            f"{longest} (the transformer's RoPE table: `rope_max_seq_len` {rope}). Given: {str(frames)[:20]}"
-        )
     latent = {"channels": channels, "spatial": spatial, "temporal": temporal, "patch": patch}
-    return {"height": height, "width": width, "fps": WAN_FPS, "max_frames": frames, "latent": latent}
+    return {"height": height, "width": width, "fps": WAN_FPS, "latent": latent}, rope
 
 
 def _tensors(paths: dict[str, Path], read: bool) -> dict[str, Any]:
