@@ -32,7 +32,7 @@ MODEL = "shapes-video"
 PROMPT = "a red circle moving left quickly"
 KEY, OTHER_KEY = "videos-key-0123456789", "other-videos-key-0123456789"
 FPS = 8
-MAX_BYTES = 8192
+MAX_BYTES = 4096
 MIN_PSNR_DB = 25.0
 """Frames through H.264 in yuv420p at crf 18 against the stream's lossless PNGs (the toy's 16×16 frames have sharp
 coloured edges, where 4:2:0's half-resolution colour loses most)."""
@@ -138,7 +138,7 @@ def test_a_video_deleted_while_running_ends_failed_and_frees_its_slot_for_the_ne
 
 def test_a_clip_whose_mp4_passes_video_max_bytes_fails_naming_the_limit(server: Server) -> None:
     client = sdk(server)
-    video = wait(client, make(client, "6", seed=31).id, {"completed", "failed"})  # 48 frames: about 12 KB
+    video = wait(client, make(client, "12", seed=31).id, {"completed", "failed"})  # 96 frames: over 4 KB
     assert video.status == "failed" and video.error is not None
     assert "video_max_bytes" in video.error.message and str(MAX_BYTES) in video.error.message, video.error
 
