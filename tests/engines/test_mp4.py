@@ -40,7 +40,7 @@ def test_an_mp4_decodes_back_to_its_frames_size_and_rate() -> None:
 
 
 def test_odd_sides_and_clips_over_the_size_limit_are_refused_naming_why() -> None:
-    with pytest.raises(InvalidRequest, match="even sides. Given: 15x16"):
+    with pytest.raises(InvalidRequest, match=r"even sides\. Given: 15x16"):
         encode_mp4(frames(2, 15, 16), 8.0, 18, 1 << 20)
     with pytest.raises(InvalidRequest, match=r"over the limit of 1024 bytes \(`video_max_bytes`\)"):
         encode_mp4(frames(64, 64, 64), 8.0, 0, 1024)
