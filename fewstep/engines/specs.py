@@ -298,6 +298,9 @@ class VideoSpec(Spec):
     max_frames: int | None = None
     """The most frames one stream of this model may ask for (a causal Wan student's stream bound); None: only the
     service's `video_max_frames` bounds it."""
+    fps: float | None = None
+    """The frame rate its frames are meant to play at (a clip's `seconds` → frames, its MP4's timing); None: the
+    service's `video_fps`."""
 
     @classmethod
     def from_manifest(

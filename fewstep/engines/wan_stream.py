@@ -200,6 +200,7 @@ def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dty
         sink=family.sink,
         window=family.span(video.max_frames),
         max_frames=video.max_pixel_frames,
+        fps=video.fps,
         hybrid=False,
         hybrid_reason="a causal Wan student draws every frame itself",
     )
