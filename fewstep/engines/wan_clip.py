@@ -171,6 +171,8 @@ def clip_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype
         sink=0,
         window=video.max_frames,
         max_frames=video.max_pixel_frames,
+        fps=video.fps,
+        frame_step=video.temporal,
         hybrid=False,
         hybrid_reason="a bidirectional Wan student draws every frame itself",
     )

@@ -183,6 +183,12 @@ def test_it_is_a_stream_engine_with_the_familys_spec(engines: dict[str, WanClipE
         assert (spec.size, spec.max_frames, spec.sink, spec.window, spec.capacity) == ("32x32", 9, 0, 3, 3)
         assert spec.step_counts == {"wan-lightning": (4,), "fastwan": (3,), "turbowan": (1, 2, 3, 4)}[family]
         assert spec.default_steps == max(spec.step_counts)
+        # A gateway refuses a count the VAE cannot make, and a clip asked in seconds gets the nearest it can.
+        assert spec.frame_step == 4
+        with pytest.raises(InvalidRequest, match=r"1 \+ 4·k frames"):
+            spec.validate(StreamRequest(PROMPT, 6, spec.default_steps, 0), 9)
+        spec.validate(StreamRequest(PROMPT, 5, spec.default_steps, 0), 9)
+        assert [spec.frames_near(n, 9) for n in (1, 2, 3, 4, 7, 8, 20)] == [1, 1, 5, 5, 9, 9, 9]
 
 
 @pytest.mark.parametrize(("family", "steps"), [("wan-lightning", 4), ("fastwan", 3), ("turbowan", 4), ("turbowan", 2)])

@@ -95,8 +95,8 @@ def clip_request(body: VideoCreateRequest, spec: VideoSpec, gw: Gateway) -> tupl
         seconds = float(body.seconds)
     except ValueError as e:
         raise limit_error("seconds", "a number of seconds", body.seconds) from e
-    frames = round(seconds * fps) if 0 < seconds < 1e9 else 0
-    if not 1 <= frames <= most:
+    frames = spec.frames_near(round(seconds * fps), most) if 0 < seconds < 1e9 else 0
+    if not 1 <= round(seconds * fps) <= most:
         rule = f"between {1 / fps:g} and {most / fps:g} ({most} frames at {fps:g} fps, `video_max_frames`)"
         raise limit_error("seconds", rule, body.seconds)
     size = body.size if body.size is not None else spec.size
