@@ -130,8 +130,9 @@ class VideoClips:
             self._open(clip)
         self._cancel_gone()
         for clip in [c for c in self._clips if c.stream is not None]:
-            if clip.failed:
-                self._end(clip, GenerationFailed("the video engine failed while making the clip"))
+            if clip.failed and clip.stream is not None:  # the session's own error when it failed alone
+                why = clip.stream.session.error or GenerationFailed("the video engine failed while making the clip")
+                self._end(clip, why)
             elif clip.made:
                 self._end(clip, None)
             else:
