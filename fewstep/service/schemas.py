@@ -108,6 +108,16 @@ class ModelCard(BaseModel):
     sizes: dict[str, int] | None = Field(None, description="Sizes besides the native one: min, max, multiple.")
     guidance: dict[str, str | float] | None = Field(None, description="How `guidance_scale` is taken, if at all.")
     edits: bool | None = Field(None, description="Whether `POST /v1/images/edits` takes this model (image models).")
+    fps: float | None = Field(None, description="The frame rate a video's clip plays at (video models).")
+    max_frames: int | None = Field(
+        None, description="The most frames one video of it may have (video models): `seconds` ≤ `max_frames / fps`."
+    )
+    frame_step: int | None = Field(
+        None, description="The frame counts it makes are 1 + k·`frame_step` (video models); others are rounded."
+    )
+    videos: bool | None = Field(
+        None, description="Whether `POST /v1/videos` makes MP4s of this model (video models: even sides)."
+    )
 
 
 class ModelList(BaseModel):

@@ -80,6 +80,7 @@ async def test_the_page_and_its_files_are_served_with_a_same_origin_policy(clien
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+    assert "media-src blob:;" in csp  # the videos' MP4s, fetched with the key, play from blob: URLs only
     assert page.headers["x-content-type-options"] == "nosniff"
     for name, media in FILES.items():
         r = await client.get(f"/static/{name}")
@@ -119,7 +120,8 @@ def test_the_script_uses_only_ids_the_page_has() -> None:
     script = STATIC.joinpath("playground.js").read_text()
     used = set(re.findall(r'\$\("([\w-]+)"\)', script))
     for template in re.findall(r"\$\(`\$\{\w+\}-([\w-]+)`\)", script):  # `${prefix}-steps` and the like
-        used |= {f"{p}-{template}" for p in ("image", "seeds", "video", "jobs") if f"{p}-{template}" in page.ids}
+        panels = ("image", "seeds", "video", "videos", "jobs")
+        used |= {f"{p}-{template}" for p in panels if f"{p}-{template}" in page.ids}
         assert any(i.endswith(f"-{template}") for i in page.ids), template
     missing = sorted(used - page.ids)
     assert not missing, f"the script looks up ids the page lacks: {missing}"

@@ -16,7 +16,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
@@ -243,6 +245,71 @@ def test_an_imported_causal_student_streams_into_the_canvas_and_takes_a_new_prom
         assert _field(pg, "video", "version") == f"{CAUSAL} v1"
 
 
+def _video_model(server: Server) -> dict[str, Any]:
+    cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+    return next(c for c in cards if c["id"] == "shapes-video")
+
+
+def test_a_video_is_made_followed_to_completed_and_played_from_its_mp4(page: Page, server: Server) -> None:
+    card = _video_model(server)
+    width, height = (int(side) for side in card["size"].split("x"))
+    seconds = 2
+    frames = round(seconds * card["fps"])
+    _ready(page)
+    page.click("#tab-videos")
+    expect(page.locator("#videos-model")).to_have_value("shapes-video")
+    page.fill("#videos-seconds", str(seconds))
+    expect(page.locator("#videos-frames")).to_have_text(f"{frames} frames at {card['fps']:g} fps")
+    _set_steps(page, "videos", 2)
+    page.click("#videos-go")
+    expect(page.locator("#videos-cancel")).to_be_enabled()
+    page.wait_for_selector("#videos-out[data-state=loaded]")  # the MP4's metadata, decoded by the browser
+    media = page.evaluate(
+        "() => { const v = document.querySelector('#videos-out');"
+        " return { ready: v.readyState, width: v.videoWidth, height: v.videoHeight, duration: v.duration }; }"
+    )
+    assert media["ready"] >= 1 and (media["width"], media["height"]) == (width, height), media
+    assert media["duration"] == pytest.approx(frames / card["fps"], abs=0.5 / card["fps"]), media
+    status = page.locator("#videos-status")
+    expect(status).to_have_attribute("data-status", "completed")
+    assert page.get_attribute("#videos-status", "data-seen").split()[-1] == "completed"  # type: ignore[union-attr]
+    expect(status).to_contain_text("completed, 100%")
+    assert page.evaluate("() => document.querySelector('#videos-progress').value") == 100
+    expect(page.locator("#videos-cancel")).to_be_disabled()
+    assert page.get_attribute("#videos-out", "src").startswith("blob:")  # type: ignore[union-attr]
+    expect(page.locator("#videos-recent button")).to_have_count(1)
+    expect(page.locator("#videos-error")).to_be_hidden()
+    _shot(page, "videos")
+
+
+def test_a_refused_video_shows_the_servers_words_and_a_running_one_can_be_cancelled(page: Page, server: Server) -> None:
+    card = _video_model(server)
+    most = card["max_frames"] / card["fps"]
+    _ready(page)
+    page.click("#tab-videos")
+    seconds = page.locator("#videos-seconds")
+    expect(seconds).to_have_attribute("max", f"{most:g}")
+    page.fill("#videos-seconds", str(int(most) * 2))
+    assert seconds.evaluate("e => e.validity.rangeOverflow")  # the form itself holds the model's bound
+    seconds.evaluate("e => e.removeAttribute('max')")  # as a page whose bound is stale would send it
+    page.click("#videos-go")
+    error = page.locator("#videos-error")
+    expect(error).to_contain_text(f"`seconds` must be between {1 / card['fps']:g} and {most:g}")
+    expect(page.locator("#videos-status")).to_have_text("No video yet.")
+
+    page.fill("#videos-seconds", f"{most:g}")  # the longest clip: long enough to be cancelled while it runs
+    page.click("#videos-go")
+    expect(error).to_be_hidden()
+    status = page.locator("#videos-status")
+    expect(status).to_have_attribute("data-status", re.compile("queued|in_progress"))
+    page.click("#videos-cancel")
+    expect(status).to_have_attribute("data-status", "failed")
+    expect(status).to_contain_text("cancelled")
+    expect(page.locator("#videos-go")).to_be_enabled()
+    expect(page.locator("#videos-out")).to_be_hidden()
+    expect(error).to_be_hidden()  # a cancelled video is the viewer's doing, not an error
+
+
 def test_a_job_shows_progress_and_results_and_can_be_cancelled(page: Page) -> None:
     _ready(page)
     page.click("#tab-jobs")
@@ -313,7 +380,7 @@ def test_the_status_panel_lists_the_serving_versions(page: Page) -> None:
 def test_every_panel_fits_a_phone(browser: Browser, server: Server) -> None:
     with opened(browser, server.url, width=390, height=844) as pg:
         _ready(pg)
-        for tab in ("image", "seeds", "video", "jobs", "status"):
+        for tab in ("image", "seeds", "video", "videos", "jobs", "status"):
             pg.click(f"#tab-{tab}")
             overflow = pg.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 0, f"{tab} panel is {overflow} px wider than a phone"
@@ -363,6 +430,12 @@ def test_with_auth_on_the_key_goes_in_headers_and_first_messages_never_urls(brow
         pg.click("#jobs-go")
         expect(pg.locator("#jobs-status")).to_have_attribute("data-status", "succeeded")
         expect(pg.locator("#jobs-out figure")).to_have_count(2)
+
+        pg.click("#tab-videos")  # the MP4 is fetched with the header and played from a blob: URL
+        pg.fill("#videos-seconds", "1")
+        pg.click("#videos-go")
+        pg.wait_for_selector("#videos-out[data-state=loaded]")
+        assert any(u.endswith("/content") for u in urls)
 
         assert urls and not [u for u in urls if KEY in u]
         assert pg.evaluate("() => sessionStorage.length") == 0  # in memory only, until asked

@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from fewstep.engines.specs import ImageSpec, Spec
+from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
+from fewstep.service.routes.videos import clip_limits
 from fewstep.service.schemas import ModelCard, ModelList, ModelVersion
+from fewstep.service.settings import Settings
 from fewstep.service.state import GatewayDep, principal
 
 router = APIRouter()
@@ -37,6 +39,7 @@ async def list_models(gw: GatewayDep) -> ModelList:
                     precision=spec.precision if spec else precision,
                     hybrid=bool(spec and spec.hybrid),
                     **_image_fields(spec),
+                    **_video_fields(spec, s),
                 )
             )
     return ModelList(data=cards)
@@ -56,3 +59,13 @@ def _image_fields(spec: Spec | None) -> dict[str, Any]:
         {"mode": g.mode} if g.mode == "none" else {"mode": g.mode, "min": g.low, "max": g.high, "default": g.default}
     )
     return {"family": spec.family, "sizes": sizes, "guidance": guidance, "edits": spec.edits}
+
+
+def _video_fields(spec: Spec | None, settings: Settings) -> dict[str, Any]:
+    """What a video of a video model can be (`POST /v1/videos`): its frame rate, its most frames, the frame counts it
+    makes, and whether it makes MP4s at all (H.264 in yuv420p needs even sides)."""
+    if not isinstance(spec, VideoSpec):
+        return {}
+    fps, most = clip_limits(spec, settings)
+    even = spec.width % 2 == 0 and spec.height % 2 == 0
+    return {"fps": fps, "max_frames": most, "frame_step": spec.frame_step, "videos": even}

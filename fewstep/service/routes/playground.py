@@ -2,8 +2,9 @@
 
 Plain files from the package, no build step. The page is public (it holds no data); the API calls it
 makes carry the key the person enters. The Content-Security-Policy keeps everything on this origin:
-scripts, styles, connections (fetch and the video WebSocket) and images (the API's base64 PNGs as
-`data:` URLs); nothing is fetched from outside.
+scripts, styles, connections (fetch and the video WebSocket), images (the API's base64 PNGs as
+`data:` URLs) and media (a video's MP4, fetched with the key and played from a `blob:` URL); nothing is fetched
+from outside.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ FILES = {
 
 HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src blob:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

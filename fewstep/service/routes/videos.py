@@ -27,6 +27,7 @@ from fewstep.service.requests import check_prompt, parse
 from fewstep.service.routes.images import read_form
 from fewstep.service.routes.jobs import IDEMPOTENCY_KEY
 from fewstep.service.schemas import Video, VideoCreateRequest, VideoDeleted, VideoError, VideoList
+from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway, GatewayDep, Owner
 
 router = APIRouter()
@@ -85,12 +86,18 @@ async def create_video(
     return await video_view(gw, owner, await gw.ask(gw.queue.submit, job))
 
 
+def clip_limits(spec: VideoSpec, settings: Settings) -> tuple[float, int]:
+    """The frame rate a clip of the model `spec` describes plays at, and the most frames one clip of it may have
+    (`video_max_frames` and the model's own stream bound); `GET /v1/models` reports both."""
+    fps = spec.fps or settings.video_fps
+    return fps, min(settings.video_max_frames, spec.max_frames or settings.video_max_frames)
+
+
 def clip_request(body: VideoCreateRequest, spec: VideoSpec, gw: Gateway) -> tuple[StreamRequest, str]:
     """The clip `body` asks of the model `spec` describes, and its `seconds` as the Video object reports them;
     InvalidRequest naming the limit when the model cannot make it."""
     settings = gw.settings
-    fps = spec.fps or settings.video_fps
-    most = min(settings.video_max_frames, spec.max_frames or settings.video_max_frames)
+    fps, most = clip_limits(spec, settings)
     try:
         seconds = float(body.seconds)
     except ValueError as e:

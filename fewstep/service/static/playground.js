@@ -12,6 +12,7 @@ const state = {
   models: [],
   video: null, // the open WebSocket stream, if any
   job: null, // {id, abort, shown: Set}
+  clip: null, // the video being followed: {id, abort}
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -231,9 +232,9 @@ async function refreshModels() {
     return;
   }
   for (const select of document.querySelectorAll("select[data-kind]")) {
-    const kind = select.dataset.kind;
+    const { kind, takes } = select.dataset; // `takes`: a card field the model must have true (`videos`)
     const before = select.value;
-    const usable = state.models.filter((m) => m.kind === kind && m.version !== null);
+    const usable = state.models.filter((m) => m.kind === kind && m.version !== null && (!takes || m[takes]));
     select.replaceChildren(...usable.map((m) => el("option", { value: m.id, text: `${m.id} (v${m.version})` })));
     if (usable.some((m) => m.id === before)) select.value = before;
     select.dispatchEvent(new Event("change"));
@@ -566,6 +567,162 @@ function initVideo() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Videos panel: POST /v1/videos, poll its status, play the MP4, cancel. A <video src> cannot send the
+// Authorization header, so the MP4 is fetched like every other call and played from a blob: URL.
+
+const POLL_MS = 300; // how often a video that is not finished is asked for its status
+
+function pause(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
+}
+
+// The frame count the server makes for `seconds` of model `m` (its rule: round(seconds × fps), then the nearest
+// count the model makes, 1 + k·frame_step, at most max_frames).
+function clipFrames(m, seconds) {
+  const asked = Math.round(seconds * m.fps);
+  const step = m.frame_step || 1;
+  let k = Math.max(0, Math.round((asked - 1) / step));
+  while (k && 1 + k * step > m.max_frames) k -= 1;
+  return 1 + k * step;
+}
+
+const short = (x) => String(Number(x.toFixed(3)));
+
+function initVideos() {
+  const model = $("videos-model");
+  const steps = stepsSlider("videos", model);
+  const seconds = $("videos-seconds");
+  const status = $("videos-status");
+  const progress = $("videos-progress");
+  const player = $("videos-out");
+  const mine = []; // this page's videos, newest first: the Video objects as last seen
+
+  const frames = () => {
+    const m = modelById(model.value);
+    const s = Number(seconds.value);
+    $("videos-frames").textContent =
+      m?.fps && seconds.validity.valid && s > 0 ? `${clipFrames(m, s)} frames at ${short(m.fps)} fps` : "";
+  };
+  model.addEventListener("change", () => {
+    const m = modelById(model.value);
+    if (!m?.fps) return;
+    seconds.min = String(1 / m.fps);
+    seconds.max = String(m.max_frames / m.fps);
+    $("videos-seconds-range").textContent = `(${short(1 / m.fps)}–${short(m.max_frames / m.fps)})`;
+    frames();
+  });
+  seconds.addEventListener("input", frames);
+  $("videos-seed-random").addEventListener("click", () => ($("videos-seed").value = String(randomSeed())));
+
+  const renderRecent = () => {
+    $("videos-recent").replaceChildren(
+      ...mine.map((v) => {
+        const label = `${v.prompt} · ${v.seconds} s · seed ${v.seed} · ${v.status}`;
+        const item = v.status === "completed"
+          ? el("button", { type: "button", "data-video": v.id, "aria-label": `Play ${label}`, text: `▶ ${label}` })
+          : el("span", { text: label });
+        if (v.status === "completed") item.addEventListener("click", () => play(v));
+        return el("li", { "data-video": v.id }, item);
+      }),
+    );
+  };
+
+  const show = (v) => {
+    const i = mine.findIndex((x) => x.id === v.id);
+    if (i >= 0) mine[i] = v;
+    else mine.unshift(v);
+    mine.splice(8);
+    renderRecent();
+    if (state.clip?.id !== v.id) return;
+    progress.value = v.progress ?? 0;
+    let text = `Video ${v.id}: ${v.status.replace("_", " ")}, ${v.progress ?? 0}%`;
+    if (v.error) text += ` (${v.error.code}: ${v.error.message})`;
+    status.textContent = text;
+    status.dataset.status = v.status;
+    const seen = (status.dataset.seen ?? "").split(" ").filter(Boolean);
+    if (seen.at(-1) !== v.status) status.dataset.seen = [...seen, v.status].join(" ");
+  };
+
+  const play = async (v) => {
+    clearError("videos");
+    try {
+      const blob = await (await api(`v1/videos/${v.id}/content`)).blob();
+      if (player.src) URL.revokeObjectURL(player.src);
+      player.dataset.state = "loading";
+      player.dataset.video = v.id;
+      player.setAttribute("aria-label", `${v.prompt} (${v.seconds} s, seed ${v.seed}, ${v.steps} steps)`);
+      player.src = URL.createObjectURL(blob);
+      player.hidden = false;
+    } catch (err) {
+      showError("videos", err);
+    }
+  };
+  player.addEventListener("loadedmetadata", () => (player.dataset.state = "loaded"));
+  player.addEventListener("error", () => {
+    if (!player.getAttribute("src")) return;
+    player.dataset.state = "error";
+    showError("videos", new Error(`the browser could not play the MP4 (${player.error?.message || "no decoder"})`));
+  });
+
+  const follow = async (clip) => {
+    let v;
+    try {
+      for (;;) {
+        v = await apiJson(`v1/videos/${clip.id}`, { signal: clip.abort.signal });
+        show(v);
+        if (v.status === "completed" || v.status === "failed") break;
+        await pause(POLL_MS, clip.abort.signal);
+        if (clip.abort.signal.aborted) return;
+      }
+    } catch (err) {
+      if (err.name !== "AbortError") showError("videos", err);
+      return;
+    } finally {
+      if (state.clip === clip) {
+        $("videos-cancel").disabled = true;
+        $("videos-go").disabled = false;
+      }
+    }
+    if (v.status === "completed") await play(v);
+    else if (v.error?.code !== "cancelled") showError("videos", new Error(v.error?.message ?? "the video failed"));
+  };
+
+  $("videos-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearError("videos");
+    const body = { model: model.value, prompt: $("videos-prompt").value, seconds: seconds.value, steps: steps() };
+    if ($("videos-seed").value !== "") body.seed = Number($("videos-seed").value);
+    $("videos-go").disabled = true;
+    try {
+      const v = await apiJson("v1/videos", { method: "POST", body });
+      state.clip?.abort.abort();
+      state.clip = { id: v.id, abort: new AbortController() };
+      delete status.dataset.seen;
+      player.hidden = true;
+      show(v);
+      $("videos-cancel").disabled = false;
+      follow(state.clip);
+    } catch (err) {
+      showError("videos", err);
+      $("videos-go").disabled = false;
+    }
+  });
+
+  $("videos-cancel").addEventListener("click", async () => {
+    const clip = state.clip;
+    if (!clip) return;
+    try {
+      await api(`v1/videos/${clip.id}`, { method: "DELETE" });
+    } catch (err) {
+      showError("videos", err);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Jobs panel: submit, follow the events stream (fetch, so the key travels in a header), cancel
 
 async function* sseEvents(res) {
@@ -725,6 +882,7 @@ function init() {
   initImage();
   initSeeds();
   initVideo();
+  initVideos();
   initJobs();
   $("status-refresh").addEventListener("click", refreshModels);
   const fromHash = tabs.find((t) => `#${t.id.replace("tab-", "")}` === location.hash);

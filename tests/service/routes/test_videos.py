@@ -184,3 +184,13 @@ def test_a_video_the_model_cannot_make_is_refused_naming_the_limit(
     with pytest.raises(openai.BadRequestError) as refused:
         sdk(server).videos.create(**request)
     assert named in refused.value.message
+
+
+def test_the_model_list_says_what_videos_a_video_model_makes(server: Server) -> None:
+    with sdk(server) as client:
+        card = next(m for m in client.models.list().model_dump()["data"] if m["id"] == MODEL)
+        assert (card["fps"], card["max_frames"], card["frame_step"], card["videos"]) == (FPS, 4000, 1, True)
+        longest = card["max_frames"] / card["fps"]  # the bound the playground's form holds: the server's own
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.videos.create(model=MODEL, prompt=PROMPT, seconds=f"{longest + 1:g}")  # type: ignore[arg-type]
+    assert f"between {1 / FPS:g} and {longest:g}" in refused.value.message
