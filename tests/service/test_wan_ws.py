@@ -17,15 +17,18 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from fewstep.engines.base import StreamRequest, stream_alone
+from fewstep.engines.mp4 import decode_mp4, encode_mp4
 from fewstep.engines.wan_stream import WanStreamEngine
 from fewstep.models.importing import import_causal_video
 from fewstep.models.registry import Registry
+from fewstep.service.settings import Settings
 from tests.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # a `fewstep serve` process with a causal Wan student
@@ -161,3 +164,23 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server: Server) -> None:
         frames, done = _frames_then_done(ws)
     assert len(frames) == 5 and done["frames"] == 5
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's notice on its own methods
+def test_the_videos_api_makes_a_clip_of_the_causal_student_from_its_stream(server: Server) -> None:
+    """`/v1/videos` on the causal student (the official SDK): a clip of `seconds` × its 16 fps, whose MP4 holds exactly
+    the frames its WebSocket stream gives for the same seed (the same frames through the same encoder decode to the
+    same pixels; both run alone on the engine, so their batches are the same)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    video = client.videos.create_and_poll(  # type: ignore[call-arg]
+        model=MODEL, prompt=RED, seconds="1", size="32x32", extra_body={"seed": 6}, poll_interval_ms=100
+    )
+    assert (video.status, video.progress, video.error) == ("completed", 100, None)
+    frames = decode_mp4(client.videos.download_content(video.id).content)
+    assert len(frames) == 16 and frames[0].shape == (32, 32, 3)
+    with _ws(server) as ws:
+        _start(ws, frames=16, seed=6)
+        streamed, _ = _frames_then_done(ws)
+    crf = Settings.model_fields["video_crf"].default
+    again = decode_mp4(encode_mp4(streamed, 16, crf, Settings.model_fields["video_max_bytes"].default))
+    assert all(np.array_equal(a, b) for a, b in zip(frames, again, strict=True))
