@@ -76,6 +76,9 @@ class Session:
     closed: bool = False
     opened_at: float = field(default_factory=time.perf_counter)
     state: Any = None
+    error: FewstepError | None = None
+    """Why the session failed alone (an engine that can tell one session's failure from its batch's sets it, e.g.
+    on non-finite frames): it is ended, its slot free, and the sessions that shared its `advance` go on."""
 
     @property
     def finished(self) -> bool:
@@ -130,7 +133,8 @@ class StreamEngine(Servable, Protocol):
 
     `open` admits a session (`Overloaded` when full), `steer` changes its prompt from its next frame,
     `end` frees it; any thread may call these. `advance` (one driver thread) takes one step for each
-    session given, in one batched call, and returns the frames that finished."""
+    session given, in one batched call, and returns the frames that finished. A session that fails alone comes
+    back ended with its `error` set; an exception from `advance` fails every session given."""
 
     @property
     def spec(self) -> VideoSpec: ...
@@ -189,12 +193,14 @@ def cancelled(slot: Slot) -> Cancelled:
 
 def stream_alone(engine: StreamEngine, request: StreamRequest) -> list[Frame]:
     """A session of `request` on `engine`, advanced alone until it finishes and then ended (also when it fails): its
-    frames, in order. What a warm-up runs."""
+    frames, in order; the session's `error` raised when it failed. What a warm-up runs."""
     session = engine.open(request)
     frames: list[Frame] = []
     try:
         while not session.finished:
             frames += engine.advance([session])
+            if session.error is not None:
+                raise session.error
     finally:
         engine.end(session)
     return frames

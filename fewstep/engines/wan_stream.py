@@ -110,43 +110,8 @@ class CausalVideo:
         if not isinstance(causal, dict):
             raise CheckpointError(f"{where}: manifest has no causal family")
         family = CausalFamily.from_dict(causal)
-        try:
-            video, text = manifest["video"], manifest["text"]
-            latent = video["latent"]
-            lengths = text["lengths"]
-            if not isinstance(lengths, list) or len(lengths) != 1:
-                raise ValueError("`text.lengths` must list one length (one tokenizer)")
-            patch = tuple(latent["patch"])
-            values = {
-                "height": video["height"],
-                "width": video["width"],
-                "max_frames": video["max_frames"],
-                "channels": latent["channels"],
-                "spatial": latent["spatial"],
-                "temporal": latent["temporal"],
-                "text_length": lengths[0],
-            }
-            fps = video["fps"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
-        bounds = {
-            "height": MAX_SIDE,
-            "width": MAX_SIDE,
-            "max_frames": MAX_STREAM_FRAMES,
-            "channels": 1024,
-            "spatial": 64,
-            "temporal": 16,
-            "text_length": MAX_TEXT_TOKENS,
-        }
-        for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
-                raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
-        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
-            raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
-            raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
-        spec = cls(where, family, fps=float(fps), patch=(patch[0], patch[1], patch[2]), **values)
-        for side, cells in (("height", patch[1]), ("width", patch[2])):
+        spec = cls(where, family, **video_fields(manifest, where))
+        for side, cells in (("height", spec.patch[1]), ("width", spec.patch[2])):
             multiple = spec.spatial * cells
             if getattr(spec, side) % multiple:
                 raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
@@ -174,6 +139,49 @@ class CausalVideo:
         return math.ceil(latent / self.family.block_frames)
 
 
+def video_fields(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """A causal video manifest's `video` and `text` sections, checked (a manifest is untrusted; CheckpointError
+    naming the field): the frame's `height` and `width`, `fps`, the stream bound `max_frames` in latent frames, the
+    latent layout (`channels`, `spatial` and `temporal` factors, the transformer's `patch`) and the prompts'
+    padded `text_length`."""
+    try:
+        video, text = manifest["video"], manifest["text"]
+        latent = video["latent"]
+        lengths = text["lengths"]
+        if not isinstance(lengths, list) or len(lengths) != 1:
+            raise ValueError("`text.lengths` must list one length (one tokenizer)")
+        patch = tuple(latent["patch"])
+        values = {
+            "height": video["height"],
+            "width": video["width"],
+            "max_frames": video["max_frames"],
+            "channels": latent["channels"],
+            "spatial": latent["spatial"],
+            "temporal": latent["temporal"],
+            "text_length": lengths[0],
+        }
+        fps = video["fps"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
+    bounds = {
+        "height": MAX_SIDE,
+        "width": MAX_SIDE,
+        "max_frames": MAX_STREAM_FRAMES,
+        "channels": 1024,
+        "spatial": 64,
+        "temporal": 16,
+        "text_length": MAX_TEXT_TOKENS,
+    }
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
+            raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
+    if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
+        raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+        raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
+    return {**values, "fps": float(fps), "patch": (patch[0], patch[1], patch[2])}
+
+
 def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype: str = "float32") -> VideoSpec:
     """The spec of a causal Wan student from its manifest alone (a gateway that runs no engine builds the same).
     One step count, the family's; `max_frames` in pixel frames; `sink` and `window` in latent frames (the window:
@@ -195,6 +203,35 @@ def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dty
         hybrid=False,
         hybrid_reason="a causal Wan student draws every frame itself",
     )
+
+
+def load_component(
+    folder: Path,
+    manifest: dict[str, Any],
+    key: str,
+    component: tuple[str, str, tuple[str, ...]],
+    torch_dtype: torch.dtype,
+    device: str,
+) -> Any:
+    """A version's component `key` (`component`: its library, its default class and the classes a manifest may name,
+    as in `COMPONENTS`), loaded from safetensors only, offline, on `device` in `torch_dtype` (a network: in eval
+    mode, without gradients); CheckpointError when its class is not allowed or it does not load."""
+    library, default, allowed = component
+    pipe = manifest.get("pipeline") or {}
+    name = (pipe.get("components") or {}).get(key, default)
+    if name not in allowed:
+        raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one this causal student takes ({allowed})")
+    cls = lazy.attr(library, name)
+    path = str(folder / key)
+    try:
+        if key == "tokenizer":
+            return cls.from_pretrained(path, local_files_only=True)
+        variant = (pipe.get("variants") or {}).get(key)
+        kw = {"torch_dtype": torch_dtype, "use_safetensors": True, "local_files_only": True}
+        module = cls.from_pretrained(path, variant=variant, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder.name}: {key} does not load ({type(e).__name__}: {e})") from e
+    return module.to(device).eval().requires_grad_(False)
 
 
 # -- prompts -----------------------------------------------------------------------------------------
@@ -324,22 +361,7 @@ class WanStreamEngine:
         self.prompts = PromptEncoder(tokenizer, encoder, self.video.text_length, self._cache_bytes)
 
     def _component(self, key: str) -> Any:
-        library, default, allowed = COMPONENTS[key]
-        pipe = self.manifest.get("pipeline") or {}
-        name = (pipe.get("components") or {}).get(key, default)
-        if name not in allowed:
-            raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one a causal Wan student takes ({allowed})")
-        cls = lazy.attr(library, name)
-        path = str(self.folder / key)
-        try:
-            if key == "tokenizer":
-                return cls.from_pretrained(path, local_files_only=True)
-            variant = (pipe.get("variants") or {}).get(key)
-            kw = {"torch_dtype": self.torch_dtype, "use_safetensors": True, "local_files_only": True}
-            module = cls.from_pretrained(path, variant=variant, **kw)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.folder.name}: {key} does not load ({type(e).__name__}: {e})") from e
-        return module.to(self.device).eval().requires_grad_(False)
+        return load_component(self.folder, self.manifest, key, COMPONENTS[key], self.torch_dtype, self.device)
 
     def _check(self, transformer: Any, vae: Any) -> None:
         """CheckpointError when the components disagree with the manifest's latent layout."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy, wan_keys
+from fewstep.models.anyflow_far import DEFAULT_STEPS, FAR_FAMILY, FAR_PIPELINES, SERVED_STEPS, FARFamily
 from fewstep.models.architectures import (
     CLIP_TOKENIZERS,
     T5_TOKENIZERS,
@@ -533,12 +534,7 @@ def import_causal_video(
     files, components, variants = _components(src, index, CAUSAL_VIDEO, cls, replaced)
     network_config = src.json("transformer/config.json")
     video = _video(causal, network_config, src.json("vae/config.json"), size, max_frames)
-    text_dim = config_int(network_config, "text_dim", "transformer/config.json", 4096, 1 << 16)
-    encoder_dim = config_int(src.json("text_encoder/config.json"), "d_model", "text_encoder/config.json", 4096, 1 << 16)
-    if text_dim != encoder_dim:
-        raise CheckpointError(
-            f"transformer/config.json: `text_dim` must be the text encoder's width ({encoder_dim}). Given: {text_dim}"
-        )
+    _check_text_width(src, network_config)
     with tempfile.TemporaryDirectory() as work:
         imported: dict[str, Any] = {"pipeline": cls}
         state: dict[str, Any] | None = None
@@ -576,6 +572,16 @@ def import_causal_video(
         return registry.publish_files(files, manifest, model=name, promote=True)
 
 
+def _check_text_width(src: Source, network: dict[str, Any]) -> None:
+    """CheckpointError unless the transformer's `text_dim` is the UMT5 encoder's width."""
+    text_dim = config_int(network, "text_dim", "transformer/config.json", 4096, 1 << 16)
+    encoder_dim = config_int(src.json("text_encoder/config.json"), "d_model", "text_encoder/config.json", 4096, 1 << 16)
+    if text_dim != encoder_dim:
+        raise CheckpointError(
+            f"transformer/config.json: `text_dim` must be the text encoder's width ({encoder_dim}). Given: {text_dim}"
+        )
+
+
 def _video(
     causal: CausalFamily,
     network: dict[str, Any],
@@ -585,6 +591,26 @@ def _video(
 ) -> dict[str, Any]:
     """The manifest's `video`: the served frame, the stream's bound in latent frames and the latent geometry, from
     the configs; CheckpointError for a size or bound the transformer cannot serve, or configs that disagree."""
+    latent = _wan_latent(network, vae)
+    spatial, patch = latent["spatial"], latent["patch"]
+    rope = config_int(network, "rope_max_seq_len", "transformer/config.json", 1024, MAX_STREAM_FRAMES)
+    steps = (spatial * patch[2], spatial * patch[1])
+    why = f"the VAE's {spatial} × the transformer's patch"
+    width, height = _frame(size, steps, (rope * steps[0], rope * steps[1]), why)
+    block = causal.block_frames
+    longest = rope // block * block
+    frames = max_frames if max_frames is not None else FULL_CAUSAL_FRAMES if causal.window is None else longest
+    if isinstance(frames, bool) or not isinstance(frames, int) or not block <= frames <= longest or frames % block:
+        raise CheckpointError(
+            f"--max-frames must be a multiple of the {causal.name} block ({block} latent frames) from {block} to "
+            f"{longest} (the transformer's RoPE table: `rope_max_seq_len` {rope}). Given: {str(frames)[:20]}"
+        )
+    return {"height": height, "width": width, "fps": WAN_FPS, "max_frames": frames, "latent": latent}
+
+
+def _wan_latent(network: dict[str, Any], vae: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `video.latent` (channels, the VAE's factors, the transformer's patch) from a Wan 2.1
+    text-to-video transformer's and VAE's configs; CheckpointError when they disagree."""
     where_t, where_v = "transformer/config.json", "vae/config.json"
     channels = config_int(vae, "z_dim", where_v, 16, 1024)
     spatial = config_int(vae, "scale_factor_spatial", where_v, 8, 64)
@@ -607,25 +633,27 @@ def _video(
                 f"{where_t}: `{key}` must be the VAE's {channels} latent channels (a text-to-video transformer). "
                 f"Given: {network.get(key)}"
             )
-    rope = config_int(network, "rope_max_seq_len", where_t, 1024, MAX_STREAM_FRAMES)
+    return {"channels": channels, "spatial": spatial, "temporal": temporal, "patch": patch}
+
+
+def _frame(
+    size: tuple[int, int] | None, multiples: tuple[int, int], positions: tuple[int, int], why: str
+) -> tuple[int, int]:
+    """The served frame (width, height): `size`, else Wan's native frame; CheckpointError unless each side is a
+    multiple of its `multiples` entry (pixels; `why` says what makes it) and at most its `positions` entry (the
+    pixels the transformer's RoPE table has positions for) and `MAX_SIDE`."""
     width, height = size or NATIVE_VIDEO
-    for what, side, step in (("width", width, spatial * patch[2]), ("height", height, spatial * patch[1])):
-        most = min(MAX_SIDE // step, rope) * step  # a side of more tokens than the RoPE table has no positions
+    for what, side, step, table in (
+        ("width", width, multiples[0], positions[0]),
+        ("height", height, multiples[1], positions[1]),
+    ):
+        most = min(MAX_SIDE, table) // step * step  # a side of more tokens than the RoPE table has no positions
         if isinstance(side, bool) or not isinstance(side, int) or not step <= side <= most or side % step:
             raise CheckpointError(
-                f"--size: the {what} must be a multiple of {step} (the VAE's {spatial} × the transformer's patch) "
-                f"from {step} to {most}. Given: {str(side)[:20]}"
+                f"--size: the {what} must be a multiple of {step} ({why}) from {step} to {most}. "
+                f"Given: {str(side)[:20]}"
             )
-    block = causal.block_frames
-    longest = rope // block * block
-    frames = max_frames if max_frames is not None else FULL_CAUSAL_FRAMES if causal.window is None else longest
-    if isinstance(frames, bool) or not isinstance(frames, int) or not block <= frames <= longest or frames % block:
-        raise CheckpointError(
-            f"--max-frames must be a multiple of the {causal.name} block ({block} latent frames) from {block} to "
-            f"{longest} (the transformer's RoPE table: `rope_max_seq_len` {rope}). Given: {str(frames)[:20]}"
-        )
-    latent = {"channels": channels, "spatial": spatial, "temporal": temporal, "patch": patch}
-    return {"height": height, "width": width, "fps": WAN_FPS, "max_frames": frames, "latent": latent}
+    return width, height
 
 
 def _tensors(paths: dict[str, Path], read: bool) -> dict[str, Any]:
@@ -648,3 +676,127 @@ def _tensors(paths: dict[str, Path], read: bool) -> dict[str, Any]:
         except Exception as e:  # safetensors raises its own types for bad headers
             raise CheckpointError(f"{rel} is not a readable safetensors file ({e})") from e
     return out
+
+
+# -- AnyFlow FAR: a causal student that is a diffusers pipeline of its own ------------------------------------------
+FAR = Architecture(
+    FAR_FAMILY,
+    FAR_PIPELINES,
+    "transformer",
+    {
+        "transformer": ("AnyFlowFARTransformer3DModel",),
+        "vae": ("AutoencoderKLWan",),
+        "text_encoder": ("UMT5EncoderModel",),
+        "tokenizer": T5_TOKENIZERS,
+    },
+    ("text_encoder",),
+    ("tokenizer",),
+    "flow",
+    Adapter(),
+)
+"""NVIDIA's AnyFlow FAR in diffusers format (`AnyFlowFARPipeline`): the components `import_far` copies. Like
+`CAUSAL_VIDEO`, not an image architecture: its adapter is never called; `models.anyflow_far` says how it samples."""
+FAR_SCHEDULER = "FlowMapEulerDiscreteScheduler"
+
+
+def pipeline_class(path: Path) -> str:
+    """The pipeline class a folder's `model_index.json` names (read under `Source`'s containment), so that the
+    command line picks the importer that takes it."""
+    return str(Source(path).json("model_index.json").get("_class_name"))[:200]
+
+
+def import_far(
+    path: Path,
+    name: str,
+    registry: Registry,
+    size: tuple[int, int] | None = None,
+    steps: list[int] | None = None,
+    max_tokens: int = WAN_TOKENS,
+) -> tuple[str, str]:
+    """Import the `AnyFlowFARPipeline` folder at `path` (a folder or a hub snapshot, under `Source`'s containment)
+    as the next version of `name`, kind `diffusers-causal-video`, family `anyflow-far`; returns (name, version).
+
+    Its transformer (`AnyFlowFARTransformer3DModel`: its safetensors headers must hold exactly the tensors its
+    config builds), Wan VAE, UMT5 encoder and tokenizer are copied as they are, with the scheduler config
+    (`FlowMapEulerDiscreteScheduler`). The manifest keeps the FAR family (`anyflow_far.FARFamily`: the
+    transformer's chunk partition, whose sum is the stream's bound in latent frames, its `full_chunk_limit`, the
+    step counts served, `steps` or 1 to 8, and the default count, 4 where served), the video sizes (`size`
+    (width, height), default 832×480, a multiple of the VAE's factor × the compressed patch, within the RoPE
+    table) and the prompts' padded length. Everything is checked before anything is written."""
+    src = Source(path)
+    index = src.json("model_index.json")
+    cls = str(index.get("_class_name"))
+    if cls not in FAR.pipelines:
+        raise CheckpointError(f"an AnyFlow FAR student is an {' or '.join(FAR.pipelines)} folder. Given: {cls[:80]!r}")
+    scheduler = index.get(SCHEDULER)
+    shipped = src.json("scheduler/scheduler_config.json").get("_class_name")
+    if not isinstance(scheduler, list) or scheduler[-1:] != [FAR_SCHEDULER] or shipped != FAR_SCHEDULER:
+        given = scheduler[-1] if isinstance(scheduler, list) and scheduler else scheduler
+        raise CheckpointError(
+            f"scheduler must be {FAR_SCHEDULER} (the flow map's sampler). Given: {str(given)[:60]!r} in "
+            f"model_index.json, {str(shipped)[:60]!r} in scheduler/scheduler_config.json"
+        )
+    files, components, variants = _components(src, index, FAR, cls)
+    network = src.json("transformer/config.json")
+    family, video = _far_video(network, src.json("vae/config.json"), size, steps)
+    _check_text_width(src, network)
+    weights = {r: p for r, p in files.items() if r.startswith("transformer/") and r.endswith(".safetensors")}
+    wan_keys.check_fits(_tensors(weights, read=False), network, FAR.components["transformer"][0])
+    lengths = _check_tokenizers(files, FAR, components, max_tokens)
+    manifest = {
+        "name": name,
+        "version": "1",
+        "kind": CAUSAL_KIND,
+        "pipeline": {"class": cls, "components": components, "variants": variants},
+        "causal": family.to_dict(),
+        "video": video,
+        "text": {"max_tokens": lengths[0], "lengths": lengths},
+        "imported": {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}},
+    }
+    return registry.publish_files(files, manifest, model=name, promote=True)
+
+
+def _far_video(
+    network: dict[str, Any], vae: dict[str, Any], size: tuple[int, int] | None, steps: list[int] | None
+) -> tuple[FARFamily, dict[str, Any]]:
+    """The FAR family and the manifest's `video` from the configs: CheckpointError for a partition, patch, size or
+    step count the transformer cannot serve."""
+    where = "transformer/config.json"
+    latent = _wan_latent(network, vae)
+    spatial, patch = latent["spatial"], latent["patch"]
+    compressed = network.get("compressed_patch_size", [1, 4, 4])
+    if (
+        not isinstance(compressed, list)
+        or len(compressed) != 3
+        or compressed[0] != 1
+        or compressed[1] != compressed[2]
+        or not all(type(c) is int and c in (1, 2, 4, 8) and c % p == 0 for c, p in zip(compressed, patch, strict=True))
+    ):
+        raise CheckpointError(
+            f"{where}: `compressed_patch_size` must be [1, c, c] with c 1, 2, 4 or 8, a multiple of the patch "
+            f"{patch}. Given: {str(compressed)[:40]}"
+        )
+    rope = config_int(network, "rope_max_seq_len", where, 1024, MAX_STREAM_FRAMES)
+    partition = network.get("chunk_partition", [1, 3, 3, 3, 3, 3, 3, 2])
+    if not isinstance(partition, list):
+        raise CheckpointError(
+            f"{where}: `chunk_partition` must be a list of frame counts. Given: {str(partition)[:60]}"
+        )
+    served = SERVED_STEPS if steps is None else tuple(sorted(set(steps)))
+    if steps is not None and len(served) != len(steps):
+        raise CheckpointError(f"--steps must not repeat a count. Given: {steps}")
+    default = DEFAULT_STEPS if DEFAULT_STEPS in served else served[-1] if served else 0
+    try:
+        family = FARFamily(tuple(partition), config_int(network, "full_chunk_limit", where, 3, 256), served, default)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where} or --steps: {e}") from e
+    if family.max_frames > rope:
+        raise CheckpointError(
+            f"{where}: `chunk_partition` sums to {family.max_frames} latent frames, more than the RoPE table's "
+            f"{rope} (`rope_max_seq_len`)"
+        )
+    multiple = spatial * compressed[1]
+    cells = (spatial * patch[2], spatial * patch[1])
+    why = f"the VAE's {spatial} × the compressed patch {compressed[1]}"
+    width, height = _frame(size, (multiple, multiple), (rope * cells[0], rope * cells[1]), why)
+    return family, {"height": height, "width": width, "fps": WAN_FPS, "max_frames": family.max_frames, "latent": latent}
