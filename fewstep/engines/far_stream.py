@@ -24,11 +24,11 @@ What a session is here:
 
 **Prompts.** Encoded by the version's UMT5 encoder as the pipeline encodes them (`PromptEncoder`, shared with the
 Wan students: cleaned, padded to the manifest's length, the states past the prompt's tokens zeroed), cached within
-a byte budget. The pipeline has no prompt switch of its own; what it allows is a step-end callback handing back new
-`prompt_embeds`, which then serve the rest of the clip, the cache steps included. A `steer` is that callback at the
-last step of the session's chunk in progress (or, between chunks, of the next one): that chunk keeps its prompt,
-the cache step after it encodes the whole history again with the new one, and every later chunk takes it
-(`FARRunner.switch`). `Session.prompt` changes when the switch is taken.
+a byte budget. The pipeline has no prompt switch (new `prompt_embeds` from its step-end callback reach its cache
+steps only; its denoising calls keep the embeddings made before its loop), so a `steer` takes effect from the next
+chunk: the chunk in progress (or, between chunks, the next one) keeps its prompt; the cache step after it, which
+encodes the whole history again, and every later chunk take the new one, so a chunk always attends to a history
+encoded under its own prompt (`FARRunner.switch`). `Session.prompt` changes when the switch is taken.
 
 Every noise draw is a function of (seed, chunk) (`anyflow_far.chunk_noise`; the flow-map steps draw nothing), so a
 session's frames are the same whatever other sessions share its calls, and equal `AnyFlowFARPipeline`'s video for

@@ -357,9 +357,11 @@ class FARRunner:
     ) -> None:
         """A new prompt for `session` from the end of its chunk in progress (or of the next chunk it starts, between
         chunks) on: that chunk keeps its prompt; the cache step after it, which encodes every clean frame again,
-        and every later chunk take the new one. That is what `AnyFlowFARPipeline` does when a step-end callback
-        hands back new `prompt_embeds` at a chunk's last step. A later switch before then replaces it. Embeddings
-        as `start` takes them (the negative ones where the session has guidance)."""
+        and every later chunk take the new one, so the history the next chunk attends to is encoded under the prompt
+        it is made with. (`AnyFlowFARPipeline` has no prompt switch: new `prompt_embeds` from its step-end callback
+        reach its cache steps only, its denoising calls keep the embeddings made before its loop.) A later switch
+        before then replaces it. Embeddings as `start` takes them (the negative ones where the session has
+        guidance)."""
         embeds = prompt_embeds
         if session.rows == 2:
             if negative_prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
