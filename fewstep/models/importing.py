@@ -261,6 +261,11 @@ def import_pipeline(
             f"a {cls} is the base of causal video students: import it with a causal family, "
             f"--family {' | '.join(CAUSAL_FAMILIES)}{given}"
         )
+    if cls in FAR.pipelines:
+        raise CheckpointError(
+            f"a {cls} is a causal video student of its own (family {FAR_FAMILY}): import it with `import_far` "
+            "(`fewstep import` reads it so without --family)"
+        )
     arch = by_pipeline(cls)
     files, components, variants = _components(src, index, arch, cls, replaced="unet" if unet is not None else None)
     shipped_scheduler = src.json("scheduler/scheduler_config.json")
