@@ -58,7 +58,14 @@ import torch
 
 from fewstep.engines.base import Frame, Session, StreamRequest, stream_alone
 from fewstep.engines.specs import VideoSpec
-from fewstep.engines.wan_stream import KIND, PRECISIONS, PromptEncoder, load_component, video_fields
+from fewstep.engines.wan_stream import (
+    KIND,
+    PRECISIONS,
+    PromptEncoder,
+    check_layout,
+    load_component,
+    video_fields,
+)
 from fewstep.errors import CheckpointError, GenerationFailed, Overloaded, limit_error
 from fewstep.models import lazy
 from fewstep.models.anyflow_far import FARFamily, FARRunner, FARSession
@@ -235,20 +242,11 @@ class FARStreamEngine:
     def _check(self, transformer: Any, vae: Any) -> None:
         """CheckpointError when the components disagree with the manifest (latent layout, partition, frame size)."""
         v, f = self.video, self.family
-        found = {
-            "latent channels": (int(transformer.in_channels), int(vae.z_dim), v.channels),
-            "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), v.patch),
-            "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), v.spatial),
-            "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), v.temporal),
-            "chunk partition": (tuple(transformer.chunk_partition),) * 2 + (f.chunk_partition,),
-            "full chunk limit": (int(transformer.full_chunk_limit),) * 2 + (f.full_chunk_limit,),
+        partition = {
+            "chunk partition": (tuple(transformer.chunk_partition), f.chunk_partition),
+            "full chunk limit": (int(transformer.full_chunk_limit), f.full_chunk_limit),
         }
-        for what, (net, decoder, manifest) in found.items():
-            if not net == decoder == manifest:
-                raise CheckpointError(
-                    f"{self.folder.name}: the {what} of the transformer ({net}), the VAE ({decoder}) and the "
-                    f"manifest ({manifest}) differ"
-                )
+        check_layout(self.folder.name, transformer, vae, v, partition)
         compressed = int(transformer.compressed_patch_size[1])
         h, w = v.latent
         if h % compressed or w % compressed or max(h // v.patch[1], w // v.patch[2]) > transformer.rope_max_seq_len:
@@ -256,8 +254,6 @@ class FARStreamEngine:
                 f"{self.folder.name}: the latent frame {h}×{w} must be a multiple of the compressed patch "
                 f"{compressed} with at most {transformer.rope_max_seq_len} patches a side"
             )
-        if vae.get("patch_size") is not None:
-            raise CheckpointError(f"{self.folder.name}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
 
     def warmup(self) -> None:
         """One session over the first two chunks at the default steps (the text encoder, a denoising step without

@@ -234,6 +234,33 @@ def load_component(
     return module.to(device).eval().requires_grad_(False)
 
 
+def check_layout(
+    where: str, transformer: Any, vae: Any, video: Any, more: dict[str, tuple[Any, Any]] | None = None
+) -> None:
+    """CheckpointError when a causal student's transformer and VAE configs disagree with its manifest's latent
+    layout (`video`: a `CausalVideo` or the like, with `channels`, `patch`, `spatial`, `temporal`), or with `more`
+    (what → (the transformer's, the manifest's)), or the VAE is patchified (Wan 2.2's)."""
+    found = {
+        "latent channels": (int(transformer.in_channels), int(vae.z_dim), video.channels),
+        "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), video.patch),
+        "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), video.spatial),
+        "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), video.temporal),
+    }
+    for what, (net, decoder, manifest) in found.items():
+        if not net == decoder == manifest:
+            raise CheckpointError(
+                f"{where}: the {what} of the transformer ({net}), the VAE ({decoder}) and the manifest ({manifest}) "
+                "differ"
+            )
+    for what, (net, manifest) in (more or {}).items():
+        if net != manifest:
+            raise CheckpointError(
+                f"{where}: the {what} of the transformer ({net}) and the manifest ({manifest}) differ"
+            )
+    if vae.get("patch_size") is not None:
+        raise CheckpointError(f"{where}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
+
+
 # -- prompts -----------------------------------------------------------------------------------------
 def _clean(prompt: str) -> str:
     """The prompt as WanPipeline cleans it before tokenizing (`pipeline_wan.prompt_clean`)."""
@@ -364,22 +391,7 @@ class WanStreamEngine:
         return load_component(self.folder, self.manifest, key, COMPONENTS[key], self.torch_dtype, self.device)
 
     def _check(self, transformer: Any, vae: Any) -> None:
-        """CheckpointError when the components disagree with the manifest's latent layout."""
-        v = self.video
-        found = {
-            "latent channels": (int(transformer.in_channels), int(vae.z_dim), v.channels),
-            "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), v.patch),
-            "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), v.spatial),
-            "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), v.temporal),
-        }
-        for what, (net, decoder, manifest) in found.items():
-            if not net == decoder == manifest:
-                raise CheckpointError(
-                    f"{self.folder.name}: the {what} of the transformer ({net}), the VAE ({decoder}) and the "
-                    f"manifest ({manifest}) differ"
-                )
-        if vae.get("patch_size") is not None:
-            raise CheckpointError(f"{self.folder.name}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
+        check_layout(self.folder.name, transformer, vae, self.video)
 
     def warmup(self) -> None:
         """One block of one session (the text encoder, a denoising step, the cache write, the VAE's first frames),

@@ -564,17 +564,32 @@ def import_causal_video(
             files[STUDENT_WEIGHTS] = Path(work) / "student.safetensors"
             save_file({k: v.contiguous() for k, v in state.items()}, str(files[STUDENT_WEIGHTS]))
         lengths = _check_tokenizers(files, CAUSAL_VIDEO, components, max_tokens)
-        manifest = {
-            "name": name,
-            "version": "1",
-            "kind": CAUSAL_KIND,
-            "pipeline": {"class": cls, "components": components, "variants": variants},
-            "causal": causal.to_dict(),
-            "video": video,
-            "text": {"max_tokens": lengths[0], "lengths": lengths},
-            "imported": imported,
-        }
+        manifest = _causal_manifest(name, cls, components, variants, causal.to_dict(), video, lengths, imported)
         return registry.publish_files(files, manifest, model=name, promote=True)
+
+
+def _causal_manifest(
+    name: str,
+    cls: str,
+    components: dict[str, str],
+    variants: dict[str, str | None],
+    causal: dict[str, Any],
+    video: dict[str, Any],
+    lengths: list[int],
+    imported: dict[str, Any],
+) -> dict[str, Any]:
+    """A causal video student's manifest (`diffusers-causal-video`): its family's section `causal`, which says how
+    it samples, beside the sections every causal student's engine reads alike (`video`, `text`)."""
+    return {
+        "name": name,
+        "version": "1",
+        "kind": CAUSAL_KIND,
+        "pipeline": {"class": cls, "components": components, "variants": variants},
+        "causal": causal,
+        "video": video,
+        "text": {"max_tokens": lengths[0], "lengths": lengths},
+        "imported": imported,
+    }
 
 
 def _check_text_width(src: Source, network: dict[str, Any]) -> None:
@@ -748,16 +763,8 @@ def import_far(
     weights = {r: p for r, p in files.items() if r.startswith("transformer/") and r.endswith(".safetensors")}
     wan_keys.check_fits(_tensors(weights, read=False), network, FAR.components["transformer"][0])
     lengths = _check_tokenizers(files, FAR, components, max_tokens)
-    manifest = {
-        "name": name,
-        "version": "1",
-        "kind": CAUSAL_KIND,
-        "pipeline": {"class": cls, "components": components, "variants": variants},
-        "causal": family.to_dict(),
-        "video": video,
-        "text": {"max_tokens": lengths[0], "lengths": lengths},
-        "imported": {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}},
-    }
+    imported = {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}}
+    manifest = _causal_manifest(name, cls, components, variants, family.to_dict(), video, lengths, imported)
     return registry.publish_files(files, manifest, model=name, promote=True)
 
 

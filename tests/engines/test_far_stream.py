@@ -11,7 +11,9 @@ seen compressed), 6 latent frames (21 pixel frames), prompts of 16 tokens.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +264,16 @@ def test_the_spec_and_the_kinds_table(version: Path) -> None:
     ):
         with pytest.raises(CheckpointError, match=names):
             FARVideo.from_manifest({**manifest, **broken})
+
+
+def test_a_manifest_that_disagrees_with_the_transformer_is_refused_at_load(version: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "edited"
+    shutil.copytree(version, folder)
+    manifest = read_manifest(folder)
+    manifest["causal"]["chunk_partition"] = [1, 2, 3]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    engine = FARStreamEngine(folder, capacity=1)
+    with pytest.raises(
+        CheckpointError, match=r"chunk partition of the transformer \(\(1, 2, 1, 2\)\) and the manifest"
+    ):
+        engine.load()
