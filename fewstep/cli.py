@@ -432,7 +432,8 @@ def parser() -> argparse.ArgumentParser:
         help="few-step family (docs/serve-your-own-model.md): turbo, lightning, lcm, tcd, dmd2, hyper-sd, "
         "flux-schnell, sd35-turbo, z-image-turbo, qwen-image-lightning, flux2-klein, sana-sprint; `base` for a teacher "
         "(default: read from the pipeline's scheduler, refused when it cannot tell); a causal video student over a "
-        "Wan 2.1 WanPipeline: self-forcing, causvid, longlive; an AnyFlowFARPipeline folder is read as anyflow-far",
+        "Wan 2.1 WanPipeline: self-forcing, causvid, longlive, rolling-forcing; an AnyFlowFARPipeline folder is read "
+        "as anyflow-far",
     )
     im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
     im.add_argument(

@@ -47,7 +47,7 @@ from fewstep.engines.backends import backend
 from fewstep.engines.base import Frame, ImageItem, Session, StreamRequest, run_to_completion, stream_alone
 from fewstep.engines.image import ImageEngine
 from fewstep.engines.specs import VideoSpec
-from fewstep.errors import CheckpointError, FewstepError, Overloaded
+from fewstep.errors import CheckpointError, FewstepError, GenerationFailed, Overloaded
 from fewstep.models.checkpoint import WEIGHTS, read_manifest
 from fewstep.models.sampling import frame_from_image, frame_noise, to_pixels
 from fewstep.models.schedules import FewStepSchedule
@@ -222,12 +222,16 @@ class VideoEngine:
     def end(self, session: Session) -> None:
         """Free the session's row now; a later `advance` skips it."""
         with self._lock:
-            if session.closed:
-                return
-            session.closed = True
-            self._sessions.discard(session)
-            self._free.append(session.state.row)
-            self._free.sort()
+            self._release(session)
+
+    def _release(self, session: Session) -> None:
+        """Close `session` and free its row (under the lock; once)."""
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.discard(session)
+        self._free.append(session.state.row)
+        self._free.sort()
 
     def _set_text(self, row: int, text: TextKV) -> None:
         assert self._text is not None
@@ -241,7 +245,8 @@ class VideoEngine:
     def advance(self, sessions: list[Session]) -> list[Frame]:
         """One denoising step for each open, unfinished session; the frames that finished at this step.
         A session whose frame 0 came from the image model finishes it at its first boundary, in the same
-        cache write as the others."""
+        cache write as the others. A session whose finished frame is not finite fails alone (`Session.error`,
+        ended) and writes nothing into the cache."""
         with self._lock:
             live = [s for s in sessions if not s.closed and not s.finished]
             if not live:
@@ -258,6 +263,13 @@ class VideoEngine:
             if stepping:
                 finished, frames = self._step(stepping)
                 done, clean = done + finished, clean + frames
+            finite = [bool(torch.isfinite(x).all()) for x in clean]
+            for s, ok in zip(done, finite, strict=True):
+                if not ok:  # fails alone: its row is its own, so the others' frames are untouched
+                    s.error = GenerationFailed("generation failed: a frame is not finite")
+                    self._release(s)
+            done = [s for s, ok in zip(done, finite, strict=True) if ok]
+            clean = [x for x, ok in zip(clean, finite, strict=True) if ok]
             if not done:
                 return []
             rows = torch.tensor([s.state.row for s in done])

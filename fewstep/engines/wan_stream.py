@@ -16,6 +16,10 @@ What a session is here:
   pixel frames leave together, in order, in that same `advance`: 1 + 4 (F − 1) pixel frames for the stream's first
   block of F latent frames, 4 F for each later one (the VAE's temporal factor). A frame's index is its pixel
   frame's index in the stream.
+* for a `rolling` family (Rolling Forcing, `models.wan_rolling`), the block in progress is the session's **window**
+  of blocks, kept for the whole stream: each `advance` is one call of it (every block one step on), the first block
+  finishes once the window has filled (`steps` boundaries), one block a boundary after that, and the stream ends
+  by draining the window (its length in blocks is fixed at `open` by the frame count).
 * a **frame count** asked for in pixel frames, at most the manifest's `video.max_frames` latent frames' worth (whole
   blocks: `CausalVideo.max_pixel_frames`); the last block's frames past the count are dropped.
 
@@ -28,7 +32,8 @@ padded to the manifest's length, the embeddings past the prompt's tokens zeroed)
 budget, then turned into the cross-attention keys and values of every layer (`CausalWan.prompt`). A `steer` takes
 effect from the session's next block (the block in progress keeps its prompt), by the family's policy: `swap` (the
 new prompt's keys and values from then on) or `recache` (LongLive: the frames of the attention window encoded
-again, clean, with the new prompt, from the session's last clean latents, which the engine keeps for it).
+again, clean, with the new prompt, from the session's last clean latents, which the engine keeps for it); a rolling
+window takes the new prompt for all its blocks from the boundary after its next finished block.
 
 Every noise draw is a function of (seed, block, step) (`CausalFamily.noise`), so a session's frames are the same
 whatever other sessions share its batches, and they equal the whole-clip decode of the stream the runner's
@@ -60,10 +65,11 @@ from fewstep.engines.base import Frame, Session, StreamRequest, stream_alone
 from fewstep.engines.specs import VideoSpec
 from fewstep.errors import CheckpointError, GenerationFailed, Overloaded, limit_error
 from fewstep.models import lazy
-from fewstep.models.causal_families import MAX_STREAM_FRAMES, CausalFamily
+from fewstep.models.causal_families import MAX_STREAM_FRAMES, CausalFamily, Sampling
 from fewstep.models.checkpoint import MAX_SIDE, read_manifest
 from fewstep.models.pipelines import dtype_of, postprocess
 from fewstep.models.wan_causal import BlockState, CausalWan, PromptKV
+from fewstep.models.wan_rolling import RollingWan
 from fewstep.models.wan_vae import StreamDecoder, decode_streams
 
 log = logging.getLogger("fewstep.engines")
@@ -80,6 +86,8 @@ COMPONENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 MAX_TEXT_TOKENS = 4096
 """Longest padded prompt a manifest may ask for (Wan's is 512)."""
 PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+RUNNERS: dict[Sampling, type[CausalWan]] = {"block": CausalWan, "rolling": RollingWan}
+"""The runner of each way a family samples (`CausalFamily.sampling`)."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +389,9 @@ class WanStreamEngine:
         tokenizer = self._component("tokenizer")
         self._check(transformer.config, vae.config)
         try:
-            runner = CausalWan(transformer, self.family, self.capacity, self.video.max_frames, self.video.latent)
+            runner = RUNNERS[self.family.sampling](
+                transformer, self.family, self.capacity, self.video.max_frames, self.video.latent
+            )
         except ValueError as e:
             raise CheckpointError(f"{self.folder.name}: {e}") from e
         self.runner, self.vae = runner, vae
@@ -456,18 +466,23 @@ class WanStreamEngine:
     def end(self, session: Session) -> None:
         """Free the session's slot now; a later `advance` skips it."""
         with self._lock:
-            if session.closed:
-                return
-            session.closed = True
-            self._sessions.discard(session)
-            self._free.append(session.state.slot)
-            self._free.sort()
+            self._release(session)
+
+    def _release(self, session: Session) -> None:
+        """Close `session` and free its slot (under the lock; once)."""
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.discard(session)
+        self._free.append(session.state.slot)
+        self._free.sort()
 
     # -- one step boundary ------------------------------------------------------------------------
     def advance(self, sessions: list[Session]) -> list[Frame]:
         """One denoising step for each open, unfinished session (one batched network call), then the cache write of
-        the blocks that finished and their decode: their pixel frames, each block's together and in order.
-        GenerationFailed when a finished block is not finite (the driver ends the sessions given)."""
+        the blocks that finished and their decode: their pixel frames, each block's together and in order. A session
+        whose finished block or decoded frames are not finite fails alone (`Session.error`, ended); the others'
+        rows are their own (attention, the cache and the decoder never mix rows), so they go on."""
         runner, _ = self._loaded()
         with self._lock:
             live = [s for s in sessions if not s.closed and not s.finished]
@@ -477,22 +492,33 @@ class WanStreamEngine:
                 if s.state.block is None:
                     self._start_block(runner, s)
             results = runner.advance([s.state.block for s in live])
-            done = [(s, x0) for s, x0 in zip(live, results, strict=True) if x0 is not None]
+            done = []
+            for s, x0 in zip(live, results, strict=True):
+                if x0 is None:
+                    continue
+                if bool(torch.isfinite(x0).all()):
+                    done.append((s, x0))
+                else:
+                    self._fail(s, "a finished block is not finite")
             if not done:
                 return []
-            if not all(bool(torch.isfinite(x0).all()) for _, x0 in done):
-                raise GenerationFailed("generation failed: a finished block is not finite")
             pixels = decode_streams([s.state.decoder for s, _ in done], [x0[None] for _, x0 in done])
             out: list[Frame] = []
             for (s, x0), frames in zip(done, pixels, strict=True):
                 self._finish_block(s, x0)
                 if not bool(torch.isfinite(frames).all()):
-                    raise GenerationFailed("generation failed: a decoded frame is not finite")
+                    self._fail(s, "a decoded frame is not finite")
+                    continue
                 kept = postprocess(frames[: s.request.frames - s.frame].float().cpu())
                 for image in kept:
                     out.append(Frame(s, s.frame, image))
                     s.frame += 1
             return out
+
+    def _fail(self, s: Session, why: str) -> None:
+        """End `s` as failed alone (under the lock)."""
+        s.error = GenerationFailed(f"generation failed: {why}")
+        self._release(s)
 
     def _start_block(self, runner: CausalWan, s: Session) -> None:
         """The session's next block at its first step, after the prompt switch waiting for it (if any)."""
@@ -504,7 +530,8 @@ class WanStreamEngine:
                 if self.family.prompt_switch == "recache" and st.latent_frames:
                     runner.recache(st.slot, self._clean_span(st), prompt)
                 st.prompt, s.prompt = prompt, text
-        st.block = runner.next_block(st.slot, s.request.seed, st.prompt)
+        blocks = self.video.blocks_for(s.request.frames)
+        st.block = runner.next_block(st.slot, s.request.seed, st.prompt, blocks)
 
     def _clean_span(self, st: _Stream) -> torch.Tensor:
         """The clean latent frames (C, n, h, w) a `recache` switch encodes again now (`recache_span`)."""

@@ -33,10 +33,24 @@ Sources:
   (`pipeline/interactive_causal_inference.py: _recache_after_switch`, `wan/modules/causal_model.py`): see
   `recache_span`.
 
-Rolling Forcing (`TencentARC/RollingForcing`) is not here: it denoises a window of 5 blocks jointly at 5 timesteps,
-its blocks attend to each other both ways inside that window, and its sink (the first block) is cached without
-rotation and rotated, at every call, to sit just before the working window (`causal_model.py:241-300`): a key is
-not a function of its absolute frame, so a cache of rotated keys by absolute frame cannot hold it.
+Rolling Forcing (`TencentARC/RollingForcing`, commit a1477d0: `pipeline/rolling_forcing_inference.py:170-296`,
+`wan/modules/causal_model.py:195-300`, `configs/rolling_forcing_dmd.yaml`) samples otherwise (`sampling:
+rolling`): a **window** of as many blocks as the list has steps is denoised jointly, in one network call, block b
+at step (call − b), so each call starts a new block from noise (step 0), moves every other block of the window one
+step on (x0, then fresh noise into its next step), and finishes the oldest (its last step); a stream of N blocks
+takes N + steps − 1 calls: the window fills over the first steps − 1 calls (nothing finishes) and drains over the
+last (no new block). The blocks of a window attend to each other both ways, per-frame timesteps. After each call
+the finished block is run clean at the context timestep and cached (`commit`; the source re-runs the window's
+oldest block after every call, and its denoising calls write that block too, but every such write is overwritten
+before a call reads it, so the cache holds finished blocks only). Its cache is not rotated by
+absolute frame alone (`positions: sink-shifted`): with W = `window` (`max_attention_size`, 21 frames), a call over
+q frames from frame s sees the window, the W − q − sink frames cached just before s (fewer near the stream's
+start) at their absolute positions, and the sink (the first block) rotated to sit just before those; a call at
+s = 0 sees only its window; a clean re-run of the block ending at frame e sees the frames [e − W, e) at absolute
+positions, the sink only while it lies in that span. Its list is [1000, 800, 600, 400, 200] warped with shift 5,
+3 frames a block, `context_noise 0`; the source has no prompt switch: `swap` (the new prompt from the next call,
+for the whole window). A stream shorter than the window is sampled by the same rule (block b at step call − b): the
+source's loop re-noises its last block there (`inference_rolling_forcing` assumes at least `steps` blocks).
 
 `CausalFamily` is checked on construction (a manifest will hold one: bounded integers, lists in range).
 """
@@ -59,9 +73,14 @@ PromptSwitch = Literal["swap", "recache"]
 """What a new prompt does mid-stream. `swap`: cross-attention takes the new prompt from the next block; the cached
 frames keep the keys and values they were encoded with. `recache` (LongLive): before the next block, the frames of
 the attention window are encoded again, clean, with the new prompt (`CausalFamily.recache_span`)."""
-Positions = Literal["absolute"]
-"""Where a frame's keys are rotated: at its absolute frame in the stream (the only rule the families here use;
-relative re-indexing of the window, as LongLive's infinite-length variant does, would be another value)."""
+Positions = Literal["absolute", "sink-shifted"]
+"""Where a frame's keys are rotated: `absolute`, at its absolute frame in the stream; `sink-shifted` (Rolling
+Forcing), the same for every frame but the sink's, which each denoising call rotates to sit just before the
+earliest other frame it sees (`CausalFamily.rolling_history`). Relative re-indexing of the window, as LongLive's
+infinite-length variant does, would be another value."""
+Sampling = Literal["block", "rolling"]
+"""How a stream is denoised: `block`, one block at a time through every step (the Self-Forcing loop); `rolling`, a
+window of `steps` blocks at once, block b at step (call − b) (Rolling Forcing)."""
 Update = Literal["renoise"]
 """The step between denoising steps: x0 = x − σ·v, then (1 − σ')·x0 + σ'·ε with fresh noise ε."""
 
@@ -92,12 +111,14 @@ class CausalFamily:
     sink: int = 0
     """The stream's first latent frames every block keeps seeing, whatever the window."""
     window: int | None = None
-    """Latent frames a block attends to, counting itself and the sink (`local_attn_size`); None: full causal."""
+    """Latent frames a block attends to, counting itself and the sink (`local_attn_size`; a rolling family's
+    `max_attention_size`: frames a call attends to, its window included); None: full causal."""
     prompt_switch: PromptSwitch = "swap"
     context_timestep: int = 0
     """The timestep of the clean re-run that writes a finished block into the cache (`context_noise`)."""
     positions: Positions = "absolute"
     update: Update = "renoise"
+    sampling: Sampling = "block"
 
     def __post_init__(self) -> None:
         def integer(value: Any, low: int, high: int, what: str) -> None:
@@ -135,11 +156,35 @@ class CausalFamily:
             ("prompt_switch", self.prompt_switch, PromptSwitch),
             ("positions", self.positions, Positions),
             ("update", self.update, Update),
+            ("sampling", self.sampling, Sampling),
         ):
             if value not in get_args(kind):
                 raise CheckpointError(
                     f"the causal family's `{what}` must be one of {list(get_args(kind))}. Given: {shown(value, 40)}"
                 )
+        if (self.sampling == "rolling") != (self.positions == "sink-shifted"):
+            raise CheckpointError(
+                "the causal family's `sampling: rolling` goes with `positions: sink-shifted`, and only it. "
+                f"Given: {self.sampling}, {self.positions}"
+            )
+        if self.sampling == "rolling":
+            self._check_rolling()
+
+    def _check_rolling(self) -> None:
+        """What the rolling loop needs: its sink is its first block, its attention bound whole blocks that hold the
+        full window and the sink, and a prompt switch that is a swap."""
+        block, least = self.block_frames, (self.steps + 1) * self.block_frames
+        if self.sink != block:
+            raise CheckpointError(
+                f"a rolling family's `sink` must be its first block ({block} frames). Given: {self.sink}"
+            )
+        if self.window is None or self.window < least or self.window % block:
+            raise CheckpointError(
+                f"a rolling family's `window` must be a multiple of its block ({block}) of at least {least} (the "
+                f"window of {self.steps} blocks and the sink). Given: {self.window}"
+            )
+        if self.prompt_switch != "swap":
+            raise CheckpointError(f"a rolling family's `prompt_switch` must be `swap`. Given: {self.prompt_switch}")
 
     # -- the schedule ------------------------------------------------------------------------------
     @cached_property
@@ -188,6 +233,20 @@ class CausalFamily:
         if committed <= span:
             return 0, committed
         return committed - (span - self.sink), committed
+
+    # -- the rolling window ------------------------------------------------------------------------
+    def rolling_window(self, call: int, blocks: int) -> tuple[int, int]:
+        """The blocks [first, last] that call `call` of a `rolling` stream of `blocks` blocks denoises: block b at
+        step call − b; `first` finishes in it when call − first is the last step."""
+        return max(0, call - self.steps + 1), min(blocks - 1, call)
+
+    def rolling_history(self, first: int, frames: int) -> tuple[int, int]:
+        """For a `rolling` denoising call over `frames` frames from frame `first` (> 0): (h, p), where it sees
+        the cached frames [h, first) at their absolute positions, and the sink rotated to frames [p, p + sink):
+        at most `window − frames − sink` frames before `first`, after the sink, which sits just before them."""
+        assert self.window is not None and first > 0
+        earlier = min(first - self.sink, self.window - frames - self.sink)
+        return first - earlier, first - earlier - self.sink
 
     # -- sampling ----------------------------------------------------------------------------------
     def noise(self, seed: int, block: int, step: int, shape: Sequence[int]) -> torch.Tensor:
@@ -268,5 +327,18 @@ CAUSAL_FAMILIES: dict[str, CausalFamily] = {
         sink=3,
         window=12,
         prompt_switch="recache",
+    ),
+    "rolling-forcing": CausalFamily(
+        "rolling-forcing",
+        "TencentARC/RollingForcing (a1477d0): configs/rolling_forcing_dmd.yaml, "
+        "pipeline/rolling_forcing_inference.py, wan/modules/causal_model.py",
+        block_frames=3,
+        denoising_steps=(1000, 800, 600, 400, 200),
+        warp=True,
+        shift=5.0,
+        sink=3,
+        window=21,
+        positions="sink-shifted",
+        sampling="rolling",
     ),
 }

@@ -10,9 +10,9 @@ manifest). The family's recipe (`models.families`) is resolved against the pipel
 manifest. Everything is checked before anything is written: a refusal leaves the registry as it was.
 
 A Wan 2.1 text-to-video pipeline (`WanPipeline`) is the base of causal video students (Self-Forcing, CausVid,
-LongLive): `import_causal_video` copies it the same way, with the student's transformer in place of the base's
-(its own checkpoint layout read by `models.wan_keys`, a LoRA fused into it by `models.lora.fuse_network`), and the
-causal family (`models.causal_families`), the video sizes and the text length in a `diffusers-causal-video`
+LongLive, Rolling Forcing): `import_causal_video` copies it the same way, with the student's transformer in place of
+the base's (its own checkpoint layout read by `models.wan_keys`, a LoRA fused into it by `models.lora.fuse_network`),
+and the causal family (`models.causal_families`), the video sizes and the text length in a `diffusers-causal-video`
 manifest, which the streaming engine reads. `import_pipeline` refuses such a base, naming the causal families.
 """
 

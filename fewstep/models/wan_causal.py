@@ -113,7 +113,9 @@ class _Self:
     """What the self-attention of one call attends to. Queries and keys of the call's own tokens are rotated by
     `cos`, `sin`; with `slots`, each row's keys are its slot's cached keys followed by its own tokens. `mask`
     (B, 1, 1 or N, keys) says which keys each query sees. With `write_dst`, the own keys and values at flat token
-    indices `write_src` go to flat cache indices `write_dst` (slot × positions) after the attention."""
+    indices `write_src` go to flat cache indices `write_dst` (slot × positions) after the attention. With
+    `cache_cos`, `cache_sin` (B, positions × tokens, 1, head_dim), the cache holds keys un-rotated: each row's
+    cached keys are rotated by them at the read, and the own keys are written un-rotated (`models.wan_rolling`)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -122,6 +124,8 @@ class _Self:
     slots: torch.Tensor | None = None
     write_src: torch.Tensor | None = None
     write_dst: torch.Tensor | None = None
+    cache_cos: torch.Tensor | None = None
+    cache_sin: torch.Tensor | None = None
 
 
 def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -167,19 +171,24 @@ class _SelfAttention(_Processor):
     def attend(self, attn: Any, hidden_states: torch.Tensor, q: torch.Tensor, context: Any) -> torch.Tensor:
         plan: _Self = context
         q = _rotate(q, plan.cos, plan.sin)
-        k = _rotate(_heads(attn, attn.norm_k(attn.to_k(hidden_states))), plan.cos, plan.sin)
+        plain = _heads(attn, attn.norm_k(attn.to_k(hidden_states)))
+        k = _rotate(plain, plan.cos, plan.sin)
         v = _heads(attn, attn.to_v(hidden_states))
         keys, values = k, v
         if plan.cache is not None and plan.slots is not None:
             cache_k, cache_v = plan.cache[0][self.layer], plan.cache[1][self.layer]
-            keys = torch.cat([cache_k[plan.slots], k], dim=1)
+            cached = cache_k[plan.slots]
+            if plan.cache_cos is not None and plan.cache_sin is not None:
+                cached = _rotate(cached, plan.cache_cos, plan.cache_sin)
+            keys = torch.cat([cached, k], dim=1)
             values = torch.cat([cache_v[plan.slots], v], dim=1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.mask
         )
         if plan.cache is not None and plan.write_dst is not None and plan.write_src is not None:
             heads, dim = k.shape[2:]
-            for cache, new in zip(plan.cache, (k, v), strict=True):
+            stored = plain if plan.cache_cos is not None else k
+            for cache, new in zip(plan.cache, (stored, v), strict=True):
                 cache[self.layer].view(-1, heads, dim).index_copy_(
                     0, plan.write_dst, new.reshape(-1, heads, dim)[plan.write_src]
                 )
@@ -248,7 +257,7 @@ class CausalWan:
         self.grid = (height // patch[1], width // patch[2])
         self.tokens = self.grid[0] * self.grid[1]
         self.span = family.span(max_frames)
-        self.positions = self.span - family.block_frames
+        self.positions = self._held_frames()
         """Frames a slot holds: the sink, then the ring."""
         self.ring = self.positions - family.sink
         if self.ring < 0:
@@ -267,6 +276,10 @@ class CausalWan:
             if not isinstance(block.attn1.processor, _Processor):
                 block.attn1.set_processor(_SelfAttention(i, block.attn1.processor))
                 block.attn2.set_processor(_CrossAttention(i, block.attn2.processor))
+
+    def _held_frames(self) -> int:
+        """Frames a slot holds: the most a block sees before its own."""
+        return self.span - self.family.block_frames
 
     @property
     def slots(self) -> int:
@@ -356,8 +369,9 @@ class CausalWan:
         self.frame_of[slot] = -1
         self.committed[slot] = 0
 
-    def next_block(self, slot: int, seed: int, prompt: PromptKV) -> BlockState:
-        """The next block of the session in `slot`, at its first step: the noise of (seed, block, 0)."""
+    def next_block(self, slot: int, seed: int, prompt: PromptKV, blocks: int | None = None) -> BlockState:
+        """The next block of the session in `slot`, at its first step: the noise of (seed, block, 0). `blocks`, the
+        stream's length in blocks, is not needed: a block does not depend on the blocks after it."""
         frame = self.committed[slot]
         noise = self.family.noise(seed, frame // self.family.block_frames, 0, self.block_shape)
         return BlockState(slot, frame, seed, prompt, noise.to(self.device, self.dtype))
@@ -467,16 +481,24 @@ class CausalWan:
         cos, sin = rope_at(self.model.rope, torch.tensor(list(starts))[:, None] + torch.arange(count), self.grid)
         plan = _Self(cos, sin, mask, (self.k, self.v), torch.tensor(list(slots), device=self.device))
         if stored is not None:
-            per_slot, span = self.positions * tokens, torch.arange(tokens)
-            src, dst = [], []
-            for i, (slot, first, kept) in enumerate(zip(slots, starts, stored, strict=True)):
-                for f in kept:
-                    src.append(i * n + (f - first) * tokens + span)
-                    dst.append(slot * per_slot + self._position(f) * tokens + span)
-            if src:
-                plan.write_src = torch.cat(src).to(self.device)
-                plan.write_dst = torch.cat(dst).to(self.device)
+            self._writes(plan, slots, starts, count, stored)
         return plan
+
+    def _writes(
+        self, plan: _Self, slots: Sequence[int], starts: Sequence[int], count: int, stored: list[list[int]]
+    ) -> None:
+        """Make `plan` write, of rows of `count` frames (row i from frame `starts[i]`), frames `stored[i]` into
+        slot `slots[i]` at their positions."""
+        tokens, n = self.tokens, count * self.tokens
+        per_slot, span = self.positions * tokens, torch.arange(tokens)
+        src, dst = [], []
+        for i, (slot, first, kept) in enumerate(zip(slots, starts, stored, strict=True)):
+            for f in kept:
+                src.append(i * n + (f - first) * tokens + span)
+                dst.append(slot * per_slot + self._position(f) * tokens + span)
+        if src:
+            plan.write_src = torch.cat(src).to(self.device)
+            plan.write_dst = torch.cat(dst).to(self.device)
 
     # -- checks --------------------------------------------------------------------------------------
     def _check(self, slots: Sequence[int], x: torch.Tensor, prompts: PromptKV, starts: Sequence[int]) -> None:

@@ -199,6 +199,8 @@ def render_streams(engine: StreamEngine, probes: ProbeSet, deadline: Deadline = 
                 deadline.check()
                 for f in engine.advance([s for s in sessions if not s.finished]):
                     got[id(f.session)].append(f.pixels)
+                if failed := next((s.error for s in sessions if s.error is not None), None):
+                    raise failed
         finally:
             for s in sessions:
                 engine.end(s)

@@ -198,6 +198,11 @@ class VideoStreams:
                         engine.end(s.session)
                         s.deliver(None, "")
                     continue
+                for s in streams:
+                    if s.session.error is not None:  # failed alone (the engine ended it): its neighbours go on
+                        log.warning("video session on %s:%s failed: %s", model, engine.spec.version, s.session.error)
+                        s.failed = True
+                        s.deliver(None, "")
                 owner = {id(s.session): s for s in streams}
                 now = time.perf_counter()
                 for f in frames:

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from fewstep.engines import wan_stream
-from fewstep.engines.base import Frame, Session, StreamEngine, StreamRequest
+from fewstep.engines.base import Frame, Session, StreamEngine, StreamRequest, stream_alone
 from fewstep.engines.wan_stream import CausalVideo, WanStreamEngine, causal_video_spec
-from fewstep.errors import CheckpointError, InvalidRequest, Overloaded
+from fewstep.errors import CheckpointError, GenerationFailed, InvalidRequest, Overloaded
 from fewstep.models.checkpoint import read_manifest
 from fewstep.models.pipelines import postprocess
 from fewstep.models.wan_causal import PromptKV, reference_stream
@@ -135,7 +135,12 @@ def expected(engine: WanStreamEngine, seed: int, prompts: list[PromptKV], frames
     """The stream of `len(prompts)` blocks (block b with `prompts[b]`) computed with no cache (`reference_stream`),
     its first `frames` pixel frames decoded whole as WanPipeline decodes its latents."""
     assert engine.runner is not None
-    latents = reference_stream(engine.runner, seed, prompts)
+    return decoded(engine, reference_stream(engine.runner, seed, prompts), frames)
+
+
+@torch.no_grad()
+def decoded(engine: WanStreamEngine, latents: torch.Tensor, frames: int) -> Stream:
+    """Latents (C, frames, h, w) and their first `frames` pixel frames decoded whole as WanPipeline decodes."""
     vae = engine.vae
     c = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
@@ -267,6 +272,51 @@ def test_past_capacity_is_overloaded_and_an_ended_sessions_slot_is_reused_clean(
     want = expected(engine, 5, [engine.prompt_kv(RED)] * 4, 29)
     same(made(c, got, tap), want)
     same(made(b, got, tap), want)
+
+
+def test_a_session_whose_block_goes_non_finite_fails_alone_and_its_neighbour_streams_on(
+    engines: dict[str, WanStreamEngine], tap: Tap
+) -> None:
+    """A poisoned session (its block in progress turned to NaN, as a numerical blow-up would leave it) fails at the
+    boundary that finishes that block: its `error` says why, its slot is free, and the session batched beside it
+    streams on, equal to its stream alone."""
+    engine = engines["self-forcing"]
+    steps = engine.family.steps
+    bad = engine.open(StreamRequest(RED, 21, steps, 7))
+    good = engine.open(StreamRequest(BOAT, 21, steps, 8))
+    got: Got = {}
+    try:
+        step(engine, [bad, good], got)  # both blocks under way
+        bad.state.block.x.fill_(float("nan"))
+        while not bad.closed:
+            step(engine, [bad, good], got)
+        assert isinstance(bad.error, GenerationFailed) and "not finite" in str(bad.error)
+        assert engine.active == 1 and engine.advance([bad]) == []
+        run(engine, [good], got)
+    finally:
+        engine.end(bad)
+        engine.end(good)
+    assert engine.active == 0 and got[id(bad)] == []
+    blocks = engine.video.blocks_for(21)
+    same(made(good, got, tap), expected(engine, 8, [engine.prompt_kv(BOAT)] * blocks, 21))
+
+
+def test_a_stream_alone_that_fails_raises_its_error(engines: dict[str, WanStreamEngine]) -> None:
+    """What the warm-up and the gate's probes see of a network that blows up: the session's error, raised, and its
+    slot freed."""
+    engine = engines["causvid"]
+    assert engine.runner is not None
+    weight = engine.runner.model.proj_out.weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.fill_(float("nan"))
+        with pytest.raises(GenerationFailed, match="not finite"):
+            stream_alone(engine, StreamRequest(RED, 5, engine.family.steps, 9))
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert engine.active == 0
 
 
 def test_requests_past_the_models_bounds_are_refused(engines: dict[str, WanStreamEngine]) -> None:

@@ -160,8 +160,8 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], dict[str, Any], str]] = {
         "--max-frames must be a multiple of the self-forcing block (3 latent frames) from 3 to 30",
     ),
     "an unknown family": (
-        lambda f: None, {"family": "rolling-forcing"},
-        "unknown causal family 'rolling-forcing'; known: ['self-forcing', 'causvid', 'longlive']",
+        lambda f: None, {"family": "diagonal-forcing"},
+        "unknown causal family 'diagonal-forcing'; known: ['self-forcing', 'causvid', 'longlive', 'rolling-forcing']",
     ),
     "a LoRA alpha without a LoRA": (
         lambda f: None, {"lora_alpha": 8.0}, "--lora-alpha must be a number in (0, 65536.0] with --lora. Given: 8.0"
@@ -207,7 +207,7 @@ def test_a_wan_pipeline_without_a_causal_family_is_told_the_causal_families(base
             import_pipeline(base, "wan", registry, family=family)
         message = str(refused.value)
         assert "a WanPipeline is the base of causal video students" in message
-        assert "--family self-forcing | causvid | longlive" in message
+        assert "--family self-forcing | causvid | longlive | rolling-forcing" in message
     assert registry.versions("wan") == []
 
 
@@ -250,3 +250,30 @@ def test_the_command_imports_a_causal_student(
     assert "--size must be WIDTHxHEIGHT" in capsys.readouterr().err
     assert main([*args[:6], "--unet", str(student[0]), "--registry", reg]) == 1
     assert "--unet is not taken by a causal family" in capsys.readouterr().err
+
+
+def test_the_command_imports_a_rolling_forcing_student_the_engine_serves(
+    base: Path, student: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rolling_forcing_dmd.pt` has Self-Forcing's layout (`generator`, `generator_ema`): imported with
+    `--family rolling-forcing`, it streams up to the RoPE table in whole blocks, and the engine loads its
+    rolling runner."""
+    from fewstep.engines.wan_stream import WanStreamEngine
+    from fewstep.models.wan_rolling import RollingWan
+
+    reg = str(tmp_path / "registry")
+    args = ["import", str(base), "--name", "rf", "--family", "rolling-forcing", "--student", str(student[0])]
+    assert main([*args, "--convert-pickle", "--size", "64x48", "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert "imported rf:1 (WanPipeline, causal family rolling-forcing, 64x48, up to 30 latent frames" in out, out
+    registry = Registry(Path(reg))
+    manifest = registry.validate("rf", "1")
+    assert CausalFamily.from_dict(manifest["causal"]) == CAUSAL_FAMILIES["rolling-forcing"]
+    torch.testing.assert_close(stored(registry, "rf", "1"), student[1], rtol=0, atol=0)
+    engine = WanStreamEngine(registry.version_dir("rf", "1"), capacity=1)
+    engine.load()
+    try:
+        assert isinstance(engine.runner, RollingWan)
+        assert (engine.spec.sink, engine.spec.window, engine.spec.step_counts) == (3, 21, (5,))
+    finally:
+        engine.close()

@@ -201,6 +201,42 @@ def test_a_new_video_version_takes_new_sessions_while_open_ones_finish_on_theirs
         streams.close()
 
 
+def test_a_session_that_fails_alone_ends_its_stream_and_its_neighbours_stream_on(
+    tmp_path: Path,
+    checkpoints: Path,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    """One session's conditioning turned to NaN (as a numerical blow-up would): the driver ends that stream with the
+    engine's failure, while the stream batched beside it finishes every frame."""
+    _, streams = _running(tmp_path, checkpoints, encoder)
+    try:
+        engine = streams.versions.engine(MODEL)
+        ended = threading.Event()
+        bad = _Client(streams)
+
+        def deliver_bad(frame: Frame | None, png: str) -> None:
+            if frame is None:
+                ended.set()
+            else:
+                bad.frames.append(frame)
+
+        good = _open(streams, 12, seed=3)
+        bad.stream = streams.open(MODEL, StreamRequest("a red circle moving left quickly", 12, 1, 4), deliver_bad)
+        with engine._lock:  # between two boundaries
+            engine._text.k[:, bad.stream.session.state.row] = float("nan")
+        assert ended.wait(60), "the poisoned stream never ended"
+        assert bad.stream.failed and bad.stream.session.error is not None and len(bad.frames) < 12
+        _wait(lambda: len(good.frames) == 12)
+        assert [f.index for f in good.frames] == list(range(12))
+        assert all(np.isfinite(f.pixels).all() for f in good.frames)
+        assert good.stream is not None
+        streams.close_stream(bad.stream)
+        streams.close_stream(good.stream)
+        assert engine.active == 0
+    finally:
+        streams.close()
+
+
 def test_a_video_push_goes_through_a_canary_before_it_takes_every_session(
     tmp_path: Path,
     checkpoints: Path,
