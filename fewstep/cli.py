@@ -149,8 +149,15 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from fewstep.models.anyflow_far import FAR_FAMILY, FAR_PIPELINES
     from fewstep.models.causal_families import CAUSAL_FAMILIES
-    from fewstep.models.importing import import_causal_video, import_far, import_pipeline, pipeline_class
+    from fewstep.models.importing import (
+        import_causal_video,
+        import_clip_video,
+        import_far,
+        import_pipeline,
+        pipeline_class,
+    )
     from fewstep.models.registry import Registry
+    from fewstep.models.wan_clip import CLIP_FAMILIES
     from fewstep.service.settings import Settings
     from fewstep.service.watch import announce
 
@@ -158,7 +165,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     registry = Registry(Path(args.registry) if args.registry else settings.registry)
     if args.family == FAR_FAMILY or (args.family is None and pipeline_class(Path(args.path)) in FAR_PIPELINES):
         flags = ("unet", "teacher", "handoff", "lora", "lora_scale", "lora_alpha", "student", "which", "max_frames")
-        _not_taken(args, flags, f"an AnyFlow FAR pipeline ({FAR_FAMILY})")
+        _not_taken(args, (*flags, "frames"), f"an AnyFlow FAR pipeline ({FAR_FAMILY})")
         model, version = import_far(
             Path(args.path),
             args.name,
@@ -166,8 +173,26 @@ def cmd_import(args: argparse.Namespace) -> int:
             size=_size(args.size) if args.size else None,
             steps=[int(n) for n in args.steps.split(",")] if args.steps else None,
         )
+    elif args.family in CLIP_FAMILIES:
+        _not_taken(
+            args,
+            ("unet", "steps", "teacher", "handoff", "student", "which", "max_frames", "lora_alpha"),
+            f"a clip family ({args.family})",
+        )
+        model, version = import_clip_video(
+            Path(args.path),
+            args.name,
+            registry,
+            args.family,
+            lora=Path(args.lora) if args.lora else None,
+            lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+            size=_size(args.size) if args.size else None,
+            frames=args.frames,
+        )
     elif args.family in CAUSAL_FAMILIES:
-        _not_taken(args, ("unet", "steps", "teacher", "handoff", "lora_scale"), f"a causal family ({args.family})")
+        _not_taken(
+            args, ("unet", "steps", "teacher", "handoff", "lora_scale", "frames"), f"a causal family ({args.family})"
+        )
         model, version = import_causal_video(
             Path(args.path),
             args.name,
@@ -182,7 +207,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             lora_alpha=args.lora_alpha,
         )
     else:
-        _not_taken(args, ("student", "which", "size", "max_frames", "lora_alpha"), "an image family")
+        _not_taken(args, ("student", "which", "size", "max_frames", "frames", "lora_alpha"), "an image family")
         model, version = import_pipeline(
             Path(args.path),
             args.name,
@@ -209,6 +234,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _described(manifest: dict[str, Any]) -> str:
     """What an imported version serves, in a few words."""
+    if "clip" in manifest:
+        video = manifest["video"]
+        longest = 1 + video["latent"]["temporal"] * (video["max_frames"] - 1)
+        return f"clip family {manifest['clip']['name']}, {video['width']}x{video['height']}, up to {longest} frames"
     if "causal" in manifest:
         video = manifest["video"]
         frame = f"{video['width']}x{video['height']}"
@@ -432,7 +461,8 @@ def parser() -> argparse.ArgumentParser:
         help="few-step family (docs/serve-your-own-model.md): turbo, lightning, lcm, tcd, dmd2, hyper-sd, "
         "flux-schnell, sd35-turbo, z-image-turbo, qwen-image-lightning, flux2-klein, sana-sprint; `base` for a teacher "
         "(default: read from the pipeline's scheduler, refused when it cannot tell); a causal video student over a "
-        "Wan 2.1 WanPipeline: self-forcing, causvid, longlive, rolling-forcing; an AnyFlowFARPipeline folder is read "
+        "Wan 2.1 WanPipeline: self-forcing, causvid, longlive, rolling-forcing; a few-step clip student over one "
+        "(or its distillation --lora): wan-lightning, fastwan, turbowan (rcm); an AnyFlowFARPipeline folder is read "
         "as anyflow-far",
     )
     im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
@@ -451,7 +481,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a pickle --unet, --student or --lora (loaded with weights_only, stored as safetensors)",
     )
-    im.add_argument("--size", help="causal families: the served frame WIDTHxHEIGHT in pixels (default 832x480)")
+    im.add_argument("--size", help="video families: the served frame WIDTHxHEIGHT in pixels (default 832x480)")
+    im.add_argument("--frames", type=int, help="clip families: the longest clip in pixel frames, 1 + 4k (default 81)")
     im.add_argument(
         "--max-frames",
         type=int,

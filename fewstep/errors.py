@@ -74,6 +74,14 @@ class Conflict(FewstepError):
     """The request contradicts stored state (an `Idempotency-Key` reused with a different body)."""
 
 
+class RangeNotSatisfiable(FewstepError):
+    """An HTTP `Range` that does not parse, or asks for bytes past the end of a `size`-byte body."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 class Cancelled(FewstepError):
     """The work item was cancelled before it finished."""
 

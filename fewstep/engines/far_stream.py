@@ -159,6 +159,7 @@ def far_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype:
         sink=0,
         window=video.max_frames,
         max_frames=video.max_pixel_frames,
+        fps=video.fps,
         hybrid=False,
         hybrid_reason="an AnyFlow FAR student draws every frame itself",
     )
@@ -220,8 +221,8 @@ class FARStreamEngine:
         """Load the transformer, VAE, text encoder, tokenizer and scheduler the manifest names (safetensors only, the
         classes checked) and check them against the manifest."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        parts = {key: load_component(self.folder, self.manifest, key, c, self.torch_dtype, self.device)
-                 for key, c in COMPONENTS.items()}  # fmt: skip
+        parts = {key: load_component(self.folder, self.manifest, key, self.device, self.torch_dtype, COMPONENTS)
+                 for key in COMPONENTS}  # fmt: skip
         self._check(parts["transformer"].config, parts["vae"].config)
         scheduler = self._scheduler()
         self.runner, self.vae = FARRunner(parts["transformer"], scheduler), parts["vae"]
@@ -242,11 +243,16 @@ class FARStreamEngine:
     def _check(self, transformer: Any, vae: Any) -> None:
         """CheckpointError when the components disagree with the manifest (latent layout, partition, frame size)."""
         v, f = self.video, self.family
+        check_layout(self.folder.name, transformer, vae, v)
         partition = {
             "chunk partition": (tuple(transformer.chunk_partition), f.chunk_partition),
             "full chunk limit": (int(transformer.full_chunk_limit), f.full_chunk_limit),
         }
-        check_layout(self.folder.name, transformer, vae, v, partition)
+        for what, (net, manifest) in partition.items():
+            if net != manifest:
+                raise CheckpointError(
+                    f"{self.folder.name}: the {what} of the transformer ({net}) and the manifest ({manifest}) differ"
+                )
         compressed = int(transformer.compressed_patch_size[1])
         h, w = v.latent
         if h % compressed or w % compressed or max(h // v.patch[1], w // v.patch[2]) > transformer.rope_max_seq_len:

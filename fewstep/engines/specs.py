@@ -298,6 +298,20 @@ class VideoSpec(Spec):
     max_frames: int | None = None
     """The most frames one stream of this model may ask for (a causal Wan student's stream bound); None: only the
     service's `video_max_frames` bounds it."""
+    fps: float | None = None
+    """The frame rate its frames are meant to play at (a clip's `seconds` → frames, its MP4's timing); None: the
+    service's `video_fps`."""
+    frame_step: int = 1
+    """The frame counts it makes are 1 + k·`frame_step` (a bidirectional Wan clip's: 1 + 4k, its VAE's temporal
+    factor); 1: any count."""
+
+    def frames_near(self, frames: int, most: int) -> int:
+        """The frame count it makes nearest to `frames` (ties: the longer one), at most `most` (when `most` allows
+        one)."""
+        k = max(0, round((frames - 1) / self.frame_step + 1e-9))
+        while k and 1 + k * self.frame_step > most:
+            k -= 1
+        return 1 + k * self.frame_step
 
     @classmethod
     def from_manifest(
@@ -340,6 +354,9 @@ class VideoSpec(Spec):
             max_frames = self.max_frames
         if not 1 <= request.frames <= max_frames:
             raise limit_error("frames", f"between 1 and {max_frames}", request.frames)
+        if (request.frames - 1) % self.frame_step:
+            rule = f"1 + {self.frame_step}·k frames (1, {1 + self.frame_step}, {1 + 2 * self.frame_step}, …)"
+            raise limit_error("frames", rule, request.frames)
         self.check(request)
 
     def check(self, request: StreamRequest) -> None:

@@ -57,7 +57,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -208,27 +208,45 @@ def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dty
         sink=family.sink,
         window=family.span(video.max_frames),
         max_frames=video.max_pixel_frames,
+        fps=video.fps,
         hybrid=False,
         hybrid_reason="a causal Wan student draws every frame itself",
     )
+
+
+# -- components -------------------------------------------------------------------------------------
+class Layout(Protocol):
+    """A Wan version's latent layout, as its manifest gives it."""
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def spatial(self) -> int: ...
+
+    @property
+    def temporal(self) -> int: ...
+
+    @property
+    def patch(self) -> tuple[int, int, int]: ...
 
 
 def load_component(
     folder: Path,
     manifest: dict[str, Any],
     key: str,
-    component: tuple[str, str, tuple[str, ...]],
-    torch_dtype: torch.dtype,
     device: str,
+    torch_dtype: torch.dtype,
+    components: dict[str, tuple[str, str, tuple[str, ...]]] = COMPONENTS,
 ) -> Any:
-    """A version's component `key` (`component`: its library, its default class and the classes a manifest may name,
-    as in `COMPONENTS`), loaded from safetensors only, offline, on `device` in `torch_dtype` (a network: in eval
-    mode, without gradients); CheckpointError when its class is not allowed or it does not load."""
-    library, default, allowed = component
+    """Component `key` of the Wan version in `folder`, of the class its manifest names (one of `components`' for
+    it, default `COMPONENTS`: a manifest is untrusted), safetensors only, on `device` in `torch_dtype` (a tokenizer
+    as it is). CheckpointError when it does not load."""
+    library, default, allowed = components[key]
     pipe = manifest.get("pipeline") or {}
     name = (pipe.get("components") or {}).get(key, default)
     if name not in allowed:
-        raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one this causal student takes ({allowed})")
+        raise CheckpointError(f"{key} class {str(name)[:60]!r} is not one a Wan student takes ({allowed})")
     cls = lazy.attr(library, name)
     path = str(folder / key)
     try:
@@ -242,28 +260,19 @@ def load_component(
     return module.to(device).eval().requires_grad_(False)
 
 
-def check_layout(
-    where: str, transformer: Any, vae: Any, video: Any, more: dict[str, tuple[Any, Any]] | None = None
-) -> None:
-    """CheckpointError when a causal student's transformer and VAE configs disagree with its manifest's latent
-    layout (`video`: a `CausalVideo` or the like, with `channels`, `patch`, `spatial`, `temporal`), or with `more`
-    (what → (the transformer's, the manifest's)), or the VAE is patchified (Wan 2.2's)."""
+def check_layout(where: str, transformer: Any, vae: Any, layout: Layout) -> None:
+    """CheckpointError when the transformer's and the VAE's configs disagree with the manifest's latent layout."""
     found = {
-        "latent channels": (int(transformer.in_channels), int(vae.z_dim), video.channels),
-        "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), video.patch),
-        "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), video.spatial),
-        "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), video.temporal),
+        "latent channels": (int(transformer.in_channels), int(vae.z_dim), layout.channels),
+        "patch": (tuple(transformer.patch_size), tuple(transformer.patch_size), layout.patch),
+        "spatial factor": (int(vae.scale_factor_spatial), int(vae.scale_factor_spatial), layout.spatial),
+        "temporal factor": (int(vae.scale_factor_temporal), int(vae.scale_factor_temporal), layout.temporal),
     }
     for what, (net, decoder, manifest) in found.items():
         if not net == decoder == manifest:
             raise CheckpointError(
                 f"{where}: the {what} of the transformer ({net}), the VAE ({decoder}) and the manifest ({manifest}) "
                 "differ"
-            )
-    for what, (net, manifest) in (more or {}).items():
-        if net != manifest:
-            raise CheckpointError(
-                f"{where}: the {what} of the transformer ({net}) and the manifest ({manifest}) differ"
             )
     if vae.get("patch_size") is not None:
         raise CheckpointError(f"{where}: a patchified VAE (Wan 2.2's) is not a Wan 2.1 student's")
@@ -398,7 +407,7 @@ class WanStreamEngine:
         self.prompts = PromptEncoder(tokenizer, encoder, self.video.text_length, self._cache_bytes)
 
     def _component(self, key: str) -> Any:
-        return load_component(self.folder, self.manifest, key, COMPONENTS[key], self.torch_dtype, self.device)
+        return load_component(self.folder, self.manifest, key, self.device, self.torch_dtype)
 
     def _check(self, transformer: Any, vae: Any) -> None:
         check_layout(self.folder.name, transformer, vae, self.video)

@@ -94,6 +94,29 @@ MAX_SHIFT = 100.0
 """Largest timestep shift a manifest may give (the families use 5 and 8)."""
 
 
+def shifted_table(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sources' scheduler table (σ, timestep) over 1000 steps at `shift`, in float32 as they compute it:
+    `s = linspace(1, 0, 1001)[:-1]`, σ = shift·s / (1 + (shift − 1)·s), timestep = 1000·σ."""
+    s = torch.linspace(1.0, 0.0, TRAIN_TIMESTEPS + 1)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * TRAIN_TIMESTEPS
+
+
+def table_timesteps(denoising_steps: Sequence[int], shift: float, warp: bool) -> tuple[float, ...]:
+    """The network's timesteps of a denoising list: with `warp`, each entry d read from the shifted table at
+    1000 − d (the table with a trailing 0 appended); without, d itself."""
+    if not warp:
+        return tuple(float(d) for d in denoising_steps)
+    table = torch.cat([shifted_table(shift)[1], torch.zeros(1)])
+    return tuple(float(table[TRAIN_TIMESTEPS - d]) for d in denoising_steps)
+
+
+def table_sigmas(timesteps: Sequence[float], shift: float) -> tuple[float, ...]:
+    """σ of each timestep: the shifted table's σ at the table timestep nearest to it (the sources' lookup)."""
+    sigmas, table = shifted_table(shift)
+    return tuple(float(sigmas[int(torch.argmin((table - t).abs()))]) for t in timesteps)
+
+
 @dataclass(frozen=True)
 class CausalFamily:
     """How a causal Wan student samples (see the module docstring). Checked on construction."""
@@ -187,13 +210,6 @@ class CausalFamily:
             raise CheckpointError(f"a rolling family's `prompt_switch` must be `swap`. Given: {self.prompt_switch}")
 
     # -- the schedule ------------------------------------------------------------------------------
-    @cached_property
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sources' scheduler table (σ, timestep) over 1000 steps, in float32 as they compute it."""
-        s = torch.linspace(1.0, 0.0, TRAIN_TIMESTEPS + 1)[:-1]
-        sigmas = self.shift * s / (1 + (self.shift - 1) * s)
-        return sigmas, sigmas * TRAIN_TIMESTEPS
-
     @property
     def steps(self) -> int:
         return len(self.denoising_steps)
@@ -201,16 +217,12 @@ class CausalFamily:
     @cached_property
     def timesteps(self) -> tuple[float, ...]:
         """The network's timestep at each denoising step."""
-        if not self.warp:
-            return tuple(float(d) for d in self.denoising_steps)
-        table = torch.cat([self._table[1], torch.zeros(1)])
-        return tuple(float(table[TRAIN_TIMESTEPS - d]) for d in self.denoising_steps)
+        return table_timesteps(self.denoising_steps, self.shift, self.warp)
 
     @cached_property
     def sigmas(self) -> tuple[float, ...]:
         """σ at each denoising step: the table's σ at the timestep nearest to the step's."""
-        sigmas, table = self._table
-        return tuple(float(sigmas[int(torch.argmin((table - t).abs()))]) for t in self.timesteps)
+        return table_sigmas(self.timesteps, self.shift)
 
     # -- the attention span ------------------------------------------------------------------------
     def span(self, max_frames: int) -> int:

@@ -40,8 +40,9 @@ from fewstep.models.architectures import (
 from fewstep.models.causal_families import CAUSAL_FAMILIES, MAX_STREAM_FRAMES, CausalFamily
 from fewstep.models.checkpoint import MAX_SIDE, PICKLE_SUFFIXES, sha256_file
 from fewstep.models.lora import fuse as fuse_lora
-from fewstep.models.lora import fuse_network
+from fewstep.models.lora import fuse_network, read_wan_lora
 from fewstep.models.registry import Registry
+from fewstep.models.wan_clip import CLIP_FAMILIES
 from fewstep.models.wan_keys import Which
 
 CONFIG_LIMIT = 4 << 20
@@ -259,7 +260,8 @@ def import_pipeline(
         given = f" (given {family[:40]!r})" if family else ""
         raise CheckpointError(
             f"a {cls} is the base of causal video students: import it with a causal family, "
-            f"--family {' | '.join(CAUSAL_FAMILIES)}{given}"
+            f"--family {' | '.join(CAUSAL_FAMILIES)}; a few-step clip student (or a base with its distillation LoRA) "
+            f"with a clip family, --family {' | '.join(CLIP_FAMILIES)}{given}"
         )
     if cls in FAR.pipelines:
         raise CheckpointError(
@@ -485,6 +487,9 @@ WAN_FPS = 16
 WAN_TOKENS = 512
 """Wan's `max_sequence_length`: UMT5 prompts padded to 512 tokens."""
 STUDENT_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+CLIP_KIND = "diffusers-video"
+CLIP_FRAMES = 81
+"""Pixel frames a bidirectional Wan clip may have by default: Wan 2.1's (and its students') 5 s at 16 fps."""
 MAX_LORA_ALPHA = 65536.0
 """Largest `lora_alpha` taken (LongLive's is 256, its rank)."""
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}
@@ -593,13 +598,97 @@ def _causal_manifest(
 
 
 def _check_text_width(src: Source, network: dict[str, Any]) -> None:
-    """CheckpointError unless the transformer's `text_dim` is the UMT5 encoder's width."""
+    """CheckpointError unless the transformer's `text_dim` is the text encoder's width."""
     text_dim = config_int(network, "text_dim", "transformer/config.json", 4096, 1 << 16)
     encoder_dim = config_int(src.json("text_encoder/config.json"), "d_model", "text_encoder/config.json", 4096, 1 << 16)
     if text_dim != encoder_dim:
         raise CheckpointError(
             f"transformer/config.json: `text_dim` must be the text encoder's width ({encoder_dim}). Given: {text_dim}"
         )
+
+
+def import_clip_video(
+    path: Path,
+    name: str,
+    registry: Registry,
+    family: str,
+    lora: Path | None = None,
+    lora_scale: float = 1.0,
+    size: tuple[int, int] | None = None,
+    frames: int | None = None,
+    max_tokens: int = WAN_TOKENS,
+) -> tuple[str, str]:
+    """Import the Wan 2.1 text-to-video pipeline at `path` (a folder or a hub snapshot, under `Source`'s
+    containment), whose transformer is a few-step bidirectional student (or becomes one with `lora`), as the next
+    version of `name`, kind `diffusers-video`, sampled by the clip `family` (`models.wan_clip`); returns (name,
+    version).
+
+    `lora`: a distillation LoRA over the transformer (LightX2V's, Kijai's or diffusers' layout: read as WanPipeline's
+    `load_lora_weights` reads it, safetensors only) fused into it at `lora_scale`, as `fuse_lora(lora_scale=...)`
+    fuses it. `size` (width, height): the served frame, default 832×480, a multiple of the VAE's factor × the
+    transformer's patch; `frames`: the longest clip in pixel frames (1 + 4k, default 81, within the transformer's
+    RoPE table); `max_tokens`: the prompts' padded length. The manifest keeps the family, the video sizes (its
+    `video.max_frames` in latent frames, as a causal student's), the text length and the LoRA's record. Everything is
+    checked before anything is written."""
+    if family not in CLIP_FAMILIES:
+        raise CheckpointError(f"unknown clip family {str(family)[:40]!r}; known: {list(CLIP_FAMILIES)}")
+    clip = CLIP_FAMILIES[family]
+    if lora is None and lora_scale != 1.0:
+        raise CheckpointError(f"--lora-scale is taken with --lora only. Given: {lora_scale}")
+    if not 0.0 < lora_scale <= 4.0:
+        raise CheckpointError(f"--lora-scale must be in (0, 4]. Given: {lora_scale}")
+    src = Source(path)
+    index = src.json("model_index.json")
+    cls = str(index.get("_class_name"))
+    if cls not in CAUSAL_VIDEO.pipelines:
+        raise CheckpointError(
+            f"a bidirectional video student is a {' or '.join(CAUSAL_VIDEO.pipelines)} (Wan 2.1 text-to-video in "
+            f"diffusers format). Given: {cls[:80]!r}"
+        )
+    files, components, variants = _components(src, index, CAUSAL_VIDEO, cls)
+    network_config = src.json("transformer/config.json")
+    video, rope = _wan_video(network_config, src.json("vae/config.json"), size)
+    temporal = video["latent"]["temporal"]
+    most = 1 + temporal * (rope - 1)
+    count = CLIP_FRAMES if frames is None else frames
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most or (count - 1) % temporal:
+        raise CheckpointError(
+            f"--frames must be 1 + {temporal}·k pixel frames (the VAE's), from 1 to {most} (the transformer's RoPE "
+            f"table: `rope_max_seq_len` {rope}). Given: {str(count)[:20]}"
+        )
+    video["max_frames"] = 1 + (count - 1) // temporal
+    _check_text_width(src, network_config)
+    weights = {r: p for r, p in files.items() if r.startswith("transformer/") and r.endswith(".safetensors")}
+    wan_keys.check_fits(_tensors(weights, read=False), network_config)
+    with tempfile.TemporaryDirectory() as work:
+        imported: dict[str, Any] = {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}}
+        if lora is not None:
+            layers, metadata = read_wan_lora(Path(lora), Path(work))
+            state = fuse_network(
+                "WanTransformer3DModel", network_config, _tensors(weights, read=True), layers, Path(lora).name,
+                scale=lora_scale, metadata=metadata,
+            )  # fmt: skip
+            imported["lora"] = {
+                "file": Path(lora).name, "sha256": sha256_file(Path(lora)), "scale": lora_scale,
+                "fused_into": ["transformer"],
+            }  # fmt: skip
+            from safetensors.torch import save_file
+
+            _drop_weights(files, variants, "transformer")
+            files[STUDENT_WEIGHTS] = Path(work) / "student.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(files[STUDENT_WEIGHTS]))
+        lengths = _check_tokenizers(files, CAUSAL_VIDEO, components, max_tokens)
+        manifest = {
+            "name": name,
+            "version": "1",
+            "kind": CLIP_KIND,
+            "pipeline": {"class": cls, "components": components, "variants": variants},
+            "clip": clip.to_dict(),
+            "video": video,
+            "text": {"max_tokens": lengths[0], "lengths": lengths},
+            "imported": imported,
+        }
+        return registry.publish_files(files, manifest, model=name, promote=True)
 
 
 def _video(
@@ -611,12 +700,7 @@ def _video(
 ) -> dict[str, Any]:
     """The manifest's `video`: the served frame, the stream's bound in latent frames and the latent geometry, from
     the configs; CheckpointError for a size or bound the transformer cannot serve, or configs that disagree."""
-    latent = _wan_latent(network, vae)
-    spatial, patch = latent["spatial"], latent["patch"]
-    rope = config_int(network, "rope_max_seq_len", "transformer/config.json", 1024, MAX_STREAM_FRAMES)
-    steps = (spatial * patch[2], spatial * patch[1])
-    why = f"the VAE's {spatial} × the transformer's patch"
-    width, height = _frame(size, steps, (rope * steps[0], rope * steps[1]), why)
+    video, rope = _wan_video(network, vae, size)
     block = causal.block_frames
     longest = rope // block * block
     frames = max_frames if max_frames is not None else FULL_CAUSAL_FRAMES if causal.window is None else longest
@@ -625,12 +709,15 @@ def _video(
             f"--max-frames must be a multiple of the {causal.name} block ({block} latent frames) from {block} to "
             f"{longest} (the transformer's RoPE table: `rope_max_seq_len` {rope}). Given: {str(frames)[:20]}"
         )
-    return {"height": height, "width": width, "fps": WAN_FPS, "max_frames": frames, "latent": latent}
+    return video | {"max_frames": frames}
 
 
-def _wan_latent(network: dict[str, Any], vae: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's `video.latent` (channels, the VAE's factors, the transformer's patch) from a Wan 2.1
-    text-to-video transformer's and VAE's configs; CheckpointError when they disagree."""
+def _wan_video(
+    network: dict[str, Any], vae: dict[str, Any], size: tuple[int, int] | None
+) -> tuple[dict[str, Any], int]:
+    """A Wan manifest's `video` without its frame bound (the served frame, its rate and the latent geometry), and
+    the transformer's RoPE positions (the most latent frames or patches a side it can place), from the configs;
+    CheckpointError for a size the transformer cannot serve, or configs that disagree."""
     where_t, where_v = "transformer/config.json", "vae/config.json"
     channels = config_int(vae, "z_dim", where_v, 16, 1024)
     spatial = config_int(vae, "scale_factor_spatial", where_v, 8, 64)
@@ -653,27 +740,17 @@ def _wan_latent(network: dict[str, Any], vae: dict[str, Any]) -> dict[str, Any]:
                 f"{where_t}: `{key}` must be the VAE's {channels} latent channels (a text-to-video transformer). "
                 f"Given: {network.get(key)}"
             )
-    return {"channels": channels, "spatial": spatial, "temporal": temporal, "patch": patch}
-
-
-def _frame(
-    size: tuple[int, int] | None, multiples: tuple[int, int], positions: tuple[int, int], why: str
-) -> tuple[int, int]:
-    """The served frame (width, height): `size`, else Wan's native frame; CheckpointError unless each side is a
-    multiple of its `multiples` entry (pixels; `why` says what makes it) and at most its `positions` entry (the
-    pixels the transformer's RoPE table has positions for) and `MAX_SIDE`."""
+    rope = config_int(network, "rope_max_seq_len", where_t, 1024, MAX_STREAM_FRAMES)
     width, height = size or NATIVE_VIDEO
-    for what, side, step, table in (
-        ("width", width, multiples[0], positions[0]),
-        ("height", height, multiples[1], positions[1]),
-    ):
-        most = min(MAX_SIDE, table) // step * step  # a side of more tokens than the RoPE table has no positions
+    for what, side, step in (("width", width, spatial * patch[2]), ("height", height, spatial * patch[1])):
+        most = min(MAX_SIDE // step, rope) * step  # a side of more tokens than the RoPE table has no positions
         if isinstance(side, bool) or not isinstance(side, int) or not step <= side <= most or side % step:
             raise CheckpointError(
-                f"--size: the {what} must be a multiple of {step} ({why}) from {step} to {most}. "
-                f"Given: {str(side)[:20]}"
+                f"--size: the {what} must be a multiple of {step} (the VAE's {spatial} × the transformer's patch) "
+                f"from {step} to {most}. Given: {str(side)[:20]}"
             )
-    return width, height
+    latent = {"channels": channels, "spatial": spatial, "temporal": temporal, "patch": patch}
+    return {"height": height, "width": width, "fps": WAN_FPS, "latent": latent}, rope
 
 
 def _tensors(paths: dict[str, Path], read: bool) -> dict[str, Any]:
@@ -774,8 +851,8 @@ def _far_video(
     """The FAR family and the manifest's `video` from the configs: CheckpointError for a partition, patch, size or
     step count the transformer cannot serve."""
     where = "transformer/config.json"
-    latent = _wan_latent(network, vae)
-    spatial, patch = latent["spatial"], latent["patch"]
+    video, rope = _wan_video(network, vae, size)
+    spatial, patch = video["latent"]["spatial"], video["latent"]["patch"]
     compressed = network.get("compressed_patch_size", [1, 4, 4])
     if (
         not isinstance(compressed, list)
@@ -788,7 +865,13 @@ def _far_video(
             f"{where}: `compressed_patch_size` must be [1, c, c] with c 1, 2, 4 or 8, a multiple of the patch "
             f"{patch}. Given: {str(compressed)[:40]}"
         )
-    rope = config_int(network, "rope_max_seq_len", where, 1024, MAX_STREAM_FRAMES)
+    multiple = spatial * compressed[1]  # older chunks are seen through the compressed patches: whole ones only
+    for what in ("width", "height"):
+        if video[what] % multiple:
+            raise CheckpointError(
+                f"--size: the {what} must be a multiple of {multiple} (the VAE's {spatial} × the compressed patch "
+                f"{compressed[1]}). Given: {video[what]}"
+            )
     partition = network.get("chunk_partition", [1, 3, 3, 3, 3, 3, 3, 2])
     if not isinstance(partition, list):
         raise CheckpointError(
@@ -807,8 +890,4 @@ def _far_video(
             f"{where}: `chunk_partition` sums to {family.max_frames} latent frames, more than the RoPE table's "
             f"{rope} (`rope_max_seq_len`)"
         )
-    multiple = spatial * compressed[1]
-    cells = (spatial * patch[2], spatial * patch[1])
-    why = f"the VAE's {spatial} × the compressed patch {compressed[1]}"
-    width, height = _frame(size, (multiple, multiple), (rope * cells[0], rope * cells[1]), why)
-    return family, {"height": height, "width": width, "fps": WAN_FPS, "max_frames": family.max_frames, "latent": latent}
+    return family, video | {"max_frames": family.max_frames}

@@ -107,13 +107,20 @@ def fuse(
 
 
 def fuse_network(
-    network_class: str, config: Mapping[str, Any], state: dict[str, Any], lora: dict[str, Any], name: str
+    network_class: str,
+    config: Mapping[str, Any],
+    state: dict[str, Any],
+    lora: dict[str, Any],
+    name: str,
+    scale: float = 1.0,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`state` (the weights, in diffusers names, of the `network_class` that `config` builds) with the LoRA `lora`
-    fused, as diffusers fuses it into that network: `load_lora_adapter` (keys under `transformer.`, the layout a
-    pipeline's `load_lora_weights` hands its transformer), `fuse_lora`, `unload_lora`. The network is built on the
-    meta device and takes `state`'s own tensors, so nothing but the changed weights is allocated. CheckpointError
-    (naming the file `name`) when the LoRA does not apply or changes nothing."""
+    fused at `scale`, as diffusers fuses it into that network: `load_lora_adapter` (keys under `transformer.`, the
+    layout a pipeline's `load_lora_weights` hands its transformer; `metadata`: the adapter config a diffusers-format
+    file carries), `fuse_lora(lora_scale=scale)`, `unload_lora`. The network is built on the meta device and takes
+    `state`'s own tensors, so nothing but the changed weights is allocated. CheckpointError (naming the file `name`)
+    when the LoRA does not apply or changes nothing."""
     import torch
 
     _needs_peft()
@@ -122,14 +129,37 @@ def fuse_network(
     network.load_state_dict(state, strict=True, assign=True)
     before = _fingerprint(network)
     try:
-        network.load_lora_adapter(dict(lora), prefix="transformer", adapter_name="fewstep")
-        network.fuse_lora(lora_scale=1.0, adapter_names=["fewstep"])
+        network.load_lora_adapter(dict(lora), prefix="transformer", adapter_name="fewstep", metadata=metadata)
+        network.fuse_lora(lora_scale=scale, adapter_names=["fewstep"])
         network.unload_lora()
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"--lora {name} does not apply to this {network_class} ({type(e).__name__}: {e})") from e
     if _fingerprint(network) == before:
         raise CheckpointError(f"--lora {name} changed no weight of this {network_class}: none of its keys matched")
     return dict(network.state_dict())
+
+
+def read_wan_lora(path: Path, work: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A Wan LoRA's layers in diffusers names (keys under `transformer.`) and its adapter metadata, read as
+    WanPipeline's `load_lora_weights` reads them (`WanLoraLoaderMixin.lora_state_dict`: LightX2V's and Kijai's
+    `diffusion_model.` layout and musubi's converted, `alpha` folded in), from a checked copy of the safetensors
+    file `path` made under `work`. Nothing of a pipeline is loaded. CheckpointError when it is not a readable LoRA."""
+    check_lora(path)
+    folder = work / "_lora"
+    folder.mkdir()
+    copy = folder / LORA_WEIGHTS
+    shutil.copyfile(path, copy)
+    check_lora(copy)  # the copy diffusers reads is the file checked
+    _needs_peft()
+    try:
+        layers, metadata = lazy.attr("diffusers", "WanPipeline").lora_state_dict(
+            str(folder), weight_name=LORA_WEIGHTS, use_safetensors=True, return_lora_metadata=True
+        )
+    except (ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"--lora {path.name} is not a Wan LoRA diffusers reads ({type(e).__name__}: {e})") from e
+    if not layers or not all("lora" in key for key in layers):
+        raise CheckpointError(f"--lora {path.name} is not a LoRA: every key must name its `lora` layers")
+    return dict(layers), metadata
 
 
 def _needs_peft() -> None:

@@ -25,6 +25,7 @@ from fewstep.models.registry import Registry
 from fewstep.service import errors
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.catalog import Catalog, Routing
+from fewstep.service.clips import VideoClips
 from fewstep.service.events import EventHub
 from fewstep.service.kinds import KINDS, Context
 from fewstep.service.limits import open_limits
@@ -32,7 +33,7 @@ from fewstep.service.metrics import Metrics, QueueCollector
 from fewstep.service.middleware import BodyLimit, CountRequests, Draining, HeaderLimit, TrustedHosts
 from fewstep.service.openapi import document_errors
 from fewstep.service.queue import open_queue
-from fewstep.service.routes import admin, health, images, jobs, models, playground, realtime, video
+from fewstep.service.routes import admin, health, images, jobs, models, playground, realtime, video, videos
 from fewstep.service.settings import Settings
 from fewstep.service.state import Gateway
 from fewstep.service.streams import VideoStreams
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         image_models = Routing(ctx, metrics, step_kinds(), loader=name)
     stream_models: Versions[StreamEngine] = Versions(ctx, metrics, stream_kinds(), loader=name)
     streams = VideoStreams(settings, metrics, stream_models)
+    clips = VideoClips(settings, metrics, queue, streams, name)
     keys = KeyRing(settings)
     if not keys.enabled:
         log.warning("FEWSTEP_API_KEYS is not set: the API accepts requests without authentication")
@@ -123,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=serve_images, name="runtime-load", daemon=True).start()
         streams.start(seeded)
+        clips.start()
         subscribe(settings, [image_models.nudged, streams.versions.nudged], stopping)
         if webhooks is not None:
             webhooks.start()
@@ -132,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(webhooks.stop)
         for w in workers:
             await asyncio.to_thread(w.stop)
+        await asyncio.to_thread(clips.close)
         gw.events.close()
         queue.close()
         gw.limits.close()
@@ -154,6 +158,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(TrustedHosts, allowed=hosts)
     app.add_middleware(CountRequests, counter=metrics.requests)
     app.add_middleware(Draining, drain=gw.drain)  # outermost: refused while draining before anything is read
-    for routes in (health, models, images, jobs, admin, video, realtime, playground):
+    for routes in (health, models, images, jobs, admin, video, videos, realtime, playground):
         app.include_router(routes.router)
     return app

@@ -24,6 +24,7 @@ from fewstep.errors import (
     NotFound,
     NotReady,
     Overloaded,
+    RangeNotSatisfiable,
     RegistryError,
     Unauthorized,
 )
@@ -37,6 +38,7 @@ STATUS: dict[type[FewstepError], int] = {
     NotFound: 404,
     Conflict: 409,
     Cancelled: 409,
+    RangeNotSatisfiable: 416,
     Overloaded: 429,
     NotReady: 503,
     GenerationFailed: 500,
@@ -53,6 +55,8 @@ def http_status(exc: FewstepError) -> tuple[int, dict[str, str]]:
     headers: dict[str, str] = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{exc.size}"
     if isinstance(exc, Overloaded | NotReady):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return status, headers
@@ -81,6 +85,7 @@ ERROR_TYPES = {
     408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    416: "invalid_request_error",
     431: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",

@@ -35,6 +35,7 @@ from fewstep.engines.image import ImageEngine
 from fewstep.engines.latent import LatentEngine, latent_spec
 from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
 from fewstep.engines.video import VideoEngine
+from fewstep.engines.wan_clip import ClipVideo, WanClipEngine, clip_video_spec
 from fewstep.engines.wan_stream import WanStreamEngine, causal_video_spec
 from fewstep.errors import CheckpointError, FewstepError
 from fewstep.evaluation.probes import PROBE_SETS, ProbeSet
@@ -331,11 +332,45 @@ CAUSAL_VIDEO: Kind[StreamEngine] = Kind(
 )
 
 
+# -- diffusers-video: users' imported few-step bidirectional Wan students (a clip per session) -----------------
+def _clip_spec(ctx: Context, v: Version) -> VideoSpec:
+    s = ctx.settings
+    return clip_video_spec(v.manifest, v.version, s.video_max_sessions, s.latent_dtype)
+
+
+def _clip_engine(ctx: Context, v: Version) -> WanClipEngine:
+    s = ctx.settings
+    args = (v.folder, s.video_max_sessions, s.latent_device, s.latent_dtype, v.version)
+    return WanClipEngine(*args, prompt_cache_bytes=s.prompt_cache_bytes)
+
+
+def _clip_probes(s: Settings, manifest: dict[str, Any]) -> ProbeSet | None:
+    """The video gate's probe clips: the longest clip the VAE makes within `video_gate_frames` and the model's bound
+    (1 + 4k pixel frames)."""
+    if not s.video_gate_streams:
+        return None
+    video = ClipVideo.from_manifest(manifest)
+    most = max(1, min(s.video_gate_frames, video.max_pixel_frames))
+    frames = most - (most - 1) % video.temporal
+    return named_probes(manifest, "shapes-motion", s.video_gate_streams, frames)
+
+
+CLIP_VIDEO: Kind[StreamEngine] = Kind(
+    serves="streams",
+    runtime=lambda s: f"clip-video-torch-{s.latent_dtype}",
+    spec=_clip_spec,
+    engine=_clip_engine,
+    probes=_clip_probes,
+    render=render_streams,
+)
+
+
 KINDS: dict[str, Kind[Any]] = {
     "image": IMAGE,
     "video": VIDEO,
     "diffusers": DIFFUSERS,
     "diffusers-causal-video": CAUSAL_VIDEO,
+    "diffusers-video": CLIP_VIDEO,
 }
 """Manifest kind → how it is served."""
 

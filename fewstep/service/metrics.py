@@ -155,6 +155,12 @@ class Metrics:
             registry=r,
         )
         self.video_frames = Counter("fewstep_video_frames", "Video frames sent to clients.", ["model"], registry=r)
+        self.videos = Counter(
+            "fewstep_videos",
+            "Videos (`/v1/videos`) this gateway finished, by model and outcome.",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.video_sessions = Gauge("fewstep_video_sessions_active", "Open video sessions.", ["model"], registry=r)
         self.video_rejected = Counter(
             "fewstep_video_sessions_rejected",

@@ -215,3 +215,59 @@ class WebhookSecret(BaseModel):
 
     object: str = "webhook_secret"
     secret: str
+
+
+class VideoCreateRequest(BaseModel):
+    """`POST /v1/videos` (JSON, or a multipart form as OpenAI's SDK sends it: values arrive as text and are read as
+    their types). `seconds` × the model's frame rate is the clip's frame count; `steps` and `seed` are fewstep's
+    extensions (`extra_body`). A field this server does not serve (`input_reference`) is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str
+    seconds: str | float = "4"
+    size: str | None = None
+    steps: int | None = Field(None, description="Student steps per frame; default: the model's.")
+    seed: int | None = Field(None, description="Fixes the clip; random when absent.")
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """OpenAI's Video object (`GET /v1/videos/{id}`): `status` queued | in_progress | completed | failed."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: VideoError | None = None
+    model: str
+    prompt: str | None = None
+    seconds: str
+    size: str
+    remixed_from_video_id: str | None = None
+    steps: int | None = None
+    seed: int | None = None
+
+
+class VideoList(BaseModel):
+    """`GET /v1/videos`: one page, newest first unless `order=asc`; the next page is `?after=<last_id>`."""
+
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True

@@ -247,6 +247,19 @@ class Settings(BaseSettings):
     """Probe streams a new video version must pass before it takes sessions (`service/gate.py`); 0: no gate."""
     video_gate_frames: int = Field(16, ge=2, le=256)
     """Frames per video probe stream."""
+    video_max_queue: int = Field(64, ge=1, le=100_000)
+    """Most videos (`POST /v1/videos`) queued or running at once across the deployment (the video lane's depth);
+    beyond it a new one is refused with 429."""
+    video_max_clips: int = Field(2, ge=0, le=1024)
+    """Videos one gateway makes at once, each a session on a row of `video_max_sessions` (shared with
+    WebSocket streams); 0: this gateway makes none (another one does)."""
+    video_fps: float = Field(8.0, gt=0.0, le=240.0)
+    """Frame rate of a video model whose manifest names none (the shipped toy student): `seconds` × this is the
+    clip's frame count, and its MP4 plays at it."""
+    video_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    """Largest MP4 a video may make; a bigger one fails the video (its error names this limit) and is not stored."""
+    video_crf: int = Field(18, ge=0, le=51)
+    """H.264 constant rate factor of the MP4s (0: lossless luma; 18: visually lossless; higher: smaller files)."""
 
     webhook_secret: SecretStr | None = None
     """Master key of the webhooks' signatures: each API key's signing secret is derived from it (HMAC-SHA256 of the

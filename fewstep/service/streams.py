@@ -51,6 +51,9 @@ class Stream:
     stalled: bool = False
     """It waited on its client since its last frame: that interval is not the engine's latency."""
     failed: bool = False
+    paced: bool = True
+    """Whether its client's reading paces it (a WebSocket: at most `video_buffer_frames` unsent, frames sent as PNG).
+    A clip (`service/clips.py`) keeps each frame's pixels as it is made: never paced, no PNG."""
 
 
 class VideoStreams:
@@ -118,8 +121,9 @@ class VideoStreams:
         assert isinstance(spec, VideoSpec)
         return spec
 
-    def open(self, model: str, request: StreamRequest, deliver: Deliver) -> Stream:
-        """A new session on the version new sessions of `model` open on (a canary takes its share)."""
+    def open(self, model: str, request: StreamRequest, deliver: Deliver, paced: bool = True) -> Stream:
+        """A new session on the version new sessions of `model` open on (a canary takes its share). `paced`: see
+        `Stream.paced`."""
         with self._cv:
             engine = self.versions.engine(model, secrets.token_hex(8))
             held = self._opening.get(id(engine), (engine, 0))[1]
@@ -136,7 +140,7 @@ class VideoStreams:
                     self._opening[id(engine)] = (engine, left)
                 else:
                     del self._opening[id(engine)]
-        stream = Stream(model, engine, session, deliver)
+        stream = Stream(model, engine, session, deliver, paced=paced)
         with self._cv:
             self._streams.add(stream)
             self._count(model)
@@ -216,6 +220,9 @@ class VideoStreams:
                         if interval > late_after:
                             self.metrics.video_late_frames.labels(model).inc()
                     s.last_at, s.stalled = now, False
+                    if not s.paced:
+                        s.deliver(f, "")
+                        continue
                     with self._cv:
                         s.buffered += 1
                     s.deliver(f, encode_png(f.pixels))

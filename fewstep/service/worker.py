@@ -34,7 +34,7 @@ from fewstep.engines.scheduler import Admission, Observer, StepScheduler
 from fewstep.errors import Cancelled, FewstepError, GenerationFailed, NotReady
 from fewstep.service.metrics import Metrics
 from fewstep.service.queue.base import Delivery, ItemResult, JobQueue
-from fewstep.service.queue.keys import BATCH, INTERACTIVE, LANES
+from fewstep.service.queue.keys import BATCH, IMAGE_LANES, INTERACTIVE
 from fewstep.service.settings import Settings
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ class Worker:
         route: Router | None = None,
         maintain: Callable[[], None] | None = None,
         finished: Retired | None = None,
-        lanes: tuple[str, ...] = LANES,
+        lanes: tuple[str, ...] = IMAGE_LANES,
         cores: Cores | None = None,
     ) -> None:
         """`engine_for`: the serving engine of a model; `route`: the engine a job's new item starts on
@@ -367,6 +367,7 @@ class Worker:
             if d.work.job_id in gone:
                 continue
             try:
+                image = d.work.image
                 self.engine_for(d.work.model)
             except NotReady as e:
                 # Not loaded on this worker: leave it unacknowledged so that another worker takes it.
@@ -375,7 +376,7 @@ class Worker:
             except FewstepError as e:
                 unknown.append((d, self._result(d, e)))
                 continue
-            admitted.append(Admission(d, d.work.model, d.work.item, d.queued_at))
+            admitted.append(Admission(d, d.work.model, image, d.queued_at))
         self._finish(unknown)
         # Heartbeated from now on, not from the end of the step they are about to take: a step longer than
         # `claim_idle_s` would otherwise let another worker take them back mid-step.
@@ -412,7 +413,7 @@ class Worker:
         self._flight = [*self._flight, d]
         try:
             engine = self.engine_for(d.work.model)
-            outcome = run_to_completion(engine, [d.work.item], self._stop_check(d))[0]
+            outcome = run_to_completion(engine, [d.work.image], self._stop_check(d))[0]
         except NotReady:
             return
         except FewstepError as e:

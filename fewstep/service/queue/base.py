@@ -19,6 +19,9 @@ Semantics (the same for both):
   The same owner and `Idempotency-Key` return the job the key first created.
 * `cancel` marks the job; workers skip its queued items and stop running ones at the next
   denoising step (`cancelled` is what they ask).
+* An item is an image (`ImageItem`, on the interactive and batch lanes) or a clip (`StreamRequest`, on the video
+  lane, which image workers never claim). A running clip reports how far it got (`progress`); an owner's jobs of
+  one lane can be listed (`jobs`: `GET /v1/videos`).
 """
 
 from __future__ import annotations
@@ -27,17 +30,20 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
-from fewstep.engines.base import ImageItem
-from fewstep.errors import Conflict, Overloaded
-from fewstep.service.queue.keys import BATCH, LANES
+from fewstep.engines.base import ImageItem, StreamRequest
+from fewstep.errors import Conflict, InvalidRequest, Overloaded
+from fewstep.service.queue.keys import IMAGE_LANES, INTERACTIVE
 
 ItemOutcome = Literal["ok", "failed", "cancelled"]
 """How an item ended, as its result records it (an engine's `Outcome` is what made it)."""
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Work = ImageItem | StreamRequest
+"""What one item of a job makes: an image, or a clip (a stream session run to its end and encoded)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class JobSpec:
 
     owner: str
     model: str
-    items: list[ImageItem]
+    items: Sequence[Work]
     lane: str
     ttl_s: int
     idempotency_key: str | None = None
@@ -66,6 +72,9 @@ class JobSpec:
     """Where the job's end is announced (`job.completed`, `job.failed`, `job.cancelled`): a URL the gateway
     checked against the webhook settings. The queue schedules the delivery in the same step that records the
     job's last result, so no finished job loses its webhook (`WebhookDue`)."""
+    meta: str = ""
+    """What the gateway keeps with the job and reads back in `JobStatus.meta` (a video's prompt, seconds and
+    size); opaque to the queue."""
 
     @property
     def cost(self) -> int:
@@ -78,9 +87,12 @@ class JobSpec:
         return self.requests[index] if self.requests is not None else 0
 
 
-def item_cost(item: ImageItem) -> int:
+def item_cost(item: Work) -> int:
     """An item's cost in network evaluations when its model's spec did not say (`JobSpec.costs`): its
-    steps, and one more for a hybrid's teacher. Items queued by a gateway carry the spec's figure."""
+    steps, and one more for a hybrid's teacher; a clip's steps for each of its frames and the pass that writes
+    each frame into the cache. Items queued by a gateway carry the spec's figure."""
+    if isinstance(item, StreamRequest):
+        return item.frames * (item.steps + 1)
     return item.steps + (1 if item.hybrid else 0)  # an edit runs at most its steps
 
 
@@ -92,34 +104,29 @@ class WorkItem:
     job_id: str
     index: int
     model: str
-    item: ImageItem
+    item: Work
     cost: int
     """Network evaluations the queue charged the item's owner (`JobSpec.cost_of`), given back when the item
     is acknowledged."""
     request: int = 0
     owner: str = ""
 
+    @property
+    def image(self) -> ImageItem:
+        """The item as an image; `InvalidRequest` for a clip (a misrouted item fails alone, never its worker)."""
+        if not isinstance(self.item, ImageItem):
+            raise InvalidRequest("item", "an image worker was handed a clip: clips belong to the video lane")
+        return self.item
+
     def encode(self) -> str:
         fields = {"model": self.model, "request": self.request, "owner": self.owner, "cost": self.cost}
-        return json.dumps({**fields, **asdict(self.item)}, sort_keys=True)
+        kind = {"type": "clip"} if isinstance(self.item, StreamRequest) else {}
+        return json.dumps({**fields, **kind, **asdict(self.item)}, sort_keys=True)
 
     @classmethod
     def decode(cls, job_id: str, index: int, payload: str) -> WorkItem:
         d = json.loads(payload)
-        guidance = d.get("guidance")
-        item = ImageItem(
-            prompt=d["prompt"],
-            seed=int(d["seed"]),
-            steps=int(d["steps"]),
-            hybrid=bool(d["hybrid"]),
-            width=None if d.get("width") is None else int(d["width"]),
-            height=None if d.get("height") is None else int(d["height"]),
-            guidance=None if guidance is None else float(guidance),
-            negative_prompt=d.get("negative_prompt"),
-            image=d.get("image"),
-            strength=None if d.get("strength") is None else float(d["strength"]),
-            partials=int(d.get("partials", 0)),
-        )
+        item = _clip(d) if d.get("type") == "clip" else _image(d)
         return cls(
             job_id=job_id,
             index=index,
@@ -129,6 +136,34 @@ class WorkItem:
             request=int(d.get("request", 0)),
             owner=str(d.get("owner", "")),
         )
+
+
+def _clip(d: dict) -> StreamRequest:
+    return StreamRequest(
+        prompt=d["prompt"],
+        frames=int(d["frames"]),
+        steps=int(d["steps"]),
+        seed=int(d["seed"]),
+        hybrid=bool(d["hybrid"]),
+    )
+
+
+def _image(d: dict) -> ImageItem:
+    guidance = d.get("guidance")
+    item = ImageItem(
+        prompt=d["prompt"],
+        seed=int(d["seed"]),
+        steps=int(d["steps"]),
+        hybrid=bool(d["hybrid"]),
+        width=None if d.get("width") is None else int(d["width"]),
+        height=None if d.get("height") is None else int(d["height"]),
+        guidance=None if guidance is None else float(guidance),
+        negative_prompt=d.get("negative_prompt"),
+        image=d.get("image"),
+        strength=None if d.get("strength") is None else float(d["strength"]),
+        partials=int(d.get("partials", 0)),
+    )
+    return item
 
 
 @dataclass(eq=False)  # identity: the scheduler uses deliveries as tickets
@@ -180,6 +215,12 @@ class JobStatus:
     created: float
     started: float | None = None
     finished: float | None = None
+    expires: float | None = None
+    """When the job and its results expire unless written again (the job's TTL from its last write)."""
+    progress: int = 0
+    """How far its running item got, 0–100 (`JobQueue.progress`: a clip's frames made so far)."""
+    meta: str = ""
+    """`JobSpec.meta`, as submitted."""
 
     @classmethod
     def of(
@@ -189,12 +230,14 @@ class JobStatus:
         counts: tuple[int, int, int, int],
         times: tuple[float, float | None, float | None],
         cancel_requested: bool,
+        more: tuple[float | None, int, str] = (None, 0, ""),
     ) -> JobStatus:
-        """The record from (total, done, failed, cancelled) and (created, started, finished); the state is derived."""
+        """The record from (total, done, failed, cancelled), (created, started, finished) and (expires, progress,
+        meta); the state is derived."""
         total, done, failed, cancelled = counts
         created, started, finished = times
         state = job_state(cancel_requested, started is not None, total, done, failed, cancelled)
-        return cls(job_id, state, model, total, done, failed, cancelled, created, started, finished)
+        return cls(job_id, state, model, total, done, failed, cancelled, created, started, finished, *more)
 
     @property
     def settled(self) -> bool:
@@ -302,7 +345,7 @@ def key_digest(idempotency_key: str) -> str:
 
 
 def owner_over_limit(spec: JobSpec, outstanding: int) -> Overloaded:
-    setting = "key_max_job_cost" if spec.lane == BATCH else "key_max_sync_cost"
+    setting = "key_max_sync_cost" if spec.lane == INTERACTIVE else "key_max_job_cost"
     return Overloaded(
         f"this key has {outstanding} network evaluations of {spec.lane} work queued or running; this job adds "
         f"{spec.cost}, over the per-key limit of {spec.owner_limit} (`{setting}`)",
@@ -362,6 +405,10 @@ class JobQueue(Protocol):
         """Whether `cursor` is an event id this queue could have sent ("0": from the start). Cursors come from
         clients (`Last-Event-ID`); one this queue cannot read must be refused before it joins a shared `watch`."""
 
+    def jobs(self, owner: str, lane: str) -> list[JobStatus]:
+        """The owner's jobs kept on `lane` (queued, running, or finished and not yet expired), oldest first."""
+        ...
+
     def forget(self, job_id: str, owner: str) -> None:
         """Drop a job, its results and events now (a synchronous request's, once its caller has them), so
         that memory holds results only while someone may still read them. Unknown jobs are ignored."""
@@ -377,7 +424,7 @@ class JobQueue(Protocol):
 
     # -- worker side -------------------------------------------------------------------------
     def claim(
-        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = IMAGE_LANES
     ) -> list[Delivery]:
         """Up to `max_items` new items of `lanes`, in that order (interactive first).
 
@@ -385,7 +432,12 @@ class JobQueue(Protocol):
         """
 
     def reclaim(
-        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+        self,
+        consumer: str,
+        min_idle_s: float,
+        max_deliveries: int,
+        max_items: int,
+        lanes: tuple[str, ...] = IMAGE_LANES,
     ) -> list[Delivery]:
         """Take over items of `lanes` idle longer than `min_idle_s`; dead-letter those past `max_deliveries`."""
 
@@ -406,6 +458,11 @@ class JobQueue(Protocol):
 
     def cancelled(self, job_ids: set[str]) -> set[str]:
         """Which of these jobs have been cancelled (or have expired)."""
+
+    def progress(self, job_id: str, percent: int) -> None:
+        """Record how far a running job got, 0–100 (a clip's frames made so far). Best effort, not a result: a job
+        that is gone or finished is left as it is, and progress never goes back."""
+        ...
 
     def webhooks_due(self, now: float, lease_s: float, n: int) -> list[WebhookDue]:
         """Up to `n` webhook deliveries due by `now`, each leased for `lease_s` (not handed out again meanwhile;

@@ -35,7 +35,7 @@ from fewstep.service.queue.base import (
     valid_job_id,
     webhook_id,
 )
-from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S
+from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, IMAGE_LANES, LANES, WORKER_TTL_S
 
 _CURSOR = re.compile(r"[0-9]{1,19}")
 """This queue's event ids: a counter."""
@@ -50,6 +50,7 @@ class _Job:
     started: float | None = None
     finished: float | None = None
     cancel_requested: bool = False
+    progress: int = 0
     results: dict[int, ItemResult] = field(default_factory=dict)
     events: list[JobEvent] = field(default_factory=list)
 
@@ -59,7 +60,8 @@ class _Job:
     def status(self) -> JobStatus:
         counts = (len(self.spec.items), self.count("ok"), self.count("failed"), self.count("cancelled"))
         times = (self.created, self.started, self.finished)
-        return JobStatus.of(self.id, self.spec.model, counts, times, self.cancel_requested)
+        more = (self.expires, self.progress, self.spec.meta)
+        return JobStatus.of(self.id, self.spec.model, counts, times, self.cancel_requested, more)
 
 
 @dataclass
@@ -194,6 +196,14 @@ class EmbeddedQueue:
     def valid_cursor(self, cursor: str) -> bool:
         return bool(_CURSOR.fullmatch(cursor))
 
+    def jobs(self, owner: str, lane: str) -> list[JobStatus]:
+        with self._cv:
+            now = time.time()
+            kept = [
+                j for j in self._jobs.values() if j.spec.owner == owner and j.spec.lane == lane and j.expires >= now
+            ]
+            return [j.status() for j in sorted(kept, key=lambda j: j.created)]
+
     def forget(self, job_id: str, owner: str) -> None:
         with self._cv:
             job = self._jobs.get(job_id)
@@ -247,7 +257,7 @@ class EmbeddedQueue:
 
     # -- worker side -------------------------------------------------------------------------
     def claim(
-        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = IMAGE_LANES
     ) -> list[Delivery]:
         deadline = time.monotonic() + block_s
         with self._cv:
@@ -283,7 +293,12 @@ class EmbeddedQueue:
             return taken
 
     def reclaim(
-        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+        self,
+        consumer: str,
+        min_idle_s: float,
+        max_deliveries: int,
+        max_items: int,
+        lanes: tuple[str, ...] = IMAGE_LANES,
     ) -> list[Delivery]:
         with self._cv:
             now = time.monotonic()
@@ -392,6 +407,12 @@ class EmbeddedQueue:
             return {
                 j for j in job_ids if (job := self._jobs.get(j)) is None or job.cancel_requested or job.expires < now
             }
+
+    def progress(self, job_id: str, percent: int) -> None:
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is not None and job.finished is None:
+                job.progress = max(job.progress, min(100, max(0, percent)))
 
     def _purge(self, now: float) -> None:
         """Forget expired jobs and keys; runs at most once a second, under the lock."""

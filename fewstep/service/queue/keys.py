@@ -29,8 +29,13 @@ cannot grow it without bound."""
 
 INTERACTIVE = "interactive"
 BATCH = "batch"
-LANES = (INTERACTIVE, BATCH)
-"""Synchronous requests go to the interactive lane, jobs to the batch lane; workers drain interactive first."""
+VIDEO = "video"
+IMAGE_LANES = (INTERACTIVE, BATCH)
+"""Synchronous requests go to the interactive lane, jobs to the batch lane; image workers drain interactive
+first and claim nothing else."""
+LANES = (INTERACTIVE, BATCH, VIDEO)
+"""Every lane. Videos (`POST /v1/videos`) go to the video lane, which only a gateway's clip driver claims: the
+process that has the video engines loaded (`service/clips.py`)."""
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from fewstep.service.queue.base import (
     owner_over_limit,
     valid_job_id,
 )
-from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, LANES, WORKER_TTL_S, Keys
-from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, SUBMIT, WEBHOOKS_DUE
+from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, IMAGE_LANES, LANES, WORKER_TTL_S, Keys
+from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, PROGRESS, SUBMIT, WEBHOOKS_DUE
 
 P = ParamSpec("P")
 _STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
@@ -103,6 +103,7 @@ class RedisQueue:
         self._finish = self.r.register_script(FINISH)
         self._cancel = self.r.register_script(CANCEL)
         self._partial = self.r.register_script(PARTIAL)
+        self._progress = self.r.register_script(PROGRESS)
         self._webhooks_due = self.r.register_script(WEBHOOKS_DUE)
         self._feed = self.r.register_script(FEED)
         self._groups_ready = False
@@ -133,7 +134,7 @@ class RedisQueue:
         limit = -1 if spec.owner_limit is None else spec.owner_limit
         jobs = -1 if spec.owner_jobs is None else spec.owner_jobs
         args += [owner_field(spec.owner, spec.lane), spec.cost, limit, jobs, int(time.time() * 1000)]
-        args += [self.keys.group, self.keys.backlog_prefix(spec.lane), spec.webhook or "", *payloads]
+        args += [self.keys.group, self.keys.backlog_prefix(spec.lane), spec.webhook or "", spec.meta, *payloads]
         keys = [self.keys.lane(spec.lane), self.keys.job(job_id), idem, self.keys.stats, self.keys.owner_cost]
         keys += [self.keys.owner_jobs(spec.owner, spec.lane), self.keys.backlog_prefix(spec.lane) + spec.owner]
         keys += [self.keys.ring(spec.lane), self.keys.waiting(spec.lane)]
@@ -162,19 +163,33 @@ class RedisQueue:
         return self.status(job_id, spec.owner)
 
     def _hash(self, job_id: str, owner: str | None) -> dict[str, str]:
-        raw = self.r.hgetall(self.keys.job(job_id)) if valid_job_id(job_id) else {}
-        h = {_s(k): _s(v) for k, v in raw.items()}
+        h = self._hashes([job_id])[0] if valid_job_id(job_id) else {}
         if not h or (owner is not None and h.get("owner") != owner):
             raise NotFound(f"job {job_id!r} not found")
         return h
 
+    def _hashes(self, job_ids: list[str]) -> list[dict[str, str]]:
+        """The jobs' hashes ({} for a job that is gone), each with `expires` from its key's TTL."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.pttl(self.keys.job(job_id))
+        replies = pipe.execute()
+        out = []
+        for raw, pttl in zip(replies[::2], replies[1::2], strict=True):
+            h = {_s(k): _s(v) for k, v in raw.items()}
+            if h and int(pttl) > 0:
+                h["expires"] = str(time.time() + int(pttl) / 1000)
+            out.append(h)
+        return out
+
     @staticmethod
     def _status(job_id: str, h: dict[str, str]) -> JobStatus:
         counts = (int(h["total"]), int(h["done"]), int(h["failed"]), int(h["cancelled"]))
-        started, finished = (float(h[k]) if k in h else None for k in ("started", "finished"))
-        return JobStatus.of(
-            job_id, h["model"], counts, (float(h["created"]), started, finished), h.get("cancel") == "1"
-        )
+        started, finished, expires = (float(h[k]) if k in h else None for k in ("started", "finished", "expires"))
+        more = (expires, int(h.get("progress", 0)), h.get("meta", ""))
+        times = (float(h["created"]), started, finished)
+        return JobStatus.of(job_id, h["model"], counts, times, h.get("cancel") == "1", more)
 
     @_reachable
     def status(self, job_id: str, owner: str) -> JobStatus:
@@ -192,6 +207,12 @@ class RedisQueue:
         self._hash(job_id, owner)
         self._cancel(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=[time.time()])
         return self.status(job_id, owner)
+
+    @_reachable
+    def jobs(self, owner: str, lane: str) -> list[JobStatus]:
+        ids = [_s(j) for j in self.r.zrangebyscore(self.keys.owner_jobs(owner, lane), time.time(), "+inf")]
+        kept = [(j, h) for j, h in zip(ids, self._hashes(ids), strict=True) if h and h.get("owner") == owner]
+        return sorted((self._status(j, h) for j, h in kept), key=lambda st: st.created)
 
     @_reachable
     def forget(self, job_id: str, owner: str) -> None:
@@ -324,7 +345,7 @@ class RedisQueue:
 
     @_reachable
     def claim(
-        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = LANES
+        self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = IMAGE_LANES
     ) -> list[Delivery]:
         self._ensure_groups()
         self._alive(consumer)
@@ -356,7 +377,12 @@ class RedisQueue:
 
     @_reachable
     def reclaim(
-        self, consumer: str, min_idle_s: float, max_deliveries: int, max_items: int, lanes: tuple[str, ...] = LANES
+        self,
+        consumer: str,
+        min_idle_s: float,
+        max_deliveries: int,
+        max_items: int,
+        lanes: tuple[str, ...] = IMAGE_LANES,
     ) -> list[Delivery]:
         self._ensure_groups()
         taken: list[Delivery] = []
@@ -448,6 +474,10 @@ class RedisQueue:
     def partial(self, job_id: str, index: int, partial: int, b64_png: str) -> None:
         keys = [self.keys.job(job_id), self.keys.results(job_id), self.keys.events(job_id)]
         self._partial(keys=keys, args=[index, partial, b64_png])
+
+    @_reachable
+    def progress(self, job_id: str, percent: int) -> None:
+        self._progress(keys=[self.keys.job(job_id)], args=[min(100, max(0, percent))])
 
     @_reachable
     def webhooks_due(self, now: float, lease_s: float, n: int) -> list[WebhookDue]:

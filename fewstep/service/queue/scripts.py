@@ -47,7 +47,8 @@ end
 #       the owner's backlog, the lane's ring, the lane's waiting list.
 # ARGV: job id, fingerprint, max depth, ttl, idempotency ttl, has key, n, created, owner, model, lane,
 #       owner field, job cost, owner limit (-1: none), owner's job limit (-1: none), created (ms), group,
-#       backlog prefix, items...
+#       backlog prefix, webhook, meta, items...
+# Every job is recorded in its owner's jobs of the lane (listed by `jobs`); the limit is checked when given.
 SUBMIT = (
     _FEED_FUNCTION
     + """
@@ -63,20 +64,22 @@ if tonumber(ARGV[14]) >= 0 and owed + tonumber(ARGV[13]) > tonumber(ARGV[14]) th
   return {'owner', tostring(owed)}
 end
 if tonumber(ARGV[15]) >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
-  local kept = redis.call('ZCARD', KEYS[6])
+  local kept = redis.call('ZCOUNT', KEYS[6], '(' .. ARGV[8], '+inf')
   if kept >= tonumber(ARGV[15]) then return {'jobs', tostring(kept)} end
-  redis.call('ZADD', KEYS[6], tonumber(ARGV[8]) + tonumber(ARGV[4]), ARGV[1])
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
+-- The first write must be one Redis refuses at maxmemory (an unflagged script is checked at its first write).
 redis.call('HINCRBY', KEYS[5], ARGV[12], ARGV[13])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
+redis.call('ZADD', KEYS[6], tonumber(ARGV[8]) + tonumber(ARGV[4]), ARGV[1])
+redis.call('EXPIRE', KEYS[6], ARGV[4])
 redis.call('HSET', KEYS[2], 'owner', ARGV[9], 'model', ARGV[10], 'lane', ARGV[11], 'total', n, 'done', 0,
            'failed', 0, 'cancelled', 0, 'cancel', 0, 'created', ARGV[8], 'ttl', ARGV[4])
 if ARGV[19] ~= '' then redis.call('HSET', KEYS[2], 'webhook', ARGV[19]) end
+if ARGV[20] ~= '' then redis.call('HSET', KEYS[2], 'meta', ARGV[20]) end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 local had = redis.call('LLEN', KEYS[7])
 for i = 1, n do
-  redis.call('RPUSH', KEYS[7], ARGV[1] .. '|' .. (i - 1) .. '|' .. ARGV[16] .. '|' .. ARGV[19 + i])
+  redis.call('RPUSH', KEYS[7], ARGV[1] .. '|' .. (i - 1) .. '|' .. ARGV[16] .. '|' .. ARGV[20 + i])
   redis.call('RPUSH', KEYS[9], '1')
 end
 if had == 0 then redis.call('RPUSH', KEYS[8], ARGV[9]) end
@@ -145,6 +148,15 @@ if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[2], ARGV[1])
 local ttl = redis.call('HGET', KEYS[1], 'ttl')
 redis.call('XADD', KEYS[3], '*', 'kind', 'partial', 'index', ARGV[1], 'partial', ARGV[2], 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ttl)
+return 1
+"""
+
+PROGRESS = """
+-- How far a running job got: kept only while the job lives and has not finished, and never lowered.
+-- KEYS: job hash. ARGV: percent.
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'finished') == 1 then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return 1
 """
 

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from fewstep.engines.base import ImageItem
+from fewstep.engines.base import ImageItem, StreamRequest
 from fewstep.errors import Conflict, NotFound, NotReady, Overloaded
 from fewstep.service.queue.base import ItemResult, JobQueue, JobSpec
 from fewstep.service.queue.embedded import EmbeddedQueue
-from fewstep.service.queue.keys import BATCH, INTERACTIVE
+from fewstep.service.queue.keys import BATCH, INTERACTIVE, VIDEO
 from fewstep.service.queue.redis import RedisQueue
 from tests.conftest import RedisServer
 
-DEPTH = {INTERACTIVE: 8, BATCH: 20}
+DEPTH = {INTERACTIVE: 8, BATCH: 20, VIDEO: 4}
 
 
 @pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.slow)])
@@ -402,3 +402,63 @@ def test_redis_reclaim_resumes_its_scan_so_items_taken_back_again_do_not_starve_
     assert [d.work.index for d in first] == [0, 1]
     assert [d.work.index for d in second] == [2, 3]  # from the cursor, not from the start again
     queue.close()
+
+
+def clip(owner: str = "alice", key: str | None = None, frames: int = 8, limit: int | None = None) -> JobSpec:
+    """A video (`POST /v1/videos`): one clip on the video lane, with what the gateway keeps beside it."""
+    item = StreamRequest(prompt="a red circle moving left", frames=frames, steps=2, seed=7)
+    meta = '{"seconds": "1"}'
+    return JobSpec(owner, "shapes-video", [item], VIDEO, 600, key, "clip body", owner_limit=limit, meta=meta)
+
+
+def test_a_clip_travels_on_the_video_lane_which_image_workers_never_claim(queue: JobQueue) -> None:
+    video = queue.submit(clip())
+    image = queue.submit(spec(1))
+    assert (video.status, video.meta, video.progress) == ("queued", '{"seconds": "1"}', 0)
+    assert [d.work.job_id for d in queue.claim("images", 10, 0.3, 0.0)] == [image.id]
+    assert queue.claim("images", 10, 0.2, 0.0) == []  # the clip stays queued for a clip driver
+    [d] = queue.claim("clips", 10, 1.0, 0.0, lanes=(VIDEO,))
+    assert (d.lane, d.work.item) == (VIDEO, StreamRequest("a red circle moving left", 8, 2, 7))
+    queue.progress(video.id, 40)
+    queue.progress(video.id, 20)  # progress never goes back
+    st = queue.status(video.id, "alice")
+    assert (st.status, st.progress, st.meta) == ("running", 40, '{"seconds": "1"}')
+    assert st.expires is not None and st.expires > time.time() + 500
+    assert queue.finish([(d, ItemResult(index=0, outcome="ok", seed=7, b64_json="bXA0"))])[0].wrote
+    queue.progress(video.id, 60)  # too late: the job finished
+    st = queue.status(video.id, "alice")
+    assert (st.status, st.progress) == ("succeeded", 40)
+    assert [r.b64_json for r in queue.results(video.id, "alice")] == ["bXA0"]
+    queue.progress("no-such-job-0123", 10)  # a gone job is ignored
+
+
+def test_an_owner_lists_only_its_own_jobs_of_one_lane_oldest_first(queue: JobQueue) -> None:
+    first = queue.submit(clip())
+    queue.submit(spec(1))  # a batch job: another lane
+    queue.submit(clip(owner="bob"))
+    second = queue.submit(clip())
+    assert [st.id for st in queue.jobs("alice", VIDEO)] == [first.id, second.id]
+    assert [st.meta for st in queue.jobs("alice", VIDEO)] == ['{"seconds": "1"}'] * 2
+    queue.forget(first.id, "alice")
+    assert [st.id for st in queue.jobs("alice", VIDEO)] == [second.id]
+    assert queue.jobs("carol", VIDEO) == []
+
+
+def test_clips_get_the_per_key_cost_limit_idempotency_and_the_dead_letter_record(queue: JobQueue) -> None:
+    queue.submit(clip(frames=8, limit=30))  # 8 frames × (2 steps + the cache pass) = 24
+    with pytest.raises(Overloaded, match=r"24 network evaluations of video work .*\(`key_max_job_cost`\)"):
+        queue.submit(clip(frames=8, limit=30))
+    again = queue.submit(clip(owner="bob", key="k1"))
+    assert queue.submit(clip(owner="bob", key="k1")).id == again.id
+    taken = queue.claim("dead", 10, 1.0, 0.0, lanes=(VIDEO,))
+    assert len(taken) == 2 and all(d.work.cost == 24 for d in taken)
+    for attempt in range(2, 4):
+        time.sleep(0.15)
+        assert len(queue.reclaim(f"w{attempt}", 0.1, 3, 10, lanes=(VIDEO,))) == 2
+    time.sleep(0.15)
+    assert queue.reclaim("w4", 0.1, 3, 10) == []  # an image worker's reclaim never takes clips
+    assert queue.reclaim("w4", 0.1, 3, 10, lanes=(VIDEO,)) == []  # past the cap: dead-lettered
+    st = queue.status(again.id, "bob")
+    assert (st.status, st.failed) == ("failed", 1)
+    assert {d["job"] for d in queue.dead_letters()} >= {again.id}
+    queue.submit(clip(frames=8, limit=30))  # the dead clip's cost went back to its owner

@@ -1,0 +1,339 @@
+"""Few-step bidirectional Wan students served as clips: a session makes its whole clip, a step per `advance`.
+
+A `StreamEngine` over an imported bidirectional Wan student (`kind: "diffusers-video"`: the version's folder holds
+WanPipeline's components and a manifest naming the student's family, `models.wan_clip`). Clips are served on the
+stream engines' terms, so the video WebSocket and whatever else drives a `StreamEngine` serve them unchanged:
+
+* `open(StreamRequest(prompt, frames, steps, seed))` admits a clip: `frames` pixel frames, a count the Wan VAE
+  makes (1 + 4k: 1, 5, 9, …, up to the manifest's bound; any other is refused, naming the allowed counts), `steps`
+  one the family serves;
+* each `advance(sessions)` takes **one** denoising step for every session given, sessions at any step and of any
+  step count, one network call per latent shape (clips of one frame count share a call);
+* the step that finishes a clip decodes its latents with the Wan VAE (the finished clips of one call in batched
+  decoder calls, `models.wan_vae.decode_streams`) and returns **all** its frames at once, one `Frame` per pixel
+  frame, in order: a client sees the clip arrive in one burst;
+* `steer` is refused (a clip has one prompt); `end` frees the session's place at any time.
+
+Every noise draw is a function of (seed, step) (`ClipFamily.noise`), so a clip is the same whatever shares its
+calls (`tests/engines/test_wan_clip.py`). A session whose clip is not finite fails alone: `advance` sets its
+`error`, ends it and goes on with the others.
+
+Prompts are encoded by the version's UMT5 encoder as WanPipeline encodes them (`engines.wan_stream.PromptEncoder`),
+cached within a byte budget. Device and dtype: the transformer, the VAE and the text encoder run on `device` in
+`dtype`; latents are kept in float32 between steps, as WanPipeline keeps them. Thread-safety: `open` and `end` from
+any thread, `advance` from one driver thread; one lock orders the sessions' state, and prompts are encoded outside
+it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.engines.base import Frame, Session, StreamRequest
+from fewstep.engines.specs import VideoSpec
+from fewstep.engines.wan_stream import PRECISIONS, PromptEncoder, check_layout, load_component
+from fewstep.errors import CheckpointError, GenerationFailed, InvalidRequest, Overloaded, limit_error
+from fewstep.models.checkpoint import MAX_SIDE, read_manifest
+from fewstep.models.pipelines import dtype_of, postprocess
+from fewstep.models.wan_clip import ClipFamily, ClipSampler, ClipState
+from fewstep.models.wan_vae import StreamDecoder, decode_streams
+
+log = logging.getLogger("fewstep.engines")
+
+KIND = "diffusers-video"
+"""The manifest kind of an imported bidirectional Wan student."""
+MAX_CLIP_FRAMES = 1024
+"""Most latent frames a manifest may bound a clip to (Wan's RoPE table has 1024 frame positions)."""
+MAX_TEXT_TOKENS = 4096
+"""Longest padded prompt a manifest may ask for (Wan's is 512)."""
+
+
+@dataclass(frozen=True)
+class ClipVideo:
+    """What the engine reads from a version's manifest (checked: a manifest is untrusted): the family, the served
+    frame size and rate, the clip bound in latent frames, the latent layout and the prompt's padded length."""
+
+    name: str
+    family: ClipFamily
+    height: int
+    width: int
+    fps: float
+    max_frames: int
+    """The clip bound in latent frames (as a causal manifest's `video.max_frames`)."""
+    channels: int
+    spatial: int
+    temporal: int
+    patch: tuple[int, int, int]
+    text_length: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ClipVideo:
+        """CheckpointError naming what is wrong when the manifest is not a bidirectional Wan student's."""
+        where = str(manifest.get("name", "?"))[:64]
+        if manifest.get("kind") != KIND:
+            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {KIND!r}")
+        clip = manifest.get("clip")
+        if not isinstance(clip, dict):
+            raise CheckpointError(f"{where}: manifest has no clip family")
+        family = ClipFamily.from_dict(clip)
+        try:
+            video, lengths = manifest["video"], manifest["text"]["lengths"]
+            latent = video["latent"]
+            if not isinstance(lengths, list) or len(lengths) != 1:
+                raise ValueError("`text.lengths` must list one length (one tokenizer)")
+            patch = tuple(latent["patch"])
+            values = {
+                "height": video["height"],
+                "width": video["width"],
+                "max_frames": video["max_frames"],
+                "channels": latent["channels"],
+                "spatial": latent["spatial"],
+                "temporal": latent["temporal"],
+                "text_length": lengths[0],
+            }
+            fps = video["fps"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
+        bounds = {
+            "height": MAX_SIDE,
+            "width": MAX_SIDE,
+            "max_frames": MAX_CLIP_FRAMES,
+            "channels": 1024,
+            "spatial": 64,
+            "temporal": 16,
+            "text_length": MAX_TEXT_TOKENS,
+        }
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
+                raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
+        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
+            raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+            raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
+        spec = cls(where, family, fps=float(fps), patch=(patch[0], patch[1], patch[2]), **values)
+        for side, cells in (("height", patch[1]), ("width", patch[2])):
+            if getattr(spec, side) % (spec.spatial * cells):
+                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {spec.spatial * cells}")
+        return spec
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """A latent frame's (height, width)."""
+        return self.height // self.spatial, self.width // self.spatial
+
+    @property
+    def max_pixel_frames(self) -> int:
+        """The longest clip in pixel frames."""
+        return 1 + self.temporal * (self.max_frames - 1)
+
+    def latent_frames(self, frames: int) -> int | None:
+        """Latent frames a clip of `frames` pixel frames takes; None for a count the VAE cannot make or past the
+        bound."""
+        if not 1 <= frames <= self.max_pixel_frames or (frames - 1) % self.temporal:
+            return None
+        return 1 + (frames - 1) // self.temporal
+
+    def latent_shape(self, frames: int) -> tuple[int, int, int, int]:
+        latent = self.latent_frames(frames)
+        assert latent is not None
+        return (self.channels, latent, *self.latent)
+
+    @property
+    def allowed(self) -> str:
+        """The clip lengths served, in words."""
+        t, most = self.temporal, self.max_pixel_frames
+        listed = ", ".join(str(1 + t * k) for k in range(min(3, self.max_frames)))
+        return f"1 + {t}·k pixel frames ({listed}{', …' if self.max_frames > 3 else ''}) up to {most}"
+
+
+def clip_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype: str = "float32") -> VideoSpec:
+    """The spec of a bidirectional Wan student from its manifest alone (a gateway that runs no engine builds the
+    same): the family's step counts, `max_frames` in pixel frames, no sink, and a window of the whole clip (every
+    frame attends to every other)."""
+    video = ClipVideo.from_manifest(manifest)
+    family = video.family
+    return VideoSpec(
+        model=str(manifest["name"]),
+        version=version,
+        step_counts=family.served,
+        default_steps=family.default_steps,
+        size=f"{video.width}x{video.height}",
+        backend="torch",
+        precision=PRECISIONS.get(dtype, dtype),
+        capacity=capacity,
+        sink=0,
+        window=video.max_frames,
+        max_frames=video.max_pixel_frames,
+        fps=video.fps,
+        frame_step=video.temporal,
+        hybrid=False,
+        hybrid_reason="a bidirectional Wan student draws every frame itself",
+    )
+
+
+class WanClipEngine:
+    """Serves one bidirectional Wan student version to up to `capacity` concurrent clips (a `StreamEngine`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        capacity: int,
+        device: str = "cpu",
+        dtype: str = "float32",
+        version: str | None = None,
+        prompt_cache_bytes: int = 256 << 20,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
+        manifest = read_manifest(folder)
+        self.video = ClipVideo.from_manifest(manifest)
+        self.family = self.video.family
+        self.torch_dtype = dtype_of(dtype)
+        self.folder, self.manifest, self.device = folder, manifest, device
+        self._spec = clip_video_spec(manifest, version or str(manifest.get("version", "1")), capacity, dtype)
+        self._cache_bytes = prompt_cache_bytes
+        self.sampler: ClipSampler | None = None
+        self.vae: Any = None
+        self.prompts: PromptEncoder | None = None
+        self._lock = threading.Lock()
+        self._sessions: set[Session] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> VideoSpec:
+        return self._spec
+
+    @property
+    def capacity(self) -> int:
+        return self._spec.capacity
+
+    @property
+    def active(self) -> int:
+        return len(self._sessions)
+
+    def load(self) -> None:
+        """Load the transformer, VAE, text encoder and tokenizer the manifest names (safetensors only, the classes
+        checked) and check them against the manifest."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        parts = {key: load_component(self.folder, self.manifest, key, self.device, self.torch_dtype) for key in (
+            "transformer", "vae", "text_encoder", "tokenizer")}  # fmt: skip
+        transformer, vae = parts["transformer"], parts["vae"]
+        check_layout(self.folder.name, transformer.config, vae.config, self.video)
+        rope = int(transformer.config.rope_max_seq_len)
+        h, w = self.video.latent
+        longest = max(self.video.max_frames, h // self.video.patch[1], w // self.video.patch[2])
+        if longest > rope:
+            raise CheckpointError(
+                f"{self.folder.name}: the transformer's RoPE table has {rope} positions; the manifest's clips need "
+                f"{longest}"
+            )
+        self.sampler, self.vae = ClipSampler(transformer, self.family), vae
+        encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+        self.prompts = PromptEncoder(tokenizer, encoder, self.video.text_length, self._cache_bytes)
+
+    def warmup(self) -> None:
+        """A one-frame clip at every step count served (the text encoder, the network at each, the VAE), so the
+        first session pays no first-call costs; GenerationFailed when one is not finite."""
+        for steps in self.family.served:
+            session = self.open(StreamRequest("warm-up", 1, steps, 0))
+            try:
+                while not session.finished and session.error is None:
+                    self.advance([session])
+            finally:
+                self.end(session)
+            if session.error is not None:
+                raise GenerationFailed(f"warm-up at {steps} steps: {session.error}")
+
+    def close(self) -> None:
+        """End every session and drop the networks."""
+        with self._lock:
+            for s in list(self._sessions):
+                s.closed = True
+            self._sessions.clear()
+            if self.prompts is not None:
+                self.prompts.clear()
+            self.sampler, self.vae, self.prompts = None, None, None
+
+    def _loaded(self) -> tuple[ClipSampler, PromptEncoder]:
+        if self.sampler is None or self.prompts is None:
+            raise RuntimeError("engine not loaded")
+        return self.sampler, self.prompts
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open(self, request: StreamRequest) -> Session:
+        """A new clip session; `Overloaded` when `capacity` are open. Its steps must be a count the family serves,
+        its seed in range, its frames a count the Wan VAE makes within the bound (`InvalidRequest`)."""
+        self._spec.check(request)
+        if self.video.latent_frames(request.frames) is None:
+            raise limit_error("frames", self.video.allowed, request.frames)
+        sampler, prompts = self._loaded()
+        if len(self._sessions) >= self.capacity:  # refuse before the slow part; the check under the lock counts
+            raise self._full()
+        prompt = prompts(request.prompt)[0]  # outside the lock: the text encoder is the slow part
+        state = sampler.begin(prompt, request.seed, request.steps, self.video.latent_shape(request.frames))
+        with self._lock:
+            if len(self._sessions) >= self.capacity:
+                raise self._full()
+            session = Session(request, request.prompt, state=state)
+            self._sessions.add(session)
+        return session
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+
+    def steer(self, session: Session, prompt: str) -> None:
+        """Refused: a clip is made from one prompt."""
+        raise InvalidRequest("prompt", "a clip has one prompt: it cannot be changed once the clip is opened")
+
+    def end(self, session: Session) -> None:
+        """Free the session's place now; a later `advance` skips it."""
+        with self._lock:
+            session.closed = True
+            self._sessions.discard(session)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def advance(self, sessions: list[Session]) -> list[Frame]:
+        """One denoising step for each open, unfinished session (one network call per latent shape), then the decode
+        of the clips that took their last: all their pixel frames, each clip's in order. A clip that is not finite
+        fails alone (its session's `error` set, the session ended)."""
+        sampler, _ = self._loaded()
+        with self._lock:
+            live = [s for s in sessions if not s.closed and not s.finished]
+        if not live:
+            return []
+        sampler.advance([s.state for s in live])
+        done: list[Session] = []
+        for s in live:
+            state: ClipState = s.state
+            if not state.finished:
+                continue
+            if bool(torch.isfinite(state.latents).all()):
+                done.append(s)
+            else:
+                self._fail(s, "its latents are not finite")
+        if not done:
+            return []
+        streams = [StreamDecoder(self.vae) for _ in done]
+        pixels = decode_streams(streams, [s.state.latents[None] for s in done])
+        out: list[Frame] = []
+        for s, frames in zip(done, pixels, strict=True):
+            if not bool(torch.isfinite(frames).all()):
+                self._fail(s, "a decoded frame is not finite")
+                continue
+            for index, image in enumerate(postprocess(frames.float().cpu())):
+                out.append(Frame(s, index, image))
+            s.frame = s.request.frames
+            s.state.latents = s.state.latents[:0]  # the clip has left; its latents need not stay
+        return out
+
+    def _fail(self, session: Session, why: str) -> None:
+        session.error = GenerationFailed(f"generation failed: {why}")
+        log.warning("%s: clip (seed %d) failed: %s", self.video.name, session.request.seed, why)
+        self.end(session)
