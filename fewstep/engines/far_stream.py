@@ -117,9 +117,6 @@ class FARVideo:
                 f"{where}: `video.max_frames` must be the chunk partition's {family.max_frames} latent frames. "
                 f"Given: {spec.max_frames}"
             )
-        for side, cells in (("height", spec.patch[1]), ("width", spec.patch[2])):
-            if getattr(spec, side) % (spec.spatial * cells):
-                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {spec.spatial * cells}")
         return spec
 
     @property

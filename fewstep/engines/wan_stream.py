@@ -119,10 +119,6 @@ class CausalVideo:
             raise CheckpointError(f"{where}: manifest has no causal family")
         family = CausalFamily.from_dict(causal)
         spec = cls(where, family, **video_fields(manifest, where))
-        for side, cells in (("height", spec.patch[1]), ("width", spec.patch[2])):
-            multiple = spec.spatial * cells
-            if getattr(spec, side) % multiple:
-                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
         if spec.max_frames < family.block_frames:
             raise CheckpointError(f"{where}: `video.max_frames` is shorter than one block of {family.block_frames}")
         return spec
@@ -148,10 +144,10 @@ class CausalVideo:
 
 
 def video_fields(manifest: dict[str, Any], where: str) -> dict[str, Any]:
-    """A causal video manifest's `video` and `text` sections, checked (a manifest is untrusted; CheckpointError
-    naming the field): the frame's `height` and `width`, `fps`, the stream bound `max_frames` in latent frames, the
-    latent layout (`channels`, `spatial` and `temporal` factors, the transformer's `patch`) and the prompts'
-    padded `text_length`."""
+    """A Wan video manifest's `video` and `text` sections (a causal student's, a clip student's), checked (a
+    manifest is untrusted; CheckpointError naming the field): the frame's `height` and `width` (multiples of the
+    VAE's factor × the patch), `fps`, the bound `max_frames` in latent frames, the latent layout (`channels`,
+    `spatial` and `temporal` factors, the transformer's `patch`) and the prompts' padded `text_length`."""
     try:
         video, text = manifest["video"], manifest["text"]
         latent = video["latent"]
@@ -187,6 +183,10 @@ def video_fields(manifest: dict[str, Any], where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
         raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
+    for side, cells in (("height", patch[1]), ("width", patch[2])):
+        multiple = values["spatial"] * cells
+        if values[side] % multiple:
+            raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
     return {**values, "fps": float(fps), "patch": (patch[0], patch[1], patch[2])}
 
 

@@ -54,6 +54,7 @@ from typing import Any, Literal
 import torch
 
 from fewstep.errors import CheckpointError, shown
+from fewstep.models.causal_families import MAX_STREAM_FRAMES
 from fewstep.models.sampling import NOISE_STRIDE
 from fewstep.models.schedules import MAX_STEPS, item_noise
 
@@ -69,8 +70,6 @@ SERVED_STEPS = tuple(range(1, 9))
 """Step counts served by default: the flow map is one checkpoint for any count; the model card shows 1 to 8."""
 MAX_CHUNKS = 256
 MAX_CHUNK_FRAMES = 64
-MAX_CLIP_FRAMES = 1024
-"""Most latent frames in a clip: Wan's RoPE table (`rope_max_seq_len`) has 1024 frame positions."""
 
 KVLayers = dict[int, dict[str, torch.Tensor]]
 """The transformer's cache argument: per layer, `full_cache` and `compressed_cache`, each (2: keys and values,
@@ -155,10 +154,11 @@ class FARFamily:
         if not isinstance(self.source, str) or not 0 < len(self.source) <= 1000:
             raise CheckpointError("the FAR family's `source` must be text of 1 to 1000 characters")
         integers(self.chunk_partition, 1, MAX_CHUNK_FRAMES, "chunk_partition")
-        if len(self.chunk_partition) > MAX_CHUNKS or sum(self.chunk_partition) > MAX_CLIP_FRAMES:
+        if len(self.chunk_partition) > MAX_CHUNKS or sum(self.chunk_partition) > MAX_STREAM_FRAMES:
             raise CheckpointError(
-                f"the FAR family's `chunk_partition` must be at most {MAX_CHUNKS} chunks of at most {MAX_CLIP_FRAMES} "
-                f"latent frames in all. Given: {len(self.chunk_partition)} chunks, {sum(self.chunk_partition)} frames"
+                f"the FAR family's `chunk_partition` must be at most {MAX_CHUNKS} chunks of at most "
+                f"{MAX_STREAM_FRAMES} latent frames in all. Given: {len(self.chunk_partition)} chunks, "
+                f"{sum(self.chunk_partition)} frames"
             )
         integers((self.full_chunk_limit,), 1, MAX_CHUNKS, "full_chunk_limit")
         integers(self.step_counts, 1, MAX_STEPS, "step_counts")
