@@ -147,8 +147,15 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from fewstep.models.anyflow_far import FAR_FAMILY, FAR_PIPELINES
     from fewstep.models.causal_families import CAUSAL_FAMILIES
-    from fewstep.models.importing import import_causal_video, import_clip_video, import_pipeline
+    from fewstep.models.importing import (
+        import_causal_video,
+        import_clip_video,
+        import_far,
+        import_pipeline,
+        pipeline_class,
+    )
     from fewstep.models.registry import Registry
     from fewstep.models.wan_clip import CLIP_FAMILIES
     from fewstep.service.settings import Settings
@@ -156,7 +163,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     settings = Settings()
     registry = Registry(Path(args.registry) if args.registry else settings.registry)
-    if args.family in CLIP_FAMILIES:
+    if args.family == FAR_FAMILY or (args.family is None and pipeline_class(Path(args.path)) in FAR_PIPELINES):
+        flags = ("unet", "teacher", "handoff", "lora", "lora_scale", "lora_alpha", "student", "which", "max_frames")
+        _not_taken(args, (*flags, "frames"), f"an AnyFlow FAR pipeline ({FAR_FAMILY})")
+        model, version = import_far(
+            Path(args.path),
+            args.name,
+            registry,
+            size=_size(args.size) if args.size else None,
+            steps=[int(n) for n in args.steps.split(",")] if args.steps else None,
+        )
+    elif args.family in CLIP_FAMILIES:
         _not_taken(
             args,
             ("unet", "steps", "teacher", "handoff", "student", "which", "max_frames", "lora_alpha"),
@@ -445,7 +462,8 @@ def parser() -> argparse.ArgumentParser:
         "flux-schnell, sd35-turbo, z-image-turbo, qwen-image-lightning, flux2-klein, sana-sprint; `base` for a teacher "
         "(default: read from the pipeline's scheduler, refused when it cannot tell); a causal video student over a "
         "Wan 2.1 WanPipeline: self-forcing, causvid, longlive, rolling-forcing; a few-step clip student over one "
-        "(or its distillation --lora): wan-lightning, fastwan, turbowan (rcm)",
+        "(or its distillation --lora): wan-lightning, fastwan, turbowan (rcm); an AnyFlowFARPipeline folder is read "
+        "as anyflow-far",
     )
     im.add_argument("--unet", help="a student UNet file that replaces the pipeline's UNet (safetensors)")
     im.add_argument(
@@ -470,7 +488,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="causal families: the longest stream in latent frames (default 21; windowed families: the RoPE table)",
     )
-    im.add_argument("--steps", help="comma-separated step counts to serve (default: the family's)")
+    im.add_argument("--steps", help="comma-separated step counts to serve (default: the family's; anyflow-far: 1 to 8)")
     im.add_argument("--teacher", help="an imported base pipeline that shares the VAE and text encoders (hybrid)")
     im.add_argument(
         "--handoff",

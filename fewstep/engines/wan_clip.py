@@ -38,9 +38,9 @@ import torch
 
 from fewstep.engines.base import Frame, Session, StreamRequest
 from fewstep.engines.specs import VideoSpec
-from fewstep.engines.wan_stream import PRECISIONS, PromptEncoder, check_layout, load_component
+from fewstep.engines.wan_stream import PRECISIONS, PromptEncoder, check_layout, load_component, video_fields
 from fewstep.errors import CheckpointError, GenerationFailed, InvalidRequest, Overloaded, limit_error
-from fewstep.models.checkpoint import MAX_SIDE, read_manifest
+from fewstep.models.checkpoint import read_manifest
 from fewstep.models.pipelines import dtype_of, postprocess
 from fewstep.models.wan_clip import ClipFamily, ClipSampler, ClipState
 from fewstep.models.wan_vae import StreamDecoder, decode_streams
@@ -49,10 +49,6 @@ log = logging.getLogger("fewstep.engines")
 
 KIND = "diffusers-video"
 """The manifest kind of an imported bidirectional Wan student."""
-MAX_CLIP_FRAMES = 1024
-"""Most latent frames a manifest may bound a clip to (Wan's RoPE table has 1024 frame positions)."""
-MAX_TEXT_TOKENS = 4096
-"""Longest padded prompt a manifest may ask for (Wan's is 512)."""
 
 
 @dataclass(frozen=True)
@@ -83,44 +79,7 @@ class ClipVideo:
         if not isinstance(clip, dict):
             raise CheckpointError(f"{where}: manifest has no clip family")
         family = ClipFamily.from_dict(clip)
-        try:
-            video, lengths = manifest["video"], manifest["text"]["lengths"]
-            latent = video["latent"]
-            if not isinstance(lengths, list) or len(lengths) != 1:
-                raise ValueError("`text.lengths` must list one length (one tokenizer)")
-            patch = tuple(latent["patch"])
-            values = {
-                "height": video["height"],
-                "width": video["width"],
-                "max_frames": video["max_frames"],
-                "channels": latent["channels"],
-                "spatial": latent["spatial"],
-                "temporal": latent["temporal"],
-                "text_length": lengths[0],
-            }
-            fps = video["fps"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
-        bounds = {
-            "height": MAX_SIDE,
-            "width": MAX_SIDE,
-            "max_frames": MAX_CLIP_FRAMES,
-            "channels": 1024,
-            "spatial": 64,
-            "temporal": 16,
-            "text_length": MAX_TEXT_TOKENS,
-        }
-        for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
-                raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
-        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
-            raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
-            raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
-        spec = cls(where, family, fps=float(fps), patch=(patch[0], patch[1], patch[2]), **values)
-        for side, cells in (("height", patch[1]), ("width", patch[2])):
-            if getattr(spec, side) % (spec.spatial * cells):
-                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {spec.spatial * cells}")
+        spec = cls(where, family, **video_fields(manifest, where))
         return spec
 
     @property

@@ -118,46 +118,7 @@ class CausalVideo:
         if not isinstance(causal, dict):
             raise CheckpointError(f"{where}: manifest has no causal family")
         family = CausalFamily.from_dict(causal)
-        try:
-            video, text = manifest["video"], manifest["text"]
-            latent = video["latent"]
-            lengths = text["lengths"]
-            if not isinstance(lengths, list) or len(lengths) != 1:
-                raise ValueError("`text.lengths` must list one length (one tokenizer)")
-            patch = tuple(latent["patch"])
-            values = {
-                "height": video["height"],
-                "width": video["width"],
-                "max_frames": video["max_frames"],
-                "channels": latent["channels"],
-                "spatial": latent["spatial"],
-                "temporal": latent["temporal"],
-                "text_length": lengths[0],
-            }
-            fps = video["fps"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
-        bounds = {
-            "height": MAX_SIDE,
-            "width": MAX_SIDE,
-            "max_frames": MAX_STREAM_FRAMES,
-            "channels": 1024,
-            "spatial": 64,
-            "temporal": 16,
-            "text_length": MAX_TEXT_TOKENS,
-        }
-        for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
-                raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
-        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
-            raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
-            raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
-        spec = cls(where, family, fps=float(fps), patch=(patch[0], patch[1], patch[2]), **values)
-        for side, cells in (("height", patch[1]), ("width", patch[2])):
-            multiple = spec.spatial * cells
-            if getattr(spec, side) % multiple:
-                raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
+        spec = cls(where, family, **video_fields(manifest, where))
         if spec.max_frames < family.block_frames:
             raise CheckpointError(f"{where}: `video.max_frames` is shorter than one block of {family.block_frames}")
         return spec
@@ -180,6 +141,53 @@ class CausalVideo:
         """Blocks a stream of `frames` pixel frames takes."""
         latent = 1 + math.ceil((frames - 1) / self.temporal)
         return math.ceil(latent / self.family.block_frames)
+
+
+def video_fields(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Wan video manifest's `video` and `text` sections (a causal student's, a clip student's), checked (a
+    manifest is untrusted; CheckpointError naming the field): the frame's `height` and `width` (multiples of the
+    VAE's factor × the patch), `fps`, the bound `max_frames` in latent frames, the latent layout (`channels`,
+    `spatial` and `temporal` factors, the transformer's `patch`) and the prompts' padded `text_length`."""
+    try:
+        video, text = manifest["video"], manifest["text"]
+        latent = video["latent"]
+        lengths = text["lengths"]
+        if not isinstance(lengths, list) or len(lengths) != 1:
+            raise ValueError("`text.lengths` must list one length (one tokenizer)")
+        patch = tuple(latent["patch"])
+        values = {
+            "height": video["height"],
+            "width": video["width"],
+            "max_frames": video["max_frames"],
+            "channels": latent["channels"],
+            "spatial": latent["spatial"],
+            "temporal": latent["temporal"],
+            "text_length": lengths[0],
+        }
+        fps = video["fps"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: manifest has no valid `video` and `text` sections ({e})") from e
+    bounds = {
+        "height": MAX_SIDE,
+        "width": MAX_SIDE,
+        "max_frames": MAX_STREAM_FRAMES,
+        "channels": 1024,
+        "spatial": 64,
+        "temporal": 16,
+        "text_length": MAX_TEXT_TOKENS,
+    }
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bounds[key]:
+            raise CheckpointError(f"{where}: manifest's `{key}` must be an integer from 1 to {bounds[key]}")
+    if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 8 for p in patch):
+        raise CheckpointError(f"{where}: manifest's `video.latent.patch` must be 3 integers from 1 to 8")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+        raise CheckpointError(f"{where}: manifest's `video.fps` must be a number in (0, 240]")
+    for side, cells in (("height", patch[1]), ("width", patch[2])):
+        multiple = values["spatial"] * cells
+        if values[side] % multiple:
+            raise CheckpointError(f"{where}: the frame's {side} must be a multiple of {multiple}")
+    return {**values, "fps": float(fps), "patch": (patch[0], patch[1], patch[2])}
 
 
 def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype: str = "float32") -> VideoSpec:
@@ -223,11 +231,18 @@ class Layout(Protocol):
     def patch(self) -> tuple[int, int, int]: ...
 
 
-def load_component(folder: Path, manifest: dict[str, Any], key: str, device: str, torch_dtype: torch.dtype) -> Any:
-    """Component `key` of the Wan version in `folder`, of the class its manifest names (one of `COMPONENTS`' for
-    it: a manifest is untrusted), safetensors only, on `device` in `torch_dtype` (a tokenizer as it is).
-    CheckpointError when it does not load."""
-    library, default, allowed = COMPONENTS[key]
+def load_component(
+    folder: Path,
+    manifest: dict[str, Any],
+    key: str,
+    device: str,
+    torch_dtype: torch.dtype,
+    components: dict[str, tuple[str, str, tuple[str, ...]]] = COMPONENTS,
+) -> Any:
+    """Component `key` of the Wan version in `folder`, of the class its manifest names (one of `components`' for
+    it, default `COMPONENTS`: a manifest is untrusted), safetensors only, on `device` in `torch_dtype` (a tokenizer
+    as it is). CheckpointError when it does not load."""
+    library, default, allowed = components[key]
     pipe = manifest.get("pipeline") or {}
     name = (pipe.get("components") or {}).get(key, default)
     if name not in allowed:

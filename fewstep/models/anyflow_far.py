@@ -49,12 +49,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from fewstep.errors import CheckpointError, shown
+from fewstep.models.causal_families import MAX_STREAM_FRAMES
 from fewstep.models.sampling import NOISE_STRIDE
-from fewstep.models.schedules import item_noise
+from fewstep.models.schedules import MAX_STEPS, item_noise
+
+FAR_FAMILY: Literal["anyflow-far"] = "anyflow-far"
+"""The family name a FAR student's manifest carries (its `causal.name`)."""
+FAR_PIPELINES = ("AnyFlowFARPipeline",)
+FAR_SOURCE = (
+    "diffusers 0.42.1 AnyFlowFARPipeline: pipelines/anyflow/pipeline_anyflow_far.py (NVIDIA AnyFlow, PR #13745)"
+)
+DEFAULT_STEPS = 4
+"""The step count AnyFlowFARPipeline's own example samples the released checkpoints at."""
+SERVED_STEPS = tuple(range(1, 9))
+"""Step counts served by default: the flow map is one checkpoint for any count; the model card shows 1 to 8."""
+MAX_CHUNKS = 256
+MAX_CHUNK_FRAMES = 64
 
 KVLayers = dict[int, dict[str, torch.Tensor]]
 """The transformer's cache argument: per layer, `full_cache` and `compressed_cache`, each (2: keys and values,
@@ -110,6 +125,92 @@ class ChunkPlan:
         return 2 * layers * heads * head_dim * tokens
 
 
+@dataclass(frozen=True)
+class FARFamily:
+    """How a FAR student is served, as its manifest's `causal` section holds it (checked on construction: a
+    manifest is untrusted): the chunk partition (its sum is the stream's bound in latent frames), how many chunks
+    a chunk sees at full resolution (itself included), and the step counts served with the default one."""
+
+    chunk_partition: tuple[int, ...]
+    full_chunk_limit: int
+    step_counts: tuple[int, ...]
+    default_steps: int
+    name: Literal["anyflow-far"] = FAR_FAMILY
+    source: str = FAR_SOURCE
+
+    def __post_init__(self) -> None:
+        def integers(values: Any, low: int, high: int, what: str) -> None:
+            if (
+                not isinstance(values, tuple)
+                or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+            ):
+                raise CheckpointError(
+                    f"the FAR family's `{what}` must list integers from {low} to {high}. Given: {shown(values, 60)}"
+                )
+
+        if self.name != FAR_FAMILY:
+            raise CheckpointError(f"the FAR family's `name` must be {FAR_FAMILY!r}. Given: {shown(self.name, 40)}")
+        if not isinstance(self.source, str) or not 0 < len(self.source) <= 1000:
+            raise CheckpointError("the FAR family's `source` must be text of 1 to 1000 characters")
+        integers(self.chunk_partition, 1, MAX_CHUNK_FRAMES, "chunk_partition")
+        if len(self.chunk_partition) > MAX_CHUNKS or sum(self.chunk_partition) > MAX_STREAM_FRAMES:
+            raise CheckpointError(
+                f"the FAR family's `chunk_partition` must be at most {MAX_CHUNKS} chunks of at most "
+                f"{MAX_STREAM_FRAMES} latent frames in all. Given: {len(self.chunk_partition)} chunks, "
+                f"{sum(self.chunk_partition)} frames"
+            )
+        integers((self.full_chunk_limit,), 1, MAX_CHUNKS, "full_chunk_limit")
+        integers(self.step_counts, 1, MAX_STEPS, "step_counts")
+        if list(self.step_counts) != sorted(set(self.step_counts)):
+            raise CheckpointError(f"the FAR family's `step_counts` must ascend. Given: {list(self.step_counts)}")
+        if self.default_steps not in self.step_counts:
+            raise CheckpointError(
+                f"the FAR family's `default_steps` must be one of {list(self.step_counts)}. "
+                f"Given: {shown(self.default_steps, 40)}"
+            )
+
+    @property
+    def max_frames(self) -> int:
+        """The stream's bound in latent frames: the partition's."""
+        return sum(self.chunk_partition)
+
+    def chunks_for(self, latent_frames: int) -> tuple[int, ...]:
+        """The partition's first chunks that cover `latent_frames` latent frames (1 to `max_frames`)."""
+        covered = 0
+        for k, frames in enumerate(self.chunk_partition):
+            covered += frames
+            if covered >= latent_frames:
+                return self.chunk_partition[: k + 1]
+        return self.chunk_partition
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "chunk_partition": list(self.chunk_partition),
+            "full_chunk_limit": self.full_chunk_limit,
+            "step_counts": list(self.step_counts),
+            "default_steps": self.default_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> FARFamily:
+        """The family of a manifest's `causal` section: CheckpointError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise CheckpointError("manifest has no FAR family")
+        extra = sorted(set(d) - set(cls.__dataclass_fields__))
+        if extra:
+            raise CheckpointError(f"the FAR family has unknown fields {shown(extra, 60)}")
+        try:
+            lists = {k: d[k] for k in ("chunk_partition", "step_counts")}
+            if not all(isinstance(v, list) for v in lists.values()):
+                raise TypeError("`chunk_partition` and `step_counts` must be lists")
+            return cls(**{**d, **{k: tuple(v) for k, v in lists.items()}})
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"manifest has no valid FAR family ({e})") from e
+
+
 @dataclass(eq=False)
 class _CacheRows:
     """A session's rows of the cache written by one batched cache step (`rows` rows from `first`)."""
@@ -143,6 +244,9 @@ class FARSession:
     clean: list[torch.Tensor] = field(default_factory=list)
     """The finished chunks (1, frames, C, h, w), in order."""
     cache: _CacheRows | None = None
+    next_embeds: torch.Tensor | None = None
+    """A new prompt (shaped as `embeds`), taken when the chunk in progress finishes: its cache step and every chunk
+    after it run with it (`FARRunner.switch`)."""
 
     @property
     def rows(self) -> int:
@@ -248,6 +352,28 @@ class FARRunner:
             width=width,
         )
 
+    def switch(
+        self, session: FARSession, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None
+    ) -> None:
+        """A new prompt for `session` from the end of its chunk in progress (or of the next chunk it starts, between
+        chunks) on: that chunk keeps its prompt; the cache step after it, which encodes every clean frame again,
+        and every later chunk take the new one, so the history the next chunk attends to is encoded under the prompt
+        it is made with. (`AnyFlowFARPipeline` has no prompt switch: new `prompt_embeds` from its step-end callback
+        reach its cache steps only, its denoising calls keep the embeddings made before its loop.) A later switch
+        before then replaces it. Embeddings as `start` takes them (the negative ones where the session has
+        guidance)."""
+        embeds = prompt_embeds
+        if session.rows == 2:
+            if negative_prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError("a session with guidance needs negative_prompt_embeds shaped as prompt_embeds")
+            embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        if embeds.shape != session.embeds.shape:
+            raise ValueError(
+                f"the new prompt's embeddings must be shaped as the session's {tuple(session.embeds.shape)}. "
+                f"Given: {tuple(embeds.shape)}"
+            )
+        session.next_embeds = embeds.detach().to(self.device, self.dtype)
+
     @torch.no_grad()
     def step(self, sessions: Sequence[FARSession]) -> list[torch.Tensor | None]:
         """One step boundary: each session (not done; each given once) takes one denoising step of its chunk.
@@ -271,6 +397,8 @@ class FARRunner:
                 s.step += 1
                 continue
             assert s.latents is not None
+            if s.next_embeds is not None:
+                s.embeds, s.next_embeds = s.next_embeds, None
             s.clean.append(s.latents)
             finished[i] = s.latents.permute(0, 2, 1, 3, 4)
             s.latents, s.step = None, 0

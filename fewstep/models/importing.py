@@ -27,6 +27,7 @@ from typing import Any
 
 from fewstep.errors import CheckpointError
 from fewstep.models import families, lazy, wan_keys
+from fewstep.models.anyflow_far import DEFAULT_STEPS, FAR_FAMILY, FAR_PIPELINES, SERVED_STEPS, FARFamily
 from fewstep.models.architectures import (
     CLIP_TOKENIZERS,
     T5_TOKENIZERS,
@@ -261,6 +262,11 @@ def import_pipeline(
             f"a {cls} is the base of causal video students: import it with a causal family, "
             f"--family {' | '.join(CAUSAL_FAMILIES)}; a few-step clip student (or a base with its distillation LoRA) "
             f"with a clip family, --family {' | '.join(CLIP_FAMILIES)}{given}"
+        )
+    if cls in FAR.pipelines:
+        raise CheckpointError(
+            f"a {cls} is a causal video student of its own (family {FAR_FAMILY}): import it with `import_far` "
+            "(`fewstep import` reads it so without --family)"
         )
     arch = by_pipeline(cls)
     files, components, variants = _components(src, index, arch, cls, replaced="unet" if unet is not None else None)
@@ -563,17 +569,32 @@ def import_causal_video(
             files[STUDENT_WEIGHTS] = Path(work) / "student.safetensors"
             save_file({k: v.contiguous() for k, v in state.items()}, str(files[STUDENT_WEIGHTS]))
         lengths = _check_tokenizers(files, CAUSAL_VIDEO, components, max_tokens)
-        manifest = {
-            "name": name,
-            "version": "1",
-            "kind": CAUSAL_KIND,
-            "pipeline": {"class": cls, "components": components, "variants": variants},
-            "causal": causal.to_dict(),
-            "video": video,
-            "text": {"max_tokens": lengths[0], "lengths": lengths},
-            "imported": imported,
-        }
+        manifest = _causal_manifest(name, cls, components, variants, causal.to_dict(), video, lengths, imported)
         return registry.publish_files(files, manifest, model=name, promote=True)
+
+
+def _causal_manifest(
+    name: str,
+    cls: str,
+    components: dict[str, str],
+    variants: dict[str, str | None],
+    causal: dict[str, Any],
+    video: dict[str, Any],
+    lengths: list[int],
+    imported: dict[str, Any],
+) -> dict[str, Any]:
+    """A causal video student's manifest (`diffusers-causal-video`): its family's section `causal`, which says how
+    it samples, beside the sections every causal student's engine reads alike (`video`, `text`)."""
+    return {
+        "name": name,
+        "version": "1",
+        "kind": CAUSAL_KIND,
+        "pipeline": {"class": cls, "components": components, "variants": variants},
+        "causal": causal,
+        "video": video,
+        "text": {"max_tokens": lengths[0], "lengths": lengths},
+        "imported": imported,
+    }
 
 
 def _check_text_width(src: Source, network: dict[str, Any]) -> None:
@@ -752,3 +773,121 @@ def _tensors(paths: dict[str, Path], read: bool) -> dict[str, Any]:
         except Exception as e:  # safetensors raises its own types for bad headers
             raise CheckpointError(f"{rel} is not a readable safetensors file ({e})") from e
     return out
+
+
+# -- AnyFlow FAR: a causal student that is a diffusers pipeline of its own ------------------------------------------
+FAR = Architecture(
+    FAR_FAMILY,
+    FAR_PIPELINES,
+    "transformer",
+    {
+        "transformer": ("AnyFlowFARTransformer3DModel",),
+        "vae": ("AutoencoderKLWan",),
+        "text_encoder": ("UMT5EncoderModel",),
+        "tokenizer": T5_TOKENIZERS,
+    },
+    ("text_encoder",),
+    ("tokenizer",),
+    "flow",
+    Adapter(),
+)
+"""NVIDIA's AnyFlow FAR in diffusers format (`AnyFlowFARPipeline`): the components `import_far` copies. Like
+`CAUSAL_VIDEO`, not an image architecture: its adapter is never called; `models.anyflow_far` says how it samples."""
+FAR_SCHEDULER = "FlowMapEulerDiscreteScheduler"
+
+
+def pipeline_class(path: Path) -> str:
+    """The pipeline class a folder's `model_index.json` names (read under `Source`'s containment), so that the
+    command line picks the importer that takes it."""
+    return str(Source(path).json("model_index.json").get("_class_name"))[:200]
+
+
+def import_far(
+    path: Path,
+    name: str,
+    registry: Registry,
+    size: tuple[int, int] | None = None,
+    steps: list[int] | None = None,
+    max_tokens: int = WAN_TOKENS,
+) -> tuple[str, str]:
+    """Import the `AnyFlowFARPipeline` folder at `path` (a folder or a hub snapshot, under `Source`'s containment)
+    as the next version of `name`, kind `diffusers-causal-video`, family `anyflow-far`; returns (name, version).
+
+    Its transformer (`AnyFlowFARTransformer3DModel`: its safetensors headers must hold exactly the tensors its
+    config builds), Wan VAE, UMT5 encoder and tokenizer are copied as they are, with the scheduler config
+    (`FlowMapEulerDiscreteScheduler`). The manifest keeps the FAR family (`anyflow_far.FARFamily`: the
+    transformer's chunk partition, whose sum is the stream's bound in latent frames, its `full_chunk_limit`, the
+    step counts served, `steps` or 1 to 8, and the default count, 4 where served), the video sizes (`size`
+    (width, height), default 832×480, a multiple of the VAE's factor × the compressed patch, within the RoPE
+    table) and the prompts' padded length. Everything is checked before anything is written."""
+    src = Source(path)
+    index = src.json("model_index.json")
+    cls = str(index.get("_class_name"))
+    if cls not in FAR.pipelines:
+        raise CheckpointError(f"an AnyFlow FAR student is an {' or '.join(FAR.pipelines)} folder. Given: {cls[:80]!r}")
+    scheduler = index.get(SCHEDULER)
+    shipped = src.json("scheduler/scheduler_config.json").get("_class_name")
+    if not isinstance(scheduler, list) or scheduler[-1:] != [FAR_SCHEDULER] or shipped != FAR_SCHEDULER:
+        given = scheduler[-1] if isinstance(scheduler, list) and scheduler else scheduler
+        raise CheckpointError(
+            f"scheduler must be {FAR_SCHEDULER} (the flow map's sampler). Given: {str(given)[:60]!r} in "
+            f"model_index.json, {str(shipped)[:60]!r} in scheduler/scheduler_config.json"
+        )
+    files, components, variants = _components(src, index, FAR, cls)
+    network = src.json("transformer/config.json")
+    family, video = _far_video(network, src.json("vae/config.json"), size, steps)
+    _check_text_width(src, network)
+    weights = {r: p for r, p in files.items() if r.startswith("transformer/") and r.endswith(".safetensors")}
+    wan_keys.check_fits(_tensors(weights, read=False), network, FAR.components["transformer"][0])
+    lengths = _check_tokenizers(files, FAR, components, max_tokens)
+    imported = {"pipeline": cls, "student": {"layout": "diffusers", "files": sorted(weights)}}
+    manifest = _causal_manifest(name, cls, components, variants, family.to_dict(), video, lengths, imported)
+    return registry.publish_files(files, manifest, model=name, promote=True)
+
+
+def _far_video(
+    network: dict[str, Any], vae: dict[str, Any], size: tuple[int, int] | None, steps: list[int] | None
+) -> tuple[FARFamily, dict[str, Any]]:
+    """The FAR family and the manifest's `video` from the configs: CheckpointError for a partition, patch, size or
+    step count the transformer cannot serve."""
+    where = "transformer/config.json"
+    video, rope = _wan_video(network, vae, size)
+    spatial, patch = video["latent"]["spatial"], video["latent"]["patch"]
+    compressed = network.get("compressed_patch_size", [1, 4, 4])
+    if (
+        not isinstance(compressed, list)
+        or len(compressed) != 3
+        or compressed[0] != 1
+        or compressed[1] != compressed[2]
+        or not all(type(c) is int and c in (1, 2, 4, 8) and c % p == 0 for c, p in zip(compressed, patch, strict=True))
+    ):
+        raise CheckpointError(
+            f"{where}: `compressed_patch_size` must be [1, c, c] with c 1, 2, 4 or 8, a multiple of the patch "
+            f"{patch}. Given: {str(compressed)[:40]}"
+        )
+    multiple = spatial * compressed[1]  # older chunks are seen through the compressed patches: whole ones only
+    for what in ("width", "height"):
+        if video[what] % multiple:
+            raise CheckpointError(
+                f"--size: the {what} must be a multiple of {multiple} (the VAE's {spatial} × the compressed patch "
+                f"{compressed[1]}). Given: {video[what]}"
+            )
+    partition = network.get("chunk_partition", [1, 3, 3, 3, 3, 3, 3, 2])
+    if not isinstance(partition, list):
+        raise CheckpointError(
+            f"{where}: `chunk_partition` must be a list of frame counts. Given: {str(partition)[:60]}"
+        )
+    served = SERVED_STEPS if steps is None else tuple(sorted(set(steps)))
+    if steps is not None and len(served) != len(steps):
+        raise CheckpointError(f"--steps must not repeat a count. Given: {steps}")
+    default = DEFAULT_STEPS if DEFAULT_STEPS in served else served[-1] if served else 0
+    try:
+        family = FARFamily(tuple(partition), config_int(network, "full_chunk_limit", where, 3, 256), served, default)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where} or --steps: {e}") from e
+    if family.max_frames > rope:
+        raise CheckpointError(
+            f"{where}: `chunk_partition` sums to {family.max_frames} latent frames, more than the RoPE table's "
+            f"{rope} (`rope_max_seq_len`)"
+        )
+    return family, video | {"max_frames": family.max_frames}

@@ -217,17 +217,18 @@ def to_diffusers(state: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, An
     return named, record | {"tensors": len(named), "dtypes": dict(sorted(dtypes.items()))}
 
 
-def check_fits(state: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+def check_fits(state: Mapping[str, Any], config: Mapping[str, Any], network: str = "WanTransformer3DModel") -> None:
     """CheckpointError unless `state` (diffusers names) holds exactly the floating-point tensors, in the shapes,
-    of the `WanTransformer3DModel` that `config` builds. The model is built on the meta device."""
+    of the `network` (a diffusers class: a `WanTransformer3DModel`, or a Wan-based one) that `config` builds. The
+    model is built on the meta device."""
     import torch
 
-    cls = lazy.attr("diffusers", "WanTransformer3DModel")
+    cls = lazy.attr("diffusers", network)
     try:
         with torch.device("meta"):
             model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"the transformer config builds no WanTransformer3DModel ({e})") from e
+        raise CheckpointError(f"the transformer config builds no {network} ({e})") from e
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))

@@ -30,14 +30,16 @@ from fewstep.engines.base import (
     StreamRequest,
     run_to_completion,
 )
+from fewstep.engines.far_stream import FARStreamEngine, far_video_spec
 from fewstep.engines.image import ImageEngine
 from fewstep.engines.latent import LatentEngine, latent_spec
 from fewstep.engines.specs import ImageSpec, Spec, VideoSpec
 from fewstep.engines.video import VideoEngine
 from fewstep.engines.wan_clip import ClipVideo, WanClipEngine, clip_video_spec
-from fewstep.engines.wan_stream import CausalVideo, WanStreamEngine, causal_video_spec
+from fewstep.engines.wan_stream import WanStreamEngine, causal_video_spec
 from fewstep.errors import CheckpointError, FewstepError
 from fewstep.evaluation.probes import PROBE_SETS, ProbeSet
+from fewstep.models.anyflow_far import FAR_FAMILY
 from fewstep.models.checkpoint import read_manifest
 from fewstep.models.registry import Registry
 from fewstep.models.sampling import from_pixels
@@ -279,23 +281,44 @@ DIFFUSERS: Kind[StepEngine] = Kind(
 
 
 # -- diffusers-causal-video: users' imported causal Wan students ----------------------------------------------
+@dataclass(frozen=True)
+class CausalStreams:
+    """How one sampler of causal video students is served: its spec from a manifest alone, and its engine."""
+
+    spec: Callable[[dict[str, Any], str, int, str], VideoSpec]
+    """(manifest, version, capacity, dtype) → the spec."""
+    engine: Callable[[Path, int, str, str, str, int], StreamEngine]
+    """(folder, capacity, device, dtype, version, prompt cache bytes) → the engine, not loaded."""
+
+
+SELF_FORCING_LOOP = CausalStreams(causal_video_spec, WanStreamEngine)
+CAUSAL_STREAMS: dict[str, CausalStreams] = {FAR_FAMILY: CausalStreams(far_video_spec, FARStreamEngine)}
+"""A causal manifest's family name (`causal.name`) → how it is served, for the samplers of their own; every other
+family is data the Self-Forcing loop reads (`models.causal_families`: any name, its manifest says how it samples)."""
+
+
+def causal_streams(manifest: dict[str, Any]) -> CausalStreams:
+    causal = manifest.get("causal")
+    return CAUSAL_STREAMS.get(str(causal.get("name")) if isinstance(causal, dict) else "", SELF_FORCING_LOOP)
+
+
 def _causal_spec(ctx: Context, v: Version) -> VideoSpec:
     s = ctx.settings
-    return causal_video_spec(v.manifest, v.version, s.video_max_sessions, s.latent_dtype)
+    return causal_streams(v.manifest).spec(v.manifest, v.version, s.video_max_sessions, s.latent_dtype)
 
 
-def _causal_engine(ctx: Context, v: Version) -> WanStreamEngine:
+def _causal_engine(ctx: Context, v: Version) -> StreamEngine:
     s = ctx.settings
-    return WanStreamEngine(
-        v.folder, s.video_max_sessions, s.latent_device, s.latent_dtype, v.version, s.prompt_cache_bytes
-    )
+    make = causal_streams(v.manifest).engine
+    return make(v.folder, s.video_max_sessions, s.latent_device, s.latent_dtype, v.version, s.prompt_cache_bytes)
 
 
 def _causal_probes(s: Settings, manifest: dict[str, Any]) -> ProbeSet | None:
     """The video gate's probe streams, each as long as `video_gate_frames` or the model's stream bound if shorter."""
     if not s.video_gate_streams:
         return None
-    frames = min(s.video_gate_frames, CausalVideo.from_manifest(manifest).max_pixel_frames)
+    bound = causal_streams(manifest).spec(manifest, "gate", 1, s.latent_dtype).max_frames
+    frames = s.video_gate_frames if bound is None else min(s.video_gate_frames, bound)
     return named_probes(manifest, "shapes-motion", s.video_gate_streams, frames)
 
 
