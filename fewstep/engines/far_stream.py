@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,15 @@ from fewstep.engines.wan_stream import (
     KIND,
     PRECISIONS,
     PromptEncoder,
+    WanSessions,
     check_layout,
     load_component,
     video_fields,
 )
-from fewstep.errors import CheckpointError, GenerationFailed, Overloaded, limit_error
+from fewstep.errors import CheckpointError, limit_error
 from fewstep.models import lazy
 from fewstep.models.anyflow_far import FARFamily, FARRunner, FARSession
-from fewstep.models.checkpoint import read_manifest
-from fewstep.models.pipelines import dtype_of, postprocess
+from fewstep.models.pipelines import postprocess
 from fewstep.models.wan_vae import StreamDecoder, decode_streams
 
 COMPONENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -174,7 +173,7 @@ class _Stream:
     """The prompt the runner takes at the end of the chunk in progress."""
 
 
-class FARStreamEngine:
+class FARStreamEngine(WanSessions):
     """Serves one AnyFlow FAR student version to up to `capacity` concurrent sessions (a `StreamEngine`)."""
 
     def __init__(
@@ -186,34 +185,12 @@ class FARStreamEngine:
         version: str | None = None,
         prompt_cache_bytes: int = 256 << 20,
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
-        manifest = read_manifest(folder)
-        self.video = FARVideo.from_manifest(manifest)
+        super().__init__(folder, capacity, device, dtype, version, prompt_cache_bytes, far_video_spec)
+        self.video = FARVideo.from_manifest(self.manifest)
         self.family = self.video.family
-        self.torch_dtype = dtype_of(dtype)
-        self.folder, self.manifest, self.device = folder, manifest, device
-        self._spec = far_video_spec(manifest, version or str(manifest.get("version", "1")), capacity, dtype)
-        self._cache_bytes = prompt_cache_bytes
         self.runner: FARRunner | None = None
-        self.vae: Any = None
-        self.prompts: PromptEncoder | None = None
-        self._lock = threading.Lock()
-        self._sessions: set[Session] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
-    @property
-    def spec(self) -> VideoSpec:
-        return self._spec
-
-    @property
-    def capacity(self) -> int:
-        return self._spec.capacity
-
-    @property
-    def active(self) -> int:
-        return len(self._sessions)
-
     def load(self) -> None:
         """Load the transformer, VAE, text encoder, tokenizer and scheduler the manifest names (safetensors only, the
         classes checked) and check them against the manifest."""
@@ -265,15 +242,8 @@ class FARStreamEngine:
         frames = self.video.pixel_frames(sum(self.family.chunk_partition[:2]))
         stream_alone(self, StreamRequest("warm-up", frames, self.family.default_steps, 0))
 
-    def close(self) -> None:
-        """End every session and drop the networks."""
-        with self._lock:
-            for s in list(self._sessions):
-                s.closed = True
-            self._sessions.clear()
-            if self.prompts is not None:
-                self.prompts.clear()
-            self.runner, self.vae, self.prompts = None, None, None
+    def _drop(self) -> None:
+        self.runner = None
 
     def _loaded(self) -> tuple[FARRunner, PromptEncoder]:
         if self.runner is None or self.prompts is None:
@@ -289,20 +259,15 @@ class FARStreamEngine:
         if not 1 <= request.frames <= limit:
             raise limit_error("frames", f"between 1 and {limit} (the model's stream bound)", request.frames)
         runner, prompts = self._loaded()
-        if self.active >= self.capacity:  # refuse before the slow part; the check under the lock is the one that counts
-            raise self._full()
+        self._room()
         embeds = prompts(request.prompt)  # outside the lock: the text encoder is the slow part
         h, w = self.video.latent
-        with self._lock:
-            if len(self._sessions) >= self.capacity:
-                raise self._full()
-            far = runner.start(embeds, request.seed, request.steps, h, w, self.video.partition_for(request.frames))
-            session = Session(request, request.prompt, state=_Stream(far, StreamDecoder(self.vae)))
-            self._sessions.add(session)
-        return session
 
-    def _full(self) -> Overloaded:
-        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+        def state(_slot: int) -> _Stream:
+            far = runner.start(embeds, request.seed, request.steps, h, w, self.video.partition_for(request.frames))
+            return _Stream(far, StreamDecoder(self.vae))
+
+        return self._admit(request, state)
 
     def steer(self, session: Session, prompt: str) -> None:
         """Change the prompt from the end of the session's chunk in progress on (see the module docstring); a later
@@ -311,15 +276,6 @@ class FARStreamEngine:
         embeds = prompts(prompt)
         with self._lock:
             session.state.pending = (prompt, embeds)
-
-    def end(self, session: Session) -> None:
-        """Close the session now; a later `advance` skips it."""
-        with self._lock:
-            self._release(session)
-
-    def _release(self, session: Session) -> None:
-        session.closed = True
-        self._sessions.discard(session)
 
     # -- one step boundary ------------------------------------------------------------------------
     def advance(self, sessions: list[Session]) -> list[Frame]:
@@ -361,8 +317,3 @@ class FARStreamEngine:
                     out.append(Frame(s, s.frame, image))
                     s.frame += 1
             return out
-
-    def _fail(self, s: Session, why: str) -> None:
-        """End `s` as failed alone (under the lock)."""
-        s.error = GenerationFailed(f"generation failed: {why}")
-        self._release(s)

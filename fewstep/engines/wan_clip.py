@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,16 @@ import torch
 
 from fewstep.engines.base import Frame, Session, StreamRequest
 from fewstep.engines.specs import VideoSpec
-from fewstep.engines.wan_stream import PRECISIONS, PromptEncoder, check_layout, load_component, video_fields
-from fewstep.errors import CheckpointError, GenerationFailed, InvalidRequest, Overloaded, limit_error
-from fewstep.models.checkpoint import read_manifest
-from fewstep.models.pipelines import dtype_of, postprocess
+from fewstep.engines.wan_stream import (
+    PRECISIONS,
+    PromptEncoder,
+    WanSessions,
+    check_layout,
+    load_component,
+    video_fields,
+)
+from fewstep.errors import CheckpointError, GenerationFailed, InvalidRequest, limit_error
+from fewstep.models.pipelines import postprocess
 from fewstep.models.wan_clip import ClipFamily, ClipSampler, ClipState
 from fewstep.models.wan_vae import StreamDecoder, decode_streams
 
@@ -137,7 +142,7 @@ def clip_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype
     )
 
 
-class WanClipEngine:
+class WanClipEngine(WanSessions):
     """Serves one bidirectional Wan student version to up to `capacity` concurrent clips (a `StreamEngine`)."""
 
     def __init__(
@@ -149,34 +154,12 @@ class WanClipEngine:
         version: str | None = None,
         prompt_cache_bytes: int = 256 << 20,
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
-        manifest = read_manifest(folder)
-        self.video = ClipVideo.from_manifest(manifest)
+        super().__init__(folder, capacity, device, dtype, version, prompt_cache_bytes, clip_video_spec)
+        self.video = ClipVideo.from_manifest(self.manifest)
         self.family = self.video.family
-        self.torch_dtype = dtype_of(dtype)
-        self.folder, self.manifest, self.device = folder, manifest, device
-        self._spec = clip_video_spec(manifest, version or str(manifest.get("version", "1")), capacity, dtype)
-        self._cache_bytes = prompt_cache_bytes
         self.sampler: ClipSampler | None = None
-        self.vae: Any = None
-        self.prompts: PromptEncoder | None = None
-        self._lock = threading.Lock()
-        self._sessions: set[Session] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
-    @property
-    def spec(self) -> VideoSpec:
-        return self._spec
-
-    @property
-    def capacity(self) -> int:
-        return self._spec.capacity
-
-    @property
-    def active(self) -> int:
-        return len(self._sessions)
-
     def load(self) -> None:
         """Load the transformer, VAE, text encoder and tokenizer the manifest names (safetensors only, the classes
         checked) and check them against the manifest."""
@@ -210,15 +193,8 @@ class WanClipEngine:
             if session.error is not None:
                 raise GenerationFailed(f"warm-up at {steps} steps: {session.error}")
 
-    def close(self) -> None:
-        """End every session and drop the networks."""
-        with self._lock:
-            for s in list(self._sessions):
-                s.closed = True
-            self._sessions.clear()
-            if self.prompts is not None:
-                self.prompts.clear()
-            self.sampler, self.vae, self.prompts = None, None, None
+    def _drop(self) -> None:
+        self.sampler = None
 
     def _loaded(self) -> tuple[ClipSampler, PromptEncoder]:
         if self.sampler is None or self.prompts is None:
@@ -233,29 +209,14 @@ class WanClipEngine:
         if self.video.latent_frames(request.frames) is None:
             raise limit_error("frames", self.video.allowed, request.frames)
         sampler, prompts = self._loaded()
-        if len(self._sessions) >= self.capacity:  # refuse before the slow part; the check under the lock counts
-            raise self._full()
+        self._room()
         prompt = prompts(request.prompt)[0]  # outside the lock: the text encoder is the slow part
         state = sampler.begin(prompt, request.seed, request.steps, self.video.latent_shape(request.frames))
-        with self._lock:
-            if len(self._sessions) >= self.capacity:
-                raise self._full()
-            session = Session(request, request.prompt, state=state)
-            self._sessions.add(session)
-        return session
-
-    def _full(self) -> Overloaded:
-        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+        return self._admit(request, lambda _slot: state)
 
     def steer(self, session: Session, prompt: str) -> None:
         """Refused: a clip is made from one prompt."""
         raise InvalidRequest("prompt", "a clip has one prompt: it cannot be changed once the clip is opened")
-
-    def end(self, session: Session) -> None:
-        """Free the session's place now; a later `advance` skips it."""
-        with self._lock:
-            session.closed = True
-            self._sessions.discard(session)
 
     # -- one step ---------------------------------------------------------------------------------
     def advance(self, sessions: list[Session]) -> list[Frame]:
@@ -276,7 +237,8 @@ class WanClipEngine:
             if bool(torch.isfinite(state.latents).all()):
                 done.append(s)
             else:
-                self._fail(s, "its latents are not finite")
+                with self._lock:
+                    self._fail(s, "its latents are not finite")
         if not done:
             return []
         streams = [StreamDecoder(self.vae) for _ in done]
@@ -284,15 +246,11 @@ class WanClipEngine:
         out: list[Frame] = []
         for s, frames in zip(done, pixels, strict=True):
             if not bool(torch.isfinite(frames).all()):
-                self._fail(s, "a decoded frame is not finite")
+                with self._lock:
+                    self._fail(s, "a decoded frame is not finite")
                 continue
             for index, image in enumerate(postprocess(frames.float().cpu())):
                 out.append(Frame(s, index, image))
             s.frame = s.request.frames
             s.state.latents = s.state.latents[:0]  # the clip has left; its latents need not stay
         return out
-
-    def _fail(self, session: Session, why: str) -> None:
-        session.error = GenerationFailed(f"generation failed: {why}")
-        log.warning("%s: clip (seed %d) failed: %s", self.video.name, session.request.seed, why)
-        self.end(session)

@@ -55,6 +55,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -347,7 +348,108 @@ class _Stream:
     """A `recache` family's last clean latent blocks (C, F, h, w), enough to cover its attention span."""
 
 
-class WanStreamEngine:
+class WanSessions:
+    """What the Wan engines share (`WanStreamEngine`, `WanClipEngine`, `FARStreamEngine`): the manifest and the spec
+    made from it, up to `capacity` open sessions each holding one of `capacity` slots (the lowest free first), the
+    prompt encoder and the VAE once loaded, and the `StreamEngine` calls that are the same for all of them (`spec`,
+    `capacity`, `active`, `end`, `close`). A subclass loads its network, says how a session starts (`_admit`'s
+    state) and steps them."""
+
+    def __init__(
+        self,
+        folder: Path,
+        capacity: int,
+        device: str,
+        dtype: str,
+        version: str | None,
+        prompt_cache_bytes: int,
+        spec: Callable[[dict[str, Any], str, int, str], VideoSpec],
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
+        self.folder, self.manifest, self.device = folder, read_manifest(folder), device
+        self.torch_dtype = dtype_of(dtype)
+        self._spec = spec(self.manifest, version or str(self.manifest.get("version", "1")), capacity, dtype)
+        self._cache_bytes = prompt_cache_bytes
+        self.vae: Any = None
+        self.prompts: PromptEncoder | None = None
+        self._lock = threading.Lock()
+        self._free = list(range(capacity))
+        self._slots: dict[Session, int] = {}
+
+    @property
+    def spec(self) -> VideoSpec:
+        return self._spec
+
+    @property
+    def capacity(self) -> int:
+        return self._spec.capacity
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    def _room(self) -> None:
+        """`Overloaded` when every slot is taken: asked before a session's slow set-up (its prompt's encoding); the
+        check under the lock in `_admit` is the one that counts."""
+        if not self._free:
+            raise self._full()
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+
+    def _admit(self, request: StreamRequest, state: Callable[[int], Any]) -> Session:
+        """A new session of `request` in the lowest free slot, its state `state(slot)` (made under the lock);
+        `Overloaded` when none is free."""
+        with self._lock:
+            if not self._free:
+                raise self._full()
+            slot = self._free.pop(0)
+            try:
+                session = Session(request, request.prompt, state=state(slot))
+            except BaseException:
+                self._free.insert(0, slot)
+                raise
+            self._slots[session] = slot
+        return session
+
+    def end(self, session: Session) -> None:
+        """Free the session's slot now; a later `advance` skips it."""
+        with self._lock:
+            self._release(session)
+
+    def _release(self, session: Session) -> None:
+        """Close `session` and free its slot (under the lock; once)."""
+        if session.closed:
+            return
+        session.closed = True
+        if (slot := self._slots.pop(session, None)) is not None:
+            self._free.append(slot)
+            self._free.sort()
+
+    def _fail(self, session: Session, why: str) -> None:
+        """End `session` as failed alone (under the lock): its `error` says why; its neighbours go on."""
+        session.error = GenerationFailed(f"generation failed: {why}")
+        log.warning("%s: session (seed %d) failed: %s", self.folder.name, session.request.seed, why)
+        self._release(session)
+
+    def close(self) -> None:
+        """End every session and drop the networks (and whatever `_drop` holds)."""
+        with self._lock:
+            for s in list(self._slots):
+                s.closed = True
+            self._slots.clear()
+            self._free = list(range(self.capacity))
+            if self.prompts is not None:
+                self.prompts.clear()
+            self.vae, self.prompts = None, None
+            self._drop()
+
+    def _drop(self) -> None:
+        """Drop the subclass's network (under the lock, at `close`)."""
+
+
+class WanStreamEngine(WanSessions):
     """Serves one causal Wan student version to up to `capacity` concurrent sessions (a `StreamEngine`)."""
 
     def __init__(
@@ -359,35 +461,12 @@ class WanStreamEngine:
         version: str | None = None,
         prompt_cache_bytes: int = 256 << 20,
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1. Given: {capacity}")
-        manifest = read_manifest(folder)
-        self.video = CausalVideo.from_manifest(manifest)
+        super().__init__(folder, capacity, device, dtype, version, prompt_cache_bytes, causal_video_spec)
+        self.video = CausalVideo.from_manifest(self.manifest)
         self.family = self.video.family
-        self.torch_dtype = dtype_of(dtype)
-        self.folder, self.manifest, self.device = folder, manifest, device
-        self._spec = causal_video_spec(manifest, version or str(manifest.get("version", "1")), capacity, dtype)
-        self._cache_bytes = prompt_cache_bytes
         self.runner: CausalWan | None = None
-        self.vae: Any = None
-        self.prompts: PromptEncoder | None = None
-        self._lock = threading.Lock()
-        self._free = list(range(capacity))
-        self._sessions: set[Session] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
-    @property
-    def spec(self) -> VideoSpec:
-        return self._spec
-
-    @property
-    def capacity(self) -> int:
-        return self._spec.capacity
-
-    @property
-    def active(self) -> int:
-        return len(self._sessions)
-
     def load(self) -> None:
         """Load the transformer, VAE, text encoder and tokenizer the manifest names (safetensors only, the classes
         checked), check them against the manifest, and allocate the cache of `capacity` slots."""
@@ -419,16 +498,8 @@ class WanStreamEngine:
             self, StreamRequest("warm-up", self.video.pixel_frames(self.family.block_frames), self.family.steps, 0)
         )
 
-    def close(self) -> None:
-        """End every session and drop the networks and the cache."""
-        with self._lock:
-            for s in list(self._sessions):
-                s.closed = True
-            self._sessions.clear()
-            self._free = list(range(self.capacity))
-            if self.prompts is not None:
-                self.prompts.clear()
-            self.runner, self.vae, self.prompts = None, None, None
+    def _drop(self) -> None:
+        self.runner = None  # and its cache
 
     def _loaded(self) -> tuple[CausalWan, PromptEncoder]:
         if self.runner is None or self.prompts is None:
@@ -450,20 +521,14 @@ class WanStreamEngine:
         if not 1 <= request.frames <= limit:
             raise limit_error("frames", f"between 1 and {limit} (the model's stream bound)", request.frames)
         runner, _ = self._loaded()
-        if not self._free:  # refuse before the slow part; the check under the lock below is the one that counts
-            raise self._full()
+        self._room()
         prompt = self.prompt_kv(request.prompt)  # outside the lock: the text encoder is the slow part
-        with self._lock:
-            if not self._free:
-                raise self._full()
-            slot = self._free.pop(0)
-            runner.reset(slot)
-            session = Session(request, request.prompt, state=_Stream(slot, StreamDecoder(self.vae), prompt))
-            self._sessions.add(session)
-        return session
 
-    def _full(self) -> Overloaded:
-        return Overloaded(f"all {self.capacity} video sessions are taken (`video_max_sessions`)", 2.0)
+        def state(slot: int) -> _Stream:
+            runner.reset(slot)
+            return _Stream(slot, StreamDecoder(self.vae), prompt)
+
+        return self._admit(request, state)
 
     def steer(self, session: Session, prompt: str) -> None:
         """Change the prompt from the session's next block on (the block in progress keeps its own). Steering to
@@ -471,20 +536,6 @@ class WanStreamEngine:
         text = self.prompt_kv(prompt)
         with self._lock:
             session.state.pending = (prompt, text)
-
-    def end(self, session: Session) -> None:
-        """Free the session's slot now; a later `advance` skips it."""
-        with self._lock:
-            self._release(session)
-
-    def _release(self, session: Session) -> None:
-        """Close `session` and free its slot (under the lock; once)."""
-        if session.closed:
-            return
-        session.closed = True
-        self._sessions.discard(session)
-        self._free.append(session.state.slot)
-        self._free.sort()
 
     # -- one step boundary ------------------------------------------------------------------------
     def advance(self, sessions: list[Session]) -> list[Frame]:
@@ -523,11 +574,6 @@ class WanStreamEngine:
                     out.append(Frame(s, s.frame, image))
                     s.frame += 1
             return out
-
-    def _fail(self, s: Session, why: str) -> None:
-        """End `s` as failed alone (under the lock)."""
-        s.error = GenerationFailed(f"generation failed: {why}")
-        self._release(s)
 
     def _start_block(self, runner: CausalWan, s: Session) -> None:
         """The session's next block at its first step, after the prompt switch waiting for it (if any)."""

@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ThreadPoolExecutor(max_workers=128, thread_name_prefix="queue-wait"),
         open_limits(settings),
         EventHub(queue),
+        clips=clips,
     )
     webhooks = WebhookSender(queue, settings, metrics) if settings.webhook_secret is not None else None
     seeded, stopping = threading.Event(), threading.Event()

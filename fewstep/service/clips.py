@@ -86,6 +86,11 @@ class VideoClips:
         self._thread = threading.Thread(target=self._run, name="video-clips", daemon=True)
         self._thread.start()
 
+    def nudge(self) -> None:
+        """A video was queued: look for it now rather than at the end of the round's wait (`TICK_S`)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def close(self) -> None:
         """Stop claiming; clips in flight are left unacknowledged, for another gateway to take back."""
         self._stopping.set()

@@ -260,6 +260,9 @@ class Settings(BaseSettings):
     """Largest MP4 a video may make; a bigger one fails the video (its error names this limit) and is not stored."""
     video_crf: int = Field(18, ge=0, le=51)
     """H.264 constant rate factor of the MP4s (0: lossless luma; 18: visually lossless; higher: smaller files)."""
+    video_poll_after_ms: int = Field(250, ge=10, le=60_000)
+    """How soon a client should look at an unfinished video again, sent as `openai-poll-after-ms` (the header the
+    OpenAI SDK's `poll` and `create_and_poll` follow; without it they wait 1 s between looks)."""
 
     webhook_secret: SecretStr | None = None
     """Master key of the webhooks' signatures: each API key's signing secret is derived from it (HMAC-SHA256 of the

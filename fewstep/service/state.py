@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fewstep.errors import Unauthorized
 from fewstep.service.auth import AdminKeys, KeyRing
 from fewstep.service.catalog import Catalog
+from fewstep.service.clips import VideoClips
 from fewstep.service.drain import Drain
 from fewstep.service.events import EventHub
 from fewstep.service.limits import Lease, Limits
@@ -46,6 +47,8 @@ class Gateway:
     """Job events for every waiting request and stream, from one thread (service/events.py)."""
     drain: Drain = field(default_factory=Drain)
     """Work in flight, and whether the process is shutting down (service/drain.py)."""
+    clips: VideoClips | None = None
+    """This gateway's clip driver (service/clips.py): told when a video is queued here."""
 
     @property
     def keyed(self) -> bool:

@@ -83,7 +83,10 @@ async def create_video(
         ),
     )
     await gw.spend(owner, "videos")
-    return await video_view(gw, owner, await gw.ask(gw.queue.submit, job))
+    video = await video_view(gw, owner, await gw.ask(gw.queue.submit, job))
+    if gw.clips is not None:
+        gw.clips.nudge()  # this gateway's driver claims it now, not at its next round
+    return video
 
 
 def clip_limits(spec: VideoSpec, settings: Settings) -> tuple[float, int]:
@@ -146,8 +149,12 @@ async def list_videos(
 
 
 @router.get("/v1/videos/{video_id}", response_model=Video)
-async def get_video(video_id: str, owner: Owner, gw: GatewayDep) -> Video:
-    return await video_view(gw, owner, await gw.ask(gw.queue.status, video_id, owner))
+async def get_video(video_id: str, owner: Owner, gw: GatewayDep, response: Response) -> Video:
+    """The video; while it is unfinished, `openai-poll-after-ms` says when to look again."""
+    video = await video_view(gw, owner, await gw.ask(gw.queue.status, video_id, owner))
+    if video.status in ("queued", "in_progress"):
+        response.headers["openai-poll-after-ms"] = str(gw.settings.video_poll_after_ms)
+    return video
 
 
 @router.delete("/v1/videos/{video_id}", response_model=VideoDeleted)

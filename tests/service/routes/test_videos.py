@@ -130,6 +130,9 @@ def test_a_video_deleted_while_running_ends_failed_and_frees_its_slot_for_the_ne
     short = make(client, "0.5", seed=22)  # one clip at a time here (`video_max_clips`): it waits for the slot
     running = wait(client, long.id, {"in_progress"})
     assert client.videos.retrieve(short.id).status == "queued"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    unfinished = httpx.get(f"{server.url}/v1/videos/{long.id}", headers=headers)
+    assert unfinished.headers["openai-poll-after-ms"] == "250"  # what the SDK's poll follows (`video_poll_after_ms`)
     time.sleep(0.5)
     assert client.videos.retrieve(long.id).progress >= 0
     assert client.videos.delete(long.id).deleted
@@ -137,6 +140,7 @@ def test_a_video_deleted_while_running_ends_failed_and_frees_its_slot_for_the_ne
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "cancelled", failed
     assert running.status == "in_progress"
     assert wait(client, short.id, {"completed", "failed"}, timeout=30).status == "completed"
+    assert "openai-poll-after-ms" not in httpx.get(f"{server.url}/v1/videos/{short.id}", headers=headers).headers
     with pytest.raises(openai.ConflictError):
         client.videos.download_content(long.id)
 
