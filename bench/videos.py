@@ -6,7 +6,8 @@ is rebuilt bigger so that it dominates a clip's cost (`--layers` blocks of `--he
 as a `wan-lightning` student (4 steps: LightX2V's timesteps, plain Euler, no guidance) at `--size`² with clips of
 `--frames` pixel frames, prompts padded to 16 tokens. Every clip has a prompt no earlier clip used (fewstep's prompt
 cache never hits; the pipeline encodes every prompt anyway). Each round runs every side on `--clips` clips, in turn,
-so that the shared machine's drift hits them alike; the figures are the median round's.
+so that the shared machine's drift hits them alike; clips/min is the median of the rounds', a ratio the
+median of the rounds' ratios.
 
 * **WanPipeline, sequential**: `WanPipeline.__call__` in this process, one clip after another, with the family's
   schedule as the parity test drives it (`tests/engines/test_wan_clip.py`: its scheduler, the clip's starting noise
@@ -20,7 +21,8 @@ Every side runs torch on `--threads` intra-op threads (the server: `FEWSTEP_THRE
 at once (`FEWSTEP_VIDEO_MAX_CLIPS=4`; the default is 2) and has no video gate (`FEWSTEP_VIDEO_GATE_STREAMS=0`: its
 probes would only lengthen the start-up).
 
-    .venv/bin/python bench/videos.py [--clips 8] [--rounds 3] [--frames 17] [--size 64] [--layers 8] [--heads 8]
+    .venv/bin/python bench/videos.py [--clips 6] [--rounds 3] [--frames 17] [--size 64] [--layers 8] [--heads 12]
+                               [--threads 1]
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def served_side(url: str, clips: int, concurrency: int, args: argparse.Namespace
 
     from fewstep.engines.mp4 import decode_mp4
 
+    warnings.filterwarnings("ignore", "The Sora API", DeprecationWarning)  # the SDK's notice on its own methods
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused-without-auth", max_retries=0, timeout=300)
     seconds = f"{args.frames / 16:g}"  # Wan's 16 fps: this many seconds is `--frames` frames
     todo = list(range(clips))
@@ -198,13 +201,11 @@ def served_side(url: str, clips: int, concurrency: int, args: argparse.Namespace
                     return
                 seed = todo.pop(0)
             t = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # the SDK's notice on the Sora API
-                video = client.videos.create_and_poll(
-                    model="bench", prompt=prompt(), seconds=seconds, size=f"{args.size}x{args.size}",  # type: ignore[arg-type]
-                    extra_body={"steps": STEPS, "seed": seed}, poll_interval_ms=POLL_MS,
-                )  # fmt: skip
-                mp4 = client.videos.download_content(video.id).content if video.status == "completed" else b""
+            video = client.videos.create_and_poll(
+                model="bench", prompt=prompt(), seconds=seconds, size=f"{args.size}x{args.size}",  # type: ignore[arg-type]
+                extra_body={"steps": STEPS, "seed": seed}, poll_interval_ms=POLL_MS,
+            )  # fmt: skip
+            mp4 = client.videos.download_content(video.id).content if video.status == "completed" else b""
             took = time.perf_counter() - t
             with lock:
                 if video.status != "completed":
@@ -291,18 +292,18 @@ def rate(timing: Timing) -> float:
     return 60 * len(each) / wall
 
 
-def median_round(timings: list[Timing]) -> Timing:
-    """The round of the median clips/min (the lower median with an even count)."""
-    ordered = sorted(timings, key=rate)
-    return ordered[(len(ordered) - 1) // 2]
+def ratio(out: dict[str, list[Timing]], side: str, against: str) -> float:
+    """The median over rounds of `side`'s clips/min over `against`'s in the same round."""
+    return statistics.median(rate(a) / rate(b) for a, b in zip(out[side], out[against], strict=True))
 
 
 def write(out: dict[str, list[Timing]], gap: float, args: argparse.Namespace) -> None:
-    rates = {side: rate(median_round(ts)) for side, ts in out.items()}
-    p50 = {side: statistics.median(median_round(ts)[1]) for side, ts in out.items()}
-    base = rates["pipeline"]
-    served, batch = rates["served-1"] / base, rates["served-4"] / rates["served-1"]
-    engine_batch = rates["engine-4"] / rates["engine-1"]
+    rates = {side: statistics.median(rate(t) for t in ts) for side, ts in out.items()}
+    p50 = {side: statistics.median(x for t in ts for x in t[1]) for side, ts in out.items()}
+    served, batch = ratio(out, "served-1", "pipeline"), ratio(out, "served-4", "served-1")
+    engine_batch = ratio(out, "engine-4", "engine-1")
+
+    share = 4 * statistics.median(CALLS[1]["step"]) / p50["engine-1"]
 
     def ms(concurrency: int, kind: str) -> str:
         return f"{statistics.median(CALLS[concurrency][kind]) * 1000:.0f}"
@@ -325,8 +326,9 @@ def write(out: dict[str, list[Timing]], gap: float, args: argparse.Namespace) ->
         f"{args.head_dim}, feed-forward {4 * args.heads * args.head_dim}), imported as a `{FAMILY}` student "
         f"({STEPS} steps, no guidance) at {args.size}×{args.size}; every clip {args.frames} frames "
         f"({1 + (args.frames - 1) // 4} latent frames, {tokens} tokens), a prompt no earlier clip used, padded to "
-        f"{TOKENS} tokens. {args.clips} clips per side per round, {args.rounds} rounds; each figure is the median "
-        "round's (by clips/min).",
+        f"{TOKENS} tokens. {args.clips} clips per side per round, {args.rounds} rounds; clips/min is the median "
+        "of the rounds', a ratio the median of the rounds' ratios (each round's sides ran within a minute or so of "
+        "each other), seconds per clip the median over every clip of every round.",
         "",
         "- **WanPipeline, sequential**: `WanPipeline(prompt, num_inference_steps=4, guidance_scale=1.0, latents=…, "
         "output_type=\"np\")` in the benchmark's process, the family's scheduler as the parity test "
@@ -342,12 +344,13 @@ def write(out: dict[str, list[Timing]], gap: float, args: argparse.Namespace) ->
         "",
         f"Parity in this run: the engine's clip is within {gap:.0f}/255 of WanPipeline's for the same prompt and seed.",
         "",
-        "| side | clips/min, each round | clips/min, median round | × WanPipeline | s per clip, p50 |",
+        "| side | clips/min, each round | clips/min, median | × WanPipeline (median of rounds) | s per clip, p50 |",
         "|---|---|---|---|---|",
     ]
     for side in SIDES:
         each = ", ".join(f"{rate(t):.1f}" for t in out[side])
-        lines.append(f"| {LABELS[side]} | {each} | {rates[side]:.1f} | {rates[side] / base:.2f}× | {p50[side]:.2f} |")
+        against = ratio(out, side, "pipeline")
+        lines.append(f"| {LABELS[side]} | {each} | {rates[side]:.1f} | {against:.2f}× | {p50[side]:.2f} |")
     lines += [
         "",
         "## Goals",
@@ -368,12 +371,29 @@ def write(out: dict[str, list[Timing]], gap: float, args: argparse.Namespace) ->
         f"gains {batch:.2f}× over concurrency 1. In the engine, over the whole run, a denoising call takes "
         f"{ms(1, 'step')} ms with one clip and {ms(4, 'step')} ms with four; a call that finishes a clip (its last "
         f"step and the VAE decode of its {args.frames} frames) {ms(1, 'last')} ms with one, {ms(4, 'last')} ms "
-        "with four. What batching recovers on a CPU is per-call overhead (torch's many small kernels at a small "
-        "batch); the decode is per clip whatever the batch.",
+        f"with four: at concurrency 1 the network's four calls are {share:.0%} of a clip's time in the engine, the "
+        "rest the VAE decode and the prompt. What batching recovers on a CPU is per-call overhead (torch's many "
+        "small kernels at a small batch); the decode is per clip whatever the batch.",
+        "- Served, concurrency 4 gains less than the engine's own batching. The clip driver (`service/clips.py`) "
+        "claims a video created while other clips run at its next round, which comes when a clip's frames arrive "
+        "or after `TICK_S` (0.25 s), and it encodes each finished clip's MP4 and writes its result on that same "
+        "thread between rounds; the SDK polls each clip every 100 ms. A row freed by one client's clip therefore "
+        "sits idle for a while before that client's next clip takes it, which the in-process engine (refilled "
+        "at once) never pays. This is the likely cause, read from the code; this run does not measure it apart.",
         f"- Served at concurrency 1, a clip takes {p50['served-1']:.2f} s (p50) from `create` to its MP4 "
         f"downloaded, against {p50['engine-1']:.2f} s in the engine alone (`open` to its last frame) and "
         f"{p50['pipeline']:.2f} s per `WanPipeline` call. The served figure includes the SDK's polling "
         f"({POLL_MS} ms here; at the SDK's default of 1 s, a clip this short waits up to a second more).",
+    ]
+    lines += [
+        "",
+        "## Other runs",
+        "",
+        "Two earlier runs this session, measuring as this one: the same command read served concurrency 1 at 0.80× "
+        "the pipeline (met, at the edge), concurrency 4 at 1.20× concurrency 1 (**missed**), the engine's own gain "
+        "1.36×; with a smaller transformer (`--layers 6 --heads 6`, the VAE decode then about 60 % of an engine "
+        "clip), 0.74× (**missed**), 1.12× (**missed**) and 1.47×. The served ratio sits within this shared machine's "
+        "run-to-run spread of the 0.8× goal; the batching goal is missed in all three.",
     ]
     out_md = ROOT / "docs" / "benchmarks" / "videos.md"
     lines += ["", "![clips per minute, each side](videos.png)"]
@@ -394,7 +414,7 @@ def plot(rates: dict[str, float], args: argparse.Namespace, path: Path) -> None:
     ax.barh(names[::-1], values[::-1], color=["#4c72b0", "#4c72b0", "#55a868", "#55a868", "#8c8c8c"])
     for y, v in enumerate(values[::-1]):
         ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
-    ax.set_xlabel("clips per minute (median round)")
+    ax.set_xlabel("clips per minute (median of rounds)")
     ax.set_title(f"{FAMILY}, {args.frames} frames at {args.size}×{args.size}, {args.threads} CPU threads", fontsize=9)
     ax.tick_params(labelsize=8)
     fig.tight_layout()
@@ -404,14 +424,14 @@ def plot(rates: dict[str, float], args: argparse.Namespace, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--clips", type=int, default=8, help="clips per side per round")
+    p.add_argument("--clips", type=int, default=6, help="clips per side per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--frames", type=int, default=17, help="pixel frames a clip (1 + 4k)")
     p.add_argument("--size", type=int, default=64, help="frame side (a multiple of 16)")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     out, gap = run(args)
     write(out, gap, args)
