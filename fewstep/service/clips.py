@@ -116,9 +116,9 @@ class VideoClips:
     def _turn(self) -> None:
         """One round: take new videos, open waiting ones, end cancelled ones, report progress, finish made ones."""
         now = time.monotonic()
-        if now >= self._beat_at:
+        if self._clips and now >= self._beat_at:
             self._beat_at = now + self.settings.heartbeat_s
-            self.queue.heartbeat(self.name, [c.delivery for c in self._clips])
+            self.queue.heartbeat(self.name, [c.delivery for c in self._clips], (VIDEO,))
         if now >= self._reclaim_at:
             self._reclaim_at = now + self.settings.claim_idle_s / 2
             room = self.limit - len(self._clips)

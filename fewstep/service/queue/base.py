@@ -307,6 +307,7 @@ class QueueStats:
     reclaims: int
     retries: int
     workers: int
+    """Image workers with a recent claim or heartbeat (`keys.image_worker`)."""
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,8 @@ class JobQueue(Protocol):
     def claim(
         self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = IMAGE_LANES
     ) -> list[Delivery]:
-        """Up to `max_items` new items of `lanes`, in that order (interactive first).
+        """Up to `max_items` new items of `lanes`, in that order (interactive first); the consumer is marked alive
+        (an image worker when `lanes` holds an image lane: `keys.image_worker`).
 
         Waits up to `block_s` for the first item, then up to `gather_s` for company.
         """
@@ -441,8 +443,8 @@ class JobQueue(Protocol):
     ) -> list[Delivery]:
         """Take over items of `lanes` idle longer than `min_idle_s`; dead-letter those past `max_deliveries`."""
 
-    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
-        """Reset the idle time of items still running, and mark the worker alive."""
+    def heartbeat(self, consumer: str, deliveries: list[Delivery], lanes: tuple[str, ...] = IMAGE_LANES) -> None:
+        """Reset the idle time of items still running, and mark the consumer of `lanes` alive (as `claim` does)."""
 
     def finish(self, done: list[tuple[Delivery, ItemResult]]) -> list[Written]:
         """Write each item's result (once: later writes are ignored) and acknowledge it.

@@ -35,7 +35,14 @@ from fewstep.service.queue.base import (
     valid_job_id,
     webhook_id,
 )
-from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, IMAGE_LANES, LANES, WORKER_TTL_S
+from fewstep.service.queue.keys import (
+    DEAD_LETTERS_MAX,
+    IDEMPOTENCY_TTL_S,
+    IMAGE_LANES,
+    LANES,
+    WORKER_TTL_S,
+    image_worker,
+)
 
 _CURSOR = re.compile(r"[0-9]{1,19}")
 """This queue's event ids: a counter."""
@@ -261,7 +268,8 @@ class EmbeddedQueue:
     ) -> list[Delivery]:
         deadline = time.monotonic() + block_s
         with self._cv:
-            self._workers[consumer] = time.monotonic()
+            if image_worker(lanes):
+                self._workers[consumer] = time.monotonic()
             while not any(self._waiting[lane] for lane in lanes) and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -330,10 +338,11 @@ class EmbeddedQueue:
                 taken.append(entry.delivery)
             return taken
 
-    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
+    def heartbeat(self, consumer: str, deliveries: list[Delivery], lanes: tuple[str, ...] = IMAGE_LANES) -> None:
         with self._cv:
             now = time.monotonic()
-            self._workers[consumer] = now
+            if image_worker(lanes):
+                self._workers[consumer] = now
             for d in deliveries:
                 entry = self._entries.get(d.entry_id)
                 if entry is not None and entry.consumer == consumer:

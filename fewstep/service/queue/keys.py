@@ -34,6 +34,14 @@ IMAGE_LANES = (INTERACTIVE, BATCH)
 """Synchronous requests go to the interactive lane, jobs to the batch lane; image workers drain interactive
 first and claim nothing else."""
 LANES = (INTERACTIVE, BATCH, VIDEO)
+
+
+def image_worker(lanes: tuple[str, ...]) -> bool:
+    """Whether a consumer of `lanes` is an image worker, the workers `QueueStats.workers` counts (a gateway's clip
+    driver, on the video lane alone, is not: counted, it would hide that every image worker is gone)."""
+    return any(lane in IMAGE_LANES for lane in lanes)
+
+
 """Every lane. Videos (`POST /v1/videos`) go to the video lane, which only a gateway's clip driver claims: the
 process that has the video engines loaded (`service/clips.py`)."""
 

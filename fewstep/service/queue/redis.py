@@ -40,7 +40,15 @@ from fewstep.service.queue.base import (
     owner_over_limit,
     valid_job_id,
 )
-from fewstep.service.queue.keys import DEAD_LETTERS_MAX, IDEMPOTENCY_TTL_S, IMAGE_LANES, LANES, WORKER_TTL_S, Keys
+from fewstep.service.queue.keys import (
+    DEAD_LETTERS_MAX,
+    IDEMPOTENCY_TTL_S,
+    IMAGE_LANES,
+    LANES,
+    WORKER_TTL_S,
+    Keys,
+    image_worker,
+)
 from fewstep.service.queue.scripts import CANCEL, FEED, FINISH, PARTIAL, PROGRESS, SUBMIT, WEBHOOKS_DUE
 
 P = ParamSpec("P")
@@ -348,7 +356,8 @@ class RedisQueue:
         self, consumer: str, max_items: int, block_s: float, gather_s: float, lanes: tuple[str, ...] = IMAGE_LANES
     ) -> list[Delivery]:
         self._ensure_groups()
-        self._alive(consumer)
+        if image_worker(lanes):
+            self._alive(consumer)
         taken = self._fill(consumer, [], max_items, lanes)
         if not taken and block_s > 0:
             streams = {self.keys.lane(lane): ">" for lane in lanes}
@@ -438,8 +447,9 @@ class RedisQueue:
         pipe.execute()
 
     @_reachable
-    def heartbeat(self, consumer: str, deliveries: list[Delivery]) -> None:
-        self._alive(consumer)
+    def heartbeat(self, consumer: str, deliveries: list[Delivery], lanes: tuple[str, ...] = IMAGE_LANES) -> None:
+        if image_worker(lanes):
+            self._alive(consumer)
         for lane in LANES:
             ids = [d.entry_id for d in deliveries if d.lane == lane]
             if not ids:

@@ -419,6 +419,8 @@ def test_a_clip_travels_on_the_video_lane_which_image_workers_never_claim(queue:
     assert queue.claim("images", 10, 0.2, 0.0) == []  # the clip stays queued for a clip driver
     [d] = queue.claim("clips", 10, 1.0, 0.0, lanes=(VIDEO,))
     assert (d.lane, d.work.item) == (VIDEO, StreamRequest("a red circle moving left", 8, 2, 7))
+    queue.heartbeat("clips", [d], (VIDEO,))
+    assert queue.stats().workers == 1  # the image worker; a clip driver is none (it would hide their absence)
     queue.progress(video.id, 40)
     queue.progress(video.id, 20)  # progress never goes back
     st = queue.status(video.id, "alice")
