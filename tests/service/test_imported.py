@@ -50,6 +50,7 @@ async def _wait(c: httpx.AsyncClient, version: str, status: str) -> str | None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow  # a gateway lifecycle waited on for seconds: the fast layer is at its budget
 async def test_an_imported_student_serves_mixed_batches_and_survives_a_broken_push(
     tiny_pipelines: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -76,6 +76,7 @@ async def _wait_status(c: httpx.AsyncClient, model: str, version: str, status: s
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow  # a gateway lifecycle waited on for seconds: the fast layer is at its budget
 async def test_a_kind_registered_with_one_line_is_served_gated_and_swapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +132,7 @@ def _faulty(ctx: Context, v: Version) -> NoopEngine:
 FAULTY = dataclasses.replace(NOOP, engine=_faulty)
 
 
+@pytest.mark.slow  # a gateway lifecycle waited on for seconds: the fast layer is at its budget
 async def test_a_version_that_raises_anything_is_refused_recorded_and_the_other_models_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,6 +163,7 @@ async def test_a_version_that_raises_anything_is_refused_recorded_and_the_other_
     assert registry.refused("broken", "1", "noop") is not None and registry.refused("slow", "1", "noop") is not None
 
 
+@pytest.mark.slow  # a gateway lifecycle waited on for seconds: the fast layer is at its budget
 async def test_a_model_pushed_after_start_loads_in_the_loader_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
