@@ -103,6 +103,7 @@ def diffusers_image(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndar
     )
 
 
+@pytest.mark.slow  # every UNet family against its pipeline: 18 s of the fast layer, which is at its budget
 @pytest.mark.parametrize(("arch", "family"), [_case(a, f) for a, f in CASES])
 def test_every_family_makes_the_diffusers_pipelines_image(
     tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str, family: str
@@ -316,6 +317,7 @@ def diffusers_edit(src: Path, engine: LatentEngine, item: ImageItem) -> np.ndarr
     return run_diffusers(cls, src, engine, item, noise, image=image, strength=item.strength)
 
 
+@pytest.mark.slow  # every UNet family against its pipeline: 18 s of the fast layer, which is at its budget
 @pytest.mark.parametrize(("arch", "family"), [_case(a, f) for a, f in CASES])
 def test_every_familys_edit_is_the_diffusers_img2img_pipelines(
     tiny_pipelines: dict[str, Path], tmp_path: Path, arch: str, family: str
