@@ -59,9 +59,9 @@ from fewstep.engines.base import Frame, Session, StreamRequest, stream_alone
 from fewstep.engines.specs import VideoSpec
 from fewstep.engines.wan_stream import (
     KIND,
-    PRECISIONS,
     PromptEncoder,
     WanSessions,
+    WanVideo,
     check_layout,
     load_component,
     video_fields,
@@ -82,55 +82,27 @@ COMPONENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 SCHEDULER = "FlowMapEulerDiscreteScheduler"
 
 
-@dataclass(frozen=True)
-class FARVideo:
-    """What the engine reads from a FAR version's manifest (checked): the family, the served frame, the latent
-    layout and the prompts' padded length."""
+@dataclass(frozen=True, kw_only=True)
+class FARVideo(WanVideo):
+    """A FAR student's manifest, read (`WanVideo`, and its family); `max_frames` is the partition's sum."""
 
-    name: str
     family: FARFamily
-    height: int
-    width: int
-    fps: float
-    max_frames: int
-    """The stream bound in latent frames: the partition's sum."""
-    channels: int
-    spatial: int
-    temporal: int
-    patch: tuple[int, int, int]
-    text_length: int
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> FARVideo:
         """CheckpointError naming what is wrong when the manifest is not a FAR student's."""
-        where = str(manifest.get("name", "?"))[:64]
-        if manifest.get("kind") != KIND:
-            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {KIND!r}")
+        where = cls.named(manifest, KIND)
         try:
             family = FARFamily.from_dict(manifest.get("causal"))
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e
-        spec = cls(where, family, **video_fields(manifest, where))
+        spec = cls(name=where, family=family, **video_fields(manifest, where))
         if spec.max_frames != family.max_frames:
             raise CheckpointError(
                 f"{where}: `video.max_frames` must be the chunk partition's {family.max_frames} latent frames. "
                 f"Given: {spec.max_frames}"
             )
         return spec
-
-    @property
-    def latent(self) -> tuple[int, int]:
-        """A latent frame's (height, width)."""
-        return self.height // self.spatial, self.width // self.spatial
-
-    def pixel_frames(self, latent_frames: int) -> int:
-        """Pixel frames `latent_frames` latent frames decode to, from the stream's start."""
-        return 0 if latent_frames < 1 else 1 + self.temporal * (latent_frames - 1)
-
-    @property
-    def max_pixel_frames(self) -> int:
-        """The most pixel frames a stream may ask for: the whole partition's."""
-        return self.pixel_frames(self.max_frames)
 
     def partition_for(self, frames: int) -> tuple[int, ...]:
         """The partition's first chunks a stream of `frames` pixel frames runs."""
@@ -142,23 +114,8 @@ def far_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype:
     family's step counts and default; `max_frames` in pixel frames; every chunk sees the whole history (no sink,
     the window is the clip)."""
     video = FARVideo.from_manifest(manifest)
-    family = video.family
-    return VideoSpec(
-        model=str(manifest["name"]),
-        version=version,
-        step_counts=family.step_counts,
-        default_steps=family.default_steps,
-        size=f"{video.width}x{video.height}",
-        backend="torch",
-        precision=PRECISIONS.get(dtype, dtype),
-        capacity=capacity,
-        sink=0,
-        window=video.max_frames,
-        max_frames=video.max_pixel_frames,
-        fps=video.fps,
-        hybrid=False,
-        hybrid_reason="an AnyFlow FAR student draws every frame itself",
-    )
+    f = video.family
+    return video.spec(version, capacity, dtype, f.step_counts, f.default_steps, "an AnyFlow FAR student")
 
 
 @dataclass(eq=False)

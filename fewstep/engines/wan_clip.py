@@ -38,9 +38,9 @@ import torch
 from fewstep.engines.base import Frame, Session, StreamRequest
 from fewstep.engines.specs import VideoSpec
 from fewstep.engines.wan_stream import (
-    PRECISIONS,
     PromptEncoder,
     WanSessions,
+    WanVideo,
     check_layout,
     load_component,
     video_fields,
@@ -56,46 +56,20 @@ KIND = "diffusers-video"
 """The manifest kind of an imported bidirectional Wan student."""
 
 
-@dataclass(frozen=True)
-class ClipVideo:
-    """What the engine reads from a version's manifest (checked: a manifest is untrusted): the family, the served
-    frame size and rate, the clip bound in latent frames, the latent layout and the prompt's padded length."""
+@dataclass(frozen=True, kw_only=True)
+class ClipVideo(WanVideo):
+    """A bidirectional Wan student's manifest, read (`WanVideo`, and its family); `max_frames` bounds a clip."""
 
-    name: str
     family: ClipFamily
-    height: int
-    width: int
-    fps: float
-    max_frames: int
-    """The clip bound in latent frames (as a causal manifest's `video.max_frames`)."""
-    channels: int
-    spatial: int
-    temporal: int
-    patch: tuple[int, int, int]
-    text_length: int
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ClipVideo:
         """CheckpointError naming what is wrong when the manifest is not a bidirectional Wan student's."""
-        where = str(manifest.get("name", "?"))[:64]
-        if manifest.get("kind") != KIND:
-            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {KIND!r}")
+        where = cls.named(manifest, KIND)
         clip = manifest.get("clip")
         if not isinstance(clip, dict):
             raise CheckpointError(f"{where}: manifest has no clip family")
-        family = ClipFamily.from_dict(clip)
-        spec = cls(where, family, **video_fields(manifest, where))
-        return spec
-
-    @property
-    def latent(self) -> tuple[int, int]:
-        """A latent frame's (height, width)."""
-        return self.height // self.spatial, self.width // self.spatial
-
-    @property
-    def max_pixel_frames(self) -> int:
-        """The longest clip in pixel frames."""
-        return 1 + self.temporal * (self.max_frames - 1)
+        return cls(name=where, family=ClipFamily.from_dict(clip), **video_fields(manifest, where))
 
     def latent_frames(self, frames: int) -> int | None:
         """Latent frames a clip of `frames` pixel frames takes; None for a count the VAE cannot make or past the
@@ -122,23 +96,9 @@ def clip_video_spec(manifest: dict[str, Any], version: str, capacity: int, dtype
     same): the family's step counts, `max_frames` in pixel frames, no sink, and a window of the whole clip (every
     frame attends to every other)."""
     video = ClipVideo.from_manifest(manifest)
-    family = video.family
-    return VideoSpec(
-        model=str(manifest["name"]),
-        version=version,
-        step_counts=family.served,
-        default_steps=family.default_steps,
-        size=f"{video.width}x{video.height}",
-        backend="torch",
-        precision=PRECISIONS.get(dtype, dtype),
-        capacity=capacity,
-        sink=0,
-        window=video.max_frames,
-        max_frames=video.max_pixel_frames,
-        fps=video.fps,
-        frame_step=video.temporal,
-        hybrid=False,
-        hybrid_reason="a bidirectional Wan student draws every frame itself",
+    f = video.family
+    return video.spec(
+        version, capacity, dtype, f.served, f.default_steps, "a bidirectional Wan student", frame_step=video.temporal
     )
 
 

@@ -91,38 +91,30 @@ RUNNERS: dict[Sampling, type[CausalWan]] = {"block": CausalWan, "rolling": Rolli
 """The runner of each way a family samples (`CausalFamily.sampling`)."""
 
 
-@dataclass(frozen=True)
-class CausalVideo:
-    """What the engine reads from a version's manifest (checked: a manifest is untrusted): the family, the served
-    frame size, the stream bound, the latent layout and the prompt's padded length."""
+@dataclass(frozen=True, kw_only=True)
+class WanVideo:
+    """What a Wan engine reads from a version's manifest besides its family (checked: a manifest is untrusted): the
+    served frame size and rate, the bound `max_frames` in latent frames, the latent layout and the prompts' padded
+    length (`video_fields`)."""
 
     name: str
-    family: CausalFamily
     height: int
     width: int
     fps: float
     max_frames: int
-    """The stream bound in latent frames."""
     channels: int
     spatial: int
     temporal: int
     patch: tuple[int, int, int]
     text_length: int
 
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> CausalVideo:
-        """CheckpointError naming what is wrong when the manifest is not a causal Wan student's."""
+    @staticmethod
+    def named(manifest: dict[str, Any], kind: str) -> str:
+        """The manifest's name as messages show it; CheckpointError when its kind is not `kind`."""
         where = str(manifest.get("name", "?"))[:64]
-        if manifest.get("kind") != KIND:
-            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {KIND!r}")
-        causal = manifest.get("causal")
-        if not isinstance(causal, dict):
-            raise CheckpointError(f"{where}: manifest has no causal family")
-        family = CausalFamily.from_dict(causal)
-        spec = cls(where, family, **video_fields(manifest, where))
-        if spec.max_frames < family.block_frames:
-            raise CheckpointError(f"{where}: `video.max_frames` is shorter than one block of {family.block_frames}")
-        return spec
+        if manifest.get("kind") != kind:
+            raise CheckpointError(f"{where}: kind {str(manifest.get('kind'))[:40]!r} is not {kind!r}")
+        return where
 
     @property
     def latent(self) -> tuple[int, int]:
@@ -130,8 +122,66 @@ class CausalVideo:
         return self.height // self.spatial, self.width // self.spatial
 
     def pixel_frames(self, latent_frames: int) -> int:
-        """Pixel frames `latent_frames` latent frames decode to, from the stream's start."""
+        """Pixel frames `latent_frames` latent frames decode to, from the video's start."""
         return 0 if latent_frames < 1 else 1 + self.temporal * (latent_frames - 1)
+
+    @property
+    def max_pixel_frames(self) -> int:
+        """The most pixel frames one video may ask for."""
+        return self.pixel_frames(self.max_frames)
+
+    def spec(
+        self,
+        version: str,
+        capacity: int,
+        dtype: str,
+        steps: tuple[int, ...],
+        default_steps: int,
+        student: str,
+        sink: int = 0,
+        window: int | None = None,
+        frame_step: int = 1,
+    ) -> VideoSpec:
+        """The `VideoSpec` of this model on torch in `dtype`: `steps` served, `max_frames` in pixel frames, `sink` and
+        `window` in latent frames (the window: frames a frame attends to; None: the whole bound); `student` names it
+        in the reason it has no hybrid."""
+        return VideoSpec(
+            model=self.name,
+            version=version,
+            step_counts=steps,
+            default_steps=default_steps,
+            size=f"{self.width}x{self.height}",
+            backend="torch",
+            precision=PRECISIONS.get(dtype, dtype),
+            capacity=capacity,
+            sink=sink,
+            window=self.max_frames if window is None else window,
+            max_frames=self.max_pixel_frames,
+            fps=self.fps,
+            frame_step=frame_step,
+            hybrid=False,
+            hybrid_reason=f"{student} draws every frame itself",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalVideo(WanVideo):
+    """A causal Wan student's manifest, read (`WanVideo`, and its family)."""
+
+    family: CausalFamily
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> CausalVideo:
+        """CheckpointError naming what is wrong when the manifest is not a causal Wan student's."""
+        where = cls.named(manifest, KIND)
+        causal = manifest.get("causal")
+        if not isinstance(causal, dict):
+            raise CheckpointError(f"{where}: manifest has no causal family")
+        family = CausalFamily.from_dict(causal)
+        spec = cls(name=where, family=family, **video_fields(manifest, where))
+        if spec.max_frames < family.block_frames:
+            raise CheckpointError(f"{where}: `video.max_frames` is shorter than one block of {family.block_frames}")
+        return spec
 
     @property
     def max_pixel_frames(self) -> int:
@@ -196,22 +246,9 @@ def causal_video_spec(manifest: dict[str, Any], version: str, capacity: int, dty
     One step count, the family's; `max_frames` in pixel frames; `sink` and `window` in latent frames (the window:
     frames a block attends to, itself and the sink included; a full-causal family's is the stream bound)."""
     video = CausalVideo.from_manifest(manifest)
-    family = video.family
-    return VideoSpec(
-        model=str(manifest["name"]),
-        version=version,
-        step_counts=(family.steps,),
-        default_steps=family.steps,
-        size=f"{video.width}x{video.height}",
-        backend="torch",
-        precision=PRECISIONS.get(dtype, dtype),
-        capacity=capacity,
-        sink=family.sink,
-        window=family.span(video.max_frames),
-        max_frames=video.max_pixel_frames,
-        fps=video.fps,
-        hybrid=False,
-        hybrid_reason="a causal Wan student draws every frame itself",
+    f = video.family
+    return video.spec(
+        version, capacity, dtype, (f.steps,), f.steps, "a causal Wan student", f.sink, f.span(video.max_frames)
     )
 
 
