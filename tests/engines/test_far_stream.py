@@ -112,8 +112,10 @@ Tap = dict[int, list[torch.Tensor]]
 @pytest.fixture
 def tap(monkeypatch: pytest.MonkeyPatch) -> Tap:
     seen: Tap = {}
+    held: list[Any] = []  # every decoder seen stays alive, so no later one takes its id
 
     def recording(streams: list[Any], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        held.extend(streams)
         for stream, block in zip(streams, blocks, strict=True):
             seen.setdefault(id(stream), []).append(block)
         return decode_streams(streams, blocks)

@@ -109,9 +109,11 @@ Tap = dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]
 def tap(monkeypatch: pytest.MonkeyPatch) -> Tap:
     """Records every block the engine decodes (what it hands to the VAE and what comes back, before rounding)."""
     seen: Tap = {}
+    held: list[Any] = []  # every decoder seen stays alive, so no later one takes its id
 
     def recording(streams: list[Any], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
         out = decode_streams(streams, blocks)
+        held.extend(streams)
         for stream, block, pixels in zip(streams, blocks, out, strict=True):
             latents, video = seen.setdefault(id(stream), ([], []))
             latents.append(block[0])
